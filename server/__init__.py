@@ -1,0 +1,1 @@
+"""Coordinator side: rounds, secure-sum unmasking, releases, steered generation."""

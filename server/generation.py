@@ -1,0 +1,214 @@
+"""Steered generation: add a fixed vector to the residual stream at chosen blocks while decoding.
+
+Generation from a sanitized release is post-processing: it can run forever at no privacy cost.
+The hooks work for any decoder-only `transformers` model whose blocks return a tensor or a tuple
+starting with the hidden states (GPT-2, Llama, Gemma, ...). Decoding is batched with the KV
+cache on. Top-p sampling first looks at the top ``candidate_k`` tokens and falls back to a full
+sort only when the nucleus is larger, so the sampled distribution is exactly top-p.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedsynth.protocol.errors import ConfigError
+from fedsynth.protocol.models import LoadedModel, decoder_layers
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling settings for one generation job."""
+
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 0.95
+    batch_size: int = 64
+    stop_at_newline: bool = True
+    candidate_k: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature={self.temperature}: must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}: must be >= 1")
+
+
+@contextlib.contextmanager
+def steering(model: Any, deltas: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Add ``deltas[l]`` (shape (H,)) to the output of block l at every position, in place of none.
+
+    The hook runs on every forward call, so prompt tokens and every decoded token are steered.
+    """
+    blocks = decoder_layers(model)
+    handles = []
+    for layer, delta in deltas.items():
+        if not 0 <= layer < len(blocks):
+            raise ConfigError(f"steering layer {layer} outside 0..{len(blocks) - 1}")
+
+        def hook(_module: Any, _inputs: Any, output: Any, delta: torch.Tensor = delta) -> Any:
+            if isinstance(output, tuple):
+                return (output[0] + delta.to(output[0].dtype), *output[1:])
+            return output + delta.to(output.dtype)
+
+        handles.append(blocks[layer].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def sample_top_p(
+    logits: torch.Tensor, *, top_p: float, candidate_k: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Sample one token per row from the top-p nucleus of ``softmax(logits)``.
+
+    Args:
+        logits: (batch, vocab) temperature-scaled logits, float32.
+
+    Returns:
+        (batch,) sampled token ids.
+    """
+    probs = torch.softmax(logits, dim=-1)  # (batch, vocab)
+    k = min(candidate_k, probs.shape[-1])
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    choice_ids = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    pending = torch.arange(probs.shape[0], device=probs.device)
+    for width in (k, min(8 * k, probs.shape[-1])):
+        # Most rows' nucleus fits in the top `width` tokens; only the rest go wider.
+        top_probs, top_ids = torch.topk(probs[pending], width, dim=-1)  # sorted descending
+        fits = top_probs.sum(-1) >= top_p
+        if bool(fits.any()):
+            choice_ids[pending[fits]] = _nucleus_draw(
+                top_probs[fits], top_ids[fits], top_p, generator
+            )
+        pending = pending[~fits]
+        if len(pending) == 0:
+            return choice_ids
+    full_probs, full_ids = torch.sort(probs[pending], dim=-1, descending=True)
+    choice_ids[pending] = _nucleus_draw(full_probs, full_ids, top_p, generator)
+    return choice_ids
+
+
+def _nucleus_draw(
+    sorted_probs: torch.Tensor, sorted_ids: torch.Tensor, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Draw from the smallest prefix of descending-sorted probabilities with mass >= top_p."""
+    cumulative = sorted_probs.cumsum(dim=-1)
+    keep = (cumulative - sorted_probs) < top_p  # always keeps the first token
+    choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)  # (rows, 1)
+    return sorted_ids.gather(-1, choice).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_texts(
+    loaded: LoadedModel,
+    prompt: str,
+    n: int,
+    *,
+    config: GenerationConfig,
+    deltas: Mapping[int, torch.Tensor] | None = None,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Sample ``n`` continuations of ``prompt``, optionally steered, batched with the KV cache.
+
+    Args:
+        progress: called with (samples finished, tokens generated) after every batch.
+    """
+    if n < 0:
+        raise ConfigError(f"n={n}: must be >= 0")
+    tok = loaded.tokenizer
+    prompt_ids = torch.tensor(tok.encode(prompt, add_special_tokens=True), dtype=torch.long)
+    generator = torch.Generator(device=loaded.device).manual_seed(seed)
+    newline_ids = _newline_token_ids(tok) if config.stop_at_newline else set()
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    stops = torch.tensor(sorted(newline_ids | eos), dtype=torch.long, device=loaded.device)
+    texts: list[str] = []
+    ctx = steering(loaded.model, deltas) if deltas else contextlib.nullcontext()
+    with ctx:
+        while len(texts) < n:
+            batch = min(config.batch_size, n - len(texts))
+            ids = prompt_ids.to(loaded.device).unsqueeze(0).repeat(batch, 1)
+            out = loaded.model(input_ids=ids, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            rows: list[list[int]] = [[] for _ in range(batch)]
+            active = list(range(batch))  # original row of each live batch entry
+            for step in range(config.max_new_tokens):
+                if step == 0 and len(stops):
+                    logits[:, stops] = float("-inf")  # no empty samples
+                next_ids = sample_top_p(
+                    logits / config.temperature,
+                    top_p=config.top_p,
+                    candidate_k=config.candidate_k,
+                    generator=generator,
+                )
+                finished = torch.isin(next_ids, stops)
+                for slot, token in enumerate(next_ids.tolist()):
+                    rows[active[slot]].append(token)
+                if bool(finished.all()):
+                    break
+                if bool(finished.any()):
+                    # Drop finished rows from the batch and the KV cache: less work per step.
+                    keep = torch.nonzero(~finished).flatten()
+                    past.batch_select_indices(keep)
+                    active = [active[i] for i in keep.tolist()]
+                    next_ids = next_ids[keep]
+                out = loaded.model(
+                    input_ids=next_ids.unsqueeze(1), past_key_values=past, use_cache=True
+                )
+                past = out.past_key_values
+                logits = out.logits[:, -1, :].float()
+            n_tokens = 0
+            for row in rows:
+                kept = []
+                for token in row:
+                    if token in eos or token in newline_ids:
+                        break
+                    kept.append(token)
+                n_tokens += len(row)
+                texts.append(tok.decode(kept, skip_special_tokens=True).strip())
+            if progress is not None:
+                progress(batch, n_tokens)
+    return texts
+
+
+def _newline_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of vocabulary entries that contain a newline (generation stops at the first one)."""
+    cached = getattr(tokenizer, "_fedsynth_newline_ids", None)
+    if cached is not None:
+        return set(cached)
+    ids: set[int] = set()
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    for piece, index in vocab.items():
+        if "\n" in piece or "Ċ" in piece or "<0x0A>" in piece:
+            ids.add(int(index))
+    if not vocab:
+        ids.update(tokenizer.encode("\n", add_special_tokens=False))
+    with contextlib.suppress(AttributeError):
+        tokenizer._fedsynth_newline_ids = frozenset(ids)
+    return ids
+
+
+def steering_deltas(
+    directions: Mapping[int, torch.Tensor], *, strength: float, residual_norms: Mapping[int, float]
+) -> dict[int, torch.Tensor]:
+    """Scale unit directions to ``strength * r_l`` where r_l is the typical residual norm."""
+    deltas = {}
+    for layer, vector in directions.items():
+        norm = float(vector.norm())
+        if norm == 0.0:
+            raise ConfigError(f"steering vector at layer {layer} is zero")
+        deltas[layer] = vector / norm * strength * float(residual_norms[layer])
+    return deltas

@@ -1,0 +1,1 @@
+"""Research side: simulated federations, bundled data, metrics, the demo and the CLI."""

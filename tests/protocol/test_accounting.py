@@ -1,0 +1,373 @@
+"""Tests of the privacy accountants against published and library reference values."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import dp_accounting
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedsynth.protocol.accounting import (
+    RDP_ORDERS,
+    PrivacyEvent,
+    VectorReleaseCalibration,
+    calibrate_gaussian,
+    calibrate_skellam_variance,
+    calibrate_vector_release,
+    gaussian_epsilon,
+    gdp_delta,
+    pe_epsilon,
+    pe_noise_multiplier,
+    rounded_l1_sensitivity,
+    rounded_l2_sensitivity,
+    skellam_epsilon,
+    skellam_rdp,
+    validate_epsilon_delta,
+)
+from fedsynth.protocol.errors import ConfigError
+
+DELTA = 1e-5
+
+
+# ---------------------------------------------------------------- Skellam
+
+
+@pytest.mark.parametrize(
+    ("l1", "l2", "variance", "expected"),
+    [
+        (1.0, 1.0, 1.0, 6.252728),
+        (100.0, 10.0, 100.0, 4.790228),
+        (100.0, 10.0, 400.0, 2.171917),
+        (4.0, 2.0, 4.0, 5.690228),
+    ],
+)
+def test_skellam_reference_values(l1: float, l2: float, variance: float, expected: float) -> None:
+    eps = skellam_epsilon(l1=l1, l2=l2, variance=variance, delta=DELTA)
+    assert eps == pytest.approx(expected, abs=1e-5)
+
+
+def _gaussian_rdp_epsilon(noise_multiplier: float, compositions: int = 1) -> float:
+    acc = dp_accounting.rdp.RdpAccountant(orders=list(RDP_ORDERS))
+    acc.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.GaussianDpEvent(noise_multiplier), compositions
+        )
+    )
+    return float(acc.get_epsilon(DELTA))
+
+
+def test_skellam_gaussian_limit() -> None:
+    d = 100.0
+    assert skellam_epsilon(l1=d, l2=d, variance=d**2, delta=DELTA) == pytest.approx(
+        4.752955, abs=1e-5
+    )
+    reference = _gaussian_rdp_epsilon(1.0)
+    assert reference == pytest.approx(4.752728, abs=1e-5)
+    for big in (100.0, 1000.0, 1e5):
+        eps = skellam_epsilon(l1=big, l2=big, variance=big**2, delta=DELTA)
+        assert eps == pytest.approx(reference, abs=1e-3)
+        assert eps >= reference
+
+
+def test_skellam_rdp_shape_and_compositions() -> None:
+    curve = skellam_rdp(l1=100.0, l2=10.0, variance=100.0)
+    assert curve.shape == (len(RDP_ORDERS),)
+    assert np.all(np.diff(curve) > 0)
+    one = skellam_epsilon(l1=100.0, l2=10.0, variance=400.0, delta=DELTA)
+    three = skellam_epsilon(l1=100.0, l2=10.0, variance=400.0, delta=DELTA, compositions=3)
+    assert three > one
+    with pytest.raises(ConfigError, match="orders"):
+        skellam_rdp(l1=1.0, l2=1.0, variance=1.0, orders=[1, 2])
+    with pytest.raises(ConfigError, match="variance"):
+        skellam_rdp(l1=1.0, l2=1.0, variance=0.0)
+    assert skellam_epsilon(l1=1.0, l2=1.0, variance=0.0, delta=DELTA) == math.inf
+
+
+@pytest.mark.parametrize(
+    ("epsilon", "l1", "l2", "compositions"),
+    [(4.0, 100.0, 10.0, 1), (1.0, 100.0, 10.0, 3), (0.5, 4.0, 2.0, 1), (8.0, 1e5, 2062.0, 2)],
+)
+def test_skellam_calibration_round_trip(
+    epsilon: float, l1: float, l2: float, compositions: int
+) -> None:
+    v = calibrate_skellam_variance(
+        epsilon=epsilon, delta=DELTA, l1=l1, l2=l2, compositions=compositions
+    )
+    achieved = skellam_epsilon(l1=l1, l2=l2, variance=v, delta=DELTA, compositions=compositions)
+    assert achieved <= epsilon
+    assert achieved == pytest.approx(epsilon, abs=1e-3)
+    # Slightly less noise breaks the target: v is (nearly) the smallest.
+    less = skellam_epsilon(
+        l1=l1, l2=l2, variance=v * (1 - 1e-4), delta=DELTA, compositions=compositions
+    )
+    assert less > epsilon
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    epsilon=st.floats(min_value=0.1, max_value=20.0),
+    l2=st.floats(min_value=0.5, max_value=1e4),
+    ratio=st.floats(min_value=1.0, max_value=100.0),
+)
+def test_skellam_calibration_property(epsilon: float, l2: float, ratio: float) -> None:
+    l1 = l2 * ratio
+    v = calibrate_skellam_variance(epsilon=epsilon, delta=DELTA, l1=l1, l2=l2)
+    achieved = skellam_epsilon(l1=l1, l2=l2, variance=v, delta=DELTA)
+    assert achieved <= epsilon
+    assert achieved == pytest.approx(epsilon, abs=1e-3)
+
+
+def test_skellam_calibration_infinite_and_tiny() -> None:
+    assert calibrate_skellam_variance(epsilon=math.inf, delta=DELTA, l1=1.0, l2=1.0) == 0.0
+    # Below the floor of the integer-order conversion (~0.02 at delta=1e-5) only the KL-bound
+    # regime (epsilon 0) is left: the answer is private but needs a huge variance.
+    v = calibrate_skellam_variance(epsilon=1e-3, delta=DELTA, l1=1.0, l2=1.0)
+    assert skellam_epsilon(l1=1.0, l2=1.0, variance=v, delta=DELTA) <= 1e-3
+    assert v > 1e8
+
+
+def test_rounded_sensitivities() -> None:
+    # beta = exp(-0.5) makes sqrt(2 ln(1/beta)) = 1.
+    c, d = 1000.0, 2561
+    expected = min(c + math.sqrt(d), math.sqrt(c**2 + d / 4 + (c + math.sqrt(d) / 2)))
+    l2 = rounded_l2_sensitivity(scaled_clip=c, dim=d)
+    assert l2 == pytest.approx(expected, rel=1e-12)
+    assert c < l2 < c + math.sqrt(d)
+    # Small clip: the second bound can exceed c + sqrt(d), and the minimum takes the first.
+    assert rounded_l2_sensitivity(scaled_clip=0.0, dim=1) == pytest.approx(math.sqrt(0.75))
+    assert rounded_l2_sensitivity(scaled_clip=0.1, dim=1) == pytest.approx(
+        min(1.1, math.sqrt(0.01 + 0.25 + 0.6))
+    )
+    assert rounded_l1_sensitivity(l2=l2, dim=d) == pytest.approx(l2 * math.sqrt(d))
+    assert rounded_l1_sensitivity(l2=2.0, dim=100) == pytest.approx(4.0)
+    with pytest.raises(ConfigError, match="beta"):
+        rounded_l2_sensitivity(scaled_clip=1.0, dim=4, beta=1.0)
+    with pytest.raises(ConfigError, match="dim"):
+        rounded_l2_sensitivity(scaled_clip=1.0, dim=0)
+
+
+# ---------------------------------------------------------------- Gaussian
+
+
+@pytest.mark.parametrize(("compositions", "reference"), [(1, 1.084), (2, 1.533), (4, 2.168)])
+def test_gaussian_calibration_matches_prv(compositions: int, reference: float) -> None:
+    sigma = calibrate_gaussian(epsilon=4.0, delta=DELTA, compositions=compositions)
+    assert sigma == pytest.approx(reference, rel=0.01)
+    achieved = gaussian_epsilon(
+        noise_multiplier=sigma, delta=DELTA, compositions=compositions, accountant="pld"
+    )
+    assert achieved <= 4.0 + 1e-9
+    assert achieved == pytest.approx(4.0, abs=1e-3)
+
+    from opacus.accountants import PRVAccountant
+
+    prv = PRVAccountant()
+    for _ in range(compositions):
+        prv.step(noise_multiplier=sigma, sample_rate=1.0)
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        prv_eps = prv.get_epsilon(delta=DELTA)
+    assert prv_eps == pytest.approx(4.0, rel=0.01)
+
+
+def test_gaussian_rdp_calibration_round_trip() -> None:
+    sigma = calibrate_gaussian(epsilon=4.0, delta=DELTA, accountant="rdp")
+    eps = gaussian_epsilon(noise_multiplier=sigma, delta=DELTA)
+    assert eps <= 4.0
+    assert eps == pytest.approx(4.0, abs=1e-3)
+    # The RDP accountant is looser than PLD, so it needs more noise.
+    assert sigma > calibrate_gaussian(epsilon=4.0, delta=DELTA)
+    assert gaussian_epsilon(noise_multiplier=1.0, delta=DELTA) == pytest.approx(
+        _gaussian_rdp_epsilon(1.0), abs=1e-12
+    )
+
+
+@pytest.mark.parametrize("layers", [2, 4, 9])
+def test_gaussian_per_layer_composition(layers: int) -> None:
+    s = 2.3
+    composed = gaussian_epsilon(noise_multiplier=s, delta=DELTA, compositions=layers)
+    joint = gaussian_epsilon(noise_multiplier=s / math.sqrt(layers), delta=DELTA)
+    assert composed == pytest.approx(joint, abs=1e-6)
+
+
+def test_gaussian_edge_cases() -> None:
+    assert gaussian_epsilon(noise_multiplier=0.0, delta=DELTA) == math.inf
+    assert calibrate_gaussian(epsilon=math.inf, delta=DELTA) == 0.0
+    with pytest.raises(ConfigError, match="accountant='prv'"):
+        gaussian_epsilon(noise_multiplier=1.0, delta=DELTA, accountant="prv")
+    with pytest.raises(ConfigError, match="compositions=0"):
+        gaussian_epsilon(noise_multiplier=1.0, delta=DELTA, compositions=0)
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        gaussian_epsilon(noise_multiplier=-1.0, delta=DELTA)
+
+
+# ---------------------------------------------------------------- Private Evolution
+
+
+@pytest.mark.parametrize(
+    ("epsilon", "expected"), [(1.0, 11.797293), (2.0, 6.304989), (4.0, 3.418934)]
+)
+def test_pe_noise_multiplier(epsilon: float, expected: float) -> None:
+    sigma = pe_noise_multiplier(epsilon=epsilon, delta=DELTA, rounds=10)
+    assert sigma == pytest.approx(expected, abs=1e-6)
+    assert pe_epsilon(noise_multiplier=sigma, delta=DELTA, rounds=10) == pytest.approx(
+        epsilon, abs=1e-9
+    )
+    assert gdp_delta(epsilon=epsilon, mu=math.sqrt(10) / sigma) == pytest.approx(DELTA, rel=1e-6)
+    acc = dp_accounting.pld.PLDAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), 10))
+    assert acc.get_epsilon(DELTA) == pytest.approx(epsilon, abs=1e-3)
+
+
+def test_gdp_delta_edges() -> None:
+    assert gdp_delta(epsilon=1.0, mu=0.0) == 0.0
+    assert gdp_delta(epsilon=1.0, mu=math.inf) == 1.0
+    # A huge epsilon must not overflow e^eps.
+    assert gdp_delta(epsilon=800.0, mu=1.0) == pytest.approx(0.0, abs=1e-300)
+    assert 0.0 < gdp_delta(epsilon=0.0, mu=1.0) < 1.0
+    assert pe_epsilon(noise_multiplier=0.0, delta=DELTA, rounds=3) == math.inf
+    assert pe_noise_multiplier(epsilon=math.inf, delta=DELTA, rounds=3) == 0.0
+    with pytest.raises(ConfigError, match="rounds=0"):
+        pe_noise_multiplier(epsilon=1.0, delta=DELTA, rounds=0)
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "value"),
+    [
+        ({"epsilon": 0.0, "delta": DELTA}, "epsilon", "0.0"),
+        ({"epsilon": -1.5, "delta": DELTA}, "epsilon", "-1.5"),
+        ({"epsilon": math.nan, "delta": DELTA}, "epsilon", "nan"),
+        ({"epsilon": 1.0, "delta": 0.0}, "delta", "0.0"),
+        ({"epsilon": 1.0, "delta": -0.1}, "delta", "-0.1"),
+        ({"epsilon": 1.0, "delta": 1.0}, "delta", "1.0"),
+        ({"epsilon": 1.0, "delta": 2.5}, "delta", "2.5"),
+        ({"epsilon": 1.0, "delta": 0.01, "n": 100}, "delta", "0.01"),
+        ({"epsilon": 1.0, "delta": 0.002, "n": 1000}, "delta", "0.002"),
+    ],
+)
+def test_validate_epsilon_delta_errors(kwargs: dict[str, Any], field: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_epsilon_delta(**kwargs)
+    message = str(info.value)
+    assert field in message
+    assert value in message
+
+
+def test_validate_epsilon_delta_n_message_and_ok() -> None:
+    with pytest.raises(ConfigError, match=r"delta=0\.01 must be below 1/n=0\.01 for n=100"):
+        validate_epsilon_delta(epsilon=1.0, delta=0.01, n=100)
+    validate_epsilon_delta(epsilon=1.0, delta=DELTA, n=1000)
+    validate_epsilon_delta(epsilon=math.inf, delta=DELTA)
+    with pytest.raises(ConfigError, match="n=0"):
+        validate_epsilon_delta(epsilon=1.0, delta=DELTA, n=0)
+
+
+# ---------------------------------------------------------------- records
+
+
+def test_privacy_event() -> None:
+    event = PrivacyEvent(
+        mechanism="skellam",
+        adjacency="add/remove",
+        epsilon=4.0,
+        delta=DELTA,
+        accountant="dp-accounting RDP (integer orders 2..128, 256)",
+        noise={"variance": 12.0, "l2_sensitivity": 2.0, "l1_sensitivity": 4.0},
+        compositions=1,
+    )
+    d = event.to_dict()
+    assert d["epsilon"] == 4.0
+    assert d["noise"] == {"variance": 12.0, "l2_sensitivity": 2.0, "l1_sensitivity": 4.0}
+    assert d["noise"] is not event.noise
+    with pytest.raises(AttributeError):
+        setattr(event, "epsilon", 1.0)  # noqa: B010 - frozen dataclass must refuse
+    with pytest.raises(ConfigError, match="compositions"):
+        PrivacyEvent(
+            mechanism="gaussian",
+            adjacency="add/remove",
+            epsilon=1.0,
+            delta=DELTA,
+            accountant="x",
+            noise={},
+            compositions=0,
+        )
+
+
+def _vector(mode: str, epsilon: float) -> VectorReleaseCalibration:
+    return calibrate_vector_release(
+        mode=mode,
+        epsilon=epsilon,
+        delta=DELTA,
+        layers=4,
+        dim=4 * 640 + 1,
+        scale=1000.0,
+        count_weight=0.5,
+    )
+
+
+def test_vector_release_distributed_close_to_gaussian() -> None:
+    cal = _vector("distributed", 4.0)
+    assert cal.epsilon_achieved <= 4.0
+    assert cal.epsilon_achieved == pytest.approx(4.0, abs=1e-3)
+    unit_clip = 1000.0 * math.sqrt(4.25)
+    assert cal.l2_sensitivity == pytest.approx(
+        rounded_l2_sensitivity(scaled_clip=unit_clip, dim=2561)
+    )
+    assert cal.l1_sensitivity == pytest.approx(
+        rounded_l1_sensitivity(l2=cal.l2_sensitivity, dim=2561)
+    )
+    assert cal.noise_multiplier == pytest.approx(math.sqrt(cal.total_variance) / cal.l2_sensitivity)
+    # With a large scale Skellam approaches the Gaussian: same accountant (RDP), same noise.
+    assert cal.noise_multiplier == pytest.approx(
+        calibrate_gaussian(epsilon=4.0, delta=DELTA, accountant="rdp"), rel=0.01
+    )
+    # The tight PLD Gaussian needs about 7 % less noise than any RDP-accounted mechanism.
+    ratio = cal.noise_multiplier / calibrate_gaussian(epsilon=4.0, delta=DELTA)
+    assert 1.0 < ratio < 1.08
+    event = cal.to_event()
+    assert event.mechanism == "skellam"
+    assert event.noise["variance"] == cal.total_variance
+
+
+def test_vector_release_local_and_central() -> None:
+    local = _vector("local", 4.0)
+    dist = _vector("distributed", 4.0)
+    assert local.total_variance == dist.total_variance
+    assert local.to_event().mechanism == "local-skellam"
+    central = _vector("central", 4.0)
+    sigma = calibrate_gaussian(epsilon=4.0, delta=DELTA)
+    assert central.l2_sensitivity == pytest.approx(1000.0 * math.sqrt(4.25))
+    assert central.noise_multiplier == sigma
+    assert central.total_variance == pytest.approx((sigma * 1000.0 * math.sqrt(4.25)) ** 2)
+    assert central.epsilon_achieved == pytest.approx(4.0, abs=1e-3)
+    assert central.epsilon_achieved <= 4.0 + 1e-9
+    assert central.to_event().mechanism == "gaussian"
+
+
+@pytest.mark.parametrize("mode", ["distributed", "local", "central"])
+def test_vector_release_non_private(mode: str) -> None:
+    cal = _vector(mode, math.inf)
+    assert cal.total_variance == 0.0
+    assert cal.noise_multiplier == 0.0
+    assert cal.epsilon_achieved == math.inf
+
+
+def test_vector_release_errors() -> None:
+    with pytest.raises(ConfigError, match="mode='secure'"):
+        _vector("secure", 1.0)
+    with pytest.raises(ConfigError, match="dim=4"):
+        calibrate_vector_release(
+            mode="central", epsilon=1.0, delta=DELTA, layers=4, dim=4, scale=1.0, count_weight=1.0
+        )
+    with pytest.raises(ConfigError, match="scale"):
+        calibrate_vector_release(
+            mode="central", epsilon=1.0, delta=DELTA, layers=1, dim=4, scale=0.0, count_weight=1.0
+        )
