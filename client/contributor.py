@@ -21,7 +21,12 @@ from flwr.app import ConfigRecord, RecordDict
 from fedsynth.client.data import Record, load_records
 from fedsynth.client.policy import ClientBudget, ClientPolicy
 from fedsynth.protocol.contribution import encode_contribution, integer_class_sums
-from fedsynth.protocol.errors import ModelMismatchError, ProtocolError, StageOrderError
+from fedsynth.protocol.errors import (
+    ModelMismatchError,
+    PolicyViolationError,
+    ProtocolError,
+    StageOrderError,
+)
 from fedsynth.protocol.features import extract_features
 from fedsynth.protocol.manifest import TaskManifest
 from fedsynth.protocol.messages import (
@@ -79,6 +84,19 @@ def manifest_model_matches(loaded: LoadedModel, manifest: TaskManifest) -> None:
     if loaded.hidden_size != manifest.hidden_size:
         raise ModelMismatchError(
             f"hidden_size: manifest has {manifest.hidden_size}, local model {loaded.hidden_size}"
+        )
+
+
+def refuse_repeated_task(budget: ClientBudget, manifest: TaskManifest) -> None:
+    """Refuse a task this holder already contributed to: its budget charges a task id once.
+
+    A second contribution (new session keys, fresh noise) would hand the coordinator another
+    noisy sum of the same records without any further charge.
+    """
+    if budget.has(manifest.task_id):
+        raise PolicyViolationError(
+            f"task_id={manifest.task_id!r} was already contributed to (charged in "
+            f"{budget.path}); a second contribution would spend its epsilon again"
         )
 
 
@@ -146,6 +164,7 @@ class Contributor:
                 f"{len(records)} records exceed the task's max_records={manifest.max_records}"
             )
         budget = ClientBudget(self.settings.budget_path)
+        refuse_repeated_task(budget, manifest)
         self.settings.policy.check(manifest, spent=budget.spent(), n_records=len(records))
         manifest_model_matches(self._model_loader(), manifest)
         client = SecAggClient(self.node_id, manifest.secagg_config())
@@ -167,6 +186,8 @@ class Contributor:
     def _masked_input(self, content: RecordDict, state: RecordDict) -> RecordDict:
         manifest, reference, client = self._load(state)
         fields = unpack(content, task_id=manifest.task_id, stage="masked_input")
+        budget = ClientBudget(self.settings.budget_path)
+        refuse_repeated_task(budget, manifest)
         ciphertexts = blobs_from_fields("ct:", fields)
         records = self.records(manifest.labels)
         loaded = self._model_loader()
@@ -185,9 +206,9 @@ class Contributor:
         del features
         value = encode_contribution(sums, manifest=manifest, rng=rng)
         del sums
-        ClientBudget(self.settings.budget_path).charge(manifest)
         masked = client.masked_input(ciphertexts, value)
         del value
+        budget.charge(manifest)  # before the masked input leaves; not if masking was refused
         self._save(state, manifest, reference, client)
         return pack(Envelope(manifest.task_id, "masked_input"), {"masked": vector_to_bytes(masked)})
 

@@ -254,7 +254,7 @@ class TaskManifest:
                 max_records=int(data["max_records"]),
                 extra={str(k): str(v) for k, v in data.get("extra", {}).items()},
             )
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"malformed task manifest: {exc!r}") from exc

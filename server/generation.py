@@ -49,10 +49,11 @@ def steering(model: Any, deltas: Mapping[int, torch.Tensor]) -> Iterator[None]:
     The hook runs on every forward call, so prompt tokens and every decoded token are steered.
     """
     blocks = decoder_layers(model)
-    handles = []
-    for layer, delta in deltas.items():
+    for layer in deltas:  # check all before registering any, so a refusal leaves no hook
         if not 0 <= layer < len(blocks):
             raise ConfigError(f"steering layer {layer} outside 0..{len(blocks) - 1}")
+    handles = []
+    for layer, delta in deltas.items():
 
         def hook(_module: Any, _inputs: Any, output: Any, delta: torch.Tensor = delta) -> Any:
             if isinstance(output, tuple):
@@ -212,3 +213,34 @@ def steering_deltas(
             raise ConfigError(f"steering vector at layer {layer} is zero")
         deltas[layer] = vector / norm * strength * float(residual_norms[layer])
     return deltas
+
+
+@torch.inference_mode()
+def text_logprobs(
+    loaded: LoadedModel,
+    prompt: str,
+    texts: list[str],
+    *,
+    deltas: Mapping[int, torch.Tensor] | None = None,
+    max_text_tokens: int = 64,
+) -> list[float]:
+    """Mean per-token log-probability of each text as a continuation of ``prompt``.
+
+    With ``deltas`` the model is steered exactly as during generation. Used to check that a
+    class vector makes that class's real texts more likely, and for likelihood-based audits.
+    """
+    tok = loaded.tokenizer
+    prompt_ids = list(tok.encode(prompt, add_special_tokens=True))
+    out: list[float] = []
+    ctx = steering(loaded.model, deltas) if deltas else contextlib.nullcontext()
+    with ctx:
+        for text in texts:
+            text_ids = list(tok.encode(text, add_special_tokens=False))[:max_text_tokens]
+            if not text_ids:
+                raise ConfigError("text_logprobs: empty text")
+            ids = torch.tensor([prompt_ids + text_ids], device=loaded.device)
+            logits = loaded.model(input_ids=ids, use_cache=False).logits.float()
+            logp = torch.log_softmax(logits[0, len(prompt_ids) - 1 : -1], dim=-1)
+            target = ids[0, len(prompt_ids) :]
+            out.append(float(logp.gather(-1, target.unsqueeze(-1)).mean()))
+    return out

@@ -58,9 +58,15 @@ class PrivacyLedger:
             "survivors": report["survivors"],
             "release": str(release_path),
         }
-        with self.path.open("a") as handle:
+        with self.path.open("a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
-            handle.write(json.dumps(row) + "\n")
+            # After a crash mid-write the file ends in a torn line; start a new line, or this
+            # row would be glued to it and silently dropped by rows().
+            if handle.seek(0, os.SEEK_END) > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    handle.write(b"\n")
+            handle.write((json.dumps(row) + "\n").encode())
             handle.flush()
             os.fsync(handle.fileno())
             fcntl.flock(handle, fcntl.LOCK_UN)

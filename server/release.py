@@ -162,15 +162,23 @@ def load_release(path: Path) -> Release:
         raise ConfigError(f"{path} is not a readable release file: {exc}") from exc
     if metadata.get("format") != RELEASE_FORMAT:
         raise ConfigError(f"{path}: format={metadata.get('format')!r}, expected {RELEASE_FORMAT}")
-    manifest = TaskManifest.from_json(metadata["manifest"])
-    vectors = tensors["vectors"]
+    try:
+        manifest = TaskManifest.from_json(metadata["manifest"])
+        vectors = tensors["vectors"]
+        counts = tensors["counts"]
+        report = json.loads(metadata["report"])
+        release_id = metadata["release_id"]
+    except (KeyError, ValueError) as exc:  # ValueError includes ConfigError and bad JSON
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{path}: incomplete release file, missing or bad {exc}") from exc
     expected = (len(manifest.labels), len(manifest.layers), manifest.hidden_size)
     if vectors.shape != expected:
         raise ConfigError(f"{path}: vectors shape {vectors.shape} != {expected}")
     return Release(
-        release_id=metadata["release_id"],
+        release_id=release_id,
         manifest=manifest,
         vectors=vectors,
-        counts=tensors["counts"],
-        report=json.loads(metadata["report"]),
+        counts=counts,
+        report=report,
     )

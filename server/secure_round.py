@@ -138,15 +138,18 @@ def run_secure_round(
     replies = collect(
         "masked_input", transport.exchange("masked_input", requests, timeout=deadline)
     )
+    accepted = 0
     for node, f in replies.items():
         try:
             masked = vector_from_bytes(
                 f.get("masked"), dtype="uint64", length=manifest.dim, name="masked"
             )
             server.receive_masked_input(node, masked)
+            accepted += 1
         except FedSynthError as exc:
             refusals[node] = f"masked_input: {exc}"
             log.warning("node %s: masked input rejected: %s", node, exc)
+    _require(accepted, manifest, "masked_input", refusals)
     survivors, dropped = server.close_masked_inputs()
 
     # Stage 4: survivors reveal self-mask shares of survivors and key shares of the dropped.

@@ -1,0 +1,124 @@
+"""Client contribution throughput vs the bare batched forward pass of the same model.
+
+Prints examples/s of (a) the model's full batched forward pass over the same prompts, (b) the
+same forward stopped after the last feature layer, and (c) the whole client contribution
+(features + clipping + per-record rounding + noise share + secure-sum masking), and the ratios
+(c)/(a) and (c)/(b). Target: (c)/(a) >= 0.9. Run: python benchmarks/bench_contribution.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+
+from fedsynth.protocol.contribution import encode_contribution, integer_class_sums
+from fedsynth.protocol.features import FeatureSpec, encode_example, extract_features
+from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, array_sha256
+from fedsynth.protocol.models import decoder_layers, load_model
+from fedsynth.protocol.secagg import SecAggClient
+from fedsynth.simulations.datasets import load_corpus
+from fedsynth.simulations.demo import TEMPLATES
+
+
+def bare_forward(loaded, texts, labels, spec, *, stop_layer: int | None) -> None:
+    """Batched forward over the same token ids, no hooks that capture anything."""
+    tok = loaded.tokenizer
+    enc = [encode_example(tok, spec.template.prefix(lab), t, spec.max_text_tokens)[0]
+           for t, lab in zip(texts, labels, strict=True)]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    blocks = decoder_layers(loaded.model)
+
+    class Stop(Exception):
+        pass
+
+    def hook(*_args):
+        raise Stop
+
+    handle = blocks[stop_layer].register_forward_hook(hook) if stop_layer is not None else None
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(enc), spec.batch_size):
+                batch = [enc[i] for i in order[s : s + spec.batch_size]]
+                width = max(map(len, batch))
+                ids = torch.zeros((len(batch), width), dtype=torch.long)
+                att = torch.zeros_like(ids)
+                for r, seq in enumerate(batch):
+                    ids[r, : len(seq)] = torch.tensor(seq)
+                    att[r, : len(seq)] = 1
+                try:
+                    loaded.model(input_ids=ids, attention_mask=att, use_cache=False)
+                except Stop:
+                    pass
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    loaded = load_model()
+    template = TEMPLATES["rotten_tomatoes"]
+    records = load_corpus("rotten_tomatoes").records[: args.n]
+    texts, labels = [r.text for r in records], [r.label for r in records]
+    spec = FeatureSpec(template, (8, 9, 10, 11), 64, 32)
+    hidden = loaded.hidden_size
+    reference = np.zeros((2, 4, hidden), dtype=np.float32)
+    node_ids = (1, 2, 3)
+    manifest = TaskManifest(
+        task_id="bench", model_name=loaded.name, model_fingerprint=loaded.fingerprint,
+        hidden_size=hidden, template=template, layers=spec.layers, max_text_tokens=64,
+        clip_norms=(1000.0,) * 4, residual_norms=(1.0,) * 4, count_weight=0.5, scale=1000.0,
+        bits=64, node_ids=node_ids,
+        privacy=PrivacySpec(epsilon=4.0, delta=1e-5, mode="distributed", threshold=2,
+                            total_variance=5.7e6, noise_multiplier=1.16, l2_sensitivity=2062.0,
+                            l1_sensitivity=1e5, accountant="bench"),
+        reference_sha256=array_sha256(reference),
+    )
+    # Secure-sum setup for node 1 with two peers (keys only; masking cost is what we measure).
+    clients = {n: SecAggClient(n, manifest.secagg_config()) for n in node_ids}
+    keys = {n: c.setup() for n, c in clients.items()}
+    cts = {n: c.share_keys(keys) for n, c in clients.items()}
+    mine = {s: cts[s][1] for s in node_ids if s != 1}
+
+    def contribution() -> None:
+        feats, _ = extract_features(loaded, texts, labels, spec)
+        rng = np.random.default_rng(0)
+        sums = integer_class_sums(feats, labels, manifest=manifest, reference=reference, rng=rng)
+        value = encode_contribution(sums, manifest=manifest, rng=rng)
+        fresh = SecAggClient.from_state(clients[1].export_state())
+        fresh.masked_input(mine, value)
+
+    timings: dict[str, list[float]] = {"full forward": [], "truncated forward": [],
+                                       "client contribution": []}
+    bare_forward(loaded, texts[:32], labels[:32], spec, stop_layer=None)  # warm-up
+    for _ in range(args.repeats):
+        for name, fn in (
+            ("full forward", lambda: bare_forward(loaded, texts, labels, spec, stop_layer=None)),
+            ("truncated forward",
+             lambda: bare_forward(loaded, texts, labels, spec, stop_layer=spec.layers[-1])),
+            ("client contribution", contribution),
+        ):
+            t0 = time.perf_counter()
+            fn()
+            timings[name].append(time.perf_counter() - t0)
+    rate = {k: args.n / min(v) for k, v in timings.items()}
+    print(f"model {loaded.name}, {args.n} examples, batch {spec.batch_size}, "
+          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+    for k, v in rate.items():
+        print(f"  {k:22s} {v:8.1f} examples/s")
+    print(f"ratio contribution / full forward      = "
+          f"{rate['client contribution'] / rate['full forward']:.2f}  (target >= 0.9)")
+    print(f"ratio contribution / truncated forward = "
+          f"{rate['client contribution'] / rate['truncated forward']:.2f}")
+    assert math.isfinite(rate["client contribution"])
+
+
+if __name__ == "__main__":
+    main()

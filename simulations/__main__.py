@@ -1,0 +1,5 @@
+"""``python -m fedsynth.simulations`` runs the fedsynth CLI."""
+
+from fedsynth.simulations.cli import main
+
+main()

@@ -1,0 +1,167 @@
+"""Tests of the wire codec: stage messages through Flower RecordDicts (and their protobuf form)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedsynth.protocol import messages
+from fedsynth.protocol.errors import LateSubmissionError, ProtocolError, ShapeError
+from fedsynth.protocol.messages import (
+    Envelope,
+    blobs_from_fields,
+    blobs_to_fields,
+    ints_field,
+    ints_from_field,
+    keys_from_fields,
+    keys_to_fields,
+    pack,
+    unpack,
+    vector_from_bytes,
+    vector_to_bytes,
+)
+from fedsynth.protocol.secagg import PublicKeys
+
+NODE_IDS = st.integers(min_value=0, max_value=2**64 - 1)
+KEYS = st.builds(
+    PublicKeys,
+    enc_pk=st.binary(min_size=32, max_size=32),
+    mask_pk=st.binary(min_size=32, max_size=32),
+)
+
+
+def _over_the_wire(content: RecordDict) -> RecordDict:
+    """What the receiving side sees after Flower serializes the message."""
+    return recorddict_from_proto(recorddict_to_proto(content))
+
+
+@settings(max_examples=50, deadline=None)
+@given(keys=st.dictionaries(NODE_IDS, KEYS, max_size=6))
+def test_keys_round_trip(keys: dict[int, PublicKeys]) -> None:
+    content = pack(Envelope("t", "share_keys"), keys_to_fields(keys))
+    fields = unpack(_over_the_wire(content), task_id="t", stage="share_keys")
+    assert keys_from_fields(fields) == keys
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    blobs=st.dictionaries(NODE_IDS, st.binary(max_size=80), max_size=6),
+    other=st.dictionaries(NODE_IDS, st.binary(max_size=8), max_size=3),
+)
+def test_blobs_round_trip_and_prefixes_do_not_mix(
+    blobs: dict[int, bytes], other: dict[int, bytes]
+) -> None:
+    content = pack(
+        Envelope("t", "unmask"), {**blobs_to_fields("ct:", blobs), **blobs_to_fields("sh:", other)}
+    )
+    fields = unpack(_over_the_wire(content), task_id="t", stage="unmask")
+    assert blobs_from_fields("ct:", fields) == blobs
+    assert blobs_from_fields("sh:", fields) == other
+
+
+@settings(max_examples=50, deadline=None)
+@given(values=st.lists(NODE_IDS, max_size=10))
+def test_ints_round_trip(values: list[int]) -> None:
+    content = pack(Envelope("t", "unmask"), {"survivors": ints_field(values)})
+    fields = unpack(_over_the_wire(content), task_id="t", stage="unmask")
+    assert ints_from_field(fields["survivors"], name="survivors") == values
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    dtype=st.sampled_from(["uint64", "float32", "int64"]),
+    seed=st.integers(0, 2**32 - 1),
+    length=st.integers(0, 50),
+)
+def test_vector_round_trip(dtype: str, seed: int, length: int) -> None:
+    rng = np.random.default_rng(seed)
+    if dtype == "uint64":
+        vec = rng.integers(0, 2**64, size=length, dtype=np.uint64, endpoint=False)
+    elif dtype == "int64":
+        vec = rng.integers(-(2**63), 2**63, size=length, dtype=np.int64, endpoint=False)
+    else:
+        vec = rng.normal(size=length).astype(np.float32)
+    content = pack(Envelope("t", "masked_input"), {"masked": vector_to_bytes(vec)})
+    fields = unpack(_over_the_wire(content), task_id="t", stage="masked_input")
+    back = vector_from_bytes(fields["masked"], dtype=dtype, length=length)
+    assert back.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(back, vec)
+
+
+def test_vector_bytes_are_little_endian() -> None:
+    big = np.array([1, 2**40], dtype=">u8")
+    assert vector_to_bytes(big) == np.array([1, 2**40], dtype="<u8").tobytes()
+    back = vector_from_bytes(vector_to_bytes(big), dtype="uint64", length=2)
+    assert back.tolist() == [1, 2**40]
+
+
+@pytest.mark.parametrize("length", [3, 5])
+def test_vector_from_bytes_rejects_wrong_length(length: int) -> None:
+    data = vector_to_bytes(np.zeros(4, dtype=np.uint64))
+    with pytest.raises(ShapeError, match=r"masked.*32 bytes"):
+        vector_from_bytes(data, dtype="uint64", length=length, name="masked")
+    with pytest.raises(ShapeError):
+        vector_from_bytes(data[:-1], dtype="uint64", length=4)
+
+
+@pytest.mark.parametrize("data", ["abc", [1, 2], bytearray(8), None, 7])
+def test_vector_from_bytes_rejects_non_bytes(data: Any) -> None:
+    with pytest.raises(ShapeError, match="expected bytes"):
+        vector_from_bytes(data, dtype="uint64", length=1)
+
+
+def test_vector_from_bytes_rejects_oversize(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(messages, "MAX_VECTOR_BYTES", 64)
+    vector_from_bytes(bytes(64), dtype="uint64", length=8)
+    with pytest.raises(ShapeError, match="exceeds"):
+        vector_from_bytes(bytes(72), dtype="uint64", length=9)
+
+
+def test_unpack_rejects_another_task() -> None:
+    content = pack(Envelope("old-task", "masked_input"), {"masked": b""})
+    with pytest.raises(LateSubmissionError, match="old-task"):
+        unpack(content, task_id="new-task", stage="masked_input")
+
+
+def test_unpack_rejects_another_stage() -> None:
+    content = pack(Envelope("t", "share_keys"), {})
+    with pytest.raises(ProtocolError, match="share_keys") as info:
+        unpack(content, task_id="t", stage="unmask")
+    assert not isinstance(info.value, LateSubmissionError)
+    # Without a task id (a client's first message) the stage is still checked.
+    with pytest.raises(ProtocolError, match="share_keys"):
+        unpack(content, stage="setup")
+
+
+def test_unpack_returns_the_fields_and_task_id() -> None:
+    content = pack(Envelope("t", "setup"), {"manifest": "{}", "n": 3})
+    assert unpack(content, stage="setup") == {"task_id": "t", "manifest": "{}", "n": 3}
+
+
+def test_unpack_rejects_message_without_record_or_header() -> None:
+    with pytest.raises(ProtocolError, match="'fedsynth'"):
+        unpack(RecordDict(), task_id="t", stage="setup")
+    other = RecordDict({"something": ConfigRecord({"task_id": "t", "stage": "setup"})})
+    with pytest.raises(ProtocolError, match="'fedsynth'"):
+        unpack(other, task_id="t", stage="setup")
+    headless = RecordDict({"fedsynth": ConfigRecord({"task_id": "t"})})
+    with pytest.raises(ProtocolError, match="header"):
+        unpack(headless, task_id="t", stage="setup")
+
+
+def test_malformed_entries_are_protocol_errors() -> None:
+    with pytest.raises(ProtocolError, match="pk:5"):
+        keys_from_fields({"pk:5": [b"x" * 32]})
+    with pytest.raises(ProtocolError, match="ct:5"):
+        blobs_from_fields("ct:", {"ct:5": "text"})
+    with pytest.raises(ProtocolError, match="survivors"):
+        ints_from_field("1,2", name="survivors")
+    # Other fields are ignored.
+    assert keys_from_fields({"task_id": "t", "n": 3}) == {}
+    assert blobs_from_fields("ct:", {"sh:1": b"x"}) == {}

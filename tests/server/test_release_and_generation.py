@@ -1,0 +1,498 @@
+"""Tests of release files, the privacy ledger, steering hooks, sampling and steered generation."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+from scipy.stats import chisquare
+
+from fedsynth.protocol.contribution import DecodedRelease
+from fedsynth.protocol.errors import BudgetExceededError, ConfigError, ModelMismatchError
+from fedsynth.protocol.features import PromptTemplate
+from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, array_sha256
+from fedsynth.protocol.models import LoadedModel, decoder_layers, tiny_model
+from fedsynth.server.generation import (
+    GenerationConfig,
+    generate_texts,
+    sample_top_p,
+    steering,
+    steering_deltas,
+)
+from fedsynth.server.ledger import PrivacyLedger
+from fedsynth.server.release import (
+    RELEASE_FORMAT,
+    Release,
+    load_release,
+    make_release,
+    privacy_report,
+    save_release,
+)
+from fedsynth.server.secure_round import RoundResult
+from fedsynth.server.synthesize import generate_from_release, iter_release_samples
+
+TEMPLATE = PromptTemplate(
+    instruction="A {label} review: ",
+    label_names=(("pos", "positive"), ("neg", "negative"), ("mix", "mixed")),
+)
+LAYERS = (1, 2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama() -> LoadedModel:
+    return tiny_model(seed=0, arch="llama")
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny(request: pytest.FixtureRequest, llama: LoadedModel) -> LoadedModel:
+    return llama if request.param == "llama" else tiny_model(seed=0, arch="gpt2")
+
+
+def make_manifest(
+    loaded: LoadedModel, *, epsilon: float = 2.0, mode: str = "distributed"
+) -> TaskManifest:
+    reference = np.zeros((3, len(LAYERS), loaded.hidden_size), dtype=np.float32)
+    return TaskManifest(
+        task_id="release-1",
+        model_name=loaded.name,
+        model_fingerprint=loaded.fingerprint,
+        hidden_size=loaded.hidden_size,
+        template=TEMPLATE,
+        layers=LAYERS,
+        max_text_tokens=16,
+        clip_norms=(2.0, 3.0),
+        residual_norms=(5.0, 7.0),
+        count_weight=0.5,
+        scale=1000.0,
+        bits=64,
+        node_ids=(1, 2, 3, 4),
+        privacy=PrivacySpec(
+            epsilon=epsilon,
+            delta=1e-5,
+            mode=mode,
+            threshold=2,
+            total_variance=0.0 if math.isinf(epsilon) else 400.0,
+            noise_multiplier=1.0,
+            l2_sensitivity=20.0,
+            l1_sensitivity=200.0,
+            accountant="rdp",
+        ),
+        reference_sha256=array_sha256(reference),
+    )
+
+
+def make_test_release(loaded: LoadedModel, *, epsilon: float = 2.0) -> Release:
+    manifest = make_manifest(loaded, epsilon=epsilon)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(3, len(LAYERS), loaded.hidden_size)).astype(np.float32)
+    decoded = DecodedRelease(vectors=vectors, counts=np.array([12.5, 7.25, 1.0]))
+    result = RoundResult(
+        field_sum=np.zeros(manifest.dim, dtype=np.uint64),
+        survivors=[1, 2, 3],
+        dropped=[4],
+        refusals={4: "masked_input: gone"},
+    )
+    return make_release(manifest, decoded, result, model_name=loaded.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Release files
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("epsilon", [2.0, math.inf])
+def test_save_load_round_trip(tmp_path: Path, llama: LoadedModel, epsilon: float) -> None:
+    release = make_test_release(llama, epsilon=epsilon)
+    path = save_release(release, tmp_path / "out" / "release.safetensors")
+    assert path.exists()
+    assert [p.name for p in path.parent.iterdir()] == ["release.safetensors"]  # no temp left
+    back = load_release(path)
+    assert back.release_id == release.release_id
+    assert back.manifest == release.manifest
+    np.testing.assert_array_equal(back.vectors, release.vectors)
+    assert back.vectors.dtype == np.float32
+    np.testing.assert_array_equal(back.counts, release.counts)
+    assert back.report == json.loads(json.dumps(release.report))
+    assert back.labels == ("pos", "neg", "mix")
+    assert back.report["format"] == RELEASE_FORMAT
+    assert back.report["epsilon"] == ("inf" if math.isinf(epsilon) else epsilon)
+
+
+def test_privacy_report_counts_the_actual_noise(llama: LoadedModel) -> None:
+    manifest = make_manifest(llama)
+    result = RoundResult(np.zeros(1, dtype=np.uint64), survivors=[1, 2, 3], dropped=[4])
+    report = privacy_report(manifest, result, model_name="m")
+    assert report["noise"]["aggregate_variance_target_scaled"] == 400.0
+    assert report["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(400.0 * 3 / 2)
+    assert report["survivors"] == 3
+    assert report["dropped_clients"] == ["4"]
+    assert report["K"] == 4
+    assert report["threshold_t"] == 2
+    local = privacy_report(make_manifest(llama, mode="local"), result, model_name="m")
+    assert local["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(400.0 * 3)
+
+
+def test_load_refuses_missing_and_corrupt_files(tmp_path: Path, llama: LoadedModel) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_release(tmp_path / "absent.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01not a safetensors file at all" * 10)
+    with pytest.raises(ConfigError, match="not a readable release"):
+        load_release(garbage)
+    good = save_release(make_test_release(llama), tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError):
+        load_release(truncated)
+    # Corrupt the manifest inside the header (same length, so the file still parses).
+    needle = b'\\"task_id\\": \\"release-1\\"'
+    assert needle in data
+    broken = tmp_path / "broken-manifest.safetensors"
+    broken.write_bytes(data.replace(needle, needle.replace(b"task_id", b"task_xx")))
+    with pytest.raises(ConfigError, match="manifest"):
+        load_release(broken)
+
+
+def test_load_refuses_foreign_or_inconsistent_files(tmp_path: Path, llama: LoadedModel) -> None:
+    release = make_test_release(llama)
+    meta = {
+        "format": RELEASE_FORMAT,
+        "release_id": "r",
+        "manifest": release.manifest.to_json(),
+        "report": "{}",
+    }
+    tensors = {"vectors": release.vectors, "counts": release.counts}
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, str(other), metadata={**meta, "format": "something.else"})
+    with pytest.raises(ConfigError, match="format"):
+        load_release(other)
+    no_meta = tmp_path / "no-meta.safetensors"
+    save_file(tensors, str(no_meta))
+    with pytest.raises(ConfigError, match="format"):
+        load_release(no_meta)
+    wrong_shape = tmp_path / "shape.safetensors"
+    save_file({**tensors, "vectors": release.vectors[:2]}, str(wrong_shape), metadata=meta)
+    with pytest.raises(ConfigError, match="shape"):
+        load_release(wrong_shape)
+    no_manifest = tmp_path / "no-manifest.safetensors"
+    save_file(
+        tensors, str(no_manifest), metadata={k: v for k, v in meta.items() if k != "manifest"}
+    )
+    with pytest.raises(ConfigError, match="manifest"):
+        load_release(no_manifest)
+
+
+def test_directions_with_contrast(llama: LoadedModel) -> None:
+    release = make_test_release(llama)
+    mean = release.vectors.mean(axis=0)
+    plain = release.directions("neg")
+    assert sorted(plain) == list(LAYERS)
+    for j, layer in enumerate(LAYERS):
+        assert plain[layer].dtype == torch.float32
+        np.testing.assert_allclose(plain[layer].numpy(), release.vectors[1, j], atol=1e-6)
+    sharp = release.directions("neg", contrast=3.0)
+    flat = release.directions("neg", contrast=0.0)
+    for j, layer in enumerate(LAYERS):
+        expected = mean[j] + 3.0 * (release.vectors[1, j] - mean[j])
+        np.testing.assert_allclose(sharp[layer].numpy(), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(flat[layer].numpy(), mean[j], atol=1e-6)
+    # Contrast only amplifies what separates the classes: the contrast directions sum to
+    # C times the mean, whatever the contrast.
+    total = sum(release.directions(label, contrast=5.0)[1].numpy() for label in release.labels)
+    np.testing.assert_allclose(total, 3 * mean[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="label='other'"):
+        release.directions("other")
+    assert release.residual_norms() == {1: 5.0, 2: 7.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Privacy ledger
+# ---------------------------------------------------------------------------------------------
+
+
+def _report(task_id: str, epsilon: float | str) -> dict[str, object]:
+    return {
+        "task_id": task_id,
+        "epsilon": epsilon,
+        "delta": 1e-5,
+        "trust_mode": "distributed",
+        "survivors": 3,
+    }
+
+
+def test_ledger_records_spends_and_checks(tmp_path: Path) -> None:
+    path = tmp_path / "ledger" / "ledger.jsonl"
+    ledger = PrivacyLedger(path, max_total_epsilon=5.0)
+    assert ledger.rows() == []
+    assert ledger.spent() == 0.0
+    ledger.check(5.0)
+    ledger.record(_report("a", 2.0), release_path=tmp_path / "a.safetensors")
+    ledger.record(_report("b", "inf"), release_path=tmp_path / "b.safetensors")
+    ledger.record(_report("c", 1.5), release_path=tmp_path / "c.safetensors")
+    reopened = PrivacyLedger(path, max_total_epsilon=5.0)
+    assert [r["task_id"] for r in reopened.rows()] == ["a", "b", "c"]
+    assert reopened.rows()[0]["release"] == str(tmp_path / "a.safetensors")
+    assert reopened.spent() == 3.5
+    reopened.check(1.5)
+    reopened.check(math.inf)  # non-private runs are recorded but not budgeted
+    with pytest.raises(BudgetExceededError, match=r"max_total_epsilon=5\.0"):
+        reopened.check(1.6)
+
+
+def test_ledger_ignores_a_torn_last_line_and_keeps_counting(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.record(_report("a", 2.0), release_path=tmp_path / "a")
+    with path.open("a") as handle:
+        handle.write('{"task_id": "torn", "epsilon": "9')  # a crash mid-write
+    assert [r["task_id"] for r in ledger.rows()] == ["a"]
+    assert ledger.spent() == 2.0
+    # The next release after the crash must still be counted.
+    ledger.record(_report("b", 1.0), release_path=tmp_path / "b")
+    assert [r["task_id"] for r in ledger.rows()] == ["a", "b"]
+    assert ledger.spent() == 3.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Steering hooks
+# ---------------------------------------------------------------------------------------------
+
+
+def _logits(loaded: LoadedModel, text: str = "steer me please") -> torch.Tensor:
+    ids = torch.tensor([loaded.tokenizer.encode(text)])
+    with torch.no_grad():
+        out: torch.Tensor = loaded.model(input_ids=ids).logits
+    return out
+
+
+def test_steering_changes_logits_and_is_removed_afterwards(tiny: LoadedModel) -> None:
+    before = _logits(tiny)
+    delta = torch.from_numpy(np.random.default_rng(0).normal(size=tiny.hidden_size)).float()
+    with steering(tiny.model, {1: delta}):
+        steered = _logits(tiny)
+    with steering(tiny.model, {1: torch.zeros(tiny.hidden_size), 2: torch.zeros(tiny.hidden_size)}):
+        unchanged = _logits(tiny)
+    after = _logits(tiny)
+    assert (steered - before).abs().max() > 1e-3
+    torch.testing.assert_close(unchanged, before, rtol=0, atol=0)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert all(not block._forward_hooks for block in decoder_layers(tiny.model))
+
+
+def test_steering_hooks_are_removed_after_an_exception(tiny: LoadedModel) -> None:
+    before = _logits(tiny)
+    delta = torch.ones(tiny.hidden_size) * 3.0
+    with pytest.raises(RuntimeError, match="boom"), steering(tiny.model, {0: delta}):
+        raise RuntimeError("boom")
+    torch.testing.assert_close(_logits(tiny), before, rtol=0, atol=0)
+
+
+def test_steering_rejects_bad_layer_without_leaving_hooks(tiny: LoadedModel) -> None:
+    before = _logits(tiny)
+    delta = torch.from_numpy(np.random.default_rng(1).normal(size=tiny.hidden_size)).float()
+    with (
+        pytest.raises(ConfigError, match="steering layer 99"),
+        steering(tiny.model, {0: delta, 99: delta}),
+    ):
+        pass
+    assert all(not block._forward_hooks for block in decoder_layers(tiny.model))
+    torch.testing.assert_close(_logits(tiny), before, rtol=0, atol=0)
+
+
+def test_steering_deltas_scale_to_residual_norm() -> None:
+    directions = {1: torch.tensor([3.0, 4.0]), 2: torch.tensor([0.0, -2.0])}
+    deltas = steering_deltas(directions, strength=0.5, residual_norms={1: 10.0, 2: 4.0})
+    assert float(deltas[1].norm()) == pytest.approx(5.0)
+    assert float(deltas[2].norm()) == pytest.approx(2.0)
+    torch.testing.assert_close(deltas[1], torch.tensor([3.0, 4.0]))
+    with pytest.raises(ConfigError, match="zero"):
+        steering_deltas({1: torch.zeros(2)}, strength=1.0, residual_norms={1: 1.0})
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-p sampling
+# ---------------------------------------------------------------------------------------------
+
+VOCAB = 300
+TOP_P = 0.9
+
+
+def _distributions() -> list[np.ndarray]:
+    """Rows whose nucleus holds about 4, 30 and 150 tokens, ids shuffled."""
+    rng = np.random.default_rng(42)
+    rows = []
+    small = 0.5 ** np.arange(1, VOCAB + 1)
+    medium = 0.93 ** np.arange(VOCAB)
+    large = np.concatenate([np.arange(250, 0, -1, dtype=np.float64), np.full(50, 1e-3)])
+    for weights in (small, medium, large):
+        p = weights / weights.sum()
+        rows.append(p[rng.permutation(VOCAB)])
+    return rows
+
+
+def _nucleus(p: np.ndarray) -> dict[int, float]:
+    order = np.argsort(-p, kind="stable")
+    cumulative = np.cumsum(p[order])
+    before = cumulative - p[order]
+    # Keep the test away from float32 ties at the boundary.
+    assert np.min(np.abs(before - TOP_P)) > 1e-4
+    keep = order[before < TOP_P]
+    mass = p[keep].sum()
+    return {int(i): float(p[i] / mass) for i in keep}
+
+
+@pytest.mark.parametrize("candidate_k", [8, 2000])
+def test_sample_top_p_matches_the_renormalized_nucleus(candidate_k: int) -> None:
+    dists = _distributions()
+    nuclei = [_nucleus(p) for p in dists]
+    sizes = [len(n) for n in nuclei]
+    assert sizes[0] <= 8 < sizes[1] <= 64 < sizes[2]  # first pass, wider pass, full sort
+    reps = 4000
+    logits = torch.from_numpy(np.log(np.stack(dists * reps))).float()  # rows interleaved
+    generator = torch.Generator().manual_seed(2024)
+    draws = sample_top_p(logits, top_p=TOP_P, candidate_k=candidate_k, generator=generator)
+    assert draws.shape == (len(dists) * reps,)
+    assert draws.dtype == torch.long
+    for r, nucleus in enumerate(nuclei):
+        ids = draws[r :: len(dists)].numpy()
+        assert set(ids.tolist()) <= set(nucleus), "sampled outside the nucleus"
+        keys = sorted(nucleus)
+        observed = np.array([(ids == k).sum() for k in keys])
+        expected = np.array([nucleus[k] for k in keys]) * reps
+        assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_sample_top_p_one_keeps_every_token() -> None:
+    p = np.array([0.7, 0.2, 0.1])
+    logits = torch.from_numpy(np.log(np.tile(p, (20_000, 1)))).float()
+    draws = sample_top_p(
+        logits, top_p=1.0, candidate_k=1, generator=torch.Generator().manual_seed(3)
+    ).numpy()
+    observed = np.bincount(draws, minlength=3)
+    assert chisquare(observed, p * len(draws)).pvalue > 1e-3
+
+
+def test_sample_top_p_tiny_nucleus_is_greedy() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]] * 50)
+    draws = sample_top_p(
+        logits, top_p=1e-6, candidate_k=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert set(draws.tolist()) == {1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_generation_config_validation() -> None:
+    for kwargs, name in [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"batch_size": 0}, "batch_size"),
+    ]:
+        with pytest.raises(ConfigError, match=name):
+            GenerationConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_generate_texts_is_deterministic_and_batched(tiny: LoadedModel) -> None:
+    config = GenerationConfig(max_new_tokens=6, batch_size=3)
+    progress: list[tuple[int, int]] = []
+    first = generate_texts(
+        tiny, "Say: ", 5, config=config, seed=11, progress=lambda *a: progress.append(a)
+    )
+    again = generate_texts(tiny, "Say: ", 5, config=config, seed=11)
+    other = generate_texts(tiny, "Say: ", 5, config=config, seed=12)
+    assert len(first) == 5
+    assert all(isinstance(t, str) for t in first)
+    assert first == again
+    assert first != other
+    assert [n for n, _ in progress] == [3, 2]
+    assert all(0 < tokens <= n * 6 for n, tokens in progress)
+    assert all("\n" not in t for t in first)
+    singles = generate_texts(
+        tiny, "Say: ", 5, config=GenerationConfig(max_new_tokens=6, batch_size=1), seed=11
+    )
+    assert len(singles) == 5
+    assert generate_texts(tiny, "Say: ", 0, config=config, seed=1) == []
+    with pytest.raises(ConfigError, match="n=-1"):
+        generate_texts(tiny, "Say: ", -1, config=config, seed=1)
+
+
+def test_generate_texts_is_steered(tiny: LoadedModel) -> None:
+    config = GenerationConfig(max_new_tokens=6, batch_size=4, stop_at_newline=False)
+    plain = generate_texts(tiny, "Say: ", 4, config=config, seed=5)
+    big = torch.from_numpy(np.random.default_rng(2).normal(size=tiny.hidden_size) * 50).float()
+    steered = generate_texts(tiny, "Say: ", 4, config=config, seed=5, deltas={1: big})
+    assert steered != plain
+    # No hook survives the call.
+    assert generate_texts(tiny, "Say: ", 4, config=config, seed=5) == plain
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation from a release
+# ---------------------------------------------------------------------------------------------
+
+
+def test_release_samples_refuse_another_model(llama: LoadedModel) -> None:
+    release = make_test_release(llama)
+    other = tiny_model(seed=1)
+    config = GenerationConfig(max_new_tokens=4, batch_size=2)
+    samples = iter_release_samples(
+        other, release, n_per_label=2, strength=0.1, config=config, seed=0
+    )
+    with pytest.raises(ModelMismatchError, match="model_fingerprint"):
+        next(samples)
+    with pytest.raises(ModelMismatchError):
+        generate_from_release(other, release, n_per_label=1, strength=0.1, config=config, seed=0)
+
+
+def test_release_samples_per_label(llama: LoadedModel) -> None:
+    release = make_test_release(llama)
+    config = GenerationConfig(max_new_tokens=4, batch_size=2)
+    progress: list[tuple[int, int]] = []
+    samples = generate_from_release(
+        llama,
+        release,
+        n_per_label=3,
+        strength=0.2,
+        config=config,
+        seed=4,
+        progress=lambda done, total: progress.append((done, total)),
+    )
+    assert [s.label for s in samples] == ["pos"] * 3 + ["neg"] * 3 + ["mix"] * 3
+    assert all(s.release_id == release.release_id for s in samples)
+    assert progress[-1] == (9, 9)
+    again = generate_from_release(
+        llama, release, n_per_label=3, strength=0.2, config=config, seed=4
+    )
+    assert [s.text for s in again] == [s.text for s in samples]
+    only = list(
+        iter_release_samples(
+            llama, release, n_per_label=1, strength=0.2, config=config, seed=4, labels=("mix",)
+        )
+    )
+    assert [s.label for s in only] == ["mix"]
+    with pytest.raises(ConfigError, match="strength"):
+        next(
+            iter_release_samples(
+                llama, release, n_per_label=1, strength=-1.0, config=config, seed=0
+            )
+        )

@@ -1,0 +1,606 @@
+"""End-to-end tests of one secure-sum round: coordinator and real Contributors in one process.
+
+An in-process Transport carries each stage's RecordDict (through Flower's protobuf
+serialization, as on the wire) to ``Contributor.handle`` with one persistent state per node, and
+maps every refusal to ``Reply(error=...)`` as the Flower ClientApp does. The tiny random model is
+used for features; only shapes and exact arithmetic matter here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+from fedsynth.client.contributor import ClientSettings, Contributor
+from fedsynth.client.data import load_records
+from fedsynth.client.policy import ClientBudget, ClientPolicy
+from fedsynth.protocol.codec import field_sum, from_field
+from fedsynth.protocol.contribution import (
+    decode_release,
+    encode_contribution,
+    integer_class_sums,
+)
+from fedsynth.protocol.errors import (
+    FedSynthError,
+    ProtocolError,
+    StageOrderError,
+    TooFewParticipantsError,
+)
+from fedsynth.protocol.features import (
+    FeatureSpec,
+    PromptTemplate,
+    class_unit_sums,
+    extract_features,
+)
+from fedsynth.protocol.manifest import TaskManifest
+from fedsynth.protocol.messages import Envelope, pack, vector_from_bytes, vector_to_bytes
+from fedsynth.protocol.models import LoadedModel, tiny_model
+from fedsynth.server.coordinator import PublicReference, TaskConfig, build_manifest
+from fedsynth.server.secure_round import Reply, RoundResult, run_secure_round
+
+TEMPLATE = PromptTemplate(
+    instruction="Review ({label}): ",
+    label_names=(("pos", "positive"), ("neg", "negative")),
+    shots=(("neg", "dull"),),
+)
+LAYERS = (1, 2)
+SEED = 1234
+BATCH = 4
+NODES_3 = (7, 2**40 + 3, 2**64 - 1)
+NODES_5 = (*NODES_3, 12_345, 2**63)
+WORDS = [
+    "good",
+    "bad",
+    "plot",
+    "actor",
+    "slow",
+    "fun",
+    "long",
+    "dull",
+    "bright",
+    "dark",
+    "film",
+    "story",
+    "ending",
+    "music",
+]
+PUBLIC = {
+    "pos": ["a fine film", "great fun", "lovely music", "bright story"],
+    "neg": ["a dull film", "too long", "bad acting", "dark and slow"],
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    return tiny_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: LoadedModel) -> PublicReference:
+    texts = [t for label in TEMPLATE.labels for t in PUBLIC[label]]
+    labels = [label for label in TEMPLATE.labels for _ in PUBLIC[label]]
+    feats, norms = extract_features(tiny, texts, labels, FeatureSpec(TEMPLATE, LAYERS, 32, 8))
+    ids = np.array([TEMPLATE.labels.index(label) for label in labels])
+    means = np.stack([feats[ids == c].mean(axis=0) for c in range(len(TEMPLATE.labels))])
+    deviations = np.linalg.norm(feats - means[ids], axis=-1)
+    return PublicReference(
+        texts={},
+        means=means.astype(np.float32),
+        # Half the median distance, so that some private records are clipped and some not.
+        clip_norms=tuple(float(x) for x in 0.5 * np.median(deviations, axis=0)),
+        residual_norms=tuple(float(x) for x in np.median(norms, axis=0)),
+    )
+
+
+def make_manifest(
+    tiny: LoadedModel,
+    reference: PublicReference,
+    node_ids: tuple[int, ...],
+    *,
+    task_id: str = "task-a",
+    epsilon: float = math.inf,
+    threshold: int | None = None,
+) -> TaskManifest:
+    config = TaskConfig(
+        template=TEMPLATE,
+        layers=LAYERS,
+        max_text_tokens=32,
+        epsilon=epsilon,
+        delta=1e-5,
+        threshold=threshold,
+        scale=1000.0,
+        bits=64,
+        prior_per_label=2,
+    )
+    return build_manifest(config, tiny, reference, node_ids, task_id=task_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# A federation of real Contributors behind an in-process transport
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    node_id: int
+    contributor: Contributor
+    settings: ClientSettings
+    state: RecordDict = field(default_factory=RecordDict)
+
+
+def _wire(content: RecordDict) -> RecordDict:
+    return recorddict_from_proto(recorddict_to_proto(content))
+
+
+def write_records(
+    path: Path, node_index: int, *, n: int = 5, extra_label: str | None = None
+) -> Path:
+    rng = np.random.default_rng(100 + node_index)
+    rows = []
+    for i in range(n):
+        words = rng.choice(WORDS, size=int(rng.integers(1, 5)))
+        rows.append({"text": " ".join(words), "label": TEMPLATE.labels[(i + node_index) % 2]})
+    if extra_label is not None:
+        rows.append({"text": "so so", "label": extra_label})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_nodes(
+    tmp_path: Path,
+    tiny: LoadedModel,
+    node_ids: tuple[int, ...],
+    *,
+    models: Mapping[int, LoadedModel] | None = None,
+    extra_labels: Mapping[int, str] | None = None,
+    policy: ClientPolicy | None = None,
+    budgets: bool = False,
+) -> dict[int, Node]:
+    nodes = {}
+    for index, node_id in enumerate(node_ids):
+        data = write_records(
+            tmp_path / f"data-{index}.jsonl",
+            index,
+            n=3 + index % 3,
+            extra_label=(extra_labels or {}).get(node_id),
+        )
+        settings = ClientSettings(
+            data_path=data,
+            seed=SEED,
+            batch_size=BATCH,
+            policy=policy or ClientPolicy(allow_non_private=True),
+            budget_path=tmp_path / f"budget-{index}.jsonl" if budgets else None,
+        )
+        model = (models or {}).get(node_id, tiny)
+        contributor = Contributor(settings, node_id=node_id, model_loader=lambda model=model: model)
+        nodes[node_id] = Node(node_id, contributor, settings)
+    return nodes
+
+
+class LocalTransport:
+    """Routes requests to Contributors; can drop nodes or make a node's reply stale."""
+
+    def __init__(
+        self,
+        nodes: Mapping[int, Node],
+        *,
+        drop: Mapping[str, set[int]] | None = None,
+        stale: Mapping[str, set[int]] | None = None,
+    ) -> None:
+        self.nodes = nodes
+        self.drop = drop or {}
+        self.stale = stale or {}
+        self.stages: list[str] = []
+        self.timeouts: list[float] = []
+        self.requests: dict[str, dict[int, RecordDict]] = {}
+        self.replies: dict[str, dict[int, RecordDict]] = {}
+
+    def exchange(
+        self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
+    ) -> dict[int, Reply]:
+        self.stages.append(stage)
+        self.timeouts.append(timeout)
+        self.requests[stage] = dict(requests)
+        out: dict[int, Reply] = {}
+        for node_id, content in requests.items():
+            if node_id in self.drop.get(stage, set()):
+                continue  # no reply before the deadline
+            node = self.nodes[node_id]
+            try:
+                reply = node.contributor.handle(stage, _wire(content), node.state)
+            except FedSynthError as exc:
+                out[node_id] = Reply(content=None, error=f"{type(exc).__name__}: {exc}")
+                continue
+            reply = _wire(reply)
+            if node_id in self.stale.get(stage, set()):
+                reply.config_records["fedsynth"]["task_id"] = "an-earlier-task"
+            self.replies.setdefault(stage, {})[node_id] = reply
+            out[node_id] = Reply(content=reply)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What the round should produce, computed without the protocol
+# ---------------------------------------------------------------------------------------------
+
+
+def node_records(node: Node, manifest: TaskManifest) -> tuple[list[str], list[str]]:
+    records = load_records(node.settings.data_path, labels=manifest.labels)
+    return [r.text for r in records], [r.label for r in records]
+
+
+def plain_contribution(
+    node: Node, manifest: TaskManifest, reference: PublicReference, model: LoadedModel
+) -> np.ndarray:
+    """The node's unmasked field vector, recomputed with its (test-only) fixed seed."""
+    texts, labels = node_records(node, manifest)
+    spec = dataclasses.replace(manifest.feature_spec, batch_size=BATCH)
+    feats, _ = extract_features(model, texts, labels, spec)
+    rng = np.random.default_rng([SEED, node.node_id % 2**32])
+    sums = integer_class_sums(feats, labels, manifest=manifest, reference=reference.means, rng=rng)
+    return encode_contribution(sums, manifest=manifest, rng=rng)
+
+
+def pooled_release(
+    nodes: list[Node], manifest: TaskManifest, reference: PublicReference, model: LoadedModel
+) -> tuple[np.ndarray, np.ndarray]:
+    """Non-federated per-class means (model units) and counts over the given nodes' records."""
+    texts: list[str] = []
+    labels: list[str] = []
+    for node in nodes:
+        t, lab = node_records(node, manifest)
+        texts += t
+        labels += lab
+    feats, _ = extract_features(model, texts, labels, manifest.feature_spec)
+    clip = np.asarray(manifest.clip_norms)
+    sums = class_unit_sums(
+        feats,
+        labels,
+        label_order=manifest.labels,
+        reference=reference.means,
+        clip_norms=clip,
+        count_weight=manifest.count_weight,
+    )
+    counts = sums[:, -1] / manifest.count_weight
+    shape = (len(manifest.labels), len(manifest.layers), manifest.hidden_size)
+    vectors = sums[:, :-1].reshape(shape) / counts[:, None, None] * clip[None, :, None]
+    return vectors, counts
+
+
+def assert_release_matches(
+    result: RoundResult,
+    contributors: list[Node],
+    manifest: TaskManifest,
+    reference: PublicReference,
+    model: LoadedModel,
+) -> None:
+    # Exactly the modular sum of the contributors' own field vectors...
+    plain = [plain_contribution(n, manifest, reference, model) for n in contributors]
+    np.testing.assert_array_equal(result.field_sum, field_sum(plain, bits=manifest.bits))
+    # ...which decodes to the pooled, non-federated means within the rounding error.
+    decoded = decode_release(result.field_sum, manifest=manifest)
+    vectors, counts = pooled_release(contributors, manifest, reference, model)
+    np.testing.assert_array_equal(decoded.counts, counts)
+    assert counts.min() >= 1
+    tolerance = np.asarray(manifest.clip_norms)[None, :, None] / manifest.scale + 1e-5
+    assert np.all(np.abs(decoded.vectors - vectors) <= tolerance)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("node_ids", [NODES_3, NODES_5], ids=["K3", "K5"])
+def test_round_equals_pooled_computation(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference, node_ids: tuple[int, ...]
+) -> None:
+    manifest = make_manifest(tiny, reference, node_ids)
+    assert manifest.privacy.threshold == len(node_ids) // 2 + 1
+    nodes = make_nodes(tmp_path, tiny, node_ids)
+    transport = LocalTransport(nodes)
+    stages: list[str] = []
+    result = run_secure_round(transport, manifest, reference.means, progress=stages.append)
+    assert stages == ["setup", "share_keys", "masked_input", "unmask", "done"]
+    assert transport.stages == ["setup", "share_keys", "masked_input", "unmask"]
+    assert set(transport.timeouts) == {manifest.deadline_s}
+    assert result.survivors == sorted(node_ids)
+    assert result.dropped == []
+    assert result.refusals == {}
+    assert_release_matches(result, list(nodes.values()), manifest, reference, tiny)
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "masked_input"])
+def test_dropouts_leave_the_survivors_sum(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference, stage: str
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_5)
+    t = manifest.privacy.threshold
+    assert t == 3
+    gone = {NODES_5[1], NODES_5[3]}  # K - t nodes: the most the round tolerates
+    nodes = make_nodes(tmp_path, tiny, NODES_5)
+    result = run_secure_round(LocalTransport(nodes, drop={stage: gone}), manifest, reference.means)
+    assert result.survivors == sorted(set(NODES_5) - gone)
+    # Only nodes that shared keys and then went silent need their pairwise masks removed.
+    assert result.dropped == (sorted(gone) if stage == "masked_input" else [])
+    survivors = [nodes[n] for n in result.survivors]
+    assert_release_matches(result, survivors, manifest, reference, tiny)
+
+
+def test_silent_survivor_at_unmask_is_tolerated(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_5)
+    nodes = make_nodes(tmp_path, tiny, NODES_5)
+    transport = LocalTransport(nodes, drop={"masked_input": {NODES_5[0]}, "unmask": {NODES_5[2]}})
+    result = run_secure_round(transport, manifest, reference.means)
+    # Its masked input arrived, so its data is in the sum although it never answered unmask.
+    assert result.survivors == sorted(set(NODES_5) - {NODES_5[0]})
+    assert result.dropped == [NODES_5[0]]
+    assert_release_matches(result, [nodes[n] for n in result.survivors], manifest, reference, tiny)
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "masked_input", "unmask"])
+def test_too_many_dropouts_abort_the_round(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference, stage: str
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_5)
+    t = manifest.privacy.threshold
+    gone = set(NODES_5[: len(NODES_5) - t + 1])
+    nodes = make_nodes(tmp_path, tiny, NODES_5)
+    transport = LocalTransport(nodes, drop={stage: gone})
+    with pytest.raises(TooFewParticipantsError):
+        run_secure_round(transport, manifest, reference.means)
+    # The coordinator stops at the failing stage: it never asks anyone to unmask.
+    if stage != "unmask":
+        assert "unmask" not in transport.stages
+    assert transport.stages[-1] == stage
+
+
+def test_abort_names_the_refusals_of_every_stage(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_5)
+    nodes = make_nodes(tmp_path, tiny, NODES_5)
+    transport = LocalTransport(nodes, stale={"masked_input": set(NODES_5[:3])})
+    with pytest.raises(TooFewParticipantsError, match="masked_input") as info:
+        run_secure_round(transport, manifest, reference.means)
+    for node in NODES_5[:3]:
+        assert f"node {node}: masked_input:" in str(info.value)
+    assert "an-earlier-task" in str(info.value)
+    assert "unmask" not in transport.stages
+
+
+def test_coordinator_only_sees_masked_vectors(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_3)
+    nodes = make_nodes(tmp_path, tiny, NODES_3)
+    transport = LocalTransport(nodes)
+    result = run_secure_round(transport, manifest, reference.means)
+
+    plain = {n: plain_contribution(nodes[n], manifest, reference, tiny) for n in NODES_3}
+    masked = {
+        n: vector_from_bytes(
+            reply.config_records["fedsynth"]["masked"], dtype="uint64", length=manifest.dim
+        )
+        for n, reply in transport.replies["masked_input"].items()
+    }
+    assert set(masked) == set(NODES_3)
+    for n, vec in masked.items():
+        # The plain contributions are small signed integers...
+        assert np.all(np.abs(from_field(plain[n], bits=64)) < 2**32)
+        # ...the masked ones are nowhere near any client's plain vector and look uniform.
+        for other in plain.values():
+            assert not np.any(vec == other)
+        assert np.all(np.abs(from_field(vec, bits=64).astype(np.float64)) > 2**32)
+    top_bits = np.concatenate([(v >> np.uint64(63)).astype(np.float64) for v in masked.values()])
+    assert abs(top_bits.mean() - 0.5) < 6 * 0.5 / math.sqrt(top_bits.size)
+    # No other stage carries a vector of the contribution's length.
+    for stage, replies in transport.replies.items():
+        for reply in replies.values():
+            for key, value in reply.config_records["fedsynth"].items():
+                if isinstance(value, bytes) and len(value) == 8 * manifest.dim:
+                    assert stage == "masked_input" and key == "masked"
+    # What the coordinator keeps is the sum and who took part, nothing per client.
+    assert {f.name for f in dataclasses.fields(RoundResult)} == {
+        "field_sum",
+        "survivors",
+        "dropped",
+        "refusals",
+    }
+    assert result.field_sum.shape == (manifest.dim,)
+    np.testing.assert_array_equal(result.field_sum, field_sum(plain.values(), bits=64))
+    # The masks do not cancel without the unmask stage.
+    assert not np.array_equal(field_sum(masked.values(), bits=64), result.field_sum)
+
+
+def test_client_with_another_model_refuses_at_setup(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    node_ids = (*NODES_3, 99)
+    manifest = make_manifest(tiny, reference, node_ids)
+    assert manifest.privacy.threshold == 3
+    other = tiny_model(seed=1)
+    assert other.fingerprint != tiny.fingerprint
+    nodes = make_nodes(tmp_path, tiny, node_ids, models={99: other})
+    transport = LocalTransport(nodes)
+    result = run_secure_round(transport, manifest, reference.means)
+    assert set(result.refusals) == {99}
+    assert result.refusals[99].startswith("setup: ModelMismatchError")
+    assert "model_fingerprint" in result.refusals[99]
+    assert result.survivors == sorted(NODES_3)
+    assert 99 not in transport.requests["share_keys"]
+    assert_release_matches(result, [nodes[n] for n in NODES_3], manifest, reference, tiny)
+
+
+def test_model_mismatch_below_threshold_aborts(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_3)
+    other = tiny_model(seed=1)
+    nodes = make_nodes(tmp_path, tiny, NODES_3, models={NODES_3[0]: other, NODES_3[1]: other})
+    with pytest.raises(TooFewParticipantsError, match="ModelMismatchError"):
+        run_secure_round(LocalTransport(nodes), manifest, reference.means)
+
+
+def test_client_with_unknown_label_refuses(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_3, threshold=2)
+    bad = NODES_3[2]
+    nodes = make_nodes(tmp_path, tiny, NODES_3, extra_labels={bad: "neutral"})
+    result = run_secure_round(LocalTransport(nodes), manifest, reference.means)
+    assert set(result.refusals) == {bad}
+    assert "UnknownLabelError" in result.refusals[bad]
+    assert "neutral" in result.refusals[bad]
+    assert result.survivors == sorted(NODES_3[:2])
+    assert_release_matches(result, [nodes[n] for n in NODES_3[:2]], manifest, reference, tiny)
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "masked_input"])
+def test_stale_reply_is_rejected_as_a_refusal(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference, stage: str
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_5)
+    late = NODES_5[3]
+    nodes = make_nodes(tmp_path, tiny, NODES_5)
+    result = run_secure_round(
+        LocalTransport(nodes, stale={stage: {late}}), manifest, reference.means
+    )
+    assert set(result.refusals) == {late}
+    assert result.refusals[late].startswith(f"{stage}: ")
+    assert "an-earlier-task" in result.refusals[late]
+    assert late not in result.survivors
+    assert result.dropped == ([late] if stage == "masked_input" else [])
+    survivors = [nodes[n] for n in NODES_5 if n != late]
+    assert_release_matches(result, survivors, manifest, reference, tiny)
+
+
+def test_stages_out_of_order_are_refused(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_3)
+    nodes = make_nodes(tmp_path, tiny, NODES_3, budgets=True)
+    node = nodes[NODES_3[0]]
+    task = manifest.task_id
+    masked_request = pack(Envelope(task, "masked_input"), {})
+    # A fresh state knows no task: everything but setup is refused.
+    for stage in ("share_keys", "masked_input", "unmask"):
+        with pytest.raises(StageOrderError, match="setup"):
+            node.contributor.handle(stage, pack(Envelope(task, stage), {}), RecordDict())
+    with pytest.raises(ProtocolError, match="unknown stage"):
+        node.contributor.handle("finish", masked_request, RecordDict())
+
+    setup = pack(
+        Envelope(task, "setup"),
+        {"manifest": manifest.to_json(), "reference": vector_to_bytes(reference.means.reshape(-1))},
+    )
+    node.contributor.handle("setup", setup, node.state)
+    with pytest.raises(StageOrderError, match="masked_input"):
+        node.contributor.handle("masked_input", masked_request, node.state)
+    # An out-of-order request releases nothing, so it costs no budget.
+    assert ClientBudget(node.settings.budget_path).entries() == []
+    with pytest.raises(StageOrderError):
+        node.contributor.handle(
+            "unmask", pack(Envelope(task, "unmask"), {"survivors": [], "dropped": []}), node.state
+        )
+
+
+def test_budget_is_charged_once_and_enforced(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    policy = ClientPolicy(max_epsilon_per_task=4.0, max_total_epsilon=6.0)
+    nodes = make_nodes(tmp_path, tiny, NODES_3, policy=policy, budgets=True)
+    first = make_manifest(tiny, reference, NODES_3, task_id="task-first", epsilon=4.0)
+    assert first.privacy.total_variance > 0
+    result = run_secure_round(LocalTransport(nodes), first, reference.means)
+    assert result.survivors == sorted(NODES_3)
+    for node in nodes.values():
+        budget = ClientBudget(node.settings.budget_path)
+        assert [e["task_id"] for e in budget.entries()] == ["task-first"]
+        assert budget.spent() == 4.0
+
+    second = make_manifest(tiny, reference, NODES_3, task_id="task-second", epsilon=4.0)
+    fresh = {n: dataclasses.replace(node, state=RecordDict()) for n, node in nodes.items()}
+    with pytest.raises(TooFewParticipantsError, match="BudgetExceededError") as info:
+        run_secure_round(LocalTransport(fresh), second, reference.means)
+    assert "max_total_epsilon=6.0" in str(info.value)
+    for node in nodes.values():
+        assert ClientBudget(node.settings.budget_path).spent() == 4.0
+
+
+def test_a_task_is_contributed_to_only_once(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    # The budget charges a task id once; re-running the same task (new session keys, fresh
+    # noise) would give the coordinator a second noisy sum of the same data for free.
+    nodes = make_nodes(tmp_path, tiny, NODES_3, budgets=True)
+    manifest = make_manifest(tiny, reference, NODES_3, task_id="task-once")
+    run_secure_round(LocalTransport(nodes), manifest, reference.means)
+    fresh = {n: dataclasses.replace(node, state=RecordDict()) for n, node in nodes.items()}
+    with pytest.raises(TooFewParticipantsError, match="already contributed"):
+        run_secure_round(LocalTransport(fresh), manifest, reference.means)
+    for node in nodes.values():
+        assert len(ClientBudget(node.settings.budget_path).entries()) == 1
+
+
+def test_a_second_concurrent_session_of_a_task_is_refused(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    # Two sessions of one task set up side by side (e.g. two runs): only one may contribute,
+    # even though neither had charged the budget when both accepted the task.
+    nodes = make_nodes(tmp_path, tiny, NODES_3, budgets=True)
+    manifest = make_manifest(tiny, reference, NODES_3, task_id="task-twice")
+    twin = {n: dataclasses.replace(node, state=RecordDict()) for n, node in nodes.items()}
+    reached, release = threading.Event(), threading.Event()
+    outcome: list[BaseException | RoundResult] = []
+
+    class Paused(LocalTransport):
+        def exchange(
+            self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
+        ) -> dict[int, Reply]:
+            if stage == "masked_input":
+                reached.set()
+                assert release.wait(timeout=60)
+            return super().exchange(stage, requests, timeout=timeout)
+
+    def second_session() -> None:
+        try:
+            outcome.append(run_secure_round(Paused(twin), manifest, reference.means))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=second_session)
+    thread.start()
+    try:
+        assert reached.wait(timeout=60)  # the second session holds keys and shares
+        first = run_secure_round(LocalTransport(nodes), manifest, reference.means)
+    finally:
+        release.set()
+        thread.join(timeout=60)
+    assert first.survivors == sorted(NODES_3)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], TooFewParticipantsError)
+    assert "already contributed" in str(outcome[0])
+    for node in nodes.values():
+        assert len(ClientBudget(node.settings.budget_path).entries()) == 1
