@@ -9,6 +9,7 @@ same forward stopped after the last feature layer, and (c) the whole client cont
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 
@@ -27,16 +28,18 @@ from fedsynth.simulations.demo import TEMPLATES
 def bare_forward(loaded, texts, labels, spec, *, stop_layer: int | None) -> None:
     """Batched forward over the same token ids, no hooks that capture anything."""
     tok = loaded.tokenizer
-    enc = [encode_example(tok, spec.template.prefix(lab), t, spec.max_text_tokens)[0]
-           for t, lab in zip(texts, labels, strict=True)]
+    enc = [
+        encode_example(tok, spec.template.prefix(lab), t, spec.max_text_tokens)[0]
+        for t, lab in zip(texts, labels, strict=True)
+    ]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
     blocks = decoder_layers(loaded.model)
 
-    class Stop(Exception):
+    class StopError(Exception):
         pass
 
     def hook(*_args):
-        raise Stop
+        raise StopError
 
     handle = blocks[stop_layer].register_forward_hook(hook) if stop_layer is not None else None
     try:
@@ -49,10 +52,8 @@ def bare_forward(loaded, texts, labels, spec, *, stop_layer: int | None) -> None
                 for r, seq in enumerate(batch):
                     ids[r, : len(seq)] = torch.tensor(seq)
                     att[r, : len(seq)] = 1
-                try:
+                with contextlib.suppress(StopError):
                     loaded.model(input_ids=ids, attention_mask=att, use_cache=False)
-                except Stop:
-                    pass
     finally:
         if handle is not None:
             handle.remove()
@@ -72,13 +73,30 @@ def main() -> None:
     reference = np.zeros((2, 4, hidden), dtype=np.float32)
     node_ids = (1, 2, 3)
     manifest = TaskManifest(
-        task_id="bench", model_name=loaded.name, model_fingerprint=loaded.fingerprint,
-        hidden_size=hidden, template=template, layers=spec.layers, max_text_tokens=64,
-        clip_norms=(1000.0,) * 4, residual_norms=(1.0,) * 4, count_weight=0.5, scale=1000.0,
-        bits=64, node_ids=node_ids,
-        privacy=PrivacySpec(epsilon=4.0, delta=1e-5, mode="distributed", threshold=2,
-                            total_variance=5.7e6, noise_multiplier=1.16, l2_sensitivity=2062.0,
-                            l1_sensitivity=1e5, accountant="bench"),
+        task_id="bench",
+        model_name=loaded.name,
+        model_fingerprint=loaded.fingerprint,
+        hidden_size=hidden,
+        template=template,
+        layers=spec.layers,
+        max_text_tokens=64,
+        clip_norms=(1000.0,) * 4,
+        residual_norms=(1.0,) * 4,
+        count_weight=0.5,
+        scale=1000.0,
+        bits=64,
+        node_ids=node_ids,
+        privacy=PrivacySpec(
+            epsilon=4.0,
+            delta=1e-5,
+            mode="distributed",
+            threshold=2,
+            total_variance=5.7e6,
+            noise_multiplier=1.16,
+            l2_sensitivity=2062.0,
+            l1_sensitivity=1e5,
+            accountant="bench",
+        ),
         reference_sha256=array_sha256(reference),
     )
     # Secure-sum setup for node 1 with two peers (keys only; masking cost is what we measure).
@@ -95,28 +113,39 @@ def main() -> None:
         fresh = SecAggClient.from_state(clients[1].export_state())
         fresh.masked_input(mine, value)
 
-    timings: dict[str, list[float]] = {"full forward": [], "truncated forward": [],
-                                       "client contribution": []}
+    timings: dict[str, list[float]] = {
+        "full forward": [],
+        "truncated forward": [],
+        "client contribution": [],
+    }
     bare_forward(loaded, texts[:32], labels[:32], spec, stop_layer=None)  # warm-up
     for _ in range(args.repeats):
         for name, fn in (
             ("full forward", lambda: bare_forward(loaded, texts, labels, spec, stop_layer=None)),
-            ("truncated forward",
-             lambda: bare_forward(loaded, texts, labels, spec, stop_layer=spec.layers[-1])),
+            (
+                "truncated forward",
+                lambda: bare_forward(loaded, texts, labels, spec, stop_layer=spec.layers[-1]),
+            ),
             ("client contribution", contribution),
         ):
             t0 = time.perf_counter()
             fn()
             timings[name].append(time.perf_counter() - t0)
     rate = {k: args.n / min(v) for k, v in timings.items()}
-    print(f"model {loaded.name}, {args.n} examples, batch {spec.batch_size}, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+    print(
+        f"model {loaded.name}, {args.n} examples, batch {spec.batch_size}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats}"
+    )
     for k, v in rate.items():
         print(f"  {k:22s} {v:8.1f} examples/s")
-    print(f"ratio contribution / full forward      = "
-          f"{rate['client contribution'] / rate['full forward']:.2f}  (target >= 0.9)")
-    print(f"ratio contribution / truncated forward = "
-          f"{rate['client contribution'] / rate['truncated forward']:.2f}")
+    print(
+        f"ratio contribution / full forward      = "
+        f"{rate['client contribution'] / rate['full forward']:.2f}  (target >= 0.9)"
+    )
+    print(
+        f"ratio contribution / truncated forward = "
+        f"{rate['client contribution'] / rate['truncated forward']:.2f}"
+    )
     assert math.isfinite(rate["client contribution"])
 
 

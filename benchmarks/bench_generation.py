@@ -23,8 +23,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     loaded = load_model()
-    config = GenerationConfig(max_new_tokens=args.tokens, batch_size=args.batch,
-                              stop_at_newline=False)
+    config = GenerationConfig(
+        max_new_tokens=args.tokens, batch_size=args.batch, stop_at_newline=False
+    )
     gen = torch.Generator().manual_seed(0)
     layers = (8, 9, 10, 11)
     deltas = steering_deltas(
@@ -43,16 +44,17 @@ def main() -> None:
                 tokens[0] += t
 
             t0 = time.perf_counter()
-            generate_texts(loaded, prompt, args.batch, config=config, deltas=d, seed=r,
-                           progress=count)
+            generate_texts(
+                loaded, prompt, args.batch, config=config, deltas=d, seed=r, progress=count
+            )
             results[name].append(tokens[0] / (time.perf_counter() - t0))
     best = {k: max(v) for k, v in results.items()}
-    print(f"model {loaded.name}, batch {args.batch}, {args.tokens} new tokens, "
-          f"best of {args.repeats}")
+    print(
+        f"model {loaded.name}, batch {args.batch}, {args.tokens} new tokens, best of {args.repeats}"
+    )
     for k, v in best.items():
         print(f"  {k:10s} {v:8.1f} tokens/s")
-    print(f"ratio steered / unsteered = {best['steered'] / best['unsteered']:.3f} "
-          "(target >= 0.97)")
+    print(f"ratio steered / unsteered = {best['steered'] / best['unsteered']:.3f} (target >= 0.97)")
 
 
 if __name__ == "__main__":

@@ -28,14 +28,27 @@ def main() -> None:
     for seed in args.seeds:
         out = args.out / f"seed-{seed}"
         if not (out / "summary.json").exists():
-            cmd = [sys.executable, "-m", "fedsynth.simulations", "demo", "--out", str(out),
-                   "--seed", str(seed), *args.extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "fedsynth.simulations",
+                "demo",
+                "--out",
+                str(out),
+                "--seed",
+                str(seed),
+                *args.extra,
+            ]
             subprocess.run(cmd, check=True)
         scores = json.loads((out / "summary.json").read_text())["scores"]
         rows.append(scores)
-        print(f"seed {seed}: " + ", ".join(
-            f"{name}: fid {s['label_fidelity']:.3f} acc {s['tstr_accuracy']:.3f}"
-            for name, s in scores.items()))
+        print(
+            f"seed {seed}: "
+            + ", ".join(
+                f"{name}: fid {s['label_fidelity']:.3f} acc {s['tstr_accuracy']:.3f}"
+                for name, s in scores.items()
+            )
+        )
     names = list(rows[0])
 
     def stat(values: list[float]) -> str:
@@ -44,8 +57,10 @@ def main() -> None:
 
     print(f"\n{'condition':15s} {'label fidelity':>16s} {'TSTR accuracy':>16s}")
     for name in names:
-        print(f"{name:15s} {stat([r[name]['label_fidelity'] for r in rows]):>16s} "
-              f"{stat([r[name]['tstr_accuracy'] for r in rows]):>16s}")
+        print(
+            f"{name:15s} {stat([r[name]['label_fidelity'] for r in rows]):>16s} "
+            f"{stat([r[name]['tstr_accuracy'] for r in rows]):>16s}"
+        )
     gap_inf = [r["eps=4"]["tstr_accuracy"] - r["eps=inf"]["tstr_accuracy"] for r in rows]
     gap_prior = [r["eps=4"]["tstr_accuracy"] - r["prior (eps=0)"]["tstr_accuracy"] for r in rows]
     print(f"\naccuracy eps=4 - eps=inf = {stat(gap_inf)}  (target >= -0.03)")

@@ -111,6 +111,18 @@ def demo(
         bool, typer.Option("--no-baseline", help="Skip the non-private ceiling release.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for data split and sampling.")] = 0,
+    data_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="Your own labelled jsonl/csv/parquet file instead of the corpus."
+        ),
+    ] = None,
+    text_field: Annotated[str, typer.Option(help="Text column of --data.")] = "text",
+    label_field: Annotated[str, typer.Option(help="Label column of --data.")] = "label",
+    instruction: Annotated[
+        str | None,
+        typer.Option(help="Template for --data with a {label} slot, e.g. 'A {label} review:\\n'."),
+    ] = None,
 ) -> None:
     """Run the federated dataset-vector demo end to end on the bundled data."""
     _offline_env()
@@ -137,6 +149,10 @@ def demo(
             drop_clients=drop,
             include_nonprivate=not no_baseline,
             seed=seed,
+            data_path=data_file,
+            text_field=text_field,
+            label_field=label_field,
+            instruction=instruction.replace("\\n", "\n") if instruction else None,
         )
         _validate_demo(config)
         out.mkdir(parents=True, exist_ok=True)

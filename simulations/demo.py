@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedsynth.client.contributor import ClientSettings
-from fedsynth.client.data import Record
+from fedsynth.client.data import Record, load_records
 from fedsynth.client.policy import ClientPolicy
 from fedsynth.protocol.contribution import decode_release
 from fedsynth.protocol.features import PromptTemplate
@@ -93,13 +93,28 @@ class DemoConfig:
     generation_batch: int = 64
     drop_clients: int = 0
     seed: int = 0
+    data_path: Path | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    instruction: str | None = None
+
+    @property
+    def template(self) -> PromptTemplate:
+        """The class-conditional template: the bundled corpus's, or one for the user's data."""
+        if self.data_path is None:
+            return TEMPLATES[self.corpus]
+        labels = user_labels(self.data_path, self.text_field, self.label_field)
+        return PromptTemplate(
+            instruction=self.instruction or "Here is a text labelled {label}:\n",
+            label_names=tuple((label, label) for label in labels),
+        )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
-        "private_per_label": 400,
-        "synthetic_per_label": 40,
-        "prior_per_label": 40,
+        "private_per_label": 300,
+        "synthetic_per_label": 30,
+        "prior_per_label": 30,
         "test_per_label": 200,
     },
     "default": {},
@@ -125,10 +140,23 @@ class DemoData:
     source: str
 
 
+def user_labels(path: Path, text_field: str, label_field: str) -> tuple[str, ...]:
+    """Sorted labels of a user's data file (every row validated, errors with line numbers)."""
+    records = load_records(path, text_field=text_field, label_field=label_field)
+    return tuple(sorted({r.label for r in records}))
+
+
 def prepare_data(config: DemoConfig) -> DemoData:
-    """Split the bundled corpus deterministically and write one private file per holder."""
-    corpus = load_corpus(config.corpus)
-    train, test = split_train_test(corpus.records, test_fraction=0.15, seed=config.seed)
+    """Split the corpus (bundled, or the user's file) and write one private file per holder."""
+    if config.data_path is not None:
+        records = load_records(
+            config.data_path, text_field=config.text_field, label_field=config.label_field
+        )
+        source = f"user data {config.data_path}"
+    else:
+        corpus = load_corpus(config.corpus)
+        records, source = list(corpus.records), corpus.source
+    train, test = split_train_test(records, test_fraction=0.15, seed=config.seed)
     train = subsample_per_label(train, per_label=config.private_per_label, seed=config.seed)
     test = subsample_per_label(test, per_label=config.test_per_label, seed=config.seed + 1)
     partitions = partition_iid(train, num_clients=config.clients, seed=config.seed)
@@ -138,13 +166,13 @@ def prepare_data(config: DemoConfig) -> DemoData:
         stale.unlink()
     for i, part in enumerate(partitions):
         write_jsonl(part, partition_dir / f"partition-{i}.jsonl")
-    return DemoData(train, test, partitions, partition_dir, corpus.source)
+    return DemoData(train, test, partitions, partition_dir, source)
 
 
 def task_config(config: DemoConfig, epsilon: float) -> TaskConfig:
     """The coordinator's task settings for one release of this demo."""
     return TaskConfig(
-        template=TEMPLATES[config.corpus],
+        template=config.template,
         layers=config.layers,
         epsilon=epsilon,
         delta=config.delta,
@@ -301,7 +329,7 @@ def generate_conditions(
     """Synthetic samples per condition: the prior (epsilon 0) and each release."""
     from fedsynth.server.release import load_release
 
-    labels = TEMPLATES[config.corpus].labels
+    labels = config.template.labels
     out: dict[str, list[SyntheticSample]] = {
         "prior (eps=0)": [
             SyntheticSample(text=t, label=label, release_id="prior")

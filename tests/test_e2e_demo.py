@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ALPHA = 0.01
-SAMPLES_PER_LABEL = 150
+SAMPLES_PER_LABEL = 100
 
 
 def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -35,8 +35,18 @@ def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     proc = _cli(
-        "demo", "--out", str(out), "--epsilon", "4", "--clients", "3",
-        "--samples", str(SAMPLES_PER_LABEL), timeout=1500,
+        "demo",
+        "--out",
+        str(out),
+        "--epsilon",
+        "4",
+        "--clients",
+        "3",
+        "--samples",
+        str(SAMPLES_PER_LABEL),
+        "--private-per-label",
+        "1200",
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out
@@ -79,8 +89,16 @@ def test_eps4_fidelity_beats_prior(demo_out: Path) -> None:
 def test_generate_from_saved_release(demo_out: Path, tmp_path: Path) -> None:
     target = tmp_path / "more.jsonl"
     proc = _cli(
-        "generate", "--release", str(demo_out / "release-eps4.safetensors"), "--n", "4",
-        "--out", str(target), "--seed", "7", timeout=600,
+        "generate",
+        "--release",
+        str(demo_out / "release-eps4.safetensors"),
+        "--n",
+        "4",
+        "--out",
+        str(target),
+        "--seed",
+        "7",
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in target.read_text().splitlines()]
