@@ -22,6 +22,8 @@ from fedsynth.client.data import Record, load_records
 from fedsynth.client.policy import ClientBudget, ClientPolicy
 from fedsynth.protocol.contribution import encode_contribution, integer_class_sums
 from fedsynth.protocol.errors import (
+    DataFileError,
+    FedSynthError,
     ModelMismatchError,
     PolicyViolationError,
     ProtocolError,
@@ -72,6 +74,20 @@ class ClientSettings:
     batch_size: int = 32
     device: str | None = None
     seed: int | None = None
+
+
+def refusal_reason(exc: FedSynthError) -> str:
+    """What a refusing client tells the coordinator: the error type and a safe message.
+
+    Problems with the private data file (line numbers, label values, paths) stay in the
+    holder's own log; the coordinator only learns that the data failed validation.
+    """
+    if isinstance(exc, DataFileError):
+        return (
+            f"{type(exc).__name__}: the holder's private data failed validation "
+            "(details in the holder's local log)"
+        )
+    return f"{type(exc).__name__}: {exc}"
 
 
 def manifest_model_matches(loaded: LoadedModel, manifest: TaskManifest) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from fedsynth.client.contributor import ClientSettings, Contributor
+from fedsynth.client.contributor import ClientSettings, Contributor, refusal_reason
 from fedsynth.client.policy import ClientPolicy
 from fedsynth.protocol.errors import FedSynthError
 from fedsynth.protocol.models import cache_root
@@ -75,9 +75,7 @@ def make_client_app(
             )
         except FedSynthError as exc:
             log.warning("node %s refused stage %s: %s", context.node_id, stage, exc)
-            return Message(
-                Error(code=ERROR_CODE_REFUSED, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg
-            )
+            return Message(Error(code=ERROR_CODE_REFUSED, reason=refusal_reason(exc)), reply_to=msg)
         return Message(reply, reply_to=msg)
 
     return app

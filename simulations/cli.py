@@ -258,7 +258,7 @@ def generate(
     n: Annotated[int, typer.Option(help="Samples per label.")],
     out: Annotated[Path, typer.Option(help="Output jsonl file.")],
     model: Annotated[str | None, typer.Option(help="Model (default: the release's).")] = None,
-    strength: Annotated[float, typer.Option(help="Steering strength s.")] = 0.05,
+    strength: Annotated[float, typer.Option(help="Steering strength s (x residual norm).")] = 0.03,
     contrast: Annotated[float, typer.Option(help="Class-contrast amplification.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 64,

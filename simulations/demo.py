@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -82,7 +83,7 @@ class DemoConfig:
     delta: float = 1e-5
     mode: str = "distributed"
     layers: tuple[int, ...] = (8, 9, 10, 11)
-    strength: float = 0.05
+    strength: float = 0.03
     contrast: float = 1.0
     private_per_label: int | None = 2000
     synthetic_per_label: int = 150
@@ -234,7 +235,8 @@ def make_coordinator_job(
                     report(f"{name}: {stage}", ROUND_STAGES.index(stage), len(ROUND_STAGES) - 1)
 
             result = run_secure_round(chosen, manifest, reference.means, progress=on_stage)
-            rng = np.random.default_rng(None if config.seed is None else config.seed + 17)
+            # Central-mode noise: always from the OS's secure randomness, never a public seed.
+            rng = np.random.default_rng(secrets.randbits(128))
             decoded = decode_release(result.field_sum, manifest=manifest, rng=rng)
             release = make_release(manifest, decoded, result, model_name=loaded.name)
             path = save_release(release, config.out_dir / f"{name}.safetensors")

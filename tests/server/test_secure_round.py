@@ -22,7 +22,7 @@ import torch
 from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
-from fedsynth.client.contributor import ClientSettings, Contributor
+from fedsynth.client.contributor import ClientSettings, Contributor, refusal_reason
 from fedsynth.client.data import load_records
 from fedsynth.client.policy import ClientBudget, ClientPolicy
 from fedsynth.protocol.codec import field_sum, from_field
@@ -228,7 +228,7 @@ class LocalTransport:
             try:
                 reply = node.contributor.handle(stage, _wire(content), node.state)
             except FedSynthError as exc:
-                out[node_id] = Reply(content=None, error=f"{type(exc).__name__}: {exc}")
+                out[node_id] = Reply(content=None, error=refusal_reason(exc))
                 continue
             reply = _wire(reply)
             if node_id in self.stale.get(stage, set()):
@@ -472,7 +472,9 @@ def test_client_with_unknown_label_refuses(
     result = run_secure_round(LocalTransport(nodes), manifest, reference.means)
     assert set(result.refusals) == {bad}
     assert "UnknownLabelError" in result.refusals[bad]
-    assert "neutral" in result.refusals[bad]
+    # The coordinator learns that the data failed validation, not which label or line.
+    assert "neutral" not in result.refusals[bad]
+    assert "line" not in result.refusals[bad]
     assert result.survivors == sorted(NODES_3[:2])
     assert_release_matches(result, [nodes[n] for n in NODES_3[:2]], manifest, reference, tiny)
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 # Moderate steering (0.02 x the typical residual norm, about 0.2 x the vector's own norm):
 # the text stays natural and closer to the class's real texts. Much stronger steering
-# (0.05, the generation default) trades likelihood of real text for class signal.
+# (0.05) trades likelihood of real text for class signal; the demo default is 0.03.
 STRENGTH = 0.02
 
 
