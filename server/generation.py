@@ -44,21 +44,24 @@ class GenerationConfig:
 
 @contextlib.contextmanager
 def steering(model: Any, deltas: Mapping[int, torch.Tensor]) -> Iterator[None]:
-    """Add ``deltas[l]`` (shape (H,)) to the output of block l at every position, in place of none.
+    """Add ``deltas[l]`` (shape (H,)) to the output of block l at every position.
 
     The hook runs on every forward call, so prompt tokens and every decoded token are steered.
+    The deltas are moved once to the blocks' device and dtype (bf16 on CUDA).
     """
     blocks = decoder_layers(model)
     for layer in deltas:  # check all before registering any, so a refusal leaves no hook
         if not 0 <= layer < len(blocks):
             raise ConfigError(f"steering layer {layer} outside 0..{len(blocks) - 1}")
     handles = []
-    for layer, delta in deltas.items():
+    first = next(blocks[0].parameters())
+    for layer, raw in deltas.items():
+        delta = raw.to(device=first.device, dtype=first.dtype)
 
         def hook(_module: Any, _inputs: Any, output: Any, delta: torch.Tensor = delta) -> Any:
             if isinstance(output, tuple):
-                return (output[0] + delta.to(output[0].dtype), *output[1:])
-            return output + delta.to(output.dtype)
+                return (output[0] + delta, *output[1:])
+            return output + delta
 
         handles.append(blocks[layer].register_forward_hook(hook))
     try:

@@ -11,6 +11,7 @@ Fréchet distance).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,7 @@ class DemoData:
     source: str
 
 
+@functools.cache
 def user_labels(path: Path, text_field: str, label_field: str) -> tuple[str, ...]:
     """Sorted labels of a user's data file (every row validated, errors with line numbers)."""
     records = load_records(path, text_field=text_field, label_field=label_field)
@@ -487,18 +489,3 @@ def coordinator_job_from_run_config(
         log.info("fedsynth demo finished; outputs in %s", config.out_dir)
 
     return job
-
-
-def flwr_partition_dir(run_config: Mapping[str, Any]) -> Path:
-    """Where ``flwr run .`` clients find their partitions (shared with the coordinator job)."""
-    out = Path(str(run_config.get("out-dir") or cache_root() / "flwr-run"))
-    return out / "clients"
-
-
-__all__ = [
-    "PRESETS",
-    "TEMPLATES",
-    "DemoConfig",
-    "demo_config",
-    "replace",
-]
