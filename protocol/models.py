@@ -205,6 +205,7 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 _LOADED: dict[tuple[str, str], LoadedModel] = {}
+TINY_MODELS = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}  # shape-only models for tests
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) -> LoadedModel:
@@ -217,6 +218,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) 
     dev = pick_device(device)
     key = (name_or_path, str(dev))
     if key in _LOADED:
+        return _LOADED[key]
+    if name_or_path in TINY_MODELS:
+        # Deterministic random weights (seed 0): every process gets the same fingerprint.
+        _LOADED[key] = tiny_model(seed=0, arch=TINY_MODELS[name_or_path])
         return _LOADED[key]
     path = resolve_model_dir(name_or_path)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -269,7 +274,7 @@ def tiny_model(*, seed: int = 0, arch: str = "llama") -> LoadedModel:
         raise ConfigError(f"arch={arch!r}: expected 'llama' or 'gpt2'")
     model = AutoModelForCausalLM.from_config(config).eval()  # type: ignore[no-untyped-call]
     return LoadedModel(
-        name=f"tiny-{arch}-{seed}",
+        name=f"tiny-{arch}" if seed == 0 else f"tiny-{arch}-{seed}",
         model=model,
         tokenizer=tokenizer,
         fingerprint=weight_fingerprint(model),

@@ -11,6 +11,7 @@ Fréchet distance).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -128,7 +129,11 @@ def demo_config(preset: str, **overrides: Any) -> DemoConfig:
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: expected one of {list(PRESETS)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    return DemoConfig(**values)
+    config = DemoConfig(**values)
+    # The prior condition reuses the public prior texts: there must be enough of them.
+    if config.prior_per_label < config.synthetic_per_label:
+        config = dataclasses.replace(config, prior_per_label=config.synthetic_per_label)
+    return config
 
 
 @dataclass
@@ -473,6 +478,8 @@ def coordinator_job_from_run_config(
         delta=float(run_config.get("delta", 1e-5)),
         mode=str(run_config.get("mode", "distributed")),
         clients=int(run_config.get("num-clients", 3)),
+        model=str(run_config.get("model") or DEFAULT_MODEL),
+        layers=tuple(int(x) for x in str(run_config.get("layers", "8,9,10,11")).split(",")),
     )
 
     def job(transport: Transport, nodes: tuple[int, ...], context: Any) -> None:

@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ALPHA = 0.01
-SAMPLES_PER_LABEL = 100
+SAMPLES_PER_LABEL = 200
 
 
 def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -45,7 +45,8 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--samples",
         str(SAMPLES_PER_LABEL),
         "--private-per-label",
-        "1200",
+        "1500",
+        "--no-baseline",
         timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -69,7 +70,7 @@ def test_outputs_and_privacy_report(demo_out: Path) -> None:
     assert len(report["layers"]) == len(report["clip_norms"]) > 0
     assert "RDP" in report["accountant"]
     ledger = [json.loads(x) for x in (demo_out / "ledger.jsonl").read_text().splitlines()]
-    assert [row["epsilon"] for row in ledger] == ["4.0", "inf"]
+    assert [row["epsilon"] for row in ledger] == ["4.0"]
 
 
 def test_eps4_fidelity_beats_prior(demo_out: Path) -> None:
@@ -77,7 +78,9 @@ def test_eps4_fidelity_beats_prior(demo_out: Path) -> None:
 
     scores = json.loads((demo_out / "summary.json").read_text())["scores"]
     prior, ours = scores["prior (eps=0)"], scores["eps=4"]
-    assert set(scores) == {"prior (eps=0)", "eps=4", "eps=inf"}
+    # The non-private ceiling is skipped here to keep CI short; the deployment test and the
+    # README's default run cover the three-condition summary.
+    assert set(scores) == {"prior (eps=0)", "eps=4"}
     for row in scores.values():
         assert {"label_fidelity", "tstr_accuracy", "tstr_macro_f1", "embedding_fd"} <= set(row)
     p = one_sided_proportion_test(
@@ -105,7 +108,7 @@ def test_generate_from_saved_release(demo_out: Path, tmp_path: Path) -> None:
     assert len(rows) == 8 and {r["label"] for r in rows} == {"positive", "negative"}
     # Generation is post-processing: the ledger is not charged again.
     ledger = (demo_out / "ledger.jsonl").read_text().splitlines()
-    assert len(ledger) == 2
+    assert len(ledger) == 1
 
 
 def test_bad_epsilon_is_refused(tmp_path: Path) -> None:
