@@ -143,9 +143,10 @@ def encode_contribution(
     limit = 2.0 ** (manifest.bits - 1) / len(manifest.node_ids)
     worst = float(np.abs(noisy).max(initial=0))
     if worst >= limit:
+        # The message goes to the coordinator: it must not describe the unmasked values.
         raise FieldRangeError(
-            f"contribution magnitude {worst:.3g} >= 2^(bits-1)/K = {limit:.3g}: the sum could "
-            f"wrap; raise bits={manifest.bits}"
+            f"this contribution does not fit bits={manifest.bits} for K={len(manifest.node_ids)} "
+            "clients without risk of wrapping; the task needs more field bits"
         )
     return to_field(noisy, bits=manifest.bits)
 

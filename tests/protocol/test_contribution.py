@@ -318,8 +318,13 @@ def test_overflowing_contribution_raises_field_range_error() -> None:
     encode_contribution(small, manifest=manifest, rng=rng)  # fits
     feats = reference[[0] * 300] + rng.normal(size=(300, 2, manifest.hidden_size))
     big = integer_class_sums(feats, ["pos"] * 300, manifest=manifest, reference=reference, rng=rng)
-    with pytest.raises(FieldRangeError, match="bits=16"):
+    with pytest.raises(FieldRangeError, match="bits=16") as caught:
         encode_contribution(big, manifest=manifest, rng=rng)
+    # The refusal travels to the coordinator: it must not reveal the unmasked magnitudes.
+    assert str(int(np.abs(big).max())) not in str(caught.value)
+    assert not any(
+        ch.isdigit() for ch in str(caught.value).replace("bits=16", "").replace("K=3", "")
+    )
 
 
 def test_decode_rejects_wrong_length() -> None:
