@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsynth.protocol.durable import append_json_line
 from fedsynth.protocol.errors import BudgetExceededError, ConfigError, PolicyViolationError
 from fedsynth.protocol.manifest import TaskManifest
 
@@ -93,8 +92,19 @@ class ClientBudget:
         """All recorded spends."""
         if self.path is None or not self.path.exists():
             return []
-        lines = self.path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        out: list[dict[str, object]] = []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                # Fail safe: an unreadable row may be a spend; never guess it away.
+                raise PolicyViolationError(
+                    f"budget file {self.path} line {number} is unreadable (a torn write?); "
+                    "repair it by hand before this holder takes part in new tasks"
+                ) from None
+        return out
 
     def spent(self) -> float:
         """Total finite epsilon spent so far (basic composition across tasks)."""
@@ -113,16 +123,10 @@ class ClientBudget:
         """Record the spend before the contribution leaves this holder."""
         if self.path is None or self.has(manifest.task_id):
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         row = {
             "task_id": manifest.task_id,
             "epsilon": str(manifest.privacy.epsilon),
             "delta": manifest.privacy.delta,
             "mode": manifest.privacy.mode,
         }
-        with self.path.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            handle.write(json.dumps(row) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        append_json_line(self.path, row)

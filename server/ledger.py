@@ -6,13 +6,12 @@ the coordinator's lifetime budget before any new round starts.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from fedsynth.protocol.durable import append_json_line
 from fedsynth.protocol.errors import BudgetExceededError
 
 
@@ -49,7 +48,6 @@ class PrivacyLedger:
 
     def record(self, report: dict[str, Any], *, release_path: Path) -> None:
         """Append one row for a release already saved at ``release_path``."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         row = {
             "task_id": report["task_id"],
             "epsilon": str(report["epsilon"]),
@@ -58,15 +56,4 @@ class PrivacyLedger:
             "survivors": report["survivors"],
             "release": str(release_path),
         }
-        with self.path.open("a+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            # After a crash mid-write the file ends in a torn line; start a new line, or this
-            # row would be glued to it and silently dropped by rows().
-            if handle.seek(0, os.SEEK_END) > 0:
-                handle.seek(-1, os.SEEK_END)
-                if handle.read(1) != b"\n":
-                    handle.write(b"\n")
-            handle.write((json.dumps(row) + "\n").encode())
-            handle.flush()
-            os.fsync(handle.fileno())
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        append_json_line(self.path, row)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedsynth.client.policy import ClientBudget, ClientPolicy
+from fedsynth.protocol.durable import append_json_line
 from fedsynth.protocol.errors import (
     BudgetExceededError,
     ConfigError,
@@ -227,3 +228,23 @@ def test_budget_without_path_tracks_nothing() -> None:
     assert budget.spent() == 0.0
     assert not budget.has("task-1")
     assert budget.entries() == []
+
+
+def test_torn_budget_line_fails_safe_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "budget.jsonl"
+    budget = ClientBudget(path)
+    budget.charge(make_manifest("task-1", epsilon=2.0))
+    with path.open("a") as handle:
+        handle.write('{"task_id": "task-2", "epsi')  # a crash mid-write
+    with pytest.raises(PolicyViolationError, match="line 2"):
+        budget.spent()
+    with pytest.raises(PolicyViolationError, match="line 2"):
+        budget.charge(make_manifest("task-3", epsilon=1.0))  # nothing is charged on top
+    assert "task-3" not in path.read_text()
+
+
+def test_durable_append_starts_a_fresh_line_after_a_torn_one(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n{"torn')
+    append_json_line(path, {"b": 2})
+    assert path.read_text().splitlines() == ['{"a": 1}', '{"torn', '{"b": 2}']
