@@ -31,7 +31,7 @@ from fedsynth.protocol.messages import (
     vector_from_bytes,
     vector_to_bytes,
 )
-from fedsynth.protocol.secagg import PublicKeys, SecAggServer
+from fedsynth.protocol.secagg import KEY_BYTES, PublicKeys, SecAggServer
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,14 @@ def run_secure_round(
             "setup", {n: setup_request for n in manifest.node_ids}, timeout=deadline
         ),
     )
-    keys = {
-        node: PublicKeys(enc_pk=_as_bytes(f.get("enc_pk")), mask_pk=_as_bytes(f.get("mask_pk")))
-        for node, f in replies.items()
-    }
+    keys: dict[int, PublicKeys] = {}
+    for node, f in replies.items():
+        enc_pk, mask_pk = f.get("enc_pk"), f.get("mask_pk")
+        if not all(isinstance(k, bytes) and len(k) == KEY_BYTES for k in (enc_pk, mask_pk)):
+            # One faulty client is a dropout, not a reason to abort everyone's round.
+            refusals[node] = f"setup: public keys are not two {KEY_BYTES}-byte strings"
+            continue
+        keys[node] = PublicKeys(enc_pk=_as_bytes(enc_pk), mask_pk=_as_bytes(mask_pk))
     _require(len(keys), manifest, "setup", refusals)
     broadcast = server.receive_public_keys(keys)
 
@@ -125,7 +129,17 @@ def run_secure_round(
         "share_keys",
         transport.exchange("share_keys", {n: keys_request for n in broadcast}, timeout=deadline),
     )
-    outgoing = {node: blobs_from_fields("ct:", f) for node, f in replies.items()}
+    outgoing: dict[int, dict[int, bytes]] = {}
+    for node, f in replies.items():
+        try:
+            blobs = blobs_from_fields("ct:", f)
+        except (FedSynthError, ValueError) as exc:
+            refusals[node] = f"share_keys: {exc}"
+            continue
+        if set(blobs) != set(broadcast) - {node}:
+            refusals[node] = "share_keys: shares not addressed to exactly the other participants"
+            continue
+        outgoing[node] = blobs
     _require(len(outgoing), manifest, "share_keys", refusals)
     routed = server.route_shares(outgoing)
 

@@ -600,3 +600,42 @@ def test_a_second_concurrent_session_of_a_task_is_refused(
     assert "already contributed" in str(outcome[0])
     for node in nodes.values():
         assert len(ClientBudget(node.settings.budget_path).entries()) == 1
+
+
+class _Corrupting(LocalTransport):
+    """Damages one node's reply at one stage (a faulty, not merely absent, client)."""
+
+    def __init__(self, nodes: Mapping[int, Node], *, stage: str, node: int) -> None:
+        super().__init__(nodes)
+        self.target_stage, self.target = stage, node
+
+    def exchange(
+        self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
+    ) -> dict[int, Reply]:
+        out = super().exchange(stage, requests, timeout=timeout)
+        reply = out.get(self.target)
+        if stage == self.target_stage and reply is not None and reply.content is not None:
+            record = reply.content.config_records["fedsynth"]
+            if stage == "setup":
+                record["enc_pk"] = b"short"
+            else:  # share_keys: withhold the share meant for one other participant
+                victim = next(k for k in record if k.startswith("ct:"))
+                del record[victim]
+        return out
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys"])
+def test_a_malformed_reply_counts_as_a_dropout_not_an_abort(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference, stage: str
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_5)
+    faulty = NODES_5[1]
+    nodes = make_nodes(tmp_path, tiny, NODES_5)
+    result = run_secure_round(
+        _Corrupting(nodes, stage=stage, node=faulty), manifest, reference.means
+    )
+    assert set(result.refusals) == {faulty}
+    assert result.refusals[faulty].startswith(f"{stage}: ")
+    assert faulty not in result.survivors
+    survivors = [nodes[n] for n in NODES_5 if n != faulty]
+    assert_release_matches(result, survivors, manifest, reference, tiny)
