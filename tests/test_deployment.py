@@ -44,6 +44,9 @@ def _wait_port(port: int, timeout: float = 60.0) -> None:
 @pytest.fixture
 def flower_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     env = dict(os.environ)
+    # The SuperLink starts helper executables (flower-superexec) by name: the venv must be on
+    # PATH even when the tests run as `.venv/bin/python -m pytest` without activation.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(
         FLWR_HOME=str(tmp_path / "flwr-home"),
         FLWR_TELEMETRY_ENABLED="0",
