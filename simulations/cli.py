@@ -111,6 +111,9 @@ def demo(
         bool, typer.Option("--no-baseline", help="Skip the non-private ceiling release.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for data split and sampling.")] = 0,
+    strength: Annotated[
+        float | None, typer.Option(help="Steering strength s (x residual norm), default 0.03.")
+    ] = None,
     data_file: Annotated[
         Path | None,
         typer.Option(
@@ -149,6 +152,7 @@ def demo(
             drop_clients=drop,
             include_nonprivate=not no_baseline,
             seed=seed,
+            strength=strength,
             data_path=data_file,
             text_field=text_field,
             label_field=label_field,
