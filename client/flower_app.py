@@ -9,17 +9,21 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedsynth.client.contributor import ClientSettings, Contributor, refusal_reason
+from fedsynth.client.participant import SecureSumParticipant
+from fedsynth.client.pe_voter import PEVoter
 from fedsynth.client.policy import ClientPolicy
 from fedsynth.protocol.errors import FedSynthError
 from fedsynth.protocol.models import cache_root
 
 log = logging.getLogger(__name__)
 ACTION = "dataset_vector"
+PE_ACTION = "pe_votes"
 ERROR_CODE_REFUSED = 4100
 
 
@@ -38,6 +42,7 @@ def settings_from_context(context: Context) -> ClientSettings:
         text_field=str(node.get("text-field", "text")),
         label_field=str(node.get("label-field", "label")),
         model=str(node.get("model", run.get("model", "gemma3-270m"))),
+        embedder=str(node.get("embedder", run.get("embedder", "all-minilm-l6-v2"))),
         policy=ClientPolicy(
             max_epsilon_per_task=float(node.get("max-epsilon", 8.0)),
             allow_non_private=bool(
@@ -58,8 +63,7 @@ def make_client_app(
     """
     app = ClientApp()
 
-    @app.query(ACTION)
-    def handle(msg: Message, context: Context) -> Message:
+    def local_settings(context: Context) -> ClientSettings:
         local = settings if settings is not None else settings_from_context(context)
         if partition_dir is not None:
             pid = int(context.node_config.get("partition-id", 0))
@@ -68,15 +72,24 @@ def make_client_app(
                 data_path=partition_dir / f"partition-{pid}.jsonl",
                 budget_path=partition_dir / f"budget-{pid}.jsonl",
             )
+        return local
+
+    def serve(msg: Message, context: Context, participant: SecureSumParticipant[Any]) -> Message:
         stage = str(msg.content.config_records["fedsynth"]["stage"])
         try:
-            reply = Contributor(local, node_id=context.node_id).handle(
-                stage, msg.content, context.state
-            )
+            reply = participant.handle(stage, msg.content, context.state)
         except FedSynthError as exc:
             log.warning("node %s refused stage %s: %s", context.node_id, stage, exc)
             return Message(Error(code=ERROR_CODE_REFUSED, reason=refusal_reason(exc)), reply_to=msg)
         return Message(reply, reply_to=msg)
+
+    @app.query(ACTION)
+    def dataset_vector(msg: Message, context: Context) -> Message:
+        return serve(msg, context, Contributor(local_settings(context), node_id=context.node_id))
+
+    @app.query(PE_ACTION)
+    def pe_votes(msg: Message, context: Context) -> Message:
+        return serve(msg, context, PEVoter(local_settings(context), node_id=context.node_id))
 
     return app
 

@@ -21,11 +21,11 @@ from fedsynth.protocol.messages import (
     Envelope,
     blobs_from_fields,
     blobs_to_fields,
+    field_to_bytes,
     ints_from_field,
     keys_from_fields,
     pack,
     unpack,
-    vector_to_bytes,
 )
 from fedsynth.protocol.secagg import SecAggClient, SecureSumTask
 
@@ -112,7 +112,10 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         del value
         self.committed(task, state)
         self._save(state, task, payload, client)
-        return pack(Envelope(task.task_id, "masked_input"), {"masked": vector_to_bytes(masked)})
+        return pack(
+            Envelope(task.task_id, "masked_input"),
+            {"masked": field_to_bytes(masked, bits=task.secagg_config().bits)},
+        )
 
     def _unmask(self, content: RecordDict, state: RecordDict) -> RecordDict:
         task, payload, client = self._load(state)

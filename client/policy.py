@@ -6,10 +6,25 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from fedsynth.protocol.durable import append_json_line
 from fedsynth.protocol.errors import BudgetExceededError, ConfigError, PolicyViolationError
-from fedsynth.protocol.manifest import TaskManifest
+from fedsynth.protocol.manifest import PrivacySpec, TaskManifest
+
+
+class PolicySubject(Protocol):
+    """What a policy checks in any task manifest (dataset vector or PE round)."""
+
+    @property
+    def privacy(self) -> PrivacySpec:
+        """The task's guarantee and noise."""
+        ...
+
+    @property
+    def model_fingerprint(self) -> str:
+        """Fingerprint of the model the client must run (generator or embedder)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +57,7 @@ class ClientPolicy:
         if self.min_threshold < 2:
             raise ConfigError(f"min_threshold={self.min_threshold}: must be >= 2")
 
-    def check(self, manifest: TaskManifest, *, spent: float, n_records: int | None) -> None:
+    def check(self, manifest: PolicySubject, *, spent: float, n_records: int | None) -> None:
         """Refuse a manifest outside this policy, with a reason an operator can read."""
         p = manifest.privacy
         if p.mode not in self.allowed_modes:
@@ -121,12 +136,34 @@ class ClientBudget:
 
     def charge(self, manifest: TaskManifest) -> None:
         """Record the spend before the contribution leaves this holder."""
-        if self.path is None or self.has(manifest.task_id):
+        self.charge_task(manifest.task_id, manifest.privacy)
+
+    def charge_task(self, task_id: str, privacy: PrivacySpec) -> None:
+        """Record a task's whole spend once (a PE task is charged at its first round)."""
+        if self.path is None or self.has(task_id):
             return
         row = {
-            "task_id": manifest.task_id,
-            "epsilon": str(manifest.privacy.epsilon),
-            "delta": manifest.privacy.delta,
-            "mode": manifest.privacy.mode,
+            "task_id": task_id,
+            "epsilon": str(privacy.epsilon),
+            "delta": privacy.delta,
+            "mode": privacy.mode,
         }
         append_json_line(self.path, row)
+
+    def last_round(self, task_id: str) -> int:
+        """The last PE round this holder answered for ``task_id`` (0: none)."""
+        rounds = [
+            int(str(e["round"]))
+            for e in self.entries()
+            if e.get("task_id") == task_id and "round" in e
+        ]
+        return max(rounds, default=0)
+
+    def record_round(self, task_id: str, round_number: int) -> None:
+        """Record that a PE round's votes left this holder (stale or replayed rounds refused)."""
+        if self.path is None:
+            return
+        append_json_line(
+            self.path,
+            {"task_id": task_id, "round": round_number, "epsilon": "0", "kind": "pe-round"},
+        )

@@ -17,6 +17,7 @@ class ClientSettings:
         text_field: Column/key holding the text.
         label_field: Column/key holding the label.
         model: Packaged model name, local path or hub id; must match the manifest fingerprint.
+        embedder: Embedder for PE votes (``all-minilm-l6-v2``, ``hashing-<dim>`` or a path).
         policy: The holder's privacy policy.
         budget_path: Persistent epsilon ledger (None: no lifetime tracking).
         batch_size: Forward-pass batch size.
@@ -28,6 +29,7 @@ class ClientSettings:
     text_field: str = "text"
     label_field: str = "label"
     model: str = "gemma3-270m"
+    embedder: str = "all-minilm-l6-v2"
     policy: ClientPolicy = field(default_factory=ClientPolicy)
     budget_path: Path | None = None
     batch_size: int = 32

@@ -87,6 +87,23 @@ def vector_from_bytes(data: Any, *, dtype: str, length: int, name: str = "vector
     return np.frombuffer(data, dtype=item).astype(np.dtype(dtype))
 
 
+def field_dtype(bits: int) -> str:
+    """The narrowest unsigned dtype holding elements of Z_{2^bits} (uint32 or uint64)."""
+    return "uint32" if bits <= 32 else "uint64"
+
+
+def field_to_bytes(values: np.ndarray, *, bits: int) -> bytes:
+    """Masked field elements on the wire: 4 bytes each for bits <= 32, else 8."""
+    return vector_to_bytes(np.asarray(values).astype(field_dtype(bits)))
+
+
+def field_from_bytes(data: Any, *, bits: int, length: int, name: str = "masked") -> np.ndarray:
+    """Inverse of :func:`field_to_bytes`; always returns uint64 field elements."""
+    return vector_from_bytes(data, dtype=field_dtype(bits), length=length, name=name).astype(
+        np.uint64
+    )
+
+
 def keys_to_fields(keys: Mapping[int, PublicKeys]) -> dict[str, list[bytes]]:
     """Public keys of many nodes as {str(node): [enc_pk, mask_pk]}."""
     return {f"pk:{node}": [pk.enc_pk, pk.mask_pk] for node, pk in keys.items()}

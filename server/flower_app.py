@@ -14,20 +14,26 @@ from fedsynth.server.secure_round import Reply
 
 log = logging.getLogger(__name__)
 ACTION = "query.dataset_vector"
+PE_ACTION = "query.pe_votes"
 
 
 class FlowerTransport:
     """Carries one stage's requests as Flower messages and collects replies by the deadline."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, *, action: str = ACTION) -> None:
         self.grid = grid
+        self.action = action
+
+    def for_action(self, action: str) -> FlowerTransport:
+        """The same grid, carrying another kind of task (``PE_ACTION``)."""
+        return FlowerTransport(self.grid, action=action)
 
     def exchange(
         self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
     ) -> dict[int, Reply]:
         """Send every request, wait up to ``timeout`` seconds, map replies to their nodes."""
         messages = [
-            Message(content=content, dst_node_id=node, message_type=ACTION)
+            Message(content=content, dst_node_id=node, message_type=self.action)
             for node, content in requests.items()
         ]
         replies: dict[int, Reply] = {}

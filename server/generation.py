@@ -10,7 +10,7 @@ sort only when the nucleus is larger, so the sampled distribution is exactly top
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,60 +132,119 @@ def generate_texts(
     """
     if n < 0:
         raise ConfigError(f"n={n}: must be >= 0")
+    return generate_from_prompts(
+        loaded, [prompt] * n, config=config, deltas=deltas, seed=seed, progress=progress
+    )
+
+
+@torch.inference_mode()
+def generate_from_prompts(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    config: GenerationConfig,
+    deltas: Mapping[int, torch.Tensor] | None = None,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Sample one continuation per prompt (prompts may differ: left-padded batches).
+
+    Args:
+        progress: called with (samples finished, tokens generated) after every batch.
+    """
     tok = loaded.tokenizer
-    prompt_ids = torch.tensor(tok.encode(prompt, add_special_tokens=True), dtype=torch.long)
+    encoded = [list(tok.encode(p, add_special_tokens=True)) for p in prompts]
     generator = torch.Generator(device=loaded.device).manual_seed(seed)
     newline_ids = _newline_token_ids(tok) if config.stop_at_newline else set()
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     stops = torch.tensor(sorted(newline_ids | eos), dtype=torch.long, device=loaded.device)
+    pad_id = int(tok.eos_token_id if tok.eos_token_id is not None else 0)
     texts: list[str] = []
     ctx = steering(loaded.model, deltas) if deltas else contextlib.nullcontext()
     with ctx:
-        while len(texts) < n:
-            batch = min(config.batch_size, n - len(texts))
-            ids = prompt_ids.to(loaded.device).unsqueeze(0).repeat(batch, 1)
-            out = loaded.model(input_ids=ids, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[:, -1, :].float()
-            rows: list[list[int]] = [[] for _ in range(batch)]
-            active = list(range(batch))  # original row of each live batch entry
-            for step in range(config.max_new_tokens):
-                if step == 0 and len(stops):
-                    logits[:, stops] = float("-inf")  # no empty samples
-                next_ids = sample_top_p(
-                    logits / config.temperature,
-                    top_p=config.top_p,
-                    candidate_k=config.candidate_k,
-                    generator=generator,
-                )
-                finished = torch.isin(next_ids, stops)
-                for slot, token in enumerate(next_ids.tolist()):
-                    rows[active[slot]].append(token)
-                if bool(finished.all()):
-                    break
-                if bool(finished.any()):
-                    # Drop finished rows from the batch and the KV cache: less work per step.
-                    keep = torch.nonzero(~finished).flatten()
-                    past.batch_select_indices(keep)
-                    active = [active[i] for i in keep.tolist()]
-                    next_ids = next_ids[keep]
-                out = loaded.model(
-                    input_ids=next_ids.unsqueeze(1), past_key_values=past, use_cache=True
-                )
-                past = out.past_key_values
-                logits = out.logits[:, -1, :].float()
-            n_tokens = 0
+        for start in range(0, len(encoded), config.batch_size):
+            chunk = encoded[start : start + config.batch_size]
+            rows, n_tokens = _sample_batch(
+                loaded, chunk, config, generator=generator, stops=stops, pad_id=pad_id
+            )
             for row in rows:
                 kept = []
                 for token in row:
                     if token in eos or token in newline_ids:
                         break
                     kept.append(token)
-                n_tokens += len(row)
                 texts.append(tok.decode(kept, skip_special_tokens=True).strip())
             if progress is not None:
-                progress(batch, n_tokens)
+                progress(len(chunk), n_tokens)
     return texts
+
+
+def _sample_batch(
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    *,
+    generator: torch.Generator,
+    stops: torch.Tensor,
+    pad_id: int,
+) -> tuple[list[list[int]], int]:
+    """Token ids sampled for each (left-padded) prompt, and the number of tokens generated."""
+    device = loaded.device
+    batch = len(prompts)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = bool((mask == 0).any())
+    out = loaded.model(
+        input_ids=ids,
+        attention_mask=mask if padded else None,
+        position_ids=positions,
+        use_cache=True,
+    )
+    past = out.past_key_values
+    logits = out.logits[:, -1, :].float()
+    next_pos = positions[:, -1] + 1
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    active = list(range(batch))  # original row of each live batch entry
+    for step in range(config.max_new_tokens):
+        if step == 0 and len(stops):
+            logits[:, stops] = float("-inf")  # no empty samples
+        next_ids = sample_top_p(
+            logits / config.temperature,
+            top_p=config.top_p,
+            candidate_k=config.candidate_k,
+            generator=generator,
+        )
+        finished = torch.isin(next_ids, stops)
+        for slot, token in enumerate(next_ids.tolist()):
+            rows[active[slot]].append(token)
+        if bool(finished.all()):
+            break
+        if bool(finished.any()):
+            # Drop finished rows from the batch and the KV cache: less work per step.
+            keep = torch.nonzero(~finished).flatten()
+            past.batch_select_indices(keep)
+            active = [active[i] for i in keep.tolist()]
+            next_ids = next_ids[keep]
+            mask = mask[keep]
+            next_pos = next_pos[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = loaded.model(
+            input_ids=next_ids.unsqueeze(1),
+            attention_mask=mask if padded else None,
+            position_ids=next_pos.unsqueeze(1),
+            past_key_values=past,
+            use_cache=True,
+        )
+        next_pos = next_pos + 1
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+    return rows, sum(len(r) for r in rows)
 
 
 def _newline_token_ids(tokenizer: Any) -> set[int]:

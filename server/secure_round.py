@@ -24,11 +24,11 @@ from fedsynth.protocol.messages import (
     Envelope,
     blobs_from_fields,
     blobs_to_fields,
+    field_from_bytes,
     ints_field,
     keys_to_fields,
     pack,
     unpack,
-    vector_from_bytes,
     vector_to_bytes,
 )
 from fedsynth.protocol.secagg import KEY_BYTES, PublicKeys, SecAggServer, SecureSumTask
@@ -96,6 +96,7 @@ def run_secure_sum(
     deadline = task.deadline_s
     threshold = task.secagg_config().threshold
     refusals: dict[int, str] = {}
+
     def note(stage: str) -> None:
         if progress is not None:
             progress(stage)
@@ -165,8 +166,8 @@ def run_secure_sum(
     accepted = 0
     for node, f in replies.items():
         try:
-            masked = vector_from_bytes(
-                f.get("masked"), dtype="uint64", length=task.dim, name="masked"
+            masked = field_from_bytes(
+                f.get("masked"), bits=task.secagg_config().bits, length=task.dim
             )
             server.receive_masked_input(node, masked)
             accepted += 1

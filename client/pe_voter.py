@@ -1,0 +1,199 @@
+"""The data holder's side of a federated Private Evolution round: embed, vote, noise, mask.
+
+The client runs only the embedder, never the generator. Each round it receives the candidates'
+embeddings (checked against the manifest's hash, dimension and embedder fingerprint), finds each
+private example's nearest candidates of its own label, builds an integer vote histogram, adds its
+Skellam noise share and masks the result. The private embeddings are computed once per process
+and kept in memory only; raw records, embeddings and unmasked votes are never logged or saved.
+
+Replay protection: a node answers each round of a PE task at most once, in increasing order,
+and refuses a change of the task's terms (privacy, embedder, labels) between rounds. The whole
+task's epsilon is charged to the holder's budget at its first round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from fedsynth.client.data import Record, load_records
+from fedsynth.client.participant import SecureSumParticipant
+from fedsynth.client.policy import ClientBudget
+from fedsynth.client.settings import ClientSettings
+from fedsynth.protocol.embedding import load_embedder
+from fedsynth.protocol.errors import (
+    ModelMismatchError,
+    PolicyViolationError,
+    ProtocolError,
+    StageOrderError,
+)
+from fedsynth.protocol.messages import vector_from_bytes
+from fedsynth.protocol.pe import Embedder, vote_histogram
+from fedsynth.protocol.pe_manifest import PERoundManifest, encode_votes
+
+log = logging.getLogger(__name__)
+PE_STATE_KEY = "fedsynth.pe"
+PE_ROUNDS_KEY = "fedsynth.pe.rounds"
+
+# Per-process cache of private embeddings (memory only, never persisted), keyed by the data
+# file's identity and the embedder fingerprint, so later rounds cost only the vote.
+_EMBEDDINGS: dict[tuple[Any, ...], np.ndarray] = {}
+
+
+def embedder_matches(embedder: Embedder, manifest: PERoundManifest) -> None:
+    """Refuse a manifest whose embedder differs from the local one."""
+    if embedder.fingerprint != manifest.embedder_fingerprint:
+        raise ModelMismatchError(
+            f"embedder_fingerprint: manifest has {manifest.embedder_fingerprint}, the local "
+            f"embedder {embedder.name!r} has {embedder.fingerprint}"
+        )
+    if embedder.dim != manifest.embedding_dim:
+        raise ModelMismatchError(
+            f"embedding_dim: manifest has {manifest.embedding_dim}, local embedder {embedder.dim}"
+        )
+
+
+class PEVoter(SecureSumParticipant[PERoundManifest]):
+    """Handles the four secure-sum stages of one PE round for one node."""
+
+    state_key = PE_STATE_KEY
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        *,
+        node_id: int,
+        embedder_loader: Callable[[], Embedder] | None = None,
+    ) -> None:
+        super().__init__(settings, node_id=node_id)
+        self._embedder_loader = embedder_loader or (
+            lambda: load_embedder(settings.embedder, settings.device)
+        )
+        self._records: list[Record] | None = None
+
+    def records(self, labels: tuple[str, ...]) -> list[Record]:
+        """Load (once) and validate the private records against the task's labels."""
+        if self._records is None:
+            self._records = load_records(
+                self.settings.data_path,
+                text_field=self.settings.text_field,
+                label_field=self.settings.label_field,
+                labels=labels,
+            )
+        return self._records
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def accept(self, fields: dict[str, Any], state: RecordDict) -> tuple[PERoundManifest, bytes]:
+        """Check manifest, candidates, embedder, round order, data and policy; nothing spent."""
+        manifest = PERoundManifest.from_json(str(fields["manifest"]))
+        candidates = self._candidates(manifest, fields.get("candidates"))
+        manifest.check_candidates(candidates)
+        if self.node_id not in manifest.node_ids:
+            raise ProtocolError(f"node {self.node_id} is not a participant of {manifest.task_id}")
+        self._check_round(manifest, state)
+        records = self.records(manifest.labels)
+        if len(records) > manifest.max_records:
+            raise ProtocolError(
+                f"{len(records)} records exceed the task's max_records={manifest.max_records}"
+            )
+        budget = ClientBudget(self.settings.budget_path)
+        spent = budget.spent()
+        if budget.has(manifest.pe_task_id) and manifest.privacy.epsilon != float("inf"):
+            spent -= manifest.privacy.epsilon  # this task is already charged: do not count twice
+        self.settings.policy.check(manifest, spent=spent, n_records=len(records))
+        embedder_matches(self._embedder_loader(), manifest)
+        log.info("node %s accepted PE round %s", self.node_id, manifest.task_id)
+        return manifest, candidates.tobytes()
+
+    def restore(self, manifest_json: str, payload: bytes) -> PERoundManifest:
+        """The round manifest saved at setup."""
+        return PERoundManifest.from_json(manifest_json)
+
+    def contribution(self, task: PERoundManifest, payload: bytes, state: RecordDict) -> np.ndarray:
+        """Votes of every private example for its nearest candidates, plus the noise share."""
+        self._check_round(task, state)
+        candidates = self._candidates(task, payload)
+        embedder = self._embedder_loader()
+        embedder_matches(embedder, task)
+        private, label_ids = self.private_embeddings(task, embedder)
+        votes = vote_histogram(
+            private,
+            label_ids,
+            candidates,
+            n_labels=len(task.labels),
+            per_label=task.per_label,
+            top_k=task.top_k,
+        )
+        return encode_votes(votes, manifest=task, rng=self.rng())
+
+    def committed(self, task: PERoundManifest, state: RecordDict) -> None:
+        """Charge the task once and record the round before the votes leave."""
+        budget = ClientBudget(self.settings.budget_path)
+        budget.charge_task(task.pe_task_id, task.privacy)
+        budget.record_round(task.pe_task_id, task.round)
+        rounds = self._rounds_record(state)
+        rounds[task.pe_task_id] = task.round
+        if f"terms:{task.pe_task_id}" not in rounds:
+            rounds[f"terms:{task.pe_task_id}"] = task.to_json()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def private_embeddings(
+        self, manifest: PERoundManifest, embedder: Embedder
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(n, D) embeddings and (n,) label indices of the private records (cached in memory)."""
+        records = self.records(manifest.labels)
+        path = self.settings.data_path
+        stat = path.stat()
+        key = (
+            str(path.resolve()),
+            stat.st_mtime_ns,
+            stat.st_size,
+            self.settings.text_field,
+            self.settings.label_field,
+            embedder.fingerprint,
+        )
+        if key not in _EMBEDDINGS:
+            _EMBEDDINGS.clear()  # one data file per node process; keep memory bounded
+            _EMBEDDINGS[key] = embedder.embed([r.text for r in records])
+        index = {label: i for i, label in enumerate(manifest.labels)}
+        label_ids = np.array([index[r.label] for r in records], dtype=np.int64)
+        return _EMBEDDINGS[key], label_ids
+
+    def _candidates(self, manifest: PERoundManifest, data: Any) -> np.ndarray:
+        return vector_from_bytes(
+            data, dtype="float32", length=manifest.dim * manifest.embedding_dim, name="candidates"
+        ).reshape(manifest.dim, manifest.embedding_dim)
+
+    def _rounds_record(self, state: RecordDict) -> ConfigRecord:
+        if PE_ROUNDS_KEY not in state.config_records:
+            state.config_records[PE_ROUNDS_KEY] = ConfigRecord()
+        return state.config_records[PE_ROUNDS_KEY]
+
+    def _check_round(self, manifest: PERoundManifest, state: RecordDict) -> None:
+        """Refuse a stale or replayed round, or changed terms, before anything is computed."""
+        rounds = self._rounds_record(state)
+        last_in_state = rounds.get(manifest.pe_task_id, 0)
+        last = max(
+            int(last_in_state) if isinstance(last_in_state, int) else 0,
+            ClientBudget(self.settings.budget_path).last_round(manifest.pe_task_id),
+        )
+        if manifest.round <= last:
+            kind = "replayed" if manifest.round == last else "stale"
+            raise StageOrderError(
+                f"round {manifest.round} of PE task {manifest.pe_task_id!r} is {kind}: this node "
+                f"already answered round {last}; answering again would release its votes twice"
+            )
+        terms = rounds.get(f"terms:{manifest.pe_task_id}")
+        if isinstance(terms, str) and not manifest.same_task_terms(
+            PERoundManifest.from_json(terms)
+        ):
+            raise PolicyViolationError(
+                f"PE task {manifest.pe_task_id!r} changed its terms (privacy, embedder, labels or "
+                "top_k) after this node answered a round; refusing"
+            )
