@@ -472,7 +472,9 @@ def run_pe(
         )
         state.completed_round = lost
         save_state(state, checkpoint_dir)
-    rng = np.random.default_rng(secrets.randbits(128))
+    # Central-mode noise comes from the OS's secure randomness, never from the public seed;
+    # selection and parent draws are public post-processing, seeded for reproducibility.
+    noise_rng = np.random.default_rng(secrets.randbits(128))
     done_now = 0
     while state.completed_round < config.rounds:
         if stop_after is not None and done_now >= stop_after:
@@ -481,7 +483,8 @@ def run_pe(
         spent_before = epsilon_after(calibration, r - 1)
         timings: dict[str, float] = {}
         t0 = time.monotonic()
-        emit(r, "embed candidates", spent_before, state.initial_metrics)
+        latest = state.history[-1].metrics if state.history else state.initial_metrics
+        emit(r, "embed candidates", spent_before, latest)
         candidates = embedder.embed(list(state.population.samples)).astype(np.float32)
         timings["embed"] = time.monotonic() - t0
         manifest = build_round_manifest(
@@ -506,7 +509,7 @@ def run_pe(
             {"manifest": manifest.to_json(), "candidates": vector_to_bytes(candidates.reshape(-1))},
         )
         histogram = decode_histogram(
-            result.field_sum, manifest=manifest, survivors=len(result.survivors), rng=rng
+            result.field_sum, manifest=manifest, survivors=len(result.survivors), rng=noise_rng
         )
         timings["aggregation"] = time.monotonic() - t0
         noise_std = pe_aggregate_noise_std(calibration, clients=len(result.survivors))
@@ -514,7 +517,12 @@ def run_pe(
         t0 = time.monotonic()
         emit(r, "variations", epsilon_after(calibration, r), {})
         population, selected = next_population(
-            config, state.population, noisy, variation_api, round_number=r, rng=rng
+            config,
+            state.population,
+            noisy,
+            variation_api,
+            round_number=r,
+            rng=np.random.default_rng([config.seed, r]),
         )
         timings["generation"] = time.monotonic() - t0
         metrics = evaluate(population) if evaluate is not None else {}

@@ -126,8 +126,21 @@ def demo(
         str | None,
         typer.Option(help="Template for --data with a {label} slot, e.g. 'A {label} review:\\n'."),
     ] = None,
+    method: Annotated[
+        str, typer.Option(help="vector (dataset vectors) or pe (federated Private Evolution).")
+    ] = "vector",
+    rounds: Annotated[int | None, typer.Option(help="PE: rounds T (default 4; quick 2).")] = None,
+    population: Annotated[
+        int | None, typer.Option(help="PE: candidates per label N (default 60; quick 20).")
+    ] = None,
+    init: Annotated[
+        str, typer.Option(help="PE: first population from the 'prior' or 'steered' by a vector.")
+    ] = "prior",
+    embedder: Annotated[
+        str, typer.Option(help="PE: embedder (all-minilm-l6-v2, hashing-<dim> or a path).")
+    ] = "all-minilm-l6-v2",
 ) -> None:
-    """Run the federated dataset-vector demo end to end on the bundled data."""
+    """Run the federated demo end to end on the bundled data (dataset vectors or PE)."""
     _offline_env()
     from fedsynth.server.coordinator import epsilon_label
     from fedsynth.simulations import demo as d
@@ -135,6 +148,8 @@ def demo(
 
     if mode not in ("distributed", "central", "local"):
         raise typer.BadParameter(f"mode={mode!r}: expected distributed, central or local")
+    if method not in ("vector", "pe"):
+        raise typer.BadParameter(f"method={method!r}: expected vector or pe")
     eps = _parse_epsilon(epsilon)
     try:
         config = d.demo_config(
@@ -160,6 +175,16 @@ def demo(
         )
         _validate_demo(config)
         out.mkdir(parents=True, exist_ok=True)
+        if method == "pe":
+            _pe_demo(
+                config,
+                quick=quick,
+                rounds=rounds,
+                population=population,
+                init=init,
+                embedder=embedder,
+            )
+            return
         timings: dict[str, float] = {}
         start = time.monotonic()
         data = d.prepare_data(config)
@@ -214,6 +239,66 @@ def _validate_demo(config: object) -> None:
             f"drop={config.drop_clients} leaves {clients - config.drop_clients} holders, "  # type: ignore[attr-defined]
             f"below the threshold t={t}: the round would abort"
         )
+
+
+def _pe_demo(
+    config: object,
+    *,
+    quick: bool,
+    rounds: int | None,
+    population: int | None,
+    init: str,
+    embedder: str,
+) -> None:
+    """The PE branch of ``fedsynth demo`` (errors propagate to the caller's handler)."""
+    from fedsynth.server.coordinator import epsilon_label
+    from fedsynth.simulations import demo as d
+    from fedsynth.simulations import pe_demo as p
+    from fedsynth.simulations.metrics import one_sided_proportion_test
+
+    values = {**p.PE_PRESETS["quick" if quick else "default"]}
+    values.update({k: v for k, v in {"rounds": rounds, "per_label": population}.items() if v})
+    settings = p.PEDemoSettings(init=init, embedder=embedder, **values)
+    cfg: d.DemoConfig = config  # type: ignore[assignment]
+    p.pe_config(cfg, settings)  # validates, and refuses a too-small epsilon before any compute
+    data = d.prepare_data(cfg)
+    console.print(
+        f"[bold]fedsynth demo --method pe[/bold]: {len(data.train)} private records across "
+        f"{cfg.clients} holders, {len(data.test)} held-out; epsilon={epsilon_label(cfg.epsilon)}, "
+        f"T={settings.rounds} rounds, N={settings.per_label} per label, init={settings.init}"
+    )
+    with _progress() as progress:
+        outcome, scores, timings = p.run_pe_demo(cfg, settings, data, report=_Reporter(progress))
+    p.write_pe_outputs(cfg, settings, outcome, scores, timings)
+    table = Table(title="PE rounds (embedding space, against held-out real texts)")
+    for column in ("round", "ε spent", "embedding FD", "precision", "recall"):
+        table.add_column(column, justify="right")
+    for r, spent, fd, prec, rec in p.round_table(outcome):
+        spent_text = "inf" if math.isinf(spent) else f"{spent:.2f}"
+        table.add_row(str(r), spent_text, f"{fd:.4f}", f"{prec:.3f}", f"{rec:.3f}")
+    console.print(table)
+    metrics = Table(title="Utility against real held-out data")
+    for column in ("population", "label fidelity", "TSTR accuracy", "TSTR macro-F1", "FD"):
+        metrics.add_column(column, justify="right")
+    for name, s in scores.items():
+        metrics.add_row(
+            name,
+            f"{s['label_fidelity']:.3f}",
+            f"{s['tstr_accuracy']:.3f}",
+            f"{s['tstr_macro_f1']:.3f}",
+            f"{s['embedding_fd']:.4f}",
+        )
+    console.print(metrics)
+    first, last = next(iter(scores.values())), list(scores.values())[-1]
+    pval = one_sided_proportion_test(
+        int(last["fidelity_hits"]), int(last["n"]), int(first["fidelity_hits"]), int(first["n"])
+    )
+    console.print(
+        f"one-sided test, label fidelity final > round 0: p = {pval:.3g}\ntimings: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+        + f"\noutputs: {cfg.out_dir}/synthetic.jsonl, privacy_report.json, summary.json, "
+        "pe-rounds.png"
+    )
 
 
 def _print_summary(config, samples_by, scores, timings, test) -> None:  # type: ignore[no-untyped-def]

@@ -281,17 +281,32 @@ def run_federation(
     report: Reporter | None = None,
 ) -> CoordinatorOutcome:
     """Run the real ServerApp and ClientApps in Flower's in-process simulation (Ray)."""
+    outcome = CoordinatorOutcome()
+    job = make_coordinator_job(config, loaded, reference, outcome, report=report)
+    outcome.errors.extend(run_job_in_simulation(config, data, job))
+    return outcome
+
+
+def run_job_in_simulation(
+    config: DemoConfig,
+    data: DemoData,
+    job: Callable[[Transport, tuple[int, ...], Any], None],
+    *,
+    embedder: str = "all-minilm-l6-v2",
+) -> list[str]:
+    """Run ``job`` as the ServerApp against K simulated holders; return the job's errors."""
     from flwr.simulation import run_simulation
 
     from fedsynth.client.flower_app import make_client_app
     from fedsynth.server.flower_app import make_server_app
 
-    outcome = CoordinatorOutcome()
-    job = make_coordinator_job(config, loaded, reference, outcome, report=report)
     settings = ClientSettings(
         data_path=data.partition_dir / "partition-0.jsonl",
         model=config.model,
-        policy=ClientPolicy(allow_non_private=config.include_nonprivate),
+        embedder=embedder,
+        policy=ClientPolicy(
+            allow_non_private=config.include_nonprivate or math.isinf(config.epsilon)
+        ),
     )
     errors: list[str] = []
 
@@ -312,8 +327,7 @@ def run_federation(
             "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
         },
     )
-    outcome.errors.extend(errors)
-    return outcome
+    return errors
 
 
 def load_coordinator(
@@ -469,10 +483,15 @@ def plot_scores(scores: Mapping[str, Mapping[str, float]], path: Path) -> None:
 def coordinator_job_from_run_config(
     run_config: Mapping[str, Any],
 ) -> Callable[[Transport, tuple[int, ...], Any], None]:
-    """The whole coordinator side for ``flwr run .`` (settings from pyproject's run config)."""
+    """The whole coordinator side for ``flwr run .`` (settings from pyproject's run config).
+
+    ``method = "pe"`` runs federated Private Evolution (``pe-rounds``, ``pe-population``,
+    ``pe-init``, ``embedder``) instead of a dataset-vector release.
+    """
     out = Path(str(run_config.get("out-dir") or cache_root() / "flwr-run"))
+    preset = str(run_config.get("preset", "quick"))
     config = demo_config(
-        str(run_config.get("preset", "quick")),
+        preset,
         out_dir=out,
         epsilon=float(run_config.get("epsilon", 4.0)),
         delta=float(run_config.get("delta", 1e-5)),
@@ -481,6 +500,8 @@ def coordinator_job_from_run_config(
         model=str(run_config.get("model") or DEFAULT_MODEL),
         layers=tuple(int(x) for x in str(run_config.get("layers", "8,9,10,11")).split(",")),
     )
+    if str(run_config.get("method", "vector")) == "pe":
+        return _pe_job_from_run_config(run_config, config, preset)
 
     def job(transport: Transport, nodes: tuple[int, ...], context: Any) -> None:
         timings: dict[str, float] = {}
@@ -494,5 +515,45 @@ def coordinator_job_from_run_config(
         scores = evaluate_conditions(samples, data)
         write_outputs(config, samples, scores, outcome.releases, timings)
         log.info("fedsynth demo finished; outputs in %s", config.out_dir)
+
+    return job
+
+
+def _pe_job_from_run_config(
+    run_config: Mapping[str, Any], config: DemoConfig, preset: str
+) -> Callable[[Transport, tuple[int, ...], Any], None]:
+    """The PE coordinator for ``flwr run . --run-config "method='pe'"``."""
+    from fedsynth.simulations import pe_demo
+
+    values: dict[str, Any] = dict(pe_demo.PE_PRESETS.get(preset, {}))
+    for key, name in (("pe-rounds", "rounds"), ("pe-population", "per_label")):
+        if key in run_config:
+            values[name] = int(str(run_config[key]))
+    settings = pe_demo.PEDemoSettings(
+        init=str(run_config.get("pe-init", "prior")),
+        embedder=str(run_config.get("embedder", "all-minilm-l6-v2")),
+        **values,
+    )
+    pe_demo.pe_config(config, settings)  # refuse bad settings before anything runs
+
+    def job(transport: Transport, nodes: tuple[int, ...], context: Any) -> None:
+        start = time.monotonic()
+        data = prepare_data(config)
+        loaded = load_model(config.model)
+        outcome = pe_demo.PEOutcome()
+        pe_demo.make_pe_job(config, settings, loaded, data, outcome)(transport, nodes, context)
+        final = outcome.result.state if outcome.result else None
+        scores: dict[str, dict[str, float]] = {}
+        if final is not None and outcome.initial is not None:
+            scores = evaluate_conditions(
+                {
+                    "PE round 0": pe_demo.population_samples(outcome.initial, "round-0"),
+                    "PE final": pe_demo.population_samples(final.population, "final"),
+                },
+                data,
+            )
+        timings = {"total": time.monotonic() - start}
+        pe_demo.write_pe_outputs(config, settings, outcome, scores, timings)
+        log.info("fedsynth PE demo finished; outputs in %s", config.out_dir)
 
     return job

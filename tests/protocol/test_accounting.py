@@ -371,3 +371,185 @@ def test_vector_release_errors() -> None:
         calibrate_vector_release(
             mode="central", epsilon=1.0, delta=DELTA, layers=1, dim=4, scale=0.0, count_weight=1.0
         )
+
+
+# ---------------------------------------------------------------- PE calibration (calibrate_pe)
+
+PE_ROUNDS = 10
+# Reference PE noise multipliers (closed-form mu-GDP, T = 10, delta = 1e-5).
+PE_REFERENCE_SIGMA = {1.0: 11.797293, 2.0: 6.304989, 4.0: 3.418934}
+# Aug-PE (Xie et al. 2024), Yelp: published noise multipliers at T = 10, delta = 1/(N ln N).
+AUG_PE_YELP_SIGMA = {1.0: 15.34, 2.0: 8.03, 4.0: 4.24}
+YELP_N = 1.94e6
+
+
+def _calibrate_pe(**kwargs: Any) -> Any:
+    from fedsynth.protocol.accounting import calibrate_pe
+
+    return calibrate_pe(**kwargs)
+
+
+def _pe_noise_std(calibration: Any, clients: int) -> float:
+    from fedsynth.protocol.accounting import pe_aggregate_noise_std
+
+    return pe_aggregate_noise_std(calibration, clients=clients)
+
+
+def _pe_min_eps(**kwargs: Any) -> float:
+    from fedsynth.protocol.accounting import pe_min_workable_epsilon
+
+    return pe_min_workable_epsilon(**kwargs)
+
+
+@pytest.mark.parametrize(("epsilon", "expected"), sorted(PE_REFERENCE_SIGMA.items()))
+def test_calibrate_pe_central_reference_multipliers(epsilon: float, expected: float) -> None:
+    cal = _calibrate_pe(mode="central", epsilon=epsilon, delta=DELTA, rounds=PE_ROUNDS)
+    assert cal.mode == "central"
+    assert cal.rounds == PE_ROUNDS
+    assert cal.top_k == 1
+    assert cal.l2_sensitivity == 1.0
+    assert cal.l1_sensitivity == 1.0
+    assert cal.noise_multiplier == pytest.approx(expected, abs=1e-6)
+    assert cal.total_variance == pytest.approx(cal.noise_multiplier**2, rel=1e-12)
+    # The PLD accountant and the closed-form GDP composition agree.
+    assert cal.gdp_epsilon == pytest.approx(epsilon, abs=1e-6)
+    assert cal.epsilon_achieved <= epsilon
+    assert cal.epsilon_achieved == pytest.approx(epsilon, abs=1e-6)
+    assert cal.noise_multiplier == pytest.approx(
+        pe_noise_multiplier(epsilon=epsilon, delta=DELTA, rounds=PE_ROUNDS), rel=1e-6
+    )
+    event = cal.to_event()
+    assert event.mechanism == "pe-gaussian"
+    assert event.compositions == PE_ROUNDS
+    assert event.epsilon == cal.epsilon_achieved
+    assert event.noise["variance"] == cal.total_variance
+
+
+@pytest.mark.parametrize(("epsilon", "published"), sorted(AUG_PE_YELP_SIGMA.items()))
+def test_calibrate_pe_central_matches_aug_pe_yelp(epsilon: float, published: float) -> None:
+    delta = 1.0 / (YELP_N * math.log(YELP_N))
+    cal = _calibrate_pe(mode="central", epsilon=epsilon, delta=delta, rounds=PE_ROUNDS)
+    assert cal.delta == delta
+    assert cal.noise_multiplier == pytest.approx(published, rel=0.01)
+    assert cal.gdp_epsilon == pytest.approx(epsilon, abs=1e-6)
+
+
+def test_calibrate_pe_top_k_scales_noise_std() -> None:
+    base = _calibrate_pe(mode="central", epsilon=2.0, delta=DELTA, rounds=PE_ROUNDS)
+    sigma = base.noise_multiplier
+    for k in (2, 4, 9):
+        cal = _calibrate_pe(mode="central", epsilon=2.0, delta=DELTA, rounds=PE_ROUNDS, top_k=k)
+        assert cal.top_k == k
+        assert cal.l2_sensitivity == pytest.approx(math.sqrt(k))
+        assert cal.l1_sensitivity == k
+        assert cal.noise_multiplier == pytest.approx(sigma, rel=1e-12)
+        assert cal.total_variance == pytest.approx((sigma * math.sqrt(k)) ** 2, rel=1e-12)
+        assert _pe_noise_std(cal, 5) == pytest.approx(sigma * math.sqrt(k), rel=1e-12)
+        assert cal.epsilon_achieved <= 2.0
+    # Skellam: the L1 term makes the scaling approximately, not exactly, sqrt(k).
+    dist1 = _calibrate_pe(mode="distributed", epsilon=2.0, delta=DELTA, rounds=PE_ROUNDS)
+    dist4 = _calibrate_pe(mode="distributed", epsilon=2.0, delta=DELTA, rounds=PE_ROUNDS, top_k=4)
+    assert math.sqrt(dist4.total_variance) == pytest.approx(
+        2.0 * math.sqrt(dist1.total_variance), rel=0.02
+    )
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 2.0, 4.0])
+def test_calibrate_pe_distributed_close_to_gaussian(epsilon: float) -> None:
+    cal = _calibrate_pe(mode="distributed", epsilon=epsilon, delta=DELTA, rounds=PE_ROUNDS)
+    assert cal.mode == "distributed"
+    assert cal.epsilon_achieved <= epsilon
+    assert cal.epsilon_achieved >= 0.99 * epsilon
+    assert math.isnan(cal.gdp_epsilon)
+    assert cal.noise_multiplier == pytest.approx(math.sqrt(cal.total_variance))
+    # Skellam with RDP accounting needs more noise than the PLD-accounted Gaussian, but not much.
+    ratio = cal.noise_multiplier / PE_REFERENCE_SIGMA[epsilon]
+    assert 1.0 < ratio < 1.15
+    # The accountant's epsilon for this exact variance is the one reported.
+    assert skellam_epsilon(
+        l1=1.0, l2=1.0, variance=cal.total_variance, delta=DELTA, compositions=PE_ROUNDS
+    ) == pytest.approx(cal.epsilon_achieved, rel=1e-12)
+    assert cal.to_event().mechanism == "pe-skellam"
+
+
+def test_calibrate_pe_local_and_aggregate_std() -> None:
+    dist = _calibrate_pe(mode="distributed", epsilon=2.0, delta=DELTA, rounds=PE_ROUNDS)
+    local = _calibrate_pe(mode="local", epsilon=2.0, delta=DELTA, rounds=PE_ROUNDS)
+    assert local.total_variance == dist.total_variance
+    assert local.to_event().mechanism == "pe-local-skellam"
+    # Local: every client adds the full variance; distributed: the sum carries it once.
+    assert _pe_noise_std(local, 9) == pytest.approx(3.0 * math.sqrt(local.total_variance))
+    assert _pe_noise_std(dist, 9) == pytest.approx(math.sqrt(dist.total_variance))
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed", "local"])
+def test_calibrate_pe_infinite_epsilon(mode: str) -> None:
+    cal = _calibrate_pe(mode=mode, epsilon=math.inf, delta=DELTA, rounds=PE_ROUNDS, top_k=3)
+    assert cal.total_variance == 0.0
+    assert cal.noise_multiplier == 0.0
+    assert cal.epsilon_achieved == math.inf
+    assert _pe_noise_std(cal, 4) == 0.0
+
+
+def test_calibrate_pe_errors() -> None:
+    with pytest.raises(ConfigError, match="mode='trusted'"):
+        _calibrate_pe(mode="trusted", epsilon=1.0, delta=DELTA, rounds=3)
+    with pytest.raises(ConfigError, match="rounds=0"):
+        _calibrate_pe(mode="central", epsilon=1.0, delta=DELTA, rounds=0)
+    with pytest.raises(ConfigError, match="top_k=0"):
+        _calibrate_pe(mode="central", epsilon=1.0, delta=DELTA, rounds=3, top_k=0)
+    with pytest.raises(ConfigError, match="epsilon"):
+        _calibrate_pe(mode="central", epsilon=0.0, delta=DELTA, rounds=3)
+    with pytest.raises(ConfigError, match="delta"):
+        _calibrate_pe(mode="distributed", epsilon=1.0, delta=1.0, rounds=3)
+
+
+def _check_workable(mode: str, records: int, *, clients: int = 4) -> float:
+    top_k, per_label = 2, 20
+    eps = _pe_min_eps(
+        mode=mode,
+        delta=DELTA,
+        rounds=PE_ROUNDS,
+        top_k=top_k,
+        per_label=per_label,
+        records_per_label=records,
+        clients=clients,
+    )
+    assert 0.0 < eps < math.inf
+    cal = _calibrate_pe(mode=mode, epsilon=eps, delta=DELTA, rounds=PE_ROUNDS, top_k=top_k)
+    mean_votes = records * top_k / per_label
+    std = _pe_noise_std(cal, clients)
+    # At the workable epsilon the calibrated noise is mean_votes / 2 (signal-to-noise 2), up to
+    # the calibration's tolerance, and never meaningfully above it.
+    assert std <= mean_votes / 2.0 * (1.0 + 1e-3)
+    assert std == pytest.approx(mean_votes / 2.0, rel=1e-3)
+    return eps
+
+
+@pytest.mark.parametrize("mode", ["distributed", "local"])
+def test_pe_min_workable_epsilon_skellam(mode: str) -> None:
+    eps = [_check_workable(mode, records) for records in (50, 500, 5000)]
+    assert eps[0] > eps[1] > eps[2]
+
+
+def test_pe_min_workable_epsilon_central() -> None:
+    small = _check_workable("central", 100)
+    large = _check_workable("central", 1000)
+    assert small > large
+
+
+def test_pe_min_workable_epsilon_signal_to_noise_and_errors() -> None:
+    kwargs: dict[str, Any] = {
+        "mode": "distributed",
+        "delta": DELTA,
+        "rounds": PE_ROUNDS,
+        "top_k": 1,
+        "per_label": 10,
+        "records_per_label": 200,
+        "clients": 3,
+    }
+    assert _pe_min_eps(**kwargs, signal_to_noise=4.0) > _pe_min_eps(**kwargs)
+    with pytest.raises(ConfigError, match="records_per_label"):
+        _pe_min_eps(**dict(kwargs, records_per_label=0))
+    with pytest.raises(ConfigError, match="per_label"):
+        _pe_min_eps(**dict(kwargs, per_label=0))
