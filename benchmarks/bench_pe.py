@@ -18,7 +18,7 @@ All clients share one process here, and the voter's embedding cache keeps one da
 process: round 2 is driven in reverse node order so that the node embedded last in round 1
 answers first and hits the cache (what every node gets in a deployment, one node per process);
 the other nodes re-embed, and their round-2 times are shown as cache misses.
-Run: python benchmarks/bench_pe.py [--threads 2] [--per-label 20] [--private-per-label 500]
+Run: python benchmarks/bench_pe.py [--threads 2] [--per-label 10] [--private-per-label 500]
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import partial
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -188,25 +187,40 @@ def run_round(
     return RoundOutcome(manifest, result, histogram, transport.log, embed_s, secure_sum_s, decode_s)
 
 
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of ``repeats`` calls of ``fn()``."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def measure_bare(
+    embedder: Embedder, nodes: Mapping[int, Node], runs: dict[int, list[float]], repeats: int
+) -> None:
+    """Append ``repeats`` timings of the bare ``embedder.embed`` on each client's texts."""
+    for node_id, node in nodes.items():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            embedder.embed(node.texts)
+            runs[node_id].append(time.perf_counter() - t0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--per-label", type=int, default=20, help="candidates N per label")
+    parser.add_argument("--per-label", type=int, default=10, help="candidates N per label")
     parser.add_argument(
-        "--private-per-label", type=int, default=500, help="private records per label per client"
+        "--private-per-label",
+        type=int,
+        default=500,
+        help="private records per label, split IID among the clients",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=VariationConfig().generation.max_new_tokens,
+        help="generation budget of the random and variation APIs",
     )
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--epsilon", type=float, default=4.0)
-    parser.add_argument("--repeats", type=int, default=2, help="bare-embedder repeats (best)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="bare-embedder runs per client before and after round 1 (median is used)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -221,7 +235,9 @@ def main() -> None:
     model_load_s = time.perf_counter() - t0
     template = TEMPLATES[CORPUS]
     corpus = load_corpus(CORPUS)
-    variation = VariationConfig()
+    variation = VariationConfig(
+        generation=replace(VariationConfig().generation, max_new_tokens=args.max_new_tokens)
+    )
     random_api = TextRandomAPI(loaded, template, variation.generation)
     variation_api = TextVariationAPI(loaded, template, variation)
     config = PEConfig(
@@ -238,9 +254,7 @@ def main() -> None:
         clients=args.clients,
     )
 
-    private = subsample_per_label(
-        corpus.records, per_label=args.private_per_label * args.clients, seed=args.seed
-    )
+    private = subsample_per_label(corpus.records, per_label=args.private_per_label, seed=args.seed)
     parts = partition_iid(private, num_clients=args.clients, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         nodes: dict[int, Node] = {}
@@ -258,11 +272,11 @@ def main() -> None:
             nodes[node_id] = Node(voter, path, [r.text for r in records])
         ids = list(nodes)
 
-        # Warm-up (first forward passes allocate), then the bare embedder on each client's texts.
+        # Warm-up (first forward passes allocate), then the bare embedder on each client's texts,
+        # before and after round 1 (median), so a slow spell of the machine hits both sides.
         embedder.embed(nodes[ids[0]].texts[:64])
-        bare_s = {
-            n: best_seconds(partial(embedder.embed, nodes[n].texts), args.repeats) for n in ids
-        }
+        bare_runs: dict[int, list[float]] = {n: [] for n in ids}
+        measure_bare(embedder, nodes, bare_runs, args.repeats)
 
         # Round 0 population (one-off), round 1, variations, round 2 (reverse order: cache hit).
         t0 = time.perf_counter()
@@ -270,6 +284,8 @@ def main() -> None:
         random_s = time.perf_counter() - t0
         round1 = run_round(nodes, ids, config, population, round_number=1, embedder=embedder)
         cached = next(iter(pe_voter._EMBEDDINGS))[0]
+        measure_bare(embedder, nodes, bare_runs, args.repeats)
+        bare_s = {n: float(np.median(v)) for n, v in bare_runs.items()}
         t0 = time.perf_counter()
         population, _ = next_population(
             config,
@@ -288,7 +304,7 @@ def main() -> None:
     dim = round1.manifest.dim
     raw = dim * 4
     print(
-        f"federated PE: {args.clients} clients x {n_texts[ids[0]]} private texts "
+        f"federated PE: {args.clients} clients, {sum(n_texts.values())} private texts "
         f"({args.private_per_label}/label, {CORPUS}), N={args.per_label}/label, histogram "
         f"dim={dim}, bits={round1.manifest.bits}, epsilon={args.epsilon} distributed, "
         f"{torch.get_num_threads()} threads"
@@ -297,7 +313,10 @@ def main() -> None:
         f"one-off loads (not in any round): embedder {embedder_load_s:.1f} s, generator "
         f"{model_load_s:.1f} s; round-0 random API {random_s:.1f} s"
     )
-    print(f"\nclient seconds per stage (handle() only; bare = best of {args.repeats})")
+    print(
+        f"\nclient seconds per stage (handle() only; bare embed = median of {2 * args.repeats} "
+        "runs, before and after round 1)"
+    )
     head = "".join(f"{s:>13s}" for s in STAGES)
     print(f"  {'node':>6s} {'round':>5s}{head}{'total':>9s}{'bare embed':>12s}  texts/s")
     for label, log in (("1", round1.log), ("2", round2.log)):

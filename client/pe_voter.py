@@ -14,6 +14,7 @@ task's epsilon is charged to the holder's budget at its first round.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -40,8 +41,10 @@ PE_STATE_KEY = "fedsynth.pe"
 PE_ROUNDS_KEY = "fedsynth.pe.rounds"
 
 # Per-process cache of private embeddings (memory only, never persisted), keyed by the data
-# file's identity and the embedder fingerprint, so later rounds cost only the vote.
-_EMBEDDINGS: dict[tuple[Any, ...], np.ndarray] = {}
+# file's identity and the embedder fingerprint, so later rounds cost only the vote. A process
+# may serve several simulated nodes (Flower's simulation actors), hence a few entries.
+_EMBEDDINGS: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+_EMBEDDINGS_MAX = 8
 
 
 def embedder_matches(embedder: Embedder, manifest: PERoundManifest) -> None:
@@ -159,8 +162,10 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
             embedder.fingerprint,
         )
         if key not in _EMBEDDINGS:
-            _EMBEDDINGS.clear()  # one data file per node process; keep memory bounded
             _EMBEDDINGS[key] = embedder.embed([r.text for r in records])
+            while len(_EMBEDDINGS) > _EMBEDDINGS_MAX:
+                _EMBEDDINGS.popitem(last=False)
+        _EMBEDDINGS.move_to_end(key)
         index = {label: i for i, label in enumerate(manifest.labels)}
         label_ids = np.array([index[r.label] for r in records], dtype=np.int64)
         return _EMBEDDINGS[key], label_ids

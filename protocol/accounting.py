@@ -948,9 +948,16 @@ def pe_min_workable_epsilon(
     least ``signal_to_noise`` times the aggregate noise std. Below that, selection is mostly
     noise and the budget is wasted. Computed exactly by the accountant at that noise.
     """
-    trust = TrustMode(mode)
+    try:
+        trust = TrustMode(mode)
+    except ValueError:
+        raise ConfigError(f"mode={mode!r} is not a trust mode") from None
     if records_per_label < 1 or per_label < 1:
         raise ConfigError("records_per_label and per_label must be >= 1")
+    _positive_int("top_k", top_k)
+    _positive_int("rounds", rounds)
+    _positive_int("clients", clients)
+    _finite_pos("signal_to_noise", signal_to_noise)
     mean_votes = records_per_label * top_k / per_label
     std = mean_votes / signal_to_noise
     return _pe_noise_std_to_epsilon(

@@ -138,8 +138,11 @@ class HashingEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         texts = list(samples)
         dense = (self._words.transform(texts) + self._chars.transform(texts)).toarray()
+        # A text without any n-gram ("" or whitespace) gets the uniform unit vector, not a zero
+        # row: a zero candidate would sit at distance 1 from everything and steal votes.
+        dense[~dense.any(axis=1)] = 1.0
         norms = np.linalg.norm(dense, axis=1, keepdims=True)
-        out: np.ndarray = (dense / np.maximum(norms, 1e-12)).astype(np.float32)
+        out: np.ndarray = (dense / norms).astype(np.float32)
         return out
 
 

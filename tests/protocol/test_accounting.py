@@ -553,3 +553,19 @@ def test_pe_min_workable_epsilon_signal_to_noise_and_errors() -> None:
         _pe_min_eps(**dict(kwargs, records_per_label=0))
     with pytest.raises(ConfigError, match="per_label"):
         _pe_min_eps(**dict(kwargs, per_label=0))
+
+
+def test_pe_min_workable_epsilon_rejects_invalid_arguments() -> None:
+    kwargs: dict[str, Any] = {
+        "mode": "distributed",
+        "delta": DELTA,
+        "rounds": PE_ROUNDS,
+        "top_k": 1,
+        "per_label": 10,
+        "records_per_label": 200,
+        "clients": 3,
+    }
+    with pytest.raises(ConfigError, match="top_k"):
+        _pe_min_eps(**dict(kwargs, top_k=0))
+    with pytest.raises(ConfigError, match="signal_to_noise"):
+        _pe_min_eps(**kwargs, signal_to_noise=0.0)

@@ -92,3 +92,12 @@ def test_load_embedder_unknown(name: str) -> None:
 def test_load_embedder_hashing_too_small() -> None:
     with pytest.raises(ConfigError, match="dim=2"):
         load_embedder("hashing-2")
+
+
+def test_text_without_ngrams_is_not_a_zero_vector() -> None:
+    emb = HashingEmbedder(64)
+    try:
+        out = emb.embed(["", "   ", "hello there"])
+    except ConfigError:
+        return  # refusing such texts would be a fix as well
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
