@@ -139,6 +139,10 @@ def demo(
     embedder: Annotated[
         str, typer.Option(help="PE: embedder (all-minilm-l6-v2, hashing-<dim> or a path).")
     ] = "all-minilm-l6-v2",
+    top_k: Annotated[int, typer.Option(help="PE: votes per private example.")] = 1,
+    temperature: Annotated[
+        float, typer.Option(help="PE: sampling temperature of candidates and variations.")
+    ] = 0.9,
 ) -> None:
     """Run the federated demo end to end on the bundled data (dataset vectors or PE)."""
     _offline_env()
@@ -183,6 +187,8 @@ def demo(
                 population=population,
                 init=init,
                 embedder=embedder,
+                top_k=top_k,
+                temperature=temperature,
             )
             return
         timings: dict[str, float] = {}
@@ -249,6 +255,8 @@ def _pe_demo(
     population: int | None,
     init: str,
     embedder: str,
+    top_k: int,
+    temperature: float,
 ) -> None:
     """The PE branch of ``fedsynth demo`` (errors propagate to the caller's handler)."""
     from fedsynth.server.coordinator import epsilon_label
@@ -258,7 +266,9 @@ def _pe_demo(
 
     values = {**p.PE_PRESETS["quick" if quick else "default"]}
     values.update({k: v for k, v in {"rounds": rounds, "per_label": population}.items() if v})
-    settings = p.PEDemoSettings(init=init, embedder=embedder, **values)
+    settings = p.PEDemoSettings(
+        init=init, embedder=embedder, top_k=top_k, temperature=temperature, **values
+    )
     cfg: d.DemoConfig = config  # type: ignore[assignment]
     p.pe_config(cfg, settings)  # validates, and refuses a too-small epsilon before any compute
     data = d.prepare_data(cfg)

@@ -159,5 +159,37 @@ def test_flwr_run_on_real_superlink_and_supernodes(
         for i in range(3):  # every holder charged its own budget for both releases
             charged = (tmp_path / f"budget-{i}.jsonl").read_text().splitlines()
             assert len(charged) == 2
+
+        # The same deployment runs federated PE (weightless hashing embedder, tiny generator).
+        pe_out = tmp_path / "pe-run"
+        pe_config = (
+            f'method="pe" model="tiny-llama" embedder="hashing-64" out-dir="{pe_out}" '
+            'preset="quick" pe-rounds=2 pe-population=8'
+        )
+        proc = subprocess.run(
+            [flwr, "run", ".", "test", "--stream", "--run-config", pe_config],
+            env=flower_env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        logs = proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.returncode == 0, logs
+        deadline = time.monotonic() + 120
+        while not (pe_out / "summary.json").exists() and time.monotonic() < deadline:
+            time.sleep(2)
+        assert (pe_out / "summary.json").exists(), logs
+        report = json.loads((pe_out / "privacy_report.json").read_text())
+        assert report["rounds_completed"] == 2 and report["K"] == 3
+        assert [h["survivors"] for h in report["history"]] == [3, 3]
+        assert len((pe_out / "synthetic.jsonl").read_text().splitlines()) == 2 * 8
+        for i in range(3):  # the PE task charged once (its whole epsilon) + one row per round
+            rows = [
+                json.loads(x) for x in (tmp_path / f"budget-{i}.jsonl").read_text().splitlines()
+            ]
+            pe_rows = [r for r in rows if r["task_id"] == report["task_id"]]
+            assert len(pe_rows) == 3 and sum(float(r["epsilon"]) for r in pe_rows) == 4.0
     finally:
         _stop(procs)
