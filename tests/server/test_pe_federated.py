@@ -181,9 +181,16 @@ def mean_best_similarity(embedder: HashingEmbedder, samples: Sequence[str], tmp:
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dropped", [set(), {NODES[2]}])
+@pytest.mark.parametrize(
+    ("stage", "dropped"),
+    [
+        ("masked_input", set()),
+        *(("masked_input", {n}) for n in NODES),  # K - t = 1 holder may drop before its input
+        ("unmask", {NODES[0]}),  # input sent, then silent: still in the sum
+    ],
+)
 def test_federated_histogram_equals_sum_of_client_histograms(
-    tmp_path: Path, embedder: HashingEmbedder, dropped: set[int]
+    tmp_path: Path, embedder: HashingEmbedder, stage: str, dropped: set[int]
 ) -> None:
     """Without noise the secure sum is exactly the sum of the survivors' vote histograms."""
     nodes = make_voters(tmp_path, embedder=embedder)
@@ -201,7 +208,8 @@ def test_federated_histogram_equals_sum_of_client_histograms(
         candidates=candidates,
         nodes=NODES,
     )
-    transport = PETransport(nodes, drop={"masked_input": dropped})
+    transport = PETransport(nodes, drop={stage: dropped})
+    contributed = set() if stage == "unmask" else dropped
     result = run_secure_sum(
         transport,
         manifest,
@@ -209,15 +217,15 @@ def test_federated_histogram_equals_sum_of_client_histograms(
     )
     expected = np.zeros(manifest.dim, dtype=np.int64)
     for node_id, node in nodes.items():
-        if node_id in dropped:
+        if node_id in contributed:
             continue
         private, label_ids = node.voter.private_embeddings(manifest, embedder)
         expected += vote_histogram(private, label_ids, candidates, n_labels=2, per_label=8, top_k=2)
-    assert sorted(result.survivors) == sorted(set(NODES) - dropped)
+    assert sorted(result.survivors) == sorted(set(NODES) - contributed)
     got = from_field(result.field_sum, bits=manifest.bits)
     np.testing.assert_array_equal(got, expected)
     assert expected.sum() == 2 * sum(
-        len(n.voter.records(LABELS)) for i, n in nodes.items() if i not in dropped
+        len(n.voter.records(LABELS)) for i, n in nodes.items() if i not in contributed
     )
     # bits = 32: 4 bytes per histogram entry on the wire, exactly the raw int32 histogram.
     assert all(size == manifest.dim * 4 for size in transport.uploaded.values())
