@@ -29,7 +29,7 @@ from fedsynth.protocol.embedding import load_embedder
 from fedsynth.protocol.errors import ConfigError, FedSynthError
 from fedsynth.protocol.models import LoadedModel, load_model
 from fedsynth.protocol.pe import Embedder, Population
-from fedsynth.server.coordinator import epsilon_label
+from fedsynth.server.coordinator import compute_public_reference, epsilon_label
 from fedsynth.server.generation import steering_deltas
 from fedsynth.server.ledger import PrivacyLedger
 from fedsynth.server.pe_coordinator import PEConfig, PEResult, RoundEvent, run_pe
@@ -42,8 +42,8 @@ from fedsynth.simulations.demo import (
     DemoData,
     Reporter,
     generation_config,
-    load_coordinator,
     make_coordinator_job,
+    task_config,
 )
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,9 @@ def make_pe_job(
             vec_config = dataclasses.replace(
                 config, epsilon=eps_vec, delta=delta_vec, include_nonprivate=False
             )
-            _, reference = load_coordinator(vec_config, report=report)
+            reference = compute_public_reference(
+                loaded, task_config(vec_config, eps_vec), progress=report
+            )
             vec_outcome = CoordinatorOutcome()
             make_coordinator_job(vec_config, loaded, reference, vec_outcome, report=report)(
                 transport, nodes, context

@@ -111,12 +111,12 @@ def run_task(setting: dict[str, object], epsilon: float, name: str) -> list[floa
         for node, path in zip(NODES, paths, strict=True)
     }
     template = TEMPLATES["rotten_tomatoes"]
-    gen = GenerationConfig(max_new_tokens=32, temperature=0.9, batch_size=48)
+    gen = GenerationConfig(max_new_tokens=28, temperature=0.9, batch_size=48)
     loaded = setting["loaded"]
     config = PEConfig(
         labels=template.labels,
-        rounds=3,
-        per_label=20,
+        rounds=2,
+        per_label=16,
         epsilon=epsilon,
         declared_records_per_label=300,
         seed=5,
@@ -142,7 +142,7 @@ def run_task(setting: dict[str, object], epsilon: float, name: str) -> list[floa
         checkpoint_dir=setting["tmp"] / f"ckpt-{name}",  # type: ignore[operator]
         evaluate=evaluate,
     )
-    assert result.state.completed_round == 3
+    assert result.state.completed_round == 2
     assert all(h.survivors == 3 for h in result.state.history)
     print(f"{name}: precision per round {[round(x, 3) for x in history]}")
     print(f"{name}: embedding FD per round {[round(x, 4) for x in fds]}")
