@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -84,6 +85,7 @@ class PEOutcome:
     initial: Population | None = None
     vector_release: Path | None = None
     errors: list[str] = field(default_factory=list)
+    epsilon_offset: float = 0.0  # epsilon of the steering release (basic composition)
 
 
 def budget_split(config: DemoConfig, pe: PEDemoSettings) -> tuple[float, float, float, float]:
@@ -166,6 +168,7 @@ def make_pe_job(
             from fedsynth.server.release import load_release
 
             outcome.vector_release = vec_outcome.releases[epsilon_label(eps_vec)]
+            outcome.epsilon_offset = eps_vec
             release = load_release(outcome.vector_release)
             deltas_by_label = {
                 label: steering_deltas(
@@ -188,7 +191,8 @@ def make_pe_job(
         def on_event(event: RoundEvent) -> None:
             if report is None:
                 return
-            eps = "inf" if math.isinf(event.epsilon_spent) else f"{event.epsilon_spent:.2f}"
+            total = event.epsilon_spent + outcome.epsilon_offset
+            eps = "inf" if math.isinf(total) else f"{total:.2f}"
             fd = event.metrics.get("embedding_fd")
             figure = f" · FD {fd:.4f}" if fd is not None else ""
             report(
@@ -202,6 +206,10 @@ def make_pe_job(
                 outcome.initial = population
             return evaluator(population)
 
+        # A demo is always a new task on freshly written holder files: never resume an old
+        # demo's checkpoint (operators resume through run_pe with the same directory).
+        checkpoint = config.out_dir / "pe-checkpoint"
+        shutil.rmtree(checkpoint, ignore_errors=True)
         outcome.result = run_pe(
             pe_transport,
             nodes,
@@ -209,7 +217,7 @@ def make_pe_job(
             random_api=random_api,
             variation_api=variation_api,
             embedder=embedder,
-            checkpoint_dir=config.out_dir / "pe-checkpoint",
+            checkpoint_dir=checkpoint,
             ledger=ledger,
             evaluate=evaluate,
             progress=on_event,
@@ -355,13 +363,17 @@ def run_pe_demo(
 
 
 def round_table(outcome: PEOutcome) -> list[tuple[int, float, float, float, float]]:
-    """(round, epsilon spent, FD, precision, recall) per round, round 0 first."""
+    """(round, epsilon spent, FD, precision, recall) per round, round 0 first.
+
+    The epsilon includes a steering release's (basic composition).
+    """
     if outcome.result is None:
         return []
     state = outcome.result.state
-    rows = [(0, 0.0, *_metric_triplet(state.initial_metrics))]
+    offset = outcome.epsilon_offset
+    rows = [(0, offset, *_metric_triplet(state.initial_metrics))]
     for h in state.history:
-        rows.append((h.round, h.epsilon_spent, *_metric_triplet(h.metrics)))
+        rows.append((h.round, h.epsilon_spent + offset, *_metric_triplet(h.metrics)))
     return rows
 
 

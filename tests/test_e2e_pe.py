@@ -192,6 +192,17 @@ def test_cli_pe_demo_through_flower_simulation(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     assert (out / "pe-rounds.png").stat().st_size > 1000
+    # A second demo into the same folder is a new task (it must not resume the old checkpoint).
+    again = subprocess.run(
+        [*cmd, "--rounds", "1", "--population", "8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    second = json.loads((out / "privacy_report.json").read_text())
+    assert second["task_id"] != report["task_id"] and second["rounds_completed"] == 1
     # Too small an epsilon is refused before anything runs, with the workable minimum.
     small = subprocess.run(
         [*cmd[:-4], "--epsilon", "0.05", "--out", str(tmp_path / "small")],
