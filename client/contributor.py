@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 from flwr.app import RecordDict
 
-from fedsynth.client.data import Record, load_records
 from fedsynth.client.participant import SecureSumParticipant
 from fedsynth.client.policy import ClientBudget
 from fedsynth.client.settings import ClientSettings as ClientSettings
@@ -95,18 +94,6 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         self._model_loader = model_loader or (
             lambda: load_model(settings.model, device=settings.device)
         )
-        self._records: list[Record] | None = None
-
-    def records(self, labels: tuple[str, ...]) -> list[Record]:
-        """Load (once) and validate the private records against the task's labels."""
-        if self._records is None:
-            self._records = load_records(
-                self.settings.data_path,
-                text_field=self.settings.text_field,
-                label_field=self.settings.label_field,
-                labels=labels,
-            )
-        return self._records
 
     def accept(self, fields: dict[str, Any], state: RecordDict) -> tuple[TaskManifest, bytes]:
         """Check the manifest, reference, data, policy, budget and model before any key."""

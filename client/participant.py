@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
+from fedsynth.client.data import Record, load_records
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.errors import ProtocolError, StageOrderError
 from fedsynth.protocol.messages import (
@@ -40,6 +41,18 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
     def __init__(self, settings: ClientSettings, *, node_id: int) -> None:
         self.settings = settings
         self.node_id = node_id
+        self._records: list[Record] | None = None
+
+    def records(self, labels: tuple[str, ...]) -> list[Record]:
+        """Load (once) and validate the private records against the task's labels."""
+        if self._records is None:
+            self._records = load_records(
+                self.settings.data_path,
+                text_field=self.settings.text_field,
+                label_field=self.settings.label_field,
+                labels=labels,
+            )
+        return self._records
 
     # -- hooks -----------------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from fedsynth.client.data import Record, load_records
 from fedsynth.client.participant import SecureSumParticipant
 from fedsynth.client.policy import ClientBudget
 from fedsynth.client.settings import ClientSettings
@@ -76,18 +75,6 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
         self._embedder_loader = embedder_loader or (
             lambda: load_embedder(settings.embedder, settings.device)
         )
-        self._records: list[Record] | None = None
-
-    def records(self, labels: tuple[str, ...]) -> list[Record]:
-        """Load (once) and validate the private records against the task's labels."""
-        if self._records is None:
-            self._records = load_records(
-                self.settings.data_path,
-                text_field=self.settings.text_field,
-                label_field=self.settings.label_field,
-                labels=labels,
-            )
-        return self._records
 
     # -- hooks -----------------------------------------------------------------------------------
 

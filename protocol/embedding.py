@@ -57,20 +57,13 @@ def load_sentence_transformer(
     return SentenceTransformer(str(path or sentence_transformer_path()), device=device)
 
 
-class SentenceEmbedder:
-    """A sentence-transformers model as an :class:`~fedsynth.protocol.pe.Embedder`."""
+class _NamedEmbedder:
+    """Name, fingerprint and dimension: what a manifest records about an embedder."""
 
-    def __init__(self, model: SentenceTransformer, *, name: str, batch_size: int = 64) -> None:
-        from fedsynth.protocol.models import weight_fingerprint
-
-        self.model = model
+    def __init__(self, name: str, fingerprint: str, dim: int) -> None:
         self._name = name
-        self.batch_size = batch_size
-        self._fingerprint = weight_fingerprint(model)
-        get_dim = getattr(model, "get_embedding_dimension", None)
-        if get_dim is None:
-            get_dim = model.get_sentence_embedding_dimension
-        self._dim = int(get_dim() or 0)
+        self._fingerprint = fingerprint
+        self._dim = dim
 
     @property
     def name(self) -> str:
@@ -79,13 +72,27 @@ class SentenceEmbedder:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the weights."""
+        """sha256 over the weights (or the configuration of a weightless embedder)."""
         return self._fingerprint
 
     @property
     def dim(self) -> int:
         """Embedding dimension."""
         return self._dim
+
+
+class SentenceEmbedder(_NamedEmbedder):
+    """A sentence-transformers model as an :class:`~fedsynth.protocol.pe.Embedder`."""
+
+    def __init__(self, model: SentenceTransformer, *, name: str, batch_size: int = 64) -> None:
+        from fedsynth.protocol.models import weight_fingerprint
+
+        self.model = model
+        self.batch_size = batch_size
+        get_dim = getattr(model, "get_embedding_dimension", None)
+        if get_dim is None:
+            get_dim = model.get_sentence_embedding_dimension
+        super().__init__(name, weight_fingerprint(model), int(get_dim() or 0))
 
     def embed(self, samples: Sequence[str]) -> np.ndarray:
         """L2-normalised (n, dim) float32 embeddings, batched."""
@@ -101,7 +108,7 @@ class SentenceEmbedder:
         return np.asarray(vectors, dtype=np.float32).reshape(len(samples), -1)
 
 
-class HashingEmbedder:
+class HashingEmbedder(_NamedEmbedder):
     """Hashed word and character n-gram counts, L2-normalised (no weights, deterministic)."""
 
     def __init__(self, dim: int = 256) -> None:
@@ -109,28 +116,12 @@ class HashingEmbedder:
 
         if dim < 8:
             raise ConfigError(f"hashing embedder dim={dim}: must be >= 8")
-        self._dim = dim
         options: dict[str, Any] = {"n_features": dim, "alternate_sign": False, "norm": None}
         self._words = HashingVectorizer(analyzer="word", ngram_range=(1, 2), **options)
         self._chars = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 3), **options)
         config = {"kind": "hashing", "dim": dim, "word": [1, 2], "char_wb": [3, 3], "v": 1}
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-        self._fingerprint = "sha256:" + digest
-
-    @property
-    def name(self) -> str:
-        """Embedder name."""
-        return f"hashing-{self._dim}"
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 of the configuration."""
-        return self._fingerprint
-
-    @property
-    def dim(self) -> int:
-        """Embedding dimension."""
-        return self._dim
+        super().__init__(f"hashing-{dim}", "sha256:" + digest, dim)
 
     def embed(self, samples: Sequence[str]) -> np.ndarray:
         """L2-normalised (n, dim) float32 embeddings."""

@@ -247,6 +247,22 @@ def _validate_demo(config: object) -> None:
         )
 
 
+def _scores_table(scores: dict[str, dict[str, float]], *, first_column: str) -> Table:
+    """Label fidelity, TSTR and embedding FD per condition, as a rich table."""
+    metrics = Table(title="Utility against real held-out data")
+    for column in (first_column, "label fidelity", "TSTR accuracy", "TSTR macro-F1", "FD"):
+        metrics.add_column(column, justify="right")
+    for name, row in scores.items():
+        metrics.add_row(
+            name,
+            f"{row['label_fidelity']:.3f}",
+            f"{row['tstr_accuracy']:.3f}",
+            f"{row['tstr_macro_f1']:.3f}",
+            f"{row['embedding_fd']:.4f}",
+        )
+    return metrics
+
+
 def _pe_demo(
     config: object,
     *,
@@ -287,18 +303,7 @@ def _pe_demo(
         spent_text = "inf" if math.isinf(spent) else f"{spent:.2f}"
         table.add_row(str(r), spent_text, f"{fd:.4f}", f"{prec:.3f}", f"{rec:.3f}")
     console.print(table)
-    metrics = Table(title="Utility against real held-out data")
-    for column in ("population", "label fidelity", "TSTR accuracy", "TSTR macro-F1", "FD"):
-        metrics.add_column(column, justify="right")
-    for name, s in scores.items():
-        metrics.add_row(
-            name,
-            f"{s['label_fidelity']:.3f}",
-            f"{s['tstr_accuracy']:.3f}",
-            f"{s['tstr_macro_f1']:.3f}",
-            f"{s['embedding_fd']:.4f}",
-        )
-    console.print(metrics)
+    console.print(_scores_table(scores, first_column="population"))
     first, last = next(iter(scores.values())), list(scores.values())[-1]
     pval = one_sided_proportion_test(
         int(last["fidelity_hits"]), int(last["n"]), int(first["fidelity_hits"]), int(first["n"])
@@ -325,18 +330,7 @@ def _print_summary(config, samples_by, scores, timings, test) -> None:  # type: 
         examples = "\n".join(f"• {t[:110]}" for t in rows[:3])
         table.add_row(label, str(len(rows)), epsilon_label(config.epsilon), examples)
     console.print(table)
-    metrics = Table(title="Utility against real held-out data")
-    for column in ("condition", "label fidelity", "TSTR accuracy", "TSTR macro-F1", "embedding FD"):
-        metrics.add_column(column, justify="right")
-    for name, s in scores.items():
-        metrics.add_row(
-            name,
-            f"{s['label_fidelity']:.3f}",
-            f"{s['tstr_accuracy']:.3f}",
-            f"{s['tstr_macro_f1']:.3f}",
-            f"{s['embedding_fd']:.4f}",
-        )
-    console.print(metrics)
+    console.print(_scores_table(scores, first_column="condition"))
     prior = scores["prior (eps=0)"]
     ours = scores[main]
     p = test(
