@@ -1,0 +1,396 @@
+"""Study configuration: a TOML file naming the data, the methods and the sweeps to run.
+
+Everything is checked here, before any model is loaded, so a typo costs seconds rather than a
+night of compute. A study is a union of sweeps; each sweep is a grid over methods × ε × K ×
+partition × trust mode × dropout rate, and the study repeats every cell for each seed.
+
+Example (see ``studies/small.toml``)::
+
+    name = "small"
+    seeds = [0, 1]
+    corpus = "rotten_tomatoes"
+    metrics = ["tstr", "fid", "mia"]
+
+    [data]
+    private_per_label = 150
+
+    [[sweep]]
+    name = "privacy"
+    methods = ["prior", "vector", "vector-pooled"]
+    epsilons = [1.0, 4.0]
+    clients = [3]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedsynth.protocol.errors import ConfigError
+from fedsynth.protocol.mechanisms import TrustMode
+from fedsynth.simulations.datasets import available_corpora
+from fedsynth.simulations.partitions import PartitionSpec
+
+STUDY_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A method the study runner knows, with the guarantee it really gives."""
+
+    name: str
+    guarantee: str
+    uses_epsilon: bool  # one cell per ε of the sweep (else a single cell at its fixed ε)
+    fixed_epsilon: float | None = None
+    federated: bool = False  # runs through Flower's simulation (trust modes, dropouts apply)
+
+
+METHODS: dict[str, MethodInfo] = {
+    m.name: m
+    for m in (
+        MethodInfo(
+            "prior",
+            "ε = 0: public prior only (class template, no private data touched); the floor",
+            uses_epsilon=False,
+            fixed_epsilon=0.0,
+        ),
+        MethodInfo(
+            "vector",
+            "(ε, δ)-DP per record: federated dataset vector, secure sum; trust as in the mode "
+            "column (central: coordinator sees the exact sum; distributed: t-of-K honest "
+            "holders; local: each holder's sum is DP on its own)",
+            uses_epsilon=True,
+            federated=True,
+        ),
+        MethodInfo(
+            "vector-pooled",
+            "(ε, δ)-DP per record: central EPSVec on the pooled data; trusts one curator with "
+            "every holder's raw records",
+            uses_epsilon=True,
+        ),
+        MethodInfo(
+            "vector-nonprivate",
+            "no privacy (ε = ∞): exact dataset vector of the pooled data; the ceiling",
+            uses_epsilon=False,
+            fixed_epsilon=math.inf,
+        ),
+        MethodInfo(
+            "pe",
+            "(ε, δ)-DP per record over all rounds: federated Private Evolution, secure sum of "
+            "vote histograms; trust as in the mode column",
+            uses_epsilon=True,
+            federated=True,
+        ),
+        MethodInfo(
+            "icl-verbatim",
+            "NOT private (ε = ∞): private records quoted verbatim as in-context examples; a "
+            "deliberately leaky control that shows the attacks have power",
+            uses_epsilon=False,
+            fixed_epsilon=math.inf,
+        ),
+    )
+}
+
+METRICS: dict[str, str] = {
+    "tstr": "train on synthetic, test on real held-out data: accuracy and macro-F1",
+    "fidelity": "share of samples a classifier trained on real data gives the intended label",
+    "fid": "Fréchet distance of sentence embeddings to held-out real text (lower is better)",
+    "mauve": "MAUVE (mauve-text) on sentence embeddings against held-out real text",
+    "self_bleu": "Self-BLEU (sacrebleu) among synthetic samples (lower = more diverse)",
+    "distinct": "distinct-1 and distinct-2 over all synthetic samples",
+    "next_word": "next-word accuracy on real text of a bigram model trained on the synthetic",
+    "mia": "membership inference AUC, nearest-synthetic embedding similarity attack",
+}
+
+DEFAULT_METRICS = ("tstr", "fidelity", "fid", "mauve", "self_bleu", "distinct", "next_word", "mia")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Sizes shared by every cell (per label)."""
+
+    private_per_label: int = 150
+    test_per_label: int = 150
+    synthetic_per_label: int = 32
+    mia_members: int = 100
+    max_new_tokens: int = 40
+    strength: float = 0.03
+    generation_batch: int = 32
+
+
+@dataclass(frozen=True)
+class PESettings:
+    """Federated PE settings used by ``pe`` cells."""
+
+    rounds: int = 2
+    population: int = 16
+    top_k: int = 1
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One grid of cells; the study is the union of its sweeps (duplicates run once)."""
+
+    name: str
+    methods: tuple[str, ...]
+    epsilons: tuple[float, ...] = (4.0,)
+    clients: tuple[int, ...] = (3,)
+    partitions: tuple[PartitionSpec, ...] = (PartitionSpec("iid"),)
+    modes: tuple[str, ...] = ("distributed",)
+    dropouts: tuple[float, ...] = (0.0,)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of results.csv."""
+
+    method: str
+    mode: str
+    epsilon: float
+    clients: int
+    partition: str
+    dropout: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """Stable identity used for resuming (finished keys are skipped)."""
+        eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
+        return (
+            f"{self.method}|{self.mode}|eps={eps}|K={self.clients}|{self.partition}|"
+            f"drop={self.dropout:g}|seed={self.seed}"
+        )
+
+    @property
+    def dropped_clients(self) -> int:
+        """Holders that go offline after key sharing in this cell."""
+        return round(self.dropout * self.clients)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A whole study: fixed settings, sweeps and seeds."""
+
+    name: str
+    sweeps: tuple[Sweep, ...]
+    seeds: tuple[int, ...] = (0,)
+    corpus: str = "rotten_tomatoes"
+    model: str = "gemma3-270m"
+    layers: tuple[int, ...] = (8, 9, 10, 11)
+    embedder: str = "all-minilm-l6-v2"
+    delta: float = 1e-5
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    data: DataSettings = field(default_factory=DataSettings)
+    pe: PESettings = field(default_factory=PESettings)
+
+    def cells(self) -> list[Cell]:
+        """Every cell of every sweep, each once, in a stable order (seed-major)."""
+        seen: dict[str, Cell] = {}
+        for seed in self.seeds:
+            for sweep in self.sweeps:
+                for cell in _sweep_cells(sweep, seed):
+                    seen.setdefault(cell.key, cell)
+        return list(seen.values())
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change what a cell computes (not the grid itself)."""
+        fixed = asdict(self)
+        for name in ("name", "sweeps", "seeds", "metrics"):
+            fixed.pop(name)
+        text = json.dumps(fixed, sort_keys=True, default=str)
+        return hashlib.sha256(f"{STUDY_FORMAT}:{text}".encode()).hexdigest()[:16]
+
+
+def _sweep_cells(sweep: Sweep, seed: int) -> Iterable[Cell]:
+    for method in sweep.methods:
+        info = METHODS[method]
+        epsilons = sweep.epsilons if info.uses_epsilon else (info.fixed_epsilon or 0.0,)
+        if method == "vector-pooled":
+            modes: tuple[str, ...] = ("central",)
+        elif info.federated:
+            modes = sweep.modes
+        else:
+            modes = ("none",)
+        dropouts = sweep.dropouts if info.federated else (0.0,)
+        for epsilon in epsilons:
+            for k in sweep.clients:
+                for partition in sweep.partitions:
+                    for mode in modes:
+                        for dropout in dropouts:
+                            yield Cell(method, mode, epsilon, k, partition.name, dropout, seed)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _keys(table: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _int(value: Any, where: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    return float(value)
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list, got {value!r}")
+    return value
+
+
+def _epsilon(value: Any, where: str) -> float:
+    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    eps = _number(value, where)
+    if not eps > 0:
+        raise ConfigError(f"{where}: ε must be > 0 (use method 'prior' for ε = 0), got {value!r}")
+    return eps
+
+
+def _parse_sweep(raw: Any, index: int) -> Sweep:
+    where = f"sweep {index + 1}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table ([[sweep]])")
+    _keys(raw, [f.name for f in fields(Sweep)], where)
+    name = str(raw.get("name", f"sweep-{index + 1}"))
+    where = f"sweep {name!r}"
+    methods = tuple(str(m) for m in _list(raw.get("methods"), f"{where}: methods"))
+    for method in methods:
+        if method not in METHODS:
+            raise ConfigError(
+                f"{where}: method {method!r} is unknown; known methods are {list(METHODS)}"
+            )
+    epsilons = tuple(
+        _epsilon(e, f"{where}: epsilons") for e in _list(raw.get("epsilons", [4.0]), where)
+    )
+    clients = tuple(
+        _int(k, f"{where}: clients", minimum=2) for k in _list(raw.get("clients", [3]), where)
+    )
+    partitions = tuple(
+        PartitionSpec.parse(p) for p in _list(raw.get("partitions", ["iid"]), where)
+    )
+    modes = tuple(str(m) for m in _list(raw.get("modes", ["distributed"]), where))
+    known_modes = [m.value for m in TrustMode]
+    for mode in modes:
+        if mode not in known_modes:
+            raise ConfigError(f"{where}: trust mode {mode!r} is unknown; expected {known_modes}")
+    dropouts = tuple(_number(d, f"{where}: dropouts") for d in _list(raw.get("dropouts", [0]), where))
+    for rate in dropouts:
+        if not 0.0 <= rate < 1.0:
+            raise ConfigError(f"{where}: a dropout rate must be in [0, 1), got {rate!r}")
+    for k in clients:
+        for rate in dropouts:
+            survivors = k - round(rate * k)
+            needed = max(2, k // 2 + 1)
+            if survivors < needed:
+                raise ConfigError(
+                    f"{where}: dropout {rate:g} at K={k} leaves {survivors} holders, below the "
+                    f"secure sum's threshold t={needed}"
+                )
+    return Sweep(name, methods, epsilons, clients, partitions, modes, dropouts)
+
+
+def _parse_table(cls: type[Any], raw: Any, where: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    _keys(raw, [f.name for f in fields(cls)], f"[{where}]")
+    values = {}
+    defaults = cls()
+    for key, value in raw.items():
+        default = getattr(defaults, key)
+        if isinstance(default, int):
+            values[key] = _int(value, f"[{where}] {key}", minimum=1)
+        else:
+            values[key] = _number(value, f"[{where}] {key}")
+            if not values[key] > 0:
+                raise ConfigError(f"[{where}] {key} must be > 0, got {value!r}")
+    return cls(**values)
+
+
+def parse_study(raw: Mapping[str, Any], *, source: str = "config") -> StudyConfig:
+    """Validate a parsed TOML document and build the study (every error names its place)."""
+    top = [f.name for f in fields(StudyConfig) if f.name != "sweeps"] + ["sweep", "format"]
+    _keys(raw, top, source)
+    fmt = raw.get("format", STUDY_FORMAT)
+    if fmt != STUDY_FORMAT:
+        raise ConfigError(f"{source}: format = {fmt!r}; this fedsynth reads format {STUDY_FORMAT}")
+    sweeps_raw = raw.get("sweep")
+    if not isinstance(sweeps_raw, list) or not sweeps_raw:
+        raise ConfigError(f"{source}: at least one [[sweep]] table is needed")
+    sweeps = tuple(_parse_sweep(s, i) for i, s in enumerate(sweeps_raw))
+    seeds = tuple(_int(s, "seeds", minimum=0) for s in _list(raw.get("seeds", [0]), "seeds"))
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds repeat: {list(seeds)}")
+    corpus = str(raw.get("corpus", "rotten_tomatoes"))
+    if corpus not in available_corpora():
+        raise ConfigError(f"corpus {corpus!r} is unknown; known corpora are {available_corpora()}")
+    metrics = tuple(str(m) for m in _list(raw.get("metrics", list(DEFAULT_METRICS)), "metrics"))
+    for metric in metrics:
+        if metric not in METRICS:
+            raise ConfigError(f"metric {metric!r} is unknown; known metrics are {list(METRICS)}")
+    layers = tuple(_int(x, "layers", minimum=0) for x in _list(raw.get("layers", [8, 9, 10, 11]), "layers"))
+    delta = _number(raw.get("delta", 1e-5), "delta")
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta must be in (0, 1), got {delta!r}")
+    config = StudyConfig(
+        name=str(raw.get("name", "study")),
+        sweeps=sweeps,
+        seeds=seeds,
+        corpus=corpus,
+        model=str(raw.get("model", "gemma3-270m")),
+        layers=layers,
+        embedder=str(raw.get("embedder", "all-minilm-l6-v2")),
+        delta=delta,
+        metrics=metrics,
+        data=_parse_table(DataSettings, raw.get("data"), "data"),
+        pe=_parse_table(PESettings, raw.get("pe"), "pe"),
+    )
+    _check_sizes(config)
+    return config
+
+
+def _check_sizes(config: StudyConfig) -> None:
+    """K must fit the private records; PE needs its population to fit the samples asked."""
+    from fedsynth.simulations.demo import TEMPLATES
+
+    n_labels = len(TEMPLATES[config.corpus].labels)
+    records = config.data.private_per_label * n_labels
+    for sweep in config.sweeps:
+        for k in sweep.clients:
+            if k > records:
+                raise ConfigError(
+                    f"sweep {sweep.name!r}: K={k} holders exceed the {records} private training "
+                    f"records (private_per_label={config.data.private_per_label} × {n_labels} "
+                    "labels); every holder needs at least 1 record"
+                )
+    if config.data.mia_members > config.data.private_per_label * n_labels:
+        raise ConfigError("[data] mia_members exceeds the private training records")
+
+
+def load_study_config(path: Path | str) -> StudyConfig:
+    """Read and validate a study TOML file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"study config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"study config {path} is not valid TOML: {exc}") from None
+    return parse_study(raw, source=str(path))
