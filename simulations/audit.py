@@ -91,10 +91,13 @@ def epsilon_lower_bound(
 
 def canary_features(manifest: TaskManifest, reference: np.ndarray, label_index: int) -> np.ndarray:
     """A worst-case record: 10 clip norms from the class reference along a fixed direction."""
-    direction = np.random.default_rng(12345).normal(size=(len(manifest.layers), manifest.hidden_size))
+    direction = np.random.default_rng(12345).normal(
+        size=(len(manifest.layers), manifest.hidden_size)
+    )
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
     clip = np.asarray(manifest.clip_norms, dtype=np.float64)[:, None]
-    return (reference[label_index] + 10.0 * clip * direction)[None].astype(np.float32)
+    record: np.ndarray = (reference[label_index] + 10.0 * clip * direction)[None]
+    return record.astype(np.float32)
 
 
 def release_statistic(
@@ -106,8 +109,11 @@ def release_statistic(
     label_index: int,
     rng: np.random.Generator,
 ) -> float:
-    """Run the release once (every holder's integer sums + noise share, field sum, decoding)
-    and return the projection of the released class sum onto the canary's clipped record."""
+    """Run the release once and project the released class sum onto the canary's record.
+
+    Every holder computes integer sums and adds its noise share; the field sum is decoded (with
+    central noise in central mode) exactly as the coordinator does.
+    """
     fields = []
     for features, labels in holders:
         sums = integer_class_sums(
@@ -135,8 +141,11 @@ def audit_release(
     label_index: int = 0,
     confidence: float = 0.95,
 ) -> AuditResult:
-    """Audit the release mechanism: ``runs`` releases without and ``runs`` with the canary
-    (added to the first holder's data), then :func:`epsilon_lower_bound`."""
+    """Audit the release mechanism by ``runs`` releases without and with the canary.
+
+    The canary is added to the first holder's data; the scores go to
+    :func:`epsilon_lower_bound`.
+    """
     if runs < 4:
         raise ConfigError(f"runs={runs}: the audit needs at least 4 runs per side")
     canary = canary_features(manifest, reference, label_index)

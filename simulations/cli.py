@@ -1,4 +1,4 @@
-"""The ``fedsynth`` command line: demo, generate from a release, inspect a release."""
+"""The ``fedsynth`` command line: demo, simulate a study, generate from a release, inspect."""
 
 from __future__ import annotations
 
@@ -343,6 +343,77 @@ def _print_summary(config, samples_by, scores, timings, test) -> None:  # type: 
         + f"\noutputs: {config.out_dir}/synthetic.jsonl, privacy_report.json, summary.json, "
         "scores.png"
     )
+
+
+@app.command()
+def simulate(
+    config_file: Annotated[Path, typer.Argument(help="Study config (TOML); see studies/.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Results folder (default: study-<name> here).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check the config and list the cells, run nothing.")
+    ] = False,
+    model: Annotated[
+        str | None, typer.Option(help="Override the config's model (e.g. a path).")
+    ] = None,
+) -> None:
+    """Run a simulation study: every cell of the config, results.csv, report.md, plots.
+
+    Finished cells in the results folder are kept (a study resumes where it stopped).
+    """
+    _offline_env()
+    import dataclasses
+
+    from fedsynth.simulations.study import StudyRunner, open_results_folder
+    from fedsynth.simulations.study_config import load_study_config
+
+    try:
+        config = load_study_config(config_file)
+        if model is not None:
+            config = dataclasses.replace(config, model=model)
+        folder = out or Path(f"study-{config.name}")
+        cells = config.cells()
+        if dry_run:
+            table = Table(title=f"study {config.name}: {len(cells)} cells")
+            for column in ("method", "mode", "ε", "K", "partition", "dropout", "seed"):
+                table.add_column(column)
+            for c in cells:
+                eps = "inf" if math.isinf(c.epsilon) else f"{c.epsilon:g}"
+                table.add_row(
+                    c.method,
+                    c.mode,
+                    eps,
+                    str(c.clients),
+                    c.partition,
+                    f"{c.dropout:g}",
+                    str(c.seed),
+                )
+            console.print(table)
+            return
+        finished = open_results_folder(config, folder)
+        console.print(
+            f"[bold]fedsynth simulate[/bold] {config.name}: {len(cells)} cells "
+            f"({len([c for c in cells if c.key in finished])} already in {folder})"
+        )
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # one progress bar, not Ray's chatter
+        already = len([c for c in cells if c.key in finished])
+        with _progress() as progress:
+            task = progress.add_task("cells", total=len(cells), completed=already)
+
+            def report(message: str) -> None:
+                if message.startswith("[") and "/" in message:  # "[i/n] key": cell i starts
+                    started = int(message[1 : message.index("/")])
+                    progress.update(task, completed=already + started - 1)
+                progress.update(task, description=message[:80])
+
+            runner = StudyRunner(config, folder, progress=report)
+            rows = runner.run()
+            progress.update(task, completed=len(cells), description="done")
+    except FedSynthError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"{len(rows)} rows in {folder / 'results.csv'}; report: {folder / 'report.md'}")
 
 
 @app.command()

@@ -108,7 +108,7 @@ def _split_by_proportions(n: int, proportions: np.ndarray, rng: np.random.Genera
 def partition_label_skew(
     records: Sequence[Record], *, num_clients: int, alpha: float, seed: int
 ) -> list[list[Record]]:
-    """Each label's records go to the holders in Dirichlet(α) proportions (α → 0: one label each)."""
+    """Each label's records go to the holders in Dirichlet(α) proportions (α → 0: one each)."""
     _check_clients(records, num_clients)
     PartitionSpec("label-skew", alpha)
     rng = np.random.default_rng(seed)
@@ -121,7 +121,7 @@ def partition_label_skew(
         proportions = rng.dirichlet(np.full(num_clients, float(alpha)))
         assignment[indices] = _split_by_proportions(len(indices), proportions, rng)
     _fix_empty(assignment, num_clients, rng)
-    return [[records[i] for i in np.flatnonzero(assignment == c)] for c in range(num_clients)]
+    return [[records[int(i)] for i in np.flatnonzero(assignment == c)] for c in range(num_clients)]
 
 
 def partition_quantity_skew(
@@ -134,7 +134,7 @@ def partition_quantity_skew(
     proportions = rng.dirichlet(np.full(num_clients, float(alpha)))
     assignment = _split_by_proportions(len(records), proportions, rng)
     _fix_empty(assignment, num_clients, rng)
-    return [[records[i] for i in np.flatnonzero(assignment == c)] for c in range(num_clients)]
+    return [[records[int(i)] for i in np.flatnonzero(assignment == c)] for c in range(num_clients)]
 
 
 def partition_records(

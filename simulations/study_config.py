@@ -38,6 +38,7 @@ from fedsynth.simulations.datasets import available_corpora
 from fedsynth.simulations.partitions import PartitionSpec
 
 STUDY_FORMAT = 1
+POOLED_CLIENTS = 1  # the K column of methods that use the pooled data (no holders)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class DataSettings:
     max_new_tokens: int = 40
     strength: float = 0.03
     generation_batch: int = 32
+    audit_runs: int = 200  # releases per side of the empirical ε audit (0: no audit)
 
 
 @dataclass(frozen=True)
@@ -218,12 +220,16 @@ def _sweep_cells(sweep: Sweep, seed: int) -> Iterable[Cell]:
         else:
             modes = ("none",)
         dropouts = sweep.dropouts if info.federated else (0.0,)
+        # Methods that never split the data see the pooled set: one cell, not one per K.
+        clients = sweep.clients if info.federated else (POOLED_CLIENTS,)
+        partitions = sweep.partitions if info.federated else (None,)
         for epsilon in epsilons:
-            for k in sweep.clients:
-                for partition in sweep.partitions:
+            for k in clients:
+                for spec in partitions:
+                    partition = spec.name if spec is not None else "pooled"
                     for mode in modes:
                         for dropout in dropouts:
-                            yield Cell(method, mode, epsilon, k, partition.name, dropout, seed)
+                            yield Cell(method, mode, epsilon, k, partition, dropout, seed)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -281,15 +287,15 @@ def _parse_sweep(raw: Any, index: int) -> Sweep:
     clients = tuple(
         _int(k, f"{where}: clients", minimum=2) for k in _list(raw.get("clients", [3]), where)
     )
-    partitions = tuple(
-        PartitionSpec.parse(p) for p in _list(raw.get("partitions", ["iid"]), where)
-    )
+    partitions = tuple(PartitionSpec.parse(p) for p in _list(raw.get("partitions", ["iid"]), where))
     modes = tuple(str(m) for m in _list(raw.get("modes", ["distributed"]), where))
     known_modes = [m.value for m in TrustMode]
     for mode in modes:
         if mode not in known_modes:
             raise ConfigError(f"{where}: trust mode {mode!r} is unknown; expected {known_modes}")
-    dropouts = tuple(_number(d, f"{where}: dropouts") for d in _list(raw.get("dropouts", [0]), where))
+    dropouts = tuple(
+        _number(d, f"{where}: dropouts") for d in _list(raw.get("dropouts", [0]), where)
+    )
     for rate in dropouts:
         if not 0.0 <= rate < 1.0:
             raise ConfigError(f"{where}: a dropout rate must be in [0, 1), got {rate!r}")
@@ -311,12 +317,12 @@ def _parse_table(cls: type[Any], raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{where}] must be a table")
     _keys(raw, [f.name for f in fields(cls)], f"[{where}]")
-    values = {}
+    values: dict[str, Any] = {}
     defaults = cls()
     for key, value in raw.items():
         default = getattr(defaults, key)
         if isinstance(default, int):
-            values[key] = _int(value, f"[{where}] {key}", minimum=1)
+            values[key] = _int(value, f"[{where}] {key}", minimum=0 if key == "audit_runs" else 1)
         else:
             values[key] = _number(value, f"[{where}] {key}")
             if not values[key] > 0:
@@ -345,7 +351,9 @@ def parse_study(raw: Mapping[str, Any], *, source: str = "config") -> StudyConfi
     for metric in metrics:
         if metric not in METRICS:
             raise ConfigError(f"metric {metric!r} is unknown; known metrics are {list(METRICS)}")
-    layers = tuple(_int(x, "layers", minimum=0) for x in _list(raw.get("layers", [8, 9, 10, 11]), "layers"))
+    layers = tuple(
+        _int(x, "layers", minimum=0) for x in _list(raw.get("layers", [8, 9, 10, 11]), "layers")
+    )
     delta = _number(raw.get("delta", 1e-5), "delta")
     if not 0 < delta < 1:
         raise ConfigError(f"delta must be in (0, 1), got {delta!r}")

@@ -6,6 +6,7 @@ them on any method's output and tests can check them on hand-made inputs.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -85,7 +86,7 @@ class BigramModel:
         for text in texts:
             tokens = words(text)
             unigrams.update(tokens)
-            for prev, nxt in zip(tokens, tokens[1:], strict=False):
+            for prev, nxt in itertools.pairwise(tokens):
                 self._followers[prev][nxt] += 1
         self._fallback = unigrams.most_common(1)[0][0] if unigrams else ""
         self._best = {w: c.most_common(1)[0][0] for w, c in self._followers.items()}
@@ -96,13 +97,15 @@ class BigramModel:
 
 
 def next_word_accuracy(train_texts: Sequence[str], test_texts: Sequence[str]) -> float:
-    """Share of real test word positions (after the first) a bigram model trained on
-    ``train_texts`` predicts exactly."""
+    """Share of real next words a bigram model trained on ``train_texts`` predicts exactly.
+
+    Every word of each test text after its first is one prediction.
+    """
     model = BigramModel(train_texts)
     hits = total = 0
     for text in test_texts:
         tokens = words(text)
-        for prev, nxt in zip(tokens, tokens[1:], strict=False):
+        for prev, nxt in itertools.pairwise(tokens):
             hits += model.predict(prev) == nxt
             total += 1
     if total == 0:
@@ -113,12 +116,14 @@ def next_word_accuracy(train_texts: Sequence[str], test_texts: Sequence[str]) ->
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    unit: np.ndarray = x / np.maximum(norms, 1e-12)
+    return unit
 
 
 def nearest_similarity(queries: np.ndarray, synthetic: np.ndarray) -> np.ndarray:
     """Cosine similarity of each query to its nearest synthetic sample."""
-    return (_unit_rows(queries) @ _unit_rows(synthetic).T).max(axis=1)
+    similarity: np.ndarray = (_unit_rows(queries) @ _unit_rows(synthetic).T).max(axis=1)
+    return similarity
 
 
 def membership_auc(members: np.ndarray, non_members: np.ndarray, synthetic: np.ndarray) -> float:

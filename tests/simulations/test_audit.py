@@ -51,9 +51,7 @@ def _manifest(setting, *, epsilon: float, mode: str):  # type: ignore[no-untyped
 def test_audit_bound_never_exceeds_the_accountant(setting, mode: str, epsilon: float) -> None:
     _, reference, holders = setting
     manifest = _manifest(setting, epsilon=epsilon, mode=mode)
-    result = audit_release(
-        holders, manifest=manifest, reference=reference.means, runs=300, seed=1
-    )
+    result = audit_release(holders, manifest=manifest, reference=reference.means, runs=300, seed=1)
     assert result.claimed_epsilon == epsilon
     assert 0.0 <= result.epsilon_lower_bound <= epsilon
 
@@ -62,9 +60,7 @@ def test_audit_has_power_without_noise(setting) -> None:
     # The same audit on a non-private release finds a large ε: the test can detect leaks.
     _, reference, holders = setting
     manifest = _manifest(setting, epsilon=math.inf, mode="distributed")
-    result = audit_release(
-        holders, manifest=manifest, reference=reference.means, runs=300, seed=1
-    )
+    result = audit_release(holders, manifest=manifest, reference=reference.means, runs=300, seed=1)
     assert result.epsilon_lower_bound > 3.5
     assert result.false_positive_rate < 0.03
 
@@ -73,9 +69,7 @@ def test_audit_detects_the_canary_when_noise_is_weak(setting) -> None:
     # At ε = 16 (central Gaussian) the canary is visible: a clearly positive bound, below the claim.
     _, reference, holders = setting
     manifest = _manifest(setting, epsilon=16.0, mode="central")
-    result = audit_release(
-        holders, manifest=manifest, reference=reference.means, runs=300, seed=2
-    )
+    result = audit_release(holders, manifest=manifest, reference=reference.means, runs=300, seed=2)
     assert 1.5 < result.epsilon_lower_bound <= 16.0
 
 

@@ -1,0 +1,719 @@
+"""Run a simulation study: every cell of the config, one results.csv row each, resumable.
+
+Federated cells (``vector``, ``pe``) run the real ClientApps and ServerApp in Flower's
+in-process simulation, exactly as ``fedsynth demo`` does; pooled baselines run the same
+protocol functions (features, per-record rounding, decoding with central noise) on the union of
+the holders' data. After each cell its row is appended to ``results.csv`` and flushed, so an
+interrupted study resumes where it stopped; ``study.json`` pins the settings the rows came from.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedsynth.client.data import Record
+from fedsynth.protocol.codec import to_field
+from fedsynth.protocol.contribution import decode_release, integer_class_sums
+from fedsynth.protocol.errors import ConfigError, FedSynthError
+from fedsynth.protocol.features import extract_features
+from fedsynth.protocol.models import LoadedModel, load_model
+from fedsynth.server.coordinator import PublicReference, build_manifest, compute_public_reference
+from fedsynth.server.generation import generate_from_prompts
+from fedsynth.server.release import Release, save_release
+from fedsynth.server.secure_round import Reply, RoundResult, Transport
+from fedsynth.server.synthesize import SyntheticSample, generate_from_release
+from fedsynth.simulations.demo import (
+    CoordinatorOutcome,
+    DemoConfig,
+    DemoData,
+    generation_config,
+    make_coordinator_job,
+    run_job_in_simulation,
+    task_config,
+)
+from fedsynth.simulations.partitions import PartitionSpec, partition_records, partition_stats
+from fedsynth.simulations.study_config import METHODS, STUDY_FORMAT, Cell, StudyConfig
+
+log = logging.getLogger(__name__)
+
+KEY_COLUMNS = ("method", "mode", "epsilon", "clients", "partition", "dropout", "seed")
+METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
+    "tstr": ("tstr_accuracy", "tstr_macro_f1"),
+    "fidelity": ("label_fidelity",),
+    "fid": ("embedding_fd",),
+    "mauve": ("mauve",),
+    "self_bleu": ("self_bleu",),
+    "distinct": ("distinct_1", "distinct_2"),
+    "next_word": ("next_word_accuracy",),
+    "mia": ("mia_auc",),
+}
+PERF_COLUMNS = (
+    "client_seconds",
+    "bytes_per_client",
+    "coordinator_seconds",
+    "generation_tokens_per_s",
+    "cell_seconds",
+)
+RESULT_COLUMNS = (
+    "key",
+    *KEY_COLUMNS,
+    "status",
+    "n_synthetic",
+    *(c for cols in METRIC_COLUMNS.values() for c in cols),
+    *PERF_COLUMNS,
+)
+ICL_SHOTS = 3
+AUDIT_COLUMNS = (
+    "mode",
+    "claimed_epsilon",
+    "clients",
+    "epsilon_lower_bound",
+    "runs",
+    "false_positive_rate",
+    "false_negative_rate",
+)
+
+Progress = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- folder
+
+
+def open_results_folder(config: StudyConfig, out_dir: Path) -> set[str]:
+    """Create or check the study folder; return the keys of cells already finished.
+
+    Refuses (before any compute) a folder written by another study format or with other fixed
+    settings, since its rows would not be comparable with new ones.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = out_dir / "study.json"
+    meta = {"format": STUDY_FORMAT, "fingerprint": config.fingerprint(), "name": config.name}
+    if meta_path.exists():
+        try:
+            old = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise ConfigError(
+                f"{meta_path} is not a study file; use a new results folder"
+            ) from None
+        if old.get("format") != STUDY_FORMAT:
+            raise ConfigError(
+                f"{out_dir} holds results of study format {old.get('format')!r}; this fedsynth "
+                f"writes format {STUDY_FORMAT}. Use a new results folder."
+            )
+        if old.get("fingerprint") != meta["fingerprint"]:
+            raise ConfigError(
+                f"{out_dir} holds results made with other fixed settings (model, data sizes, "
+                "layers, PE settings, ...); its rows would not be comparable. Use a new results "
+                "folder, or change only the sweeps, seeds and metrics."
+            )
+    else:
+        (out_dir / "results.csv").unlink(missing_ok=True)
+        meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return {row["key"] for row in read_results(out_dir) if row["status"] != ""}
+
+
+def read_results(out_dir: Path) -> list[dict[str, str]]:
+    """Rows of results.csv (empty when there is none); refuses a file with other columns."""
+    path = out_dir / "results.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != RESULT_COLUMNS:
+            raise ConfigError(
+                f"{path} has other columns than this fedsynth writes; use a new results folder"
+            )
+        return list(reader)
+
+
+def append_result(out_dir: Path, row: Mapping[str, Any]) -> None:
+    """Append one row and flush it to disk (a crash after this keeps the cell)."""
+    path = out_dir / "results.csv"
+    new = not path.exists()
+    with path.open("a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({c: _cell_text(row.get(c)) for c in RESULT_COLUMNS})
+        handle.flush()
+
+
+def _cell_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        if math.isnan(value):
+            return ""
+        return f"{value:.6g}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------- shared state
+
+
+class _TimedTransport:
+    """Records per-stage wall time and reply bytes of a transport (the performance columns)."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.stage_seconds: dict[str, float] = {}
+        self.bytes_by_node: dict[int, int] = {}
+
+    def for_action(self, action: str) -> _TimedTransport:
+        """Switch the inner transport's message kind, keep recording here."""
+        switched = getattr(self.inner, "for_action", None)
+        if switched is not None:
+            self.inner = switched(action)
+        return self
+
+    def exchange(self, stage: str, requests: Mapping[int, Any], *, timeout: float) -> Any:
+        from flwr.common.serde import recorddict_to_proto
+
+        start = time.monotonic()
+        replies: dict[int, Reply] = self.inner.exchange(stage, requests, timeout=timeout)
+        elapsed = time.monotonic() - start
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + elapsed
+        for node, reply in replies.items():
+            if reply.content is not None:
+                size = recorddict_to_proto(reply.content).ByteSize()
+                self.bytes_by_node[node] = self.bytes_by_node.get(node, 0) + size
+        return replies
+
+    @property
+    def client_seconds(self) -> float:
+        """Wall time of the stages in which holders compute (features or votes, noise)."""
+        return self.stage_seconds.get("masked_input", 0.0)
+
+    @property
+    def bytes_per_client(self) -> float:
+        """Mean bytes uploaded per holder over all stages (serialized Flower records)."""
+        if not self.bytes_by_node:
+            return math.nan
+        return float(np.mean(list(self.bytes_by_node.values())))
+
+
+@dataclass
+class SeedState:
+    """What every cell of one seed shares: data split, evaluators, pooled features."""
+
+    train: list[Record]
+    test: list[Record]
+    members: list[Record]
+    non_members: list[Record]
+    classifier: Any = None
+    test_embeddings: np.ndarray | None = None
+    member_embeddings: np.ndarray | None = None
+    non_member_embeddings: np.ndarray | None = None
+    pooled_features: np.ndarray | None = None
+    pooled_seconds: float = 0.0
+
+
+@dataclass
+class CellOutput:
+    """Samples of one cell and its performance figures."""
+
+    samples: list[SyntheticSample]
+    status: str = "ok"
+    perf: dict[str, float] = field(default_factory=dict)
+
+
+class StudyRunner:
+    """Runs the cells of a study that are not finished yet and writes the report."""
+
+    def __init__(
+        self,
+        config: StudyConfig,
+        out_dir: Path,
+        *,
+        progress: Progress | None = None,
+        loaded: LoadedModel | None = None,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.progress = progress or (lambda _message: None)
+        self._loaded = loaded
+        self._reference: PublicReference | None = None
+        self._seeds: dict[int, SeedState] = {}
+        self._embedder: Any = None
+        self.holder_tables: dict[str, list[dict[str, int]]] = {}
+
+    # ---------------------------------------------------------------- lazies
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The coordinator's model (loaded on first use)."""
+        if self._loaded is None:
+            self._loaded = load_model(self.config.model)
+        return self._loaded
+
+    def demo_config(self, cell: Cell) -> DemoConfig:
+        """The demo settings that run one cell through the real federated code."""
+        d = self.config.data
+        epsilon = cell.epsilon if cell.epsilon > 0 else 4.0
+        return DemoConfig(
+            out_dir=self.out_dir / "cells" / _slug(cell.key),
+            corpus=self.config.corpus,
+            model=self.config.model,
+            clients=cell.clients,
+            epsilon=epsilon,
+            delta=self.config.delta,
+            mode=cell.mode if cell.mode in ("central", "distributed", "local") else "central",
+            layers=self.config.layers,
+            strength=d.strength,
+            private_per_label=d.private_per_label,
+            synthetic_per_label=d.synthetic_per_label,
+            prior_per_label=max(d.synthetic_per_label, 8),
+            test_per_label=d.test_per_label,
+            include_nonprivate=False,
+            max_new_tokens=d.max_new_tokens,
+            generation_batch=d.generation_batch,
+            drop_clients=cell.dropped_clients,
+            seed=cell.seed,
+        )
+
+    @property
+    def reference(self) -> PublicReference:
+        """The public prior and reference (one for the whole study: it is public)."""
+        if self._reference is None:
+            base = self.demo_config(self.config.cells()[0])
+            base = dataclasses.replace(base, seed=0)
+            self.progress("computing the public reference (prior generations)")
+            self._reference = compute_public_reference(self.loaded, task_config(base, base.epsilon))
+        return self._reference
+
+    @property
+    def embedder(self) -> Any:
+        """The sentence embedder used by the metrics (all-MiniLM-L6-v2, bundled)."""
+        if self._embedder is None:
+            from fedsynth.simulations.metrics import load_embedder
+
+            self._embedder = load_embedder()
+        return self._embedder
+
+    def seed_state(self, seed: int) -> SeedState:
+        """Data split and evaluators of one seed (computed once)."""
+        if seed not in self._seeds:
+            from fedsynth.simulations.datasets import (
+                load_corpus,
+                split_train_test,
+                subsample_per_label,
+            )
+
+            d = self.config.data
+            records = list(load_corpus(self.config.corpus).records)
+            train, test = split_train_test(records, test_fraction=0.15, seed=seed)
+            train = subsample_per_label(train, per_label=d.private_per_label, seed=seed)
+            test = subsample_per_label(test, per_label=d.test_per_label, seed=seed + 1)
+            rng = np.random.default_rng(seed + 7)
+            n = min(d.mia_members, len(train), len(test))
+            members = [train[int(i)] for i in rng.permutation(len(train))[:n]]
+            non_members = [test[int(i)] for i in rng.permutation(len(test))[:n]]
+            self._seeds[seed] = SeedState(train, test, members, non_members)
+        return self._seeds[seed]
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        from fedsynth.simulations.metrics import embed_texts
+
+        return embed_texts(self.embedder, list(texts))
+
+    # ---------------------------------------------------------------- running
+
+    def run(self) -> list[dict[str, str]]:
+        """Run every unfinished cell, then write report.md and the plots; return all rows."""
+        finished = open_results_folder(self.config, self.out_dir)
+        cells = self.config.cells()
+        todo = [c for c in cells if c.key not in finished]
+        self.progress(f"{len(cells)} cells, {len(cells) - len(todo)} already finished")
+        for i, cell in enumerate(todo, start=1):
+            self.progress(f"[{i}/{len(todo)}] {cell.key}")
+            row = self.run_cell(cell)
+            append_result(self.out_dir, row)
+        self.run_audits(cells)
+        rows = read_results(self.out_dir)
+        self.fill_holder_tables(cells)
+        from fedsynth.simulations.study_report import write_report
+
+        write_report(self, rows)
+        return rows
+
+    def run_audits(self, cells: Sequence[Cell]) -> None:
+        """Empirical ε lower bound for each (mode, ε) of the vector cells.
+
+        Uses the first cell's seed and IID holders; rows already in audit.csv are kept.
+        """
+        runs = self.config.data.audit_runs
+        wanted = sorted(
+            {
+                (c.mode, c.epsilon, c.clients if c.clients > 1 else 3)
+                for c in cells
+                if c.method in ("vector", "vector-pooled") and math.isfinite(c.epsilon)
+            }
+        )
+        if runs == 0 or not wanted:
+            return
+        from fedsynth.simulations.audit import audit_release
+
+        path = self.out_dir / "audit.csv"
+        done: set[tuple[str, str, str]] = set()
+        if path.exists():
+            with path.open(newline="", encoding="utf-8") as handle:
+                done = {
+                    (r["mode"], r["claimed_epsilon"], r["clients"]) for r in csv.DictReader(handle)
+                }
+        seed = cells[0].seed
+        state = self.seed_state(seed)
+        labels = [r.label for r in state.train]
+        for mode, epsilon, k in wanted:
+            if (mode, f"{epsilon:g}", str(k)) in done:
+                continue
+            self.progress(f"privacy audit: {mode}, ε={epsilon:g}, K={k}, {runs} runs per side")
+            tc = task_config(dataclasses.replace(self.demo_config(cells[0]), mode=mode), epsilon)
+            manifest = build_manifest(tc, self.loaded, self.reference, tuple(range(1, k + 1)))
+            features = self._pooled_features(state, manifest)
+            holders = [
+                (features[idx], [labels[i] for i in idx])
+                for idx in np.array_split(np.random.default_rng(seed).permutation(len(labels)), k)
+            ]
+            result = audit_release(
+                holders, manifest=manifest, reference=self.reference.means, runs=runs, seed=seed
+            )
+            new = not path.exists()
+            with path.open("a", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                if new:
+                    writer.writerow(AUDIT_COLUMNS)
+                writer.writerow(
+                    [
+                        mode,
+                        f"{epsilon:g}",
+                        k,
+                        f"{result.epsilon_lower_bound:.6g}",
+                        runs,
+                        f"{result.false_positive_rate:.6g}",
+                        f"{result.false_negative_rate:.6g}",
+                    ]
+                )
+
+    def _pooled_features(self, state: SeedState, manifest: Any) -> np.ndarray:
+        """Features of every private record of the seed (computed once, by the curator)."""
+        if state.pooled_features is None:
+            start = time.monotonic()
+            state.pooled_features, _ = extract_features(
+                self.loaded,
+                [r.text for r in state.train],
+                [r.label for r in state.train],
+                manifest.feature_spec,
+            )
+            state.pooled_seconds = time.monotonic() - start
+        return state.pooled_features
+
+    def partitions(self, cell: Cell) -> list[list[Record]]:
+        """The holders' data of a cell (seeded: the same cell always gets the same split)."""
+        state = self.seed_state(cell.seed)
+        spec = PartitionSpec.parse(cell.partition)
+        return partition_records(state.train, spec, num_clients=cell.clients, seed=cell.seed)
+
+    def fill_holder_tables(self, cells: Sequence[Cell]) -> None:
+        """Per-holder sizes and label histograms of every (partition, K) the study federates.
+
+        Computed for the first seed, for the report.
+        """
+        for cell in cells:
+            if not METHODS[cell.method].federated or cell.seed != self.config.seeds[0]:
+                continue
+            name = f"{cell.partition}, K={cell.clients}, seed={cell.seed}"
+            if name not in self.holder_tables:
+                labels = sorted({r.label for r in self.seed_state(cell.seed).train})
+                self.holder_tables[name] = partition_stats(self.partitions(cell), labels)
+
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        """Produce one cell's samples by its method, then score them."""
+        start = time.monotonic()
+        runner = getattr(self, "_method_" + cell.method.replace("-", "_"))
+        try:
+            output: CellOutput = runner(cell)
+        except FedSynthError as exc:  # a refusal (ε too small for PE, ...) is a result too
+            log.warning("cell %s refused: %s", cell.key, exc)
+            output = CellOutput(samples=[], status=f"refused: {exc}")
+        row: dict[str, Any] = {"key": cell.key, **dataclasses.asdict(cell)}
+        row["status"] = output.status
+        row["n_synthetic"] = len(output.samples)
+        if output.samples:
+            row.update(self.score(cell, output.samples))
+        row.update(output.perf)
+        row["cell_seconds"] = time.monotonic() - start
+        if "coordinator_seconds" not in row:
+            row["coordinator_seconds"] = (
+                row["cell_seconds"]
+                - output.perf.get("client_seconds", 0.0)
+                - output.perf.get("generation_seconds", 0.0)
+            )
+        self._write_samples(cell, output.samples)
+        return row
+
+    def _write_samples(self, cell: Cell, samples: Sequence[SyntheticSample]) -> None:
+        folder = self.out_dir / "cells" / _slug(cell.key)
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / "synthetic.jsonl").open("w", encoding="utf-8") as handle:
+            for s in samples:
+                handle.write(json.dumps(dataclasses.asdict(s), ensure_ascii=False) + "\n")
+
+    # ---------------------------------------------------------------- methods
+
+    def _method_prior(self, cell: Cell) -> CellOutput:
+        n = self.config.data.synthetic_per_label
+        samples = [
+            SyntheticSample(text=t, label=label, release_id="prior")
+            for label, texts in sorted(self.reference.texts.items())
+            for t in texts[:n]
+        ]
+        return CellOutput(samples)
+
+    def _generate(self, release: Release, cell: Cell, perf: dict[str, float]) -> CellOutput:
+        config = self.demo_config(cell)
+        start = time.monotonic()
+        samples = generate_from_release(
+            self.loaded,
+            release,
+            n_per_label=config.synthetic_per_label,
+            strength=config.strength,
+            contrast=config.contrast,
+            config=generation_config(config),
+            seed=cell.seed + 101,
+        )
+        perf.update(self._generation_perf(samples, time.monotonic() - start))
+        return CellOutput(samples, perf=perf)
+
+    def _generation_perf(
+        self, samples: Sequence[SyntheticSample], seconds: float
+    ) -> dict[str, float]:
+        tokens = sum(
+            len(self.loaded.tokenizer.encode(s.text, add_special_tokens=False)) for s in samples
+        )
+        return {
+            "generation_seconds": seconds,
+            "generation_tokens_per_s": tokens / max(seconds, 1e-9),
+        }
+
+    def _federation_data(self, cell: Cell, config: DemoConfig) -> DemoData:
+        from fedsynth.simulations.datasets import write_jsonl
+
+        state = self.seed_state(cell.seed)
+        parts = self.partitions(cell)
+        folder = config.out_dir / "clients"
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("budget-*.jsonl"):
+            stale.unlink()
+        for i, part in enumerate(parts):
+            write_jsonl(part, folder / f"partition-{i}.jsonl")
+        return DemoData(state.train, state.test, parts, folder, self.config.corpus)
+
+    def _run_federated(
+        self, cell: Cell, config: DemoConfig, make_job: Callable[[], Callable[..., None]]
+    ) -> tuple[dict[str, float], list[str]]:
+        data = self._federation_data(cell, config)
+        inner = make_job()
+        timed: dict[str, _TimedTransport] = {}
+
+        def job(transport: Transport, nodes: tuple[int, ...], context: Any) -> None:
+            timed["t"] = _TimedTransport(transport)
+            inner(timed["t"], nodes, context)
+
+        errors = run_job_in_simulation(config, data, job, embedder=self.config.embedder)
+        perf: dict[str, float] = {}
+        if "t" in timed:
+            perf = {
+                "client_seconds": timed["t"].client_seconds,
+                "bytes_per_client": timed["t"].bytes_per_client,
+            }
+        return perf, errors
+
+    def _method_vector(self, cell: Cell) -> CellOutput:
+        from fedsynth.server.release import load_release
+
+        config = self.demo_config(cell)
+        outcome = CoordinatorOutcome()
+        perf, errors = self._run_federated(
+            cell,
+            config,
+            lambda: make_coordinator_job(config, self.loaded, self.reference, outcome),
+        )
+        if errors or not outcome.releases:
+            raise ConfigError(f"the federated release failed: {'; '.join(errors) or 'no release'}")
+        release = load_release(next(iter(outcome.releases.values())))
+        return self._generate(release, cell, perf)
+
+    def _pooled_release(self, cell: Cell) -> tuple[Release, dict[str, float]]:
+        """Central EPSVec on the pooled data: the same feature, rounding and decoding code."""
+        state = self.seed_state(cell.seed)
+        config = dataclasses.replace(self.demo_config(cell), mode="central")
+        tc = task_config(config, cell.epsilon)
+        # The pooled curator is the only data source; the manifest's second node adds nothing.
+        manifest = build_manifest(tc, self.loaded, self.reference, (1, 2))
+        features = self._pooled_features(state, manifest)
+        rng = np.random.default_rng(secrets.randbits(128))
+        sums = integer_class_sums(
+            features,
+            [r.label for r in state.train],
+            manifest=manifest,
+            reference=self.reference.means,
+            rng=rng,
+        )
+        decoded = decode_release(
+            to_field(sums.reshape(-1), bits=manifest.bits), manifest=manifest, rng=rng
+        )
+        from fedsynth.server.release import privacy_report
+
+        result = RoundResult(field_sum=np.zeros(0, dtype=np.uint64), survivors=[1], dropped=[])
+        release = Release(
+            release_id=manifest.task_id,
+            manifest=manifest,
+            vectors=decoded.vectors,
+            counts=decoded.counts,
+            report=privacy_report(manifest, result, model_name=self.loaded.name),
+        )
+        return release, {"client_seconds": state.pooled_seconds}
+
+    def _method_vector_pooled(self, cell: Cell) -> CellOutput:
+        release, perf = self._pooled_release(cell)
+        save_release(
+            release, self.out_dir / "cells" / _slug(cell.key) / "release-pooled.safetensors"
+        )
+        return self._generate(release, cell, perf)
+
+    _method_vector_nonprivate = _method_vector_pooled
+
+    def _method_pe(self, cell: Cell) -> CellOutput:
+        from fedsynth.simulations import pe_demo
+
+        config = self.demo_config(cell)
+        settings = pe_demo.PEDemoSettings(
+            rounds=self.config.pe.rounds,
+            per_label=self.config.pe.population,
+            top_k=self.config.pe.top_k,
+            embedder=self.config.embedder,
+        )
+        pe_demo.pe_config(config, settings)
+        outcome = pe_demo.PEOutcome()
+        state = self.seed_state(cell.seed)
+        start = time.monotonic()
+        perf, errors = self._run_federated(
+            cell,
+            config,
+            lambda: pe_demo.make_pe_job(
+                config,
+                settings,
+                self.loaded,
+                DemoData(state.train, state.test, [], config.out_dir / "clients", ""),
+                outcome,
+            ),
+        )
+        if errors or outcome.result is None:
+            message = "; ".join(errors) or "no result"
+            if any(e.startswith(("ConfigError", "PolicyViolationError")) for e in errors):
+                raise ConfigError(message)
+            raise RuntimeError(f"the federated PE run failed: {message}")
+        samples = pe_demo.population_samples(outcome.result.state.population, "pe-final")
+        perf["coordinator_seconds"] = time.monotonic() - start - perf.get("client_seconds", 0.0)
+        return CellOutput(samples, perf=perf)
+
+    def _method_icl_verbatim(self, cell: Cell) -> CellOutput:
+        state = self.seed_state(cell.seed)
+        config = self.demo_config(cell)
+        template = config.template
+        rng = np.random.default_rng(cell.seed + 303)
+        prompts, labels = [], []
+        for label in template.labels:
+            # The shots are the attack's member records: each is quoted at least once when the
+            # prompts have room, so the control shows what a real leak looks like.
+            pool = [r.text for r in state.members if r.label == label] or [
+                r.text for r in state.train if r.label == label
+            ]
+            order = [int(i) for i in rng.permutation(len(pool))]
+            for j in range(config.synthetic_per_label):
+                picks = [order[(j * ICL_SHOTS + s) % len(order)] for s in range(ICL_SHOTS)]
+                shots = list(dict.fromkeys(pool[i] for i in picks))
+                shown = dataclasses.replace(template, shots=tuple((label, s) for s in shots))
+                prompts.append(shown.prefix(label))
+                labels.append(label)
+        start = time.monotonic()
+        texts = generate_from_prompts(
+            self.loaded, prompts, config=generation_config(config), seed=cell.seed + 101
+        )
+        samples = [
+            SyntheticSample(text=t, label=label, release_id="icl-verbatim")
+            for t, label in zip(texts, labels, strict=True)
+        ]
+        return CellOutput(samples, perf=self._generation_perf(samples, time.monotonic() - start))
+
+    # ---------------------------------------------------------------- scoring
+
+    def score(self, cell: Cell, samples: Sequence[SyntheticSample]) -> dict[str, float]:
+        """The configured utility and privacy metrics of one cell's samples."""
+        from fedsynth.simulations import metrics as m
+        from fedsynth.simulations import text_metrics as tm
+
+        state = self.seed_state(cell.seed)
+        texts = [s.text for s in samples]
+        labels = [s.label for s in samples]
+        test_texts = [r.text for r in state.test]
+        wanted = set(self.config.metrics)
+        out: dict[str, float] = {}
+        if "tstr" in wanted:
+            tstr = m.tstr_scores(texts, labels, test_texts, [r.label for r in state.test], seed=0)
+            out["tstr_accuracy"] = tstr["accuracy"]
+            out["tstr_macro_f1"] = tstr["macro_f1"]
+        if "fidelity" in wanted:
+            if state.classifier is None:
+                state.classifier = m.train_text_classifier(
+                    [r.text for r in state.train], [r.label for r in state.train], seed=0
+                )
+            out["label_fidelity"] = m.label_fidelity(state.classifier, texts, labels)
+        if wanted & {"fid", "mauve", "mia"}:
+            emb = self._embed(texts)
+            if state.test_embeddings is None:
+                state.test_embeddings = self._embed(test_texts)
+            if "fid" in wanted:
+                out["embedding_fd"] = m.frechet_distance(emb, state.test_embeddings)
+            if "mauve" in wanted:
+                out["mauve"] = tm.mauve_score(state.test_embeddings, emb, seed=cell.seed)
+            if "mia" in wanted:
+                if state.member_embeddings is None or state.non_member_embeddings is None:
+                    state.member_embeddings = self._embed([r.text for r in state.members])
+                    state.non_member_embeddings = self._embed([r.text for r in state.non_members])
+                out["mia_auc"] = tm.membership_auc(
+                    state.member_embeddings, state.non_member_embeddings, emb
+                )
+        if "self_bleu" in wanted:
+            out["self_bleu"] = tm.self_bleu(texts, seed=cell.seed)
+        if "distinct" in wanted:
+            out["distinct_1"] = tm.distinct_n(texts, 1)
+            out["distinct_2"] = tm.distinct_n(texts, 2)
+        if "next_word" in wanted:
+            out["next_word_accuracy"] = tm.next_word_accuracy(texts, test_texts)
+        return out
+
+
+def _slug(key: str) -> str:
+    """A folder name for a cell key."""
+    keep = [ch if ch.isalnum() or ch in "-.=" else "_" for ch in key]
+    return "".join(keep)
+
+
+def method_guarantees() -> dict[str, str]:
+    """Method name → the guarantee it really gives (for the report)."""
+    return {name: info.guarantee for name, info in METHODS.items()}

@@ -1,0 +1,289 @@
+"""The study's report: tables of results.csv (mean ± sd over seeds) in report.md, and plots.
+
+Plots (only when the study varies the axis): utility vs ε per method, utility vs K, utility vs
+dropout rate, membership-inference AUC vs ε.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedsynth.simulations.study_config import METHODS, METRICS
+
+if TYPE_CHECKING:
+    from fedsynth.simulations.study import StudyRunner
+
+GROUP = ("method", "mode", "epsilon", "clients", "partition", "dropout")
+TABLE_METRICS = (
+    ("tstr_accuracy", "TSTR acc"),
+    ("tstr_macro_f1", "TSTR F1"),
+    ("label_fidelity", "fidelity"),
+    ("embedding_fd", "FD"),
+    ("mauve", "MAUVE"),
+    ("self_bleu", "Self-BLEU"),
+    ("distinct_2", "distinct-2"),
+    ("next_word_accuracy", "next-word"),
+    ("mia_auc", "MIA AUC"),
+    ("client_seconds", "client s"),
+    ("bytes_per_client", "bytes/client"),
+    ("coordinator_seconds", "coord. s"),
+    ("generation_tokens_per_s", "tok/s"),
+)
+
+
+def _float(text: str) -> float:
+    if text == "":
+        return math.nan
+    return float(text)
+
+
+def aggregate(rows: Sequence[Mapping[str, str]]) -> list[dict[str, Any]]:
+    """Mean and sd over seeds for each (method, mode, ε, K, partition, dropout) group."""
+    groups: dict[tuple[str, ...], list[Mapping[str, str]]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(row[c] for c in GROUP)].append(row)
+    out = []
+    for key, members in groups.items():
+        entry: dict[str, Any] = dict(zip(GROUP, key, strict=True))
+        entry["seeds"] = len(members)
+        entry["status"] = ", ".join(sorted({m["status"].split(":")[0] for m in members}))
+        for column, _ in TABLE_METRICS:
+            values = np.array([_float(m.get(column, "")) for m in members])
+            values = values[~np.isnan(values)]
+            entry[column] = float(values.mean()) if len(values) else math.nan
+            entry[column + "_sd"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        out.append(entry)
+    order = list(METHODS)
+    out.sort(
+        key=lambda e: (
+            order.index(e["method"]) if e["method"] in order else 99,
+            e["mode"],
+            float(e["epsilon"]),
+            int(e["clients"]),
+            e["partition"],
+            float(e["dropout"]),
+        )
+    )
+    return out
+
+
+def _fmt(mean: float, sd: float, column: str) -> str:
+    if math.isnan(mean):
+        return "–"
+    digits = 0 if column in ("bytes_per_client", "generation_tokens_per_s") else 3
+    if column.endswith("seconds"):
+        digits = 1
+    text = f"{mean:.{digits}f}"
+    if not math.isnan(sd):
+        text += f" ± {sd:.{digits}f}"
+    return text
+
+
+def results_table(groups: Sequence[Mapping[str, Any]]) -> str:
+    """The aggregated results as a Markdown table (columns without any value are left out)."""
+    present = [(c, h) for c, h in TABLE_METRICS if any(not math.isnan(g[c]) for g in groups)]
+    head = ["method", "mode", "ε", "K", "partition", "dropout", "seeds"] + [h for _, h in present]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        cells = [g[c] for c in GROUP] + [str(g["seeds"])]
+        if g["status"] != "ok":
+            cells[0] += f" ({g['status']})"
+        cells += [_fmt(g[c], g[c + "_sd"], c) for c, _ in present]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def holder_table(tables: Mapping[str, Sequence[Mapping[str, int]]]) -> str:
+    """Per-holder size and label histogram for each partition the study ran."""
+    parts = []
+    for name, holders in sorted(tables.items()):
+        labels = [k for k in holders[0] if k != "size"]
+        head = ["holder", "records", *labels]
+        lines = [f"**{name}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for i, h in enumerate(holders):
+            lines.append(
+                "| " + " | ".join([str(i), *(str(h[c]) for c in ["size", *labels])]) + " |"
+            )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _most_common(groups: Sequence[Mapping[str, Any]], column: str) -> str:
+    return str(Counter(g[column] for g in groups).most_common(1)[0][0])
+
+
+def _utility_column(groups: Sequence[Mapping[str, Any]]) -> str | None:
+    for column in ("tstr_accuracy", "label_fidelity", "mauve"):
+        if any(not math.isnan(g[column]) for g in groups):
+            return column
+    return None
+
+
+def _line_plot(
+    groups: Sequence[Mapping[str, Any]],
+    *,
+    axis: str,
+    column: str,
+    path: Path,
+    title: str,
+    band: tuple[float, float] | None = None,
+) -> bool:
+    """Plot one line per federated (method, mode) over ``axis``.
+
+    The other axes stay at their most common value; methods that do not vary along the axis
+    (prior, pooled, controls) are flat lines.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    federated = [g for g in groups if METHODS[g["method"]].federated]
+    if not federated:
+        return False
+    fixed = {
+        c: _most_common(federated, c)
+        for c in ("epsilon", "clients", "partition", "dropout")
+        if c != axis
+    }
+    if axis != "dropout":
+        fixed["dropout"] = min((g["dropout"] for g in federated), key=float)
+    lines: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    flat: dict[str, float] = {}
+    for g in groups:
+        if math.isnan(g[column]):
+            continue
+        info = METHODS[g["method"]]
+        if info.federated:
+            if any(g[c] != v for c, v in fixed.items()):
+                continue
+            x = float(g[axis])
+            if axis == "epsilon" and not math.isfinite(x):
+                continue
+            lines[f"{g['method']} ({g['mode']})"].append((x, g[column], g[column + "_sd"]))
+        elif axis == "epsilon" and info.uses_epsilon:
+            lines[g["method"]].append((float(g["epsilon"]), g[column], g[column + "_sd"]))
+        elif not info.uses_epsilon or g["epsilon"] == fixed.get("epsilon"):
+            label = g["method"] if not info.uses_epsilon else f"{g['method']} (ε={g['epsilon']})"
+            flat[label] = g[column]
+    if not any(len(v) >= 2 for v in lines.values()):
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, points in sorted(lines.items()):
+        points.sort()
+        xs, ys, sds = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+        ax.errorbar(xs, ys, yerr=np.nan_to_num(sds), marker="o", capsize=3, label=name)
+    for i, (name, value) in enumerate(sorted(flat.items())):
+        ax.axhline(value, ls="--", lw=1, color=f"C{len(lines) + i}", label=name)
+    if band is not None:
+        ax.axhspan(*band, color="grey", alpha=0.15, label="[0.45, 0.55]")
+    if axis == "epsilon":
+        ax.set_xscale("log")
+        ax.set_xlabel("ε")
+    else:
+        ax.set_xlabel({"clients": "holders K", "dropout": "dropout rate"}[axis])
+    ax.set_ylabel(column.replace("_", " "))
+    shown = ", ".join(f"{k}={v}" for k, v in fixed.items())
+    ax.set_title(f"{title}\n(federated cells at {shown})", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_plots(groups: Sequence[Mapping[str, Any]], out_dir: Path) -> list[str]:
+    """The four study plots that the data supports; returns the files written."""
+    written = []
+    utility = _utility_column(groups)
+    if utility is not None:
+        for axis, name, title in (
+            ("epsilon", "utility_vs_epsilon.png", "Utility vs ε"),
+            ("clients", "utility_vs_clients.png", "Utility vs number of holders"),
+            ("dropout", "utility_vs_dropout.png", "Utility vs dropout rate"),
+        ):
+            if _line_plot(groups, axis=axis, column=utility, path=out_dir / name, title=title):
+                written.append(name)
+    if any(not math.isnan(g["mia_auc"]) for g in groups) and _line_plot(
+        groups,
+        axis="epsilon",
+        column="mia_auc",
+        path=out_dir / "mia_vs_epsilon.png",
+        title="Membership inference AUC vs ε",
+        band=(0.45, 0.55),
+    ):
+        written.append("mia_vs_epsilon.png")
+    return written
+
+
+def write_report(runner: StudyRunner, rows: Sequence[Mapping[str, str]]) -> Path:
+    """Write report.md (and the plots) for the study's current results."""
+    config = runner.config
+    out_dir = runner.out_dir
+    groups = aggregate(rows)
+    plots = write_plots(groups, out_dir)
+    used = {r["method"] for r in rows}
+    parts = [
+        f"# Study {config.name}",
+        "",
+        f"Corpus `{config.corpus}`, model `{config.model}`, layers {list(config.layers)}, "
+        f"δ = {config.delta:g}, seeds {list(config.seeds)}; {config.data.private_per_label} "
+        f"private and {config.data.test_per_label} held-out records per label, "
+        f"{config.data.synthetic_per_label} synthetic samples per label. Settings fingerprint "
+        f"`{config.fingerprint()}`; {len(rows)} cells in `results.csv`.",
+        "",
+        "## Methods and the guarantee each gives",
+        "",
+        "| method | guarantee |",
+        "|---|---|",
+        *(f"| {m} | {info.guarantee} |" for m, info in METHODS.items() if m in used),
+        "",
+        "## Results (mean ± sd over seeds)",
+        "",
+        results_table(groups) if groups else "No cells finished yet.",
+        "",
+        "Metrics: " + "; ".join(f"**{m}**: {METRICS[m]}" for m in config.metrics) + ".",
+        "Performance: client s = wall time of the stage in which the holders compute (they run "
+        "in parallel; for pooled baselines, the curator's feature pass); bytes/client = "
+        "serialized replies per holder over all stages; coord. s = the rest of the cell "
+        "(reference, secure-sum bookkeeping, PE generation); tok/s = generation speed.",
+        "",
+    ]
+    if plots:
+        parts += ["## Plots", "", *(f"![{p}]({p})" for p in plots), ""]
+    if runner.holder_tables:
+        parts += ["## Holders' data", "", holder_table(runner.holder_tables), ""]
+    audit = out_dir / "audit.csv"
+    if audit.exists():
+        parts += ["## Empirical privacy audit", "", _audit_table(audit), ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def _audit_table(path: Path) -> str:
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    lines = [
+        "Distinguishing audit on the released vector (runs with and without one worst-case "
+        "record; Clopper-Pearson at 95 %). The lower bound must stay below the claimed ε.",
+        "",
+        "| mode | claimed ε | empirical ε lower bound | runs per side | FPR bound | FNR bound |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['claimed_epsilon']} | {float(r['epsilon_lower_bound']):.3f} | "
+            f"{r['runs']} | {float(r['false_positive_rate']):.3f} | "
+            f"{float(r['false_negative_rate']):.3f} |"
+        )
+    return "\n".join(lines)

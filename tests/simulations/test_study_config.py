@@ -1,0 +1,146 @@
+"""Study configs: the grid they expand to, and every bad input refused before compute."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedsynth.protocol.errors import ConfigError
+from fedsynth.simulations.study import RESULT_COLUMNS, open_results_folder
+from fedsynth.simulations.study_config import (
+    STUDY_FORMAT,
+    load_study_config,
+    parse_study,
+)
+
+GOOD = """
+name = "t"
+seeds = [0, 1]
+metrics = ["tstr", "mia"]
+
+[data]
+private_per_label = 50
+
+[[sweep]]
+name = "eps"
+methods = ["prior", "vector", "vector-pooled", "vector-nonprivate"]
+epsilons = [1, 4, "inf"]
+clients = [3, 5]
+partitions = ["iid", "label-skew:0.5"]
+modes = ["central", "distributed"]
+
+[[sweep]]
+name = "drop"
+methods = ["vector"]
+epsilons = [4]
+clients = [5]
+dropouts = [0.0, 0.2]
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    return path
+
+
+def _raw(**changes: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {"name": "t", "sweep": [{"methods": ["vector"]}]}
+    raw.update(changes)
+    return raw
+
+
+def test_good_config_expands_to_the_union_of_sweeps(tmp_path: Path) -> None:
+    config = load_study_config(_write(tmp_path, GOOD))
+    cells = config.cells()
+    per_seed = (
+        1  # prior: one pooled cell
+        + 3 * 2 * 2 * 2  # vector: eps x K x partition x mode
+        + 3  # vector-pooled: one per eps, pooled
+        + 1  # non-private
+        + 1  # drop sweep: dropout 0.2 at K=5 (dropout 0 duplicates the first sweep)
+    )
+    assert len(cells) == 2 * per_seed
+    assert len({c.key for c in cells}) == len(cells)
+    assert {c.partition for c in cells if c.method == "prior"} == {"pooled"}
+    assert {c.mode for c in cells if c.method == "vector-pooled"} == {"central"}
+    assert any(math.isinf(c.epsilon) and c.method == "vector" for c in cells)
+    assert {c.dropped_clients for c in cells if c.dropout == 0.2} == {1}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (_raw(sweep=[{"methods": ["dp-magic"]}]), "method 'dp-magic' is unknown"),
+        (_raw(metrics=["bleurt"]), "metric 'bleurt' is unknown"),
+        (_raw(sweep=[{"methods": ["vector"], "partitions": ["shards"]}]), "partition 'shards'"),
+        (_raw(sweep=[{"methods": ["vector"], "partitions": ["label-skew:0"]}]), "alpha > 0"),
+        (_raw(sweep=[{"methods": ["vector"], "partitions": ["label-skew:-2"]}]), "alpha > 0"),
+        (
+            _raw(sweep=[{"methods": ["vector"], "clients": [500]}], data={"private_per_label": 10}),
+            "K=500 holders exceed the 20 private training records",
+        ),
+        (_raw(sweep=[{"methods": ["vector"], "clients": [1]}]), "clients must be an integer >= 2"),
+        (_raw(sweep=[{"methods": ["vector"], "modes": ["trusted"]}]), "trust mode 'trusted'"),
+        (_raw(sweep=[{"methods": ["vector"], "epsilons": [0]}]), "ε must be > 0"),
+        (
+            _raw(sweep=[{"methods": ["vector"], "dropouts": [0.5], "clients": [3]}]),
+            "below the secure sum's threshold",
+        ),
+        (_raw(sweep=[{"methods": ["vector"], "dropouts": [1.0]}]), r"in \[0, 1\)"),
+        (_raw(sweep=[]), "at least one"),
+        (_raw(corpus="imdb"), "corpus 'imdb' is unknown"),
+        (_raw(format=99), "format = 99"),
+        (_raw(colour="blue"), "unknown key"),
+        (_raw(data={"private_per_label": 0}), "private_per_label must be an integer >= 1"),
+        (_raw(data={"strength": -1.0}), "strength must be > 0"),
+        (_raw(seeds=[1, 1]), "seeds repeat"),
+        (_raw(delta=1.5), "delta"),
+    ],
+)
+def test_bad_configs_are_refused(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_study(raw)
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_study_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_study_config(_write(tmp_path, "name = [unclosed"))
+
+
+def test_results_folder_checks(tmp_path: Path) -> None:
+    config = parse_study(_raw())
+    out = tmp_path / "results"
+    assert open_results_folder(config, out) == set()
+    assert open_results_folder(config, out) == set()  # reopening the same study is fine
+    # Only the grid changed: the folder is still compatible.
+    wider = parse_study(_raw(seeds=[0, 1], metrics=["tstr"]))
+    open_results_folder(wider, out)
+    # Other fixed settings: rows would not be comparable.
+    other = parse_study(_raw(data={"private_per_label": 99}))
+    with pytest.raises(ConfigError, match="other fixed settings"):
+        open_results_folder(other, out)
+    # A folder from another study format.
+    meta = json.loads((out / "study.json").read_text())
+    meta["format"] = STUDY_FORMAT + 1
+    (out / "study.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="format"):
+        open_results_folder(config, out)
+    # A results.csv with other columns.
+    meta["format"] = STUDY_FORMAT
+    (out / "study.json").write_text(json.dumps(meta))
+    (out / "results.csv").write_text("key,method\nx,y\n")
+    with pytest.raises(ConfigError, match="other columns"):
+        open_results_folder(config, out)
+    (out / "results.csv").write_text(",".join(RESULT_COLUMNS) + "\n")
+    assert open_results_folder(config, out) == set()
+    # Not a study folder at all.
+    (out / "study.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a study file"):
+        open_results_folder(config, out)
