@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -225,7 +226,7 @@ def demo(
         timings["total"] = time.monotonic() - start
         d.write_outputs(config, samples_by, scores, outcome.releases, timings)
     except FedSynthError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     _print_summary(config, samples_by, scores, timings, one_sided_proportion_test)
 
@@ -411,7 +412,7 @@ def simulate(
             rows = runner.run()
             progress.update(task, completed=len(cells), description="done")
     except FedSynthError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     console.print(f"{len(rows)} rows in {folder / 'results.csv'}; report: {folder / 'report.md'}")
 
@@ -457,7 +458,7 @@ def generate(
                 handle.write(json.dumps(asdict(sample), ensure_ascii=False) + "\n")
                 handle.flush()
     except FedSynthError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     console.print(f"wrote {n * len(rel.labels)} samples to {out} (release {rel.release_id})")
 
@@ -470,7 +471,7 @@ def inspect(release: Annotated[Path, typer.Argument(help="Release file.")]) -> N
     try:
         rel = load_release(release)
     except FedSynthError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     console.print_json(json.dumps(rel.report))
 

@@ -293,8 +293,13 @@ def run_job_in_simulation(
     job: Callable[[Transport, tuple[int, ...], Any], None],
     *,
     embedder: str = "all-minilm-l6-v2",
+    policy: ClientPolicy | None = None,
 ) -> list[str]:
-    """Run ``job`` as the ServerApp against K simulated holders; return the job's errors."""
+    """Run ``job`` as the ServerApp against K simulated holders; return the job's errors.
+
+    ``policy`` is every holder's policy (default: the standard one, non-private tasks allowed
+    when the demo asks for them).
+    """
     from flwr.simulation import run_simulation
 
     from fedsynth.client.flower_app import make_client_app
@@ -304,9 +309,8 @@ def run_job_in_simulation(
         data_path=data.partition_dir / "partition-0.jsonl",
         model=config.model,
         embedder=embedder,
-        policy=ClientPolicy(
-            allow_non_private=config.include_nonprivate or math.isinf(config.epsilon)
-        ),
+        policy=policy
+        or ClientPolicy(allow_non_private=config.include_nonprivate or math.isinf(config.epsilon)),
     )
     errors: list[str] = []
 

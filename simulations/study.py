@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 
 from fedsynth.client.data import Record
+from fedsynth.client.policy import ClientPolicy
 from fedsynth.protocol.codec import to_field
 from fedsynth.protocol.contribution import decode_release, integer_class_sums
 from fedsynth.protocol.errors import ConfigError, FedSynthError
 from fedsynth.protocol.features import extract_features
 from fedsynth.protocol.models import LoadedModel, load_model
 from fedsynth.server.coordinator import PublicReference, build_manifest, compute_public_reference
-from fedsynth.server.generation import generate_from_prompts
+from fedsynth.server.generation import generate_from_prompts, steering_deltas
 from fedsynth.server.release import Release, save_release
 from fedsynth.server.secure_round import Reply, RoundResult, Transport
 from fedsynth.server.synthesize import SyntheticSample, generate_from_release
@@ -58,6 +59,7 @@ METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
     "distinct": ("distinct_1", "distinct_2"),
     "next_word": ("next_word_accuracy",),
     "mia": ("mia_auc",),
+    "canary": ("canary_exposure",),
 }
 PERF_COLUMNS = (
     "client_seconds",
@@ -74,7 +76,7 @@ RESULT_COLUMNS = (
     *(c for cols in METRIC_COLUMNS.values() for c in cols),
     *PERF_COLUMNS,
 )
-ICL_SHOTS = 3
+CANARY_TEXT = "The ticket stub I kept from that screening reads {secret}, and I loved every minute."
 AUDIT_COLUMNS = (
     "mode",
     "claimed_epsilon",
@@ -131,11 +133,24 @@ def read_results(out_dir: Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        if tuple(reader.fieldnames or ()) != RESULT_COLUMNS:
-            raise ConfigError(
-                f"{path} has other columns than this fedsynth writes; use a new results folder"
-            )
-        return list(reader)
+        columns = tuple(reader.fieldnames or ())
+        rows = list(reader)
+    if columns == RESULT_COLUMNS:
+        return rows
+    if not {"key", *KEY_COLUMNS, "status"} <= set(columns) or not set(columns) <= set(
+        RESULT_COLUMNS
+    ):
+        raise ConfigError(
+            f"{path} has other columns than this fedsynth writes; use a new results folder"
+        )
+    # Written before some metric columns existed: rewrite it with the current header.
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return [{c: row.get(c, "") for c in RESULT_COLUMNS} for row in rows]
 
 
 def append_result(out_dir: Path, row: Mapping[str, Any]) -> None:
@@ -218,17 +233,34 @@ class SeedState:
     test_embeddings: np.ndarray | None = None
     member_embeddings: np.ndarray | None = None
     non_member_embeddings: np.ndarray | None = None
+    canaries: list[Record] = field(default_factory=list)
+    canary_secret: str = ""
+    candidate_secrets: list[str] = field(default_factory=list)
     pooled_features: np.ndarray | None = None
     pooled_seconds: float = 0.0
+
+    @property
+    def pooled(self) -> list[Record]:
+        """Everything the holders hold together: the private records plus the canaries."""
+        return self.train + self.canaries
 
 
 @dataclass
 class CellOutput:
-    """Samples of one cell and its performance figures."""
+    """Samples of one cell, its performance figures and its generator (for canary exposure)."""
 
     samples: list[SyntheticSample]
     status: str = "ok"
     perf: dict[str, float] = field(default_factory=dict)
+    generator: Generator | None = None
+
+
+@dataclass(frozen=True)
+class Generator:
+    """What a method releases for generation: a prompt per label and optional steering."""
+
+    prompts: Mapping[str, str]
+    deltas_by_label: Mapping[str, Mapping[int, Any]] | None = None
 
 
 class StudyRunner:
@@ -322,7 +354,17 @@ class StudyRunner:
             n = min(d.mia_members, len(train), len(test))
             members = [train[int(i)] for i in rng.permutation(len(train))[:n]]
             non_members = [test[int(i)] for i in rng.permutation(len(test))[:n]]
-            self._seeds[seed] = SeedState(train, test, members, non_members)
+            state = SeedState(train, test, members, non_members)
+            if d.canaries:
+                secrets_ = [
+                    f"{int(x):06d}"
+                    for x in rng.choice(10**6, d.canary_candidates + 1, replace=False)
+                ]
+                state.canary_secret, state.candidate_secrets = secrets_[0], secrets_[1:]
+                label = sorted({r.label for r in train})[0]
+                text = CANARY_TEXT.format(secret=state.canary_secret)
+                state.canaries = [Record(text=text, label=label) for _ in range(d.canaries)]
+            self._seeds[seed] = state
         return self._seeds[seed]
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -376,7 +418,7 @@ class StudyRunner:
                 }
         seed = cells[0].seed
         state = self.seed_state(seed)
-        labels = [r.label for r in state.train]
+        labels = [r.label for r in state.pooled]
         for mode, epsilon, k in wanted:
             if (mode, f"{epsilon:g}", str(k)) in done:
                 continue
@@ -414,8 +456,8 @@ class StudyRunner:
             start = time.monotonic()
             state.pooled_features, _ = extract_features(
                 self.loaded,
-                [r.text for r in state.train],
-                [r.label for r in state.train],
+                [r.text for r in state.pooled],
+                [r.label for r in state.pooled],
                 manifest.feature_spec,
             )
             state.pooled_seconds = time.monotonic() - start
@@ -425,7 +467,9 @@ class StudyRunner:
         """The holders' data of a cell (seeded: the same cell always gets the same split)."""
         state = self.seed_state(cell.seed)
         spec = PartitionSpec.parse(cell.partition)
-        return partition_records(state.train, spec, num_clients=cell.clients, seed=cell.seed)
+        parts = partition_records(state.train, spec, num_clients=cell.clients, seed=cell.seed)
+        parts[0] = parts[0] + state.canaries  # the canaries all live at the first holder
+        return parts
 
     def fill_holder_tables(self, cells: Sequence[Cell]) -> None:
         """Per-holder sizes and label histograms of every (partition, K) the study federates.
@@ -454,6 +498,8 @@ class StudyRunner:
         row["n_synthetic"] = len(output.samples)
         if output.samples:
             row.update(self.score(cell, output.samples))
+            if "canary" in self.config.metrics and output.generator is not None:
+                row["canary_exposure"] = self.canary_exposure(cell, output.generator)
         row.update(output.perf)
         row["cell_seconds"] = time.monotonic() - start
         if "coordinator_seconds" not in row:
@@ -481,7 +527,10 @@ class StudyRunner:
             for label, texts in sorted(self.reference.texts.items())
             for t in texts[:n]
         ]
-        return CellOutput(samples)
+        template = self.demo_config(cell).template
+        return CellOutput(
+            samples, generator=Generator({lb: template.prefix(lb) for lb in template.labels})
+        )
 
     def _generate(self, release: Release, cell: Cell, perf: dict[str, float]) -> CellOutput:
         config = self.demo_config(cell)
@@ -496,7 +545,17 @@ class StudyRunner:
             seed=cell.seed + 101,
         )
         perf.update(self._generation_perf(samples, time.monotonic() - start))
-        return CellOutput(samples, perf=perf)
+        template = release.manifest.template
+        deltas = {
+            label: steering_deltas(
+                release.directions(label, contrast=config.contrast),
+                strength=config.strength,
+                residual_norms=release.residual_norms(),
+            )
+            for label in release.labels
+        }
+        generator = Generator({lb: template.prefix(lb) for lb in template.labels}, deltas)
+        return CellOutput(samples, perf=perf, generator=generator)
 
     def _generation_perf(
         self, samples: Sequence[SyntheticSample], seconds: float
@@ -522,6 +581,16 @@ class StudyRunner:
             write_jsonl(part, folder / f"partition-{i}.jsonl")
         return DemoData(state.train, state.test, parts, folder, self.config.corpus)
 
+    def holder_policy(self) -> ClientPolicy:
+        """The simulated holders accept every ε the study sweeps (real holders set their own)."""
+        finite = [c.epsilon for c in self.config.cells() if math.isfinite(c.epsilon)]
+        largest = max([8.0, *finite])
+        return ClientPolicy(
+            max_epsilon_per_task=largest,
+            max_total_epsilon=largest * 1000,
+            allow_non_private=True,
+        )
+
     def _run_federated(
         self, cell: Cell, config: DemoConfig, make_job: Callable[[], Callable[..., None]]
     ) -> tuple[dict[str, float], list[str]]:
@@ -533,7 +602,9 @@ class StudyRunner:
             timed["t"] = _TimedTransport(transport)
             inner(timed["t"], nodes, context)
 
-        errors = run_job_in_simulation(config, data, job, embedder=self.config.embedder)
+        errors = run_job_in_simulation(
+            config, data, job, embedder=self.config.embedder, policy=self.holder_policy()
+        )
         perf: dict[str, float] = {}
         if "t" in timed:
             perf = {
@@ -568,7 +639,7 @@ class StudyRunner:
         rng = np.random.default_rng(secrets.randbits(128))
         sums = integer_class_sums(
             features,
-            [r.label for r in state.train],
+            [r.label for r in state.pooled],
             manifest=manifest,
             reference=self.reference.means,
             rng=rng,
@@ -631,25 +702,36 @@ class StudyRunner:
         perf["coordinator_seconds"] = time.monotonic() - start - perf.get("client_seconds", 0.0)
         return CellOutput(samples, perf=perf)
 
-    def _method_icl_verbatim(self, cell: Cell) -> CellOutput:
+    def _icl_shots(self, cell: Cell) -> list[tuple[str, list[str]]]:
+        """(label, shots) per sample, drawn from the attack's member records and the canaries.
+
+        Each is quoted at least once when the prompts have room, so leaks show in the attacks.
+        """
         state = self.seed_state(cell.seed)
         config = self.demo_config(cell)
-        template = config.template
+        n_shots = self.config.baselines.icl_shots
         rng = np.random.default_rng(cell.seed + 303)
-        prompts, labels = [], []
-        for label in template.labels:
-            # The shots are the attack's member records: each is quoted at least once when the
-            # prompts have room, so the control shows what a real leak looks like.
-            pool = [r.text for r in state.members if r.label == label] or [
+        out = []
+        for label in config.template.labels:
+            pool = [r.text for r in state.members + state.canaries if r.label == label] or [
                 r.text for r in state.train if r.label == label
             ]
             order = [int(i) for i in rng.permutation(len(pool))]
             for j in range(config.synthetic_per_label):
-                picks = [order[(j * ICL_SHOTS + s) % len(order)] for s in range(ICL_SHOTS)]
-                shots = list(dict.fromkeys(pool[i] for i in picks))
-                shown = dataclasses.replace(template, shots=tuple((label, s) for s in shots))
-                prompts.append(shown.prefix(label))
-                labels.append(label)
+                picks = [order[(j * n_shots + s) % len(order)] for s in range(n_shots)]
+                out.append((label, list(dict.fromkeys(pool[i] for i in picks))))
+        return out
+
+    def _method_icl_verbatim(self, cell: Cell) -> CellOutput:
+        state = self.seed_state(cell.seed)
+        config = self.demo_config(cell)
+        template = config.template
+        shots = self._icl_shots(cell)
+        prompts = [
+            dataclasses.replace(template, shots=tuple((label, s) for s in quoted)).prefix(label)
+            for label, quoted in shots
+        ]
+        labels = [label for label, _ in shots]
         start = time.monotonic()
         texts = generate_from_prompts(
             self.loaded, prompts, config=generation_config(config), seed=cell.seed + 101
@@ -658,9 +740,131 @@ class StudyRunner:
             SyntheticSample(text=t, label=label, release_id="icl-verbatim")
             for t, label in zip(texts, labels, strict=True)
         ]
+        # Its generator for the canary test: the label's first prompt that quotes a canary.
+        shown_prompts: dict[str, str] = {}
+        for prompt, label in zip(prompts, labels, strict=True):
+            quotes = any(c.text in prompt for c in state.canaries)
+            if label not in shown_prompts or (
+                quotes and not any(c.text in shown_prompts[label] for c in state.canaries)
+            ):
+                shown_prompts[label] = prompt
+        perf = self._generation_perf(samples, time.monotonic() - start)
+        return CellOutput(samples, perf=perf, generator=Generator(shown_prompts))
+
+    def _method_noisy_icl(self, cell: Cell) -> CellOutput:
+        from fedsynth.simulations.baselines import generate_after_embeddings
+
+        config = self.demo_config(cell)
+        template = config.template
+        shots = self._icl_shots(cell)
+        parts = []
+        for label, quoted in shots:
+            instruction = template.instruction.format(label=template.describe(label))
+            parts.append((instruction, quoted, instruction))
+        start = time.monotonic()
+        texts = generate_after_embeddings(
+            self.loaded,
+            parts,
+            epsilon=cell.epsilon,
+            delta=self.config.delta,
+            kind=self.config.baselines.icl_noise,
+            config=generation_config(config),
+            seed=cell.seed + 101,
+        )
+        samples = [
+            SyntheticSample(text=t, label=label, release_id="noisy-icl")
+            for t, (label, _) in zip(texts, shots, strict=True)
+        ]
         return CellOutput(samples, perf=self._generation_perf(samples, time.monotonic() - start))
 
+    def _method_rpsg(self, cell: Cell) -> CellOutput:
+        """Seeds → model rewrites → noisy choice → cosine filter → NLL filter → label check."""
+        from fedsynth.server.generation import text_logprobs
+        from fedsynth.simulations import baselines as b
+        from fedsynth.simulations.metrics import train_text_classifier
+        from fedsynth.simulations.text_metrics import nearest_similarity
+
+        state = self.seed_state(cell.seed)
+        config = self.demo_config(cell)
+        template = config.template
+        settings = self.config.baselines
+        rng = np.random.default_rng(cell.seed + 505)
+        seeds: list[tuple[str, str]] = []
+        for label in template.labels:
+            pool = [r.text for r in state.pooled if r.label == label]
+            n = min(len(pool), config.synthetic_per_label * settings.rpsg_seed_factor)
+            seeds += [(label, pool[int(i)]) for i in rng.permutation(len(pool))[:n]]
+        prompts = [
+            f"{template.prefix(label)}{text}\n\n{template.prefix(label)}"
+            for label, text in seeds
+            for _ in range(settings.rpsg_candidates)
+        ]
+        start = time.monotonic()
+        candidates = generate_from_prompts(
+            self.loaded, prompts, config=generation_config(config), seed=cell.seed + 101
+        )
+        perf = self._generation_perf(
+            [SyntheticSample(t, "", "") for t in candidates], time.monotonic() - start
+        )
+        # Label agreement by a classifier of the public prior texts (no private data).
+        prior = self.reference.texts
+        public = train_text_classifier(
+            [t for lb in prior for t in prior[lb]], [lb for lb in prior for _ in prior[lb]], seed=0
+        )
+        classes = list(public.classes_)
+        cand = np.array(candidates, dtype=object).reshape(len(seeds), settings.rpsg_candidates)
+        seed_emb = self._embed([t for _, t in seeds])
+        cand_emb = self._embed(candidates).reshape(len(seeds), settings.rpsg_candidates, -1)
+        similarity = np.einsum("sd,scd->sc", _unit(seed_emb), _unit(cand_emb))
+        probs = public.predict_proba(candidates).reshape(len(seeds), settings.rpsg_candidates, -1)
+        agree = np.stack([probs[i, :, classes.index(label)] for i, (label, _) in enumerate(seeds)])
+        scores = b.rescale_unit(
+            b.RPSG_SCORE_WEIGHT * similarity + (1 - b.RPSG_SCORE_WEIGHT) * agree
+        )
+        sigma = b.classic_gaussian_sigma(cell.epsilon, self.config.delta, 1.0)
+        chosen = b.noisy_argmax(scores, sigma=sigma, rng=rng)
+        picked = [str(cand[i, c]) for i, c in enumerate(chosen)]
+        labels = [label for label, _ in seeds]
+        # Cosine filter: keep the texts least similar to any private record.
+        private_emb = self._embed([r.text for r in state.pooled])
+        keep = b.keep_lowest(
+            nearest_similarity(cand_emb[np.arange(len(seeds)), chosen], private_emb),
+            b.RPSG_COSINE_KEEP,
+        )
+        # NLL filter: drop the most likely (memorized-looking) texts under the base model.
+        nll = np.full(len(picked), -np.inf)
+        for i in np.flatnonzero(keep):
+            if picked[i].strip():
+                nll[i] = -text_logprobs(self.loaded, template.prefix(labels[i]), [picked[i]])[0]
+        kept_idx = np.flatnonzero(keep)
+        keep[kept_idx] = b.keep_highest(nll[kept_idx], b.RPSG_NLL_KEEP)
+        # Label alignment: the public classifier must give the seed's label.
+        predicted = public.predict(picked)
+        samples = []
+        per_label: dict[str, int] = {}
+        for i in np.flatnonzero(keep):
+            label = labels[i]
+            if predicted[i] != label or per_label.get(label, 0) >= config.synthetic_per_label:
+                continue
+            per_label[label] = per_label.get(label, 0) + 1
+            samples.append(SyntheticSample(text=picked[i], label=label, release_id="rpsg"))
+        return CellOutput(samples, perf=perf)
+
     # ---------------------------------------------------------------- scoring
+
+    def canary_exposure(self, cell: Cell, generator: Generator) -> float:
+        """Exposure of the seed's canary under the cell's released generator."""
+        from fedsynth.server.generation import text_logprobs
+        from fedsynth.simulations.text_metrics import exposure
+
+        state = self.seed_state(cell.seed)
+        label = state.canaries[0].label
+        texts = [
+            CANARY_TEXT.format(secret=s) for s in [state.canary_secret, *state.candidate_secrets]
+        ]
+        deltas = (generator.deltas_by_label or {}).get(label)
+        scores = text_logprobs(self.loaded, generator.prompts[label], texts, deltas=deltas)
+        return exposure(scores[0], scores[1:])
 
     def score(self, cell: Cell, samples: Sequence[SyntheticSample]) -> dict[str, float]:
         """The configured utility and privacy metrics of one cell's samples."""
@@ -706,6 +910,12 @@ class StudyRunner:
         if "next_word" in wanted:
             out["next_word_accuracy"] = tm.next_word_accuracy(texts, test_texts)
         return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (last axis)."""
+    out: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return out
 
 
 def _slug(key: str) -> str:

@@ -23,12 +23,13 @@ Example (see ``studies/small.toml``)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,20 @@ METHODS: dict[str, MethodInfo] = {
             federated=True,
         ),
         MethodInfo(
+            "rpsg",
+            "NOT record-level DP: RPSG-style private seeds rewritten by the model; ε (classic "
+            "Gaussian, at any ε) covers only which candidate of a seed is kept, every output "
+            "derives from one private record; cosine and NLL filters are empirical defences",
+            uses_epsilon=True,
+        ),
+        MethodInfo(
+            "noisy-icl",
+            "NOT record-level DP: SafeSynthDP-style in-context examples whose token embeddings "
+            "are clipped and noised; ε is per token embedding (a record of n tokens shown m "
+            "times gets n·m·ε); noise kind in [baselines] icl_noise",
+            uses_epsilon=True,
+        ),
+        MethodInfo(
             "icl-verbatim",
             "NOT private (ε = ∞): private records quoted verbatim as in-context examples; a "
             "deliberately leaky control that shows the attacks have power",
@@ -107,6 +122,8 @@ METRICS: dict[str, str] = {
     "distinct": "distinct-1 and distinct-2 over all synthetic samples",
     "next_word": "next-word accuracy on real text of a bigram model trained on the synthetic",
     "mia": "membership inference AUC, nearest-synthetic embedding similarity attack",
+    "canary": "exposure of a canary inserted [data] canaries times into one holder's data, "
+    "ranked by the released generator's likelihood against other secrets",
 }
 
 DEFAULT_METRICS = ("tstr", "fidelity", "fid", "mauve", "self_bleu", "distinct", "next_word", "mia")
@@ -124,6 +141,8 @@ class DataSettings:
     strength: float = 0.03
     generation_batch: int = 32
     audit_runs: int = 200  # releases per side of the empirical ε audit (0: no audit)
+    canaries: int = 0  # copies of one canary record in the first holder's data (0: none)
+    canary_candidates: int = 200  # other secrets the canary is ranked against
 
 
 @dataclass(frozen=True)
@@ -133,6 +152,16 @@ class PESettings:
     rounds: int = 2
     population: int = 16
     top_k: int = 1
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """Settings of the comparison baselines (RPSG-style, noisy and verbatim ICL)."""
+
+    icl_shots: int = 3
+    icl_noise: str = "gaussian"  # "gaussian" (L2 clip) or "laplace" (L1 clip)
+    rpsg_candidates: int = 2  # model rewrites per private seed
+    rpsg_seed_factor: int = 2  # seeds drawn per wanted sample (the filters drop some)
 
 
 @dataclass(frozen=True)
@@ -190,6 +219,7 @@ class StudyConfig:
     metrics: tuple[str, ...] = DEFAULT_METRICS
     data: DataSettings = field(default_factory=DataSettings)
     pe: PESettings = field(default_factory=PESettings)
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
 
     def cells(self) -> list[Cell]:
         """Every cell of every sweep, each once, in a stable order (seed-major)."""
@@ -201,12 +231,30 @@ class StudyConfig:
         return list(seen.values())
 
     def fingerprint(self) -> str:
-        """Hash of the settings that change what a cell computes (not the grid itself)."""
-        fixed = asdict(self)
+        """Hash of the settings that change what a cell computes (not the grid itself).
+
+        Only values that differ from their defaults enter the hash, so a newer fedsynth that
+        adds a setting (whose default keeps the old behaviour) still opens older results.
+        """
+        fixed = _non_default(self, StudyConfig(name="", sweeps=()))
         for name in ("name", "sweeps", "seeds", "metrics"):
-            fixed.pop(name)
+            fixed.pop(name, None)
         text = json.dumps(fixed, sort_keys=True, default=str)
         return hashlib.sha256(f"{STUDY_FORMAT}:{text}".encode()).hexdigest()[:16]
+
+
+def _non_default(value: Any, default: Any) -> dict[str, Any]:
+    """The fields of a dataclass that differ from ``default`` (nested dataclasses recursed)."""
+    out: dict[str, Any] = {}
+    for f in fields(value):
+        mine, theirs = getattr(value, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(mine) and not isinstance(mine, type):
+            nested = _non_default(mine, theirs)
+            if nested:
+                out[f.name] = nested
+        elif mine != theirs:
+            out[f.name] = mine
+    return out
 
 
 def _sweep_cells(sweep: Sweep, seed: int) -> Iterable[Cell]:
@@ -321,8 +369,14 @@ def _parse_table(cls: type[Any], raw: Any, where: str) -> Any:
     defaults = cls()
     for key, value in raw.items():
         default = getattr(defaults, key)
-        if isinstance(default, int):
-            values[key] = _int(value, f"[{where}] {key}", minimum=0 if key == "audit_runs" else 1)
+        if isinstance(default, str):
+            if key == "icl_noise" and value not in ("gaussian", "laplace"):
+                raise ConfigError(f"[{where}] icl_noise must be 'gaussian' or 'laplace'")
+            values[key] = str(value)
+        elif isinstance(default, int):
+            values[key] = _int(
+                value, f"[{where}] {key}", minimum=0 if key in ("audit_runs", "canaries") else 1
+            )
         else:
             values[key] = _number(value, f"[{where}] {key}")
             if not values[key] > 0:
@@ -369,6 +423,7 @@ def parse_study(raw: Mapping[str, Any], *, source: str = "config") -> StudyConfi
         metrics=metrics,
         data=_parse_table(DataSettings, raw.get("data"), "data"),
         pe=_parse_table(PESettings, raw.get("pe"), "pe"),
+        baselines=_parse_table(BaselineSettings, raw.get("baselines"), "baselines"),
     )
     _check_sizes(config)
     return config
@@ -390,6 +445,10 @@ def _check_sizes(config: StudyConfig) -> None:
                 )
     if config.data.mia_members > config.data.private_per_label * n_labels:
         raise ConfigError("[data] mia_members exceeds the private training records")
+    if ("canary" in config.metrics) != (config.data.canaries > 0):
+        raise ConfigError(
+            "the 'canary' metric and [data] canaries >= 1 go together: set both or neither"
+        )
 
 
 def load_study_config(path: Path | str) -> StudyConfig:

@@ -30,6 +30,7 @@ TABLE_METRICS = (
     ("distinct_2", "distinct-2"),
     ("next_word_accuracy", "next-word"),
     ("mia_auc", "MIA AUC"),
+    ("canary_exposure", "canary exp."),
     ("client_seconds", "client s"),
     ("bytes_per_client", "bytes/client"),
     ("coordinator_seconds", "coord. s"),

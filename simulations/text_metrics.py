@@ -142,3 +142,17 @@ def membership_auc(members: np.ndarray, non_members: np.ndarray, synthetic: np.n
     )
     truth = np.concatenate([np.ones(len(members)), np.zeros(len(non_members))])
     return float(roc_auc_score(truth, scores))
+
+
+def exposure(canary_score: float, candidate_scores: Sequence[float]) -> float:
+    """Canary exposure (Carlini et al., 2019) estimated from a sample of other secrets.
+
+    ``log2(n + 1) - log2(rank)``, where rank is the canary's 1-based position among itself and
+    the n candidates by model score (higher = more likely). 0 means the canary ranks last, the
+    maximum ``log2(n + 1)`` that it ranks first; a model that never saw it scores about 1 on
+    average (rank uniform).
+    """
+    if len(candidate_scores) == 0:
+        raise ConfigError("exposure needs candidate secrets to rank the canary against")
+    rank = 1 + sum(1 for s in candidate_scores if s > canary_score)
+    return float(np.log2(len(candidate_scores) + 1) - np.log2(rank))

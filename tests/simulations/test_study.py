@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ seeds = [0]
 model = "tiny-llama"
 layers = [1, 2]
 embedder = "hashing-64"
+metrics = ["tstr", "fidelity", "fid", "mauve", "self_bleu", "distinct", "next_word", "mia",
+           "canary"]
 
 [data]
 private_per_label = 30
@@ -28,6 +31,8 @@ synthetic_per_label = 6
 mia_members = 20
 max_new_tokens = 10
 audit_runs = 12
+canaries = 2
+canary_candidates = 15
 
 [pe]
 rounds = 1
@@ -35,10 +40,31 @@ population = 6
 
 [[sweep]]
 name = "privacy"
-methods = ["prior", "vector", "vector-pooled", "vector-nonprivate", "icl-verbatim", "pe"]
-epsilons = [8, "inf"]
+methods = ["prior", "vector", "vector-pooled", "vector-nonprivate", "icl-verbatim"]
+epsilons = [12, "inf"]  # 12 is above a holder's default policy: the study widens it
 clients = [3]
+
+[[sweep]]
+name = "baselines"
+methods = ["rpsg", "noisy-icl", "pe"]
+epsilons = [8]
+
+[[sweep]]
+name = "holders"
+methods = ["vector"]
+epsilons = [8]
+clients = [3, 4]
+partitions = ["label-skew:0.5"]
+
+[[sweep]]
+name = "dropout"
+methods = ["vector"]
+epsilons = [8]
+clients = [4]
+dropouts = [0, 0.25]
+partitions = ["label-skew:0.5"]
 """
+SCORING_GENERATORS = ("prior", "vector", "vector-pooled", "vector-nonprivate", "icl-verbatim")
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +104,15 @@ def test_one_row_per_cell_with_metrics_and_performance(study: tuple[Path, Path])
         ):
             assert row[column] != "", (row["key"], column)
         assert 0.0 <= float(row["mia_auc"]) <= 1.0
+        # Exposure needs a generator that scores text: prior, vector releases, verbatim ICL.
+        if row["method"] in SCORING_GENERATORS:
+            assert 0.0 <= float(row["canary_exposure"]) <= math.log2(16) + 1e-9
+        else:
+            assert row["canary_exposure"] == ""
     federated = [r for r in rows if r["method"] in ("vector", "pe")]
-    assert len(federated) == 4
+    assert len(federated) == 2 + 3 + 1
+    dropped = [r for r in federated if r["dropout"] == "0.25"]
+    assert [r["clients"] for r in dropped] == ["4"]
     for row in federated:
         assert float(row["bytes_per_client"]) > 0
         assert float(row["client_seconds"]) > 0
@@ -124,13 +157,21 @@ def test_report_plots_audit(study: tuple[Path, Path]) -> None:
     ):
         assert heading in report
     assert "NOT private" in report
-    for plot in ("utility_vs_epsilon.png", "mia_vs_epsilon.png"):
+    assert "label-skew:0.5, K=4, seed=0" in report
+    for plot in (
+        "utility_vs_epsilon.png",
+        "mia_vs_epsilon.png",
+        "utility_vs_clients.png",
+        "utility_vs_dropout.png",
+    ):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     with (out / "audit.csv").open(newline="") as handle:
         audits = list(csv.DictReader(handle))
-    assert {(a["mode"], a["claimed_epsilon"]) for a in audits} == {
-        ("distributed", "8"),
-        ("central", "8"),
+    assert {(a["mode"], a["claimed_epsilon"], a["clients"]) for a in audits} == {
+        ("distributed", "12", "3"),
+        ("central", "12", "3"),
+        ("distributed", "8", "3"),
+        ("distributed", "8", "4"),
     }
     for a in audits:
         assert 0.0 <= float(a["epsilon_lower_bound"]) <= float(a["claimed_epsilon"])
@@ -162,7 +203,7 @@ def test_cli_dry_run_and_bad_config(study: tuple[Path, Path], tmp_path: Path) ->
     config_path, _ = study
     result = CliRunner().invoke(app, ["simulate", str(config_path), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "9 cells" in result.output
+    assert "13 cells" in result.output
     bad = tmp_path / "bad.toml"
     bad.write_text(CONFIG.replace('"pe"]', '"pe", "magic"]'))
     out = tmp_path / "never"
@@ -170,6 +211,11 @@ def test_cli_dry_run_and_bad_config(study: tuple[Path, Path], tmp_path: Path) ->
     assert result.exit_code == 2
     assert "method 'magic' is unknown" in result.output
     assert not out.exists()  # refused before anything was written or computed
+    # Error messages are printed literally (a TOML table name is not console markup).
+    bad.write_text('name = "x"\n')
+    result = CliRunner().invoke(app, ["simulate", str(bad), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "at least one [[sweep]] table" in result.output
 
 
 def test_cells_are_seeded(study: tuple[Path, Path]) -> None:

@@ -119,7 +119,8 @@ def test_results_folder_checks(tmp_path: Path) -> None:
     out = tmp_path / "results"
     assert open_results_folder(config, out) == set()
     assert open_results_folder(config, out) == set()  # reopening the same study is fine
-    # Only the grid changed: the folder is still compatible.
+    # Spelling out a default changes nothing; only the grid changed: still compatible.
+    assert parse_study(_raw(data={"audit_runs": 200})).fingerprint() == config.fingerprint()
     wider = parse_study(_raw(seeds=[0, 1], metrics=["tstr"]))
     open_results_folder(wider, out)
     # Other fixed settings: rows would not be comparable.
@@ -140,6 +141,13 @@ def test_results_folder_checks(tmp_path: Path) -> None:
         open_results_folder(config, out)
     (out / "results.csv").write_text(",".join(RESULT_COLUMNS) + "\n")
     assert open_results_folder(config, out) == set()
+    # Written by a version with fewer metric columns: kept, migrated to the current header.
+    older = [c for c in RESULT_COLUMNS if c != "mauve"]
+    (out / "results.csv").write_text(
+        ",".join(older) + "\n" + ",".join("x" if c in ("key", "status") else "" for c in older)
+    )
+    assert open_results_folder(config, out) == {"x"}
+    assert (out / "results.csv").read_text().splitlines()[0] == ",".join(RESULT_COLUMNS)
     # Not a study folder at all.
     (out / "study.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not a study file"):
