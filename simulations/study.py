@@ -29,6 +29,7 @@ from fedsynth.protocol.codec import to_field
 from fedsynth.protocol.contribution import decode_release, integer_class_sums
 from fedsynth.protocol.errors import ConfigError, FedSynthError
 from fedsynth.protocol.features import extract_features
+from fedsynth.protocol.manifest import PrivacySpec
 from fedsynth.protocol.models import LoadedModel, load_model
 from fedsynth.server.coordinator import PublicReference, build_manifest, compute_public_reference
 from fedsynth.server.generation import generate_from_prompts, steering_deltas
@@ -45,23 +46,19 @@ from fedsynth.simulations.demo import (
     task_config,
 )
 from fedsynth.simulations.partitions import PartitionSpec, partition_records, partition_stats
-from fedsynth.simulations.study_config import METHODS, STUDY_FORMAT, Cell, StudyConfig
+from fedsynth.simulations.study_config import (
+    METHODS,
+    METRIC_COLUMNS,
+    STUDY_FORMAT,
+    Cell,
+    StudyConfig,
+)
 
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ("method", "mode", "epsilon", "clients", "partition", "dropout", "seed")
-METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
-    "tstr": ("tstr_accuracy", "tstr_macro_f1"),
-    "fidelity": ("label_fidelity",),
-    "fid": ("embedding_fd",),
-    "mauve": ("mauve",),
-    "self_bleu": ("self_bleu",),
-    "distinct": ("distinct_1", "distinct_2"),
-    "next_word": ("next_word_accuracy",),
-    "mia": ("mia_auc",),
-    "canary": ("canary_exposure",),
-}
 PERF_COLUMNS = (
+    "noise_multiplier",
     "client_seconds",
     "bytes_per_client",
     "coordinator_seconds",
@@ -253,6 +250,7 @@ class CellOutput:
     status: str = "ok"
     perf: dict[str, float] = field(default_factory=dict)
     generator: Generator | None = None
+    members: list[Record] | None = None  # records the method read, if not all private ones
 
 
 @dataclass(frozen=True)
@@ -497,7 +495,7 @@ class StudyRunner:
         row["status"] = output.status
         row["n_synthetic"] = len(output.samples)
         if output.samples:
-            row.update(self.score(cell, output.samples))
+            row.update(self.score(cell, output.samples, members=output.members))
             if "canary" in self.config.metrics and output.generator is not None:
                 row["canary_exposure"] = self.canary_exposure(cell, output.generator)
         row.update(output.perf)
@@ -626,6 +624,9 @@ class StudyRunner:
         if errors or not outcome.releases:
             raise ConfigError(f"the federated release failed: {'; '.join(errors) or 'no release'}")
         release = load_release(next(iter(outcome.releases.values())))
+        perf["noise_multiplier"] = effective_noise_multiplier(
+            release.manifest.privacy, survivors=cell.clients - cell.dropped_clients
+        )
         return self._generate(release, cell, perf)
 
     def _pooled_release(self, cell: Cell) -> tuple[Release, dict[str, float]]:
@@ -661,6 +662,7 @@ class StudyRunner:
 
     def _method_vector_pooled(self, cell: Cell) -> CellOutput:
         release, perf = self._pooled_release(cell)
+        perf["noise_multiplier"] = effective_noise_multiplier(release.manifest.privacy, survivors=1)
         save_release(
             release, self.out_dir / "cells" / _slug(cell.key) / "release-pooled.safetensors"
         )
@@ -727,19 +729,25 @@ class StudyRunner:
         config = self.demo_config(cell)
         template = config.template
         shots = self._icl_shots(cell)
-        prompts = [
-            dataclasses.replace(template, shots=tuple((label, s) for s in quoted)).prefix(label)
-            for label, quoted in shots
-        ]
+        # Each sample starts with the first half of one quoted record, verbatim; the other
+        # quoted records are the in-context examples.
+        prompts, starts = [], []
+        for label, quoted in shots:
+            words = quoted[0].split()
+            start_text = " ".join(words[: max(1, len(words) // 2)])
+            shown = dataclasses.replace(template, shots=tuple((label, s) for s in quoted[1:]))
+            prompts.append(shown.prefix(label) + start_text)
+            starts.append(start_text)
         labels = [label for label, _ in shots]
         start = time.monotonic()
         texts = generate_from_prompts(
             self.loaded, prompts, config=generation_config(config), seed=cell.seed + 101
         )
         samples = [
-            SyntheticSample(text=t, label=label, release_id="icl-verbatim")
-            for t, label in zip(texts, labels, strict=True)
+            SyntheticSample(text=f"{head} {t}".strip(), label=label, release_id="icl-verbatim")
+            for head, t, label in zip(starts, texts, labels, strict=True)
         ]
+        read = {text for _, quoted in shots for text in quoted}
         # Its generator for the canary test: the label's first prompt that quotes a canary.
         shown_prompts: dict[str, str] = {}
         for prompt, label in zip(prompts, labels, strict=True):
@@ -749,7 +757,11 @@ class StudyRunner:
             ):
                 shown_prompts[label] = prompt
         perf = self._generation_perf(samples, time.monotonic() - start)
-        return CellOutput(samples, perf=perf, generator=Generator(shown_prompts))
+        # The control reads only the records it quotes: those are its members for the attack.
+        members = [r for r in state.members if r.text in read]
+        return CellOutput(
+            samples, perf=perf, generator=Generator(shown_prompts), members=members or None
+        )
 
     def _method_noisy_icl(self, cell: Cell) -> CellOutput:
         from fedsynth.simulations.baselines import generate_after_embeddings
@@ -866,8 +878,18 @@ class StudyRunner:
         scores = text_logprobs(self.loaded, generator.prompts[label], texts, deltas=deltas)
         return exposure(scores[0], scores[1:])
 
-    def score(self, cell: Cell, samples: Sequence[SyntheticSample]) -> dict[str, float]:
-        """The configured utility and privacy metrics of one cell's samples."""
+    def score(
+        self,
+        cell: Cell,
+        samples: Sequence[SyntheticSample],
+        *,
+        members: Sequence[Record] | None = None,
+    ) -> dict[str, float]:
+        """The configured utility and privacy metrics of one cell's samples.
+
+        ``members`` replaces the seed's attack members for a method that reads only some of
+        the private records (non-members: as many held-out records).
+        """
         from fedsynth.simulations import metrics as m
         from fedsynth.simulations import text_metrics as tm
 
@@ -899,9 +921,11 @@ class StudyRunner:
                 if state.member_embeddings is None or state.non_member_embeddings is None:
                     state.member_embeddings = self._embed([r.text for r in state.members])
                     state.non_member_embeddings = self._embed([r.text for r in state.non_members])
-                out["mia_auc"] = tm.membership_auc(
-                    state.member_embeddings, state.non_member_embeddings, emb
-                )
+                member_emb, non_member_emb = state.member_embeddings, state.non_member_embeddings
+                if members is not None:
+                    member_emb = self._embed([r.text for r in members])
+                    non_member_emb = non_member_emb[: len(members)]
+                out["mia_auc"] = tm.membership_auc(member_emb, non_member_emb, emb)
         if "self_bleu" in wanted:
             out["self_bleu"] = tm.self_bleu(texts, seed=cell.seed)
         if "distinct" in wanted:
@@ -910,6 +934,19 @@ class StudyRunner:
         if "next_word" in wanted:
             out["next_word_accuracy"] = tm.next_word_accuracy(texts, test_texts)
         return out
+
+
+def effective_noise_multiplier(privacy: PrivacySpec, *, survivors: int) -> float:
+    """Std of the noise in the released sum over the record's L2 sensitivity.
+
+    The manifest's multiplier is what any t survivors guarantee; in distributed mode every
+    surviving share adds variance/t (so s survivors give s/t times the target), in local mode
+    every holder adds the whole variance.
+    """
+    if privacy.total_variance == 0:
+        return 0.0
+    factor = {"central": 1.0, "distributed": survivors / privacy.threshold, "local": survivors}
+    return privacy.noise_multiplier * math.sqrt(factor[privacy.mode])
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

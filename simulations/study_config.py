@@ -51,6 +51,7 @@ class MethodInfo:
     uses_epsilon: bool  # one cell per ε of the sweep (else a single cell at its fixed ε)
     fixed_epsilon: float | None = None
     federated: bool = False  # runs through Flower's simulation (trust modes, dropouts apply)
+    formal_dp: bool = False  # a record-level (ε, δ)-DP guarantee at the row's ε
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -59,6 +60,7 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo(
             "prior",
             "ε = 0: public prior only (class template, no private data touched); the floor",
+            formal_dp=True,
             uses_epsilon=False,
             fixed_epsilon=0.0,
         ),
@@ -67,6 +69,7 @@ METHODS: dict[str, MethodInfo] = {
             "(ε, δ)-DP per record: federated dataset vector, secure sum; trust as in the mode "
             "column (central: coordinator sees the exact sum; distributed: t-of-K honest "
             "holders; local: each holder's sum is DP on its own)",
+            formal_dp=True,
             uses_epsilon=True,
             federated=True,
         ),
@@ -74,6 +77,7 @@ METHODS: dict[str, MethodInfo] = {
             "vector-pooled",
             "(ε, δ)-DP per record: central EPSVec on the pooled data; trusts one curator with "
             "every holder's raw records",
+            formal_dp=True,
             uses_epsilon=True,
         ),
         MethodInfo(
@@ -86,6 +90,7 @@ METHODS: dict[str, MethodInfo] = {
             "pe",
             "(ε, δ)-DP per record over all rounds: federated Private Evolution, secure sum of "
             "vote histograms; trust as in the mode column",
+            formal_dp=True,
             uses_epsilon=True,
             federated=True,
         ),
@@ -105,8 +110,9 @@ METHODS: dict[str, MethodInfo] = {
         ),
         MethodInfo(
             "icl-verbatim",
-            "NOT private (ε = ∞): private records quoted verbatim as in-context examples; a "
-            "deliberately leaky control that shows the attacks have power",
+            "NOT private (ε = ∞): private records quoted verbatim as in-context examples and "
+            "each sample starts with half of one of them; a deliberately leaky control that "
+            "shows the attacks have power (its attack members: the records it quoted)",
             uses_epsilon=False,
             fixed_epsilon=math.inf,
         ),
@@ -124,6 +130,18 @@ METRICS: dict[str, str] = {
     "mia": "membership inference AUC, nearest-synthetic embedding similarity attack",
     "canary": "exposure of a canary inserted [data] canaries times into one holder's data, "
     "ranked by the released generator's likelihood against other secrets",
+}
+
+METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
+    "tstr": ("tstr_accuracy", "tstr_macro_f1"),
+    "fidelity": ("label_fidelity",),
+    "fid": ("embedding_fd",),
+    "mauve": ("mauve",),
+    "self_bleu": ("self_bleu",),
+    "distinct": ("distinct_1", "distinct_2"),
+    "next_word": ("next_word_accuracy",),
+    "mia": ("mia_auc",),
+    "canary": ("canary_exposure",),
 }
 
 DEFAULT_METRICS = ("tstr", "fidelity", "fid", "mauve", "self_bleu", "distinct", "next_word", "mia")
@@ -217,6 +235,7 @@ class StudyConfig:
     embedder: str = "all-minilm-l6-v2"
     delta: float = 1e-5
     metrics: tuple[str, ...] = DEFAULT_METRICS
+    plot_metric: str = "tstr_accuracy"  # the utility column of the plots and comparisons
     data: DataSettings = field(default_factory=DataSettings)
     pe: PESettings = field(default_factory=PESettings)
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
@@ -237,7 +256,7 @@ class StudyConfig:
         adds a setting (whose default keeps the old behaviour) still opens older results.
         """
         fixed = _non_default(self, StudyConfig(name="", sweeps=()))
-        for name in ("name", "sweeps", "seeds", "metrics"):
+        for name in ("name", "sweeps", "seeds", "metrics", "plot_metric"):
             fixed.pop(name, None)
         text = json.dumps(fixed, sort_keys=True, default=str)
         return hashlib.sha256(f"{STUDY_FORMAT}:{text}".encode()).hexdigest()[:16]
@@ -405,6 +424,13 @@ def parse_study(raw: Mapping[str, Any], *, source: str = "config") -> StudyConfi
     for metric in metrics:
         if metric not in METRICS:
             raise ConfigError(f"metric {metric!r} is unknown; known metrics are {list(METRICS)}")
+    plot_metric = str(raw.get("plot_metric", "tstr_accuracy"))
+    produced = {c: m for m, cols in METRIC_COLUMNS.items() for c in cols}
+    if produced.get(plot_metric) not in metrics:
+        raise ConfigError(
+            f"plot_metric {plot_metric!r} is not a column of the configured metrics; choose one "
+            f"of {sorted(c for c, m in produced.items() if m in metrics)}"
+        )
     layers = tuple(
         _int(x, "layers", minimum=0) for x in _list(raw.get("layers", [8, 9, 10, 11]), "layers")
     )
@@ -421,6 +447,7 @@ def parse_study(raw: Mapping[str, Any], *, source: str = "config") -> StudyConfi
         embedder=str(raw.get("embedder", "all-minilm-l6-v2")),
         delta=delta,
         metrics=metrics,
+        plot_metric=plot_metric,
         data=_parse_table(DataSettings, raw.get("data"), "data"),
         pe=_parse_table(PESettings, raw.get("pe"), "pe"),
         baselines=_parse_table(BaselineSettings, raw.get("baselines"), "baselines"),

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedsynth.simulations.study_config import METHODS, METRICS
+from fedsynth.simulations.study_config import METHODS, METRIC_COLUMNS, METRICS
 
 if TYPE_CHECKING:
     from fedsynth.simulations.study import StudyRunner
@@ -31,10 +31,18 @@ TABLE_METRICS = (
     ("next_word_accuracy", "next-word"),
     ("mia_auc", "MIA AUC"),
     ("canary_exposure", "canary exp."),
+    ("noise_multiplier", "σ/Δ"),
     ("client_seconds", "client s"),
     ("bytes_per_client", "bytes/client"),
     ("coordinator_seconds", "coord. s"),
     ("generation_tokens_per_s", "tok/s"),
+)
+
+
+AGGREGATED = tuple(
+    dict.fromkeys(
+        [c for c, _ in TABLE_METRICS] + [c for cols in METRIC_COLUMNS.values() for c in cols]
+    )
 )
 
 
@@ -54,7 +62,7 @@ def aggregate(rows: Sequence[Mapping[str, str]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = dict(zip(GROUP, key, strict=True))
         entry["seeds"] = len(members)
         entry["status"] = ", ".join(sorted({m["status"].split(":")[0] for m in members}))
-        for column, _ in TABLE_METRICS:
+        for column in AGGREGATED:
             values = np.array([_float(m.get(column, "")) for m in members])
             values = values[~np.isnan(values)]
             entry[column] = float(values.mean()) if len(values) else math.nan
@@ -119,11 +127,32 @@ def _most_common(groups: Sequence[Mapping[str, Any]], column: str) -> str:
     return str(Counter(g[column] for g in groups).most_common(1)[0][0])
 
 
-def _utility_column(groups: Sequence[Mapping[str, Any]]) -> str | None:
-    for column in ("tstr_accuracy", "label_fidelity", "mauve"):
-        if any(not math.isnan(g[column]) for g in groups):
-            return column
-    return None
+def _slice_along(federated: Sequence[Mapping[str, Any]], axis: str) -> dict[str, str]:
+    """Values of the other axes at which the study varies ``axis`` the most.
+
+    Picks the (ε, K, partition, dropout) slice whose cells cover the most distinct values of
+    ``axis`` (ties: more cells, then no dropout and the most common values).
+    """
+    others = [c for c in ("epsilon", "clients", "partition", "dropout") if c != axis]
+    values: dict[tuple[str, ...], set[str]] = defaultdict(set)
+    sizes: Counter[tuple[str, ...]] = Counter()
+    for g in federated:
+        key = tuple(g[c] for c in others)
+        if axis == "epsilon" and not math.isfinite(float(g[axis])):
+            continue
+        values[key].add(g[axis])
+        sizes[key] += 1
+    if not values:
+        return {c: _most_common(federated, c) for c in others}
+    best = max(
+        values,
+        key=lambda k: (
+            len(values[k]),
+            sizes[k],
+            "dropout" in others and float(k[others.index("dropout")]) == 0.0,
+        ),
+    )
+    return dict(zip(others, best, strict=True))
 
 
 def _line_plot(
@@ -148,13 +177,7 @@ def _line_plot(
     federated = [g for g in groups if METHODS[g["method"]].federated]
     if not federated:
         return False
-    fixed = {
-        c: _most_common(federated, c)
-        for c in ("epsilon", "clients", "partition", "dropout")
-        if c != axis
-    }
-    if axis != "dropout":
-        fixed["dropout"] = min((g["dropout"] for g in federated), key=float)
+    fixed = _slice_along(federated, axis)
     lines: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     flat: dict[str, float] = {}
     for g in groups:
@@ -200,11 +223,13 @@ def _line_plot(
     return True
 
 
-def write_plots(groups: Sequence[Mapping[str, Any]], out_dir: Path) -> list[str]:
-    """The four study plots that the data supports; returns the files written."""
+def write_plots(groups: Sequence[Mapping[str, Any]], out_dir: Path, utility: str) -> list[str]:
+    """Write the four study plots that the data supports; return the files written.
+
+    ``utility`` is the y axis of the utility plots.
+    """
     written = []
-    utility = _utility_column(groups)
-    if utility is not None:
+    if any(not math.isnan(g.get(utility, math.nan)) for g in groups):
         for axis, name, title in (
             ("epsilon", "utility_vs_epsilon.png", "Utility vs ε"),
             ("clients", "utility_vs_clients.png", "Utility vs number of holders"),
@@ -224,12 +249,125 @@ def write_plots(groups: Sequence[Mapping[str, Any]], out_dir: Path) -> list[str]
     return written
 
 
+def federated_vs_pooled(
+    rows: Sequence[Mapping[str, str]], column: str = "tstr_accuracy"
+) -> list[dict[str, Any]]:
+    """Federated vector (central mode, no dropout) vs central EPSVec on the pooled data, per ε.
+
+    Both add the same Gaussian noise to the same clipped, rounded sums, so their utility should
+    agree within the seeds' noise: ``within`` is |difference| ≤ 2 standard errors (needs at
+    least two seeds on each side).
+    """
+    out = []
+    epsilons = sorted({float(r["epsilon"]) for r in rows if r["method"] == "vector-pooled"})
+    for eps in epsilons:
+        if not math.isfinite(eps):
+            continue
+
+        def values(match: Any) -> np.ndarray:
+            picked = [_float(r.get(column, "")) for r in rows if match(r)]
+            arr = np.array(picked, dtype=float)
+            kept: np.ndarray = arr[~np.isnan(arr)]
+            return kept
+
+        fed = values(
+            lambda r, e=eps: (
+                r["method"] == "vector"
+                and r["mode"] == "central"
+                and float(r["dropout"]) == 0
+                and r["partition"] == "iid"
+                and float(r["epsilon"]) == e
+            )
+        )
+        pooled = values(
+            lambda r, e=eps: r["method"] == "vector-pooled" and float(r["epsilon"]) == e
+        )
+        if len(fed) == 0 or len(pooled) == 0:
+            continue
+        diff = float(fed.mean() - pooled.mean())
+        se = math.nan
+        if len(fed) > 1 and len(pooled) > 1:
+            se = math.sqrt(fed.var(ddof=1) / len(fed) + pooled.var(ddof=1) / len(pooled))
+        out.append(
+            {
+                "epsilon": eps,
+                "federated": float(fed.mean()),
+                "pooled": float(pooled.mean()),
+                "difference": diff,
+                "standard_error": se,
+                "within": bool(not math.isnan(se) and abs(diff) <= 2 * max(se, 1e-12)),
+                "seeds": (len(fed), len(pooled)),
+            }
+        )
+    return out
+
+
+def attack_check(rows: Sequence[Mapping[str, str]], *, max_epsilon: float = 4.0) -> dict[str, Any]:
+    """Membership-inference AUCs of the formally DP cells at ε ≤ ``max_epsilon`` and the control.
+
+    The DP cells should sit in [0.45, 0.55], the leaky control clearly above (attack power).
+    """
+    dp = [
+        (r["key"], _float(r.get("mia_auc", "")))
+        for r in rows
+        if METHODS[r["method"]].formal_dp and float(r["epsilon"]) <= max_epsilon
+    ]
+    dp = [(k, v) for k, v in dp if not math.isnan(v)]
+    control = [_float(r.get("mia_auc", "")) for r in rows if r["method"] == "icl-verbatim"]
+    control = [v for v in control if not math.isnan(v)]
+    return {
+        "dp_aucs": dp,
+        "dp_within": all(0.45 <= v <= 0.55 for _, v in dp),
+        "control_aucs": control,
+        "control_min": min(control) if control else math.nan,
+    }
+
+
+def _evidence_section(rows: Sequence[Mapping[str, str]], metric: str) -> list[str]:
+    parts: list[str] = []
+    comparison = federated_vs_pooled(rows, metric)
+    if comparison:
+        parts += [
+            "## Federated vector vs central EPSVec on the pooled data",
+            "",
+            "Same ε, same Gaussian noise (federated cells in central trust mode, IID, no "
+            f"dropout); {metric}, mean over seeds. *within* = difference ≤ 2 standard errors.",
+            "",
+            "| ε | federated | pooled | difference | std. error | within seed noise |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in comparison:
+            parts.append(
+                f"| {c['epsilon']:g} | {c['federated']:.3f} | {c['pooled']:.3f} | "
+                f"{c['difference']:+.3f} | {c['standard_error']:.3f} | "
+                f"{'yes' if c['within'] else 'no'} |"
+            )
+        parts.append("")
+    check = attack_check(rows)
+    if check["dp_aucs"] or check["control_aucs"]:
+        low, high = (
+            (min(v for _, v in check["dp_aucs"]), max(v for _, v in check["dp_aucs"]))
+            if check["dp_aucs"]
+            else (math.nan, math.nan)
+        )
+        parts += [
+            "## Does the attack have power?",
+            "",
+            f"Membership-inference AUC of the formally DP cells at ε ≤ 4: {len(check['dp_aucs'])} "
+            f"cells, range [{low:.3f}, {high:.3f}] "
+            f"({'all' if check['dp_within'] else 'NOT all'} within [0.45, 0.55]). "
+            f"Leaky control (icl-verbatim): lowest AUC {check['control_min']:.3f}.",
+            "",
+        ]
+    return parts
+
+
 def write_report(runner: StudyRunner, rows: Sequence[Mapping[str, str]]) -> Path:
     """Write report.md (and the plots) for the study's current results."""
     config = runner.config
     out_dir = runner.out_dir
     groups = aggregate(rows)
-    plots = write_plots(groups, out_dir)
+    plots = write_plots(groups, out_dir, config.plot_metric)
     used = {r["method"] for r in rows}
     parts = [
         f"# Study {config.name}",
@@ -257,6 +395,7 @@ def write_report(runner: StudyRunner, rows: Sequence[Mapping[str, str]]) -> Path
         "(reference, secure-sum bookkeeping, PE generation); tok/s = generation speed.",
         "",
     ]
+    parts += _evidence_section(rows, config.plot_metric)
     if plots:
         parts += ["## Plots", "", *(f"![{p}]({p})" for p in plots), ""]
     if runner.holder_tables:

@@ -109,6 +109,9 @@ def test_one_row_per_cell_with_metrics_and_performance(study: tuple[Path, Path])
             assert 0.0 <= float(row["canary_exposure"]) <= math.log2(16) + 1e-9
         else:
             assert row["canary_exposure"] == ""
+    # The leaky control copies half of the records it read: the attack finds them.
+    (control,) = [r for r in rows if r["method"] == "icl-verbatim"]
+    assert float(control["mia_auc"]) > 0.6
     federated = [r for r in rows if r["method"] in ("vector", "pe")]
     assert len(federated) == 2 + 3 + 1
     dropped = [r for r in federated if r["dropout"] == "0.25"]
@@ -157,6 +160,7 @@ def test_report_plots_audit(study: tuple[Path, Path]) -> None:
     ):
         assert heading in report
     assert "NOT private" in report
+    assert "## Does the attack have power?" in report
     assert "label-skew:0.5, K=4, seed=0" in report
     for plot in (
         "utility_vs_epsilon.png",

@@ -152,3 +152,9 @@ def test_results_folder_checks(tmp_path: Path) -> None:
     (out / "study.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not a study file"):
         open_results_folder(config, out)
+
+
+@pytest.mark.parametrize("name", ["small.toml", "gpu.toml"])
+def test_shipped_study_configs_are_valid(name: str) -> None:
+    config = load_study_config(Path(__file__).parents[2] / "studies" / name)
+    assert len(config.cells()) > 10
