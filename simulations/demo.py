@@ -294,11 +294,12 @@ def run_job_in_simulation(
     *,
     embedder: str = "all-minilm-l6-v2",
     policy: ClientPolicy | None = None,
+    client_app: Any = None,
 ) -> list[str]:
     """Run ``job`` as the ServerApp against K simulated holders; return the job's errors.
 
     ``policy`` is every holder's policy (default: the standard one, non-private tasks allowed
-    when the demo asks for them).
+    when the demo asks for them); ``client_app`` replaces fedsynth's ClientApp (baselines).
     """
     from flwr.simulation import run_simulation
 
@@ -324,7 +325,7 @@ def run_job_in_simulation(
     cpus = max(1, min(os.cpu_count() or 1, config.clients))
     run_simulation(
         server_app=make_server_app(guarded, num_clients=config.clients),
-        client_app=make_client_app(settings, partition_dir=data.partition_dir),
+        client_app=client_app or make_client_app(settings, partition_dir=data.partition_dir),
         num_supernodes=config.clients,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -207,8 +207,13 @@ class _TimedTransport:
 
     @property
     def client_seconds(self) -> float:
-        """Wall time of the stages in which holders compute (features or votes, noise)."""
-        return self.stage_seconds.get("masked_input", 0.0)
+        """Wall time of the stages in which holders compute (features or votes, noise).
+
+        For protocols without a secure sum (DP-FedAvg): every exchange.
+        """
+        if "masked_input" in self.stage_seconds:
+            return self.stage_seconds["masked_input"]
+        return sum(self.stage_seconds.values())
 
     @property
     def bytes_per_client(self) -> float:
@@ -259,6 +264,7 @@ class Generator:
 
     prompts: Mapping[str, str]
     deltas_by_label: Mapping[str, Mapping[int, Any]] | None = None
+    model: LoadedModel | None = None  # a fine-tuned model (default: the study's model)
 
 
 class StudyRunner:
@@ -590,7 +596,12 @@ class StudyRunner:
         )
 
     def _run_federated(
-        self, cell: Cell, config: DemoConfig, make_job: Callable[[], Callable[..., None]]
+        self,
+        cell: Cell,
+        config: DemoConfig,
+        make_job: Callable[[], Callable[..., None]],
+        *,
+        client_app: Any = None,
     ) -> tuple[dict[str, float], list[str]]:
         data = self._federation_data(cell, config)
         inner = make_job()
@@ -601,7 +612,12 @@ class StudyRunner:
             inner(timed["t"], nodes, context)
 
         errors = run_job_in_simulation(
-            config, data, job, embedder=self.config.embedder, policy=self.holder_policy()
+            config,
+            data,
+            job,
+            embedder=self.config.embedder,
+            policy=self.holder_policy(),
+            client_app=client_app,
         )
         perf: dict[str, float] = {}
         if "t" in timed:
@@ -789,6 +805,94 @@ class StudyRunner:
         ]
         return CellOutput(samples, perf=self._generation_perf(samples, time.monotonic() - start))
 
+    def dp_train_settings(self) -> Any:
+        """The study's DP fine-tuning settings as the trainer's dataclass."""
+        from fedsynth.simulations.dp_finetune import DPTrainSettings
+
+        t = self.config.dp_training
+        return DPTrainSettings(
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            learning_rate=t.learning_rate,
+            max_grad_norm=t.max_grad_norm,
+            lora_rank=t.lora_rank,
+            max_tokens=t.max_tokens,
+        )
+
+    def _sample_model(self, cell: Cell, model: LoadedModel, perf: dict[str, float]) -> CellOutput:
+        """Samples of a fine-tuned model from the plain class prompts."""
+        config = self.demo_config(cell)
+        template = config.template
+        labels = [lb for lb in template.labels for _ in range(config.synthetic_per_label)]
+        start = time.monotonic()
+        texts = generate_from_prompts(
+            model,
+            [template.prefix(lb) for lb in labels],
+            config=generation_config(config),
+            seed=cell.seed + 101,
+        )
+        samples = [
+            SyntheticSample(text=t, label=lb, release_id=cell.method)
+            for t, lb in zip(texts, labels, strict=True)
+        ]
+        perf.update(self._generation_perf(samples, time.monotonic() - start))
+        generator = Generator({lb: template.prefix(lb) for lb in template.labels}, model=model)
+        return CellOutput(samples, perf=perf, generator=generator)
+
+    def _method_dp_sgd(self, cell: Cell) -> CellOutput:
+        from fedsynth.simulations.dp_finetune import finetune_pooled
+
+        state = self.seed_state(cell.seed)
+        start = time.monotonic()
+        model, report = finetune_pooled(
+            self.loaded,
+            state.pooled,
+            self.demo_config(cell).template,
+            epsilon=cell.epsilon,
+            delta=self.config.delta,
+            settings=self.dp_train_settings(),
+            seed=cell.seed,
+        )
+        perf = {
+            "client_seconds": time.monotonic() - start,
+            "noise_multiplier": report["noise_multiplier"],
+        }
+        return self._sample_model(cell, model, perf)
+
+    def _method_dp_fedavg(self, cell: Cell) -> CellOutput:
+        from fedsynth.simulations import dp_fedavg as fa
+        from fedsynth.simulations.dp_finetune import (
+            adapter_state,
+            load_adapter_state,
+            lora_model,
+            merged_model,
+        )
+
+        config = self.demo_config(cell)
+        settings = self.dp_train_settings()
+        task = fa.FedAvgTask(
+            model=self.config.model,
+            template=config.template,
+            epsilon=cell.epsilon,
+            delta=self.config.delta,
+            rounds=self.config.dp_training.rounds,
+            settings=settings,
+        )
+        model = lora_model(self.loaded, rank=settings.lora_rank)
+        outcome = fa.FedAvgOutcome()
+        perf, errors = self._run_federated(
+            cell,
+            config,
+            lambda: fa.make_fedavg_job(task, adapter_state(model), outcome, timeout=3600.0),
+            client_app=fa.make_fedavg_client_app(config.out_dir / "clients"),
+        )
+        if errors or outcome.adapters is None:
+            raise RuntimeError(f"DP-FedAvg failed: {'; '.join(errors) or 'no model'}")
+        load_adapter_state(model, outcome.adapters)
+        sigmas = [float(r["noise_multiplier"]) for rep in outcome.reports[:1] for r in rep.values()]
+        perf["noise_multiplier"] = min(sigmas) if sigmas else math.nan
+        return self._sample_model(cell, merged_model(model, self.loaded), perf)
+
     def _method_rpsg(self, cell: Cell) -> CellOutput:
         """Seeds → model rewrites → noisy choice → cosine filter → NLL filter → label check."""
         from fedsynth.server.generation import text_logprobs
@@ -875,7 +979,8 @@ class StudyRunner:
             CANARY_TEXT.format(secret=s) for s in [state.canary_secret, *state.candidate_secrets]
         ]
         deltas = (generator.deltas_by_label or {}).get(label)
-        scores = text_logprobs(self.loaded, generator.prompts[label], texts, deltas=deltas)
+        model = generator.model or self.loaded
+        scores = text_logprobs(model, generator.prompts[label], texts, deltas=deltas)
         return exposure(scores[0], scores[1:])
 
     def score(

@@ -52,6 +52,8 @@ class MethodInfo:
     fixed_epsilon: float | None = None
     federated: bool = False  # runs through Flower's simulation (trust modes, dropouts apply)
     formal_dp: bool = False  # a record-level (ε, δ)-DP guarantee at the row's ε
+    fixed_mode: str | None = None  # the trust mode column when the sweep's modes do not apply
+    dropouts: bool = False  # whether the sweep's dropout rates apply
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -70,6 +72,7 @@ METHODS: dict[str, MethodInfo] = {
             "column (central: coordinator sees the exact sum; distributed: t-of-K honest "
             "holders; local: each holder's sum is DP on its own)",
             formal_dp=True,
+            dropouts=True,
             uses_epsilon=True,
             federated=True,
         ),
@@ -78,6 +81,7 @@ METHODS: dict[str, MethodInfo] = {
             "(ε, δ)-DP per record: central EPSVec on the pooled data; trusts one curator with "
             "every holder's raw records",
             formal_dp=True,
+            fixed_mode="central",
             uses_epsilon=True,
         ),
         MethodInfo(
@@ -91,6 +95,26 @@ METHODS: dict[str, MethodInfo] = {
             "(ε, δ)-DP per record over all rounds: federated Private Evolution, secure sum of "
             "vote histograms; trust as in the mode column",
             formal_dp=True,
+            dropouts=True,
+            uses_epsilon=True,
+            federated=True,
+        ),
+        MethodInfo(
+            "dp-sgd",
+            "(ε, δ)-DP per record: LoRA adapters (q/v projections) fine-tuned with DP-SGD "
+            "(Opacus, RDP accountant, Poisson sampling) on the pooled data, then sampling; "
+            "trusts one curator with every holder's raw records",
+            formal_dp=True,
+            fixed_mode="central",
+            uses_epsilon=True,
+        ),
+        MethodInfo(
+            "dp-fedavg",
+            "(ε, δ)-DP per record: each holder fine-tunes the LoRA adapters with DP-SGD "
+            "(Opacus) on its own data for all rounds, the server averages them (Flower); "
+            "parallel composition across holders",
+            formal_dp=True,
+            fixed_mode="local",
             uses_epsilon=True,
             federated=True,
         ),
@@ -183,6 +207,19 @@ class BaselineSettings:
 
 
 @dataclass(frozen=True)
+class DPTrainingSettings:
+    """DP fine-tuning baselines (dp-sgd pooled, dp-fedavg per holder)."""
+
+    epochs: int = 1  # passes over the data (per round for dp-fedavg)
+    batch_size: int = 16
+    learning_rate: float = 0.002
+    max_grad_norm: float = 1.0
+    lora_rank: int = 4
+    max_tokens: int = 48
+    rounds: int = 2  # dp-fedavg rounds
+
+
+@dataclass(frozen=True)
 class Sweep:
     """One grid of cells; the study is the union of its sweeps (duplicates run once)."""
 
@@ -239,6 +276,7 @@ class StudyConfig:
     data: DataSettings = field(default_factory=DataSettings)
     pe: PESettings = field(default_factory=PESettings)
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    dp_training: DPTrainingSettings = field(default_factory=DPTrainingSettings)
 
     def cells(self) -> list[Cell]:
         """Every cell of every sweep, each once, in a stable order (seed-major)."""
@@ -280,13 +318,13 @@ def _sweep_cells(sweep: Sweep, seed: int) -> Iterable[Cell]:
     for method in sweep.methods:
         info = METHODS[method]
         epsilons = sweep.epsilons if info.uses_epsilon else (info.fixed_epsilon or 0.0,)
-        if method == "vector-pooled":
-            modes: tuple[str, ...] = ("central",)
+        if info.fixed_mode is not None:
+            modes: tuple[str, ...] = (info.fixed_mode,)
         elif info.federated:
             modes = sweep.modes
         else:
             modes = ("none",)
-        dropouts = sweep.dropouts if info.federated else (0.0,)
+        dropouts = sweep.dropouts if info.dropouts else (0.0,)
         # Methods that never split the data see the pooled set: one cell, not one per K.
         clients = sweep.clients if info.federated else (POOLED_CLIENTS,)
         partitions = sweep.partitions if info.federated else (None,)
@@ -451,6 +489,7 @@ def parse_study(raw: Mapping[str, Any], *, source: str = "config") -> StudyConfi
         data=_parse_table(DataSettings, raw.get("data"), "data"),
         pe=_parse_table(PESettings, raw.get("pe"), "pe"),
         baselines=_parse_table(BaselineSettings, raw.get("baselines"), "baselines"),
+        dp_training=_parse_table(DPTrainingSettings, raw.get("dp_training"), "dp_training"),
     )
     _check_sizes(config)
     return config

@@ -46,7 +46,7 @@ clients = [3]
 
 [[sweep]]
 name = "baselines"
-methods = ["rpsg", "noisy-icl", "pe"]
+methods = ["rpsg", "noisy-icl", "pe", "dp-sgd", "dp-fedavg"]
 epsilons = [8]
 
 [[sweep]]
@@ -64,7 +64,15 @@ clients = [4]
 dropouts = [0, 0.25]
 partitions = ["label-skew:0.5"]
 """
-SCORING_GENERATORS = ("prior", "vector", "vector-pooled", "vector-nonprivate", "icl-verbatim")
+SCORING_GENERATORS = (
+    "prior",
+    "vector",
+    "vector-pooled",
+    "vector-nonprivate",
+    "icl-verbatim",
+    "dp-sgd",
+    "dp-fedavg",
+)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +120,8 @@ def test_one_row_per_cell_with_metrics_and_performance(study: tuple[Path, Path])
     # The leaky control copies half of the records it read: the attack finds them.
     (control,) = [r for r in rows if r["method"] == "icl-verbatim"]
     assert float(control["mia_auc"]) > 0.6
-    federated = [r for r in rows if r["method"] in ("vector", "pe")]
-    assert len(federated) == 2 + 3 + 1
+    federated = [r for r in rows if r["method"] in ("vector", "pe", "dp-fedavg")]
+    assert len(federated) == 2 + 3 + 1 + 1
     dropped = [r for r in federated if r["dropout"] == "0.25"]
     assert [r["clients"] for r in dropped] == ["4"]
     for row in federated:
@@ -207,7 +215,7 @@ def test_cli_dry_run_and_bad_config(study: tuple[Path, Path], tmp_path: Path) ->
     config_path, _ = study
     result = CliRunner().invoke(app, ["simulate", str(config_path), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "13 cells" in result.output
+    assert "15 cells" in result.output
     bad = tmp_path / "bad.toml"
     bad.write_text(CONFIG.replace('"pe"]', '"pe", "magic"]'))
     out = tmp_path / "never"
