@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
+
 from fedsynth.protocol.errors import ConfigError, ModelMismatchError
 from fedsynth.protocol.models import LoadedModel
 from fedsynth.server.generation import GenerationConfig, generate_texts, steering_deltas
@@ -27,6 +29,17 @@ def check_release_model(loaded: LoadedModel, release: Release) -> None:
             f"model_fingerprint: release {release.release_id} was made with "
             f"{release.manifest.model_fingerprint}, the loaded model has {loaded.fingerprint}"
         )
+
+
+def label_deltas(
+    release: Release, label: str, *, strength: float, contrast: float = 1.0
+) -> dict[int, torch.Tensor]:
+    """The per-layer steering added to the residual stream when generating ``label``."""
+    return steering_deltas(
+        release.directions(label, contrast=contrast),
+        strength=strength,
+        residual_norms=release.residual_norms(),
+    )
 
 
 def iter_release_samples(
@@ -53,11 +66,7 @@ def iter_release_samples(
     total = n_per_label * len(chosen)
     done = 0
     for index, label in enumerate(chosen):
-        deltas = steering_deltas(
-            release.directions(label, contrast=contrast),
-            strength=strength,
-            residual_norms=release.residual_norms(),
-        )
+        deltas = label_deltas(release, label, strength=strength, contrast=contrast)
         prompt = release.manifest.template.prefix(label)
         remaining = n_per_label
         chunk_index = 0

@@ -339,6 +339,17 @@ def subsample_per_label(
     return [r for r, k in zip(records, keep, strict=True) if k]
 
 
+def check_num_clients(records: Sequence[Record], num_clients: int) -> None:
+    """Refuse a holder count below 1 or above the number of records (each holder needs one)."""
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ConfigError(f"num_clients must be an integer >= 1, got {num_clients!r}")
+    if num_clients > len(records):
+        raise ConfigError(
+            f"num_clients K={num_clients} exceeds the {len(records)} training records; "
+            "every holder needs at least 1 record"
+        )
+
+
 def partition_iid(records: Sequence[Record], *, num_clients: int, seed: int) -> list[list[Record]]:
     """Partition records among clients IID: shuffle once, then deal them round-robin.
 
@@ -355,13 +366,7 @@ def partition_iid(records: Sequence[Record], *, num_clients: int, seed: int) -> 
             invalid.
     """
     _check_seed(seed)
-    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-        raise ConfigError(f"num_clients must be an integer >= 1, got {num_clients!r}")
-    if num_clients > len(records):
-        raise ConfigError(
-            f"num_clients={num_clients} exceeds the number of records {len(records)}; "
-            "every client needs at least 1 record"
-        )
+    check_num_clients(records, num_clients)
     order = np.random.default_rng(seed).permutation(len(records))
     return [[records[int(i)] for i in order[c::num_clients]] for c in range(num_clients)]
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from fedsynth.client.data import Record
 from fedsynth.protocol.errors import ConfigError
-from fedsynth.simulations.datasets import partition_iid
+from fedsynth.simulations.datasets import check_num_clients, partition_iid
 
 PARTITION_KINDS = ("iid", "label-skew", "quantity-skew")
 
@@ -75,16 +75,6 @@ class PartitionSpec:
         return cls(kind, alpha)
 
 
-def _check_clients(records: Sequence[Record], num_clients: int) -> None:
-    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-        raise ConfigError(f"num_clients must be an integer >= 1, got {num_clients!r}")
-    if num_clients > len(records):
-        raise ConfigError(
-            f"K={num_clients} holders exceed the {len(records)} training records; "
-            "every holder needs at least 1 record"
-        )
-
-
 def _fix_empty(assignment: np.ndarray, num_clients: int, rng: np.random.Generator) -> None:
     """Move records from the largest holders to empty ones until every holder has one."""
     counts = np.bincount(assignment, minlength=num_clients)
@@ -109,7 +99,7 @@ def partition_label_skew(
     records: Sequence[Record], *, num_clients: int, alpha: float, seed: int
 ) -> list[list[Record]]:
     """Each label's records go to the holders in Dirichlet(α) proportions (α → 0: one each)."""
-    _check_clients(records, num_clients)
+    check_num_clients(records, num_clients)
     PartitionSpec("label-skew", alpha)
     rng = np.random.default_rng(seed)
     assignment = np.zeros(len(records), dtype=np.int64)
@@ -128,7 +118,7 @@ def partition_quantity_skew(
     records: Sequence[Record], *, num_clients: int, alpha: float, seed: int
 ) -> list[list[Record]]:
     """Holder sizes in Dirichlet(α) proportions; each holder's records drawn IID."""
-    _check_clients(records, num_clients)
+    check_num_clients(records, num_clients)
     PartitionSpec("quantity-skew", alpha)
     rng = np.random.default_rng(seed)
     proportions = rng.dirichlet(np.full(num_clients, float(alpha)))
@@ -142,7 +132,7 @@ def partition_records(
 ) -> list[list[Record]]:
     """Partition ``records`` across ``num_clients`` holders by ``spec``."""
     if spec.kind == "iid":
-        _check_clients(records, num_clients)
+        check_num_clients(records, num_clients)
         return partition_iid(records, num_clients=num_clients, seed=seed)
     assert spec.alpha is not None  # checked by PartitionSpec
     if spec.kind == "label-skew":

@@ -31,12 +31,11 @@ from fedsynth.protocol.errors import ConfigError, FedSynthError
 from fedsynth.protocol.models import LoadedModel, load_model
 from fedsynth.protocol.pe import Embedder, Population
 from fedsynth.server.coordinator import compute_public_reference, epsilon_label
-from fedsynth.server.generation import steering_deltas
 from fedsynth.server.ledger import PrivacyLedger
 from fedsynth.server.pe_coordinator import PEConfig, PEResult, RoundEvent, run_pe
 from fedsynth.server.pe_text import TextRandomAPI, TextVariationAPI, VariationConfig
 from fedsynth.server.secure_round import Transport
-from fedsynth.server.synthesize import SyntheticSample
+from fedsynth.server.synthesize import SyntheticSample, label_deltas
 from fedsynth.simulations.demo import (
     CoordinatorOutcome,
     DemoConfig,
@@ -171,10 +170,8 @@ def make_pe_job(
             outcome.epsilon_offset = eps_vec
             release = load_release(outcome.vector_release)
             deltas_by_label = {
-                label: steering_deltas(
-                    release.directions(label, contrast=config.contrast),
-                    strength=config.strength,
-                    residual_norms=release.residual_norms(),
+                label: label_deltas(
+                    release, label, strength=config.strength, contrast=config.contrast
                 )
                 for label in release.labels
             }

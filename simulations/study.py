@@ -32,10 +32,10 @@ from fedsynth.protocol.features import extract_features
 from fedsynth.protocol.manifest import PrivacySpec
 from fedsynth.protocol.models import LoadedModel, load_model
 from fedsynth.server.coordinator import PublicReference, build_manifest, compute_public_reference
-from fedsynth.server.generation import generate_from_prompts, steering_deltas
+from fedsynth.server.generation import generate_from_prompts
 from fedsynth.server.release import Release, save_release
 from fedsynth.server.secure_round import Reply, RoundResult, Transport
-from fedsynth.server.synthesize import SyntheticSample, generate_from_release
+from fedsynth.server.synthesize import SyntheticSample, generate_from_release, label_deltas
 from fedsynth.simulations.demo import (
     CoordinatorOutcome,
     DemoConfig,
@@ -118,7 +118,11 @@ def open_results_folder(config: StudyConfig, out_dir: Path) -> set[str]:
                 "folder, or change only the sweeps, seeds and metrics."
             )
     else:
-        (out_dir / "results.csv").unlink(missing_ok=True)
+        if (out_dir / "results.csv").exists():
+            raise ConfigError(
+                f"{out_dir} holds a results.csv but no study.json: not a fedsynth study folder "
+                "(nothing was changed); use a new results folder"
+            )
         meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return {row["key"] for row in read_results(out_dir) if row["status"] != ""}
 
@@ -551,11 +555,7 @@ class StudyRunner:
         perf.update(self._generation_perf(samples, time.monotonic() - start))
         template = release.manifest.template
         deltas = {
-            label: steering_deltas(
-                release.directions(label, contrast=config.contrast),
-                strength=config.strength,
-                residual_norms=release.residual_norms(),
-            )
+            label: label_deltas(release, label, strength=config.strength, contrast=config.contrast)
             for label in release.labels
         }
         generator = Generator({lb: template.prefix(lb) for lb in template.labels}, deltas)
@@ -1064,8 +1064,3 @@ def _slug(key: str) -> str:
     """A folder name for a cell key."""
     keep = [ch if ch.isalnum() or ch in "-.=" else "_" for ch in key]
     return "".join(keep)
-
-
-def method_guarantees() -> dict[str, str]:
-    """Method name → the guarantee it really gives (for the report)."""
-    return {name: info.guarantee for name, info in METHODS.items()}

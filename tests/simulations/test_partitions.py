@@ -85,5 +85,5 @@ def test_bad_specs(text: str, message: str) -> None:
 
 
 def test_more_holders_than_records_is_refused() -> None:
-    with pytest.raises(ConfigError, match="exceed the 3 training records"):
+    with pytest.raises(ConfigError, match="exceeds the 3 training records"):
         partition_records(RECORDS[:3], PartitionSpec("label-skew", 1.0), num_clients=4, seed=0)

@@ -217,7 +217,9 @@ def test_cli_dry_run_and_bad_config(study: tuple[Path, Path], tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     assert "15 cells" in result.output
     bad = tmp_path / "bad.toml"
-    bad.write_text(CONFIG.replace('"pe"]', '"pe", "magic"]'))
+    bad_text = CONFIG.replace('methods = ["prior"', 'methods = ["magic", "prior"')
+    assert bad_text != CONFIG
+    bad.write_text(bad_text)
     out = tmp_path / "never"
     result = CliRunner().invoke(app, ["simulate", str(bad), "--out", str(out)])
     assert result.exit_code == 2

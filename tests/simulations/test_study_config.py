@@ -152,6 +152,11 @@ def test_results_folder_checks(tmp_path: Path) -> None:
     (out / "study.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not a study file"):
         open_results_folder(config, out)
+    # Someone else's results.csv is never overwritten.
+    (out / "study.json").unlink()
+    with pytest.raises(ConfigError, match=r"no study\.json"):
+        open_results_folder(config, out)
+    assert (out / "results.csv").exists()
 
 
 @pytest.mark.parametrize("name", ["small.toml", "gpu.toml"])
