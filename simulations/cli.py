@@ -437,6 +437,7 @@ def generate(
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.release import load_release
     from fedsynth.server.synthesize import iter_release_samples
+    from fedsynth.simulations.datasets import json_line
 
     try:
         rel = load_release(release)
@@ -455,7 +456,7 @@ def generate(
                 seed=seed,
                 progress=lambda done, total: progress.update(task, completed=done),
             ):
-                handle.write(json.dumps(asdict(sample), ensure_ascii=False) + "\n")
+                handle.write(json_line(asdict(sample)) + "\n")
                 handle.flush()
     except FedSynthError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -371,6 +372,19 @@ def partition_iid(records: Sequence[Record], *, num_clients: int, seed: int) -> 
     return [[records[int(i)] for i in order[c::num_clients]] for c in range(num_clients)]
 
 
+# Characters json.dumps(ensure_ascii=False) leaves raw that str.splitlines() and many JSON Lines
+# readers treat as line breaks; escaping them keeps one record per physical line.
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def json_line(obj: Any) -> str:
+    """One JSON Lines record (UTF-8 text kept readable, Unicode line breaks escaped), no newline."""
+    text = json.dumps(obj, ensure_ascii=False)
+    for raw, escaped in _LINE_BREAKS.items():
+        text = text.replace(raw, escaped)
+    return text
+
+
 def write_jsonl(records: Iterable[Record], path: Path | str) -> None:
     """Write records as JSON Lines: one ``{"text": ..., "label": ...}`` object per line.
 
@@ -385,7 +399,5 @@ def write_jsonl(records: Iterable[Record], path: Path | str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8", newline="\n") as handle:
         for record in records:
-            handle.write(
-                json.dumps({"text": record.text, "label": record.label}, ensure_ascii=False)
-            )
+            handle.write(json_line({"text": record.text, "label": record.label}))
             handle.write("\n")

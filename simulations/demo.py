@@ -45,6 +45,7 @@ from fedsynth.server.release import Release, make_release, save_release
 from fedsynth.server.secure_round import Transport, run_secure_round
 from fedsynth.server.synthesize import SyntheticSample, generate_from_release
 from fedsynth.simulations.datasets import (
+    json_line,
     load_corpus,
     partition_iid,
     split_train_test,
@@ -441,14 +442,14 @@ def write_outputs(
     out = config.out_dir
     with (out / "synthetic.jsonl").open("w", encoding="utf-8") as handle:
         for sample in samples[f"eps={main_key}"]:
-            handle.write(json.dumps(asdict(sample), ensure_ascii=False) + "\n")
+            handle.write(json_line(asdict(sample)) + "\n")
     baselines = out / "baselines"
     baselines.mkdir(exist_ok=True)
     for name, rows in samples.items():
         slug = name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
         with (baselines / f"synthetic-{slug}.jsonl").open("w", encoding="utf-8") as handle:
             for sample in rows:
-                handle.write(json.dumps(asdict(sample), ensure_ascii=False) + "\n")
+                handle.write(json_line(asdict(sample)) + "\n")
     (out / "privacy_report.json").write_text(json.dumps(main.report, indent=2, sort_keys=True))
     config_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     config_json["epsilon"] = epsilon_label(config.epsilon)

@@ -36,6 +36,7 @@ from fedsynth.server.pe_coordinator import PEConfig, PEResult, RoundEvent, run_p
 from fedsynth.server.pe_text import TextRandomAPI, TextVariationAPI, VariationConfig
 from fedsynth.server.secure_round import Transport
 from fedsynth.server.synthesize import SyntheticSample, label_deltas
+from fedsynth.simulations.datasets import json_line
 from fedsynth.simulations.demo import (
     CoordinatorOutcome,
     DemoConfig,
@@ -273,7 +274,7 @@ def write_pe_outputs(
     out = config.out_dir
     with (out / "synthetic.jsonl").open("w", encoding="utf-8") as handle:
         for sample in population_samples(result.state.population, result.state.pe_task_id):
-            handle.write(json.dumps(asdict(sample), ensure_ascii=False) + "\n")
+            handle.write(json_line(asdict(sample)) + "\n")
     report = dict(result.report)
     eps_vec, delta_vec, eps_pe, delta_pe = budget_split(config, pe)
     if outcome.vector_release is not None:

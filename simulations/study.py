@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from fedsynth.server.generation import generate_from_prompts
 from fedsynth.server.release import Release, save_release
 from fedsynth.server.secure_round import Reply, RoundResult, Transport
 from fedsynth.server.synthesize import SyntheticSample, generate_from_release, label_deltas
+from fedsynth.simulations.datasets import json_line
 from fedsynth.simulations.demo import (
     CoordinatorOutcome,
     DemoConfig,
@@ -524,7 +525,7 @@ class StudyRunner:
         folder.mkdir(parents=True, exist_ok=True)
         with (folder / "synthetic.jsonl").open("w", encoding="utf-8") as handle:
             for s in samples:
-                handle.write(json.dumps(dataclasses.asdict(s), ensure_ascii=False) + "\n")
+                handle.write(json_line(dataclasses.asdict(s)) + "\n")
 
     # ---------------------------------------------------------------- methods
 
@@ -638,7 +639,7 @@ class StudyRunner:
             lambda: make_coordinator_job(config, self.loaded, self.reference, outcome),
         )
         if errors or not outcome.releases:
-            raise ConfigError(f"the federated release failed: {'; '.join(errors) or 'no release'}")
+            _federated_failure("the federated release", errors)
         release = load_release(next(iter(outcome.releases.values())))
         perf["noise_multiplier"] = effective_noise_multiplier(
             release.manifest.privacy, survivors=cell.clients - cell.dropped_clients
@@ -712,10 +713,7 @@ class StudyRunner:
             ),
         )
         if errors or outcome.result is None:
-            message = "; ".join(errors) or "no result"
-            if any(e.startswith(("ConfigError", "PolicyViolationError")) for e in errors):
-                raise ConfigError(message)
-            raise RuntimeError(f"the federated PE run failed: {message}")
+            _federated_failure("the federated PE run", errors)
         samples = pe_demo.population_samples(outcome.result.state.population, "pe-final")
         perf["coordinator_seconds"] = time.monotonic() - start - perf.get("client_seconds", 0.0)
         return CellOutput(samples, perf=perf)
@@ -887,7 +885,7 @@ class StudyRunner:
             client_app=fa.make_fedavg_client_app(config.out_dir / "clients"),
         )
         if errors or outcome.adapters is None:
-            raise RuntimeError(f"DP-FedAvg failed: {'; '.join(errors) or 'no model'}")
+            _federated_failure("DP-FedAvg", errors)
         load_adapter_state(model, outcome.adapters)
         sigmas = [float(r["noise_multiplier"]) for rep in outcome.reports[:1] for r in rep.values()]
         perf["noise_multiplier"] = min(sigmas) if sigmas else math.nan
@@ -1039,6 +1037,17 @@ class StudyRunner:
         if "next_word" in wanted:
             out["next_word_accuracy"] = tm.next_word_accuracy(texts, test_texts)
         return out
+
+
+REFUSALS = ("ConfigError", "PolicyViolationError", "BudgetExceededError", "TooFewParticipants")
+
+
+def _federated_failure(what: str, errors: Sequence[str]) -> NoReturn:
+    """Raise a refusal (a finished cell with its reason) or a crash (the cell reruns later)."""
+    message = f"{what} failed: {'; '.join(errors) or 'no result'}"
+    if any(e.startswith(REFUSALS) for e in errors):
+        raise ConfigError(message)
+    raise RuntimeError(message)
 
 
 def effective_noise_multiplier(privacy: PrivacySpec, *, survivors: int) -> float:

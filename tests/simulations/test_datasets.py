@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -121,3 +122,20 @@ def test_write_jsonl_round_trip(tmp_path: Path) -> None:
     write_jsonl(iter(records), path)
     assert "Ünïcödé" in path.read_text(encoding="utf-8")
     assert load_records(path) == records
+
+
+def test_jsonl_keeps_one_record_per_line_with_unicode_line_breaks(tmp_path: Path) -> None:
+    # Generated text can hold U+0085, U+2028 or U+2029: readers that split on Unicode line
+    # breaks (str.splitlines) must still see one record per line.
+    from fedsynth.simulations.datasets import json_line
+
+    text = "a\x85b\u2028c\u2029d\x1ce"
+    line = json_line({"text": text, "label": "x"})
+    assert len(line.splitlines()) == 1
+    assert json.loads(line)["text"] == text
+    path = tmp_path / "r.jsonl"
+    write_jsonl([Record(text=text, label="x"), Record(text="plain é", label="y")], path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2
+    assert [json.loads(x)["text"] for x in lines] == [text, "plain é"]
+    assert "é" in lines[1]  # non-ASCII text stays readable

@@ -163,3 +163,14 @@ def test_results_folder_checks(tmp_path: Path) -> None:
 def test_shipped_study_configs_are_valid(name: str) -> None:
     config = load_study_config(Path(__file__).parents[2] / "studies" / name)
     assert len(config.cells()) > 10
+
+
+def test_federated_refusals_are_results_but_crashes_rerun() -> None:
+    from fedsynth.simulations.study import _federated_failure
+
+    with pytest.raises(ConfigError, match="max_epsilon_per_task"):
+        _federated_failure("x", ["PolicyViolationError: epsilon=16 exceeds max_epsilon_per_task"])
+    with pytest.raises(ConfigError):
+        _federated_failure("x", ["TooFewParticipantsError: only 0 of 3 clients completed setup"])
+    with pytest.raises(RuntimeError, match="actor died"):
+        _federated_failure("x", ["RayActorError: actor died"])
