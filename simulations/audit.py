@@ -24,6 +24,7 @@ import numpy as np
 from fedsynth.protocol.codec import field_sum
 from fedsynth.protocol.contribution import decode_release, encode_contribution, integer_class_sums
 from fedsynth.protocol.errors import ConfigError
+from fedsynth.protocol.features import clip_to_unit
 from fedsynth.protocol.manifest import TaskManifest
 
 
@@ -127,7 +128,7 @@ def release_statistic(
     count = decoded.counts[label_index]
     unit_sum = decoded.vectors[label_index].astype(np.float64) / clip * count
     diff = canary[0].astype(np.float64) - reference[label_index]
-    unit = diff / np.maximum(np.linalg.norm(diff, axis=1, keepdims=True), clip)
+    unit = clip_to_unit(diff[None], clip[:, 0])[0]
     return float(np.sum(unit_sum * unit) + manifest.count_weight**2 * count)
 
 

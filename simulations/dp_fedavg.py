@@ -22,8 +22,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsynth.client.contributor import refusal_reason
 from fedsynth.client.data import load_records
-from fedsynth.protocol.errors import ProtocolError
+from fedsynth.protocol.errors import FedSynthError, ProtocolError
 from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.models import LoadedModel, load_model
 from fedsynth.server.secure_round import Transport
@@ -124,7 +125,11 @@ def make_fedavg_client_app(partition_dir: Path) -> ClientApp:
     def train(message: Message, context: Context) -> Message:
         pid = int(context.node_config.get("partition-id", 0))
         task, round_index = FedAvgTask.from_config(message.content.config_records["config"])
-        records = load_records(partition_dir / f"partition-{pid}.jsonl")
+        try:
+            records = load_records(partition_dir / f"partition-{pid}.jsonl")
+        except FedSynthError as exc:  # the server learns only the reason, never the data
+            log.warning("holder %s: %s", pid, exc)
+            raise ProtocolError(refusal_reason(exc)) from None
         if task.model not in _MODELS:
             _MODELS[task.model] = load_model(task.model)
         loaded = _MODELS[task.model]

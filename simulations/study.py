@@ -26,7 +26,11 @@ import numpy as np
 from fedsynth.client.data import Record
 from fedsynth.client.policy import ClientPolicy
 from fedsynth.protocol.codec import to_field
-from fedsynth.protocol.contribution import decode_release, integer_class_sums
+from fedsynth.protocol.contribution import (
+    decode_release,
+    integer_class_sums,
+    noise_share_variance,
+)
 from fedsynth.protocol.errors import ConfigError, FedSynthError
 from fedsynth.protocol.features import extract_features
 from fedsynth.protocol.manifest import PrivacySpec
@@ -896,7 +900,7 @@ class StudyRunner:
         from fedsynth.server.generation import text_logprobs
         from fedsynth.simulations import baselines as b
         from fedsynth.simulations.metrics import train_text_classifier
-        from fedsynth.simulations.text_metrics import nearest_similarity
+        from fedsynth.simulations.text_metrics import nearest_similarity, unit_rows
 
         state = self.seed_state(cell.seed)
         config = self.demo_config(cell)
@@ -929,7 +933,7 @@ class StudyRunner:
         cand = np.array(candidates, dtype=object).reshape(len(seeds), settings.rpsg_candidates)
         seed_emb = self._embed([t for _, t in seeds])
         cand_emb = self._embed(candidates).reshape(len(seeds), settings.rpsg_candidates, -1)
-        similarity = np.einsum("sd,scd->sc", _unit(seed_emb), _unit(cand_emb))
+        similarity = np.einsum("sd,scd->sc", unit_rows(seed_emb), unit_rows(cand_emb))
         probs = public.predict_proba(candidates).reshape(len(seeds), settings.rpsg_candidates, -1)
         agree = np.stack([probs[i, :, classes.index(label)] for i, (label, _) in enumerate(seeds)])
         scores = b.rescale_unit(
@@ -1053,20 +1057,14 @@ def _federated_failure(what: str, errors: Sequence[str]) -> NoReturn:
 def effective_noise_multiplier(privacy: PrivacySpec, *, survivors: int) -> float:
     """Std of the noise in the released sum over the record's L2 sensitivity.
 
-    The manifest's multiplier is what any t survivors guarantee; in distributed mode every
-    surviving share adds variance/t (so s survivors give s/t times the target), in local mode
-    every holder adds the whole variance.
+    The manifest's multiplier is what any t survivors guarantee; each surviving holder adds
+    its share (:func:`noise_share_variance`: variance/t distributed, the whole variance local),
+    the coordinator adds the whole variance in central mode.
     """
     if privacy.total_variance == 0:
         return 0.0
-    factor = {"central": 1.0, "distributed": survivors / privacy.threshold, "local": survivors}
-    return privacy.noise_multiplier * math.sqrt(factor[privacy.mode])
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (last axis)."""
-    out: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    return out
+    present = survivors * noise_share_variance(privacy) or privacy.total_variance
+    return privacy.noise_multiplier * math.sqrt(present / privacy.total_variance)
 
 
 def _slug(key: str) -> str:

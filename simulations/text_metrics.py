@@ -113,16 +113,17 @@ def next_word_accuracy(train_texts: Sequence[str], test_texts: Sequence[str]) ->
     return hits / total
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Vectors along the last axis scaled to unit L2 norm (zero vectors stay zero)."""
     x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
     unit: np.ndarray = x / np.maximum(norms, 1e-12)
     return unit
 
 
 def nearest_similarity(queries: np.ndarray, synthetic: np.ndarray) -> np.ndarray:
     """Cosine similarity of each query to its nearest synthetic sample."""
-    similarity: np.ndarray = (_unit_rows(queries) @ _unit_rows(synthetic).T).max(axis=1)
+    similarity: np.ndarray = (unit_rows(queries) @ unit_rows(synthetic).T).max(axis=1)
     return similarity
 
 

@@ -174,3 +174,22 @@ def test_federated_refusals_are_results_but_crashes_rerun() -> None:
         _federated_failure("x", ["TooFewParticipantsError: only 0 of 3 clients completed setup"])
     with pytest.raises(RuntimeError, match="actor died"):
         _federated_failure("x", ["RayActorError: actor died"])
+
+
+@pytest.mark.parametrize(("mode", "factor"), [("central", 1.0), ("distributed", 1.5), ("local", 3)])
+def test_effective_noise_counts_every_surviving_share(mode: str, factor: float) -> None:
+    from fedsynth.protocol.manifest import PrivacySpec
+    from fedsynth.simulations.study import effective_noise_multiplier
+
+    privacy = PrivacySpec(
+        epsilon=4.0,
+        delta=1e-5,
+        mode=mode,
+        threshold=2,
+        total_variance=100.0,
+        noise_multiplier=1.2,
+        l2_sensitivity=1.0,
+        l1_sensitivity=1.0,
+        accountant="test",
+    )
+    assert effective_noise_multiplier(privacy, survivors=3) == pytest.approx(1.2 * factor**0.5)
