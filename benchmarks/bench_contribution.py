@@ -18,6 +18,7 @@ import torch
 
 from fedsynth.protocol.contribution import encode_contribution, integer_class_sums
 from fedsynth.protocol.features import FeatureSpec, encode_example, extract_features
+from fedsynth.protocol.identity import HolderIdentity, Roster
 from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, array_sha256
 from fedsynth.protocol.models import decoder_layers, load_model
 from fedsynth.protocol.secagg import SecAggClient
@@ -100,9 +101,14 @@ def main() -> None:
         reference_sha256=array_sha256(reference),
     )
     # Secure-sum setup for node 1 with two peers (keys only; masking cost is what we measure).
-    clients = {n: SecAggClient(n, manifest.secagg_config()) for n in node_ids}
+    identities = {n: HolderIdentity.generate(f"holder-{n}") for n in node_ids}
+    roster = Roster({i.name: i.public_key for i in identities.values()})
+    clients = {
+        n: SecAggClient(n, manifest.secagg_config(), identity=identities[n], roster=roster)
+        for n in node_ids
+    }
     keys = {n: c.setup() for n, c in clients.items()}
-    cts = {n: c.share_keys(keys) for n, c in clients.items()}
+    cts = {n: c.share_keys(keys).ciphertexts for n, c in clients.items()}
     mine = {s: cts[s][1] for s in node_ids if s != 1}
 
     def contribution() -> None:
@@ -110,7 +116,9 @@ def main() -> None:
         rng = np.random.default_rng(0)
         sums = integer_class_sums(feats, labels, manifest=manifest, reference=reference, rng=rng)
         value = encode_contribution(sums, manifest=manifest, rng=rng)
-        fresh = SecAggClient.from_state(clients[1].export_state())
+        fresh = SecAggClient.from_state(
+            clients[1].export_state(), identity=identities[1], roster=roster
+        )
         fresh.masked_input(mine, value)
 
     timings: dict[str, list[float]] = {

@@ -42,10 +42,12 @@ from fedsynth.client.policy import ClientPolicy
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.accounting import calibrate_pe, pe_aggregate_noise_std
 from fedsynth.protocol.embedding import load_embedder
+from fedsynth.protocol.identity import simulated_member, write_simulated_consortium
 from fedsynth.protocol.messages import vector_to_bytes
 from fedsynth.protocol.models import load_model
 from fedsynth.protocol.pe import Embedder, Population, threshold_histogram
 from fedsynth.protocol.pe_manifest import PERoundManifest, decode_histogram
+from fedsynth.protocol.secagg import ROUND_STAGES
 from fedsynth.server.pe_coordinator import (
     PEConfig,
     build_round_manifest,
@@ -62,7 +64,7 @@ from fedsynth.simulations.datasets import (
 )
 from fedsynth.simulations.demo import TEMPLATES
 
-STAGES = ("setup", "share_keys", "masked_input", "unmask")
+STAGES = tuple(stage.value for stage in ROUND_STAGES)
 EMBEDDER = "all-minilm-l6-v2"
 CORPUS = "rotten_tomatoes"
 
@@ -263,7 +265,9 @@ def main() -> None:
     parts = partition_iid(private, num_clients=args.clients, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         nodes: dict[int, Node] = {}
+        write_simulated_consortium(Path(tmp), len(parts))
         for index, records in enumerate(parts):
+            identity, roster = simulated_member(Path(tmp), index)
             path = Path(tmp) / f"private-{index}.jsonl"
             write_jsonl(records, path)
             settings = ClientSettings(
@@ -271,6 +275,8 @@ def main() -> None:
                 embedder=EMBEDDER,
                 policy=ClientPolicy(allow_non_private=True),
                 seed=args.seed + index,
+                identity=identity,
+                roster=roster,
             )
             node_id = 1001 + index
             voter = PEVoter(settings, node_id=node_id)

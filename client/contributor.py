@@ -15,16 +15,15 @@ from typing import Any
 import numpy as np
 from flwr.app import RecordDict
 
+from fedsynth.client.budget import ClientBudget
 from fedsynth.client.participant import SecureSumParticipant
-from fedsynth.client.policy import ClientBudget
 from fedsynth.client.settings import ClientSettings as ClientSettings
 from fedsynth.protocol.contribution import encode_contribution, integer_class_sums
 from fedsynth.protocol.errors import (
-    DataFileError,
-    FedSynthError,
     ModelMismatchError,
     PolicyViolationError,
     ProtocolError,
+    category_of,
 )
 from fedsynth.protocol.features import extract_features
 from fedsynth.protocol.manifest import TaskManifest
@@ -33,23 +32,20 @@ from fedsynth.protocol.messages import (
     vector_to_bytes,
 )
 from fedsynth.protocol.models import LoadedModel, load_model
+from fedsynth.protocol.verification import verify_manifest
 
 log = logging.getLogger(__name__)
 STATE_KEY = "fedsynth.client"
 
 
-def refusal_reason(exc: FedSynthError) -> str:
-    """What a refusing client tells the coordinator: the error type and a safe message.
+def refusal_reason(exc: BaseException) -> str:
+    """What a refusing client tells the coordinator: the refusal's category, nothing else.
 
-    Problems with the private data file (line numbers, label values, paths) stay in the
-    holder's own log; the coordinator only learns that the data failed validation.
+    A coordinator can provoke refusals at will, so their text must carry no private number
+    (record counts, 1/n, lifetime spend) and no data-file detail (lines, labels, paths): the
+    full message stays in the holder's own log.
     """
-    if isinstance(exc, DataFileError):
-        return (
-            f"{type(exc).__name__}: the holder's private data failed validation "
-            "(details in the holder's local log)"
-        )
-    return f"{type(exc).__name__}: {exc}"
+    return category_of(exc).value
 
 
 def manifest_model_matches(loaded: LoadedModel, manifest: TaskManifest) -> None:
@@ -98,6 +94,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
     def accept(self, fields: dict[str, Any], state: RecordDict) -> tuple[TaskManifest, bytes]:
         """Check the manifest, reference, data, policy, budget and model before any key."""
         manifest = TaskManifest.from_json(str(fields["manifest"]))
+        verify_manifest(manifest)  # noise and sensitivity recomputed by this holder
         reference = self._reference(manifest, fields["reference"], name="reference")
         manifest.check_reference(reference)
         if self.node_id not in manifest.node_ids:
@@ -148,8 +145,17 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         return value
 
     def committed(self, task: TaskManifest, state: RecordDict) -> None:
-        """Charge the budget before the masked input leaves (not if masking was refused)."""
-        ClientBudget(self.settings.budget_path).charge(task)
+        """Charge the budget before the masked input leaves (not if masking was refused).
+
+        The point of no return: the policy (lifetime cap included) is re-checked inside the
+        store's charging transaction, so of two tasks set up at once only what fits is charged,
+        and a refused charge keeps the masked input here.
+        """
+        n_records = len(self.records(task.labels))
+        ClientBudget(self.settings.budget_path).charge(
+            task,
+            check=lambda spent: self.settings.policy.check(task, spent=spent, n_records=n_records),
+        )
 
     @staticmethod
     def _reference(

@@ -1,12 +1,16 @@
 """Flower ClientApp of a data holder: routes protocol stages to the Contributor.
 
 Settings come from a factory argument (in-process simulation) or from the node config
-(``flower-supernode --node-config "data-path=... model=..."``) and the run config.
+(``flower-supernode --node-config "data-path=... budget-path=... model=..."``); the run
+config (the coordinator's) may name the model, never a privacy term. A refusing node replies
+with its refusal's category only (policy, budget, model, data, protocol); the details go to
+its own log.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,8 +21,15 @@ from flwr.clientapp import ClientApp
 from fedsynth.client.contributor import ClientSettings, Contributor, refusal_reason
 from fedsynth.client.participant import SecureSumParticipant
 from fedsynth.client.pe_voter import PEVoter
-from fedsynth.client.policy import ClientPolicy
-from fedsynth.protocol.errors import FedSynthError
+from fedsynth.client.policy import ClientPolicy, parse_bool, parse_float
+from fedsynth.client.settings import load_credentials
+from fedsynth.protocol.errors import (
+    BudgetStoreError,
+    FedSynthError,
+    PolicyViolationError,
+    RefusalCategory,
+    category_of,
+)
 from fedsynth.protocol.models import cache_root
 
 log = logging.getLogger(__name__)
@@ -27,30 +38,79 @@ PE_ACTION = "pe_votes"
 ERROR_CODE_REFUSED = 4100
 
 
-def settings_from_context(context: Context) -> ClientSettings:
-    """Build settings from ``node_config`` (deployment) or partition files (simulation)."""
+RUN_CONFIG_REFUSED = ("allow-non-private",)
+"""Run-config keys a holder refuses outright: consent to non-private releases is the holder's."""
+
+
+def settings_from_context(
+    context: Context, *, default_budget_path: Path | None = None
+) -> ClientSettings:
+    """Build settings from ``node_config`` (deployment) or partition files (simulation).
+
+    Privacy consent (``allow-non-private``) comes only from the holder's own node config: a run
+    config, which the coordinator writes, that names it is refused. Booleans parse strictly.
+    A node with its own data file (deployment) must name its ``budget-path``; in a simulation
+    that reads partitions from the run's ``data-dir``, each holder keeps its store beside them.
+
+    Raises:
+        PolicyViolationError: The run config carries ``allow-non-private``.
+        BudgetStoreError: No budget store: the node refuses every task.
+        ConfigError: A node-config value does not parse (the message names key and value).
+    """
     node = context.node_config
     run = context.run_config
+    for key in RUN_CONFIG_REFUSED:
+        if key in run:
+            raise PolicyViolationError(
+                f"run config {key}={run[key]!r}: the coordinator's run config may not enable "
+                "non-private releases; only this holder's node config can"
+            )
+    budget_path = default_budget_path
     if "data-path" in node:
         data_path = Path(str(node["data-path"]))
     else:
         data_dir = Path(str(run.get("data-dir") or cache_root() / "flwr-run" / "clients"))
-        data_path = data_dir / f"partition-{int(node.get('partition-id', 0))}.jsonl"
-    budget = node.get("budget-path")
-    return ClientSettings(
+        pid = int(node.get("partition-id", 0))
+        data_path = data_dir / f"partition-{pid}.jsonl"
+        budget_path = budget_path or data_dir / f"budget-{pid}.sqlite"
+    if node.get("budget-path"):
+        budget_path = Path(str(node["budget-path"]))
+    # Signing identity and pinned roster: identity-path and roster-path in the node config, or
+    # a simulated consortium's files beside the partitions; without them every task is refused.
+    identity, roster = load_credentials(
+        node,
+        simulated_dir=None if "data-path" in node else data_path.parent,
+        partition_id=int(node.get("partition-id", 0)),
+    )
+    settings = ClientSettings(
         data_path=data_path,
         text_field=str(node.get("text-field", "text")),
         label_field=str(node.get("label-field", "label")),
         model=str(node.get("model", run.get("model", "gemma3-270m"))),
         embedder=str(node.get("embedder", run.get("embedder", "all-minilm-l6-v2"))),
         policy=ClientPolicy(
-            max_epsilon_per_task=float(node.get("max-epsilon", 8.0)),
-            allow_non_private=bool(
-                node.get("allow-non-private", run.get("allow-non-private", False))
-            ),
+            max_epsilon_per_task=parse_float("max-epsilon", node.get("max-epsilon", 8.0)),
+            allow_non_private=parse_bool("allow-non-private", node.get("allow-non-private", False)),
         ),
-        budget_path=Path(str(budget)) if budget else None,
+        budget_path=budget_path,
+        identity=identity,
+        roster=roster,
     )
+    require_budget_store(settings)
+    return settings
+
+
+def require_budget_store(settings: ClientSettings) -> None:
+    """Refuse to take part without a budget store: budgets fail closed.
+
+    Without one a node could neither charge epsilon against its lifetime cap nor refuse a task
+    it already contributed to (a replay with fresh noise).
+    """
+    if settings.budget_path is None:
+        raise BudgetStoreError(
+            "budget-path is not set: this node keeps no privacy budget store and refuses every "
+            'task; set budget-path="/path/to/budget.sqlite" in its node config'
+        )
 
 
 def make_client_app(
@@ -59,39 +119,77 @@ def make_client_app(
     """A ClientApp with fixed settings, or reading them from each node's context.
 
     With ``partition_dir`` (simulation), node ``partition-id`` i reads
-    ``partition_dir/partition-i.jsonl`` and keeps its budget in ``budget-i.jsonl`` there.
+    ``partition_dir/partition-i.jsonl`` and keeps its budget in ``budget-i.sqlite`` there.
+    It signs with ``identity-i.pem`` and pins ``roster.json`` from there (see
+    :func:`fedsynth.protocol.identity.write_simulated_consortium`).
+    Whatever the source, a node without a budget store refuses every task.
     """
     app = ClientApp()
 
     def local_settings(context: Context) -> ClientSettings:
-        local = settings if settings is not None else settings_from_context(context)
+        pid = int(context.node_config.get("partition-id", 0))
+        simulated_budget = (
+            partition_dir / f"budget-{pid}.sqlite" if partition_dir is not None else None
+        )
+        if settings is None:
+            local = settings_from_context(context, default_budget_path=simulated_budget)
+        else:
+            local = settings
         if partition_dir is not None:
-            pid = int(context.node_config.get("partition-id", 0))
+            identity, roster = load_credentials({}, simulated_dir=partition_dir, partition_id=pid)
             local = replace(
                 local,
                 data_path=partition_dir / f"partition-{pid}.jsonl",
-                budget_path=partition_dir / f"budget-{pid}.jsonl",
+                budget_path=simulated_budget,
+                identity=identity,
+                roster=roster,
             )
+        require_budget_store(local)
         return local
 
-    def serve(msg: Message, context: Context, participant: SecureSumParticipant[Any]) -> Message:
-        stage = str(msg.content.config_records["fedsynth"]["stage"])
+    def serve(
+        msg: Message,
+        context: Context,
+        make: Callable[[ClientSettings], SecureSumParticipant[Any]],
+    ) -> Message:
+        stage = "setup"
         try:
-            reply = participant.handle(stage, msg.content, context.state)
+            stage = str(msg.content.config_records["fedsynth"]["stage"])
+            try:
+                local = local_settings(context)
+            except FedSynthError as exc:
+                # The holder's own configuration refuses: the coordinator learns budget or
+                # policy, never which key or value.
+                log.warning("node %s refused stage %s: %s", context.node_id, stage, exc)
+                category = category_of(exc)
+                if category is not RefusalCategory.BUDGET:
+                    category = RefusalCategory.POLICY
+                return _refusal(msg, category.value)
+            reply = make(local).handle(stage, msg.content, context.state)
         except FedSynthError as exc:
             log.warning("node %s refused stage %s: %s", context.node_id, stage, exc)
-            return Message(Error(code=ERROR_CODE_REFUSED, reason=refusal_reason(exc)), reply_to=msg)
+            return _refusal(msg, refusal_reason(exc))
+        except Exception as exc:  # refused; logged here in full, never forwarded
+            # An unexpected error's text may quote private data (a decode error quotes bytes of
+            # the data file): the coordinator gets the category only.
+            log.exception("node %s failed stage %s", context.node_id, stage)
+            return _refusal(msg, refusal_reason(exc))
         return Message(reply, reply_to=msg)
 
     @app.query(ACTION)
     def dataset_vector(msg: Message, context: Context) -> Message:
-        return serve(msg, context, Contributor(local_settings(context), node_id=context.node_id))
+        return serve(msg, context, lambda s: Contributor(s, node_id=context.node_id))
 
     @app.query(PE_ACTION)
     def pe_votes(msg: Message, context: Context) -> Message:
-        return serve(msg, context, PEVoter(local_settings(context), node_id=context.node_id))
+        return serve(msg, context, lambda s: PEVoter(s, node_id=context.node_id))
 
     return app
+
+
+def _refusal(msg: Message, reason: str) -> Message:
+    """The reply of a refusing node: a fixed code and the refusal's category only."""
+    return Message(Error(code=ERROR_CODE_REFUSED, reason=reason), reply_to=msg)
 
 
 app = make_client_app()

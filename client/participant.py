@@ -1,9 +1,11 @@
-"""The four secure-sum stages every kind of client contribution shares.
+"""The five secure-sum stages every kind of client contribution shares.
 
 Subclasses (dataset vectors, PE votes) decide what a task looks like and what vector the client
-contributes; this base class runs the key agreement, masking and unmasking and keeps the state
-between stages in the node's persistent RecordDict. Only public keys, encrypted shares and
-masked field elements ever leave the node.
+contributes; this base class runs the signed key agreement, masking, the consistency check and
+unmasking, and keeps the state between stages in the node's persistent RecordDict. Only signed
+public keys, encrypted shares, share commitments, masked field elements and a signature over the
+survivor set ever leave the node. A node without a signing identity and a pinned roster refuses
+every task.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedsynth.client.data import Record, load_records
 from fedsynth.client.settings import ClientSettings
-from fedsynth.protocol.errors import ProtocolError, StageOrderError
+from fedsynth.protocol.errors import IdentityError, ProtocolError, StageOrderError
+from fedsynth.protocol.identity import HolderIdentity, Roster
 from fedsynth.protocol.messages import (
     Envelope,
     blobs_from_fields,
@@ -28,7 +31,7 @@ from fedsynth.protocol.messages import (
     pack,
     unpack,
 )
-from fedsynth.protocol.secagg import SecAggClient, SecureSumTask
+from fedsynth.protocol.secagg import ROUND_STAGES, SecAggClient, SecureSumTask, Stage
 
 TaskT = TypeVar("TaskT", bound=SecureSumTask)
 
@@ -84,41 +87,81 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             return np.random.default_rng(secrets.randbits(128))
         return np.random.default_rng([seed, self.node_id % 2**32])
 
+    def credentials(self) -> tuple[HolderIdentity, Roster]:
+        """This holder's signing identity and pinned roster; without them it takes no task.
+
+        Raises:
+            IdentityError: If either is missing or the identity is not the roster's.
+        """
+        identity, roster = self.settings.identity, self.settings.roster
+        if identity is None or roster is None:
+            missing = [n for n, v in (("identity", identity), ("roster", roster)) if v is None]
+            raise IdentityError(
+                f"this holder has no {' and no '.join(missing)}: it cannot sign its round keys "
+                "or check its peers', so it refuses every task (set identity-path and "
+                "roster-path in the node config)"
+            )
+        if identity.name not in roster or roster.key_of(identity.name) != identity.public_key:
+            raise IdentityError(
+                f"identity {identity.name!r} is not in the pinned roster with this key"
+            )
+        return identity, roster
+
     def handle(self, stage: str, content: RecordDict, state: RecordDict) -> RecordDict:
         """Dispatch one stage; raises a FedSynthError subclass on any refusal."""
         handlers = {
-            "setup": self._setup,
-            "share_keys": self._share_keys,
-            "masked_input": self._masked_input,
-            "unmask": self._unmask,
+            Stage.SETUP: self._setup,
+            Stage.SHARE_KEYS: self._share_keys,
+            Stage.MASKED_INPUT: self._masked_input,
+            Stage.CONSISTENCY: self._consistency,
+            Stage.UNMASK: self._unmask,
         }
-        if stage not in handlers:
-            raise ProtocolError(f"unknown stage {stage!r}; expected one of {list(handlers)}")
-        return handlers[stage](content, state)
+        if stage not in {s.value for s in ROUND_STAGES}:
+            raise ProtocolError(
+                f"unknown stage {stage!r}; expected one of {[s.value for s in ROUND_STAGES]}"
+            )
+        return handlers[Stage(stage)](content, state)
+
+    def _secagg_client(self, task: TaskT) -> SecAggClient:
+        identity, roster = self.credentials()
+        return SecAggClient(
+            self.node_id,
+            task.secagg_config(),
+            identity=identity,
+            roster=roster,
+            max_colluders=self.settings.policy.max_colluders,
+        )
 
     def _setup(self, content: RecordDict, state: RecordDict) -> RecordDict:
-        fields = unpack(content, stage="setup")
+        self.credentials()  # refuse before reading the task, the data or the model
+        fields = unpack(content, stage=Stage.SETUP.value)
         task, payload = self.accept(fields, state)
         if self.node_id not in task.node_ids:
             raise ProtocolError(f"node {self.node_id} is not a participant of {task.task_id}")
-        client = SecAggClient(self.node_id, task.secagg_config())
+        client = self._secagg_client(task)  # refuses a threshold below the safe floor
         keys = client.setup()
         self._save(state, task, payload, client)
         return pack(
-            Envelope(task.task_id, "setup"),
-            {"enc_pk": keys.enc_pk, "mask_pk": keys.mask_pk, **self.setup_reply_fields(task)},
+            Envelope(task.task_id, Stage.SETUP.value),
+            {**keys.to_dict(), **self.setup_reply_fields(task)},
         )
 
     def _share_keys(self, content: RecordDict, state: RecordDict) -> RecordDict:
         task, payload, client = self._load(state)
-        fields = unpack(content, task_id=task.task_id, stage="share_keys")
-        ciphertexts = client.share_keys(keys_from_fields(fields))
+        fields = unpack(content, task_id=task.task_id, stage=Stage.SHARE_KEYS.value)
+        shares = client.share_keys(keys_from_fields(fields))
         self._save(state, task, payload, client)
-        return pack(Envelope(task.task_id, "share_keys"), blobs_to_fields("ct:", ciphertexts))
+        return pack(
+            Envelope(task.task_id, Stage.SHARE_KEYS.value),
+            {
+                **blobs_to_fields("ct:", shares.ciphertexts),
+                **blobs_to_fields("cm:", shares.commitments),
+            },
+        )
 
     def _masked_input(self, content: RecordDict, state: RecordDict) -> RecordDict:
         task, payload, client = self._load(state)
-        fields = unpack(content, task_id=task.task_id, stage="masked_input")
+        fields = unpack(content, task_id=task.task_id, stage=Stage.MASKED_INPUT.value)
         ciphertexts = blobs_from_fields("ct:", fields)
         value = self.contribution(task, payload, state)
         masked = client.masked_input(ciphertexts, value)
@@ -126,19 +169,32 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         self.committed(task, state)
         self._save(state, task, payload, client)
         return pack(
-            Envelope(task.task_id, "masked_input"),
+            Envelope(task.task_id, Stage.MASKED_INPUT.value),
             {"masked": field_to_bytes(masked, bits=task.secagg_config().bits)},
         )
 
+    def _consistency(self, content: RecordDict, state: RecordDict) -> RecordDict:
+        task, payload, client = self._load(state)
+        fields = unpack(content, task_id=task.task_id, stage=Stage.CONSISTENCY.value)
+        if "survivors" not in fields:
+            raise ProtocolError("consistency request lacks 'survivors'")
+        signature = client.consistency(ints_from_field(fields["survivors"], name="survivors"))
+        self._save(state, task, payload, client)
+        return pack(Envelope(task.task_id, Stage.CONSISTENCY.value), {"signature": signature})
+
     def _unmask(self, content: RecordDict, state: RecordDict) -> RecordDict:
         task, payload, client = self._load(state)
-        fields = unpack(content, task_id=task.task_id, stage="unmask")
+        fields = unpack(content, task_id=task.task_id, stage=Stage.UNMASK.value)
+        for key in ("survivors", "dropped"):
+            if key not in fields:
+                raise ProtocolError(f"unmask request lacks {key!r}")
         shares = client.unmask(
             ints_from_field(fields["survivors"], name="survivors"),
             ints_from_field(fields["dropped"], name="dropped"),
+            signatures=blobs_from_fields("sg:", fields),
         )
         self._save(state, task, payload, client)
-        return pack(Envelope(task.task_id, "unmask"), blobs_to_fields("sh:", shares))
+        return pack(Envelope(task.task_id, Stage.UNMASK.value), blobs_to_fields("sh:", shares))
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -159,4 +215,11 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         secagg: dict[str, Any] = {
             k[len("secagg.") :]: record[k] for k in record if k.startswith("secagg.")
         }
-        return task, payload, SecAggClient.from_state(secagg)
+        identity, roster = self.credentials()
+        client = SecAggClient.from_state(
+            secagg,
+            identity=identity,
+            roster=roster,
+            max_colluders=self.settings.policy.max_colluders,
+        )
+        return task, payload, client

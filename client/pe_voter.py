@@ -7,8 +7,9 @@ Skellam noise share and masks the result. The private embeddings are computed on
 and kept in memory only; raw records, embeddings and unmasked votes are never logged or saved.
 
 Replay protection: a node answers each round of a PE task at most once, in increasing order,
-and refuses a change of the task's terms (privacy, embedder, labels) between rounds. The whole
-task's epsilon is charged to the holder's budget at its first round.
+and refuses a change of the task's terms (privacy, rounds, embedder, labels, top_k) between
+rounds. The whole task's epsilon is charged to the holder's budget store at its first round,
+with the terms; both persist, so a restarted node holds the task to the same terms.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
+from fedsynth.client.budget import ClientBudget, canonical_terms, pe_task_terms
 from fedsynth.client.participant import SecureSumParticipant
-from fedsynth.client.policy import ClientBudget
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.embedding import load_embedder
 from fedsynth.protocol.errors import (
@@ -34,6 +35,7 @@ from fedsynth.protocol.errors import (
 from fedsynth.protocol.messages import vector_from_bytes
 from fedsynth.protocol.pe import Embedder, vote_histogram
 from fedsynth.protocol.pe_manifest import PERoundManifest, encode_votes
+from fedsynth.protocol.verification import verify_manifest
 
 log = logging.getLogger(__name__)
 PE_STATE_KEY = "fedsynth.pe"
@@ -60,7 +62,7 @@ def embedder_matches(embedder: Embedder, manifest: PERoundManifest) -> None:
 
 
 class PEVoter(SecureSumParticipant[PERoundManifest]):
-    """Handles the four secure-sum stages of one PE round for one node."""
+    """Handles the five secure-sum stages of one PE round for one node."""
 
     state_key = PE_STATE_KEY
 
@@ -81,6 +83,7 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
     def accept(self, fields: dict[str, Any], state: RecordDict) -> tuple[PERoundManifest, bytes]:
         """Check manifest, candidates, embedder, round order, data and policy; nothing spent."""
         manifest = PERoundManifest.from_json(str(fields["manifest"]))
+        verify_manifest(manifest)  # noise and sensitivity recomputed by this holder
         candidates = self._candidates(manifest, fields.get("candidates"))
         manifest.check_candidates(candidates)
         if self.node_id not in manifest.node_ids:
@@ -91,10 +94,8 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
             raise ProtocolError(
                 f"{len(records)} records exceed the task's max_records={manifest.max_records}"
             )
-        budget = ClientBudget(self.settings.budget_path)
-        spent = budget.spent()
-        if budget.has(manifest.pe_task_id) and manifest.privacy.epsilon != float("inf"):
-            spent -= manifest.privacy.epsilon  # this task is already charged: do not count twice
+        # A task already charged (earlier rounds) is not counted twice against the cap.
+        spent = ClientBudget(self.settings.budget_path).spent(exclude=manifest.pe_task_id)
         self.settings.policy.check(manifest, spent=spent, n_records=len(records))
         embedder_matches(self._embedder_loader(), manifest)
         log.info("node %s accepted PE round %s", self.node_id, manifest.task_id)
@@ -122,10 +123,17 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
         return encode_votes(votes, manifest=task, rng=self.rng())
 
     def committed(self, task: PERoundManifest, state: RecordDict) -> None:
-        """Charge the task once and record the round before the votes leave."""
-        budget = ClientBudget(self.settings.budget_path)
-        budget.charge_task(task.pe_task_id, task.privacy)
-        budget.record_round(task.pe_task_id, task.round)
+        """Charge the task once and record the round before the votes leave.
+
+        One transaction of the holder's store: the task's terms (persisted at its first
+        charge), the round order and, at the first round, the policy with the lifetime cap are
+        re-checked and the charge written together, so a refusal keeps the votes here.
+        """
+        n_records = len(self.records(task.labels))
+        ClientBudget(self.settings.budget_path).charge_pe_round(
+            task,
+            check=lambda spent: self.settings.policy.check(task, spent=spent, n_records=n_records),
+        )
         rounds = self._rounds_record(state)
         rounds[task.pe_task_id] = task.round
         if f"terms:{task.pe_task_id}" not in rounds:
@@ -170,16 +178,26 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
     def _check_round(self, manifest: PERoundManifest, state: RecordDict) -> None:
         """Refuse a stale or replayed round, or changed terms, before anything is computed."""
         rounds = self._rounds_record(state)
+        budget = ClientBudget(self.settings.budget_path)
         last_in_state = rounds.get(manifest.pe_task_id, 0)
         last = max(
             int(last_in_state) if isinstance(last_in_state, int) else 0,
-            ClientBudget(self.settings.budget_path).last_round(manifest.pe_task_id),
+            budget.last_round(manifest.pe_task_id),
         )
         if manifest.round <= last:
             kind = "replayed" if manifest.round == last else "stale"
             raise StageOrderError(
                 f"round {manifest.round} of PE task {manifest.pe_task_id!r} is {kind}: this node "
                 f"already answered round {last}; answering again would release its votes twice"
+            )
+        # The terms come from the holder's store (they survive a restart of this node); the
+        # node state only covers a node without a store (in-process tests).
+        stored = budget.terms(manifest.pe_task_id)
+        wanted = pe_task_terms(manifest)
+        if stored is not None and canonical_terms(stored) != canonical_terms(wanted):
+            raise PolicyViolationError(
+                f"PE task {manifest.pe_task_id!r} was charged under other terms (privacy, "
+                "rounds, embedder, labels or top_k) than this round's; refusing"
             )
         terms = rounds.get(f"terms:{manifest.pe_task_id}")
         if isinstance(terms, str) and not manifest.same_task_terms(

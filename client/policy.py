@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-from fedsynth.protocol.durable import append_json_line
+from fedsynth.client.budget import ClientBudget as ClientBudget
 from fedsynth.protocol.errors import BudgetExceededError, ConfigError, PolicyViolationError
-from fedsynth.protocol.manifest import PrivacySpec, TaskManifest
+from fedsynth.protocol.manifest import PrivacySpec
+
+
+def parse_bool(key: str, value: object) -> bool:
+    """A boolean setting, strictly: a bool, or "true"/"false" in any case; nothing else.
+
+    ``bool("false")`` is True, so a loose parse would turn an operator's explicit "no" into
+    consent; any other value is refused with the key and the value.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(f"{key}={value!r}: must be true or false")
+
+
+def parse_float(key: str, value: object) -> float:
+    """A numeric setting (an int, a float or its text); anything else is refused by key."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: must be a number")
+    try:
+        return float(str(value))
+    except ValueError:
+        raise ConfigError(f"{key}={value!r}: must be a number") from None
 
 
 class PolicySubject(Protocol):
@@ -39,6 +60,8 @@ class ClientPolicy:
         allowed_modes: Trust modes the holder accepts.
         allowed_fingerprints: Model fingerprints accepted (empty = the local model's only).
         allow_non_private: Whether epsilon = inf tasks (no noise) are accepted.
+        max_colluders: Holders this holder assumes may collude with the coordinator; the
+            secure sum's threshold must satisfy 2t - K > max_colluders (0: a strict majority).
     """
 
     max_epsilon_per_task: float = 8.0
@@ -48,14 +71,25 @@ class ClientPolicy:
     allowed_modes: tuple[str, ...] = ("distributed", "central", "local")
     allowed_fingerprints: tuple[str, ...] = ()
     allow_non_private: bool = False
+    max_colluders: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.allow_non_private, bool):
+            raise ConfigError(
+                f"allow_non_private={self.allow_non_private!r}: must be a bool (True or False)"
+            )
         if not self.max_epsilon_per_task > 0:
             raise ConfigError(f"max_epsilon_per_task={self.max_epsilon_per_task}: must be > 0")
         if not self.max_total_epsilon >= self.max_epsilon_per_task:
             raise ConfigError("max_total_epsilon must be >= max_epsilon_per_task")
         if self.min_threshold < 2:
             raise ConfigError(f"min_threshold={self.min_threshold}: must be >= 2")
+        if (
+            isinstance(self.max_colluders, bool)
+            or not isinstance(self.max_colluders, int)
+            or self.max_colluders < 0
+        ):
+            raise ConfigError(f"max_colluders={self.max_colluders!r}: must be an int >= 0")
 
     def check(self, manifest: PolicySubject, *, spent: float, n_records: int | None) -> None:
         """Refuse a manifest outside this policy, with a reason an operator can read."""
@@ -95,75 +129,3 @@ class ClientPolicy:
                 f"epsilon={p.epsilon} would bring the total to {spent + p.epsilon:.4g} > "
                 f"max_total_epsilon={self.max_total_epsilon} (spent {spent:.4g})"
             )
-
-
-class ClientBudget:
-    """Persistent per-holder ledger of epsilon spent, one JSON line per task (crash safe)."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-
-    def entries(self) -> list[dict[str, object]]:
-        """All recorded spends."""
-        if self.path is None or not self.path.exists():
-            return []
-        out: list[dict[str, object]] = []
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                # Fail safe: an unreadable row may be a spend; never guess it away.
-                raise PolicyViolationError(
-                    f"budget file {self.path} line {number} is unreadable (a torn write?); "
-                    "repair it by hand before this holder takes part in new tasks"
-                ) from None
-        return out
-
-    def spent(self) -> float:
-        """Total finite epsilon spent so far (basic composition across tasks)."""
-        total = 0.0
-        for entry in self.entries():
-            eps = float(str(entry["epsilon"]))
-            if math.isfinite(eps):
-                total += eps
-        return total
-
-    def has(self, task_id: str) -> bool:
-        """Whether this task was already charged (a retried stage is not charged twice)."""
-        return any(entry.get("task_id") == task_id for entry in self.entries())
-
-    def charge(self, manifest: TaskManifest) -> None:
-        """Record the spend before the contribution leaves this holder."""
-        self.charge_task(manifest.task_id, manifest.privacy)
-
-    def charge_task(self, task_id: str, privacy: PrivacySpec) -> None:
-        """Record a task's whole spend once (a PE task is charged at its first round)."""
-        if self.path is None or self.has(task_id):
-            return
-        row = {
-            "task_id": task_id,
-            "epsilon": str(privacy.epsilon),
-            "delta": privacy.delta,
-            "mode": privacy.mode,
-        }
-        append_json_line(self.path, row)
-
-    def last_round(self, task_id: str) -> int:
-        """The last PE round this holder answered for ``task_id`` (0: none)."""
-        rounds = [
-            int(str(e["round"]))
-            for e in self.entries()
-            if e.get("task_id") == task_id and "round" in e
-        ]
-        return max(rounds, default=0)
-
-    def record_round(self, task_id: str, round_number: int) -> None:
-        """Record that a PE round's votes left this holder (stale or replayed rounds refused)."""
-        if self.path is None:
-            return
-        append_json_line(
-            self.path,
-            {"task_id": task_id, "round": round_number, "epsilon": "0", "kind": "pe-round"},
-        )

@@ -34,6 +34,7 @@ from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.mechanisms import TrustMode
 
 __all__ = [
+    "MAX_ROUNDING_INFLATION",
     "RDP_ORDERS",
     "PECalibration",
     "PrivacyEvent",
@@ -44,15 +45,18 @@ __all__ = [
     "calibrate_vector_release",
     "gaussian_epsilon",
     "gdp_delta",
+    "min_vector_scale",
     "pe_aggregate_noise_std",
     "pe_epsilon",
     "pe_min_workable_epsilon",
     "pe_noise_multiplier",
     "rounded_l1_sensitivity",
     "rounded_l2_sensitivity",
+    "rounding_inflation",
     "skellam_epsilon",
     "skellam_rdp",
     "validate_epsilon_delta",
+    "vector_record_sensitivity",
 ]
 
 RDP_ORDERS: tuple[int, ...] = (*range(2, 129), 256)
@@ -62,6 +66,11 @@ _RDP_ACCOUNTANT_NAME = "dp-accounting RDP (integer orders 2..128, 256)"
 _PLD_ACCOUNTANT_NAME = "dp-accounting PLD"
 _ACCOUNTANTS = ("rdp", "pld")
 _SKELLAM_REL_TOL = 1e-6
+MAX_ROUNDING_INFLATION = 1e-3
+"""Largest relative growth of a record's L2 bound that per-record rounding may cause (0.1 %).
+
+Below it the fixed-point scale is fine enough that rounding costs almost no extra noise; a task
+whose scale would inflate the bound more is refused (see :func:`min_vector_scale`)."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -271,6 +280,103 @@ def rounded_l1_sensitivity(*, l2: float, dim: int) -> float:
     d2 = _finite_nonneg("l2", l2)
     d = _positive_int("dim", dim)
     return d2 * min(math.sqrt(d), d2)
+
+
+def vector_record_sensitivity(
+    *, scale: float, layers: int, count_weight: float, dim: int
+) -> tuple[float, float]:
+    """L2 and L1 sensitivity of one record of a dataset-vector release (scaled integer domain).
+
+    One record contributes ``layers`` unit-clipped layer vectors and a count coordinate
+    ``count_weight`` (gamma) to one class row of ``dim`` coordinates; the row is multiplied by
+    ``scale`` and randomly rounded on its own, conditionally on staying within the rounded bound
+    (Agarwal, Kairouz, Liu 2021, arXiv 2110.04995). Adjacency: add/remove one record. The same
+    bound holds in every trust mode, because clients round every record in every mode.
+
+    Args:
+        scale: Unit-to-integer scale factor (> 0).
+        layers: Number of released layers L (>= 1).
+        count_weight: Weight gamma of the count coordinate (>= 0).
+        dim: Coordinates of one class row (``L * hidden + 1``).
+
+    Returns:
+        ``(l2, l1)``: :func:`rounded_l2_sensitivity` of ``scale * sqrt(L + gamma^2)`` and
+        :func:`rounded_l1_sensitivity` of that.
+
+    Raises:
+        ConfigError: On an invalid argument.
+    """
+    s = _finite_pos("scale", scale)
+    n_layers = _positive_int("layers", layers)
+    gamma = _finite_nonneg("count_weight", count_weight)
+    n_dim = _positive_int("dim", dim)
+    l2 = rounded_l2_sensitivity(scaled_clip=s * math.sqrt(n_layers + gamma**2), dim=n_dim)
+    return l2, rounded_l1_sensitivity(l2=l2, dim=n_dim)
+
+
+def rounding_inflation(*, scale: float, layers: int, count_weight: float, dim: int) -> float:
+    """Relative growth of one record's L2 bound caused by rounding: ``rounded / unrounded - 1``.
+
+    The unrounded bound is ``scale * sqrt(layers + count_weight^2)``; the rounded one is
+    :func:`vector_record_sensitivity`'s L2 (add/remove one record). The inflation shrinks as the
+    scale grows, so the accountant's noise tends to the unrounded mechanism's.
+
+    Raises:
+        ConfigError: On an invalid argument.
+    """
+    l2, _ = vector_record_sensitivity(
+        scale=scale, layers=layers, count_weight=count_weight, dim=dim
+    )
+    return l2 / (float(scale) * math.sqrt(layers + float(count_weight) ** 2)) - 1.0
+
+
+def min_vector_scale(
+    *,
+    layers: int,
+    count_weight: float,
+    dim: int,
+    max_inflation: float = MAX_ROUNDING_INFLATION,
+) -> float:
+    """Smallest fixed-point scale whose rounding inflates a record's L2 bound by <= max_inflation.
+
+    With ``c = scale * sqrt(layers + gamma^2)`` and ``k = sqrt(2 ln(1/beta)) = 1`` (beta =
+    exp(-0.5)), the rounded bound of :func:`rounded_l2_sensitivity` is
+    ``min(c + sqrt(d), sqrt(c^2 + d/4 + k (c + sqrt(d)/2)))``; both terms over ``c`` decrease in
+    ``c``, so the limit is the smaller ``c`` at which either ratio reaches ``1 + max_inflation``
+    (a quadratic for the second), then nudged up until :func:`rounding_inflation` confirms it.
+
+    Args:
+        layers: Number of released layers L (>= 1).
+        count_weight: Weight gamma of the count coordinate (>= 0).
+        dim: Coordinates of one class row (``L * hidden + 1``).
+        max_inflation: Largest allowed ``rounded / unrounded - 1`` (> 0).
+
+    Returns:
+        The minimum scale.
+
+    Raises:
+        ConfigError: On an invalid argument.
+    """
+    n_layers = _positive_int("layers", layers)
+    gamma = _finite_nonneg("count_weight", count_weight)
+    n_dim = _positive_int("dim", dim)
+    tau = _finite_pos("max_inflation", max_inflation)
+    k = math.sqrt(2.0 * math.log(1.0 / math.exp(-0.5)))
+    root_d = math.sqrt(n_dim)
+    c_linear = root_d / tau
+    a = (1.0 + tau) ** 2 - 1.0
+    b = n_dim / 4.0 + k * root_d / 2.0
+    c_quadratic = (k + math.sqrt(k * k + 4.0 * a * b)) / (2.0 * a)
+    unit = math.sqrt(n_layers + gamma**2)
+    scale = min(c_linear, c_quadratic) / unit
+    for _ in range(100):  # float round-off only: a few ulps at most
+        inflation = rounding_inflation(scale=scale, layers=n_layers, count_weight=gamma, dim=n_dim)
+        if inflation <= tau:
+            return scale
+        scale = math.nextafter(scale, math.inf) * (1.0 + 1e-15)
+    raise ConfigError(  # pragma: no cover - the closed form is exact up to round-off
+        f"no scale found with rounding inflation <= max_inflation={max_inflation!r}"
+    )
 
 
 def calibrate_skellam_variance(
@@ -634,10 +740,10 @@ class VectorReleaseCalibration:
         dim: Total number of coordinates (``L * hidden + 1``, plus any padding).
         scale: Factor from the unit domain to the scaled integer domain.
         count_weight: Weight gamma of the count coordinate.
-        l2_sensitivity: L2 sensitivity of one record in the scaled domain (rounding-inflated
-            for Skellam).
-        l1_sensitivity: L1 sensitivity of one record in the scaled domain (for central mode the
-            Cauchy-Schwarz bound ``sqrt(dim) * l2``; the Gaussian accountant does not use it).
+        l2_sensitivity: L2 sensitivity of one record in the scaled domain, rounding-inflated
+            in every mode (see :func:`vector_record_sensitivity`).
+        l1_sensitivity: L1 sensitivity of one record in the scaled domain (the Gaussian
+            accountant of central mode does not use it).
         total_variance: Per-coordinate noise variance of the aggregate in the scaled domain
             (Skellam for distributed/local; ``(noise_multiplier * l2_sensitivity)^2`` for central).
         noise_multiplier: ``sqrt(total_variance) / l2_sensitivity``.
@@ -707,11 +813,13 @@ def calibrate_vector_release(
       mode it is split among clients with :func:`~fedsynth.protocol.mechanisms.share_variance`;
       in local mode every client adds all of it to its own sum. Each record must be rounded on
       its own (conditionally, see :func:`rounded_l2_sensitivity`) before the integer sums.
-    * central: Gaussian mechanism added by the coordinator after decoding, calibrated with
-      :func:`calibrate_gaussian` (PLD, one release of the joint vector; equivalently the
-      per-layer composition, since Gaussians compose by adding squared sensitivities). The
-      continuous noise is added to the decoded sum, so the sensitivity is
-      ``scale * sqrt(layers + gamma^2)`` without rounding inflation.
+    * central: Gaussian mechanism added by the TRUSTED coordinator after decoding, calibrated
+      with :func:`calibrate_gaussian` (PLD, one release of the joint vector; equivalently the
+      per-layer composition, since Gaussians compose by adding squared sensitivities). Clients
+      still scale and round every record on its own before the secure sum, so one record moves
+      the decoded sum by up to the same rounding-inflated ``l2`` as in the other modes; the
+      noise is calibrated to that bound (``l1`` is stated for completeness, the Gaussian
+      accountant does not use it).
 
     Different classes use disjoint records, so the per-class releases compose in parallel:
     the task's epsilon is the epsilon of one class's release. ``epsilon = math.inf`` gives a
@@ -746,18 +854,14 @@ def calibrate_vector_release(
     gamma = _finite_nonneg("count_weight", count_weight)
     eps = float(epsilon)
     d = float(delta)
-    scaled_clip = s * math.sqrt(n_layers + gamma**2)
+    l2, l1 = vector_record_sensitivity(scale=s, layers=n_layers, count_weight=gamma, dim=n_dim)
 
     if trust is TrustMode.CENTRAL:
-        l2 = scaled_clip
-        l1 = math.sqrt(n_dim) * l2
         sigma = calibrate_gaussian(epsilon=eps, delta=d, compositions=1, accountant="pld")
         variance = (sigma * l2) ** 2
         achieved = gaussian_epsilon(noise_multiplier=sigma, delta=d, accountant="pld")
         accountant = _PLD_ACCOUNTANT_NAME
     else:
-        l2 = rounded_l2_sensitivity(scaled_clip=scaled_clip, dim=n_dim)
-        l1 = rounded_l1_sensitivity(l2=l2, dim=n_dim)
         variance = calibrate_skellam_variance(epsilon=eps, delta=d, l1=l1, l2=l2)
         sigma = math.sqrt(variance) / l2
         achieved = skellam_epsilon(l1=l1, l2=l2, variance=variance, delta=d)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsynth.protocol.accounting import rounded_l2_sensitivity
+from fedsynth.protocol.accounting import vector_record_sensitivity
 from fedsynth.protocol.codec import from_field, to_field
 from fedsynth.protocol.errors import ConfigError, FieldRangeError, ShapeError
 from fedsynth.protocol.features import clip_to_unit
@@ -59,9 +59,18 @@ def conditional_round(
 
 
 def record_l2_bound(manifest: TaskManifest) -> float:
-    """The rounding-inflated per-record L2 bound the accountant assumes for this task."""
-    scaled_clip = manifest.scale * math.sqrt(len(manifest.layers) + manifest.count_weight**2)
-    return rounded_l2_sensitivity(scaled_clip=scaled_clip, dim=manifest.row_dim)
+    """The rounding-inflated per-record L2 bound the accountant assumes for this task.
+
+    Every record is rounded within it in every trust mode (central included), so it is the
+    add/remove L2 sensitivity of the release in the scaled integer domain.
+    """
+    l2, _ = vector_record_sensitivity(
+        scale=manifest.scale,
+        layers=len(manifest.layers),
+        count_weight=manifest.count_weight,
+        dim=manifest.row_dim,
+    )
+    return l2
 
 
 def integer_class_sums(
@@ -168,21 +177,85 @@ class DecodedRelease:
     counts: np.ndarray
 
 
+def aggregate_noise_std(manifest: TaskManifest, *, survivors: int) -> float:
+    """Per-coordinate std of the client noise in the secure sum of ``survivors`` clients.
+
+    distributed: each survivor adds total/t; local: each adds the total; central: the clients
+    add none (the coordinator's noise comes after decoding).
+    """
+    return math.sqrt(noise_share_variance(manifest.privacy) * survivors)
+
+
+def check_release_range(ints: np.ndarray, *, manifest: TaskManifest, survivors: int) -> None:
+    """Refuse a decoded sum that ``survivors`` honest clients cannot produce.
+
+    Each record adds to its class row a count coordinate in ``[0, gamma * scale + 1)`` and, per
+    layer, a block of L2 norm below ``scale + sqrt(H)`` (unit clip, then rounding by < 1 per
+    coordinate), both also within :func:`record_l2_bound`. With at most ``max_records`` records
+    per survivor, anything beyond that plus a margin of 40 aggregate noise std (per coordinate,
+    and ``sqrt(H) + 40`` std for a layer's norm) comes from a corrupt or malicious input or a
+    field wrap-around. The message names the class, the coordinate and the limit only.
+
+    Raises:
+        FieldRangeError: If a count or a layer norm is outside the honest range.
+        ConfigError: If ``survivors`` is not in ``1..K``.
+    """
+    k = len(manifest.node_ids)
+    if (
+        isinstance(survivors, bool)
+        or not isinstance(survivors, int | np.integer)
+        or not (1 <= survivors <= k)
+    ):
+        raise ConfigError(f"survivors={survivors!r}: must be an integer in 1..K={k}")
+    bound = record_l2_bound(manifest)
+    hidden = manifest.hidden_size
+    records = survivors * manifest.max_records
+    std = aggregate_noise_std(manifest, survivors=survivors)
+    count_margin = 40.0 * std + 1.0
+    count_upper = records * min(bound, manifest.count_weight * manifest.scale + 1.0) + count_margin
+    norm_upper = records * min(bound, manifest.scale + math.sqrt(hidden)) + (
+        (math.sqrt(hidden) + 40.0) * std + 1.0
+    )
+    rows = ints.reshape(len(manifest.labels), manifest.row_dim)
+    norms = np.linalg.norm(rows[:, :-1].reshape(len(manifest.labels), -1, hidden), axis=-1)
+    for c, label in enumerate(manifest.labels):
+        if not -count_margin <= rows[c, -1] <= count_upper:
+            raise FieldRangeError(
+                f"decoded count coordinate of class {label!r} is outside the range {survivors} "
+                f"honest clients can produce ([{-count_margin:.6g}, {count_upper:.6g}]); a "
+                "client sent a malformed input and this release is discarded"
+            )
+        for layer, norm in zip(manifest.layers, norms[c], strict=True):
+            if not norm <= norm_upper:
+                raise FieldRangeError(
+                    f"decoded sum of class {label!r}, layer {layer} has an L2 norm above what "
+                    f"{survivors} honest clients can produce (limit {norm_upper:.6g}); a client "
+                    "sent a malformed input and this release is discarded"
+                )
+
+
 def decode_release(
     field_sum: np.ndarray,
     *,
     manifest: TaskManifest,
+    survivors: int,
     rng: np.random.Generator | None = None,
     min_count: float = 1.0,
 ) -> DecodedRelease:
     """Turn the secure sum into per-class mean vectors (post-processing, plus central noise).
 
-    In central mode the coordinator adds Gaussian noise of the manifest's variance here (scaled
-    domain, joint-vector sensitivity); ``rng`` must then be given.
+    The sum of ``survivors`` clients is first checked against what they can honestly produce
+    (:func:`check_release_range`). In central mode the trusted coordinator then adds Gaussian
+    noise of the manifest's variance here (scaled domain, joint-vector sensitivity); ``rng``
+    must then be given.
+
+    Raises:
+        FieldRangeError: A decoded count or layer norm outside the survivors' honest range.
     """
     ints = from_field(field_sum, bits=manifest.bits).astype(np.float64)
     if ints.shape != (manifest.dim,):
         raise ShapeError(f"sum shape {ints.shape} != ({manifest.dim},)")
+    check_release_range(ints, manifest=manifest, survivors=survivors)
     if TrustMode(manifest.privacy.mode) is TrustMode.CENTRAL and manifest.privacy.total_variance:
         if rng is None:
             raise ConfigError("central mode needs an rng for the coordinator's noise")

@@ -5,6 +5,8 @@ Each message names the field, the value found and the limit, so an operator can 
 
 from __future__ import annotations
 
+import enum
+
 
 class FedSynthError(Exception):
     """Base class of every error fedsynth raises on purpose."""
@@ -60,3 +62,90 @@ class ShapeError(ProtocolError):
 
 class FieldRangeError(ProtocolError):
     """An integer is outside the field [0, 2^bits) or an encoding would overflow it."""
+
+
+class ManifestVerificationError(PolicyViolationError):
+    """A manifest's privacy terms do not hold up when the holder recomputes them itself."""
+
+
+class NoiseTooLowError(ManifestVerificationError):
+    """A manifest's noise variance is below what its epsilon and delta require."""
+
+
+class SensitivityUnderstatedError(ManifestVerificationError):
+    """A manifest states a sensitivity below the bound of one record's contribution."""
+
+
+class InconsistentNoiseError(ManifestVerificationError):
+    """A manifest's noise multiplier does not match its variance and sensitivity."""
+
+
+class ScaleTooSmallError(ManifestVerificationError, ConfigError):
+    """A fixed-point scale so coarse that rounding inflates a record's bound beyond the limit."""
+
+
+class BudgetStoreError(PolicyViolationError):
+    """A holder's budget store is missing, unreadable or not a fedsynth budget store."""
+
+
+class RefusalCategory(enum.Enum):
+    """The only thing a refusing holder tells the coordinator about why it refused.
+
+    Details (record counts, 1/n, lifetime spend, file lines) stay in the holder's own log: a
+    coordinator can provoke refusals at will, so their text must not carry private numbers.
+    """
+
+    POLICY = "policy"
+    BUDGET = "budget"
+    MODEL = "model"
+    DATA = "data"
+    PROTOCOL = "protocol"
+
+
+def category_of(exc: BaseException) -> RefusalCategory:
+    """The refusal category of an exception (anything unexpected counts as ``protocol``)."""
+    if isinstance(exc, BudgetExceededError | BudgetStoreError):
+        return RefusalCategory.BUDGET
+    if isinstance(exc, PolicyViolationError):
+        return RefusalCategory.POLICY
+    if isinstance(exc, ModelMismatchError):
+        return RefusalCategory.MODEL
+    if isinstance(exc, DataFileError):
+        return RefusalCategory.DATA
+    return RefusalCategory.PROTOCOL
+
+
+def refusal_summary(reason: str | None) -> str:
+    """``"<stage>: <category>"`` for a report, from a refusal or failure as the coordinator saw it.
+
+    A reply's reason is the holder's category (a well-behaved holder sends nothing else); any
+    other text (an older client's detailed message, a coordinator-side parse failure) is
+    reported as ``protocol``, so a published report never carries a holder's details.
+    """
+    text = (reason or "").strip()
+    stage, sep, rest = text.partition(": ")
+    if not sep or not (stage.replace("_", "").isalpha() and stage.islower()):
+        stage, rest = "", text
+    categories = {c.value for c in RefusalCategory}
+    category = rest if rest in categories else RefusalCategory.PROTOCOL.value
+    return f"{stage}: {category}" if stage else category
+
+
+class ReleaseIntegrityError(FedSynthError, ValueError):
+    """A release file's digest or its internal consistency check fails: altered or corrupt."""
+
+
+class IdentityError(ConfigError):
+    """A holder's signing identity or the consortium roster is missing, malformed or mismatched."""
+
+
+class KeyAuthenticationError(ProtocolError):
+    """A round key is unsigned, wrongly signed, substituted, or not from a roster member."""
+
+
+class InconsistentSurvivorsError(ProtocolError):
+    """The survivor set is not the one this holder signed, or too few survivors signed it."""
+
+
+class UnsafeThresholdError(PolicyViolationError):
+    """A threshold t below the floor the secure sum's guarantee needs for K and the colluders."""

@@ -37,7 +37,13 @@ def array_sha256(array: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class PrivacySpec:
-    """The target guarantee and how noise is shared, for one task (all classes in parallel)."""
+    """The target guarantee and how noise is shared, for one task (all classes in parallel).
+
+    Only the shape of these numbers is validated here. Every holder recomputes the sensitivity
+    and the noise its epsilon needs with its own accountant before it contributes
+    (:mod:`fedsynth.protocol.verification`); in central mode the noise is the trusted
+    coordinator's to add.
+    """
 
     epsilon: float
     delta: float

@@ -32,6 +32,7 @@ __all__ = [
     "gaussian_noise",
     "share_variance",
     "skellam_noise",
+    "trust_statement",
 ]
 
 # numpy's Poisson sampler refuses rates above about int64 max - 10*sqrt(int64 max).
@@ -47,6 +48,27 @@ class TrustMode(StrEnum):
     """Clients add no noise; the trusted coordinator adds Gaussian noise after decoding."""
     LOCAL = "local"
     """Each client adds the full Skellam noise to its own sum (no trust in anyone)."""
+
+
+_TRUST_STATEMENTS = {
+    TrustMode.DISTRIBUTED: (
+        "no trusted party: each holder adds its own noise share, checked against its own "
+        "accountant, and the coordinator sees only the noisy sum of at least t survivors"
+    ),
+    TrustMode.CENTRAL: (
+        "trusted coordinator: the holders add no noise and cannot see whether the coordinator "
+        "adds the stated Gaussian noise; the secure sum still hides each holder's input"
+    ),
+    TrustMode.LOCAL: "no trusted party: each holder fully sanitizes its own contribution",
+}
+
+
+def trust_statement(mode: TrustMode | str) -> str:
+    """One plain sentence, for reports, on whom a release in ``mode`` asks holders to trust."""
+    try:
+        return _TRUST_STATEMENTS[TrustMode(mode)]
+    except ValueError:
+        raise ConfigError(f"mode={mode!r} must be one of {[m.value for m in TrustMode]}") from None
 
 
 def _check_variance(name: str, value: float) -> float:

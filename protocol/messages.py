@@ -14,10 +14,16 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from fedsynth.protocol.errors import LateSubmissionError, ProtocolError, ShapeError
-from fedsynth.protocol.secagg import PublicKeys
+from fedsynth.protocol.errors import (
+    KeyAuthenticationError,
+    LateSubmissionError,
+    ProtocolError,
+    ShapeError,
+)
+from fedsynth.protocol.secagg import ROUND_STAGES, PublicKeys
 
-STAGES = ("setup", "share_keys", "masked_input", "unmask")
+STAGES = tuple(stage.value for stage in ROUND_STAGES)
+"""Wire names of the stages that exchange messages, in order."""
 MAX_VECTOR_BYTES = 512 * 1024 * 1024
 
 
@@ -105,19 +111,59 @@ def field_from_bytes(data: Any, *, bits: int, length: int, name: str = "masked")
 
 
 def keys_to_fields(keys: Mapping[int, PublicKeys]) -> dict[str, list[bytes]]:
-    """Public keys of many nodes as {str(node): [enc_pk, mask_pk]}."""
-    return {f"pk:{node}": [pk.enc_pk, pk.mask_pk] for node, pk in keys.items()}
+    """Signed public keys of many nodes as ``{"pk:<node>": [enc, mask, sign_pk, sig, name]}``."""
+    return {
+        f"pk:{node}": [pk.enc_pk, pk.mask_pk, pk.sign_pk, pk.signature, pk.name.encode("utf-8")]
+        for node, pk in keys.items()
+    }
+
+
+def _node_of(key: str, prefix: str) -> int:
+    """The node id in a field name ``prefix + str(node)`` (ProtocolError if not decimal)."""
+    digits = key[len(prefix) :]
+    if not digits.isdigit() or not digits.isascii() or len(digits) > 20:
+        raise ProtocolError(f"field {key!r} does not name a node id")
+    return int(digits)
 
 
 def keys_from_fields(fields: Mapping[str, Any]) -> dict[int, PublicKeys]:
-    """Inverse of :func:`keys_to_fields` (other fields are ignored)."""
+    """Inverse of :func:`keys_to_fields` (other fields are ignored).
+
+    Raises:
+        KeyAuthenticationError: If an entry carries no signature (only the two X25519 keys).
+        ProtocolError: If an entry is malformed.
+    """
     out: dict[int, PublicKeys] = {}
     for key, value in fields.items():
         if key.startswith("pk:"):
-            if not isinstance(value, list) or len(value) != 2:
+            node = _node_of(key, "pk:")
+            if isinstance(value, list) and len(value) == 2:
+                raise KeyAuthenticationError(f"public key entry {key!r} is unsigned")
+            if not isinstance(value, list) or len(value) != 5:
                 raise ProtocolError(f"public key entry {key!r} is malformed")
-            out[int(key[3:])] = PublicKeys(enc_pk=bytes(value[0]), mask_pk=bytes(value[1]))
+            if not all(isinstance(item, bytes) for item in value):
+                raise ProtocolError(f"public key entry {key!r} must hold only bytes")
+            try:
+                name = value[4].decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError(f"public key entry {key!r} has a non-UTF-8 name") from None
+            out[node] = PublicKeys(
+                enc_pk=value[0], mask_pk=value[1], name=name, sign_pk=value[2], signature=value[3]
+            )
     return out
+
+
+def public_keys_from_reply(fields: Mapping[str, Any]) -> PublicKeys:
+    """A setup reply's signed keys.
+
+    The reply holds the fields ``enc_pk``, ``mask_pk``, ``name``, ``sign_pk`` and
+    ``signature`` (see :meth:`PublicKeys.to_dict`).
+
+    Raises:
+        KeyAuthenticationError: If the signature fields are missing.
+        ProtocolError: If a field is malformed.
+    """
+    return PublicKeys.from_dict(fields)
 
 
 def blobs_to_fields(prefix: str, blobs: Mapping[int, bytes]) -> dict[str, bytes]:
@@ -132,7 +178,7 @@ def blobs_from_fields(prefix: str, fields: Mapping[str, Any]) -> dict[int, bytes
         if key.startswith(prefix):
             if not isinstance(value, bytes):
                 raise ProtocolError(f"entry {key!r} is not bytes")
-            out[int(key[len(prefix) :])] = value
+            out[_node_of(key, prefix)] = value
     return out
 
 
@@ -145,4 +191,10 @@ def ints_from_field(values: Any, *, name: str) -> list[int]:
     """Inverse of :func:`ints_field`."""
     if not isinstance(values, list):
         raise ProtocolError(f"{name}: expected a list")
-    return [int(v) for v in values]
+    out: list[int] = []
+    for value in values:
+        text = str(value)
+        if not text.isdigit() or not text.isascii() or len(text) > 20:
+            raise ProtocolError(f"{name}: {text[:40]!r} is not a node id")
+        out.append(int(text))
+    return out

@@ -24,6 +24,7 @@ from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.features import FeatureSpec, PromptTemplate, extract_features
 from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, array_sha256
 from fedsynth.protocol.models import LoadedModel, cache_root
+from fedsynth.protocol.verification import check_vector_scale
 from fedsynth.server.generation import GenerationConfig, generate_texts
 
 
@@ -38,7 +39,7 @@ class TaskConfig:
     delta: float = 1e-5
     mode: str = "distributed"
     threshold: int | None = None
-    scale: float = 1000.0
+    scale: float = 1000.0  # rounding inflates a record's bound < 0.1 % (min ~430 for 4x640)
     bits: int = 64
     count_weight: float = 0.5
     prior_per_label: int = 100
@@ -167,7 +168,17 @@ def build_manifest(
     *,
     task_id: str | None = None,
 ) -> TaskManifest:
-    """Calibrate the noise for (epsilon, delta, layers) and publish the task manifest."""
+    """Calibrate the noise for (epsilon, delta, layers) and publish the task manifest.
+
+    The stated sensitivities are the rounding-inflated bound of one record in every mode
+    (clients round each record in central mode too), and the scale must keep that inflation
+    under 0.1 % (:func:`~fedsynth.protocol.verification.check_vector_scale`), since the
+    holders refuse a coarser one.
+
+    Raises:
+        ScaleTooSmallError: If ``config.scale`` is below the minimum for the model's dims.
+        ConfigError: On a threshold outside 2..K.
+    """
     k = len(node_ids)
     threshold = config.threshold if config.threshold is not None else max(2, k // 2 + 1)
     if threshold > k:
@@ -175,6 +186,12 @@ def build_manifest(
     if threshold < 2:
         raise ConfigError(f"threshold t={threshold}: must be >= 2")
     row_dim = len(config.layers) * loaded.hidden_size + 1
+    check_vector_scale(
+        scale=config.scale,
+        layers=len(config.layers),
+        count_weight=config.count_weight,
+        row_dim=row_dim,
+    )
     calibration = calibrate_vector_release(
         mode=config.mode,
         epsilon=config.epsilon,

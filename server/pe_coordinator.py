@@ -39,8 +39,9 @@ from fedsynth.protocol.accounting import (
     skellam_epsilon,
     validate_epsilon_delta,
 )
-from fedsynth.protocol.errors import ConfigError, FedSynthError
+from fedsynth.protocol.errors import ConfigError, FedSynthError, refusal_summary
 from fedsynth.protocol.manifest import PrivacySpec, array_sha256
+from fedsynth.protocol.mechanisms import trust_statement
 from fedsynth.protocol.messages import vector_to_bytes
 from fedsynth.protocol.pe import (
     Embedder,
@@ -554,7 +555,7 @@ def _round_record(
         status="done",
         survivors=len(result.survivors),
         dropped=[str(n) for n in result.dropped],
-        refusals={str(n): reason for n, reason in result.refusals.items()},
+        refusals={str(n): refusal_summary(reason) for n, reason in result.refusals.items()},
         selected_per_label=selected,
         max_votes=float(histogram.max(initial=0.0)),
         epsilon_spent=spent,
@@ -599,6 +600,7 @@ def pe_privacy_report(
         "task_id": state.pe_task_id,
         "mechanism": mechanism,
         "trust_mode": calibration.mode,
+        "trust": trust_statement(calibration.mode),
         "epsilon": "inf" if math.isinf(eps) else eps,
         "epsilon_target": "inf" if math.isinf(config.epsilon) else config.epsilon,
         "delta": calibration.delta,

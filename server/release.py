@@ -4,10 +4,20 @@ The file is a safetensors archive: tensor ``vectors`` (C, L, H) and ``counts`` (
 manifest and privacy report as JSON in its metadata. Saving writes a temporary file and renames
 it, so a crash never leaves a partial release. Everything in it is differentially private (or
 public), so generating from it costs no further privacy.
+
+Integrity: the metadata carries a SHA-256 digest over the format, the release id, the manifest,
+the report and both tensors, and the report's privacy terms (task id, epsilon, delta, trust mode,
+model fingerprint) must equal the manifest's. Loading verifies both and refuses a file that was
+altered or corrupted after it was written, so a release whose vectors or stated guarantee were
+changed (by accident or by hand) is never used for generation or shown by ``fedsynth inspect``.
+The digest is not a signature: it catches alteration, not a forger who rewrites every part
+consistently; that party is bound by the ledger row and the holders' own budgets.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import os
@@ -21,11 +31,12 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from fedsynth.protocol.contribution import DecodedRelease
-from fedsynth.protocol.errors import ConfigError
+from fedsynth.protocol.errors import ConfigError, ReleaseIntegrityError, refusal_summary
 from fedsynth.protocol.manifest import TaskManifest
+from fedsynth.protocol.mechanisms import trust_statement
 from fedsynth.server.secure_round import RoundResult
 
-RELEASE_FORMAT = "fedsynth.release.v1"
+RELEASE_FORMAT = "fedsynth.release.v2"  # v2: digest and report/manifest check
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,7 @@ def privacy_report(
         "task_id": manifest.task_id,
         "mechanism": mechanism,
         "trust_mode": p.mode,
+        "trust": trust_statement(p.mode),
         "epsilon": "inf" if math.isinf(p.epsilon) else p.epsilon,
         "delta": p.delta,
         "adjacency": p.adjacency,
@@ -105,7 +117,8 @@ def privacy_report(
         "threshold_t": p.threshold,
         "survivors": len(result.survivors),
         "dropped_clients": [str(n) for n in result.dropped],
-        "refused_or_failed": {str(n): r for n, r in result.refusals.items()},
+        # Node and "<stage>: <category>" only: a holder's details stay in its own log.
+        "refused_or_failed": {str(n): refusal_summary(r) for n, r in result.refusals.items()},
         "model": model_name,
         "model_fingerprint": manifest.model_fingerprint,
         "layers": list(manifest.layers),
@@ -127,21 +140,96 @@ def make_release(
     )
 
 
+def release_digest(
+    *,
+    release_id: str,
+    manifest_json: str,
+    report_json: str,
+    vectors: np.ndarray,
+    counts: np.ndarray,
+) -> str:
+    """SHA-256 over every part of a release file, each part named and length-prefixed.
+
+    The manifest and report are hashed as the exact JSON text stored in the file (no
+    re-serialization), the tensors as little-endian float32 / float64 bytes with their shapes.
+    """
+    digest = hashlib.sha256()
+
+    def part(name: str, data: bytes) -> None:
+        label = name.encode()
+        digest.update(len(label).to_bytes(2, "big") + label)
+        digest.update(len(data).to_bytes(8, "big") + data)
+
+    part("format", RELEASE_FORMAT.encode())
+    part("release_id", release_id.encode())
+    part("manifest", manifest_json.encode())
+    part("report", report_json.encode())
+    for name, array, dtype in (("vectors", vectors, "<f4"), ("counts", counts, "<f8")):
+        values = np.ascontiguousarray(array, dtype=dtype)
+        part(f"{name}.shape", json.dumps(list(values.shape)).encode())
+        part(name, values.tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def check_report_matches_manifest(
+    release_id: str, manifest: TaskManifest, report: dict[str, Any], *, where: str
+) -> None:
+    """Refuse a report whose privacy terms differ from the manifest the noise was drawn for.
+
+    Raises:
+        ReleaseIntegrityError: naming the field, the report's value and the manifest's.
+    """
+    p = manifest.privacy
+    expected = {
+        "task_id": manifest.task_id,
+        "epsilon": "inf" if math.isinf(p.epsilon) else p.epsilon,
+        "delta": p.delta,
+        "trust_mode": p.mode,
+        "model_fingerprint": manifest.model_fingerprint,
+    }
+    if release_id != manifest.task_id:
+        raise ReleaseIntegrityError(
+            f"{where}: release_id={release_id!r} differs from the manifest's task_id="
+            f"{manifest.task_id!r}"
+        )
+    for key, value in expected.items():
+        if key not in report or report[key] != value:
+            raise ReleaseIntegrityError(
+                f"{where}: report {key}={report.get(key)!r} differs from the manifest's {value!r}"
+            )
+
+
 def save_release(release: Release, path: Path) -> Path:
-    """Write the release atomically (temporary file, fsync, rename)."""
+    """Write the release atomically (temporary file, fsync, rename), with its digest.
+
+    Raises:
+        ReleaseIntegrityError: if the report's terms differ from the manifest's (nothing written).
+    """
+    check_report_matches_manifest(
+        release.release_id, release.manifest, release.report, where=str(path)
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    vectors = np.ascontiguousarray(release.vectors, dtype=np.float32)
+    counts = np.ascontiguousarray(release.counts, dtype=np.float64)
+    manifest_json = release.manifest.to_json()
+    report_json = json.dumps(release.report, sort_keys=True)
+    digest = release_digest(
+        release_id=release.release_id,
+        manifest_json=manifest_json,
+        report_json=report_json,
+        vectors=vectors,
+        counts=counts,
+    )
     save_file(
-        {
-            "vectors": np.ascontiguousarray(release.vectors, dtype=np.float32),
-            "counts": np.ascontiguousarray(release.counts, dtype=np.float64),
-        },
+        {"vectors": vectors, "counts": counts},
         str(tmp),
         metadata={
             "format": RELEASE_FORMAT,
             "release_id": release.release_id,
-            "manifest": release.manifest.to_json(),
-            "report": json.dumps(release.report, sort_keys=True),
+            "manifest": manifest_json,
+            "report": report_json,
+            "digest": digest,
         },
     )
     with tmp.open("rb") as handle:
@@ -151,7 +239,13 @@ def save_release(release: Release, path: Path) -> Path:
 
 
 def load_release(path: Path) -> Release:
-    """Read and validate a release file written by :func:`save_release`."""
+    """Read and verify a release file written by :func:`save_release`.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, of another format or incomplete.
+        ReleaseIntegrityError: the digest does not match the content, or the report's privacy
+            terms differ from the manifest's (the file was altered after it was written).
+    """
     if not path.exists():
         raise ConfigError(f"release file {path} does not exist")
     try:
@@ -162,19 +256,40 @@ def load_release(path: Path) -> Release:
         raise ConfigError(f"{path} is not a readable release file: {exc}") from exc
     if metadata.get("format") != RELEASE_FORMAT:
         raise ConfigError(f"{path}: format={metadata.get('format')!r}, expected {RELEASE_FORMAT}")
+    missing = [k for k in ("release_id", "manifest", "report") if k not in metadata]
+    missing += [k for k in ("vectors", "counts") if k not in tensors]
+    if missing:
+        raise ConfigError(f"{path}: incomplete release file, missing {', '.join(missing)}")
+    # Integrity first: nothing in an altered file is parsed or trusted.
+    stored = metadata.get("digest")
+    if not stored:
+        raise ReleaseIntegrityError(f"{path}: no digest in the file; it cannot be verified")
+    actual = release_digest(
+        release_id=metadata["release_id"],
+        manifest_json=metadata["manifest"],
+        report_json=metadata["report"],
+        vectors=tensors["vectors"],
+        counts=tensors["counts"],
+    )
+    if not hmac.compare_digest(stored.encode(), actual.encode()):
+        raise ReleaseIntegrityError(
+            f"{path}: digest mismatch (stored {stored[:19]}..., content {actual[:19]}...): the "
+            "vectors, manifest or report were altered after the release was written"
+        )
     try:
         manifest = TaskManifest.from_json(metadata["manifest"])
-        vectors = tensors["vectors"]
-        counts = tensors["counts"]
         report = json.loads(metadata["report"])
-        release_id = metadata["release_id"]
-    except (KeyError, ValueError) as exc:  # ValueError includes ConfigError and bad JSON
+    except ValueError as exc:  # includes ConfigError and bad JSON
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"{path}: incomplete release file, missing or bad {exc}") from exc
+        raise ConfigError(f"{path}: bad manifest or report JSON: {exc}") from exc
+    vectors, counts, release_id = tensors["vectors"], tensors["counts"], metadata["release_id"]
     expected = (len(manifest.labels), len(manifest.layers), manifest.hidden_size)
     if vectors.shape != expected:
         raise ConfigError(f"{path}: vectors shape {vectors.shape} != {expected}")
+    if not isinstance(report, dict):
+        raise ReleaseIntegrityError(f"{path}: the report is not a JSON object")
+    check_report_matches_manifest(release_id, manifest, report, where=str(path))
     return Release(
         release_id=release_id,
         manifest=manifest,

@@ -1,24 +1,26 @@
 """Run one secure-sum round (a dataset-vector task or one PE round) over any message transport.
 
-The coordinator drives four stages (setup, share_keys, masked_input, unmask) through a
-:class:`Transport`: Flower's Grid in deployment and simulation, or direct calls in tests. Every
-stage has a deadline; a client that misses it, refuses, or answers for a stale task counts as
-dropped. Below the threshold t of survivors the round aborts with TooFewParticipantsError and
-nothing is released. The coordinator only ever holds masked vectors and the final sum.
+The coordinator drives the five stages of the secure sum (setup, share_keys, masked_input,
+consistency, unmask; see :class:`fedsynth.protocol.secagg.Stage`) through a :class:`Transport`:
+Flower's Grid in deployment and simulation, or direct calls in tests. Every stage has a
+deadline; a client that misses it, refuses, answers for a stale task, or sends anything
+malformed or wrongly signed counts as dropped, never as a reason to abort everyone's round.
+Below the threshold t of survivors the round aborts with TooFewParticipantsError and nothing is
+released. The coordinator only ever holds masked vectors and the final sum.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from flwr.app import RecordDict
 
 from fedsynth.protocol.errors import FedSynthError, ProtocolError, TooFewParticipantsError
+from fedsynth.protocol.identity import Roster
 from fedsynth.protocol.manifest import TaskManifest
 from fedsynth.protocol.messages import (
     Envelope,
@@ -28,10 +30,18 @@ from fedsynth.protocol.messages import (
     ints_field,
     keys_to_fields,
     pack,
+    public_keys_from_reply,
     unpack,
     vector_to_bytes,
 )
-from fedsynth.protocol.secagg import KEY_BYTES, PublicKeys, SecAggServer, SecureSumTask
+from fedsynth.protocol.secagg import (
+    KeyShares,
+    PublicKeys,
+    SecAggServer,
+    SecureSumTask,
+    Stage,
+    min_safe_threshold,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +80,18 @@ def run_secure_round(
     reference: np.ndarray,
     *,
     progress: Callable[[str], None] | None = None,
+    roster: Roster | None = None,
 ) -> RoundResult:
-    """Run the four stages of a dataset-vector task and return the survivors' exact sum."""
+    """Run the stages of a dataset-vector task and return the survivors' exact sum."""
     manifest.check_reference(reference)
     setup_fields = {
         "manifest": manifest.to_json(),
         "reference": vector_to_bytes(reference.astype(np.float32).reshape(-1)),
     }
-    return run_secure_sum(transport, manifest, setup_fields, progress=progress)
+    return run_secure_sum(transport, manifest, setup_fields, progress=progress, roster=roster)
+
+
+T = TypeVar("T")
 
 
 def run_secure_sum(
@@ -86,112 +100,142 @@ def run_secure_sum(
     setup_fields: Mapping[str, Any],
     *,
     progress: Callable[[str], None] | None = None,
+    roster: Roster | None = None,
 ) -> RoundResult:
-    """Run setup, share_keys, masked_input and unmask; return the exact modular sum.
+    """Run setup, share_keys, masked_input, consistency and unmask; return the exact sum.
 
     ``setup_fields`` (the manifest and its public arrays) go to every participant at setup.
+    With ``roster``, keys signed by a holder outside it are dropped at setup; without it the
+    coordinator still drops keys whose signature does not verify, and every holder checks
+    every key against the roster it pins.
     """
-    server = SecAggServer(task.secagg_config())
+    config = task.secagg_config()
+    server = SecAggServer(config, roster=roster)
     task_id = task.task_id
     deadline = task.deadline_s
-    threshold = task.secagg_config().threshold
+    threshold = config.threshold
+    participants = len(task.node_ids)
     refusals: dict[int, str] = {}
 
     def note(stage: str) -> None:
         if progress is not None:
             progress(stage)
 
-    def collect(stage: str, replies: dict[int, Reply]) -> dict[int, dict[str, object]]:
-        good: dict[int, dict[str, object]] = {}
+    def exchange(stage: Stage, requests: Mapping[int, RecordDict]) -> dict[int, dict[str, Any]]:
+        note(stage.value)
+        replies = transport.exchange(stage.value, requests, timeout=deadline)
+        good: dict[int, dict[str, Any]] = {}
         for node, reply in replies.items():
+            if node not in requests:
+                continue
             if reply.error is not None or reply.content is None:
-                refusals[node] = f"{stage}: {reply.error}"
-                log.warning("node %s dropped at %s: %s", node, stage, reply.error)
+                refusals[node] = f"{stage.value}: {reply.error}"
+                log.warning("node %s dropped at %s: %s", node, stage.value, reply.error)
                 continue
             try:
-                good[node] = unpack(reply.content, task_id=task_id, stage=stage)
+                good[node] = unpack(reply.content, task_id=task_id, stage=stage.value)
             except FedSynthError as exc:
-                refusals[node] = f"{stage}: {exc}"
-                log.warning("node %s sent a bad %s reply: %s", node, stage, exc)
+                refusals[node] = f"{stage.value}: {exc}"
+                log.warning("node %s sent a bad %s reply: %s", node, stage.value, exc)
         return good
 
-    # Stage 1: publish the manifest, collect public keys.
-    note("setup")
-    setup_request = pack(Envelope(task_id, "setup"), dict(setup_fields))
-    replies = collect(
-        "setup",
-        transport.exchange("setup", {n: setup_request for n in task.node_ids}, timeout=deadline),
-    )
-    keys: dict[int, PublicKeys] = {}
-    for node, f in replies.items():
-        enc_pk, mask_pk = f.get("enc_pk"), f.get("mask_pk")
-        if not all(isinstance(k, bytes) and len(k) == KEY_BYTES for k in (enc_pk, mask_pk)):
-            # One faulty client is a dropout, not a reason to abort everyone's round.
-            refusals[node] = f"setup: public keys are not two {KEY_BYTES}-byte strings"
-            continue
-        keys[node] = PublicKeys(enc_pk=_as_bytes(enc_pk), mask_pk=_as_bytes(mask_pk))
-    _require(len(keys), threshold, len(task.node_ids), "setup", refusals)
-    broadcast = server.receive_public_keys(keys)
+    def parse(
+        stage: Stage, replies: Mapping[int, dict[str, Any]], read: Callable[[dict[str, Any]], T]
+    ) -> dict[int, T]:
+        """Each reply decoded by ``read``; a malformed one makes its node a dropout."""
+        out: dict[int, T] = {}
+        for node, fields in replies.items():
+            try:
+                out[node] = read(fields)
+            except FedSynthError as exc:
+                refusals[node] = f"{stage.value}: {exc}"
+                log.warning("node %s sent a malformed %s reply: %s", node, stage.value, exc)
+        return out
 
-    # Stage 2: every client secret-shares its mask keys to the others (encrypted, via us).
-    note("share_keys")
-    keys_request = pack(Envelope(task_id, "share_keys"), keys_to_fields(broadcast))
-    replies = collect(
-        "share_keys",
-        transport.exchange("share_keys", {n: keys_request for n in broadcast}, timeout=deadline),
-    )
-    outgoing: dict[int, dict[int, bytes]] = {}
-    for node, f in replies.items():
+    def advance(stage: Stage, count: int, step: Callable[[], T]) -> T:
+        """Run a coordinator step; record whom it dropped; abort below t with every reason."""
+        _require(count, threshold, participants, stage.value, refusals)
         try:
-            blobs = blobs_from_fields("ct:", f)
-        except (FedSynthError, ValueError) as exc:
-            refusals[node] = f"share_keys: {exc}"
-            continue
-        if set(blobs) != set(broadcast) - {node}:
-            refusals[node] = "share_keys: shares not addressed to exactly the other participants"
-            continue
-        outgoing[node] = blobs
-    _require(len(outgoing), threshold, len(task.node_ids), "share_keys", refusals)
-    routed = server.route_shares(outgoing)
+            return step()
+        except TooFewParticipantsError as exc:
+            for node, reason in server.rejected.items():
+                refusals.setdefault(node, reason)
+            raise TooFewParticipantsError(
+                f"{stage.value}: {exc}; the round is aborted and nothing is released "
+                f"({_reasons(refusals)})"
+            ) from None
+        finally:
+            for node, reason in server.rejected.items():
+                refusals.setdefault(node, reason)
 
-    # Stage 3: masked inputs (the expensive stage on the clients: features + noise).
-    note("masked_input")
+    # Stage 1: publish the manifest, collect signed public keys (U1).
+    request = pack(Envelope(task_id, Stage.SETUP.value), dict(setup_fields))
+    replies = exchange(Stage.SETUP, {n: request for n in task.node_ids})
+    keys = parse(Stage.SETUP, replies, public_keys_from_reply)
+    u1: dict[int, PublicKeys] = advance(
+        Stage.SETUP, len(keys), lambda: server.receive_public_keys(keys)
+    )
+
+    # Stage 2: every client checks U1's signatures and secret-shares its mask keys (U2).
+    request = pack(Envelope(task_id, Stage.SHARE_KEYS.value), keys_to_fields(u1))
+    replies = exchange(Stage.SHARE_KEYS, {n: request for n in u1})
+    outgoing = parse(
+        Stage.SHARE_KEYS,
+        replies,
+        lambda f: KeyShares(
+            ciphertexts=blobs_from_fields("ct:", f), commitments=blobs_from_fields("cm:", f)
+        ),
+    )
+    routed = advance(Stage.SHARE_KEYS, len(outgoing), lambda: server.route_shares(outgoing))
+
+    # Stage 3: masked inputs (the expensive stage on the clients: features + noise) (U3).
     requests = {
-        node: pack(Envelope(task_id, "masked_input"), blobs_to_fields("ct:", cts))
+        node: pack(Envelope(task_id, Stage.MASKED_INPUT.value), blobs_to_fields("ct:", cts))
         for node, cts in routed.items()
     }
-    replies = collect(
-        "masked_input", transport.exchange("masked_input", requests, timeout=deadline)
-    )
+    replies = exchange(Stage.MASKED_INPUT, requests)
     accepted = 0
     for node, f in replies.items():
         try:
-            masked = field_from_bytes(
-                f.get("masked"), bits=task.secagg_config().bits, length=task.dim
-            )
+            masked = field_from_bytes(f.get("masked"), bits=config.bits, length=task.dim)
             server.receive_masked_input(node, masked)
             accepted += 1
         except FedSynthError as exc:
-            refusals[node] = f"masked_input: {exc}"
+            refusals[node] = f"{Stage.MASKED_INPUT.value}: {exc}"
             log.warning("node %s: masked input rejected: %s", node, exc)
-    _require(accepted, threshold, len(task.node_ids), "masked_input", refusals)
-    survivors, dropped = server.close_masked_inputs()
+    survivors, dropped = advance(Stage.MASKED_INPUT, accepted, server.close_masked_inputs)
 
-    # Stage 4: survivors reveal self-mask shares of survivors and key shares of the dropped.
-    note("unmask")
-    unmask_request = pack(
-        Envelope(task_id, "unmask"),
-        {"survivors": ints_field(survivors), "dropped": ints_field(dropped)},
+    # Stage 4: every survivor signs the survivor set it is told (consistency check, U4).
+    request = pack(Envelope(task_id, Stage.CONSISTENCY.value), {"survivors": ints_field(survivors)})
+    replies = exchange(Stage.CONSISTENCY, {n: request for n in survivors})
+    signatures = parse(Stage.CONSISTENCY, replies, _signature_of)
+    valid = advance(
+        Stage.CONSISTENCY, len(signatures), lambda: server.receive_signatures(signatures)
     )
-    replies = collect(
-        "unmask",
-        transport.exchange("unmask", {n: unmask_request for n in survivors}, timeout=deadline),
+
+    # Stage 5: signers check t signatures over the same set, then reveal self-mask shares of
+    # survivors and key shares of the dropped.
+    request = pack(
+        Envelope(task_id, Stage.UNMASK.value),
+        {
+            "survivors": ints_field(survivors),
+            "dropped": ints_field(dropped),
+            **blobs_to_fields("sg:", valid),
+        },
     )
-    responses = {node: blobs_from_fields("sh:", f) for node, f in replies.items()}
-    _require(len(responses), threshold, len(task.node_ids), "unmask", refusals)
-    total = server.unmask(responses)
-    note("done")
+    replies = exchange(Stage.UNMASK, {n: request for n in server.signers})
+    responses = parse(Stage.UNMASK, replies, lambda f: blobs_from_fields("sh:", f))
+    total = advance(Stage.UNMASK, len(responses), lambda: server.unmask(responses))
+    note(Stage.DONE.value)
     return RoundResult(field_sum=total, survivors=survivors, dropped=dropped, refusals=refusals)
+
+
+def _signature_of(fields: Mapping[str, Any]) -> bytes:
+    """The signature in a consistency reply (ProtocolError if absent or not bytes)."""
+    signature = fields.get("signature")
+    if not isinstance(signature, bytes):
+        raise ProtocolError("consistency reply lacks a 'signature' of bytes")
+    return signature
 
 
 def _require(
@@ -199,20 +243,18 @@ def _require(
 ) -> None:
     """Abort loudly below the threshold, naming the reasons clients gave."""
     if count < t:
-        reasons = "; ".join(f"node {n}: {r}" for n, r in sorted(refusals.items())) or "none given"
+        reasons = _reasons(refusals)
         raise TooFewParticipantsError(
             f"only {count} of {participants} clients completed {stage}, below the "
             f"threshold t={t}; the round is aborted and nothing is released ({reasons})"
         )
 
 
+def _reasons(refusals: Mapping[int, str]) -> str:
+    """Every recorded refusal, one clause per node."""
+    return "; ".join(f"node {n}: {r}" for n, r in sorted(refusals.items())) or "none given"
+
+
 def default_threshold(num_clients: int) -> int:
-    """A majority threshold: t = floor(K/2) + 1, at least 2."""
-    return max(2, math.floor(num_clients / 2) + 1)
-
-
-def _as_bytes(value: object) -> bytes:
-    """A field that must hold bytes (a public key); anything else is a protocol error."""
-    if not isinstance(value, bytes):
-        raise ProtocolError(f"expected bytes, got {type(value).__name__}")
-    return value
+    """The smallest threshold holders accept with no colluders: t = floor(K/2) + 1, at least 2."""
+    return min_safe_threshold(num_clients, 0)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -31,8 +33,37 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="fedsynth: federated, differentially private synthetic text.",
+    # A traceback's local variables hold private records, models and keys: never print them.
+    pretty_exceptions_show_locals=False,
 )
 console = Console()
+
+
+def _fail(message: str) -> NoReturn:
+    """Print one error line and exit with status 2."""
+    console.print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(2)
+
+
+def _os_error_text(exc: OSError) -> str:
+    """The path(s) and the system's reason: never the data being read or written."""
+    paths = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    reason = exc.strerror or type(exc).__name__
+    return f"{' -> '.join(paths) or 'a file'}: {reason}"
+
+
+@contextlib.contextmanager
+def _errors_at_the_edge() -> Iterator[None]:
+    """Turn fedsynth's own errors and OS errors into one line and exit status 2, no traceback.
+
+    Anything else is a bug and keeps its traceback, without local variables (see ``app``).
+    """
+    try:
+        yield
+    except FedSynthError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(_os_error_text(exc))
 
 
 def _offline_env() -> None:
@@ -144,8 +175,15 @@ def demo(
     temperature: Annotated[
         float, typer.Option(help="PE: sampling temperature of candidates and variations.")
     ] = 0.9,
+    layers: Annotated[
+        str | None, typer.Option(help="Injection layers, comma-separated (default 8,9,10,11).")
+    ] = None,
 ) -> None:
-    """Run the federated demo end to end on the bundled data (dataset vectors or PE)."""
+    """Run the federated demo end to end on the bundled data (dataset vectors or PE).
+
+    Every setting and the data are checked before the first holder file is written or any
+    epsilon is spent; the holders' private files are removed again if the run fails.
+    """
     _offline_env()
     from fedsynth.server.coordinator import epsilon_label
     from fedsynth.simulations import demo as d
@@ -156,7 +194,7 @@ def demo(
     if method not in ("vector", "pe"):
         raise typer.BadParameter(f"method={method!r}: expected vector or pe")
     eps = _parse_epsilon(epsilon)
-    try:
+    with _errors_at_the_edge():
         config = d.demo_config(
             "quick" if quick else "default",
             out_dir=out,
@@ -173,13 +211,13 @@ def demo(
             include_nonprivate=not no_baseline,
             seed=seed,
             strength=strength,
+            layers=_parse_layers(layers),
             data_path=data_file,
             text_field=text_field,
             label_field=label_field,
             instruction=instruction.replace("\\n", "\n") if instruction else None,
         )
-        _validate_demo(config)
-        out.mkdir(parents=True, exist_ok=True)
+        config.check_federation()
         if method == "pe":
             _pe_demo(
                 config,
@@ -194,57 +232,60 @@ def demo(
             return
         timings: dict[str, float] = {}
         start = time.monotonic()
-        data = d.prepare_data(config)
-        console.print(
-            f"[bold]fedsynth demo[/bold]: {len(data.train)} private records across {clients} "
-            f"holders ({', '.join(str(len(p)) for p in data.partitions)}), "
-            f"{len(data.test)} held-out; epsilon={epsilon}, delta={delta}, mode={mode}"
-        )
-        with _progress() as progress:
-            report = _Reporter(progress)
-            load_task = progress.add_task("load model", total=None)
-            loaded, reference = d.load_coordinator(config, report=report)
-            progress.update(load_task, total=1, completed=1)
-            timings["model+reference"] = time.monotonic() - start
-            t0 = time.monotonic()
-            outcome = d.run_federation(config, data, loaded, reference, report=report)
-            timings["federation"] = time.monotonic() - t0
-            if outcome.errors or epsilon_label(config.epsilon) not in outcome.releases:
-                raise FedSynthError(
-                    "the federated round failed: " + ("; ".join(outcome.errors) or "no release")
-                )
-            t0 = time.monotonic()
-            samples_by = d.generate_conditions(
-                config, loaded, reference, outcome.releases, report=report
+        data = d.split_data(config)  # every data check, nothing written yet
+        out.mkdir(parents=True, exist_ok=True)
+        d.write_partitions(data)
+        with d.removed_on_failure(data):
+            console.print(
+                f"[bold]fedsynth demo[/bold]: {len(data.train)} private records across "
+                f"{clients} holders ({', '.join(str(len(p)) for p in data.partitions)}), "
+                f"{len(data.test)} held-out; epsilon={epsilon}, delta={delta}, mode={mode}"
             )
-            timings["generation"] = time.monotonic() - t0
-            t0 = time.monotonic()
-            eval_task = progress.add_task("evaluate", total=None)
-            scores = d.evaluate_conditions(samples_by, data)
-            progress.update(eval_task, total=1, completed=1)
-            timings["evaluation"] = time.monotonic() - t0
-        timings["total"] = time.monotonic() - start
-        d.write_outputs(config, samples_by, scores, outcome.releases, timings)
-    except FedSynthError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+            with _progress() as progress:
+                report = _Reporter(progress)
+                load_task = progress.add_task("load model", total=None)
+                loaded, reference = d.load_coordinator(config, report=report)
+                progress.update(load_task, total=1, completed=1)
+                timings["model+reference"] = time.monotonic() - start
+                t0 = time.monotonic()
+                outcome = d.run_federation(config, data, loaded, reference, report=report)
+                timings["federation"] = time.monotonic() - t0
+                if outcome.errors or epsilon_label(config.epsilon) not in outcome.releases:
+                    raise FedSynthError(
+                        "the federated round failed: " + ("; ".join(outcome.errors) or "no release")
+                    )
+                t0 = time.monotonic()
+                samples_by = d.generate_conditions(
+                    config, loaded, reference, outcome.releases, report=report
+                )
+                timings["generation"] = time.monotonic() - t0
+                t0 = time.monotonic()
+                eval_task = progress.add_task("evaluate", total=None)
+                scores = d.evaluate_conditions(samples_by, data)
+                progress.update(eval_task, total=1, completed=1)
+                timings["evaluation"] = time.monotonic() - t0
+            timings["total"] = time.monotonic() - start
+            d.write_outputs(config, samples_by, scores, outcome.releases, timings)
     _print_summary(config, samples_by, scores, timings, one_sided_proportion_test)
+    _print_dropouts(d.simulated_dropouts(data.partition_dir))
 
 
-def _validate_demo(config: object) -> None:
-    from fedsynth.protocol.errors import ConfigError
+def _parse_layers(value: str | None) -> tuple[int, ...] | None:
+    """``"8,9,10,11"`` -> (8, 9, 10, 11); None keeps the default."""
+    if value is None:
+        return None
+    try:
+        return tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"layers={value!r}: expected comma-separated integers") from None
 
-    clients = config.clients  # type: ignore[attr-defined]
-    threshold = config.threshold  # type: ignore[attr-defined]
-    if clients < 2:
-        raise ConfigError(f"clients K={clients}: need at least 2")
-    if threshold is not None and not 2 <= threshold <= clients:
-        raise ConfigError(f"threshold t={threshold}: must satisfy 2 <= t <= K={clients}")
-    t = threshold if threshold is not None else max(2, clients // 2 + 1)
-    if clients - config.drop_clients < t:  # type: ignore[attr-defined]
-        raise ConfigError(
-            f"drop={config.drop_clients} leaves {clients - config.drop_clients} holders, "  # type: ignore[attr-defined]
-            f"below the threshold t={t}: the round would abort"
+
+def _print_dropouts(dropouts: list[dict[str, str]]) -> None:
+    """Name the holders that dropped out (simulated ``--drop``)."""
+    for note in dropouts:
+        console.print(
+            f"dropped out after the key exchange: {note['holder']} (node {note['node_id']}, "
+            f"at {note['stage']}); its masks were recovered from the survivors' shares"
         )
 
 
@@ -288,15 +329,20 @@ def _pe_demo(
     )
     cfg: d.DemoConfig = config  # type: ignore[assignment]
     p.pe_config(cfg, settings)  # validates, and refuses a too-small epsilon before any compute
-    data = d.prepare_data(cfg)
-    console.print(
-        f"[bold]fedsynth demo --method pe[/bold]: {len(data.train)} private records across "
-        f"{cfg.clients} holders, {len(data.test)} held-out; epsilon={epsilon_label(cfg.epsilon)}, "
-        f"T={settings.rounds} rounds, N={settings.per_label} per label, init={settings.init}"
-    )
-    with _progress() as progress:
-        outcome, scores, timings = p.run_pe_demo(cfg, settings, data, report=_Reporter(progress))
-    p.write_pe_outputs(cfg, settings, outcome, scores, timings)
+    data = d.split_data(cfg)  # every data check, nothing written yet
+    d.write_partitions(data)
+    with d.removed_on_failure(data):
+        console.print(
+            f"[bold]fedsynth demo --method pe[/bold]: {len(data.train)} private records across "
+            f"{cfg.clients} holders, {len(data.test)} held-out; "
+            f"epsilon={epsilon_label(cfg.epsilon)}, T={settings.rounds} rounds, "
+            f"N={settings.per_label} per label, init={settings.init}"
+        )
+        with _progress() as progress:
+            outcome, scores, timings = p.run_pe_demo(
+                cfg, settings, data, report=_Reporter(progress)
+            )
+        p.write_pe_outputs(cfg, settings, outcome, scores, timings)
     table = Table(title="PE rounds (embedding space, against held-out real texts)")
     for column in ("round", "ε spent", "embedding FD", "precision", "recall"):
         table.add_column(column, justify="right")
@@ -315,6 +361,7 @@ def _pe_demo(
         + f"\noutputs: {cfg.out_dir}/synthetic.jsonl, privacy_report.json, summary.json, "
         "pe-rounds.png"
     )
+    _print_dropouts(d.simulated_dropouts(data.partition_dir))
 
 
 def _print_summary(config, samples_by, scores, timings, test) -> None:  # type: ignore[no-untyped-def]
@@ -369,7 +416,7 @@ def simulate(
     from fedsynth.simulations.study import StudyRunner, open_results_folder
     from fedsynth.simulations.study_config import load_study_config
 
-    try:
+    with _errors_at_the_edge():
         config = load_study_config(config_file)
         if model is not None:
             config = dataclasses.replace(config, model=model)
@@ -411,9 +458,6 @@ def simulate(
             runner = StudyRunner(config, folder, progress=report)
             rows = runner.run()
             progress.update(task, completed=len(cells), description="done")
-    except FedSynthError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from None
     console.print(f"{len(rows)} rows in {folder / 'results.csv'}; report: {folder / 'report.md'}")
 
 
@@ -429,20 +473,35 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 64,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per sample at most.")] = 48,
 ) -> None:
-    """Generate labelled samples from a saved release; costs no privacy, can run forever."""
+    """Generate labelled samples from a saved release; costs no privacy, can run forever.
+
+    The release is verified and the model checked against it before the output file is
+    touched; an output path that is the release itself is refused (it would destroy it).
+    """
     _offline_env()
     from dataclasses import asdict
 
+    from fedsynth.protocol.errors import ConfigError
     from fedsynth.protocol.models import load_model
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.release import load_release
-    from fedsynth.server.synthesize import iter_release_samples
+    from fedsynth.server.synthesize import check_release_model, iter_release_samples
     from fedsynth.simulations.datasets import json_line
 
-    try:
+    written = 0
+    with _errors_at_the_edge():
+        if n < 1:
+            raise ConfigError(f"n={n}: samples per label must be >= 1")
+        if not (math.isfinite(strength) and strength >= 0):
+            raise ConfigError(f"strength={strength}: must be a finite number >= 0")
+        if _same_file(out, release):
+            raise ConfigError(
+                f"out={out} is the release file {release}: writing would destroy the release"
+            )
+        config = GenerationConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
         rel = load_release(release)
         loaded = load_model(model or rel.manifest.model_name)
-        config = GenerationConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
+        check_release_model(loaded, rel)
         out.parent.mkdir(parents=True, exist_ok=True)
         with _progress() as progress, out.open("w", encoding="utf-8") as handle:
             task = progress.add_task("generate", total=n * len(rel.labels))
@@ -458,22 +517,27 @@ def generate(
             ):
                 handle.write(json_line(asdict(sample)) + "\n")
                 handle.flush()
-    except FedSynthError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from None
-    console.print(f"wrote {n * len(rel.labels)} samples to {out} (release {rel.release_id})")
+                written += 1
+    console.print(f"wrote {written} samples to {out} (release {rel.release_id})")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (after symlinks; hard links too when both exist)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 @app.command()
 def inspect(release: Annotated[Path, typer.Argument(help="Release file.")]) -> None:
-    """Print a release's privacy report."""
+    """Print a release's privacy report (after verifying the file's digest)."""
     from fedsynth.server.release import load_release
 
-    try:
+    with _errors_at_the_edge():
         rel = load_release(release)
-    except FedSynthError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from None
     console.print_json(json.dumps(rel.report))
 
 

@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,7 +390,9 @@ def write_jsonl(records: Iterable[Record], path: Path | str) -> None:
     """Write records as JSON Lines: one ``{"text": ..., "label": ...}`` object per line.
 
     The file is UTF-8 with non-ASCII characters written as is; parent directories are created.
-    The output can be read back with :func:`fedsynth.client.data.load_records`.
+    The output can be read back with :func:`fedsynth.client.data.load_records`. Records are
+    private text, so the file is created readable by its owner only (mode 0600), and an existing
+    file is narrowed to 0600 before anything is written into it.
 
     Args:
         records: The records to write.
@@ -397,7 +400,13 @@ def write_jsonl(records: Iterable[Record], path: Path | str) -> None:
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8", newline="\n") as handle:
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
         for record in records:
             handle.write(json_line({"text": record.text, "label": record.label}))
             handle.write("\n")

@@ -11,6 +11,7 @@ Fréchet distance).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,7 +20,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,11 @@ from fedsynth.client.contributor import ClientSettings
 from fedsynth.client.data import Record, load_records
 from fedsynth.client.policy import ClientPolicy
 from fedsynth.protocol.contribution import decode_release
+from fedsynth.protocol.errors import ConfigError, DataFileError, TooFewParticipantsError
 from fedsynth.protocol.features import PromptTemplate
+from fedsynth.protocol.identity import write_simulated_consortium
 from fedsynth.protocol.models import DEFAULT_MODEL, LoadedModel, cache_root, load_model
+from fedsynth.protocol.secagg import Stage
 from fedsynth.server.coordinator import (
     PublicReference,
     TaskConfig,
@@ -42,7 +46,7 @@ from fedsynth.server.coordinator import (
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.ledger import PrivacyLedger
 from fedsynth.server.release import Release, make_release, save_release
-from fedsynth.server.secure_round import Transport, run_secure_round
+from fedsynth.server.secure_round import Transport, default_threshold, run_secure_round
 from fedsynth.server.synthesize import SyntheticSample, generate_from_release
 from fedsynth.simulations.datasets import (
     json_line,
@@ -54,6 +58,7 @@ from fedsynth.simulations.datasets import (
 )
 
 log = logging.getLogger(__name__)
+MODES = ("distributed", "central", "local")
 
 TEMPLATES: dict[str, PromptTemplate] = {
     "rotten_tomatoes": PromptTemplate(
@@ -101,6 +106,62 @@ class DemoConfig:
     text_field: str = "text"
     label_field: str = "label"
     instruction: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse every bad setting at construction: nothing has run, nothing is charged yet."""
+        if self.clients < 1:
+            raise ConfigError(f"clients K={self.clients}: must be >= 1")
+        if not (self.epsilon > 0):
+            raise ConfigError(f"epsilon={self.epsilon}: must be > 0 (or inf)")
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"delta={self.delta}: must be in (0, 1)")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}: expected one of {MODES}")
+        if not self.layers or min(self.layers) < 0:
+            raise ConfigError(f"layers={self.layers}: need at least one layer index >= 0")
+        if not (math.isfinite(self.strength) and self.strength >= 0.0):
+            raise ConfigError(f"strength={self.strength}: must be a finite number >= 0")
+        if not math.isfinite(self.contrast):
+            raise ConfigError(f"contrast={self.contrast}: must be finite")
+        positive = {
+            "synthetic_per_label (--samples)": self.synthetic_per_label,
+            "prior_per_label": self.prior_per_label,
+            "max_new_tokens": self.max_new_tokens,
+            "generation_batch": self.generation_batch,
+            "private_per_label": self.private_per_label,
+            "test_per_label": self.test_per_label,
+        }
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value}: must be >= 1")
+        if self.threshold is not None and self.threshold < 2:
+            raise ConfigError(f"threshold t={self.threshold}: must be >= 2")
+        if self.drop_clients < 0:
+            raise ConfigError(f"drop={self.drop_clients}: must be >= 0")
+
+    @property
+    def secure_sum_threshold(self) -> int:
+        """The threshold t of the secure sum: the configured one or a majority of K."""
+        if self.threshold is not None:
+            return self.threshold
+        return default_threshold(self.clients)
+
+    def check_federation(self) -> None:
+        """Refuse a federation that could never release: K < 2, t outside 2..K, or drop > K - t.
+
+        Raises:
+            ConfigError: naming K, t or the drop count and the limit.
+        """
+        if self.clients < 2:
+            raise ConfigError(f"clients K={self.clients}: need at least 2")
+        t = self.secure_sum_threshold
+        if not 2 <= t <= self.clients:
+            raise ConfigError(f"threshold t={t}: must satisfy 2 <= t <= K={self.clients}")
+        if self.clients - self.drop_clients < t:
+            raise ConfigError(
+                f"drop={self.drop_clients} leaves {self.clients - self.drop_clients} holders, "
+                f"below the threshold t={t}: the round would abort"
+            )
 
     @property
     def template(self) -> PromptTemplate:
@@ -156,7 +217,23 @@ def user_labels(path: Path, text_field: str, label_field: str) -> tuple[str, ...
 
 
 def prepare_data(config: DemoConfig) -> DemoData:
-    """Split the corpus (bundled, or the user's file) and write one private file per holder."""
+    """Split and check the data, then write one private file per holder (mode 0600).
+
+    Every data check runs before the first holder file is written (see :func:`split_data`);
+    a run that fails afterwards removes the files again (:func:`removed_on_failure`).
+    """
+    data = split_data(config)
+    write_partitions(data)
+    return data
+
+
+def split_data(config: DemoConfig) -> DemoData:
+    """Split the corpus (bundled, or the user's file) in memory and check it; writes nothing.
+
+    Raises:
+        DataFileError: the user's file is malformed, or the split leaves a label without
+            private or held-out records, or fewer than two labels.
+    """
     if config.data_path is not None:
         records = load_records(
             config.data_path, text_field=config.text_field, label_field=config.label_field
@@ -168,14 +245,75 @@ def prepare_data(config: DemoConfig) -> DemoData:
     train, test = split_train_test(records, test_fraction=0.15, seed=config.seed)
     train = subsample_per_label(train, per_label=config.private_per_label, seed=config.seed)
     test = subsample_per_label(test, per_label=config.test_per_label, seed=config.seed + 1)
+    check_demo_data(config, train, test, source=source)
     partitions = partition_iid(train, num_clients=config.clients, seed=config.seed)
-    partition_dir = config.out_dir / "clients"
-    partition_dir.mkdir(parents=True, exist_ok=True)
-    for stale in partition_dir.glob("budget-*.jsonl"):
+    return DemoData(train, test, partitions, config.out_dir / "clients", source)
+
+
+def check_demo_data(
+    config: DemoConfig, train: list[Record], test: list[Record], *, source: str
+) -> None:
+    """Refuse data the demo cannot evaluate, before any holder file exists or any ε is spent.
+
+    A class-conditional release needs at least two labels, every label needs private records
+    (or its vector would be noise only), and the evaluator needs held-out records of every
+    label (train-on-synthetic accuracy and label fidelity compare against them).
+
+    Raises:
+        DataFileError: naming the label, what is missing and the limit.
+    """
+    labels = config.template.labels
+    if len(labels) < 2:
+        raise DataFileError(
+            f"{source}: labels={list(labels)}: {len(labels)} label(s), a class-conditional "
+            "release needs at least 2"
+        )
+    foreign = sorted({r.label for r in [*train, *test]} - set(labels))
+    if foreign:
+        raise DataFileError(f"{source}: labels {foreign} are not in the template's {list(labels)}")
+    for label in labels:
+        n_train = sum(1 for r in train if r.label == label)
+        n_test = sum(1 for r in test if r.label == label)
+        if n_train < 1:
+            raise DataFileError(f"{source}: label {label!r} has 0 private records (need >= 1)")
+        if n_test < 1:
+            raise DataFileError(
+                f"{source}: label {label!r} has 0 held-out records (need >= 1; the split keeps "
+                "one back only from a label with at least 2 records)"
+            )
+
+
+def write_partitions(data: DemoData) -> None:
+    """Write each holder's private file (owner-only), removing them all if one write fails."""
+    folder = data.partition_dir
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    for stale in [*folder.glob("budget-*"), *folder.glob(f"{DROPOUT_PREFIX}*.json")]:
         stale.unlink()
-    for i, part in enumerate(partitions):
-        write_jsonl(part, partition_dir / f"partition-{i}.jsonl")
-    return DemoData(train, test, partitions, partition_dir, source)
+    try:
+        for i, part in enumerate(data.partitions):
+            write_jsonl(part, folder / f"partition-{i}.jsonl")
+        # Each simulated holder signs its round keys and pins the roster (fresh keys per run).
+        write_simulated_consortium(folder, len(data.partitions))
+    except BaseException:
+        discard_partitions(data)
+        raise
+
+
+def discard_partitions(data: DemoData) -> None:
+    """Remove the holders' private files (after a failed run: no stray copies of the data)."""
+    for i in range(len(data.partitions)):
+        (data.partition_dir / f"partition-{i}.jsonl").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def removed_on_failure(data: DemoData) -> Iterator[DemoData]:
+    """Yield ``data``; if the body raises (or is interrupted), remove the holders' files."""
+    try:
+        yield data
+    except BaseException:
+        discard_partitions(data)
+        raise
 
 
 def task_config(config: DemoConfig, epsilon: float) -> TaskConfig:
@@ -201,7 +339,7 @@ def generation_config(config: DemoConfig) -> GenerationConfig:
 
 
 Reporter = Callable[[str, int, int], None]
-ROUND_STAGES = ("setup", "share_keys", "masked_input", "unmask", "done")
+ROUND_STAGES = tuple(stage.value for stage in Stage)  # progress: setup ... unmask, done
 
 
 @dataclass
@@ -236,16 +374,25 @@ def make_coordinator_job(
             name = f"release-eps{epsilon_label(epsilon)}"
             manifest = build_manifest(task_config(config, epsilon), loaded, reference, nodes)
             ledger.check(epsilon)
-            chosen = _with_dropouts(transport, nodes, config.drop_clients)
 
             def on_stage(stage: str, name: str = name) -> None:
-                if report is not None:
+                if report is not None and stage in ROUND_STAGES:
                     report(f"{name}: {stage}", ROUND_STAGES.index(stage), len(ROUND_STAGES) - 1)
 
-            result = run_secure_round(chosen, manifest, reference.means, progress=on_stage)
+            try:
+                result = run_secure_round(transport, manifest, reference.means, progress=on_stage)
+            except TooFewParticipantsError as exc:
+                if math.isfinite(epsilon) or math.isinf(config.epsilon):
+                    raise
+                # The non-private ceiling needs each holder's own consent (its node config or
+                # policy); refused, it is skipped and the private release stands alone.
+                log.warning("%s not made: the holders refused it (%s)", name, exc)
+                continue
             # Central-mode noise: always from the OS's secure randomness, never a public seed.
             rng = np.random.default_rng(secrets.randbits(128))
-            decoded = decode_release(result.field_sum, manifest=manifest, rng=rng)
+            decoded = decode_release(
+                result.field_sum, manifest=manifest, survivors=len(result.survivors), rng=rng
+            )
             release = make_release(manifest, decoded, result, model_name=loaded.name)
             path = save_release(release, config.out_dir / f"{name}.safetensors")
             ledger.record(release.report, release_path=path)
@@ -254,23 +401,74 @@ def make_coordinator_job(
     return job
 
 
-class _DroppingTransport:
-    """Simulates holders that go offline after sharing keys (tests dropout recovery)."""
-
-    def __init__(self, inner: Transport, dropped: set[int]) -> None:
-        self.inner = inner
-        self.dropped = dropped
-
-    def exchange(self, stage: str, requests: Mapping[int, Any], *, timeout: float) -> Any:
-        if stage in ("masked_input", "unmask"):
-            requests = {n: r for n, r in requests.items() if n not in self.dropped}
-        return self.inner.exchange(stage, requests, timeout=timeout)
+# Simulated dropouts (``--drop N``): the last N holders go offline after the key exchange.
+KEY_EXCHANGE_STAGES = (Stage.SETUP.value, Stage.SHARE_KEYS.value)
+DROPOUT_PREFIX = "dropout-"
 
 
-def _with_dropouts(transport: Transport, nodes: tuple[int, ...], count: int) -> Transport:
-    if count <= 0:
-        return transport
-    return _DroppingTransport(transport, set(nodes[-count:]))
+def dropped_holders(config: DemoConfig) -> tuple[int, ...]:
+    """Partition ids of the holders that drop out: the last ``drop_clients`` of the K."""
+    return tuple(range(config.clients - config.drop_clients, config.clients))
+
+
+def holder_name(partition_id: int) -> str:
+    """The simulated holder that keeps ``partition-<i>.jsonl``."""
+    return f"holder-{partition_id}"
+
+
+def with_simulated_dropouts(inner: Any, dropped: tuple[int, ...], record_dir: Path) -> Any:
+    """A ClientApp in which the holders ``dropped`` (partition ids) leave after the key exchange.
+
+    They answer setup and share_keys like everyone else, so the others hold Shamir shares of
+    their keys, and then answer every later stage (masked_input onwards) with an error, as a
+    holder that went offline mid-round: the coordinator must recover their masks from the
+    survivors' shares. Each dropout is noted in ``record_dir/dropout-<i>.json`` (holder name,
+    Flower node id and stage: public facts of the simulation) so the demo's report can name
+    the holder behind the node id the round reports as dropped.
+    """
+    from flwr.app import Context, Error, Message
+    from flwr.clientapp import ClientApp
+
+    from fedsynth.client.flower_app import ACTION as VECTOR_ACTION
+    from fedsynth.client.flower_app import PE_ACTION as VOTES_ACTION
+
+    app = ClientApp()
+
+    def handle(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config.get("partition-id", 0))
+        stage = _stage_of(msg)
+        if pid in dropped and stage is not None and stage not in KEY_EXCHANGE_STAGES:
+            note = {
+                "holder": holder_name(pid),
+                "partition": f"partition-{pid}.jsonl",
+                "node_id": str(context.node_id),
+                "stage": stage,
+            }
+            path = record_dir / f"{DROPOUT_PREFIX}{pid}.json"
+            if not path.exists():  # the stage it first went offline at
+                path.write_text(json.dumps(note))
+            reply: Message = Message(Error(code=4200, reason="offline"), reply_to=msg)
+            return reply
+        answer: Message = inner(msg, context)
+        return answer
+
+    app.query(VECTOR_ACTION)(handle)
+    app.query(VOTES_ACTION)(handle)
+    return app
+
+
+def _stage_of(msg: Any) -> str | None:
+    """The secure-sum stage a message asks for (None when it carries none)."""
+    try:
+        return str(msg.content.config_records["fedsynth"]["stage"])
+    except (KeyError, AttributeError):
+        return None
+
+
+def simulated_dropouts(partition_dir: Path) -> list[dict[str, str]]:
+    """The holders that dropped out in this run, by partition id: name, node id, stage."""
+    notes = sorted(partition_dir.glob(f"{DROPOUT_PREFIX}*.json"))
+    return [json.loads(path.read_text()) for path in notes]
 
 
 def run_federation(
@@ -307,6 +505,7 @@ def run_job_in_simulation(
     from fedsynth.client.flower_app import make_client_app
     from fedsynth.server.flower_app import make_server_app
 
+    config.check_federation()
     settings = ClientSettings(
         data_path=data.partition_dir / "partition-0.jsonl",
         model=config.model,
@@ -323,10 +522,13 @@ def run_job_in_simulation(
             errors.append(f"{type(exc).__name__}: {exc}")
             raise
 
+    app = client_app or make_client_app(settings, partition_dir=data.partition_dir)
+    if client_app is None and config.drop_clients > 0:
+        app = with_simulated_dropouts(app, dropped_holders(config), data.partition_dir)
     cpus = max(1, min(os.cpu_count() or 1, config.clients))
     run_simulation(
         server_app=make_server_app(guarded, num_clients=config.clients),
-        client_app=client_app or make_client_app(settings, partition_dir=data.partition_dir),
+        client_app=app,
         num_supernodes=config.clients,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -450,13 +652,19 @@ def write_outputs(
         with (baselines / f"synthetic-{slug}.jsonl").open("w", encoding="utf-8") as handle:
             for sample in rows:
                 handle.write(json_line(asdict(sample)) + "\n")
-    (out / "privacy_report.json").write_text(json.dumps(main.report, indent=2, sort_keys=True))
+    report = dict(main.report)
+    dropouts = simulated_dropouts(out / "clients")
+    if dropouts:
+        # Names the holders behind the node ids in dropped_clients (simulation only).
+        report["dropped_holders"] = dropouts
+    (out / "privacy_report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     config_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     config_json["epsilon"] = epsilon_label(config.epsilon)
     summary = {
         "config": config_json,
         "scores": scores,
         "releases": {k: str(v) for k, v in releases.items()},
+        "dropped_holders": [d["holder"] for d in dropouts],
         "timings_s": dict(timings),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -506,20 +714,21 @@ def coordinator_job_from_run_config(
         model=str(run_config.get("model") or DEFAULT_MODEL),
         layers=tuple(int(x) for x in str(run_config.get("layers", "8,9,10,11")).split(",")),
     )
+    config.check_federation()
     if str(run_config.get("method", "vector")) == "pe":
         return _pe_job_from_run_config(run_config, config, preset)
 
     def job(transport: Transport, nodes: tuple[int, ...], context: Any) -> None:
         timings: dict[str, float] = {}
         start = time.monotonic()
-        data = prepare_data(config)
-        loaded, reference = load_coordinator(config)
-        timings["reference"] = time.monotonic() - start
-        outcome = CoordinatorOutcome()
-        make_coordinator_job(config, loaded, reference, outcome)(transport, nodes, context)
-        samples = generate_conditions(config, loaded, reference, outcome.releases)
-        scores = evaluate_conditions(samples, data)
-        write_outputs(config, samples, scores, outcome.releases, timings)
+        with removed_on_failure(prepare_data(config)) as data:
+            loaded, reference = load_coordinator(config)
+            timings["reference"] = time.monotonic() - start
+            outcome = CoordinatorOutcome()
+            make_coordinator_job(config, loaded, reference, outcome)(transport, nodes, context)
+            samples = generate_conditions(config, loaded, reference, outcome.releases)
+            scores = evaluate_conditions(samples, data)
+            write_outputs(config, samples, scores, outcome.releases, timings)
         log.info("fedsynth demo finished; outputs in %s", config.out_dir)
 
     return job
@@ -544,22 +753,22 @@ def _pe_job_from_run_config(
 
     def job(transport: Transport, nodes: tuple[int, ...], context: Any) -> None:
         start = time.monotonic()
-        data = prepare_data(config)
-        loaded = load_model(config.model)
-        outcome = pe_demo.PEOutcome()
-        pe_demo.make_pe_job(config, settings, loaded, data, outcome)(transport, nodes, context)
-        final = outcome.result.state if outcome.result else None
-        scores: dict[str, dict[str, float]] = {}
-        if final is not None and outcome.initial is not None:
-            scores = evaluate_conditions(
-                {
-                    "PE round 0": pe_demo.population_samples(outcome.initial, "round-0"),
-                    "PE final": pe_demo.population_samples(final.population, "final"),
-                },
-                data,
-            )
-        timings = {"total": time.monotonic() - start}
-        pe_demo.write_pe_outputs(config, settings, outcome, scores, timings)
+        with removed_on_failure(prepare_data(config)) as data:
+            loaded = load_model(config.model)
+            outcome = pe_demo.PEOutcome()
+            pe_demo.make_pe_job(config, settings, loaded, data, outcome)(transport, nodes, context)
+            final = outcome.result.state if outcome.result else None
+            scores: dict[str, dict[str, float]] = {}
+            if final is not None and outcome.initial is not None:
+                scores = evaluate_conditions(
+                    {
+                        "PE round 0": pe_demo.population_samples(outcome.initial, "round-0"),
+                        "PE final": pe_demo.population_samples(final.population, "final"),
+                    },
+                    data,
+                )
+            timings = {"total": time.monotonic() - start}
+            pe_demo.write_pe_outputs(config, settings, outcome, scores, timings)
         log.info("fedsynth PE demo finished; outputs in %s", config.out_dir)
 
     return job

@@ -44,6 +44,7 @@ from fedsynth.simulations.demo import (
     Reporter,
     generation_config,
     make_coordinator_job,
+    simulated_dropouts,
     task_config,
 )
 
@@ -65,10 +66,18 @@ class PEDemoSettings:
     temperature: float = 0.9
 
     def __post_init__(self) -> None:
+        """Refuse bad settings here, before a steering release or any PE round spends ε."""
         if self.init not in INITS:
             raise ConfigError(f"init={self.init!r}: expected one of {INITS}")
         if not 0.0 < self.init_fraction < 1.0:
             raise ConfigError(f"init_fraction={self.init_fraction}: must be in (0, 1)")
+        if not (math.isfinite(self.temperature) and self.temperature > 0.0):
+            raise ConfigError(f"temperature={self.temperature}: must be a finite number > 0")
+        for name, value in (("rounds", self.rounds), ("per_label", self.per_label)):
+            if value < 1:
+                raise ConfigError(f"{name}={value}: must be >= 1")
+        if not 1 <= self.top_k <= self.per_label:
+            raise ConfigError(f"top_k={self.top_k}: must be in 1..per_label={self.per_label}")
 
 
 PE_PRESETS: dict[str, dict[str, Any]] = {
@@ -147,17 +156,25 @@ def make_pe_job(
     report: Reporter | None = None,
 ) -> Callable[[Transport, tuple[int, ...], Any], None]:
     """The coordinator's half: optional steering release, then T PE rounds."""
+    # Everything the rounds need is built and checked here, before the job spends any ε:
+    # the steering release must never be charged for a PE task that then cannot run.
+    pe_task = pe_config(config, pe)
+    gen = dataclasses.replace(generation_config(config), temperature=pe.temperature)
+    variation = VariationConfig(generation=gen)
+    eps_vec, delta_vec, _, _ = budget_split(config, pe)
+    vec_config = None
+    if pe.init == "steered":
+        vec_config = dataclasses.replace(
+            config, epsilon=eps_vec, delta=delta_vec, include_nonprivate=False
+        )
+    config.check_federation()
     embedder = load_embedder(pe.embedder)
     evaluator = RoundEvaluator(embedder, data)
     ledger = PrivacyLedger(config.out_dir / "ledger.jsonl")
 
     def job(transport: Transport, nodes: tuple[int, ...], context: Any) -> None:
         deltas_by_label = None
-        if pe.init == "steered":
-            eps_vec, delta_vec, _, _ = budget_split(config, pe)
-            vec_config = dataclasses.replace(
-                config, epsilon=eps_vec, delta=delta_vec, include_nonprivate=False
-            )
+        if vec_config is not None:
             reference = compute_public_reference(
                 loaded, task_config(vec_config, eps_vec), progress=report
             )
@@ -176,13 +193,9 @@ def make_pe_job(
                 )
                 for label in release.labels
             }
-        gen = dataclasses.replace(generation_config(config), temperature=pe.temperature)
         random_api = TextRandomAPI(loaded, config.template, gen, deltas_by_label=deltas_by_label)
         variation_api = TextVariationAPI(
-            loaded,
-            config.template,
-            VariationConfig(generation=gen),
-            deltas_by_label=deltas_by_label,
+            loaded, config.template, variation, deltas_by_label=deltas_by_label
         )
         pe_transport = _pe_transport(transport)
 
@@ -211,7 +224,7 @@ def make_pe_job(
         outcome.result = run_pe(
             pe_transport,
             nodes,
-            pe_config(config, pe),
+            pe_task,
             random_api=random_api,
             variation_api=variation_api,
             embedder=embedder,
@@ -287,6 +300,9 @@ def write_pe_outputs(
             "delta_total": delta_vec + delta_pe,
             "releases": [load_release(outcome.vector_release).report, report],
         }
+    dropouts = simulated_dropouts(out / "clients")
+    if dropouts:
+        report["dropped_holders"] = dropouts  # names the holders behind dropped node ids
     (out / "privacy_report.json").write_text(json.dumps(report, indent=2, default=str))
     rounds: list[dict[str, Any]] = [{"round": 0, **result.state.initial_metrics}]
     rounds.extend({"round": h.round, "status": h.status, **h.metrics} for h in result.state.history)

@@ -45,10 +45,13 @@ from fedsynth.simulations.demo import (
     CoordinatorOutcome,
     DemoConfig,
     DemoData,
+    discard_partitions,
     generation_config,
     make_coordinator_job,
+    removed_on_failure,
     run_job_in_simulation,
     task_config,
+    write_partitions,
 )
 from fedsynth.simulations.partitions import PartitionSpec, partition_records, partition_stats
 from fedsynth.simulations.study_config import (
@@ -87,6 +90,7 @@ AUDIT_COLUMNS = (
     "runs",
     "false_positive_rate",
     "false_negative_rate",
+    "attainable_bound",
 )
 
 Progress = Callable[[str], None]
@@ -446,6 +450,11 @@ class StudyRunner:
             result = audit_release(
                 holders, manifest=manifest, reference=self.reference.means, runs=runs, seed=seed
             )
+            self.progress(
+                f"  ε lower bound {result.epsilon_lower_bound:.3f}; the largest {runs} runs can "
+                f"report is {result.attainable_bound:.3f}"
+                + ("" if result.can_refute else f", so they cannot refute ε={epsilon:g}")
+            )
             new = not path.exists()
             with path.open("a", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)
@@ -460,6 +469,7 @@ class StudyRunner:
                         runs,
                         f"{result.false_positive_rate:.6g}",
                         f"{result.false_negative_rate:.6g}",
+                        f"{result.attainable_bound:.6g}",
                     ]
                 )
 
@@ -578,17 +588,17 @@ class StudyRunner:
         }
 
     def _federation_data(self, cell: Cell, config: DemoConfig) -> DemoData:
-        from fedsynth.simulations.datasets import write_jsonl
-
+        """Write the cell's holder files (owner-only; all removed if one write fails)."""
         state = self.seed_state(cell.seed)
-        parts = self.partitions(cell)
-        folder = config.out_dir / "clients"
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("budget-*.jsonl"):
-            stale.unlink()
-        for i, part in enumerate(parts):
-            write_jsonl(part, folder / f"partition-{i}.jsonl")
-        return DemoData(state.train, state.test, parts, folder, self.config.corpus)
+        data = DemoData(
+            state.train,
+            state.test,
+            self.partitions(cell),
+            config.out_dir / "clients",
+            self.config.corpus,
+        )
+        write_partitions(data)
+        return data
 
     def holder_policy(self) -> ClientPolicy:
         """The simulated holders accept every ε the study sweeps (real holders set their own)."""
@@ -608,22 +618,25 @@ class StudyRunner:
         *,
         client_app: Any = None,
     ) -> tuple[dict[str, float], list[str]]:
-        data = self._federation_data(cell, config)
-        inner = make_job()
+        inner = make_job()  # builds and checks the job's settings before any holder file exists
+        config.check_federation()
         timed: dict[str, _TimedTransport] = {}
 
         def job(transport: Transport, nodes: tuple[int, ...], context: Any) -> None:
             timed["t"] = _TimedTransport(transport)
             inner(timed["t"], nodes, context)
 
-        errors = run_job_in_simulation(
-            config,
-            data,
-            job,
-            embedder=self.config.embedder,
-            policy=self.holder_policy(),
-            client_app=client_app,
-        )
+        with removed_on_failure(self._federation_data(cell, config)) as data:
+            errors = run_job_in_simulation(
+                config,
+                data,
+                job,
+                embedder=self.config.embedder,
+                policy=self.holder_policy(),
+                client_app=client_app,
+            )
+        if errors:
+            discard_partitions(data)  # a failed run leaves no private copies behind
         perf: dict[str, float] = {}
         if "t" in timed:
             perf = {
@@ -667,7 +680,7 @@ class StudyRunner:
             rng=rng,
         )
         decoded = decode_release(
-            to_field(sums.reshape(-1), bits=manifest.bits), manifest=manifest, rng=rng
+            to_field(sums.reshape(-1), bits=manifest.bits), manifest=manifest, survivors=1, rng=rng
         )
         from fedsynth.server.release import privacy_report
 

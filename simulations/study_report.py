@@ -415,15 +415,25 @@ def _audit_table(path: Path) -> str:
         rows = list(csv.DictReader(handle))
     lines = [
         "Distinguishing audit on the released vector (runs with and without one worst-case "
-        "record; Clopper-Pearson at 95 %). The lower bound must stay below the claimed ε.",
+        "record; Clopper-Pearson at 95 %). The lower bound must stay below the claimed ε. "
+        "The largest bound the runs could report at all (perfect separation) is shown next to "
+        "it: where it is below the claimed ε, the audit could not have refuted the claim.",
         "",
-        "| mode | claimed ε | empirical ε lower bound | runs per side | FPR bound | FNR bound |",
-        "|---|---|---|---|---|---|",
+        "| mode | claimed ε | empirical ε lower bound | largest reportable bound | could refute | "
+        "runs per side | FPR bound | FNR bound |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        attainable = r.get("attainable_bound") or ""
+        refute = (
+            "?"
+            if not attainable
+            else ("yes" if float(attainable) > float(r["claimed_epsilon"]) else "no")
+        )
+        shown = f"{float(attainable):.3f}" if attainable else "n/a"
         lines.append(
             f"| {r['mode']} | {r['claimed_epsilon']} | {float(r['epsilon_lower_bound']):.3f} | "
-            f"{r['runs']} | {float(r['false_positive_rate']):.3f} | "
+            f"{shown} | {refute} | {r['runs']} | {float(r['false_positive_rate']):.3f} | "
             f"{float(r['false_negative_rate']):.3f} |"
         )
     return "\n".join(lines)

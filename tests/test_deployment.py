@@ -19,6 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from fedsynth.client.budget import ClientBudget
+from fedsynth.protocol.identity import (
+    ROSTER_FILE,
+    simulated_identity_path,
+    write_simulated_consortium,
+)
 from fedsynth.simulations.demo import demo_config, prepare_data
 
 pytestmark = pytest.mark.slow
@@ -86,6 +92,10 @@ def test_flwr_run_on_real_superlink_and_supernodes(
     out = tmp_path / "run"
     config = demo_config("quick", out_dir=out, clients=3, model="tiny-llama", layers=(1, 2))
     data = prepare_data(config)  # the holders' own files; the coordinator never reads them
+    # Each holder's signing key and the roster they all pin (generated out of band).
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    write_simulated_consortium(keys, 3)
     link_port = _free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -106,8 +116,10 @@ def test_flwr_run_on_real_superlink_and_supernodes(
         for i in range(3):
             node_config = (
                 f'data-path="{data.partition_dir / f"partition-{i}.jsonl"}" '
-                f'budget-path="{tmp_path / f"budget-{i}.jsonl"}" '
-                'model="tiny-llama" allow-non-private=true'
+                f'budget-path="{tmp_path / f"budget-{i}.sqlite"}" '
+                f'identity-path="{simulated_identity_path(keys, i)}" '
+                f'roster-path="{keys / ROSTER_FILE}" '
+                'model="tiny-llama"'
             )
             procs.append(
                 _start(
@@ -151,14 +163,18 @@ def test_flwr_run_on_real_superlink_and_supernodes(
         assert report["K"] == 3 and report["survivors"] == 3
         assert report["trust_mode"] == "distributed"
         scores = json.loads((out / "summary.json").read_text())["scores"]
-        assert set(scores) == {"prior (eps=0)", "eps=4", "eps=inf"}
+        # The coordinator also asked for the non-private ceiling (epsilon = inf); no holder's
+        # own node config consents to it, so every holder refused it and it was never made.
+        assert set(scores) == {"prior (eps=0)", "eps=4"}
+        assert not (out / "release-epsinf.safetensors").exists()
+        assert "release-epsinf not made: the holders refused it" in proc.stdout + proc.stderr
         for row in scores.values():
             assert {"label_fidelity", "tstr_accuracy", "tstr_macro_f1", "embedding_fd"} <= set(row)
         rows = (out / "synthetic.jsonl").read_text().splitlines()
         assert len(rows) == 2 * config.synthetic_per_label
-        for i in range(3):  # every holder charged its own budget for both releases
-            charged = (tmp_path / f"budget-{i}.jsonl").read_text().splitlines()
-            assert len(charged) == 2
+        for i in range(3):  # every holder charged its own budget for the private release only
+            charged = ClientBudget(tmp_path / f"budget-{i}.sqlite").entries()
+            assert [row["epsilon"] for row in charged] == ["4.0"]
 
         # The same deployment runs federated PE (weightless hashing embedder, tiny generator).
         pe_out = tmp_path / "pe-run"
@@ -186,9 +202,7 @@ def test_flwr_run_on_real_superlink_and_supernodes(
         assert [h["survivors"] for h in report["history"]] == [3, 3]
         assert len((pe_out / "synthetic.jsonl").read_text().splitlines()) == 2 * 8
         for i in range(3):  # the PE task charged once (its whole epsilon) + one row per round
-            rows = [
-                json.loads(x) for x in (tmp_path / f"budget-{i}.jsonl").read_text().splitlines()
-            ]
+            rows = ClientBudget(tmp_path / f"budget-{i}.sqlite").entries()
             pe_rows = [r for r in rows if r["task_id"] == report["task_id"]]
             assert len(pe_rows) == 3 and sum(float(r["epsilon"]) for r in pe_rows) == 4.0
     finally:

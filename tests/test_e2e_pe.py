@@ -32,6 +32,7 @@ from fedsynth.client.policy import ClientPolicy
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.embedding import load_embedder
 from fedsynth.protocol.errors import FedSynthError
+from fedsynth.protocol.identity import simulated_member, write_simulated_consortium
 from fedsynth.protocol.models import load_model
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.pe_coordinator import PEConfig, run_pe
@@ -99,6 +100,7 @@ def setting(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     for i, part in enumerate(partition_iid(train, num_clients=len(NODES), seed=0)):
         write_jsonl(part, tmp / f"partition-{i}.jsonl")
         paths.append(tmp / f"partition-{i}.jsonl")
+    write_simulated_consortium(tmp, len(NODES))
     embedder = load_embedder("all-minilm-l6-v2")
     return {
         "tmp": tmp,
@@ -113,6 +115,7 @@ def setting(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def run_task(setting: dict[str, object], epsilon: float, name: str) -> list[float]:
     embedder = setting["embedder"]
     paths: list[Path] = setting["paths"]  # type: ignore[assignment]
+    members = [simulated_member(path.parent, i) for i, path in enumerate(paths)]
     voters = {
         node: PEVoter(
             ClientSettings(
@@ -120,11 +123,13 @@ def run_task(setting: dict[str, object], epsilon: float, name: str) -> list[floa
                 embedder="all-minilm-l6-v2",
                 policy=ClientPolicy(allow_non_private=True),
                 seed=11,
+                identity=identity,
+                roster=roster,
             ),
             node_id=node,
             embedder_loader=lambda: embedder,  # type: ignore[return-value]
         )
-        for node, path in zip(NODES, paths, strict=True)
+        for node, path, (identity, roster) in zip(NODES, paths, members, strict=True)
     }
     template = TEMPLATES["rotten_tomatoes"]
     gen = GenerationConfig(max_new_tokens=24, temperature=0.9, batch_size=48)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from fedsynth.client.policy import ClientBudget, ClientPolicy
-from fedsynth.protocol.durable import append_json_line
+from fedsynth.client.policy import ClientPolicy, parse_bool, parse_float
 from fedsynth.protocol.errors import (
     BudgetExceededError,
     ConfigError,
@@ -181,70 +178,41 @@ def test_policy_validation(kwargs: dict[str, Any], field: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# ClientBudget
+# Consent to non-private releases: strict booleans
 # ---------------------------------------------------------------------------------------------
 
 
-def test_budget_charges_once_per_task_and_survives_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "nested" / "budget.jsonl"
-    budget = ClientBudget(path)
-    assert budget.spent() == 0.0
-    assert not budget.has("task-1")
-    budget.charge(make_manifest("task-1", epsilon=3.0))
-    budget.charge(make_manifest("task-1", epsilon=3.0))  # a retried stage: not charged again
-    assert budget.spent() == 3.0
-    assert budget.has("task-1")
-    budget.charge(make_manifest("task-2", epsilon=1.5, mode="local"))
-    budget.charge(make_manifest("task-3", epsilon=math.inf))
-    assert budget.spent() == 4.5  # infinite epsilon is recorded, not summed
-
-    reopened = ClientBudget(path)
-    assert reopened.spent() == 4.5
-    assert reopened.has("task-1") and reopened.has("task-2") and reopened.has("task-3")
-    assert not reopened.has("task-4")
-    entries = reopened.entries()
-    assert [e["task_id"] for e in entries] == ["task-1", "task-2", "task-3"]
-    assert entries[1]["mode"] == "local"
-    assert entries[2]["epsilon"] == "inf"
-    lines = path.read_text().splitlines()
-    assert len(lines) == 3
-    assert all(json.loads(line) for line in lines)
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (True, True),
+        (False, False),
+        ("true", True),
+        ("TRUE", True),
+        ("false", False),
+        ("False", False),
+    ],
+)
+def test_booleans_parse_strictly(value: object, expected: bool) -> None:
+    assert parse_bool("allow-non-private", value) is expected
 
 
-def test_budget_feeds_the_policy(tmp_path: Path) -> None:
-    budget = ClientBudget(tmp_path / "budget.jsonl")
-    policy = ClientPolicy(max_epsilon_per_task=4.0, max_total_epsilon=7.0)
-    first = make_manifest("first", epsilon=4.0)
-    policy.check(first, spent=budget.spent(), n_records=10)
-    budget.charge(first)
-    with pytest.raises(BudgetExceededError, match="spent 4"):
-        policy.check(make_manifest("second", epsilon=4.0), spent=budget.spent(), n_records=10)
-    policy.check(make_manifest("third", epsilon=3.0), spent=budget.spent(), n_records=10)
+@pytest.mark.parametrize("value", ["yes", "no", "0", "1", "", "falsch", 1, 0, 1.0, None])
+def test_anything_else_is_not_a_boolean(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"allow-non-private=.*must be true or false"):
+        parse_bool("allow-non-private", value)
 
 
-def test_budget_without_path_tracks_nothing() -> None:
-    budget = ClientBudget(None)
-    budget.charge(make_manifest())
-    assert budget.spent() == 0.0
-    assert not budget.has("task-1")
-    assert budget.entries() == []
+@pytest.mark.parametrize("value", ["false", "true", 1, "no"])
+def test_policy_consent_must_be_a_real_bool(value: object) -> None:
+    # bool("false") is True: a policy built from text must not read "false" as consent.
+    with pytest.raises(ConfigError, match="allow_non_private"):
+        ClientPolicy(allow_non_private=value)  # type: ignore[arg-type]
 
 
-def test_torn_budget_line_fails_safe_with_a_clear_error(tmp_path: Path) -> None:
-    path = tmp_path / "budget.jsonl"
-    budget = ClientBudget(path)
-    budget.charge(make_manifest("task-1", epsilon=2.0))
-    with path.open("a") as handle:
-        handle.write('{"task_id": "task-2", "epsi')  # a crash mid-write
-    with pytest.raises(PolicyViolationError, match="line 2"):
-        budget.spent()
-    with pytest.raises(PolicyViolationError, match="line 2"):
-        budget.charge(make_manifest("task-3", epsilon=1.0))  # nothing is charged on top
-    assert "task-3" not in path.read_text()
-
-
-def test_durable_append_starts_a_fresh_line_after_a_torn_one(tmp_path: Path) -> None:
-    path = tmp_path / "rows.jsonl"
-    path.write_text('{"a": 1}\n{"torn')
-    append_json_line(path, {"b": 2})
-    assert path.read_text().splitlines() == ['{"a": 1}', '{"torn', '{"b": 2}']
+def test_numbers_parse_strictly() -> None:
+    assert parse_float("max-epsilon", "4.5") == 4.5
+    assert parse_float("max-epsilon", 2) == 2.0
+    for bad in ("four", True, None):
+        with pytest.raises(ConfigError, match="max-epsilon"):
+            parse_float("max-epsilon", bad)

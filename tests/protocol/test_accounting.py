@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsynth.protocol.accounting import (
+    MAX_ROUNDING_INFLATION,
     RDP_ORDERS,
     PrivacyEvent,
     VectorReleaseCalibration,
@@ -21,13 +22,16 @@ from fedsynth.protocol.accounting import (
     calibrate_vector_release,
     gaussian_epsilon,
     gdp_delta,
+    min_vector_scale,
     pe_epsilon,
     pe_noise_multiplier,
     rounded_l1_sensitivity,
     rounded_l2_sensitivity,
+    rounding_inflation,
     skellam_epsilon,
     skellam_rdp,
     validate_epsilon_delta,
+    vector_record_sensitivity,
 )
 from fedsynth.protocol.errors import ConfigError
 
@@ -344,9 +348,12 @@ def test_vector_release_local_and_central() -> None:
     assert local.to_event().mechanism == "local-skellam"
     central = _vector("central", 4.0)
     sigma = calibrate_gaussian(epsilon=4.0, delta=DELTA)
-    assert central.l2_sensitivity == pytest.approx(1000.0 * math.sqrt(4.25))
+    # Clients round every record in central mode too: same rounding-inflated bound.
+    assert central.l2_sensitivity == dist.l2_sensitivity
+    assert central.l1_sensitivity == dist.l1_sensitivity
+    assert central.l2_sensitivity > 1000.0 * math.sqrt(4.25)
     assert central.noise_multiplier == sigma
-    assert central.total_variance == pytest.approx((sigma * 1000.0 * math.sqrt(4.25)) ** 2)
+    assert central.total_variance == pytest.approx((sigma * central.l2_sensitivity) ** 2)
     assert central.epsilon_achieved == pytest.approx(4.0, abs=1e-3)
     assert central.epsilon_achieved <= 4.0 + 1e-9
     assert central.to_event().mechanism == "gaussian"
@@ -569,3 +576,76 @@ def test_pe_min_workable_epsilon_rejects_invalid_arguments() -> None:
         _pe_min_eps(**dict(kwargs, top_k=0))
     with pytest.raises(ConfigError, match="signal_to_noise"):
         _pe_min_eps(**kwargs, signal_to_noise=0.0)
+
+
+# ---------------------------------------------------------------- rounding in central mode
+
+
+@pytest.mark.parametrize("scale", [10.0, 100.0, 1000.0])
+def test_central_calibration_covers_the_rounded_record(scale: float) -> None:
+    """The Gaussian noise achieves epsilon at the rounded bound the clients actually round to."""
+    dim = 4 * 640 + 1
+    cal = calibrate_vector_release(
+        mode="central", epsilon=4.0, delta=DELTA, layers=4, dim=dim, scale=scale, count_weight=0.5
+    )
+    rounded = rounded_l2_sensitivity(scaled_clip=scale * math.sqrt(4.25), dim=dim)
+    assert cal.l2_sensitivity == rounded
+    true_eps = gaussian_epsilon(
+        noise_multiplier=math.sqrt(cal.total_variance) / rounded, delta=DELTA, accountant="pld"
+    )
+    assert true_eps <= 4.0 * (1 + 1e-9)
+    assert true_eps == pytest.approx(4.0, abs=1e-3)
+    # The unrounded calibration (noise for scale * sqrt(L + gamma^2)) overspends: at scale 10
+    # the rounded record sees epsilon of about 7.
+    unrounded_std = calibrate_gaussian(epsilon=4.0, delta=DELTA) * scale * math.sqrt(4.25)
+    old_eps = gaussian_epsilon(
+        noise_multiplier=unrounded_std / rounded, delta=DELTA, accountant="pld"
+    )
+    assert old_eps > 4.0 + 1e-3
+    if scale == 10.0:
+        assert old_eps == pytest.approx(7.03, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("layers", "hidden"), [(4, 640), (1, 640), (18, 640), (2, 32), (1, 4), (4, 8), (1, 65536)]
+)
+@pytest.mark.parametrize("count_weight", [0.5, 2.0])
+def test_min_vector_scale_keeps_the_inflation_under_the_limit(
+    layers: int, hidden: int, count_weight: float
+) -> None:
+    dim = layers * hidden + 1
+    minimum = min_vector_scale(layers=layers, count_weight=count_weight, dim=dim)
+    at_min = rounding_inflation(scale=minimum, layers=layers, count_weight=count_weight, dim=dim)
+    assert at_min <= MAX_ROUNDING_INFLATION
+    assert at_min == pytest.approx(MAX_ROUNDING_INFLATION, rel=1e-6)  # tight, not just safe
+    below = rounding_inflation(
+        scale=minimum * (1 - 1e-6), layers=layers, count_weight=count_weight, dim=dim
+    )
+    assert below > MAX_ROUNDING_INFLATION
+    # The inflation shrinks as the scale grows.
+    assert (
+        rounding_inflation(scale=2 * minimum, layers=layers, count_weight=count_weight, dim=dim)
+        < at_min
+    )
+
+
+def test_default_scale_is_fine_enough_for_the_models_used() -> None:
+    """1000 keeps the inflation under 0.1 % for Gemma 3 270M (hidden 640) and the tiny models."""
+    for layers, hidden in [(4, 640), (1, 640), (18, 640), (4, 576), (2, 32), (4, 32)]:
+        dim = layers * hidden + 1
+        assert min_vector_scale(layers=layers, count_weight=0.5, dim=dim) < 1000.0
+        assert rounding_inflation(scale=1000.0, layers=layers, count_weight=0.5, dim=dim) < 1e-3
+    # At scale 1000 the unrounded bound understates Gemma's 4-layer record noticeably ...
+    assert rounding_inflation(scale=1000.0, layers=4, count_weight=0.5, dim=2561) > 1e-4
+    # ... and at scale 10 grossly.
+    assert rounding_inflation(scale=10.0, layers=4, count_weight=0.5, dim=2561) > 0.5
+
+
+def test_vector_record_sensitivity_matches_the_rounding_bound() -> None:
+    l2, l1 = vector_record_sensitivity(scale=300.0, layers=3, count_weight=0.5, dim=97)
+    assert l2 == rounded_l2_sensitivity(scaled_clip=300.0 * math.sqrt(3.25), dim=97)
+    assert l1 == rounded_l1_sensitivity(l2=l2, dim=97)
+    with pytest.raises(ConfigError, match="scale"):
+        vector_record_sensitivity(scale=0.0, layers=3, count_weight=0.5, dim=97)
+    with pytest.raises(ConfigError, match="max_inflation"):
+        min_vector_scale(layers=1, count_weight=0.5, dim=5, max_inflation=0.0)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from fedsynth.protocol.codec import field_sum, from_field
+from fedsynth.protocol.codec import field_sum, from_field, to_field
 from fedsynth.protocol.contribution import (
     client_noise_share_variance,
     conditional_round,
@@ -176,7 +176,7 @@ def test_noise_free_round_trip_recovers_the_true_means() -> None:
         values.append(value)
     total = field_sum(values, bits=manifest.bits)
     np.testing.assert_array_equal(from_field(total, bits=manifest.bits), int_total.reshape(-1))
-    decoded = decode_release(total, manifest=manifest)
+    decoded = decode_release(total, manifest=manifest, survivors=3)
 
     all_feats = np.concatenate([f for f, _ in parts])
     all_labels = [label for _, labels in parts for label in labels]
@@ -197,7 +197,7 @@ def test_class_without_records_decodes_to_zero_with_min_count() -> None:
     sums = integer_class_sums(feats, ["pos"] * 3, manifest=manifest, reference=reference, rng=rng)
     assert not sums[1].any()
     decoded = decode_release(
-        encode_contribution(sums, manifest=manifest, rng=rng), manifest=manifest
+        encode_contribution(sums, manifest=manifest, rng=rng), manifest=manifest, survivors=1
     )
     np.testing.assert_array_equal(decoded.counts, [3.0, 1.0])
     assert not decoded.vectors[1].any()
@@ -243,10 +243,12 @@ def test_central_mode_clients_add_no_noise_and_decode_adds_gaussian() -> None:
     np.testing.assert_array_equal(from_field(first, bits=manifest.bits), sums.reshape(-1))
 
     with pytest.raises(ConfigError, match="rng"):
-        decode_release(first, manifest=manifest)
+        decode_release(first, manifest=manifest, survivors=1)
     residuals = []
     for seed in range(3):
-        decoded = decode_release(first, manifest=manifest, rng=np.random.default_rng(seed))
+        decoded = decode_release(
+            first, manifest=manifest, survivors=1, rng=np.random.default_rng(seed)
+        )
         assert np.all(decoded.counts > 5)  # far from the min_count clamp
         clip = np.asarray(manifest.clip_norms)[None, :, None]
         # Undo the post-processing to recover the noisy scaled sum.
@@ -330,7 +332,7 @@ def test_overflowing_contribution_raises_field_range_error() -> None:
 def test_decode_rejects_wrong_length() -> None:
     manifest, _ = build_manifest()
     with pytest.raises(ShapeError):
-        decode_release(np.zeros(manifest.dim + 1, dtype=np.uint64), manifest=manifest)
+        decode_release(np.zeros(manifest.dim + 1, dtype=np.uint64), manifest=manifest, survivors=1)
 
 
 def test_manifest_dims() -> None:
@@ -339,3 +341,70 @@ def test_manifest_dims() -> None:
     assert manifest.dim == 2 * manifest.row_dim
     shifted = dataclasses.replace(manifest, count_weight=2.0)
     assert record_l2_bound(shifted) > record_l2_bound(manifest)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode range check: a sum the survivors cannot produce is refused
+# ---------------------------------------------------------------------------------------------
+
+
+def _sum_with(manifest: TaskManifest, values: dict[int, float]) -> np.ndarray:
+    ints = np.zeros(manifest.dim, dtype=np.int64)
+    for index, value in values.items():
+        ints[index] = int(value)
+    return to_field(ints, bits=manifest.bits)
+
+
+def test_decode_accepts_what_honest_survivors_produce() -> None:
+    manifest, reference = build_manifest(hidden=64, scale=1000.0, total_variance=1e6)
+    rng = np.random.default_rng(11)
+    values = []
+    for n in (30, 25, 40):
+        # Every record far outside the clip norm: each layer block at its largest norm.
+        feats = reference[[0] * n] + 100.0 * rng.normal(size=(n, 2, manifest.hidden_size))
+        sums = integer_class_sums(
+            feats, ["pos"] * n, manifest=manifest, reference=reference, rng=rng
+        )
+        values.append(encode_contribution(sums, manifest=manifest, rng=rng))
+    decoded = decode_release(field_sum(values, bits=manifest.bits), manifest=manifest, survivors=3)
+    assert decoded.counts[0] == pytest.approx(95, abs=15)
+
+
+@pytest.mark.parametrize("where", ["count-high", "count-negative", "layer-norm"])
+def test_decode_refuses_a_sum_beyond_the_survivors(where: str) -> None:
+    manifest, _ = build_manifest(max_records=1000, total_variance=100.0)
+    count = manifest.row_dim - 1  # class "pos"'s count coordinate
+    one_client = manifest.max_records * (manifest.count_weight * manifest.scale + 1)
+    values = {
+        "count-high": {count: 2 * one_client},
+        "count-negative": {count: -1000},
+        "layer-norm": {0: 2 * manifest.max_records * (manifest.scale + 3)},
+    }[where]
+    corrupt = _sum_with(manifest, values)
+    with pytest.raises(FieldRangeError, match="honest clients can produce") as caught:
+        decode_release(corrupt, manifest=manifest, survivors=1)
+    # The message names the class and the limit, never the decoded value.
+    assert "'pos'" in str(caught.value)
+    assert str(int(next(iter(values.values())))) not in str(caught.value)
+    if where != "count-negative":
+        # Three survivors can produce it.
+        decode_release(corrupt, manifest=manifest, survivors=3)
+
+
+def test_decode_margin_follows_the_noise() -> None:
+    """The margin below zero is 40 aggregate noise std: a sum just inside it decodes."""
+    manifest, _ = build_manifest(total_variance=400.0, threshold=2)
+    count = manifest.row_dim - 1
+    std = math.sqrt(400.0 / 2 * 3)  # three survivors, each adding total / t
+    decode_release(_sum_with(manifest, {count: -39 * std}), manifest=manifest, survivors=3)
+    with pytest.raises(FieldRangeError):
+        decode_release(_sum_with(manifest, {count: -42 * std}), manifest=manifest, survivors=3)
+
+
+@pytest.mark.parametrize("survivors", [0, 4, True])
+def test_decode_needs_a_valid_survivor_count(survivors: int) -> None:
+    manifest, _ = build_manifest()
+    with pytest.raises(ConfigError, match="survivors"):
+        decode_release(
+            np.zeros(manifest.dim, dtype=np.uint64), manifest=manifest, survivors=survivors
+        )

@@ -107,3 +107,13 @@ def test_trust_modes() -> None:
     assert client_noise_variance(mode=TrustMode.CENTRAL, **kwargs) == 0.0
     with pytest.raises(ConfigError, match="mode='trusted'"):
         client_noise_variance(mode="trusted", **kwargs)
+
+
+def test_reports_say_plainly_whom_central_mode_trusts() -> None:
+    from fedsynth.protocol.mechanisms import TrustMode, trust_statement
+
+    assert trust_statement("central").startswith("trusted coordinator")
+    for mode in (TrustMode.DISTRIBUTED, TrustMode.LOCAL):
+        assert trust_statement(mode).startswith("no trusted party")
+    with pytest.raises(ConfigError, match="mode="):
+        trust_statement("nobody")

@@ -6,13 +6,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsynth.protocol import messages
-from fedsynth.protocol.errors import LateSubmissionError, ProtocolError, ShapeError
+from fedsynth.protocol.errors import (
+    KeyAuthenticationError,
+    LateSubmissionError,
+    ProtocolError,
+    ShapeError,
+)
 from fedsynth.protocol.messages import (
     Envelope,
     blobs_from_fields,
@@ -29,10 +35,16 @@ from fedsynth.protocol.messages import (
 from fedsynth.protocol.secagg import PublicKeys
 
 NODE_IDS = st.integers(min_value=0, max_value=2**64 - 1)
+X25519_PUBLIC = st.binary(min_size=32, max_size=32).map(
+    lambda raw: X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes_raw()
+)
 KEYS = st.builds(
     PublicKeys,
-    enc_pk=st.binary(min_size=32, max_size=32),
-    mask_pk=st.binary(min_size=32, max_size=32),
+    enc_pk=X25519_PUBLIC,
+    mask_pk=X25519_PUBLIC,
+    name=st.from_regex(r"[a-z0-9][a-z0-9.@_-]{0,20}", fullmatch=True),
+    sign_pk=st.binary(min_size=32, max_size=32),
+    signature=st.binary(min_size=64, max_size=64),
 )
 
 
@@ -162,6 +174,19 @@ def test_malformed_entries_are_protocol_errors() -> None:
         blobs_from_fields("ct:", {"ct:5": "text"})
     with pytest.raises(ProtocolError, match="survivors"):
         ints_from_field("1,2", name="survivors")
+    # An entry with only the two X25519 keys is an unsigned key, refused as such.
+    with pytest.raises(KeyAuthenticationError, match="unsigned"):
+        keys_from_fields({"pk:5": [b"x" * 32, b"y" * 32]})
+    # Field names and list entries that are not node ids are protocol errors, not ValueError.
+    with pytest.raises(ProtocolError, match="node id"):
+        keys_from_fields({"pk:abc": [b"x" * 32] * 5})
+    for bad in ("ct:-1", "ct:1e3", "ct:"):
+        with pytest.raises(ProtocolError, match="node id"):
+            blobs_from_fields("ct:", {bad: b"x"})
+    with pytest.raises(ProtocolError, match="node id"):
+        ints_from_field(["1", "x"], name="survivors")
+    with pytest.raises(ProtocolError, match="low-order"):
+        keys_from_fields({"pk:5": [bytes(32), b"y" * 32, b"k" * 32, b"s" * 64, b"name"]})
     # Other fields are ignored.
     assert keys_from_fields({"task_id": "t", "n": 3}) == {}
     assert blobs_from_fields("ct:", {"sh:1": b"x"}) == {}

@@ -34,6 +34,7 @@ from fedsynth.protocol.errors import (
     StageOrderError,
     TooFewParticipantsError,
 )
+from fedsynth.protocol.identity import HolderIdentity, Roster
 from fedsynth.protocol.messages import Envelope, pack, vector_to_bytes
 from fedsynth.protocol.pe import vote_histogram
 from fedsynth.protocol.pe_manifest import decode_histogram
@@ -137,6 +138,8 @@ def make_voters(
     policy: ClientPolicy | None = None,
 ) -> dict[int, VoterNode]:
     nodes = {}
+    identities = {n: HolderIdentity.generate(f"holder-{i}") for i, n in enumerate(NODES)}
+    roster = Roster({identity.name: identity.public_key for identity in identities.values()})
     for index, node_id in enumerate(NODES):
         settings = ClientSettings(
             data_path=write_private(tmp_path / f"private-{index}.jsonl", index),
@@ -144,6 +147,8 @@ def make_voters(
             policy=policy or ClientPolicy(allow_non_private=True),
             budget_path=tmp_path / f"budget-{index}.jsonl" if budgets else None,
             seed=7,
+            identity=identities[node_id],
+            roster=roster,
         )
         voter = PEVoter(settings, node_id=node_id, embedder_loader=lambda e=embedder: e)
         nodes[node_id] = VoterNode(voter)

@@ -9,11 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 from scipy.stats import chisquare
 
 from fedsynth.protocol.contribution import DecodedRelease
-from fedsynth.protocol.errors import BudgetExceededError, ConfigError, ModelMismatchError
+from fedsynth.protocol.errors import (
+    BudgetExceededError,
+    ConfigError,
+    ModelMismatchError,
+    ReleaseIntegrityError,
+)
 from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, array_sha256
 from fedsynth.protocol.models import LoadedModel, decoder_layers, tiny_model
@@ -31,6 +37,7 @@ from fedsynth.server.release import (
     load_release,
     make_release,
     privacy_report,
+    release_digest,
     save_release,
 )
 from fedsynth.server.secure_round import RoundResult
@@ -158,7 +165,7 @@ def test_load_refuses_missing_and_corrupt_files(tmp_path: Path, llama: LoadedMod
     assert needle in data
     broken = tmp_path / "broken-manifest.safetensors"
     broken.write_bytes(data.replace(needle, needle.replace(b"task_id", b"task_xx")))
-    with pytest.raises(ConfigError, match="manifest"):
+    with pytest.raises(ReleaseIntegrityError, match="digest mismatch"):
         load_release(broken)
 
 
@@ -180,15 +187,132 @@ def test_load_refuses_foreign_or_inconsistent_files(tmp_path: Path, llama: Loade
     with pytest.raises(ConfigError, match="format"):
         load_release(no_meta)
     wrong_shape = tmp_path / "shape.safetensors"
-    save_file({**tensors, "vectors": release.vectors[:2]}, str(wrong_shape), metadata=meta)
+    short = {**tensors, "vectors": release.vectors[:2]}
+    digest = release_digest(
+        release_id="r",
+        manifest_json=meta["manifest"],
+        report_json=meta["report"],
+        vectors=short["vectors"],
+        counts=short["counts"],
+    )
+    save_file(short, str(wrong_shape), metadata={**meta, "digest": digest})
     with pytest.raises(ConfigError, match="shape"):
         load_release(wrong_shape)
+    # A well-formed file whose report says nothing of the manifest's terms.
+    empty_report = tmp_path / "empty-report.safetensors"
+    digest = release_digest(
+        release_id="r",
+        manifest_json=meta["manifest"],
+        report_json="{}",
+        vectors=release.vectors,
+        counts=release.counts,
+    )
+    save_file(tensors, str(empty_report), metadata={**meta, "digest": digest})
+    with pytest.raises(ReleaseIntegrityError, match="release_id='r'"):
+        load_release(empty_report)
     no_manifest = tmp_path / "no-manifest.safetensors"
     save_file(
         tensors, str(no_manifest), metadata={k: v for k, v in meta.items() if k != "manifest"}
     )
     with pytest.raises(ConfigError, match="manifest"):
         load_release(no_manifest)
+
+
+def _parts(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = dict(handle.metadata() or {})
+    return dict(load_file(str(path))), metadata
+
+
+def _rewrite(
+    path: Path,
+    out: Path,
+    *,
+    redigest: bool,
+    tensors: dict[str, np.ndarray] | None = None,
+    **changes: str,
+) -> Path:
+    """Copy a release with some metadata changed; ``redigest`` recomputes the digest too."""
+    old_tensors, metadata = _parts(path)
+    tensors = tensors or old_tensors
+    metadata.update(changes)
+    if redigest:
+        metadata["digest"] = release_digest(
+            release_id=metadata["release_id"],
+            manifest_json=metadata["manifest"],
+            report_json=metadata["report"],
+            vectors=tensors["vectors"],
+            counts=tensors["counts"],
+        )
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def test_tampered_release_files_are_refused(tmp_path: Path, llama: LoadedModel) -> None:
+    good = save_release(make_test_release(llama), tmp_path / "good.safetensors")
+    assert load_release(good).report["epsilon"] == 2.0  # the untouched file loads
+    data = good.read_bytes()
+    _, metadata = _parts(good)
+    assert metadata["digest"].startswith("sha256:")
+
+    # One flipped byte inside the stored vectors (same length: the file still parses).
+    header_len = int.from_bytes(data[:8], "little")
+    start, _end = json.loads(data[8 : 8 + header_len])["vectors"]["data_offsets"]
+    flipped = bytearray(data)
+    flipped[8 + header_len + start + 5] ^= 0x01
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(ReleaseIntegrityError, match="digest mismatch"):
+        load_release(tmp_path / "flipped.safetensors")
+
+    # The report claims a stronger guarantee than the manifest the noise was drawn for.
+    report = json.loads(metadata["report"])
+    stronger = json.dumps({**report, "epsilon": 0.5}, sort_keys=True)
+    edited = _rewrite(good, tmp_path / "report.safetensors", redigest=False, report=stronger)
+    with pytest.raises(ReleaseIntegrityError, match="digest mismatch"):
+        load_release(edited)
+    # ... even with the digest recomputed over the edit, the report must match the manifest.
+    forged = _rewrite(good, tmp_path / "forged.safetensors", redigest=True, report=stronger)
+    with pytest.raises(
+        ReleaseIntegrityError, match=r"epsilon=0\.5 differs from the manifest's 2\.0"
+    ):
+        load_release(forged)
+
+    # The manifest is edited (its epsilon), the report left as it was.
+    manifest = json.loads(metadata["manifest"])
+    manifest["privacy"]["epsilon"] = 8.0
+    weaker = json.dumps(manifest, sort_keys=True)
+    with pytest.raises(ReleaseIntegrityError, match="digest mismatch"):
+        load_release(_rewrite(good, tmp_path / "m.safetensors", redigest=False, manifest=weaker))
+    with pytest.raises(ReleaseIntegrityError, match=r"report epsilon=2\.0 differs"):
+        load_release(_rewrite(good, tmp_path / "m2.safetensors", redigest=True, manifest=weaker))
+
+    # Replaced vectors with the old digest; and a file without any digest.
+    tensors, _ = _parts(good)
+    swapped = {**tensors, "vectors": tensors["vectors"] * 2.0}
+    with pytest.raises(ReleaseIntegrityError, match="digest mismatch"):
+        load_release(_rewrite(good, tmp_path / "v.safetensors", redigest=False, tensors=swapped))
+    save_file(
+        tensors,
+        str(tmp_path / "bare.safetensors"),
+        metadata={k: v for k, v in metadata.items() if k != "digest"},
+    )
+    with pytest.raises(ReleaseIntegrityError, match="no digest"):
+        load_release(tmp_path / "bare.safetensors")
+    assert load_release(good).release_id == "release-1"
+
+
+def test_an_inconsistent_release_is_never_written(tmp_path: Path, llama: LoadedModel) -> None:
+    release = make_test_release(llama)
+    bad = Release(
+        release_id=release.release_id,
+        manifest=release.manifest,
+        vectors=release.vectors,
+        counts=release.counts,
+        report={**release.report, "epsilon": 1.0},
+    )
+    with pytest.raises(ReleaseIntegrityError, match="epsilon"):
+        save_release(bad, tmp_path / "bad.safetensors")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_directions_with_contrast(llama: LoadedModel) -> None:

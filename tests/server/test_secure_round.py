@@ -12,13 +12,14 @@ import dataclasses
 import json
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import RecordDict
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from flwr.app import ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from fedsynth.client.contributor import ClientSettings, Contributor, refusal_reason
@@ -32,9 +33,12 @@ from fedsynth.protocol.contribution import (
 )
 from fedsynth.protocol.errors import (
     FedSynthError,
+    IdentityError,
+    KeyAuthenticationError,
     ProtocolError,
     StageOrderError,
     TooFewParticipantsError,
+    UnsafeThresholdError,
 )
 from fedsynth.protocol.features import (
     FeatureSpec,
@@ -42,8 +46,15 @@ from fedsynth.protocol.features import (
     class_unit_sums,
     extract_features,
 )
+from fedsynth.protocol.identity import HolderIdentity, Roster
 from fedsynth.protocol.manifest import TaskManifest
-from fedsynth.protocol.messages import Envelope, pack, vector_from_bytes, vector_to_bytes
+from fedsynth.protocol.messages import (
+    Envelope,
+    ints_field,
+    pack,
+    vector_from_bytes,
+    vector_to_bytes,
+)
 from fedsynth.protocol.models import LoadedModel, tiny_model
 from fedsynth.server.coordinator import PublicReference, TaskConfig, build_manifest
 from fedsynth.server.secure_round import Reply, RoundResult, run_secure_round
@@ -170,6 +181,8 @@ def make_nodes(
     budgets: bool = False,
 ) -> dict[int, Node]:
     nodes = {}
+    identities = {n: HolderIdentity.generate(f"holder-{i}") for i, n in enumerate(node_ids)}
+    roster = Roster({identity.name: identity.public_key for identity in identities.values()})
     for index, node_id in enumerate(node_ids):
         data = write_records(
             tmp_path / f"data-{index}.jsonl",
@@ -183,6 +196,8 @@ def make_nodes(
             batch_size=BATCH,
             policy=policy or ClientPolicy(allow_non_private=True),
             budget_path=tmp_path / f"budget-{index}.jsonl" if budgets else None,
+            identity=identities[node_id],
+            roster=roster,
         )
         model = (models or {}).get(node_id, tiny)
         contributor = Contributor(settings, node_id=node_id, model_loader=lambda model=model: model)
@@ -291,7 +306,7 @@ def assert_release_matches(
     plain = [plain_contribution(n, manifest, reference, model) for n in contributors]
     np.testing.assert_array_equal(result.field_sum, field_sum(plain, bits=manifest.bits))
     # ...which decodes to the pooled, non-federated means within the rounding error.
-    decoded = decode_release(result.field_sum, manifest=manifest)
+    decoded = decode_release(result.field_sum, manifest=manifest, survivors=len(result.survivors))
     vectors, counts = pooled_release(contributors, manifest, reference, model)
     np.testing.assert_array_equal(decoded.counts, counts)
     assert counts.min() >= 1
@@ -314,8 +329,8 @@ def test_round_equals_pooled_computation(
     transport = LocalTransport(nodes)
     stages: list[str] = []
     result = run_secure_round(transport, manifest, reference.means, progress=stages.append)
-    assert stages == ["setup", "share_keys", "masked_input", "unmask", "done"]
-    assert transport.stages == ["setup", "share_keys", "masked_input", "unmask"]
+    assert stages == ["setup", "share_keys", "masked_input", "consistency", "unmask", "done"]
+    assert transport.stages == ["setup", "share_keys", "masked_input", "consistency", "unmask"]
     assert set(transport.timeouts) == {manifest.deadline_s}
     assert result.survivors == sorted(node_ids)
     assert result.dropped == []
@@ -440,8 +455,8 @@ def test_client_with_another_model_refuses_at_setup(
     transport = LocalTransport(nodes)
     result = run_secure_round(transport, manifest, reference.means)
     assert set(result.refusals) == {99}
-    assert result.refusals[99].startswith("setup: ModelMismatchError")
-    assert "model_fingerprint" in result.refusals[99]
+    # The coordinator learns the refusal's category, not the holder's fingerprint or model.
+    assert result.refusals[99] == "setup: model"
     assert result.survivors == sorted(NODES_3)
     assert 99 not in transport.requests["share_keys"]
     assert_release_matches(result, [nodes[n] for n in NODES_3], manifest, reference, tiny)
@@ -453,7 +468,7 @@ def test_model_mismatch_below_threshold_aborts(
     manifest = make_manifest(tiny, reference, NODES_3)
     other = tiny_model(seed=1)
     nodes = make_nodes(tmp_path, tiny, NODES_3, models={NODES_3[0]: other, NODES_3[1]: other})
-    with pytest.raises(TooFewParticipantsError, match="ModelMismatchError"):
+    with pytest.raises(TooFewParticipantsError, match="setup: model"):
         run_secure_round(LocalTransport(nodes), manifest, reference.means)
 
 
@@ -465,7 +480,7 @@ def test_client_with_unknown_label_refuses(
     nodes = make_nodes(tmp_path, tiny, NODES_3, extra_labels={bad: "neutral"})
     result = run_secure_round(LocalTransport(nodes), manifest, reference.means)
     assert set(result.refusals) == {bad}
-    assert "UnknownLabelError" in result.refusals[bad]
+    assert result.refusals[bad] == "setup: data"
     # The coordinator learns that the data failed validation, not which label or line.
     assert "neutral" not in result.refusals[bad]
     assert "line" not in result.refusals[bad]
@@ -538,9 +553,9 @@ def test_budget_is_charged_once_and_enforced(
 
     second = make_manifest(tiny, reference, NODES_3, task_id="task-second", epsilon=4.0)
     fresh = {n: dataclasses.replace(node, state=RecordDict()) for n, node in nodes.items()}
-    with pytest.raises(TooFewParticipantsError, match="BudgetExceededError") as info:
+    with pytest.raises(TooFewParticipantsError, match="setup: budget") as info:
         run_secure_round(LocalTransport(fresh), second, reference.means)
-    assert "max_total_epsilon=6.0" in str(info.value)
+    assert "max_total_epsilon" not in str(info.value)  # the holder's spend stays local
     for node in nodes.values():
         assert ClientBudget(node.settings.budget_path).spent() == 4.0
 
@@ -554,7 +569,7 @@ def test_a_task_is_contributed_to_only_once(
     manifest = make_manifest(tiny, reference, NODES_3, task_id="task-once")
     run_secure_round(LocalTransport(nodes), manifest, reference.means)
     fresh = {n: dataclasses.replace(node, state=RecordDict()) for n, node in nodes.items()}
-    with pytest.raises(TooFewParticipantsError, match="already contributed"):
+    with pytest.raises(TooFewParticipantsError, match="setup: policy"):
         run_secure_round(LocalTransport(fresh), manifest, reference.means)
     for node in nodes.values():
         assert len(ClientBudget(node.settings.budget_path).entries()) == 1
@@ -597,17 +612,58 @@ def test_a_second_concurrent_session_of_a_task_is_refused(
     assert first.survivors == sorted(NODES_3)
     assert len(outcome) == 1
     assert isinstance(outcome[0], TooFewParticipantsError)
-    assert "already contributed" in str(outcome[0])
+    assert "masked_input: policy" in str(outcome[0])
     for node in nodes.values():
         assert len(ClientBudget(node.settings.budget_path).entries()) == 1
+
+
+def _flip(data: bytes, at: int = 10) -> bytes:
+    raw = bytearray(data)
+    raw[at] ^= 0x40
+    return bytes(raw)
+
+
+def _first(record: ConfigRecord, prefix: str) -> str:
+    return next(k for k in sorted(record) if k.startswith(prefix))
+
+
+# How a faulty client damages its reply, per stage (the key is the test id).
+DAMAGE: dict[str, tuple[str, Callable[[ConfigRecord], None]]] = {
+    "short-key": ("setup", lambda r: r.__setitem__("enc_pk", b"short")),
+    "low-order-key": ("setup", lambda r: r.__setitem__("mask_pk", bytes(32))),
+    "unsigned-key": ("setup", lambda r: r.__delitem__("signature")),
+    "bad-signature": ("setup", lambda r: r.__setitem__("signature", _flip(r["signature"]))),  # type: ignore[arg-type]
+    "bad-name": ("setup", lambda r: r.__setitem__("name", "no spaces allowed")),
+    "withheld-share": ("share_keys", lambda r: r.__delitem__(_first(r, "ct:"))),
+    "bad-recipient": ("share_keys", lambda r: r.__setitem__("ct:abc", b"x")),
+    "short-commitment": ("share_keys", lambda r: r.__setitem__(_first(r, "cm:"), b"c")),
+    "short-masked": ("masked_input", lambda r: r.__setitem__("masked", b"\x00" * 3)),
+    "bad-consistency-signature": (
+        "consistency",
+        lambda r: r.__setitem__("signature", _flip(r["signature"])),  # type: ignore[arg-type]
+    ),
+    "no-consistency-signature": ("consistency", lambda r: r.__delitem__("signature")),
+    "corrupt-share": (
+        "unmask",
+        lambda r: r.__setitem__(_first(r, "sh:"), _flip(r[_first(r, "sh:")])),
+    ),  # type: ignore[arg-type]
+    "bad-share-owner": ("unmask", lambda r: r.__setitem__("sh:x1", b"x")),
+}
 
 
 class _Corrupting(LocalTransport):
     """Damages one node's reply at one stage (a faulty, not merely absent, client)."""
 
-    def __init__(self, nodes: Mapping[int, Node], *, stage: str, node: int) -> None:
+    def __init__(
+        self,
+        nodes: Mapping[int, Node],
+        *,
+        stage: str,
+        node: int,
+        damage: Callable[[ConfigRecord], None],
+    ) -> None:
         super().__init__(nodes)
-        self.target_stage, self.target = stage, node
+        self.target_stage, self.target, self.damage = stage, node, damage
 
     def exchange(
         self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
@@ -615,27 +671,236 @@ class _Corrupting(LocalTransport):
         out = super().exchange(stage, requests, timeout=timeout)
         reply = out.get(self.target)
         if stage == self.target_stage and reply is not None and reply.content is not None:
-            record = reply.content.config_records["fedsynth"]
-            if stage == "setup":
-                record["enc_pk"] = b"short"
-            else:  # share_keys: withhold the share meant for one other participant
-                victim = next(k for k in record if k.startswith("ct:"))
-                del record[victim]
+            self.damage(reply.content.config_records["fedsynth"])
         return out
 
 
-@pytest.mark.parametrize("stage", ["setup", "share_keys"])
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
 def test_a_malformed_reply_counts_as_a_dropout_not_an_abort(
-    tmp_path: Path, tiny: LoadedModel, reference: PublicReference, stage: str
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference, kind: str
 ) -> None:
+    stage, damage = DAMAGE[kind]
     manifest = make_manifest(tiny, reference, NODES_5)
     faulty = NODES_5[1]
     nodes = make_nodes(tmp_path, tiny, NODES_5)
-    result = run_secure_round(
-        _Corrupting(nodes, stage=stage, node=faulty), manifest, reference.means
-    )
+    transport = _Corrupting(nodes, stage=stage, node=faulty, damage=damage)
+    result = run_secure_round(transport, manifest, reference.means)
     assert set(result.refusals) == {faulty}
     assert result.refusals[faulty].startswith(f"{stage}: ")
-    assert faulty not in result.survivors
-    survivors = [nodes[n] for n in NODES_5 if n != faulty]
+    late = stage in ("consistency", "unmask")
+    # Faulty before its masked input arrived: left out. After: its input is in the sum.
+    assert (faulty in result.survivors) == late
+    if stage == "consistency":  # not a signer: never asked to unmask
+        assert faulty not in transport.requests["unmask"]
+    survivors = [nodes[n] for n in result.survivors]
     assert_release_matches(result, survivors, manifest, reference, tiny)
+
+
+def test_a_corrupt_share_from_one_survivor_is_discarded(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_5)  # t = 3
+    nodes = make_nodes(tmp_path, tiny, NODES_5)
+    liar = min(NODES_5)  # its shares would be among the first t tried
+
+    def corrupt_all(record: ConfigRecord) -> None:
+        for key in [k for k in record if k.startswith("sh:")]:
+            record[key] = _flip(record[key])  # type: ignore[arg-type]
+
+    transport = _Corrupting(nodes, stage="unmask", node=liar, damage=corrupt_all)
+    result = run_secure_round(transport, manifest, reference.means)
+    assert result.survivors == sorted(NODES_5)
+    assert "fails its commitment" in result.refusals[liar]
+    assert_release_matches(result, list(nodes.values()), manifest, reference, tiny)
+
+
+class _SubstitutingCoordinator(LocalTransport):
+    """Replaces one peer's announced keys in the share_keys request to one victim."""
+
+    def __init__(self, nodes: Mapping[int, Node], *, victim: int, peer: int) -> None:
+        super().__init__(nodes)
+        self.victim, self.peer = victim, peer
+
+    def exchange(
+        self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
+    ) -> dict[int, Reply]:
+        if stage == "share_keys":
+            forged = _wire(requests[self.victim])
+            entry = list(forged.config_records["fedsynth"][f"pk:{self.peer}"])  # type: ignore[arg-type]
+            entry[0] = X25519PrivateKey.generate().public_key().public_bytes_raw()
+            forged.config_records["fedsynth"][f"pk:{self.peer}"] = entry
+            requests = {**requests, self.victim: forged}
+        return super().exchange(stage, requests, timeout=timeout)
+
+
+def test_a_substituted_key_is_refused_by_the_holder(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_5)
+    nodes = make_nodes(tmp_path, tiny, NODES_5)
+    victim, peer = NODES_5[0], NODES_5[2]
+    transport = _SubstitutingCoordinator(nodes, victim=victim, peer=peer)
+    result = run_secure_round(transport, manifest, reference.means)
+    # The victim shared nothing with the forged key: it refused and dropped out.
+    assert result.refusals == {victim: "share_keys: protocol"}
+    assert victim not in transport.replies["share_keys"]
+    assert victim not in result.survivors
+    # Locally, the holder names the substituted key.
+    with pytest.raises(KeyAuthenticationError, match=f"node {peer}"):
+        _replay_forged(transport, nodes[victim], manifest, reference)
+    assert_release_matches(result, [nodes[n] for n in result.survivors], manifest, reference, tiny)
+
+
+def _replay_forged(
+    transport: _SubstitutingCoordinator,
+    node: Node,
+    manifest: TaskManifest,
+    reference: PublicReference,
+) -> None:
+    """Set the node up afresh and hand it a forged key set, to see the holder's own error."""
+    state = RecordDict()
+    setup = pack(
+        Envelope(manifest.task_id, "setup"),
+        {"manifest": manifest.to_json(), "reference": vector_to_bytes(reference.means.reshape(-1))},
+    )
+    reply = node.contributor.handle("setup", _wire(setup), state)
+    fields = reply.config_records["fedsynth"]
+    own = [
+        fields["enc_pk"],
+        fields["mask_pk"],
+        fields["sign_pk"],
+        fields["signature"],
+        str(fields["name"]).encode(),
+    ]
+    request = _wire(transport.requests["share_keys"][transport.victim])
+    record = request.config_records["fedsynth"]
+    record[f"pk:{node.node_id}"] = own
+    entry = list(record[f"pk:{transport.peer}"])  # type: ignore[arg-type]
+    entry[0] = X25519PrivateKey.generate().public_key().public_bytes_raw()
+    record[f"pk:{transport.peer}"] = entry
+    node.contributor.handle("share_keys", request, state)
+
+
+class _SplittingCoordinator(LocalTransport):
+    """Tells half the survivors that the target survived and half that it dropped; then, as a
+    malicious coordinator would, asks every holder to unmask with all signatures it got."""
+
+    def __init__(self, nodes: Mapping[int, Node], *, target: int) -> None:
+        super().__init__(nodes)
+        self.target = target
+        self.revealed: dict[int, RecordDict] = {}
+        self.unmask_refusals: dict[int, str] = {}
+
+    def exchange(
+        self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
+    ) -> dict[int, Reply]:
+        if stage != "consistency":
+            return super().exchange(stage, requests, timeout=timeout)
+        survivors = sorted(requests)
+        without = [n for n in survivors if n != self.target]
+        # The target and the first survivor hear "it survived", the others "it dropped".
+        told = {n: (survivors if n in (survivors[0], self.target) else without) for n in survivors}
+        task = str(next(iter(requests.values())).config_records["fedsynth"]["task_id"])
+        split = {
+            n: pack(Envelope(task, "consistency"), {"survivors": ints_field(told[n])})
+            for n in survivors
+        }
+        out = super().exchange(stage, split, timeout=timeout)
+        signatures = {
+            n: r.content.config_records["fedsynth"]["signature"]
+            for n, r in out.items()
+            if r.content is not None
+        }
+        for n in survivors:
+            dropped = sorted(set(survivors) - set(told[n]))
+            request = pack(
+                Envelope(task, "unmask"),
+                {
+                    "survivors": ints_field(told[n]),
+                    "dropped": ints_field(dropped),
+                    **{f"sg:{s}": sig for s, sig in signatures.items()},
+                },
+            )
+            node = self.nodes[n]
+            try:
+                self.revealed[n] = node.contributor.handle("unmask", _wire(request), node.state)
+            except FedSynthError as exc:
+                self.unmask_refusals[n] = type(exc).__name__
+        return out
+
+
+def test_inconsistent_survivor_lists_abort_before_any_share_is_revealed(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    node_ids = (*NODES_3, 99)  # K = 4, t = 3: a 2 / 2 split gathers 2 signatures per list
+    manifest = make_manifest(tiny, reference, node_ids)
+    assert manifest.privacy.threshold == 3
+    nodes = make_nodes(tmp_path, tiny, node_ids)
+    transport = _SplittingCoordinator(nodes, target=max(node_ids))
+    with pytest.raises(TooFewParticipantsError, match="consistency"):
+        run_secure_round(transport, manifest, reference.means)
+    assert transport.revealed == {}
+    assert transport.unmask_refusals == dict.fromkeys(node_ids, "InconsistentSurvivorsError")
+    assert "unmask" not in transport.stages
+
+
+def test_a_holder_without_identity_or_roster_refuses_every_task(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_3)
+    nodes = make_nodes(tmp_path, tiny, NODES_3)
+    lone = NODES_3[0]
+    for missing in ("identity", "roster"):
+        settings = dataclasses.replace(nodes[lone].settings, **{missing: None})
+        contributor = Contributor(settings, node_id=lone, model_loader=lambda: tiny)
+        setup = pack(
+            Envelope(manifest.task_id, "setup"),
+            {
+                "manifest": manifest.to_json(),
+                "reference": vector_to_bytes(reference.means.reshape(-1)),
+            },
+        )
+        with pytest.raises(IdentityError, match=f"no {missing}.*identity-path and roster-path"):
+            contributor.handle("setup", _wire(setup), RecordDict())
+    stranger = dataclasses.replace(
+        nodes[lone].settings,
+        identity=HolderIdentity.generate(nodes[lone].settings.identity.name),  # type: ignore[union-attr]
+    )
+    with pytest.raises(IdentityError, match="not in the pinned roster"):
+        Contributor(stranger, node_id=lone, model_loader=lambda: tiny).handle(
+            "setup", _wire(setup), RecordDict()
+        )
+
+
+@pytest.mark.parametrize(
+    ("threshold", "colluders", "refused"),
+    [(2, 0, True), (3, 0, False), (3, 1, True), (4, 1, False)],
+)
+def test_holders_refuse_a_threshold_below_the_floor(
+    tmp_path: Path,
+    tiny: LoadedModel,
+    reference: PublicReference,
+    threshold: int,
+    colluders: int,
+    refused: bool,
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_5, threshold=threshold)
+    policy = ClientPolicy(allow_non_private=True, max_colluders=colluders)
+    nodes = make_nodes(tmp_path, tiny, NODES_5, policy=policy)
+    if refused:
+        with pytest.raises(TooFewParticipantsError, match="setup: policy") as info:
+            run_secure_round(LocalTransport(nodes), manifest, reference.means)
+        assert "share_keys" not in str(info.value)
+        node = nodes[NODES_5[0]]
+        setup = pack(
+            Envelope(manifest.task_id, "setup"),
+            {
+                "manifest": manifest.to_json(),
+                "reference": vector_to_bytes(reference.means.reshape(-1)),
+            },
+        )
+        with pytest.raises(UnsafeThresholdError, match=f"threshold t={threshold} with K=5"):
+            node.contributor.handle("setup", _wire(setup), RecordDict())
+    else:
+        result = run_secure_round(LocalTransport(nodes), manifest, reference.means)
+        assert result.survivors == sorted(NODES_5)

@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from fedsynth.protocol.errors import DataFileError
-from fedsynth.simulations.demo import PRESETS, demo_config, prepare_data, release_epsilons
+from fedsynth.protocol.errors import ConfigError, DataFileError
+from fedsynth.simulations.demo import (
+    PRESETS,
+    DemoConfig,
+    demo_config,
+    dropped_holders,
+    prepare_data,
+    release_epsilons,
+    removed_on_failure,
+)
 
 
 def _write(path: Path, rows: list[dict[str, str]]) -> Path:
@@ -81,3 +89,75 @@ def test_cli_refuses_bad_settings_before_compute(
     assert proc.returncode != 0
     assert needle in (proc.stdout + proc.stderr).lower()
     assert not (tmp_path / "synthetic.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"strength": -1.0}, "strength=-1.0"),
+        ({"strength": float("nan")}, "strength=nan"),
+        ({"synthetic_per_label": 0}, "synthetic_per_label"),
+        ({"private_per_label": 0}, "private_per_label=0"),
+        ({"epsilon": 0.0}, "epsilon=0.0"),
+        ({"delta": 1.0}, "delta=1.0"),
+        ({"mode": "trusted"}, "mode='trusted'"),
+        ({"threshold": 1}, "threshold t=1"),
+        ({"drop_clients": -1}, "drop=-1"),
+        ({"layers": ()}, "layers=()"),
+    ],
+)
+def test_demo_config_refuses_bad_settings(
+    tmp_path: Path, overrides: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        DemoConfig(out_dir=tmp_path, **overrides)  # type: ignore[arg-type]
+    assert needle in str(caught.value)
+
+
+def test_federation_checks_name_k_t_and_drop(tmp_path: Path) -> None:
+    DemoConfig(out_dir=tmp_path, clients=1)  # pooled baselines use one "holder"
+    with pytest.raises(ConfigError, match="clients K=1"):
+        DemoConfig(out_dir=tmp_path, clients=1).check_federation()
+    with pytest.raises(ConfigError, match="threshold t=4"):
+        DemoConfig(out_dir=tmp_path, clients=3, threshold=4).check_federation()
+    with pytest.raises(ConfigError, match="drop=2 leaves 1 holders, below the threshold t=2"):
+        DemoConfig(out_dir=tmp_path, clients=3, drop_clients=2).check_federation()
+    DemoConfig(out_dir=tmp_path, clients=3, drop_clients=1).check_federation()
+    assert dropped_holders(DemoConfig(out_dir=tmp_path, clients=5, drop_clients=2)) == (3, 4)
+
+
+@pytest.mark.parametrize(
+    ("labels", "needle"),
+    [
+        ({"a": 30}, "at least 2"),
+        ({"a": 30, "b": 1}, "label 'b' has 0 held-out records"),
+    ],
+)
+def test_data_checks_run_before_any_holder_file_is_written(
+    tmp_path: Path, labels: dict[str, int], needle: str
+) -> None:
+    rows = [{"text": f"t {k} {i}", "label": k} for k, n in labels.items() for i in range(n)]
+    config = demo_config(
+        "quick", out_dir=tmp_path / "out", data_path=_write(tmp_path / "d.jsonl", rows)
+    )
+    with pytest.raises(DataFileError) as caught:
+        prepare_data(config)
+    assert needle in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_partitions_are_removed_when_the_run_fails(tmp_path: Path) -> None:
+    rows = [{"text": f"t {i}", "label": "ab"[i % 2]} for i in range(40)]
+    config = demo_config(
+        "quick", out_dir=tmp_path / "out", data_path=_write(tmp_path / "d.jsonl", rows)
+    )
+    data = prepare_data(config)
+    files = sorted(data.partition_dir.glob("partition-*.jsonl"))
+    assert len(files) == 3
+    with pytest.raises(RuntimeError, match="federation failed"), removed_on_failure(data):
+        raise RuntimeError("federation failed")
+    assert not list(data.partition_dir.glob("partition-*.jsonl"))
+    kept = prepare_data(config)
+    with removed_on_failure(kept):
+        pass
+    assert len(list(kept.partition_dir.glob("partition-*.jsonl"))) == 3
