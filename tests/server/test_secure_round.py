@@ -50,12 +50,14 @@ from fedsynth.protocol.identity import HolderIdentity, Roster
 from fedsynth.protocol.manifest import TaskManifest
 from fedsynth.protocol.messages import (
     Envelope,
+    blobs_from_fields,
     ints_field,
     pack,
     vector_from_bytes,
     vector_to_bytes,
 )
 from fedsynth.protocol.models import LoadedModel, tiny_model
+from fedsynth.protocol.secagg.crypto import combine_secret, prg, prg_nonce, sub_inplace
 from fedsynth.server.coordinator import PublicReference, TaskConfig, build_manifest
 from fedsynth.server.secure_round import Reply, RoundResult, run_secure_round
 
@@ -441,6 +443,46 @@ def test_coordinator_only_sees_masked_vectors(
     np.testing.assert_array_equal(result.field_sum, field_sum(plain.values(), bits=64))
     # The masks do not cancel without the unmask stage.
     assert not np.array_equal(field_sum(masked.values(), bits=64), result.field_sum)
+
+
+def test_the_coordinators_whole_view_still_hides_each_contribution(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    """After unmask the coordinator holds each survivor's masked vector and, from the revealed
+    shares, its self-mask seed; what is left after removing the self mask is still hidden by the
+    pairwise masks, which cancel only in the sum over all survivors."""
+    manifest = make_manifest(tiny, reference, NODES_3)
+    nodes = make_nodes(tmp_path, tiny, NODES_3)
+    transport = LocalTransport(nodes)
+    result = run_secure_round(transport, manifest, reference.means)
+    config = manifest.secagg_config()
+    nonce = prg_nonce(config.session_id)
+    revealed = [
+        blobs_from_fields("sh:", reply.config_records["fedsynth"])
+        for reply in transport.replies["unmask"].values()
+    ]
+    assert len(revealed) >= config.threshold
+    residues, plains = [], []
+    for node in result.survivors:
+        fields = transport.replies["masked_input"][node].config_records["fedsynth"]
+        residue = vector_from_bytes(fields["masked"], dtype="uint64", length=manifest.dim)
+        seed = combine_secret(
+            [shares[node] for shares in revealed][: config.threshold],
+            owner=node,
+            what="self-mask seed",
+        )
+        sub_inplace(residue, prg(seed, nonce=nonce, dim=config.dim, bits=config.bits), config.bits)
+        plain = plain_contribution(nodes[node], manifest, reference, tiny)
+        # Not one coordinate of the contribution shows, and the residue looks uniform.
+        assert not np.any(residue == plain)
+        top_bits = (residue >> np.uint64(config.bits - 1)).astype(np.float64)
+        assert abs(top_bits.mean() - 0.5) < 6 * 0.5 / math.sqrt(top_bits.size)
+        residues.append(residue)
+        plains.append(plain)
+    # The self masks were removed exactly: the pairwise masks cancel in the full sum.
+    np.testing.assert_array_equal(
+        field_sum(residues, bits=config.bits), field_sum(plains, bits=config.bits)
+    )
 
 
 def test_client_with_another_model_refuses_at_setup(
