@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import RecordDict
+from manifests import TEMPLATE, make_manifest
 
 from fedsynth.client.budget import ClientBudget, pe_task_terms
 from fedsynth.client.contributor import Contributor
@@ -28,51 +29,13 @@ from fedsynth.protocol.errors import (
     PolicyViolationError,
     StageOrderError,
 )
-from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.identity import simulated_member, write_simulated_consortium
-from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, array_sha256
 from fedsynth.protocol.messages import Envelope, pack, vector_to_bytes
 from fedsynth.protocol.pe_manifest import PERoundManifest
 from fedsynth.server.pe_coordinator import PEConfig, build_round_manifest
 
-TEMPLATE = PromptTemplate(instruction="{label}: ", label_names=(("a", "A"), ("b", "B")))
-FINGERPRINT = "sha256:" + "cd" * 32
 PE_LABELS = ("sport", "cooking")
 PE_NODES = (11, 12, 13)
-
-
-def make_manifest(task_id: str = "task-1", **privacy_overrides: Any) -> TaskManifest:
-    fields: dict[str, Any] = {
-        "epsilon": 4.0,
-        "delta": 1e-6,
-        "mode": "distributed",
-        "threshold": 2,
-        "total_variance": 100.0,
-        "noise_multiplier": 1.0,
-        "l2_sensitivity": 1.0,
-        "l1_sensitivity": 1.0,
-        "accountant": "rdp",
-    }
-    fields.update(privacy_overrides)
-    if math.isinf(fields["epsilon"]):
-        fields["total_variance"] = 0.0
-    return TaskManifest(
-        task_id=task_id,
-        model_name="tiny",
-        model_fingerprint=FINGERPRINT,
-        hidden_size=4,
-        template=TEMPLATE,
-        layers=(0,),
-        max_text_tokens=8,
-        clip_norms=(1.0,),
-        residual_norms=(1.0,),
-        count_weight=0.5,
-        scale=100.0,
-        bits=48,
-        node_ids=(1, 2, 3),
-        privacy=PrivacySpec(**fields),
-        reference_sha256=array_sha256(np.zeros((2, 1, 4), dtype=np.float32)),
-    )
 
 
 def write_records(path: Path, n: int = 6) -> Path:
