@@ -178,3 +178,34 @@ def test_numbers_parse_strictly() -> None:
     for bad in ("four", True, None):
         with pytest.raises(ConfigError, match="max-epsilon"):
             parse_float("max-epsilon", bad)
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "1", None])
+def test_policy_refuses_a_colluder_count_that_is_not_a_whole_number(value: object) -> None:
+    # A negative count would let the secure-sum threshold fall below a strict majority.
+    with pytest.raises(ConfigError, match=r"max_colluders=.*must be an int >= 0"):
+        ClientPolicy(max_colluders=value)  # type: ignore[arg-type]
+
+
+def test_policy_accepts_the_edges_of_its_own_settings() -> None:
+    ClientPolicy(max_colluders=0)
+    ClientPolicy(max_colluders=2)
+    ClientPolicy(max_epsilon_per_task=0.5, max_total_epsilon=0.5)
+    ClientPolicy(min_threshold=2)
+
+
+def test_delta_is_checked_against_one_over_this_holders_record_count() -> None:
+    policy = ClientPolicy(max_delta=0.9)
+    policy.check(make_manifest(delta=0.5), spent=0.0, n_records=1)  # 0.5 < 1/1
+    with pytest.raises(PolicyViolationError, match=r"1/n=1/2"):
+        policy.check(make_manifest(delta=0.5), spent=0.0, n_records=2)
+
+
+def test_policy_refusal_messages_state_the_rule() -> None:
+    with pytest.raises(ConfigError, match=r"^max_total_epsilon must be >= max_epsilon_per_task$"):
+        ClientPolicy(max_epsilon_per_task=8.0, max_total_epsilon=4.0)
+    with pytest.raises(PolicyViolationError, match=r"^epsilon=inf \(non-private release\) is"):
+        ClientPolicy().check(make_manifest(epsilon=math.inf), spent=0.0, n_records=10)
+    policy = ClientPolicy(max_epsilon_per_task=4.0, max_total_epsilon=10.0)
+    with pytest.raises(BudgetExceededError, match=r"bring the total to 10\.5 > .*spent 6\.5"):
+        policy.check(make_manifest(epsilon=4.0), spent=6.5, n_records=100)

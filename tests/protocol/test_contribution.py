@@ -408,3 +408,62 @@ def test_decode_needs_a_valid_survivor_count(survivors: int) -> None:
         decode_release(
             np.zeros(manifest.dim, dtype=np.uint64), manifest=manifest, survivors=survivors
         )
+
+
+def _edge_manifest() -> tuple[TaskManifest, int]:
+    """Two clients, both surviving, with every limit of the honest range an integer."""
+    manifest, _ = build_manifest(
+        hidden=16, total_variance=400.0, threshold=2, max_records=10, node_ids=(11, 22)
+    )
+    return manifest, 2
+
+
+def test_decode_range_edges_decode_and_one_unit_beyond_is_refused() -> None:
+    """The honest range is exact: a wider range (more margin, more records) would let a
+    malformed input through, a narrower one would discard honest releases."""
+    manifest, survivors = _edge_manifest()
+    std = math.sqrt(manifest.privacy.total_variance / manifest.privacy.threshold * survivors)
+    records = survivors * manifest.max_records
+    root_h = math.sqrt(manifest.hidden_size)
+    margin = 40.0 * std + 1.0
+    count_upper = records * (manifest.count_weight * manifest.scale + 1.0) + margin
+    norm_upper = records * (manifest.scale + root_h) + (root_h + 40.0) * std + 1.0
+    assert record_l2_bound(manifest) > manifest.scale + root_h  # the per-layer bound applies
+    assert all(float(x).is_integer() for x in (margin, count_upper, norm_upper))
+    row = manifest.row_dim
+    for c in range(len(manifest.labels)):
+        count = (c + 1) * row - 1
+        layer_1 = c * row + manifest.hidden_size  # first coordinate of the second layer
+        for inside in ({count: -margin}, {count: count_upper}, {layer_1: norm_upper}):
+            decode_release(_sum_with(manifest, inside), manifest=manifest, survivors=survivors)
+        for beyond in (
+            {count: -margin - 1},
+            {count: count_upper + 1},
+            {layer_1: norm_upper + 1},
+            {layer_1: -norm_upper - 1},
+        ):
+            with pytest.raises(FieldRangeError, match=repr(manifest.labels[c])) as caught:
+                decode_release(_sum_with(manifest, beyond), manifest=manifest, survivors=survivors)
+            if count in beyond:  # the message states the honest range, never the value
+                assert f"[{-margin:.6g}, {count_upper:.6g}]" in str(caught.value)
+
+
+def test_encode_refuses_a_value_at_the_field_limit_of_its_share() -> None:
+    """Each of K clients may use less than 2^(bits-1)/K in absolute value: then no sum of K
+    contributions wraps around the field."""
+    manifest, _ = build_manifest(
+        bits=16, max_records=10, mode="central", total_variance=1.0, node_ids=(11, 22)
+    )
+    assert client_noise_share_variance(manifest) == 0.0  # central: the value is encoded as is
+    limit = 2 ** (manifest.bits - 1) // len(manifest.node_ids)
+    rng = np.random.default_rng(12)
+    for value in (limit - 1, -(limit - 1)):
+        sums = np.zeros((len(manifest.labels), manifest.row_dim), dtype=np.int64)
+        sums[1, 3] = value
+        encoded = encode_contribution(sums, manifest=manifest, rng=rng)
+        np.testing.assert_array_equal(from_field(encoded, bits=manifest.bits), sums.reshape(-1))
+    for value in (limit, -limit):
+        sums = np.zeros((len(manifest.labels), manifest.row_dim), dtype=np.int64)
+        sums[1, 3] = value
+        with pytest.raises(FieldRangeError, match="bits=16"):
+            encode_contribution(sums, manifest=manifest, rng=rng)

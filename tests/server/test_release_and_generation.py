@@ -22,6 +22,7 @@ from fedsynth.protocol.errors import (
 )
 from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, array_sha256
+from fedsynth.protocol.mechanisms import trust_statement
 from fedsynth.protocol.models import LoadedModel, decoder_layers, tiny_model
 from fedsynth.server.generation import (
     GenerationConfig,
@@ -614,3 +615,63 @@ def test_release_samples_per_label(llama: LoadedModel) -> None:
                 llama, release, n_per_label=1, strength=-1.0, config=config, seed=0
             )
         )
+
+
+def test_privacy_report_restates_the_manifests_terms(llama: LoadedModel) -> None:
+    """Every privacy term in the report is the manifest's, not a default or another field."""
+    for mode in ("distributed", "local", "central"):
+        manifest = make_manifest(llama, mode=mode)
+        result = RoundResult(np.zeros(1, dtype=np.uint64), survivors=[1, 3], dropped=[2, 4])
+        report = privacy_report(manifest, result, model_name="m")
+        p = manifest.privacy
+        assert report["trust_mode"] == mode
+        assert report["trust"] == trust_statement(mode)
+        assert (report["epsilon"], report["delta"]) == (p.epsilon, p.delta)
+        assert (report["adjacency"], report["accountant"]) == (p.adjacency, p.accountant)
+        assert report["noise"]["noise_multiplier"] == p.noise_multiplier
+        assert report["noise"]["aggregate_variance_target_scaled"] == p.total_variance
+        assert report["noise"]["l2_sensitivity_scaled"] == p.l2_sensitivity
+        assert report["noise"]["l1_sensitivity_scaled"] == p.l1_sensitivity
+        assert report["noise"]["scale"] == manifest.scale
+        assert report["noise"]["count_weight"] == manifest.count_weight
+        assert report["noise"]["field_bits"] == manifest.bits
+        actual = {"distributed": p.total_variance * 2 / p.threshold, "local": p.total_variance * 2}
+        assert report["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(
+            actual.get(mode, p.total_variance)
+        )
+        assert report["model_fingerprint"] == manifest.model_fingerprint
+        assert report["layers"] == list(manifest.layers)
+        assert report["clip_norms"] == list(manifest.clip_norms)
+        assert report["labels"] == list(manifest.labels)
+        assert report["dropped_clients"] == ["2", "4"]
+
+
+@pytest.mark.parametrize("key", ["task_id", "epsilon", "delta", "trust_mode", "model_fingerprint"])
+def test_a_report_without_a_privacy_term_is_refused(
+    tmp_path: Path, llama: LoadedModel, key: str
+) -> None:
+    good = save_release(make_test_release(llama), tmp_path / "good.safetensors")
+    _, metadata = _parts(good)
+    report = json.loads(metadata["report"])
+    del report[key]
+    stripped = _rewrite(
+        good, tmp_path / "stripped.safetensors", redigest=True, report=json.dumps(report)
+    )
+    with pytest.raises(ReleaseIntegrityError, match=f"report {key}=None differs"):
+        load_release(stripped)
+
+
+@pytest.mark.parametrize(
+    ("report_json", "error", "message"),
+    [
+        ("{not json", ConfigError, "bad manifest or report JSON"),
+        ("[1, 2]", ReleaseIntegrityError, "not a JSON object"),
+    ],
+)
+def test_a_digested_but_malformed_report_is_refused(
+    tmp_path: Path, llama: LoadedModel, report_json: str, error: type[Exception], message: str
+) -> None:
+    good = save_release(make_test_release(llama), tmp_path / "good.safetensors")
+    bad = _rewrite(good, tmp_path / "bad.safetensors", redigest=True, report=report_json)
+    with pytest.raises(error, match=message):
+        load_release(bad)
