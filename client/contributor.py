@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import RecordDict
@@ -31,8 +31,10 @@ from fedsynth.protocol.messages import (
     vector_from_bytes,
     vector_to_bytes,
 )
-from fedsynth.protocol.models import LoadedModel, load_model
 from fedsynth.protocol.verification import verify_manifest
+
+if TYPE_CHECKING:  # torch loads with the model, not when a key-exchange stage starts
+    from fedsynth.protocol.models import LoadedModel
 
 log = logging.getLogger(__name__)
 STATE_KEY = "fedsynth.client"
@@ -87,9 +89,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         model_loader: Callable[[], LoadedModel] | None = None,
     ) -> None:
         super().__init__(settings, node_id=node_id)
-        self._model_loader = model_loader or (
-            lambda: load_model(settings.model, device=settings.device)
-        )
+        self._model_loader = model_loader or (lambda: _load_model(settings.model, settings.device))
 
     def accept(self, fields: dict[str, Any], state: RecordDict) -> tuple[TaskManifest, bytes]:
         """Check the manifest, reference, data, policy, budget and model before any key."""
@@ -165,3 +165,10 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         return vector_from_bytes(data, dtype="float32", length=n_ref, name=name).reshape(
             len(manifest.labels), len(manifest.layers), manifest.hidden_size
         )
+
+
+def _load_model(name: str, device: str | None) -> LoadedModel:
+    """Load the holder's model (imports torch and transformers on first use)."""
+    from fedsynth.protocol.models import load_model
+
+    return load_model(name, device=device)

@@ -1,7 +1,7 @@
 """Flower ClientApp of a data holder: routes protocol stages to the Contributor.
 
 Settings come from a factory argument (in-process simulation) or from the node config
-(``flower-supernode --node-config "data-path=... budget-path=... model=..."``); the run
+(``flower-supernode --node-config "data-path=... budget-path=... policy-path=..."``); the run
 config (the coordinator's) may name the model, never a privacy term. A refusing node replies
 with its refusal's category only (policy, budget, model, data, protocol); the details go to
 its own log.
@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from fedsynth.client.contributor import ClientSettings, Contributor, refusal_reason
 from fedsynth.client.participant import SecureSumParticipant
 from fedsynth.client.pe_voter import PEVoter
-from fedsynth.client.policy import ClientPolicy, parse_bool, parse_float
+from fedsynth.client.policy_file import attach_log_file, node_policy
 from fedsynth.client.settings import load_credentials
 from fedsynth.protocol.errors import (
     BudgetStoreError,
@@ -30,7 +30,6 @@ from fedsynth.protocol.errors import (
     RefusalCategory,
     category_of,
 )
-from fedsynth.protocol.models import cache_root
 
 log = logging.getLogger(__name__)
 ACTION = "dataset_vector"
@@ -69,12 +68,18 @@ def settings_from_context(
     if "data-path" in node:
         data_path = Path(str(node["data-path"]))
     else:
+        from fedsynth.protocol.models import cache_root  # imports torch: only on this path
+
         data_dir = Path(str(run.get("data-dir") or cache_root() / "flwr-run" / "clients"))
         pid = int(node.get("partition-id", 0))
         data_path = data_dir / f"partition-{pid}.jsonl"
         budget_path = budget_path or data_dir / f"budget-{pid}.sqlite"
-    if node.get("budget-path"):
-        budget_path = Path(str(node["budget-path"]))
+    # The holder's terms: its POLICY.toml (policy-path) or the inline keys; never the run's.
+    local_policy = node_policy(node)
+    if local_policy.budget_path is not None:
+        budget_path = local_policy.budget_path
+    if local_policy.log_file is not None:
+        attach_log_file(local_policy.log_file)
     # Signing identity and pinned roster: identity-path and roster-path in the node config, or
     # a simulated consortium's files beside the partitions; without them every task is refused.
     identity, roster = load_credentials(
@@ -88,10 +93,7 @@ def settings_from_context(
         label_field=str(node.get("label-field", "label")),
         model=str(node.get("model", run.get("model", "gemma3-270m"))),
         embedder=str(node.get("embedder", run.get("embedder", "all-minilm-l6-v2"))),
-        policy=ClientPolicy(
-            max_epsilon_per_task=parse_float("max-epsilon", node.get("max-epsilon", 8.0)),
-            allow_non_private=parse_bool("allow-non-private", node.get("allow-non-private", False)),
-        ),
+        policy=local_policy.policy,
         budget_path=budget_path,
         identity=identity,
         roster=roster,

@@ -47,6 +47,11 @@ class PolicySubject(Protocol):
         """Fingerprint of the model the client must run (generator or embedder)."""
         ...
 
+    @property
+    def node_ids(self) -> tuple[int, ...]:
+        """The task's participants (K of them)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ClientPolicy:
@@ -62,6 +67,8 @@ class ClientPolicy:
         allow_non_private: Whether epsilon = inf tasks (no noise) are accepted.
         max_colluders: Holders this holder assumes may collude with the coordinator; the
             secure sum's threshold must satisfy 2t - K > max_colluders (0: a strict majority).
+        min_holders: Fewest participants K a task may have (a sum over few holders reveals
+            more about each one's data to the others).
     """
 
     max_epsilon_per_task: float = 8.0
@@ -72,6 +79,7 @@ class ClientPolicy:
     allowed_fingerprints: tuple[str, ...] = ()
     allow_non_private: bool = False
     max_colluders: int = 0
+    min_holders: int = 2
 
     def __post_init__(self) -> None:
         if not isinstance(self.allow_non_private, bool):
@@ -90,6 +98,12 @@ class ClientPolicy:
             or self.max_colluders < 0
         ):
             raise ConfigError(f"max_colluders={self.max_colluders!r}: must be an int >= 0")
+        if (
+            isinstance(self.min_holders, bool)
+            or not isinstance(self.min_holders, int)
+            or self.min_holders < 2
+        ):
+            raise ConfigError(f"min_holders={self.min_holders!r}: must be an int >= 2")
 
     def check(self, manifest: PolicySubject, *, spent: float, n_records: int | None) -> None:
         """Refuse a manifest outside this policy, with a reason an operator can read."""
@@ -116,6 +130,10 @@ class ClientPolicy:
         if p.threshold < self.min_threshold:
             raise PolicyViolationError(
                 f"threshold t={p.threshold} is below min_threshold={self.min_threshold}"
+            )
+        if len(manifest.node_ids) < self.min_holders:
+            raise PolicyViolationError(
+                f"K={len(manifest.node_ids)} participants is below min_holders={self.min_holders}"
             )
         if (
             self.allowed_fingerprints

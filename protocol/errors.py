@@ -149,3 +149,43 @@ class InconsistentSurvivorsError(ProtocolError):
 
 class UnsafeThresholdError(PolicyViolationError):
     """A threshold t below the floor the secure sum's guarantee needs for K and the colluders."""
+
+
+class ShareError(ProtocolError):
+    """A Shamir share is malformed or carries a zero, repeated or out-of-range index."""
+
+
+class TooFewSharesError(ShareError, TooFewParticipantsError):
+    """Fewer shares than the threshold t are at hand; nothing is reconstructed."""
+
+
+class TaskFileError(ConfigError):
+    """A coordinator's task file is malformed, incomplete, unsafe or names something private."""
+
+
+class LedgerError(FedSynthError):
+    """The coordinator's release ledger is unreadable, not a fedsynth ledger, or refuses a row."""
+
+
+class DuplicateReleaseError(LedgerError):
+    """A release id is already in the ledger: recording it again would charge it twice."""
+
+
+class CertificateError(ConfigError):
+    """A TLS certificate or key is expired, not yet valid, not signed by the CA, or mismatched."""
+
+
+class DeploymentError(FedSynthError):
+    """A Flower process did not start or stopped, or registering a holder's node key failed."""
+
+
+class UnknownReleaseError(ConfigError):
+    """A request names a release the coordinator's store does not hold as a valid file."""
+
+
+class AuthenticationError(FedSynthError):
+    """A request carries no bearer token or one the service does not know."""
+
+
+class RateLimitError(FedSynthError):
+    """A consumer's token has used up its request or sample allowance for now."""

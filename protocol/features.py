@@ -15,13 +15,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fedsynth.protocol.errors import ConfigError, ShapeError
-from fedsynth.protocol.models import LoadedModel, decoder_layers
+
+if TYPE_CHECKING:  # torch and the model loader only where features are computed: the manifest,
+    # policy and budget code import this module for its templates, and a ClientApp process that
+    # answers a key-exchange stage must not pay for importing torch.
+    import torch
+
+    from fedsynth.protocol.models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,6 @@ def encode_example(
     return prefix_ids + text_ids, len(prefix_ids)
 
 
-@torch.inference_mode()
 def extract_features(
     loaded: LoadedModel,
     texts: Sequence[str],
@@ -142,6 +146,24 @@ def extract_features(
         features: (n, L, H) float32, the per-example feature.
         token_norms: (n, L) float32, the mean per-token residual norm (for steering scale).
     """
+    import torch
+
+    with torch.inference_mode():
+        return _extract_features(loaded, texts, labels, spec, progress=progress)
+
+
+def _extract_features(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    spec: FeatureSpec,
+    *,
+    progress: Callable[[int], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    from fedsynth.protocol.models import decoder_layers
+
     if len(texts) != len(labels):
         raise ShapeError(f"texts ({len(texts)}) and labels ({len(labels)}) differ in length")
     blocks = decoder_layers(loaded.model)

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from fedsynth.protocol.accounting import validate_epsilon_delta
 from fedsynth.protocol.codec import validate_bits
 from fedsynth.protocol.errors import ConfigError, ShapeError
 from fedsynth.protocol.features import FeatureSpec, PromptTemplate
@@ -57,6 +56,9 @@ class PrivacySpec:
     adjacency: str = ADJACENCY
 
     def __post_init__(self) -> None:
+        # The accountant (dp-accounting, scipy) loads on first use, not on import.
+        from fedsynth.protocol.accounting import validate_epsilon_delta
+
         validate_epsilon_delta(epsilon=self.epsilon, delta=self.delta)
         try:
             TrustMode(self.mode)

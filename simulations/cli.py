@@ -27,7 +27,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fedsynth.client.node_cli import node_app
 from fedsynth.protocol.errors import FedSynthError
+from fedsynth.server.coordinator_cli import coordinator_app
+from fedsynth.server.synthesis_client import pull_command, synthesis_app
+from fedsynth.server.task_cli import ledger_command, task_app
 
 app = typer.Typer(
     add_completion=False,
@@ -35,8 +39,33 @@ app = typer.Typer(
     help="fedsynth: federated, differentially private synthetic text.",
     # A traceback's local variables hold private records, models and keys: never print them.
     pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
+
+
+def _print_version(value: bool) -> None:
+    """``--version``: the installed fedsynth version, then exit."""
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"fedsynth {version('fedsynth')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the fedsynth version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """fedsynth: federated, differentially private synthetic text."""
 
 
 def _fail(message: str) -> NoReturn:
@@ -539,6 +568,17 @@ def inspect(release: Annotated[Path, typer.Argument(help="Release file.")]) -> N
     with _errors_at_the_edge():
         rel = load_release(release)
     console.print_json(json.dumps(rel.report))
+
+
+# The deployment commands live with the role that runs them: the coordinator operator's
+# (coordinator, task, ledger, synthesis) in fedsynth.server, the data holder's (node) in
+# fedsynth.client; none of them imports the simulations.
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(node_app, name="node")
+app.add_typer(task_app, name="task")
+app.command("ledger")(ledger_command)
+app.add_typer(synthesis_app, name="synthesis")
+app.command("pull")(pull_command)
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,6 @@ import numpy as np
 from fedsynth.client.contributor import ClientSettings
 from fedsynth.client.data import Record, load_records
 from fedsynth.client.policy import ClientPolicy
-from fedsynth.protocol.contribution import decode_release
 from fedsynth.protocol.errors import ConfigError, DataFileError, TooFewParticipantsError
 from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.identity import write_simulated_consortium
@@ -39,15 +37,16 @@ from fedsynth.protocol.secagg import Stage
 from fedsynth.server.coordinator import (
     PublicReference,
     TaskConfig,
-    build_manifest,
     compute_public_reference,
     epsilon_label,
 )
+from fedsynth.server.flower_app import make_server_app
 from fedsynth.server.generation import GenerationConfig
-from fedsynth.server.ledger import PrivacyLedger
-from fedsynth.server.release import Release, make_release, save_release
-from fedsynth.server.secure_round import Transport, default_threshold, run_secure_round
+from fedsynth.server.ledger import PrivacyLedger, ledger_path
+from fedsynth.server.release import Release
+from fedsynth.server.secure_round import Transport, default_threshold
 from fedsynth.server.synthesize import SyntheticSample, generate_from_release
+from fedsynth.server.task_runner import run_vector_release
 from fedsynth.simulations.datasets import (
     json_line,
     load_corpus,
@@ -366,21 +365,33 @@ def make_coordinator_job(
     *,
     report: Reporter | None = None,
 ) -> Callable[[Transport, tuple[int, ...], Any], None]:
-    """The coordinator's half of the demo: one secure round per release, saved with the ledger."""
-    ledger = PrivacyLedger(config.out_dir / "ledger.jsonl")
+    """The coordinator's half of the demo: one secure round per release, saved with the ledger.
+
+    Each release is the production coordinator's :func:`run_vector_release` (the same
+    manifest, round, decoding and ledger transaction); the demo only chooses the epsilons and
+    skips the non-private ceiling when the holders refuse it.
+    """
+    ledger = PrivacyLedger(ledger_path(config.out_dir))
 
     def job(transport: Transport, nodes: tuple[int, ...], _context: Any) -> None:
         for epsilon in release_epsilons(config):
             name = f"release-eps{epsilon_label(epsilon)}"
-            manifest = build_manifest(task_config(config, epsilon), loaded, reference, nodes)
-            ledger.check(epsilon)
 
             def on_stage(stage: str, name: str = name) -> None:
                 if report is not None and stage in ROUND_STAGES:
                     report(f"{name}: {stage}", ROUND_STAGES.index(stage), len(ROUND_STAGES) - 1)
 
             try:
-                result = run_secure_round(transport, manifest, reference.means, progress=on_stage)
+                _, row = run_vector_release(
+                    transport,
+                    nodes,
+                    task_config(config, epsilon),
+                    loaded,
+                    reference,
+                    ledger=ledger,
+                    path=config.out_dir / f"{name}.safetensors",
+                    progress=on_stage,
+                )
             except TooFewParticipantsError as exc:
                 if math.isfinite(epsilon) or math.isinf(config.epsilon):
                     raise
@@ -388,15 +399,7 @@ def make_coordinator_job(
                 # policy); refused, it is skipped and the private release stands alone.
                 log.warning("%s not made: the holders refused it (%s)", name, exc)
                 continue
-            # Central-mode noise: always from the OS's secure randomness, never a public seed.
-            rng = np.random.default_rng(secrets.randbits(128))
-            decoded = decode_release(
-                result.field_sum, manifest=manifest, survivors=len(result.survivors), rng=rng
-            )
-            release = make_release(manifest, decoded, result, model_name=loaded.name)
-            path = save_release(release, config.out_dir / f"{name}.safetensors")
-            ledger.record(release.report, release_path=path)
-            outcome.releases[epsilon_label(epsilon)] = path
+            outcome.releases[epsilon_label(epsilon)] = Path(row["release"])
 
     return job
 
@@ -503,7 +506,6 @@ def run_job_in_simulation(
     from flwr.simulation import run_simulation
 
     from fedsynth.client.flower_app import make_client_app
-    from fedsynth.server.flower_app import make_server_app
 
     config.check_federation()
     settings = ClientSettings(
@@ -772,3 +774,14 @@ def _pe_job_from_run_config(
         log.info("fedsynth PE demo finished; outputs in %s", config.out_dir)
 
     return job
+
+
+def _demo_server_job(transport: Transport, nodes: tuple[int, ...], context: Any) -> None:
+    """The demo's coordinator for ``flwr run``, configured by the run config's demo keys."""
+    coordinator_job_from_run_config(context.run_config)(transport, nodes, context)
+
+
+server_app = make_server_app(_demo_server_job)
+"""The demo's own ServerApp (``fedsynth.simulations.demo:server_app``): the coordinator half of
+the demo (data split, releases, evaluation) for ``flwr run``; production tasks use
+``fedsynth.server.flower_app:app`` with a task file."""

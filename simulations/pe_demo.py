@@ -31,7 +31,7 @@ from fedsynth.protocol.errors import ConfigError, FedSynthError
 from fedsynth.protocol.models import LoadedModel, load_model
 from fedsynth.protocol.pe import Embedder, Population
 from fedsynth.server.coordinator import compute_public_reference, epsilon_label
-from fedsynth.server.ledger import PrivacyLedger
+from fedsynth.server.ledger import PrivacyLedger, ledger_path
 from fedsynth.server.pe_coordinator import PEConfig, PEResult, RoundEvent, run_pe
 from fedsynth.server.pe_text import TextRandomAPI, TextVariationAPI, VariationConfig
 from fedsynth.server.secure_round import Transport
@@ -170,7 +170,7 @@ def make_pe_job(
     config.check_federation()
     embedder = load_embedder(pe.embedder)
     evaluator = RoundEvaluator(embedder, data)
-    ledger = PrivacyLedger(config.out_dir / "ledger.jsonl")
+    ledger = PrivacyLedger(ledger_path(config.out_dir))
 
     def job(transport: Transport, nodes: tuple[int, ...], context: Any) -> None:
         deltas_by_label = None

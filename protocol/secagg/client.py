@@ -56,7 +56,7 @@ from fedsynth.protocol.secagg.crypto import (
     prg_nonce,
     share_commitment,
     signature_is_valid,
-    split_secret,
+    split_secrets,
     sub_inplace,
     survivors_message,
 )
@@ -275,8 +275,10 @@ class SecAggClient:
         enc_sk, mask_sk, b_seed = self._secrets()
         cfg = self._config
         order = sorted(u1)
-        b_shares = split_secret(b_seed, cfg.threshold, len(order))
-        sk_shares = split_secret(mask_sk.private_bytes_raw(), cfg.threshold, len(order))
+        # One pass over both secrets: b_shares[i] and sk_shares[i] go to order[i] (index i + 1).
+        b_shares, sk_shares = split_secrets(
+            [b_seed, mask_sk.private_bytes_raw()], cfg.threshold, len(order)
+        )
         ciphertexts: dict[int, bytes] = {}
         commitments: dict[int, bytes] = {}
         for position, node in enumerate(order):

@@ -1,17 +1,19 @@
 """Cryptographic pieces of the secure sum, as pure functions on bytes and arrays.
 
 Every primitive comes from a library: X25519, Ed25519, HKDF-SHA256, ChaCha20 and AES-GCM from
-``cryptography``; Shamir sharing over GF(2^128) from Flower
-(``flwr.common.secure_aggregation.crypto.shamir``, backed by PyCryptodome); SHA-256 from
-``hashlib``. This module only fixes the encodings: which bytes are derived, encrypted, signed or
-committed to, each under its own domain tag, and each bound to the session.
+``cryptography``; SHA-256 from ``hashlib``; Shamir sharing over GF(2^383 - 31) from
+:mod:`fedsynth.protocol.secagg.shamir` (textbook polynomial evaluation and Lagrange
+interpolation with Python's integers and the ``secrets`` CSPRNG, batched over secrets). This
+module only fixes the encodings: which bytes are derived, encrypted, signed or committed to,
+each under its own domain tag, and each bound to the session.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final, cast
 
 import numpy as np
@@ -22,10 +24,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 
 from fedsynth.protocol import codec
-from fedsynth.protocol.errors import ProtocolError
+from fedsynth.protocol.errors import ProtocolError, ShareError, TooFewSharesError
+from fedsynth.protocol.secagg import shamir
 from fedsynth.protocol.secagg.stages import (
     COMMITMENT_BYTES,
     KEY_BYTES,
@@ -36,6 +38,9 @@ from fedsynth.protocol.secagg.stages import (
 
 CHECK_BYTES: Final = 15
 """Bytes of the integrity check appended to every shared secret."""
+
+PACKED_BYTES: Final = KEY_BYTES + CHECK_BYTES
+"""Bytes of a packed secret (secret and integrity check): 376 bits, one field element."""
 
 GCM_NONCE_BYTES: Final = 12
 """AES-GCM nonce length; the nonce is prepended to every share ciphertext."""
@@ -139,11 +144,21 @@ def prg_nonce(session_id: str) -> bytes:
     return bytes(4) + digest[:12]
 
 
+@functools.lru_cache(maxsize=2)
+def _zeros(length: int) -> bytes:
+    """A shared all-zero plaintext for the key stream (one per vector length in use)."""
+    return bytes(length)
+
+
 def prg(key: bytes, *, nonce: bytes, dim: int, bits: int) -> npt.NDArray[np.uint64]:
     """Expand a 32-byte key into ``dim`` uniform field elements with ChaCha20."""
     encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
-    stream = encryptor.update(bytes(8 * dim)) + encryptor.finalize()
-    words = np.frombuffer(stream, dtype="<u8").astype(np.uint64)
+    stream = bytearray(8 * dim)  # written in place and viewed by numpy: no copy of the stream
+    encryptor.update_into(_zeros(8 * dim), stream)
+    encryptor.finalize()
+    words = np.frombuffer(stream, dtype="<u8")
+    if words.dtype != np.uint64:  # only on a big-endian machine
+        words = words.astype(np.uint64)
     if bits < codec.MAX_BITS:
         np.bitwise_and(words, np.uint64((1 << bits) - 1), out=words)
     return words
@@ -197,43 +212,123 @@ def _pack_secret(secret: bytes) -> bytes:
     return secret + hashlib.sha256(_CHECK_TAG + secret).digest()[:CHECK_BYTES]
 
 
+def split_secrets(secret_list: Sequence[bytes], threshold: int, num: int) -> list[list[bytes]]:
+    """Shamir-split several 32-byte secrets (each with integrity check) in one pass.
+
+    Each secret is packed with its check, read as one big-endian element of GF(2^383 - 31) and
+    shared with a fresh random polynomial of degree t - 1 (:func:`shamir.split`).
+
+    Args:
+        secret_list: The 32-byte secrets of one owner.
+        threshold: t.
+        num: K; share ``i`` (0-based) goes to the node with Shamir index ``i + 1``.
+
+    Returns:
+        ``shares[j][i]``: the encoded share of secret ``j`` for index ``i + 1``.
+
+    Raises:
+        ProtocolError: If a secret is not 32 bytes, or t, K are out of range.
+    """
+    values: list[int] = []
+    for position, secret in enumerate(secret_list):
+        if not isinstance(secret, bytes) or len(secret) != KEY_BYTES:
+            raise ProtocolError(f"secret [{position}] to share must be {KEY_BYTES} bytes")
+        values.append(int.from_bytes(_pack_secret(secret), "big"))
+    rows = shamir.split(values, threshold=threshold, num=num)  # rows[i][j]
+    return [
+        [shamir.encode_share(i + 1, row[j]) for i, row in enumerate(rows)]
+        for j in range(len(values))
+    ]
+
+
 def split_secret(secret: bytes, threshold: int, num: int) -> list[bytes]:
-    """Shamir-split a 32-byte secret (with integrity check) into ``num`` shares."""
-    shares = create_shares(_pack_secret(secret), threshold, num)
-    return [bytes(share) for share in shares]
+    """Shamir-split one 32-byte secret (with integrity check) into ``num`` shares."""
+    return split_secrets([secret], threshold, num)[0]
 
 
-def combine_secret(shares: list[bytes], *, owner: int, what: str) -> bytes:
-    """Reconstruct a 32-byte secret and verify its integrity check (ProtocolError on failure)."""
-    try:
-        packed = combine_shares(shares)
-    except Exception as exc:  # any failure inside Flower/PyCryptodome means corrupt shares
-        raise ProtocolError(
-            f"reconstruction of {what} of node {owner} failed ({type(exc).__name__}); "
-            "at least one share is corrupt"
-        ) from None
-    if len(packed) != KEY_BYTES + CHECK_BYTES:
-        raise ProtocolError(
-            f"reconstruction of {what} of node {owner} gave {len(packed)} bytes, expected "
-            f"{KEY_BYTES + CHECK_BYTES}; at least one share is corrupt"
+def _unpack_secret(value: int, *, owner: int, what: str) -> bytes:
+    """The 32-byte secret inside a reconstructed field element, after its integrity check."""
+    if value >> (8 * PACKED_BYTES):
+        raise ShareError(
+            f"reconstruction of {what} of node {owner} is not a packed {PACKED_BYTES}-byte "
+            "secret; at least one share is corrupt"
         )
+    packed = value.to_bytes(PACKED_BYTES, "big")
     secret, check = packed[:KEY_BYTES], packed[KEY_BYTES:]
     expected = hashlib.sha256(_CHECK_TAG + secret).digest()[:CHECK_BYTES]
     if not hmac.compare_digest(check, expected):
-        raise ProtocolError(
+        raise ShareError(
             f"reconstruction of {what} of node {owner} failed its integrity check; "
             "at least one share is corrupt"
         )
     return secret
 
 
+def combine_secrets(
+    shares: Mapping[int, Sequence[bytes]],
+    *,
+    threshold: int,
+    what: Mapping[int, str],
+    num: int | None = None,
+) -> dict[int, bytes]:
+    """Reconstruct many owners' 32-byte secrets, each from its first t shares, in one batch.
+
+    Owners whose first t shares carry the same Shamir indices share one set of Lagrange
+    coefficients (:func:`shamir.reconstruct`); every result must pass its integrity check.
+
+    Args:
+        shares: ``{owner: [encoded share, ...]}`` with at least t shares per owner.
+        threshold: t.
+        what: ``{owner: name of the secret}`` for error messages (e.g. ``"mask key"``).
+        num: Largest valid Shamir index (K); None allows any up to ``shamir.MAX_SHARES``.
+
+    Returns:
+        ``{owner: secret}``.
+
+    Raises:
+        TooFewSharesError: If an owner has fewer than t shares.
+        ShareError: If a share is malformed, indices repeat, or a reconstruction fails its
+            integrity check (the shares are inconsistent).
+    """
+    for owner, owned in shares.items():
+        if len(owned) < threshold:
+            raise TooFewSharesError(
+                f"{what.get(owner, 'secret')} of node {owner} has {len(owned)} shares, "
+                f"threshold t={threshold}"
+            )
+    decoded = {
+        owner: [shamir.decode_share(share, field=f"share of node {owner}") for share in owned]
+        for owner, owned in shares.items()
+    }
+    values = shamir.reconstruct(decoded, threshold=threshold, num=num)
+    return {
+        owner: _unpack_secret(value, owner=owner, what=what.get(owner, "secret"))
+        for owner, value in values.items()
+    }
+
+
+def combine_secret(shares: Sequence[bytes], *, owner: int, what: str) -> bytes:
+    """Reconstruct one 32-byte secret from all given shares and verify its integrity check.
+
+    Every given share is used, so give exactly t (more consistent shares give the same
+    secret).
+
+    Raises:
+        ProtocolError: (a :class:`ShareError`) if a share is malformed or the integrity check
+            fails.
+    """
+    return combine_secrets(
+        {owner: list(shares)}, threshold=max(len(shares), 1), what={owner: what}
+    )[owner]
+
+
 def share_index(share: bytes) -> int:
     """Return the 1-based Shamir index stored in the first 4 bytes (little-endian) of a share."""
-    return int.from_bytes(share[:4], "little", signed=False)
+    return int.from_bytes(share[: shamir.INDEX_BYTES], "little", signed=False)
 
 
 def check_share(share: object, *, expected_index: int, field: str) -> bytes:
-    """Check a share's type, length and index; return it as bytes."""
+    """Check a share's type, length, index and value range; return it as bytes."""
     if not isinstance(share, bytes):
         raise ProtocolError(f"{field} must be bytes, got {type(share).__name__}")
     if len(share) != SHARE_BYTES:
@@ -241,6 +336,7 @@ def check_share(share: object, *, expected_index: int, field: str) -> bytes:
     index = share_index(share)
     if index != expected_index:
         raise ProtocolError(f"{field} carries Shamir index {index}, expected {expected_index}")
+    shamir.decode_share(share, field=field)
     return share
 
 

@@ -33,7 +33,7 @@ from fedsynth.protocol.secagg.crypto import (
     check_commitment,
     check_node_id,
     check_share,
-    combine_secret,
+    combine_secrets,
     is_int,
     pairwise_mask,
     prg,
@@ -46,6 +46,7 @@ from fedsynth.protocol.secagg.crypto import (
 from fedsynth.protocol.secagg.stages import COMMITMENT_BYTES, Stage, check_stage
 
 _MAX_REASON: Final = 300
+_WORD_BITS: Final = codec.MAX_BITS
 
 
 def _node_sort_key(node: object) -> int:
@@ -424,16 +425,27 @@ class SecAggServer:
                 "shares were discarded"
             )
 
+        # One batch for every survivor's seed and every dropped node's mask key, each from its
+        # first t valid shares: owners whose shares came from the same t survivors share one
+        # set of Lagrange coefficients. Every share matched its commitment, and the integrity
+        # check inside every secret is a second guard.
+        what = {owner: "self-mask seed" for owner in self._survivors}
+        what.update({owner: "mask key" for owner in self._dropped})
+        recovered = combine_secrets(
+            {owner: good[owner][: cfg.threshold] for owner in what},
+            threshold=cfg.threshold,
+            what=what,
+            num=len(self._u1),
+        )
+        # Masks are expanded to full 64-bit words: each add/sub below reduces mod 2^bits, and
+        # 2^bits divides 2^64, so reducing the mask first would only repeat that work.
         nonce = prg_nonce(cfg.session_id)
         total = np.array(self._sum, dtype=np.uint64, copy=True)
         for owner in self._survivors:
-            # Exactly t shares (the PyCryptodome-documented usage, O(t^2)); each matched its
-            # commitment, and the integrity check inside the secret is a second guard.
-            seed = combine_secret(good[owner][: cfg.threshold], owner=owner, what="self-mask seed")
-            sub_inplace(total, prg(seed, nonce=nonce, dim=cfg.dim, bits=cfg.bits), cfg.bits)
+            seed = recovered[owner]
+            sub_inplace(total, prg(seed, nonce=nonce, dim=cfg.dim, bits=_WORD_BITS), cfg.bits)
         for owner in self._dropped:
-            raw_sk = combine_secret(good[owner][: cfg.threshold], owner=owner, what="mask key")
-            mask_sk = X25519PrivateKey.from_private_bytes(raw_sk)
+            mask_sk = X25519PrivateKey.from_private_bytes(recovered[owner])
             if mask_sk.public_key().public_bytes_raw() != self._u1[owner].mask_pk:
                 raise ProtocolError(
                     f"reconstructed mask key of node {owner} does not match its public key"
@@ -446,7 +458,7 @@ class SecAggServer:
                     node=owner,
                     peer=survivor,
                     dim=cfg.dim,
-                    bits=cfg.bits,
+                    bits=_WORD_BITS,
                 )
                 # The survivor added +mask if owner > survivor and -mask otherwise.
                 if owner > survivor:

@@ -93,10 +93,10 @@ MAX_NODE_ID: Final = 2**64 - 1
 MAX_SESSION_ID_BYTES: Final = 1024
 """Longest accepted session id, in UTF-8 bytes."""
 
-# A shared secret is ``secret32 || SHA-256(tag || secret32)[:15]`` = 47 bytes, which Flower pads
-# to 48 bytes = 3 chunks of 16; every share is a 4-byte index plus 3 * 16 bytes.
+# A shared secret is ``secret32 || SHA-256(tag || secret32)[:15]`` = 47 bytes, one element of
+# GF(2^383 - 31); every share is a 4-byte little-endian index plus one 48-byte field element.
 SHARE_BYTES: Final = 4 + 48
-"""Length of one Shamir share as produced by Flower's ``create_shares`` for our secrets."""
+"""Length of one Shamir share (:mod:`fedsynth.protocol.secagg.shamir`) of one secret."""
 
 
 def min_safe_threshold(k: int, colluders: int = 0) -> int:

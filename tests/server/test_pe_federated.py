@@ -297,7 +297,7 @@ def test_pe_with_noise_beats_round_zero(tmp_path: Path, embedder: HashingEmbedde
 def test_restart_resumes_without_spending_twice(tmp_path: Path, embedder: HashingEmbedder) -> None:
     nodes = make_voters(tmp_path, embedder=embedder)
     ckpt = tmp_path / "ckpt"
-    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
     kwargs = {
         "random_api": WordRandomAPI(),
         "variation_api": WordVariationAPI(),
@@ -415,7 +415,7 @@ def test_epsilon_too_small_is_refused_before_round_one(
     tmp_path: Path, embedder: HashingEmbedder
 ) -> None:
     nodes = make_voters(tmp_path, embedder=embedder)
-    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
     config = pe_config(
         epsilon=0.5, rounds=10, per_label=200, keep=100, declared_records_per_label=2000
     )

@@ -31,7 +31,7 @@ from fedsynth.server.generation import (
     steering,
     steering_deltas,
 )
-from fedsynth.server.ledger import PrivacyLedger
+from fedsynth.server.ledger import PrivacyLedger, file_digest
 from fedsynth.server.release import (
     RELEASE_FORMAT,
     Release,
@@ -344,47 +344,26 @@ def test_directions_with_contrast(llama: LoadedModel) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _report(task_id: str, epsilon: float | str) -> dict[str, object]:
-    return {
-        "task_id": task_id,
-        "epsilon": epsilon,
-        "delta": 1e-5,
-        "trust_mode": "distributed",
-        "survivors": 3,
-    }
-
-
-def test_ledger_records_spends_and_checks(tmp_path: Path) -> None:
-    path = tmp_path / "ledger" / "ledger.jsonl"
-    ledger = PrivacyLedger(path, max_total_epsilon=5.0)
-    assert ledger.rows() == []
-    assert ledger.spent() == 0.0
-    ledger.check(5.0)
-    ledger.record(_report("a", 2.0), release_path=tmp_path / "a.safetensors")
-    ledger.record(_report("b", "inf"), release_path=tmp_path / "b.safetensors")
-    ledger.record(_report("c", 1.5), release_path=tmp_path / "c.safetensors")
-    reopened = PrivacyLedger(path, max_total_epsilon=5.0)
-    assert [r["task_id"] for r in reopened.rows()] == ["a", "b", "c"]
-    assert reopened.rows()[0]["release"] == str(tmp_path / "a.safetensors")
-    assert reopened.spent() == 3.5
-    reopened.check(1.5)
-    reopened.check(math.inf)  # non-private runs are recorded but not budgeted
-    with pytest.raises(BudgetExceededError, match=r"max_total_epsilon=5\.0"):
-        reopened.check(1.6)
-
-
-def test_ledger_ignores_a_torn_last_line_and_keeps_counting(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.jsonl"
-    ledger = PrivacyLedger(path)
-    ledger.record(_report("a", 2.0), release_path=tmp_path / "a")
-    with path.open("a") as handle:
-        handle.write('{"task_id": "torn", "epsilon": "9')  # a crash mid-write
-    assert [r["task_id"] for r in ledger.rows()] == ["a"]
+def test_a_published_release_is_the_file_its_ledger_row_names(
+    tmp_path: Path, llama: LoadedModel
+) -> None:
+    release = make_test_release(llama, epsilon=2.0)
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite", max_total_epsilon=5.0)
+    path = tmp_path / "store" / "release-1.safetensors"
+    row = ledger.publish(release.report, path=path, write=lambda p: save_release(release, p))
+    assert load_release(path).release_id == row["task_id"] == "release-1"
+    assert row["epsilon"] == "2.0" and row["survivors"] == 3
+    assert row["refusals"] == {"protocol": 1}  # "masked_input: gone" is not a category
+    assert row["digest"] == file_digest(path)
+    assert not path.with_name(path.name + ".tmp").exists()
     assert ledger.spent() == 2.0
-    # The next release after the crash must still be counted.
-    ledger.record(_report("b", 1.0), release_path=tmp_path / "b")
-    assert [r["task_id"] for r in ledger.rows()] == ["a", "b"]
-    assert ledger.spent() == 3.0
+    with pytest.raises(BudgetExceededError, match=r"max_total_epsilon=5\.0"):
+        ledger.check(3.5)
+    # A file altered after publication no longer matches its row.
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert file_digest(path) != row["digest"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from fedsynth.protocol.contribution import DecodedRelease
 from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, array_sha256
 from fedsynth.protocol.models import LoadedModel, tiny_model
+from fedsynth.server.ledger import PrivacyLedger, ledger_path
 from fedsynth.server.release import make_release, save_release
 from fedsynth.server.secure_round import RoundResult
 from fedsynth.simulations.cli import app
@@ -72,7 +73,11 @@ def _nothing_spent(out: Path) -> None:
     if not out.exists():
         return
     assert not list(out.rglob("*.safetensors")), "a release was written"
-    assert not (out / "ledger.jsonl").exists(), "the coordinator's ledger was charged"
+    ledger = ledger_path(out)
+    charged = ledger.exists() and PrivacyLedger(ledger).rows() != []
+    assert not charged and not (out / "ledger.jsonl").exists(), (
+        "the coordinator's ledger was charged"
+    )
     assert not list(out.rglob("budget*")), "a holder's budget was charged"
     assert not list(out.rglob("partition-*.jsonl")), "a private holder file was left behind"
 

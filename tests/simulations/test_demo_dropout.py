@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsynth.protocol.messages import Envelope, pack
+from fedsynth.server.ledger import PrivacyLedger
 from fedsynth.server.release import load_release
 from fedsynth.simulations.demo import simulated_dropouts, with_simulated_dropouts
 
@@ -109,5 +110,4 @@ def test_demo_drop_one_holder_names_it_in_the_report(tmp_path: Path) -> None:
     assert release.report["dropped_clients"] == report["dropped_clients"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dropped_holders"] == ["holder-2"]
-    ledger = (out / "ledger.jsonl").read_text().splitlines()
-    assert len(ledger) == 1
+    assert len(PrivacyLedger(out / "ledger.sqlite").rows()) == 1

@@ -1,0 +1,794 @@
+"""The Synthesis gRPC service: consumers list releases, read privacy reports, stream samples.
+
+Everything served is post-processing of differentially private releases: generating costs no
+privacy and nothing here reads or writes the privacy ledger. What the service does protect is
+the coordinator itself: TLS and a bearer token on every call (``insecure=True`` is an explicit,
+logged choice), a small request-size limit, a per-request sample limit, a per-token rate limit,
+and back-pressure: samples are generated in small batches only as the stream is read, so a slow
+or stalled reader holds at most one batch on the server, and a cancelled stream stops generating.
+
+Layout: pure pieces (request validation, the token bucket, label splitting, status mapping) are
+plain functions and small classes tested directly; the store, the servicer and :func:`serve` are
+the I/O edge. Methods are registered with raw-bytes handlers and parsed here, so a malformed
+request gets INVALID_ARGUMENT naming the message instead of gRPC's generic INTERNAL.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import NoReturn, TypeVar
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import DecodeError, Message
+from safetensors import safe_open
+
+from fedsynth.protocol.errors import (
+    AuthenticationError,
+    CertificateError,
+    ConfigError,
+    FedSynthError,
+    RateLimitError,
+    UnknownReleaseError,
+)
+from fedsynth.protocol.models import LoadedModel
+from fedsynth.protocol.wire import synthesis_pb2 as pb
+from fedsynth.server.generation import GenerationConfig
+from fedsynth.server.release import Release, load_release
+from fedsynth.server.synthesis_client import read_token_file, token_id
+from fedsynth.server.synthesize import iter_release_samples
+
+logger = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Synthesis"]
+DEFAULT_MAX_SAMPLES = 10_000  # per Generate request
+DEFAULT_MAX_REQUEST_BYTES = 4096  # every request message is a few ids and numbers
+DEFAULT_STRENGTH = 0.03  # the CLI's and the task file's default steering strength
+DEFAULT_MAX_STRENGTH = 1.0  # a delta as large as the residual itself: beyond that, noise
+DEFAULT_BATCH_SIZE = 8  # samples generated per model call: the most a slow reader keeps waiting
+MAX_ID_CHARS = 256  # release ids and labels are short names
+TRUST_MODES = {
+    "distributed": pb.TRUST_MODE_DISTRIBUTED,
+    "central": pb.TRUST_MODE_CENTRAL,
+    "local": pb.TRUST_MODE_LOCAL,
+}
+
+
+@dataclass(frozen=True)
+class SynthesisLimits:
+    """What one consumer may ask of the service; every limit is enforced per request or token."""
+
+    max_samples: int = DEFAULT_MAX_SAMPLES
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_strength: float = DEFAULT_MAX_STRENGTH
+    default_strength: float = DEFAULT_STRENGTH
+    request_burst: int = 60  # requests a token may make at once ...
+    requests_per_second: float = 2.0  # ... and refilled at this rate
+    sample_burst: int = 50_000  # samples a token may request at once (>= max_samples) ...
+    samples_per_second: float = 500.0  # ... and refilled at this rate
+    max_concurrent_rpcs: int = 64  # beyond this, gRPC answers RESOURCE_EXHAUSTED
+
+    def __post_init__(self) -> None:
+        for name in ("max_samples", "max_request_bytes", "request_burst", "max_concurrent_rpcs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("requests_per_second", "samples_per_second", "max_strength"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}={value}: must be a finite number > 0")
+        if not 0 <= self.default_strength <= self.max_strength:
+            raise ConfigError(
+                f"default_strength={self.default_strength}: must be in [0, "
+                f"max_strength={self.max_strength}]"
+            )
+        if self.sample_burst < self.max_samples:
+            raise ConfigError(
+                f"sample_burst={self.sample_burst}: must be >= max_samples={self.max_samples}, "
+                "or a request of max_samples could never be served"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """A validated Generate request."""
+
+    release_id: str
+    n: int
+    labels: tuple[str, ...]  # the labels to generate, in order (all of the release's if none named)
+    seed: int
+    strength: float
+
+
+def _shown(value: str) -> str:
+    """A request string as it may appear in an error: quoted, at most 64 characters."""
+    return repr(value if len(value) <= 64 else value[:61] + "...")
+
+
+def validate_generate_request(
+    request: pb.GenerateRequest,
+    *,
+    release_labels: Mapping[str, Sequence[str]],
+    limits: SynthesisLimits,
+) -> GenerateParams:
+    """Check a Generate request against the releases on offer and the limits.
+
+    Args:
+        request: the parsed request.
+        release_labels: release id -> its labels, for every release the service offers.
+        limits: the service's limits.
+
+    Raises:
+        UnknownReleaseError: the release id is not on offer (gRPC NOT_FOUND).
+        ConfigError: a field is empty, too long or out of range; the message names the field,
+            the value and the limit (gRPC INVALID_ARGUMENT).
+    """
+    release_id = request.release_id
+    if not release_id:
+        raise ConfigError("release_id: empty; name one of the releases ListReleases returns")
+    if len(release_id) > MAX_ID_CHARS:
+        raise ConfigError(f"release_id: {len(release_id)} characters, the limit is {MAX_ID_CHARS}")
+    if release_id not in release_labels:
+        raise UnknownReleaseError(f"release_id={_shown(release_id)}: no such release on offer")
+    if not 1 <= request.n <= limits.max_samples:
+        raise ConfigError(f"n={request.n}: must be in [1, max_samples={limits.max_samples}]")
+    labels = tuple(release_labels[release_id])
+    if request.label:
+        if request.label not in labels:
+            raise ConfigError(
+                f"label={_shown(request.label)}: not a label of release {_shown(release_id)} "
+                f"(labels: {', '.join(labels)})"
+            )
+        labels = (request.label,)
+    strength = limits.default_strength
+    if request.HasField("strength"):
+        strength = request.strength
+        if not (math.isfinite(strength) and 0 <= strength <= limits.max_strength):
+            raise ConfigError(
+                f"strength={strength}: must be in [0, max_strength={limits.max_strength}]"
+            )
+    return GenerateParams(
+        release_id=release_id, n=request.n, labels=labels, seed=request.seed, strength=strength
+    )
+
+
+def split_counts(n: int, parts: int) -> list[int]:
+    """``n`` split into ``parts`` shares as even as possible, the larger shares first."""
+    if parts < 1:
+        raise ConfigError(f"parts={parts}: must be >= 1")
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def label_seed(seed: int, label: str) -> int:
+    """A 32-bit generation seed for one label of a request: distinct labels, distinct streams."""
+    digest = hashlib.sha256(f"fedsynth.synthesis.seed:{seed}:{label}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+class TokenBucket:
+    """``capacity`` tokens, refilled continuously at ``rate`` per second (not thread-safe)."""
+
+    def __init__(self, capacity: float, rate: float, now: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self._level = capacity
+        self._updated = now
+
+    def _refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self._updated)
+        self._level = min(self.capacity, self._level + elapsed * self.rate)
+        self._updated = now
+
+    def available(self, now: float) -> float:
+        """Tokens available at ``now``."""
+        self._refill(now)
+        return self._level
+
+    def wait_for(self, amount: float, now: float) -> float:
+        """Seconds until ``amount`` tokens are available (0.0: available now); takes nothing."""
+        self._refill(now)
+        return max(0.0, (amount - self._level) / self.rate)
+
+    def take(self, amount: float, now: float) -> None:
+        """Remove ``amount`` tokens; the caller checked :meth:`wait_for` first."""
+        self._refill(now)
+        self._level -= amount
+
+
+class RateLimiter:
+    """Per-token request and sample allowances (two token buckets per consumer token)."""
+
+    def __init__(self, limits: SynthesisLimits, clock: Callable[[], float] = time.monotonic):
+        self._limits = limits
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
+
+    def _pair(self, who: str, now: float) -> tuple[TokenBucket, TokenBucket]:
+        pair = self._buckets.get(who)
+        if pair is None:
+            limits = self._limits
+            pair = (
+                TokenBucket(limits.request_burst, limits.requests_per_second, now),
+                TokenBucket(limits.sample_burst, limits.samples_per_second, now),
+            )
+            self._buckets[who] = pair
+        return pair
+
+    def take_request(self, who: str) -> None:
+        """Charge one request to token ``who`` (every request, valid or not, counts).
+
+        Raises:
+            RateLimitError: naming the allowance and when to retry.
+        """
+        with self._lock:
+            now = self._clock()
+            requests = self._pair(who, now)[0]
+            wait = requests.wait_for(1, now)
+            if wait > 0:
+                raise RateLimitError(
+                    f"requests: token {who} used its allowance ({self._limits.request_burst} at "
+                    f"once, {self._limits.requests_per_second}/s); retry in {wait:.1f} s"
+                )
+            requests.take(1, now)
+
+    def take_samples(self, who: str, samples: int) -> None:
+        """Charge ``samples`` samples to token ``who``: the whole n, when a stream is accepted.
+
+        Raises:
+            RateLimitError: naming what was asked, what is left and when to retry.
+        """
+        with self._lock:
+            now = self._clock()
+            bucket = self._pair(who, now)[1]
+            wait = bucket.wait_for(samples, now)
+            if wait > 0:
+                raise RateLimitError(
+                    f"samples: n={samples} asked, {int(bucket.available(now))} left for token "
+                    f"{who} ({self._limits.samples_per_second}/s); retry in {wait:.1f} s"
+                )
+            bucket.take(samples, now)
+
+
+def status_code_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status a refused request gets."""
+    if isinstance(exc, AuthenticationError):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(exc, RateLimitError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, UnknownReleaseError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, ConfigError | DecodeError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def check_bearer(metadata: Sequence[tuple[str, str | bytes]], tokens: Sequence[str]) -> str:
+    """The id of the token in ``authorization: Bearer <token>``; compared in constant time.
+
+    Every known token is compared (no early exit), so timing does not tell which one is close.
+
+    Raises:
+        AuthenticationError: no authorization header, not a bearer token, or an unknown token.
+    """
+    values = [v for k, v in metadata if k.lower() == "authorization"]
+    if len(values) != 1:
+        raise AuthenticationError(
+            f"authorization: {len(values)} headers, expected one 'Bearer <token>'"
+        )
+    value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
+    scheme, _, presented = value.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise AuthenticationError("authorization: expected 'Bearer <token>'")
+    candidate = presented.strip().encode()
+    match = None
+    for token in tokens:
+        if hmac.compare_digest(candidate, token.encode()):
+            match = token
+    if match is None:
+        raise AuthenticationError("authorization: the bearer token is not valid for this service")
+    return token_id(match)
+
+
+# ---------------------------------------------------------------------------------------------
+# The release store
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredRelease:
+    """A verified release file the service can generate from."""
+
+    release: Release
+    path: Path
+    digest: str
+    published_ns: int  # the file's modification time: when save_release renamed it into place
+
+    def info(self) -> pb.ReleaseInfo:
+        """The release as ListReleases shows it."""
+        manifest = self.release.manifest
+        created = pb.ReleaseInfo().created
+        created.FromNanoseconds(self.published_ns)
+        return pb.ReleaseInfo(
+            release_id=self.release.release_id,
+            created=created,
+            method=pb.METHOD_VECTOR,  # release files hold per-label steering vectors
+            epsilon=manifest.privacy.epsilon,
+            delta=manifest.privacy.delta,
+            trust_mode=TRUST_MODES.get(manifest.privacy.mode, pb.TRUST_MODE_UNSPECIFIED),
+            labels=list(self.release.labels),
+            digest=self.digest,
+            model_name=manifest.model_name,
+            model_fingerprint=manifest.model_fingerprint,
+        )
+
+
+class ReleaseStore:
+    """The coordinator's release directory: verified files only, reloaded when they change.
+
+    Every ``*.safetensors`` file is loaded with :func:`load_release` (digest and report checked)
+    when first seen or after it changes; a file that fails, or was made with another model than
+    the one this service generates with, is logged once and not offered. Two valid files that
+    claim one release id are both withheld: a consumer must never get one when it asked for the
+    other.
+    """
+
+    def __init__(self, directory: Path, *, model_fingerprint: str) -> None:
+        if not directory.is_dir():
+            raise ConfigError(f"releases={directory}: not a directory")
+        self.directory = directory
+        self.model_fingerprint = model_fingerprint
+        self._lock = threading.Lock()
+        self._cache: dict[Path, tuple[tuple[int, int, int], StoredRelease | None]] = {}
+
+    def _load(self, path: Path) -> StoredRelease | None:
+        try:
+            before = path.stat()
+            release = load_release(path)
+            with safe_open(str(path), framework="numpy") as handle:
+                digest = (handle.metadata() or {}).get("digest", "")
+        except (FedSynthError, OSError) as exc:
+            logger.warning("release store: not offering %s: %s", path.name, exc)
+            return None
+        if release.manifest.model_fingerprint != self.model_fingerprint:
+            logger.warning(
+                "release store: not offering %s: made with model %s (%s), this service "
+                "generates with %s",
+                path.name,
+                release.manifest.model_name,
+                release.manifest.model_fingerprint,
+                self.model_fingerprint,
+            )
+            return None
+        return StoredRelease(release, path, digest, before.st_mtime_ns)
+
+    def scan(self) -> dict[str, StoredRelease]:
+        """Release id -> verified release, for every valid file in the directory now."""
+        with self._lock:
+            current: set[Path] = set()
+            by_id: dict[str, list[StoredRelease]] = collections.defaultdict(list)
+            for path in sorted(self.directory.glob("*.safetensors")):
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue  # removed while listing
+                key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+                current.add(path)
+                cached = self._cache.get(path)
+                if cached is None or cached[0] != key:
+                    entry = self._load(path)
+                    after = path.stat() if path.exists() else None
+                    if after is None or (after.st_mtime_ns, after.st_size, after.st_ino) != key:
+                        continue  # replaced while loading: look again next time
+                    cached = (key, entry)
+                    self._cache[path] = cached
+                if cached[1] is not None:
+                    by_id[cached[1].release.release_id].append(cached[1])
+            for gone in set(self._cache) - current:
+                del self._cache[gone]
+        offered: dict[str, StoredRelease] = {}
+        for release_id, entries in by_id.items():
+            if len(entries) > 1:
+                logger.error(
+                    "release store: release id %r is claimed by %s; offering neither",
+                    release_id,
+                    ", ".join(e.path.name for e in entries),
+                )
+                continue
+            offered[release_id] = entries[0]
+        return offered
+
+
+# ---------------------------------------------------------------------------------------------
+# The servicer
+# ---------------------------------------------------------------------------------------------
+
+
+class FairLock:
+    """A lock granted in arrival order, so no stream waits behind others indefinitely."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+        self._held = False
+
+    def __enter__(self) -> None:
+        ticket = object()
+        with self._condition:
+            self._queue.append(ticket)
+            while self._held or self._queue[0] is not ticket:
+                self._condition.wait()
+            self._queue.popleft()
+            self._held = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with self._condition:
+            self._held = False
+            self._condition.notify_all()
+
+
+@dataclass
+class ServiceStats:
+    """Counters a test or an operator reads to see what the service is doing."""
+
+    generated: int = 0  # samples the model produced
+    sent: int = 0  # samples handed to gRPC for sending
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_stopped: int = 0  # ended early: cancelled, timed out, or the connection dropped
+    active_streams: int = 0
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        """Add to several counters at once."""
+        with self.lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+
+M = TypeVar("M", bound=Message)
+
+
+class SynthesisServicer:
+    """The three RPCs over a :class:`ReleaseStore`, one loaded model and a set of tokens."""
+
+    def __init__(
+        self,
+        *,
+        store: ReleaseStore,
+        loaded: LoadedModel,
+        tokens: Sequence[str],
+        limits: SynthesisLimits,
+        generation: GenerationConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not tokens:
+            raise ConfigError("tokens: at least one bearer token is required")
+        self.store = store
+        self.loaded = loaded
+        self.limits = limits
+        self.generation = generation
+        self.stats = ServiceStats()
+        self._tokens = tuple(tokens)
+        self._limiter = RateLimiter(limits, clock)
+        self._model_lock = FairLock()  # steering hooks are per model: one batch at a time
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Raw-bytes method handlers: requests are parsed (and refused clearly) here."""
+        methods = {
+            "ListReleases": grpc.unary_unary_rpc_method_handler(
+                self.list_releases, response_serializer=pb.ListReleasesResponse.SerializeToString
+            ),
+            "GetPrivacyReport": grpc.unary_unary_rpc_method_handler(
+                self.get_privacy_report, response_serializer=pb.PrivacyReport.SerializeToString
+            ),
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.generate, response_serializer=pb.Sample.SerializeToString
+            ),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE.full_name, methods)
+
+    def _admit(self, context: grpc.ServicerContext) -> str:
+        """Authenticate and charge one request; the token's id (never the token) is returned."""
+        who = check_bearer(context.invocation_metadata(), self._tokens)
+        self._limiter.take_request(who)
+        return who
+
+    @staticmethod
+    def _parse(kind: type[M], raw: bytes) -> M:
+        message: M = kind()
+        try:
+            message.ParseFromString(raw)
+        except DecodeError as exc:
+            raise ConfigError(
+                f"request: {len(raw)} bytes that are not a valid {kind.DESCRIPTOR.name} ({exc})"
+            ) from exc
+        return message
+
+    @staticmethod
+    def _refuse(context: grpc.ServicerContext, exc: FedSynthError) -> NoReturn:
+        context.abort(status_code_for(exc), str(exc))
+        raise RuntimeError("grpc's context.abort returned instead of raising")
+
+    def list_releases(self, raw: bytes, context: grpc.ServicerContext) -> pb.ListReleasesResponse:
+        """ListReleases: every verified release this service can generate from."""
+        try:
+            self._admit(context)
+            self._parse(pb.ListReleasesRequest, raw)
+        except FedSynthError as exc:
+            self._refuse(context, exc)
+        offered = self.store.scan()
+        return pb.ListReleasesResponse(releases=[offered[k].info() for k in sorted(offered)])
+
+    def get_privacy_report(self, raw: bytes, context: grpc.ServicerContext) -> pb.PrivacyReport:
+        """GetPrivacyReport: a release's summary and its full report as JSON text."""
+        try:
+            self._admit(context)
+            request = self._parse(pb.GetPrivacyReportRequest, raw)
+            offered = self.store.scan()
+            if request.release_id not in offered:
+                raise UnknownReleaseError(
+                    f"release_id={_shown(request.release_id)}: no such release on offer"
+                )
+        except FedSynthError as exc:
+            self._refuse(context, exc)
+        stored = offered[request.release_id]
+        return pb.PrivacyReport(
+            release=stored.info(), report_json=json.dumps(stored.release.report, sort_keys=True)
+        )
+
+    def generate(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.Sample]:
+        """Generate: validate now, then return a stream that generates as it is read."""
+        try:
+            who = self._admit(context)
+            request = self._parse(pb.GenerateRequest, raw)
+            offered = self.store.scan()
+            params = validate_generate_request(
+                request,
+                release_labels={k: v.release.labels for k, v in offered.items()},
+                limits=self.limits,
+            )
+            self._limiter.take_samples(who, params.n)
+        except FedSynthError as exc:
+            self._refuse(context, exc)
+        logger.info(
+            "generate: token %s, release %s, n=%d, labels %s",
+            who,
+            params.release_id,
+            params.n,
+            ",".join(params.labels),
+        )
+        stream = _StreamState(params.n)
+        self.stats.add(streams_started=1, active_streams=1)
+
+        def ended() -> None:  # gRPC runs this once the RPC is over: completed, cancelled, failed
+            stream.stop.set()
+            done = stream.yielded == params.n
+            self.stats.add(
+                active_streams=-1, streams_completed=int(done), streams_stopped=int(not done)
+            )
+
+        if not context.add_callback(ended):
+            ended()  # the RPC is already over
+        return self._stream(offered[params.release_id].release, params, stream)
+
+    def _stream(
+        self, release: Release, params: GenerateParams, stream: _StreamState
+    ) -> Iterator[pb.Sample]:
+        """Samples generated one batch at a time, only when gRPC asks for the next sample.
+
+        gRPC's server thread pulls the next sample only after the previous one went out under
+        HTTP/2 flow control, so a slow reader holds back generation: the server keeps at most
+        the rest of one batch. Once the RPC ends, the next pull (if any) generates nothing.
+        """
+        batch = self.generation.batch_size
+        for label, count in zip(
+            params.labels, split_counts(params.n, len(params.labels)), strict=True
+        ):
+            samples = iter_release_samples(
+                self.loaded,
+                release,
+                n_per_label=count,
+                strength=params.strength,
+                config=self.generation,
+                seed=label_seed(params.seed, label),
+                labels=(label,),
+            )
+            for k in range(count):
+                if stream.stop.is_set():
+                    return
+                if k % batch == 0:  # this next() runs the model for the next batch
+                    with self._model_lock:
+                        if stream.stop.is_set():
+                            return
+                        sample = next(samples)
+                    self.stats.add(generated=min(batch, count - k))
+                else:
+                    sample = next(samples)
+                self.stats.add(sent=1)
+                index = stream.yielded
+                stream.yielded += 1
+                yield pb.Sample(
+                    text=sample.text, label=sample.label, release_id=sample.release_id, index=index
+                )
+
+
+@dataclass
+class _StreamState:
+    """One Generate stream: how far it got and whether its RPC has ended."""
+
+    n: int
+    yielded: int = 0
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+# ---------------------------------------------------------------------------------------------
+
+
+def server_credentials(
+    cert_path: Path, key_path: Path, *, now: dt.datetime | None = None
+) -> grpc.ServerCredentials:
+    """TLS credentials from PEM files, refused when expired, not yet valid or mismatched.
+
+    Raises:
+        CertificateError: naming the file and what is wrong with it.
+    """
+    try:
+        cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+    except OSError as exc:
+        raise CertificateError(f"tls: cannot read {exc.filename}: {exc.strerror}") from exc
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as exc:
+        raise CertificateError(f"tls_cert={cert_path}: not a PEM certificate ({exc})") from exc
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise CertificateError(f"tls_key={key_path}: not an unencrypted PEM key ({exc})") from exc
+    moment = now or dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
+        raise CertificateError(
+            f"tls_cert={cert_path}: valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, now is {moment:%Y-%m-%d %H:%M}"
+        )
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
+        raise CertificateError(f"tls_key={key_path} is not the key of tls_cert={cert_path}")
+    if key_path.stat().st_mode & 0o077:
+        logger.warning("tls_key=%s is readable by other users; chmod 600 it", key_path)
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
+
+
+class SynthesisServer:
+    """A running Synthesis service; stop it with :meth:`stop` or by leaving a ``with`` block."""
+
+    def __init__(self, server: grpc.Server, servicer: SynthesisServicer, host: str, port: int):
+        self.server = server
+        self.servicer = servicer
+        self.host = host
+        self.port = port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the service listens on."""
+        return f"{self.host}:{self.port}"
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop accepting calls, let running ones finish for ``grace`` seconds, then end them."""
+        self.server.stop(grace).wait()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or ``timeout``); whether it stopped."""
+        return bool(self.server.wait_for_termination(timeout))
+
+    def __enter__(self) -> SynthesisServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def serve(
+    *,
+    releases: Path,
+    loaded: LoadedModel,
+    token_file: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    insecure: bool = False,
+    limits: SynthesisLimits | None = None,
+    generation: GenerationConfig | None = None,
+) -> SynthesisServer:
+    """Start the Synthesis service on ``host:port`` (0: a free port) and return its handle.
+
+    TLS is required unless ``insecure=True`` is passed explicitly (tests on loopback only); the
+    bearer token is always required.
+
+    Raises:
+        ConfigError: a missing TLS file, a bad token file, a bad releases directory, or the port
+            cannot be bound.
+        CertificateError: an expired, not yet valid or mismatched certificate and key.
+    """
+    limits = limits or SynthesisLimits()
+    generation = generation or GenerationConfig(batch_size=DEFAULT_BATCH_SIZE)
+    credentials: grpc.ServerCredentials | None = None
+    if insecure:
+        if tls_cert is not None or tls_key is not None:
+            raise ConfigError("insecure=True with tls_cert/tls_key: choose one")
+        logger.warning(
+            "Synthesis service WITHOUT TLS on %s:%s: bearer tokens and samples travel in clear "
+            "text; use this only on a trusted loopback",
+            host,
+            port,
+        )
+    elif tls_cert is None or tls_key is None:
+        raise ConfigError("tls_cert and tls_key: both required (insecure=True only for tests)")
+    else:
+        credentials = server_credentials(tls_cert, tls_key)
+    servicer = SynthesisServicer(
+        store=ReleaseStore(releases, model_fingerprint=loaded.fingerprint),
+        loaded=loaded,
+        tokens=read_token_file(token_file),
+        limits=limits,
+        generation=generation,
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=limits.max_concurrent_rpcs + 4, thread_name_prefix="synthesis"
+        ),
+        handlers=[servicer.handler()],
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", limits.max_request_bytes),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(target)
+        else:
+            bound = server.add_secure_port(target, credentials)
+    except RuntimeError as exc:
+        raise ConfigError(f"host={host} port={port}: cannot listen ({exc})") from exc
+    if not bound:
+        raise ConfigError(f"host={host} port={port}: cannot listen (in use or not an address)")
+    server.start()
+    logger.info("Synthesis service on %s:%d (%s)", host, bound, "insecure" if insecure else "TLS")
+    return SynthesisServer(server, servicer, host, bound)

@@ -1,0 +1,778 @@
+"""The Synthesis gRPC service over TLS with a bearer token, on 127.0.0.1, with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from safetensors import safe_open
+from synthesis_harness import (
+    OTHER_TOKEN,
+    TOKEN,
+    Pki,
+    make_pki,
+    make_test_release,
+    save_store,
+    secure_channel,
+    write_token_file,
+)
+from typer.testing import CliRunner
+
+import fedsynth.server.synthesize as synthesize_module
+from fedsynth.protocol.errors import (
+    AuthenticationError,
+    CertificateError,
+    ConfigError,
+    RateLimitError,
+    UnknownReleaseError,
+)
+from fedsynth.protocol.models import LoadedModel, load_model
+from fedsynth.protocol.wire import synthesis_pb2 as pb
+from fedsynth.server.generation import GenerationConfig
+from fedsynth.server.release import load_release, save_release
+from fedsynth.server.synthesis_client import (
+    SynthesisClient,
+    read_token_file,
+    synthesis_app,
+    token_id,
+)
+from fedsynth.server.synthesis_service import (
+    RateLimiter,
+    SynthesisLimits,
+    SynthesisServer,
+    TokenBucket,
+    check_bearer,
+    label_seed,
+    serve,
+    server_credentials,
+    split_counts,
+    status_code_for,
+    validate_generate_request,
+)
+from fedsynth.server.synthesize import iter_release_samples
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+LIMITS = SynthesisLimits(max_samples=50, sample_burst=10_000, request_burst=10_000)
+GENERATION = GenerationConfig(max_new_tokens=4, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def llama() -> LoadedModel:
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, llama: LoadedModel) -> Path:
+    return save_store(tmp_path_factory.mktemp("releases"), llama)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_token_file(tmp_path_factory.mktemp("tokens") / "tokens", TOKEN, OTHER_TOKEN)
+
+
+@pytest.fixture(scope="module")
+def client_token(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_token_file(tmp_path_factory.mktemp("client") / "token", TOKEN)
+
+
+def start(
+    store: Path,
+    llama: LoadedModel,
+    pki: Pki,
+    tokens: Path,
+    *,
+    limits: SynthesisLimits = LIMITS,
+    generation: GenerationConfig = GENERATION,
+) -> SynthesisServer:
+    return serve(
+        releases=store,
+        loaded=llama,
+        token_file=tokens,
+        tls_cert=pki.cert,
+        tls_key=pki.key,
+        limits=limits,
+        generation=generation,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(store: Path, llama: LoadedModel, pki: Pki, tokens: Path) -> Iterator[SynthesisServer]:
+    with start(store, llama, pki, tokens) as running:
+        yield running
+
+
+@pytest.fixture()
+def client(server: SynthesisServer, pki: Pki) -> Iterator[SynthesisClient]:
+    with SynthesisClient(server.address, token=TOKEN, ca_cert=pki.ca, timeout=60) as opened:
+        yield opened
+
+
+def status_of(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        result = call()
+        if not isinstance(result, pb.ListReleasesResponse | pb.PrivacyReport | tuple | list):
+            list(result)  # a stream fails when read
+    error: Any = caught.value
+    return error.code(), error.details()
+
+
+# ---------------------------------------------------------------------------------------------
+# Through TLS with a token
+# ---------------------------------------------------------------------------------------------
+
+
+def test_list_shows_only_the_verified_release_with_its_terms(
+    client: SynthesisClient, store: Path
+) -> None:
+    releases = client.list_releases()
+    # release-2.safetensors was altered after it was written: its digest fails, it is not offered.
+    assert [r.release_id for r in releases] == ["release-1"]
+    info = releases[0]
+    path = store / "release-1.safetensors"
+    release = load_release(path)
+    with safe_open(str(path), framework="numpy") as handle:
+        assert info.digest == handle.metadata()["digest"]
+    assert info.digest.startswith("sha256:")
+    assert info.method == pb.METHOD_VECTOR
+    assert (info.epsilon, info.delta) == (2.0, 1e-5)
+    assert info.trust_mode == pb.TRUST_MODE_DISTRIBUTED
+    assert list(info.labels) == ["pos", "neg", "mix"]
+    assert info.model_fingerprint == release.manifest.model_fingerprint
+    assert info.created.ToNanoseconds() == path.stat().st_mtime_ns
+
+
+def test_privacy_report_is_the_stored_report(client: SynthesisClient, store: Path) -> None:
+    info, report = client.privacy_report("release-1")
+    assert report == load_release(store / "release-1.safetensors").report
+    assert info.release_id == "release-1"
+    assert report["epsilon"] == info.epsilon
+
+
+def test_a_store_change_is_seen_and_a_tampered_file_never_offered(
+    tmp_path: Path, llama: LoadedModel, pki: Pki, tokens: Path
+) -> None:
+    with start(tmp_path, llama, pki, tokens) as running:
+        servicer = running.servicer
+        assert servicer.store.scan() == {}
+        path = save_release(
+            make_test_release(llama, release_id="late"), tmp_path / "late.safetensors"
+        )
+        assert list(servicer.store.scan()) == ["late"]
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0x01
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(1, 1))  # a changed mtime forces a reload
+        assert servicer.store.scan() == {}
+        # Two valid files claiming one release id: neither is offered.
+        save_release(make_test_release(llama, release_id="dup"), tmp_path / "a.safetensors")
+        save_release(make_test_release(llama, release_id="dup"), tmp_path / "b.safetensors")
+        assert "dup" not in servicer.store.scan()
+
+
+def test_a_release_of_another_model_is_not_offered(
+    tmp_path: Path, llama: LoadedModel, pki: Pki, tokens: Path
+) -> None:
+    other = load_model("tiny-gpt2")
+    save_release(make_test_release(other, release_id="gpt2"), tmp_path / "gpt2.safetensors")
+    save_release(make_test_release(llama, release_id="mine"), tmp_path / "mine.safetensors")
+    with start(tmp_path, llama, pki, tokens) as running:
+        assert list(running.servicer.store.scan()) == ["mine"]
+
+
+def test_generate_streams_the_release_samples(
+    client: SynthesisClient, llama: LoadedModel, store: Path
+) -> None:
+    release = load_release(store / "release-1.safetensors")
+    files_before = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+    samples = list(client.generate("release-1", 5, seed=7, strength=0.5))
+    assert [s.label for s in samples] == ["pos", "pos", "neg", "neg", "mix"]
+    assert [s.index for s in samples] == [0, 1, 2, 3, 4]
+    assert {s.release_id for s in samples} == {"release-1"}
+    # Exactly the steered samples synthesize.py makes, at the requested strength and seed.
+    for label, count in (("pos", 2), ("neg", 2), ("mix", 1)):
+        expected = iter_release_samples(
+            llama,
+            release,
+            n_per_label=count,
+            strength=0.5,
+            config=GENERATION,
+            seed=label_seed(7, label),
+            labels=(label,),
+        )
+        assert [s.text for s in samples if s.label == label] == [s.text for s in expected]
+    again = [s.text for s in client.generate("release-1", 5, seed=7, strength=0.5)]
+    assert again == [s.text for s in samples]
+    weaker = [s.text for s in client.generate("release-1", 5, seed=7, strength=0.0)]
+    assert weaker != again
+    only = list(client.generate("release-1", 6, label="neg", seed=1))
+    assert [s.label for s in only] == ["neg"] * 6
+    # Post-processing: nothing in the coordinator's store (no ledger row, no file) changed.
+    assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == files_before
+
+
+def test_wrong_or_missing_token_is_unauthenticated(server: SynthesisServer, pki: Pki) -> None:
+    with SynthesisClient(server.address, token="not-the-token-0000000000", ca_cert=pki.ca) as bad:
+        for call in (
+            bad.list_releases,
+            lambda: bad.privacy_report("release-1"),
+            lambda: bad.generate("release-1", 1),
+        ):
+            code, details = status_of(call)
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+            assert "not valid" in details
+    channel = secure_channel(server.address, pki.ca)
+    stub = channel.unary_unary("/fedsynth.synthesis.v1.Synthesis/ListReleases")
+    code, details = status_of(lambda: stub(b"", timeout=10))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert "0 headers" in details
+    basic = (("authorization", f"Basic {TOKEN}"),)
+    code, _ = status_of(lambda: stub(b"", metadata=basic, timeout=10))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+
+
+def test_tls_is_required_and_checked(server: SynthesisServer, pki: Pki) -> None:
+    with SynthesisClient(server.address, token=TOKEN, ca_cert=pki.other_ca, timeout=10) as c:
+        code, _ = status_of(c.list_releases)
+        assert code == grpc.StatusCode.UNAVAILABLE
+    with SynthesisClient(server.address, token=TOKEN, insecure=True, timeout=10) as c:
+        code, _ = status_of(c.list_releases)
+        assert code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "words"),
+    [
+        ({"release_id": "nope", "n": 1}, grpc.StatusCode.NOT_FOUND, ["release_id='nope'"]),
+        (
+            {"release_id": "release-2", "n": 1},  # the tampered file's release
+            grpc.StatusCode.NOT_FOUND,
+            ["release-2"],
+        ),
+        ({"release_id": "release-1", "n": 0}, grpc.StatusCode.INVALID_ARGUMENT, ["n=0", "50"]),
+        ({"release_id": "release-1", "n": -3}, grpc.StatusCode.INVALID_ARGUMENT, ["n=-3"]),
+        (
+            {"release_id": "release-1", "n": 51},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["n=51", "max_samples=50"],
+        ),
+        (
+            {"release_id": "release-1", "n": 1, "label": "other"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["label='other'", "pos, neg, mix"],
+        ),
+        (
+            {"release_id": "release-1", "n": 1, "strength": 1.5},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["strength=1.5", "max_strength=1.0"],
+        ),
+        (
+            {"release_id": "release-1", "n": 1, "strength": -0.1},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["strength=-0.1"],
+        ),
+    ],
+)
+def test_bad_generate_requests_get_clear_statuses(
+    client: SynthesisClient, kwargs: dict[str, Any], code: grpc.StatusCode, words: list[str]
+) -> None:
+    release_id, n = kwargs.pop("release_id"), kwargs.pop("n")
+    got, details = status_of(lambda: client.generate(release_id, n, **kwargs))
+    assert got == code
+    for word in words:
+        assert word in details
+
+
+def test_unknown_release_report_is_not_found(client: SynthesisClient) -> None:
+    code, details = status_of(lambda: client.privacy_report("release-9"))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "release-9" in details
+
+
+def test_an_oversized_request_is_refused_and_the_server_keeps_serving(
+    client: SynthesisClient,
+) -> None:
+    code, details = status_of(lambda: client.generate("x" * 10_000, 1))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "4096" in details
+    code, details = status_of(lambda: client.generate("y" * 300, 1))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "300 characters" in details
+    assert [r.release_id for r in client.list_releases()] == ["release-1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Back-pressure and cancellation
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelCalls:
+    """Counts the samples the model actually generates (below the service's own counters)."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.lock = threading.Lock()
+
+    def settle(self, *, quiet: float = 1.0, limit: float = 30.0) -> int:
+        """The count once it has not changed for ``quiet`` seconds."""
+        deadline = time.monotonic() + limit
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            with self.lock:
+                now = self.samples
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return now
+            time.sleep(0.05)
+        raise AssertionError(f"generation never settled (at {last} samples)")
+
+
+@pytest.fixture()
+def model_calls(monkeypatch: pytest.MonkeyPatch) -> ModelCalls:
+    calls = ModelCalls()
+    real = synthesize_module.generate_texts
+
+    def counting(loaded: LoadedModel, prompt: str, n: int, **kwargs: Any) -> list[str]:
+        texts = real(loaded, prompt, n, **kwargs)
+        with calls.lock:
+            calls.samples += len(texts)
+        return texts
+
+    monkeypatch.setattr(synthesize_module, "generate_texts", counting)
+    return calls
+
+
+def test_a_stalled_reader_holds_generation_at_one_batch_and_cancel_stops_it(
+    tmp_path: Path,
+    store: Path,
+    llama: LoadedModel,
+    pki: Pki,
+    tokens: Path,
+    model_calls: ModelCalls,
+) -> None:
+    batch, n = 4, 2000
+    generation = GenerationConfig(max_new_tokens=16, batch_size=batch, stop_at_newline=False)
+    limits = SynthesisLimits(max_samples=n, sample_burst=n)
+    # The client advertises a small, fixed HTTP/2 window: what the transport may hold in flight.
+    window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    with (
+        start(store, llama, pki, tokens, limits=limits, generation=generation) as running,
+        SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, options=window) as client,
+    ):
+        stream = client.generate("release-1", n, label="pos")
+        first = next(stream)
+        assert first.index == 0
+        stalled = model_calls.settle()
+        stats = running.servicer.stats
+        # The model stopped long before n: at most one batch beyond what the transport took.
+        assert stalled < 200, f"{stalled} samples generated for a reader that took one"
+        assert stalled - stats.sent <= batch
+        assert stats.generated == stalled
+        assert stats.active_streams == 1
+        stream.cancel()
+        deadline = time.monotonic() + 10
+        while stats.active_streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stats.active_streams == 0
+        assert stats.streams_stopped == 1
+        after = model_calls.settle(quiet=0.5)
+        assert after <= stalled + batch
+        time.sleep(0.5)
+        assert model_calls.samples == after
+
+
+# ---------------------------------------------------------------------------------------------
+# Rate limits
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rate_limits_are_per_token(store: Path, llama: LoadedModel, pki: Pki, tokens: Path) -> None:
+    limits = SynthesisLimits(
+        max_samples=10,
+        request_burst=4,
+        requests_per_second=0.01,
+        sample_burst=10,
+        samples_per_second=0.01,
+    )
+    with start(store, llama, pki, tokens, limits=limits) as running:
+        with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=60) as first:
+            assert len(list(first.generate("release-1", 10))) == 10  # request 1, all samples
+            code, details = status_of(lambda: first.generate("release-1", 1))  # request 2
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert details.startswith("samples: n=1 asked, 0 left")
+            first.list_releases()  # request 3
+            first.list_releases()  # request 4
+            code, details = status_of(first.list_releases)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert details.startswith("requests:")
+            assert TOKEN not in details
+            assert token_id(TOKEN) in details
+        with SynthesisClient(running.address, token=OTHER_TOKEN, ca_cert=pki.ca) as second:
+            assert len(list(second.generate("release-1", 3))) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------
+
+
+def run_load(
+    address: str, ca: Path, *, streams: int, n: int
+) -> tuple[float, list[float], list[int]]:
+    """``streams`` concurrent Generate calls: (wall seconds, first-sample latencies, counts)."""
+    latencies = [float("inf")] * streams
+    counts = [0] * streams
+    barrier = threading.Barrier(streams)
+
+    def one(i: int) -> None:
+        with SynthesisClient(address, token=TOKEN, ca_cert=ca, timeout=120) as client:
+            client.list_releases()  # connect before the clock starts
+            barrier.wait()
+            began = time.monotonic()
+            for _sample in client.generate("release-1", n, seed=i):
+                if counts[i] == 0:
+                    latencies[i] = time.monotonic() - began
+                counts[i] += 1
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    start_time = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=150)
+    return time.monotonic() - start_time, latencies, counts
+
+
+def test_load_32_concurrent_streams_all_complete(
+    store: Path, llama: LoadedModel, pki: Pki, tokens: Path
+) -> None:
+    streams, n = 32, 4
+    with start(store, llama, pki, tokens) as running:
+        wall, latencies, counts = run_load(running.address, pki.ca, streams=streams, n=n)
+        assert counts == [n] * streams  # every stream completed, none starved
+        assert max(latencies) < 90
+        assert running.servicer.stats.streams_completed == streams
+        assert running.servicer.stats.active_streams == 0
+    assert wall < 120
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+# ---------------------------------------------------------------------------------------------
+
+LABELS = {"r": ("a", "b", "c")}
+
+
+def request(**fields: Any) -> pb.GenerateRequest:
+    return pb.GenerateRequest(**{"release_id": "r", "n": 3, **fields})
+
+
+def test_validation_accepts_and_fills_defaults() -> None:
+    params = validate_generate_request(request(seed=9), release_labels=LABELS, limits=LIMITS)
+    assert (params.release_id, params.n, params.labels, params.seed) == ("r", 3, ("a", "b", "c"), 9)
+    assert params.strength == LIMITS.default_strength == 0.03
+    params = validate_generate_request(
+        request(label="b", strength=0.0, n=50), release_labels=LABELS, limits=LIMITS
+    )
+    assert (params.labels, params.strength, params.n) == (("b",), 0.0, 50)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "words"),
+    [
+        ({"release_id": ""}, ConfigError, "release_id: empty"),
+        ({"release_id": "z" * 257}, ConfigError, "257 characters, the limit is 256"),
+        ({"release_id": "q"}, UnknownReleaseError, "release_id='q'"),
+        ({"n": 0}, ConfigError, r"n=0: must be in \[1, max_samples=50\]"),
+        ({"n": 51}, ConfigError, "n=51"),
+        ({"n": -(2**63)}, ConfigError, "n=-9223372036854775808"),
+        ({"label": "d"}, ConfigError, "label='d': not a label of release 'r'"),
+        ({"strength": float("nan")}, ConfigError, "strength=nan"),
+        ({"strength": float("inf")}, ConfigError, "strength=inf"),
+        ({"strength": 1.0000001}, ConfigError, "max_strength=1.0"),
+    ],
+)
+def test_validation_refuses_naming_the_field(
+    fields: dict[str, Any], error: type[Exception], words: str
+) -> None:
+    with pytest.raises(error, match=words):
+        validate_generate_request(request(**fields), release_labels=LABELS, limits=LIMITS)
+
+
+def test_status_codes() -> None:
+    assert status_code_for(AuthenticationError("x")) == grpc.StatusCode.UNAUTHENTICATED
+    assert status_code_for(RateLimitError("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_code_for(UnknownReleaseError("x")) == grpc.StatusCode.NOT_FOUND
+    assert status_code_for(ConfigError("x")) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_split_counts_and_label_seeds() -> None:
+    assert split_counts(5, 3) == [2, 2, 1]
+    assert split_counts(2, 3) == [1, 1, 0]
+    assert split_counts(9, 3) == [3, 3, 3]
+    assert len({label_seed(0, x) for x in "abc"} | {label_seed(1, "a")}) == 4
+    assert label_seed(5, "a") == label_seed(5, "a") < 2**32
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    bucket = TokenBucket(capacity=10, rate=2.0, now=0.0)
+    assert bucket.wait_for(10, 0.0) == 0.0
+    bucket.take(10, 0.0)
+    assert bucket.wait_for(1, 0.0) == pytest.approx(0.5)
+    assert bucket.available(1.0) == pytest.approx(2.0)
+    assert bucket.available(100.0) == 10  # capped at capacity
+
+
+def test_rate_limiter_refuses_without_charging_and_refills() -> None:
+    clock = [0.0]
+    limiter = RateLimiter(
+        SynthesisLimits(
+            max_samples=5,
+            request_burst=2,
+            requests_per_second=1,
+            sample_burst=5,
+            samples_per_second=1,
+        ),
+        clock=lambda: clock[0],
+    )
+    limiter.take_request("a")
+    limiter.take_samples("a", 5)
+    with pytest.raises(RateLimitError, match=r"samples: n=1 asked, 0 left .* retry in 1\.0 s"):
+        limiter.take_samples("a", 1)
+    limiter.take_request("a")
+    with pytest.raises(RateLimitError, match="requests: token a"):
+        limiter.take_request("a")
+    limiter.take_request("b")  # another token has its own allowance
+    clock[0] = 1.0
+    limiter.take_request("a")
+    limiter.take_samples("a", 1)
+
+
+def test_bearer_check() -> None:
+    tokens = [TOKEN, OTHER_TOKEN]
+    assert check_bearer([("authorization", f"Bearer {OTHER_TOKEN}")], tokens) == token_id(
+        OTHER_TOKEN
+    )
+    assert check_bearer([("Authorization", f"bearer {TOKEN}".encode())], tokens) == token_id(TOKEN)
+    for metadata in (
+        [],
+        [("authorization", TOKEN)],
+        [("authorization", f"Bearer {TOKEN[:-1]}")],
+        [("authorization", f"Bearer {TOKEN}x")],
+        [("authorization", f"Bearer {TOKEN}"), ("authorization", f"Bearer {TOKEN}")],
+    ):
+        with pytest.raises(AuthenticationError):
+            check_bearer(metadata, tokens)
+
+
+def test_token_file_must_be_private_and_strong(tmp_path: Path) -> None:
+    good = write_token_file(tmp_path / "good", TOKEN, OTHER_TOKEN)
+    assert read_token_file(good) == [TOKEN, OTHER_TOKEN]
+    loose = write_token_file(tmp_path / "loose", TOKEN, mode=0o644)
+    with pytest.raises(ConfigError, match=r"mode 0644 .* must be 0600"):
+        read_token_file(loose)
+    with pytest.raises(ConfigError, match="has 5 characters"):
+        read_token_file(write_token_file(tmp_path / "short", "short"))
+    with pytest.raises(ConfigError, match="no token"):
+        read_token_file(write_token_file(tmp_path / "empty", ""))
+    with pytest.raises(ConfigError, match="token_file="):
+        read_token_file(tmp_path / "missing")
+
+
+def test_bad_certificates_are_refused_by_name(
+    pki: Pki, store: Path, llama: LoadedModel, tokens: Path
+) -> None:
+    with pytest.raises(CertificateError, match=r"expired\.pem: valid from"):
+        server_credentials(pki.expired_cert, pki.key)
+    with pytest.raises(CertificateError, match=r"wrong\.key is not the key of"):
+        server_credentials(pki.cert, pki.wrong_key)
+    with pytest.raises(CertificateError, match="not a PEM certificate"):
+        server_credentials(pki.key, pki.key)
+    with pytest.raises(ConfigError, match="tls_cert and tls_key: both required"):
+        serve(releases=store, loaded=llama, token_file=tokens, tls_cert=pki.cert)
+    with pytest.raises(ConfigError, match="choose one"):
+        serve(
+            releases=store,
+            loaded=llama,
+            token_file=tokens,
+            tls_cert=pki.cert,
+            tls_key=pki.key,
+            insecure=True,
+        )
+
+
+def test_insecure_is_explicit_and_logged(
+    store: Path, llama: LoadedModel, tokens: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        serve(releases=store, loaded=llama, token_file=tokens, insecure=True) as running,
+        SynthesisClient(running.address, token=TOKEN, insecure=True) as client,
+    ):
+        assert [r.release_id for r in client.list_releases()] == ["release-1"]
+    assert "WITHOUT TLS" in caplog.text
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ConfigError, match="sample_burst=5: must be >= max_samples=10"):
+        SynthesisLimits(max_samples=10, sample_burst=5)
+    with pytest.raises(ConfigError, match="max_samples=0"):
+        SynthesisLimits(max_samples=0)
+    with pytest.raises(ConfigError, match="requests_per_second=nan"):
+        SynthesisLimits(requests_per_second=float("nan"))
+    with pytest.raises(ConfigError, match=r"default_strength=2\.0"):
+        SynthesisLimits(default_strength=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pull_writes_json_lines_with_plain_progress(
+    server: SynthesisServer, pki: Pki, client_token: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out" / "samples.jsonl"
+    common = ["--server", server.address, "--ca", str(pki.ca), "--token-file", str(client_token)]
+    result = CliRunner().invoke(
+        synthesis_app,
+        ["pull", "--release", "release-1", "--n", "7", "--out", str(out), "--seed", "3", *common],
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 7
+    assert [r["label"] for r in rows] == ["pos"] * 3 + ["neg"] * 2 + ["mix"] * 2
+    assert all(set(r) == {"text", "label", "release_id"} for r in rows)
+    assert {r["release_id"] for r in rows} == {"release-1"}
+    assert "pulled 7/7 samples (100%)" in result.output  # not a TTY: plain lines
+    assert list(out.parent.iterdir()) == [out]  # no temporary file left
+
+    listed = CliRunner().invoke(synthesis_app, ["list", *common])
+    assert listed.exit_code == 0, listed.output
+    assert "release-1" in listed.output and "TRUST_MODE_DISTRIBUTED" in listed.output
+    assert "release-2" not in listed.output
+    report = CliRunner().invoke(synthesis_app, ["report", "release-1", *common])
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.output)["trust_mode"] == "distributed"
+
+
+def test_pull_errors_leave_no_file(server: SynthesisServer, pki: Pki, tmp_path: Path) -> None:
+    wrong = write_token_file(tmp_path / "wrong", "wrong-token-0000000000000")
+    out = tmp_path / "samples.jsonl"
+    base = ["pull", "--release", "release-1", "--out", str(out), "--server", server.address]
+    cases = [
+        (["--n", "2", "--ca", str(pki.ca), "--token-file", str(wrong)], "UNAUTHENTICATED"),
+        (["--n", "51", "--ca", str(pki.ca), "--token-file", str(wrong)], "UNAUTHENTICATED"),
+        (["--n", "0", "--ca", str(pki.ca), "--token-file", str(wrong)], "n=0"),
+        (["--n", "2", "--token-file", str(wrong)], "ca_cert"),
+        (["--n", "2", "--ca", str(pki.other_ca), "--token-file", str(wrong)], "UNAVAILABLE"),
+    ]
+    for extra, words in cases:
+        result = CliRunner().invoke(synthesis_app, [*base, *extra])
+        assert result.exit_code == 2, result.output
+        assert words in result.output
+        assert not out.exists()
+    assert list(tmp_path.iterdir()) == [wrong]
+
+
+def test_serve_command_runs_a_real_server_process(
+    store: Path, pki: Pki, tokens: Path, client_token: Path, tmp_path: Path
+) -> None:
+    code = "from fedsynth.server.synthesis_client import synthesis_app; synthesis_app()"
+    command = [
+        sys.executable,
+        "-c",
+        code,
+        "serve",
+        "--releases",
+        str(store),
+        "--model",
+        "tiny-llama",
+        "--port",
+        "0",
+        "--tls-cert",
+        str(pki.cert),
+        "--tls-key",
+        str(pki.key),
+        "--token-file",
+        str(tokens),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        assert process.stdout is not None
+        line = ""
+        deadline = time.monotonic() + 120
+        while "listening on" not in line and time.monotonic() < deadline:
+            line = process.stdout.readline().decode()
+            assert line or process.poll() is None, "the server exited before listening"
+        address = line.split("listening on ")[1].split()[0]
+        assert "(1 releases)" in line
+        out = tmp_path / "pulled.jsonl"
+        result = CliRunner().invoke(
+            synthesis_app,
+            [
+                "pull",
+                "--release",
+                "release-1",
+                "--n",
+                "3",
+                "--out",
+                str(out),
+                "--label",
+                "mix",
+                "--server",
+                address,
+                "--ca",
+                str(pki.ca),
+                "--token-file",
+                str(client_token),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert [json.loads(x)["label"] for x in out.read_text().splitlines()] == ["mix"] * 3
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert process.returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated code
+# ---------------------------------------------------------------------------------------------
+
+
+def test_generated_wire_code_is_up_to_date(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        [sys.executable, str(root / "scripts" / "gen_proto.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    committed = root / "protocol" / "wire"
+    fresh = sorted(p.name for p in tmp_path.iterdir())
+    assert fresh == sorted(p.name for p in committed.iterdir() if p.is_file())
+    assert {"__init__.py", "synthesis_pb2.py", "synthesis_pb2.pyi", "synthesis_pb2_grpc.py"} <= set(
+        fresh
+    )
+    for name in fresh:
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), (
+            f"protocol/wire/{name} is not what proto/ generates: run python scripts/gen_proto.py "
+            "(with the grpcio-tools version of the dev extra)"
+        )
