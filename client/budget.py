@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -26,9 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fedsynth.protocol import sqlite_store
 from fedsynth.protocol.errors import (
     BudgetStoreError,
-    FedSynthError,
     PolicyViolationError,
     StageOrderError,
 )
@@ -60,6 +59,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_charge_per_task ON entries (task_id) WHERE
 CREATE UNIQUE INDEX IF NOT EXISTS one_answer_per_round
     ON entries (task_id, round) WHERE kind = 'pe-round';
 """
+
+
+_FORMAT = sqlite_store.StoreFormat(APPLICATION_ID, SCHEMA_VERSION, _SCHEMA, integrity_check=True)
 
 
 def _epsilon_text(epsilon: float) -> str:
@@ -350,78 +352,37 @@ class ClientBudget:
         """
         db = self._open(path)
         try:
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
+            with sqlite_store.transaction(db, write=write):
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise self._store_error(exc) from None
-        finally:
-            db.close()
 
     def _open(self, path: Path) -> sqlite3.Connection:
+        """Open the store (created 0600, WAL, FULL sync, integrity-checked); else refuse."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not path.exists():
-                # Owner-only from the first byte: the store lists the tasks this holder joined.
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            # Owner-only from the first byte: the store lists the tasks this holder joined.
+            sqlite_store.create_private_file(path)
         except OSError as exc:
             raise BudgetStoreError(
                 f"budget store {path} cannot be created ({exc.strerror}); this holder refuses "
                 "tasks until it can keep its budget"
             ) from None
         try:
-            db = sqlite3.connect(path, timeout=self.timeout_s, isolation_level=None)
+            return sqlite_store.connect(path, _FORMAT, timeout_s=self.timeout_s)
         except sqlite3.Error as exc:
             raise self._store_error(exc) from None
-        try:
-            self._prepare(db)
-        except sqlite3.Error as exc:
-            db.close()
-            raise self._store_error(exc) from None
-        except FedSynthError:
-            db.close()
-            raise
-        return db
-
-    def _prepare(self, db: sqlite3.Connection) -> None:
-        """Check the file is a fedsynth store (creating an empty one), WAL and FULL sync."""
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
-        app_id = db.execute("PRAGMA application_id").fetchone()[0]
-        if app_id == 0:
-            # Create the schema under the write lock, so two first users cannot race.
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                app_id = db.execute("PRAGMA application_id").fetchone()[0]
-                tables = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
-                if app_id == 0 and tables == 0:
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            db.execute(statement)
-                    db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                    app_id = APPLICATION_ID
-                db.execute("COMMIT")
-            finally:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if app_id != APPLICATION_ID or version != SCHEMA_VERSION:
+        except sqlite_store.StoreFormatError as exc:
+            if exc.integrity != "ok":
+                raise BudgetStoreError(
+                    f"budget store {self.path} failed its integrity check ({exc.integrity}); "
+                    "repair or restore it before this holder takes part in new tasks"
+                ) from None
             raise BudgetStoreError(
                 f"budget store {self.path}: not a fedsynth budget store (application_id="
-                f"{app_id:#x}, schema version {version}; expected {APPLICATION_ID:#x}, "
-                f"{SCHEMA_VERSION}); point budget-path at a new file or restore the store"
-            )
-        check = db.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise BudgetStoreError(
-                f"budget store {self.path} failed its integrity check ({check}); repair or "
-                "restore it before this holder takes part in new tasks"
-            )
+                f"{exc.application_id:#x}, schema version {exc.schema_version}; expected "
+                f"{APPLICATION_ID:#x}, {SCHEMA_VERSION}); point budget-path at a new file or "
+                "restore the store"
+            ) from None
 
     def _store_error(self, exc: sqlite3.Error) -> BudgetStoreError:
         return BudgetStoreError(

@@ -10,14 +10,21 @@ sort only when the nucleus is larger, so the sampled distribution is exactly top
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.models import LoadedModel, decoder_layers
+
+_MARKUP = re.compile(r"<[^<>\s]+>")
+"""Added tokens that are markup, e.g. ``<start_of_image>``: never part of a sample's text."""
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_WHITESPACE = " \t\n\r\u2581\u0120\u010a\u0109\u010d"
+"""Whitespace, SentencePiece's word marker and byte-level BPE's space/newline/tab/CR stand-ins."""
 
 
 @dataclass(frozen=True)
@@ -159,13 +166,20 @@ def generate_from_prompts(
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     stops = torch.tensor(sorted(newline_ids | eos), dtype=torch.long, device=loaded.device)
     pad_id = int(tok.eos_token_id if tok.eos_token_id is not None else 0)
+    tokens = _token_classes(tok, vocab_size=_vocab_rows(loaded), stops=newline_ids | eos)
     texts: list[str] = []
     ctx = steering(loaded.model, deltas) if deltas else contextlib.nullcontext()
     with ctx:
         for start in range(0, len(encoded), config.batch_size):
             chunk = encoded[start : start + config.batch_size]
             rows, n_tokens = _sample_batch(
-                loaded, chunk, config, generator=generator, stops=stops, pad_id=pad_id
+                loaded,
+                chunk,
+                config,
+                generator=generator,
+                stops=stops,
+                pad_id=pad_id,
+                tokens=tokens,
             )
             for row in rows:
                 kept = []
@@ -187,8 +201,14 @@ def _sample_batch(
     generator: torch.Generator,
     stops: torch.Tensor,
     pad_id: int,
+    tokens: _TokenClasses | None = None,
 ) -> tuple[list[list[int]], int]:
-    """Token ids sampled for each (left-padded) prompt, and the number of tokens generated."""
+    """Token ids sampled for each (left-padded) prompt, and the number of tokens generated.
+
+    Control tokens (special and added markup tokens other than the stops, such as
+    ``<start_of_image>``) are never sampled, and a row cannot stop before it has produced a
+    token with visible text: no empty or whitespace-only samples from an early stop.
+    """
     device = loaded.device
     batch = len(prompts)
     width = max(len(p) for p in prompts)
@@ -211,9 +231,19 @@ def _sample_batch(
     next_pos = positions[:, -1] + 1
     rows: list[list[int]] = [[] for _ in range(batch)]
     active = list(range(batch))  # original row of each live batch entry
+    started = torch.zeros(batch, dtype=torch.bool, device=device)  # visible text produced yet
+    control = tokens.control.to(device) if tokens is not None else None
+    visible = tokens.visible.to(device) if tokens is not None else None
     for step in range(config.max_new_tokens):
-        if step == 0 and len(stops):
-            logits[:, stops] = float("-inf")  # no empty samples
+        if control is not None and len(control):
+            logits[:, control] = float("-inf")
+        if len(stops):
+            # No stop before visible text: no empty samples.
+            if step == 0:
+                logits[:, stops] = float("-inf")
+            elif visible is not None and not bool(started.all()):
+                waiting = torch.nonzero(~started).flatten()
+                logits[waiting.unsqueeze(1), stops.unsqueeze(0)] = float("-inf")
         next_ids = sample_top_p(
             logits / config.temperature,
             top_p=config.top_p,
@@ -221,6 +251,8 @@ def _sample_batch(
             generator=generator,
         )
         finished = torch.isin(next_ids, stops)
+        if visible is not None:
+            started = started | visible[next_ids]
         for slot, token in enumerate(next_ids.tolist()):
             rows[active[slot]].append(token)
         if bool(finished.all()):
@@ -233,6 +265,7 @@ def _sample_batch(
             next_ids = next_ids[keep]
             mask = mask[keep]
             next_pos = next_pos[keep]
+            started = started[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = loaded.model(
             input_ids=next_ids.unsqueeze(1),
@@ -245,6 +278,79 @@ def _sample_batch(
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()
     return rows, sum(len(r) for r in rows)
+
+
+@dataclass(frozen=True)
+class _TokenClasses:
+    """Vocabulary classes for sampling: ids never to sample, and ids that show visible text."""
+
+    control: torch.Tensor
+    """Special and added markup tokens other than the stops (long ids)."""
+    visible: torch.Tensor
+    """(vocab,) bool: the token decodes to non-whitespace text."""
+
+
+def _vocab_rows(loaded: LoadedModel) -> int:
+    """Rows of the model's output head (can exceed the tokenizer's vocabulary)."""
+    embeddings = loaded.model.get_output_embeddings()
+    if embeddings is not None and hasattr(embeddings, "weight"):
+        return int(embeddings.weight.shape[0])
+    return int(len(loaded.tokenizer) if hasattr(loaded.tokenizer, "__len__") else 0)
+
+
+def _token_classes(tokenizer: Any, *, vocab_size: int, stops: set[int]) -> _TokenClasses:
+    """Control and visible token ids of ``tokenizer`` (computed once per tokenizer)."""
+    cached = getattr(tokenizer, "_fedsynth_token_classes", None)
+    if cached is not None and cached[0] == (vocab_size, frozenset(stops)):
+        return cast(_TokenClasses, cached[1])
+    control: set[int] = set(getattr(tokenizer, "all_special_ids", None) or ())
+    for attr in ("bos_token_id", "pad_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            control.add(int(value))
+    for index, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        content = str(getattr(added, "content", added))
+        if getattr(added, "special", False) or _MARKUP.fullmatch(content):
+            control.add(int(index))
+    control -= stops
+    known = min(vocab_size, _tokenizer_size(tokenizer))
+    shows = _token_shows_text(tokenizer, known)
+    for index in control | stops:
+        if index < known:
+            shows[index] = False
+    visible = torch.zeros(vocab_size, dtype=torch.bool)
+    visible[:known] = torch.tensor(shows, dtype=torch.bool)
+    # Rows of the head beyond the tokenizer decode to nothing: never sample them.
+    control.update(range(known, vocab_size))
+    classes = _TokenClasses(
+        control=torch.tensor(sorted(control), dtype=torch.long), visible=visible
+    )
+    with contextlib.suppress(AttributeError):
+        tokenizer._fedsynth_token_classes = ((vocab_size, frozenset(stops)), classes)
+    return classes
+
+
+def _token_shows_text(tokenizer: Any, count: int) -> list[bool]:
+    """Whether each id 0..count-1 shows visible (non-whitespace) text.
+
+    One pass over ``get_vocab()`` where the tokenizer has it: decoding a 262k-entry vocabulary
+    one id at a time takes seconds. Whitespace markers (SentencePiece's ``▁``, byte-level BPE's
+    ``Ġ``/``Ċ``/``ĉ``) count as whitespace, byte-fallback pieces (``<0x0A>``) as no text.
+    """
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None
+    if not vocab:
+        return [bool(tokenizer.decode([i], skip_special_tokens=True).strip()) for i in range(count)]
+    shows = [False] * count
+    for piece, index in vocab.items():
+        if 0 <= index < count:
+            shows[index] = bool(piece.strip(_WHITESPACE)) and not _BYTE_PIECE.fullmatch(piece)
+    return shows
+
+
+def _tokenizer_size(tokenizer: Any) -> int:
+    if hasattr(tokenizer, "__len__"):
+        return len(tokenizer)
+    return int(tokenizer.vocab_size)
 
 
 def _newline_token_ids(tokenizer: Any) -> set[int]:

@@ -32,10 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedsynth.protocol import sqlite_store
 from fedsynth.protocol.errors import (
     BudgetExceededError,
     DuplicateReleaseError,
-    FedSynthError,
     LedgerError,
     RefusalCategory,
 )
@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS releases (
     path TEXT NOT NULL
 )
 """
+
+_FORMAT = sqlite_store.StoreFormat(APPLICATION_ID, SCHEMA_VERSION, _SCHEMA)
 
 FileWriter = Callable[[Path], object]
 """Writes a release file at the given path atomically (temporary file, fsync, rename)."""
@@ -352,68 +354,29 @@ class PrivacyLedger:
         """One transaction (``BEGIN IMMEDIATE`` when writing); any error rolls it back."""
         db = self._open()
         try:
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
+            with sqlite_store.transaction(db, write=write):
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise self._error(exc) from None
-        finally:
-            db.close()
 
     def _open(self) -> sqlite3.Connection:
+        """Open the ledger (created 0600, WAL, FULL sync); a foreign file is refused."""
         try:
-            if not self.path.parent.exists():
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not self.path.exists():
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            sqlite_store.create_private_file(self.path)
         except OSError as exc:
             raise LedgerError(f"ledger {self.path} cannot be created ({exc.strerror})") from None
         try:
-            db = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
+            return sqlite_store.connect(
+                self.path, _FORMAT, timeout_s=self.timeout_s, on_create=self._import_legacy
+            )
         except sqlite3.Error as exc:
             raise self._error(exc) from None
-        try:
-            self._prepare(db)
-        except sqlite3.Error as exc:
-            db.close()
-            raise self._error(exc) from None
-        except FedSynthError:
-            db.close()
-            raise
-        return db
-
-    def _prepare(self, db: sqlite3.Connection) -> None:
-        """Check the file is a fedsynth ledger (creating an empty one), WAL and FULL sync."""
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
-        app_id = db.execute("PRAGMA application_id").fetchone()[0]
-        if app_id == 0:
-            # Create the schema under the write lock, so two first users cannot race.
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                app_id = db.execute("PRAGMA application_id").fetchone()[0]
-                tables = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
-                if app_id == 0 and tables == 0:
-                    db.execute(_SCHEMA)
-                    self._import_legacy(db)
-                    db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                    app_id = APPLICATION_ID
-                db.execute("COMMIT")
-            finally:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if app_id != APPLICATION_ID or version != SCHEMA_VERSION:
+        except sqlite_store.StoreFormatError as exc:
             raise LedgerError(
                 f"ledger {self.path}: not a fedsynth coordinator ledger (application_id="
-                f"{app_id:#x}, schema version {version}; expected {APPLICATION_ID:#x}, "
-                f"{SCHEMA_VERSION})"
-            )
+                f"{exc.application_id:#x}, schema version {exc.schema_version}; expected "
+                f"{APPLICATION_ID:#x}, {SCHEMA_VERSION})"
+            ) from None
 
     def _import_legacy(self, db: sqlite3.Connection) -> None:
         """Carry the rows of a JSON-lines ledger beside this file over (their epsilon stays spent).

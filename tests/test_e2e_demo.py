@@ -61,7 +61,7 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--strength",
         "0.05",
         "--no-baseline",
-        timeout=1500,
+        timeout=2700,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out

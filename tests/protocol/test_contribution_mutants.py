@@ -1,0 +1,153 @@
+"""Edges of the contribution encoding and the release decoder that mutation testing showed untested.
+
+Each test states the behaviour a one-token change of protocol/contribution.py broke without any
+other test failing; see docs/mutation-testing.md for the mutants.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from test_contribution import build_manifest
+
+from fedsynth.protocol.codec import to_field
+from fedsynth.protocol.contribution import (
+    conditional_round,
+    decode_release,
+    encode_contribution,
+    integer_class_sums,
+)
+from fedsynth.protocol.errors import ConfigError, FieldRangeError, ShapeError
+
+
+class _ScriptedRng:
+    """Stands in for a Generator: ``random`` returns the scripted uniforms in order."""
+
+    def __init__(self, *draws: float | list[float]) -> None:
+        self._draws = list(draws)
+        self.calls = 0
+
+    def random(self, shape: tuple[int, ...]) -> np.ndarray:
+        value = self._draws[self.calls]
+        self.calls += 1
+        return np.broadcast_to(np.asarray(value, dtype=np.float64), shape).copy()
+
+
+def test_a_row_rounded_exactly_onto_the_bound_is_kept() -> None:
+    # The accountant assumes norm <= bound: (2.5, 4) rounded up to (3, 4) has norm 5 = bound
+    # and is kept as drawn, without another draw.
+    rng = _ScriptedRng(0.0, 0.99)
+    out = conditional_round(np.array([[2.5, 4.0]]), l2_bound=5.0, rng=rng)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(out, [[3, 4]])
+    assert rng.calls == 1
+
+
+def test_a_redraw_landing_exactly_on_the_bound_is_kept() -> None:
+    # (2.5, 4, 0.5) first rounds to (3, 4, 1), norm 5.10 > 5; the redraw gives (3, 4, 0), norm
+    # exactly 5, which is within the bound and kept. A uniform of exactly 0 (a possible draw)
+    # rounds every fraction up but never an integer coordinate: 4 stays 4 in both draws.
+    rng = _ScriptedRng(0.0, [0.0, 0.0, 0.99])
+    out = conditional_round(np.array([[2.5, 4.0, 0.5]]), l2_bound=5.0, rng=rng)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(out, [[3, 4, 0]])
+    assert rng.calls == 2
+
+
+def test_redraws_round_every_coordinate_independently() -> None:
+    # (0.5, 0.5) under the bound 1: (1, 1) is redrawn, and independent redraws leave the three
+    # accepted outcomes (0, 0), (1, 0), (0, 1) equally likely (1/3 each). One uniform shared by
+    # a whole redraw would only ever give (0, 0) or (1, 1), so (0, 0) would reach 1/2.
+    n = 6000
+    out = conditional_round(
+        np.full((n, 2), 0.5), l2_bound=1.0, rng=np.random.default_rng(21), max_tries=200
+    )
+    share = np.mean((out == 0).all(axis=1))
+    assert abs(share - 1 / 3) < 0.03
+    assert np.mean((out == [1, 0]).all(axis=1)) == pytest.approx(1 / 3, abs=0.03)
+
+
+def test_max_tries_counts_the_redraws_after_the_first_draw() -> None:
+    # (0.5, 0.5) rounds to (1, 1), norm 1.41 > 0.9, on a uniform of 0; to (0, 0) on 0.99.
+    rows = np.array([[0.5, 0.5]])
+    rng = _ScriptedRng(0.0, 0.99)
+    out = conditional_round(rows, l2_bound=0.9, rng=rng, max_tries=1)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(out, [[0, 0]])
+    assert rng.calls == 2
+    with pytest.raises(FieldRangeError, match=r"^1 rows could not be rounded within l2_bound=0.9 "):
+        conditional_round(rows, l2_bound=0.9, rng=_ScriptedRng(0.0, 0.0), max_tries=1)  # type: ignore[arg-type]
+    # Two redraws allowed: the second one succeeds.
+    rng = _ScriptedRng(0.0, 0.0, 0.99)
+    out = conditional_round(rows, l2_bound=0.9, rng=rng, max_tries=2)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(out, [[0, 0]])
+    assert rng.calls == 3
+
+
+def test_a_holder_without_records_of_the_first_class_still_sums_the_others() -> None:
+    manifest, reference = build_manifest(hidden=8)
+    rng = np.random.default_rng(3)
+    n = 5
+    feats = reference[[1] * n] + 0.01 * rng.normal(size=(n, 2, manifest.hidden_size))
+    sums = integer_class_sums(feats, ["neg"] * n, manifest=manifest, reference=reference, rng=rng)
+    assert not sums[0].any()
+    # Independent reference: each record's count coordinate is gamma * scale = 50, an integer,
+    # so it rounds to exactly 50.
+    assert sums[1, -1] == n * manifest.count_weight * manifest.scale
+    assert sums[1, :-1].any()
+
+
+def test_a_feature_shape_error_states_both_shapes() -> None:
+    manifest, reference = build_manifest(hidden=8)
+    feats = np.zeros((4, 3, 8))
+    with pytest.raises(ShapeError, match=re.escape("features shape (3, 8) != manifest's (2, 8)")):
+        integer_class_sums(
+            feats, ["pos"] * 4, manifest=manifest, reference=reference, rng=np.random.default_rng()
+        )
+
+
+def test_the_decoder_names_both_lengths_of_a_wrong_sum() -> None:
+    manifest, _ = build_manifest()
+    with pytest.raises(
+        ShapeError, match=re.escape(f"sum shape ({manifest.dim + 1},) != ({manifest.dim},)")
+    ):
+        decode_release(np.zeros(manifest.dim + 1, dtype=np.uint64), manifest=manifest, survivors=1)
+
+
+def test_central_decoding_without_an_rng_is_refused_saying_why() -> None:
+    manifest, _ = build_manifest(mode="central", total_variance=4.0)
+    with pytest.raises(
+        ConfigError, match=r"^central mode needs an rng for the coordinator's noise$"
+    ):
+        decode_release(np.zeros(manifest.dim, dtype=np.uint64), manifest=manifest, survivors=1)
+
+
+def _corrupt(manifest_dim: int, index: int, value: int, bits: int) -> np.ndarray:
+    ints = np.zeros(manifest_dim, dtype=np.int64)
+    ints[index] = value
+    return to_field(ints, bits=bits)
+
+
+def test_range_refusals_end_by_saying_the_release_is_discarded() -> None:
+    manifest, _ = build_manifest(max_records=10, total_variance=100.0)
+    ending = r"a client sent a malformed input and this release is discarded$"
+    count = manifest.row_dim - 1
+    with pytest.raises(FieldRangeError, match=ending):
+        decode_release(
+            _corrupt(manifest.dim, count, -10_000, manifest.bits), manifest=manifest, survivors=1
+        )
+    with pytest.raises(FieldRangeError, match=r"layer 0 has an L2 norm .*" + ending):
+        decode_release(
+            _corrupt(manifest.dim, 0, 10**7, manifest.bits), manifest=manifest, survivors=1
+        )
+
+
+def test_an_overflow_refusal_says_the_task_needs_more_bits() -> None:
+    manifest, reference = build_manifest(bits=16, scale=100.0, max_records=10, total_variance=1.0)
+    rng = np.random.default_rng(10)
+    feats = reference[[0] * 300] + rng.normal(size=(300, 2, manifest.hidden_size))
+    big = integer_class_sums(feats, ["pos"] * 300, manifest=manifest, reference=reference, rng=rng)
+    with pytest.raises(
+        FieldRangeError,
+        match=r"for K=3 clients without risk of wrapping; the task needs more field bits$",
+    ):
+        encode_contribution(big, manifest=manifest, rng=rng)

@@ -1,0 +1,329 @@
+"""Edges of the secure sum (protocol/secagg) that mutation testing showed untested.
+
+Each test states the behaviour a one-token change of the code broke without any other test
+failing; see docs/mutation-testing.md for the mutants and why each edge matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Mapping
+
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from secagg_harness import Round, make_round
+
+from fedsynth.protocol.errors import (
+    ConfigError,
+    KeyAuthenticationError,
+    ProtocolError,
+    ShareError,
+    StageOrderError,
+    TooFewParticipantsError,
+    TooFewSharesError,
+)
+from fedsynth.protocol.secagg import PublicKeys, SecAggClient, SecAggConfig, shamir
+from fedsynth.protocol.secagg.crypto import combine_secret, combine_secrets, split_secret
+
+# ---------------------------------------------------------------------------------------------
+# Transport forms: a config or a key message from the wire
+# ---------------------------------------------------------------------------------------------
+
+CONFIG = {"session_id": "s", "node_ids": [1, 2, 3], "threshold": 2, "bits": 32, "dim": 4}
+
+
+def test_config_from_the_wire_must_be_a_mapping_and_says_what_it_got() -> None:
+    with pytest.raises(ConfigError, match="config must be a mapping, got list"):
+        SecAggConfig.from_dict([("session_id", "s")])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("node_ids", [{1, 2, 3}, 5, "123", b"\x01\x02\x03"])
+def test_config_from_the_wire_refuses_node_ids_that_are_not_a_list(node_ids: object) -> None:
+    # A set has no order (the Shamir indices follow the order of U1 on every party), an int
+    # or a string is not a participant list: each is a ConfigError naming the field.
+    with pytest.raises(ConfigError, match=r"node_ids must be a list of ints, got "):
+        SecAggConfig.from_dict({**CONFIG, "node_ids": node_ids})
+
+
+def _signed_keys() -> dict[str, object]:
+    rnd = make_round(3, 2)
+    rnd.setup()
+    return dict(rnd.announced[100].to_dict())
+
+
+@pytest.mark.parametrize("dropped", ["enc_pk", "mask_pk"])
+def test_a_key_message_without_either_x25519_key_is_malformed(dropped: str) -> None:
+    data = {k: v for k, v in _signed_keys().items() if k != dropped}
+    with pytest.raises(
+        ProtocolError, match=r"^public keys message must hold 'enc_pk' and 'mask_pk'$"
+    ) as caught:
+        PublicKeys.from_dict(data)
+    assert not isinstance(caught.value, KeyAuthenticationError)
+
+
+def test_a_key_message_that_is_not_a_mapping_is_malformed() -> None:
+    with pytest.raises(
+        ProtocolError, match=r"^public keys message must hold 'enc_pk' and 'mask_pk'$"
+    ):
+        PublicKeys.from_dict([("enc_pk", b"x"), ("mask_pk", b"y")])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dropped", ["name", "sign_pk", "signature"])
+def test_an_unsigned_key_message_is_refused_naming_what_is_missing(dropped: str) -> None:
+    data = {k: v for k, v in _signed_keys().items() if k != dropped}
+    with pytest.raises(KeyAuthenticationError, match=rf"lacks \['{dropped}'\].*must be signed"):
+        PublicKeys.from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exported client state
+# ---------------------------------------------------------------------------------------------
+
+
+def _state_after_share_keys() -> tuple[dict[str, object], Callable[[Mapping[str, object]], object]]:
+    rnd = make_round(3, 2)
+    rnd.setup()
+    rnd.share_keys()
+    roster = rnd.roster
+    assert roster is not None
+    identity = rnd.identities[100]
+
+    def restore(data: Mapping[str, object]) -> object:
+        return SecAggClient.from_state(data, identity=identity, roster=roster)
+
+    return dict(rnd.clients[100].export_state()), restore
+
+
+def test_a_state_with_u1_columns_of_different_lengths_is_refused_naming_them() -> None:
+    state, restore = _state_after_share_keys()
+    names = state["u1_names"]
+    assert isinstance(names, list)
+    with pytest.raises(ProtocolError, match=r"^state fields 'u1_\*' have different lengths$"):
+        restore({**state, "u1_names": names[:-1]})
+
+
+def test_a_state_naming_a_stranger_in_u1_is_refused_as_the_states_fault() -> None:
+    state, restore = _state_after_share_keys()
+    ids = state["u1_ids"]
+    assert isinstance(ids, list)
+    with pytest.raises(ProtocolError, match=r"^state: node 999 is not a participant"):
+        restore({**state, "u1_ids": [*ids[:-1], 999]})
+
+
+def test_a_state_whose_u1_lacks_the_own_node_is_refused() -> None:
+    state, restore = _state_after_share_keys()
+    position = state["u1_ids"].index(100)  # type: ignore[union-attr]
+    columns = ("u1_ids", "u1_enc_pks", "u1_mask_pks", "u1_names", "u1_sign_pks", "u1_signatures")
+    dropped = {
+        name: [v for i, v in enumerate(state[name]) if i != position]  # type: ignore[arg-type]
+        for name in columns
+    }
+    with pytest.raises(ProtocolError, match=r"^state: own node is missing from 'u1_ids'$"):
+        restore({**state, **dropped})
+
+
+def test_a_state_with_unsigned_own_keys_is_refused() -> None:
+    state, restore = _state_after_share_keys()
+    position = state["u1_ids"].index(100)  # type: ignore[union-attr]
+    signatures = list(state["u1_signatures"])  # type: ignore[call-overload]
+    signatures[position] = b""
+    with pytest.raises(ProtocolError, match=r"^state: own announced keys are unsigned$"):
+        restore({**state, "u1_signatures": signatures})
+
+
+# ---------------------------------------------------------------------------------------------
+# Shamir sharing of the round secrets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_one_share_alone_is_used_as_given_and_reveals_nothing() -> None:
+    # combine_secret uses every share it is given: one share of a t = 2 sharing interpolates
+    # to a wrong value, which the integrity check refuses. It is not "too few shares": the
+    # helper must not invent a threshold of its own.
+    secret = bytes(range(32))
+    share = split_secret(secret, 2, 3)[0]
+    with pytest.raises(ShareError, match="at least one share is corrupt") as caught:
+        combine_secret([share], owner=1, what="seed")
+    assert not isinstance(caught.value, TooFewSharesError)
+
+
+def test_lagrange_needs_at_least_one_index_and_says_so() -> None:
+    with pytest.raises(TooFewSharesError, match=r"^no share indices given, need at least 1$"):
+        shamir.lagrange_at_zero([])
+
+
+def test_combine_refuses_a_row_without_one_share_per_index() -> None:
+    with pytest.raises(ShareError, match=r"values\[1\] holds 1 shares, expected 2 \(one per index"):
+        shamir.combine([1, 2], [[3, 4], [5]])
+
+
+@pytest.mark.parametrize("bad", [shamir.PRIME, shamir.PRIME + 7, -1, True, 1.0])
+def test_combine_refuses_a_share_value_outside_the_field(bad: object) -> None:
+    # Values are field elements: p itself, anything above it, a negative number, a bool or a
+    # float is a malformed share, never silently reduced modulo p.
+    with pytest.raises(ShareError, match=r"values\[0\] holds a value outside the field"):
+        shamir.combine([1, 2], [[bad, 5]])  # type: ignore[list-item]
+
+
+def test_combine_accepts_the_field_edges_zero_and_p_minus_one() -> None:
+    # Independent reference: a line through (1, y1) and (2, y2) meets x = 0 at 2*y1 - y2.
+    p = shamir.PRIME
+    for y1, y2 in [(0, 0), (0, p - 1), (p - 1, 0), (p - 1, p - 1), (1, 0)]:
+        assert shamir.combine([1, 2], [[y1, y2]]) == [(2 * y1 - y2) % p]
+
+
+def _shares_of_value(value: int, *, t: int = 2, k: int = 3) -> list[bytes]:
+    rows = shamir.split([value], threshold=t, num=k)
+    return [shamir.encode_share(i + 1, row[0]) for i, row in enumerate(rows)]
+
+
+def test_a_reconstruction_beyond_a_packed_secret_is_refused_as_corrupt() -> None:
+    # p - 1 needs 383 bits, more than the 47 packed bytes of a secret and its check.
+    shares = _shares_of_value(shamir.PRIME - 1)
+    with pytest.raises(
+        ShareError,
+        match=r"^reconstruction of seed of node 4 is not a packed 47-byte secret; "
+        r"at least one share is corrupt$",
+    ):
+        combine_secrets({4: shares[:2]}, threshold=2, what={4: "seed"})
+
+
+def test_a_reconstruction_with_a_wrong_check_is_refused_as_corrupt() -> None:
+    packed = bytes(range(32)) + bytes(15)  # a 32-byte secret with an all-zero (wrong) check
+    shares = _shares_of_value(int.from_bytes(packed, "big"))
+    with pytest.raises(
+        ShareError,
+        match=r"^reconstruction of mask key of node 6 failed its integrity check; "
+        r"at least one share is corrupt$",
+    ):
+        combine_secrets({6: shares[1:]}, threshold=2, what={6: "mask key"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The unmask round at a holder
+# ---------------------------------------------------------------------------------------------
+
+
+def _round_at_unmask(k: int = 4, t: int = 3, absent: tuple[int, ...] = (103,)) -> Round:
+    rnd = make_round(k, t)
+    rnd.setup()
+    rnd.share_keys()
+    rnd.masked_input(absent)
+    rnd.consistency()
+    return rnd
+
+
+def test_unmask_errors_name_the_call_and_the_list_at_fault() -> None:
+    early = make_round(3, 2)
+    with pytest.raises(StageOrderError, match=r"^unmask\(\) called in stage 'setup'"):
+        early.clients[100].unmask([100, 101], [102], signatures={})
+    rnd = _round_at_unmask()
+    holder = rnd.clients[100]
+    with pytest.raises(ProtocolError, match=r"^survivors must be a sequence of node ids"):
+        holder.unmask("100", [103], signatures=rnd.signatures)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match=r"^survivors entry must be an integer node id"):
+        holder.unmask([100, "101"], [103], signatures=rnd.signatures)  # type: ignore[list-item]
+    with pytest.raises(ProtocolError, match=r"^dropped must be a sequence of node ids"):
+        holder.unmask(rnd.survivors, 103, signatures=rnd.signatures)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match=r"^dropped lists node\(s\) \[7\] that did not share"):
+        holder.unmask(rnd.survivors, [7], signatures=rnd.signatures)
+    with pytest.raises(ProtocolError, match=r"refusing to release both shares of the same node$"):
+        holder.unmask(rnd.survivors, [103, 101], signatures=rnd.signatures)
+    with pytest.raises(ProtocolError, match=r"^signatures must be a mapping, got list$"):
+        holder.unmask(rnd.survivors, rnd.dropped, signatures=[])  # type: ignore[arg-type]
+    # Nothing was released by any refusal: the holder still answers the honest request.
+    assert set(holder.unmask(rnd.survivors, rnd.dropped, signatures=rnd.signatures)) == {
+        100,
+        101,
+        102,
+        103,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Signed statements, checked against their documented byte layout (independent reference)
+# ---------------------------------------------------------------------------------------------
+
+
+def _session(session_id: str) -> bytes:
+    raw = session_id.encode("utf-8")
+    return struct.pack(">I", len(raw)) + raw
+
+
+def _verifies(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def test_a_consistency_signature_covers_the_documented_survivor_layout() -> None:
+    # tag || 0x00 || len32(session) || session || SHA-256 config digest || len32(U3) ||
+    # u64 of every survivor, ascending: what another implementation of the coordinator checks.
+    rnd = _round_at_unmask(k=5, t=3, absent=(104,))
+    cfg = rnd.config
+    digest = hashlib.sha256(
+        b"fedsynth/secagg/config\x00"
+        + json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    ).digest()
+    survivors = sorted(rnd.survivors)
+    message = (
+        b"fedsynth/secagg/v2/survivors\x00"
+        + _session(cfg.session_id)
+        + digest
+        + struct.pack(">I", len(survivors))
+        + b"".join(struct.pack(">Q", n) for n in survivors)
+    )
+    for node, signature in rnd.signatures.items():
+        assert _verifies(rnd.identities[node].public_key, signature, message)
+    # The set is what is signed: the same bytes over another survivor set do not verify.
+    other = (
+        message[: -8 * len(survivors) - 4]
+        + struct.pack(">I", 3)
+        + b"".join(struct.pack(">Q", n) for n in survivors[:3])
+    )
+    assert not _verifies(rnd.identities[100].public_key, rnd.signatures[100], other)
+
+
+def test_round_keys_are_signed_over_the_documented_layout() -> None:
+    # tag || 0x00 || len32(session) || session || config digest || u64(node) || enc_pk ||
+    # mask_pk || len16(name) || name.
+    rnd = make_round(3, 2)
+    rnd.setup()
+    cfg = rnd.config
+    for node, keys in rnd.announced.items():
+        name = keys.name.encode("utf-8")
+        message = (
+            b"fedsynth/secagg/v2/round-keys\x00"
+            + _session(cfg.session_id)
+            + cfg.digest()
+            + struct.pack(">Q", node)
+            + keys.enc_pk
+            + keys.mask_pk
+            + struct.pack(">H", len(name))
+            + name
+        )
+        assert _verifies(rnd.identities[node].public_key, keys.signature, message)
+
+
+def test_consistency_errors_name_the_call_and_what_is_wrong() -> None:
+    early = make_round(3, 2)
+    with pytest.raises(StageOrderError, match=r"^consistency\(\) called in stage 'setup'"):
+        early.clients[100].consistency([100, 101])
+    rnd = make_round(4, 3)
+    rnd.setup()
+    rnd.share_keys()
+    rnd.masked_input()
+    holder = rnd.clients[100]
+    with pytest.raises(ProtocolError, match=r"^node 100 is not listed among the survivors$"):
+        holder.consistency([101, 102, 103])
+    with pytest.raises(TooFewParticipantsError, match=r"^2 survivors, threshold t=3$"):
+        holder.consistency([100, 101])
+    with pytest.raises(ProtocolError, match=r"^survivors lists a node more than once"):
+        holder.consistency([100, 101, 101])
+    # None of the refusals signed anything: the honest survivor set is still signed once.
+    assert len(holder.consistency(rnd.survivors)) == 64
