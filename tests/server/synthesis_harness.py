@@ -9,25 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import numpy as np
+import releases
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fedsynth.protocol.contribution import DecodedRelease
-from fedsynth.protocol.features import PromptTemplate
-from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, array_sha256
 from fedsynth.protocol.models import LoadedModel
 from fedsynth.protocol.wire import synthesis_pb2 as pb
-from fedsynth.server.release import Release, make_release, save_release
-from fedsynth.server.secure_round import RoundResult
+from fedsynth.server.release import Release, save_release
 
-TEMPLATE = PromptTemplate(
-    instruction="A {label} review: ",
-    label_names=(("pos", "positive"), ("neg", "negative"), ("mix", "mixed")),
-)
-LAYERS = (1, 2)
 TOKEN = "consumer-token-0123456789abcdef"
 OTHER_TOKEN = "second-consumer-token-fedcba9876543210"
 SERVICE = "/fedsynth.synthesis.v1.Synthesis/"
@@ -36,42 +27,8 @@ SERVICE = "/fedsynth.synthesis.v1.Synthesis/"
 def make_test_release(
     loaded: LoadedModel, *, release_id: str = "release-1", mode: str = "distributed"
 ) -> Release:
-    """A three-label release made the way the coordinator makes one (stand-in noise values)."""
-    reference = np.zeros((3, len(LAYERS), loaded.hidden_size), dtype=np.float32)
-    manifest = TaskManifest(
-        task_id=release_id,
-        model_name=loaded.name,
-        model_fingerprint=loaded.fingerprint,
-        hidden_size=loaded.hidden_size,
-        template=TEMPLATE,
-        layers=LAYERS,
-        max_text_tokens=16,
-        clip_norms=(2.0, 3.0),
-        residual_norms=(5.0, 7.0),
-        count_weight=0.5,
-        scale=1000.0,
-        bits=64,
-        node_ids=(1, 2, 3, 4),
-        privacy=PrivacySpec(
-            epsilon=2.0,
-            delta=1e-5,
-            mode=mode,
-            threshold=2,
-            total_variance=400.0,
-            noise_multiplier=1.0,
-            l2_sensitivity=20.0,
-            l1_sensitivity=200.0,
-            accountant="rdp",
-        ),
-        reference_sha256=array_sha256(reference),
-    )
-    rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(3, len(LAYERS), loaded.hidden_size)).astype(np.float32)
-    decoded = DecodedRelease(vectors=vectors, counts=np.array([12.5, 7.25, 1.0]))
-    result = RoundResult(
-        field_sum=np.zeros(manifest.dim, dtype=np.uint64), survivors=[1, 2, 3], dropped=[4]
-    )
-    return make_release(manifest, decoded, result, model_name=loaded.name)
+    """A three-label release made the way the coordinator makes one (no refusals reported)."""
+    return releases.make_test_release(loaded, release_id=release_id, mode=mode, refusals={})
 
 
 def tamper(path: Path) -> None:

@@ -9,19 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from releases import LAYERS, make_manifest, make_test_release
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from scipy.stats import chisquare
 
-from fedsynth.protocol.contribution import DecodedRelease
 from fedsynth.protocol.errors import (
     BudgetExceededError,
     ConfigError,
     ModelMismatchError,
     ReleaseIntegrityError,
 )
-from fedsynth.protocol.features import PromptTemplate
-from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, array_sha256
 from fedsynth.protocol.mechanisms import trust_statement
 from fedsynth.protocol.models import LoadedModel, decoder_layers, tiny_model
 from fedsynth.server.generation import (
@@ -36,20 +34,12 @@ from fedsynth.server.release import (
     RELEASE_FORMAT,
     Release,
     load_release,
-    make_release,
     privacy_report,
     release_digest,
     save_release,
 )
 from fedsynth.server.secure_round import RoundResult
 from fedsynth.server.synthesize import generate_from_release, iter_release_samples
-
-TEMPLATE = PromptTemplate(
-    instruction="A {label} review: ",
-    label_names=(("pos", "positive"), ("neg", "negative"), ("mix", "mixed")),
-)
-LAYERS = (1, 2)
-
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -62,53 +52,6 @@ def llama() -> LoadedModel:
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def tiny(request: pytest.FixtureRequest, llama: LoadedModel) -> LoadedModel:
     return llama if request.param == "llama" else tiny_model(seed=0, arch="gpt2")
-
-
-def make_manifest(
-    loaded: LoadedModel, *, epsilon: float = 2.0, mode: str = "distributed"
-) -> TaskManifest:
-    reference = np.zeros((3, len(LAYERS), loaded.hidden_size), dtype=np.float32)
-    return TaskManifest(
-        task_id="release-1",
-        model_name=loaded.name,
-        model_fingerprint=loaded.fingerprint,
-        hidden_size=loaded.hidden_size,
-        template=TEMPLATE,
-        layers=LAYERS,
-        max_text_tokens=16,
-        clip_norms=(2.0, 3.0),
-        residual_norms=(5.0, 7.0),
-        count_weight=0.5,
-        scale=1000.0,
-        bits=64,
-        node_ids=(1, 2, 3, 4),
-        privacy=PrivacySpec(
-            epsilon=epsilon,
-            delta=1e-5,
-            mode=mode,
-            threshold=2,
-            total_variance=0.0 if math.isinf(epsilon) else 400.0,
-            noise_multiplier=1.0,
-            l2_sensitivity=20.0,
-            l1_sensitivity=200.0,
-            accountant="rdp",
-        ),
-        reference_sha256=array_sha256(reference),
-    )
-
-
-def make_test_release(loaded: LoadedModel, *, epsilon: float = 2.0) -> Release:
-    manifest = make_manifest(loaded, epsilon=epsilon)
-    rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(3, len(LAYERS), loaded.hidden_size)).astype(np.float32)
-    decoded = DecodedRelease(vectors=vectors, counts=np.array([12.5, 7.25, 1.0]))
-    result = RoundResult(
-        field_sum=np.zeros(manifest.dim, dtype=np.uint64),
-        survivors=[1, 2, 3],
-        dropped=[4],
-        refusals={4: "masked_input: gone"},
-    )
-    return make_release(manifest, decoded, result, model_name=loaded.name)
 
 
 # ---------------------------------------------------------------------------------------------
