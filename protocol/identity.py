@@ -22,7 +22,7 @@ import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -58,6 +58,29 @@ ROSTER_FILE: Final = "roster.json"
 _ROSTER_FORMAT: Final = "fedsynth-roster"
 _ROSTER_VERSION: Final = 1
 _NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+
+
+def holder_entries(text: str, *, what: str, form: str, version: int) -> list[Any]:
+    """The ``holders`` list of a versioned JSON document (roster, consortium file).
+
+    Raises:
+        IdentityError: Not JSON, not an object of format ``form``, another version, or no
+            ``holders`` list (naming ``what`` and the field).
+    """
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        raise IdentityError(f"{what} is not valid JSON") from None
+    if not isinstance(data, dict) or data.get("format") != form:
+        raise IdentityError(f"{what} must be a JSON object with format={form!r}")
+    if data.get("version") != version:
+        raise IdentityError(
+            f"{what} version={data.get('version')!r} is not supported (expected {version})"
+        )
+    holders = data.get("holders")
+    if not isinstance(holders, list):
+        raise IdentityError(f"{what} field 'holders' must be a list")
+    return holders
 
 
 def check_holder_name(name: object, field: str = "name") -> str:
@@ -267,20 +290,7 @@ class Roster:
             IdentityError: If the text is not a roster, or a name or key is malformed or
                 repeated.
         """
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, TypeError):
-            raise IdentityError("roster is not valid JSON") from None
-        if not isinstance(data, dict) or data.get("format") != _ROSTER_FORMAT:
-            raise IdentityError(f"roster must be a JSON object with format={_ROSTER_FORMAT!r}")
-        if data.get("version") != _ROSTER_VERSION:
-            raise IdentityError(
-                f"roster version={data.get('version')!r} is not supported "
-                f"(expected {_ROSTER_VERSION})"
-            )
-        holders = data.get("holders")
-        if not isinstance(holders, list):
-            raise IdentityError("roster field 'holders' must be a list")
+        holders = holder_entries(text, what="roster", form=_ROSTER_FORMAT, version=_ROSTER_VERSION)
         members: dict[str, bytes] = {}
         for index, entry in enumerate(holders):
             if not isinstance(entry, dict) or set(entry) != {"name", "public_key"}:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Final
 
 from fedsynth.protocol.errors import CertificateError, IdentityError
-from fedsynth.protocol.identity import ROSTER_FILE, Roster, check_holder_name
+from fedsynth.protocol.identity import ROSTER_FILE, Roster, check_holder_name, holder_entries
 from fedsynth.protocol.node_keys import (
     node_key_fingerprint,
     parse_node_public_key,
@@ -246,20 +246,7 @@ class Consortium:
             IdentityError: If the text is not a consortium file, or an entry is malformed or
                 repeated (naming the entry and the field).
         """
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, TypeError):
-            raise IdentityError("consortium file is not valid JSON") from None
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
-            raise IdentityError(f"consortium file must be a JSON object with format={_FORMAT!r}")
-        if data.get("version") != _VERSION:
-            raise IdentityError(
-                f"consortium file version={data.get('version')!r} is not supported "
-                f"(expected {_VERSION})"
-            )
-        holders = data.get("holders")
-        if not isinstance(holders, list):
-            raise IdentityError("consortium file field 'holders' must be a list")
+        holders = holder_entries(text, what="consortium file", form=_FORMAT, version=_VERSION)
         members: list[Member] = []
         for index, entry in enumerate(holders):
             if not isinstance(entry, dict) or set(entry) != _MEMBER_KEYS:
