@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ def connect(
     """
     db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
     try:
+        _enter_wal(db, deadline=time.monotonic() + timeout_s)
         _prepare(db, store, on_create)
     except BaseException:
         db.close()
@@ -78,12 +80,33 @@ def connect(
     return db
 
 
+def _enter_wal(db: sqlite3.Connection, *, deadline: float) -> None:
+    """Switch the file to WAL, waiting while another process does the same.
+
+    Turning a new, empty file to WAL writes its header, and SQLite answers a concurrent
+    switch with "database is locked" at once instead of calling the busy handler; two first
+    users of a store would then fail. A file already in WAL is left alone.
+    """
+    delay = 0.002
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            busy = code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
 def _prepare(
     db: sqlite3.Connection,
     store: StoreFormat,
     on_create: Callable[[sqlite3.Connection], None] | None,
 ) -> None:
-    db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = FULL")
     app_id = db.execute("PRAGMA application_id").fetchone()[0]
     if app_id == 0:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,50 @@ def test_a_transaction_rolls_back_on_error_and_commits_otherwise(tmp_path: Path)
         db.execute("INSERT INTO a VALUES (2)")
     with sqlite_store.transaction(_open(path), write=False) as db:
         assert db.execute("SELECT x FROM a").fetchall() == [(2,)]
+
+
+FIRST_USERS = """
+import os
+import sys
+import time
+from pathlib import Path
+from fedsynth.protocol import sqlite_store
+
+folder, name, peers = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+store = sqlite_store.StoreFormat(0x54455354, 3, "CREATE TABLE a (x INTEGER)")
+for r in range(int(sys.argv[4])):
+    (folder / f"ready-{r}-{name}").touch()
+    while not all((folder / f"ready-{r}-{peer}").exists() for peer in peers):
+        time.sleep(0)
+    path = folder / f"store-{r}.sqlite"
+    sqlite_store.create_private_file(path)
+    db = sqlite_store.connect(path, store, timeout_s=30.0)
+    with sqlite_store.transaction(db, write=True):
+        db.execute("INSERT INTO a VALUES (?)", (r,))
+print("done")
+"""
+
+
+def test_first_users_racing_to_create_a_store_wait_instead_of_failing(tmp_path: Path) -> None:
+    # Turning a new empty file to WAL while another process does the same answered "database
+    # is locked" at once (no busy handler): two first users of a ledger failed.
+    names = ["p", "q", "r"]
+    rounds = 40
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FIRST_USERS, str(tmp_path), name, ",".join(names), str(rounds)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.strip() == "done"
+    for r in range(rounds):
+        db = _open(tmp_path / f"store-{r}.sqlite")
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT COUNT(*) FROM a").fetchone()[0] == len(names)
+        db.close()
