@@ -28,7 +28,7 @@ from fedsynth.server.ledger import PrivacyLedger
 pytestmark = pytest.mark.slow
 
 ALPHA = 0.01
-SAMPLES_PER_LABEL = 200
+SAMPLES_PER_LABEL = 120
 PRIVATE_PER_LABEL = 2000
 HELDOUT_PER_LABEL = 40
 

@@ -95,7 +95,10 @@ folder, name, peers = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
 store = sqlite_store.StoreFormat(0x54455354, 3, "CREATE TABLE a (x INTEGER)")
 for r in range(int(sys.argv[4])):
     (folder / f"ready-{r}-{name}").touch()
+    deadline = time.monotonic() + 60
     while not all((folder / f"ready-{r}-{peer}").exists() for peer in peers):
+        if time.monotonic() > deadline:
+            sys.exit(f"round {r}: a peer never came")
         time.sleep(0)
     path = folder / f"store-{r}.sqlite"
     sqlite_store.create_private_file(path)
@@ -120,10 +123,15 @@ def test_first_users_racing_to_create_a_store_wait_instead_of_failing(tmp_path: 
         )
         for name in names
     ]
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        assert out.strip() == "done"
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            assert out.strip() == "done"
+    finally:
+        for proc in procs:  # a failed peer must not leave the others spinning
+            proc.kill()
+            proc.wait()
     for r in range(rounds):
         db = _open(tmp_path / f"store-{r}.sqlite")
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
