@@ -4,6 +4,7 @@ Prints examples/s of (a) the model's full batched forward pass over the same pro
 same forward stopped after the last feature layer, and (c) the whole client contribution
 (features + clipping + per-record rounding + noise share + secure-sum masking), and the ratios
 (c)/(a) and (c)/(b). Target: (c)/(a) >= 0.9. Run: python benchmarks/bench_contribution.py
+(``figures(quick)`` gives the same numbers to ``python -m benchmarks``.)
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +28,12 @@ from fedsynth.protocol.models import decoder_layers, load_model
 from fedsynth.protocol.secagg import SecAggClient
 from fedsynth.simulations.datasets import load_corpus
 from fedsynth.simulations.demo import TEMPLATES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
+from benchmarks.common import QUICK_MODEL, QUICK_NOTE, Figure, compared, info
+
+DEFAULT_LAYERS = (8, 9, 10, 11)
+QUICK_LAYERS = (1, 2)
 
 
 def bare_forward(loaded, texts, labels, spec, *, stop_layer: int | None) -> None:
@@ -60,18 +70,35 @@ def bare_forward(loaded, texts, labels, spec, *, stop_layer: int | None) -> None
             handle.remove()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
-    loaded = load_model()
+@dataclass
+class Rates:
+    """Examples/s of the three measured paths (best of the repeats) and the run's settings."""
+
+    model: str
+    n: int
+    batch_size: int
+    repeats: int
+    full_forward: float
+    truncated_forward: float
+    contribution: float
+
+
+def measure(
+    model: str | None = None,
+    *,
+    n: int = 256,
+    repeats: int = 2,
+    layers: tuple[int, ...] = DEFAULT_LAYERS,
+    batch_size: int = 32,
+) -> Rates:
+    """Time the full forward, the truncated forward and the whole contribution on ``n`` texts."""
+    loaded = load_model(model) if model else load_model()
     template = TEMPLATES["rotten_tomatoes"]
-    records = load_corpus("rotten_tomatoes").records[: args.n]
+    records = load_corpus("rotten_tomatoes").records[:n]
     texts, labels = [r.text for r in records], [r.label for r in records]
-    spec = FeatureSpec(template, (8, 9, 10, 11), 64, 32)
+    spec = FeatureSpec(template, layers, 64, batch_size)
     hidden = loaded.hidden_size
-    reference = np.zeros((2, 4, hidden), dtype=np.float32)
+    reference = np.zeros((2, len(layers), hidden), dtype=np.float32)
     node_ids = (1, 2, 3)
     manifest = TaskManifest(
         task_id="bench",
@@ -81,8 +108,8 @@ def main() -> None:
         template=template,
         layers=spec.layers,
         max_text_tokens=64,
-        clip_norms=(1000.0,) * 4,
-        residual_norms=(1.0,) * 4,
+        clip_norms=(1000.0,) * len(layers),
+        residual_norms=(1.0,) * len(layers),
         count_weight=0.5,
         scale=1000.0,
         bits=64,
@@ -127,7 +154,7 @@ def main() -> None:
         "client contribution": [],
     }
     bare_forward(loaded, texts[:32], labels[:32], spec, stop_layer=None)  # warm-up
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, fn in (
             ("full forward", lambda: bare_forward(loaded, texts, labels, spec, stop_layer=None)),
             (
@@ -139,10 +166,61 @@ def main() -> None:
             t0 = time.perf_counter()
             fn()
             timings[name].append(time.perf_counter() - t0)
-    rate = {k: args.n / min(v) for k, v in timings.items()}
+    rate = {k: len(texts) / min(v) for k, v in timings.items()}
+    return Rates(
+        model=loaded.name,
+        n=len(texts),
+        batch_size=spec.batch_size,
+        repeats=repeats,
+        full_forward=rate["full forward"],
+        truncated_forward=rate["truncated forward"],
+        contribution=rate["client contribution"],
+    )
+
+
+def figures(quick: bool) -> list[Figure]:
+    """Contribution examples/s against the full and the truncated forward pass."""
+    if quick:
+        r = measure(QUICK_MODEL, n=32, repeats=1, layers=QUICK_LAYERS, batch_size=16)
+    else:
+        r = measure()
+    where = f"{r.model}, {r.n} examples, batch {r.batch_size}, best of {r.repeats}"
+    return [
+        compared(
+            "contribution",
+            "client contribution vs full batched forward",
+            r.contribution,
+            "examples/s",
+            baseline=r.full_forward,
+            judge=not quick,
+            at_least=0.9,
+            note=f"{where}. {QUICK_NOTE}" if quick else where,
+        ),
+        info(
+            "contribution",
+            "client contribution vs forward stopped after the last feature layer",
+            r.contribution,
+            "examples/s",
+            baseline=r.truncated_forward,
+            note=where,
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    r = measure(n=args.n, repeats=args.repeats)
+    rate = {
+        "full forward": r.full_forward,
+        "truncated forward": r.truncated_forward,
+        "client contribution": r.contribution,
+    }
     print(
-        f"model {loaded.name}, {args.n} examples, batch {spec.batch_size}, "
-        f"{torch.get_num_threads()} threads, best of {args.repeats}"
+        f"model {r.model}, {r.n} examples, batch {r.batch_size}, "
+        f"{torch.get_num_threads()} threads, best of {r.repeats}"
     )
     for k, v in rate.items():
         print(f"  {k:22s} {v:8.1f} examples/s")

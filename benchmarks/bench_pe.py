@@ -20,11 +20,14 @@ before its masked_input stage and printed next to its times (a hit is what every
 deployment, one node per process). Round 2 runs in reverse node order, so even a cache that
 held a single data file would serve the node embedded last in round 1.
 Run: python benchmarks/bench_pe.py [--threads 2] [--per-label 10] [--private-per-label 500]
+(``figures(quick)`` gives the same numbers to ``python -m benchmarks``; quick runs the tiny
+model as generator and a hashing embedder.)
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -64,9 +67,14 @@ from fedsynth.simulations.datasets import (
 )
 from fedsynth.simulations.demo import TEMPLATES
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
+from benchmarks.common import QUICK_MODEL, QUICK_NOTE, Figure, compared, info
+
 STAGES = tuple(stage.value for stage in ROUND_STAGES)
 EMBEDDER = "all-minilm-l6-v2"
+GENERATOR = "gemma3-270m"
 CORPUS = "rotten_tomatoes"
+QUICK_EMBEDDER = "hashing-64"
 
 
 @dataclass
@@ -205,40 +213,69 @@ def measure_bare(
             runs[node_id].append(time.perf_counter() - t0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--per-label", type=int, default=10, help="candidates N per label")
-    parser.add_argument(
-        "--private-per-label",
-        type=int,
-        default=500,
-        help="private records per label, split IID among the clients",
-    )
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=VariationConfig().generation.max_new_tokens,
-        help="generation budget of the random and variation APIs",
-    )
-    parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--epsilon", type=float, default=4.0)
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="bare-embedder runs per client before and after round 1 (median is used)",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+@dataclass(frozen=True)
+class Options:
+    """What one benchmark run measures (the command-line options)."""
 
+    per_label: int = 10
+    private_per_label: int = 500
+    max_new_tokens: int = VariationConfig().generation.max_new_tokens
+    clients: int = 3
+    epsilon: float = 4.0
+    repeats: int = 1
+    seed: int = 0
+    embedder: str = EMBEDDER
+    generator: str = GENERATOR
+
+
+@dataclass
+class Measurement:
+    """Everything two measured PE rounds produced."""
+
+    args: Options
+    ids: list[int]
+    n_texts: dict[int, int]
+    round1: RoundOutcome
+    round2: RoundOutcome
+    bare_runs: dict[int, list[float]]
+    bare_s: dict[int, float]
+    embedder_load_s: float
+    model_load_s: float
+    random_s: float
+    vary_s: float
+
+    @property
+    def bare_rate(self) -> float:
+        """Bare embedder texts/s over every client's texts (median runs)."""
+        return sum(self.n_texts.values()) / sum(self.bare_s.values())
+
+    @property
+    def round1_rate(self) -> float:
+        """Client texts/s of the whole first round (all four stages, every client)."""
+        return sum(self.n_texts.values()) / self.round1.log.all_clients_s()
+
+    @property
+    def key_bytes(self) -> int:
+        """Key material one client uploads in round 1 (setup, share_keys, unmask replies)."""
+        b = self.round1.log.reply_bytes[self.ids[0]]
+        return b["setup"] + b["share_keys"] + b["unmask"]
+
+    @property
+    def cached_later_s(self) -> float | None:
+        """Mean round-2 seconds of the clients served from the embedding cache (None: none)."""
+        hits = [n for n in self.ids if self.round2.log.cache_hit[n]]
+        if not hits:
+            return None
+        return float(np.mean([self.round2.log.client_s(n) for n in hits]))
+
+
+def measure(args: Options) -> Measurement:
+    """Two real PE rounds (see the module docstring); the clients' and coordinator's costs."""
     t0 = time.perf_counter()
-    embedder = load_embedder(EMBEDDER, None)  # the same cached object the voters load
+    embedder = load_embedder(args.embedder, None)  # the same cached object the voters load
     embedder_load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    loaded = load_model("gemma3-270m")
+    loaded = load_model(args.generator)
     model_load_s = time.perf_counter() - t0
     template = TEMPLATES[CORPUS]
     corpus = load_corpus(CORPUS)
@@ -272,7 +309,7 @@ def main() -> None:
             write_jsonl(records, path)
             settings = ClientSettings(
                 data_path=path,
-                embedder=EMBEDDER,
+                embedder=args.embedder,
                 policy=ClientPolicy(allow_non_private=True),
                 seed=args.seed + index,
                 identity=identity,
@@ -310,8 +347,32 @@ def main() -> None:
         vary_s = time.perf_counter() - t0
         round2 = run_round(nodes, ids[::-1], config, population, round_number=2, embedder=embedder)
 
+    return Measurement(
+        args=args,
+        ids=ids,
+        n_texts={n: len(nodes[n].texts) for n in ids},
+        round1=round1,
+        round2=round2,
+        bare_runs=bare_runs,
+        bare_s=bare_s,
+        embedder_load_s=embedder_load_s,
+        model_load_s=model_load_s,
+        random_s=random_s,
+        vary_s=vary_s,
+    )
+
+
+def report(m: Measurement) -> None:
+    """Print the per-stage tables and the summary (what ``main`` shows)."""
+    args, ids, n_texts, round1, round2 = m.args, m.ids, m.n_texts, m.round1, m.round2
+    bare_runs, bare_s = m.bare_runs, m.bare_s
+    embedder_load_s, model_load_s, random_s, vary_s = (
+        m.embedder_load_s,
+        m.model_load_s,
+        m.random_s,
+        m.vary_s,
+    )
     # ---------------------------------------------------------------------------- report
-    n_texts = {n: len(nodes[n].texts) for n in ids}
     dim = round1.manifest.dim
     raw = dim * 4
     print(
@@ -407,6 +468,125 @@ def main() -> None:
     vwidth = max(len(r[1]) for r in rows)
     for name, value, target in rows:
         print(f"  {name:<{width}s}  {value:<{vwidth}s}  target {target}")
+
+
+def figures(quick: bool) -> list[Figure]:
+    """Client throughput vs the bare embedder, upload bytes, coordinator seconds per round."""
+    if quick:
+        options = Options(
+            per_label=3,
+            private_per_label=12,
+            max_new_tokens=8,
+            embedder=QUICK_EMBEDDER,
+            generator=QUICK_MODEL,
+        )
+    else:
+        options = Options()
+    m = measure(options)
+    where = (
+        f"{options.clients} clients, {sum(m.n_texts.values())} private texts, "
+        f"N={options.per_label}/label, {options.embedder}, generator {options.generator}"
+    )
+    note = f"{where}. {QUICK_NOTE}" if quick else where
+    raw = m.round1.manifest.dim * 4
+    first = m.ids[0]
+    masked = m.round1.log.masked_bytes[first]
+    out = [
+        compared(
+            "pe",
+            "client round 1 (embed, vote, noise, mask) vs bare embedder",
+            m.round1_rate,
+            "texts/s",
+            baseline=m.bare_rate,
+            judge=not quick,
+            at_least=0.9,
+            note=note,
+        ),
+        compared(
+            "pe",
+            "masked vector uploaded vs raw int32 histogram",
+            float(masked),
+            "B",
+            baseline=float(raw),
+            at_most=1.1,
+            note=f"histogram dim {m.round1.manifest.dim}, {m.round1.manifest.bits}-bit field",
+        ),
+        info(
+            "pe",
+            f"key material per client per round (K={options.clients})",
+            float(m.key_bytes),
+            "B",
+            target="O(K)",
+            note=f"{m.key_bytes / (options.clients - 1):.0f} B per peer",
+        ),
+        info(
+            "pe",
+            "coordinator generation per round (variations + embedding)",
+            m.vary_s + m.round2.embed_s,
+            "s",
+            note=note,
+        ),
+        info(
+            "pe",
+            "coordinator aggregation per round (secure sum + decode)",
+            m.round2.aggregation_s,
+            "s",
+        ),
+    ]
+    later = m.cached_later_s
+    if later is not None:
+        hits = [n for n in m.ids if m.round2.log.cache_hit[n]]
+        out.append(
+            info(
+                "pe",
+                "client later round, embeddings cached, vs round 1",
+                later,
+                "s",
+                baseline=float(np.mean([m.round1.log.client_s(n) for n in hits])),
+                note=f"{len(hits)} of {len(m.ids)} clients served from the cache",
+            )
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--per-label", type=int, default=10, help="candidates N per label")
+    parser.add_argument(
+        "--private-per-label",
+        type=int,
+        default=500,
+        help="private records per label, split IID among the clients",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=VariationConfig().generation.max_new_tokens,
+        help="generation budget of the random and variation APIs",
+    )
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--epsilon", type=float, default=4.0)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="bare-embedder runs per client before and after round 1 (median is used)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = Options(
+        per_label=args.per_label,
+        private_per_label=args.private_per_label,
+        max_new_tokens=args.max_new_tokens,
+        clients=args.clients,
+        epsilon=args.epsilon,
+        repeats=args.repeats,
+        seed=args.seed,
+    )
+    report(measure(options))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ at scale): at K = 100, d = 65,537 under 2 s of coordinator time and under 0.5 s 
 upload <= 1.05x the raw vector plus O(K) key material.
 
 Run: python benchmarks/bench_secagg.py [--quick] [--dim D] [--json PATH] [--plot PATH]
+(``figures(quick)`` gives the same numbers to ``python -m benchmarks``.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +41,9 @@ from fedsynth.protocol.secagg import (
     SecAggServer,
     min_safe_threshold,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
+from benchmarks.common import Figure, compared, info
 
 STAGES = ("setup", "share_keys", "masked_input", "consistency", "unmask")
 T = TypeVar("T")
@@ -61,6 +66,7 @@ class RoundCost:
     upload_bytes: float
     raw_bytes: int
     upload_ratio: float
+    masked_bytes: float
     key_material_bytes: float
     numpy_sum_s: float
 
@@ -111,6 +117,7 @@ def run_round(k: int, dim: int, bits: int, drop_fraction: float, seed: int) -> R
     server = SecAggServer(config, roster=roster)
     clock = Clock()
     upload = dict.fromkeys(nodes, 0)
+    masked_sent: dict[int, int] = {}
     high = np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(2**64 - 1)
 
     announced: dict[int, PublicKeys] = {}
@@ -138,6 +145,7 @@ def run_round(k: int, dim: int, bits: int, drop_fraction: float, seed: int) -> R
         sent = field_to_bytes(masked, bits=bits)
         raw_bytes = len(field_to_bytes(value, bits=bits))
         upload[n] += len(sent)
+        masked_sent[n] = len(sent)
         clock.run("masked_input", "server", lambda n=n, m=masked: server.receive_masked_input(n, m))
         secagg_crypto.add_inplace(expected, value, bits)
         vectors.append(value)
@@ -168,6 +176,7 @@ def run_round(k: int, dim: int, bits: int, drop_fraction: float, seed: int) -> R
     client_times = [clock.party.get(n, 0.0) for n in nodes]
     survivor_upload = [upload[n] for n in survivors]
     mean_upload = statistics.fmean(survivor_upload)
+    mean_masked = statistics.fmean(masked_sent[n] for n in survivors)
     return RoundCost(
         k=k,
         t=t,
@@ -182,7 +191,8 @@ def run_round(k: int, dim: int, bits: int, drop_fraction: float, seed: int) -> R
         upload_bytes=mean_upload,
         raw_bytes=raw_bytes,
         upload_ratio=mean_upload / raw_bytes,
-        key_material_bytes=mean_upload - raw_bytes,
+        masked_bytes=mean_masked,
+        key_material_bytes=mean_upload - mean_masked,
         numpy_sum_s=numpy_s,
     )
 
@@ -229,7 +239,7 @@ def print_targets(rows: Sequence[RoundCost], dim: int) -> None:
         )
     for r in rows:
         if r.dropped == 0:
-            vector_ratio = 1.0  # the masked vector is exactly as long as the raw one
+            vector_ratio = r.masked_bytes / r.raw_bytes
             print(
                 f"  K={r.k:3d}: upload {r.upload_bytes:.0f} B = {vector_ratio:.2f} x raw vector "
                 f"({r.raw_bytes} B) + {r.key_material_bytes:.0f} B key material "
@@ -266,6 +276,89 @@ def plot(rows: Sequence[RoundCost], path: Path, drop_fraction: float) -> None:
     fig.savefig(path, dpi=120)
 
 
+def measure(
+    ks: Sequence[int], dim: int, bits: int, dropout: float, repeats: int
+) -> list[RoundCost]:
+    """One median round per K, once with every holder surviving and once with ``dropout``."""
+    rows: list[RoundCost] = []
+    for k in ks:
+        for drop in (0.0, dropout):
+            rows.append(median_round(k, dim, bits, drop, repeats))
+    return rows
+
+
+TARGET_K = 100
+TARGET_DIM = 65_537
+QUICK_KS = (5, 10)
+QUICK_DIM = 4096
+FULL_KS = (10, 20, 50, 100)
+
+
+def figures(quick: bool) -> list[Figure]:
+    """Coordinator and client seconds per K (with and without 20 % dropout), upload bytes."""
+    ks, dim = (QUICK_KS, QUICK_DIM) if quick else (FULL_KS, TARGET_DIM)
+    rows = measure(ks, dim, bits=64, dropout=0.2, repeats=1)
+    out: list[Figure] = []
+    for r in rows:
+        at_target = r.k == TARGET_K and r.dim == TARGET_DIM
+        where = f"K={r.k}, d={r.dim}, {r.dropped} dropped"
+        note = "" if at_target else "target stated for K = 100, d = 65,537: not judged here"
+        out.append(
+            compared(
+                "secagg",
+                f"coordinator time per round ({where})",
+                r.coordinator_s,
+                "s",
+                at_most=2.0,
+                judge=at_target,
+                note=note,
+            )
+        )
+        out.append(
+            compared(
+                "secagg",
+                f"client time per round, mean ({where})",
+                r.client_mean_s,
+                "s",
+                at_most=0.5,
+                judge=at_target,
+                note=f"slowest client {r.client_max_s:.3f} s. {note}".strip(),
+            )
+        )
+        if r.dropped == 0:
+            out.append(
+                info(
+                    "secagg",
+                    f"round wall time, all stages serial, vs numpy sum (K={r.k}, d={r.dim})",
+                    r.round_wall_s,
+                    "s",
+                    baseline=r.numpy_sum_s,
+                    note="baseline: a plain numpy sum of the same K vectors",
+                )
+            )
+            out.append(
+                compared(
+                    "secagg",
+                    f"masked vector uploaded vs raw field vector (K={r.k})",
+                    r.masked_bytes,
+                    "B",
+                    baseline=float(r.raw_bytes),
+                    at_most=1.05,
+                )
+            )
+            out.append(
+                info(
+                    "secagg",
+                    f"key material uploaded per client (K={r.k})",
+                    r.key_material_bytes,
+                    "B",
+                    target="O(K)",
+                    note=f"{r.key_material_bytes / r.k:.0f} B per participant",
+                )
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="K = 5, 10 and d = 4,096")
@@ -277,12 +370,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
-    ks = args.ks or ([5, 10] if args.quick else [10, 20, 50, 100])
-    dim = args.dim or (4096 if args.quick else 65_537)
-    rows: list[RoundCost] = []
-    for k in ks:
-        for drop in (0.0, args.dropout):
-            rows.append(median_round(k, dim, args.bits, drop, args.repeats))
+    ks = args.ks or list(QUICK_KS if args.quick else FULL_KS)
+    dim = args.dim or (QUICK_DIM if args.quick else TARGET_DIM)
+    rows = measure(ks, dim, args.bits, args.dropout, args.repeats)
     print(
         f"secure sum, in-process, d = {dim}, {args.bits}-bit field, t = floor(K/2) + 1, "
         f"median of {args.repeats}; seconds; drop = holders gone after share_keys; "

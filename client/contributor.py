@@ -4,22 +4,29 @@ Transport-agnostic: each stage takes the request's RecordDict and the node's per
 (a RecordDict that Flower keeps between messages) and returns the reply's RecordDict. Only
 masked field elements, public keys and encrypted shares ever leave; raw records, features,
 unmasked sums and noise shares stay in local variables and are never logged.
+
+The data file is streamed: setup validates and counts it in one pass that keeps no record, and
+the contribution reads it again a chunk of records at a time (features, clipping and rounding
+per chunk, added to running per-class integer sums), so a holder's memory grows with its batch
+size, not with the number of its records.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import RecordDict
 
 from fedsynth.client.budget import ClientBudget
+from fedsynth.client.data import Record, count_records, iter_record_batches
 from fedsynth.client.participant import SecureSumParticipant
 from fedsynth.client.settings import ClientSettings as ClientSettings
-from fedsynth.protocol.contribution import encode_contribution, integer_class_sums
+from fedsynth.protocol.contribution import ClassSumAccumulator, encode_contribution
 from fedsynth.protocol.errors import (
+    DataFileError,
     ModelMismatchError,
     PolicyViolationError,
     ProtocolError,
@@ -38,6 +45,9 @@ if TYPE_CHECKING:  # torch loads with the model, not when a key-exchange stage s
 
 log = logging.getLogger(__name__)
 STATE_KEY = "fedsynth.client"
+#: Forward batches per chunk of records read from the data file: the contribution's memory
+#: grows with ``STREAM_BATCHES * batch_size`` records; sorting a chunk by length keeps padding low.
+STREAM_BATCHES = 16
 
 
 def refusal_reason(exc: BaseException) -> str:
@@ -76,6 +86,17 @@ def refuse_repeated_task(budget: ClientBudget, manifest: TaskManifest) -> None:
         )
 
 
+def refuse_too_many_records(n_records: int, manifest: TaskManifest) -> None:
+    """Refuse a data file with more records than the task's ``max_records``.
+
+    The count stays in the holder's own log: the coordinator only learns the refusal's category.
+    """
+    if n_records > manifest.max_records:
+        raise ProtocolError(
+            f"{n_records} records exceed the task's max_records={manifest.max_records}"
+        )
+
+
 class Contributor(SecureSumParticipant[TaskManifest]):
     """A data holder's dataset-vector contribution: features, class sums, noise share."""
 
@@ -90,6 +111,8 @@ class Contributor(SecureSumParticipant[TaskManifest]):
     ) -> None:
         super().__init__(settings, node_id=node_id)
         self._model_loader = model_loader or (lambda: _load_model(settings.model, settings.device))
+        self._counted: int | None = None  # records found by this object's validation pass
+        self._contributed: int | None = None  # records summed into this object's contribution
 
     def accept(self, fields: dict[str, Any], state: RecordDict) -> tuple[TaskManifest, bytes]:
         """Check the manifest, reference, data, policy, budget and model before any key."""
@@ -99,14 +122,11 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         manifest.check_reference(reference)
         if self.node_id not in manifest.node_ids:
             raise ProtocolError(f"node {self.node_id} is not a participant of {manifest.task_id}")
-        records = self.records(manifest.labels)
-        if len(records) > manifest.max_records:
-            raise ProtocolError(
-                f"{len(records)} records exceed the task's max_records={manifest.max_records}"
-            )
+        n_records = self.record_count(manifest.labels)  # one pass; no record is kept
+        refuse_too_many_records(n_records, manifest)
         budget = ClientBudget(self.settings.budget_path)
         refuse_repeated_task(budget, manifest)
-        self.settings.policy.check(manifest, spent=budget.spent(), n_records=len(records))
+        self.settings.policy.check(manifest, spent=budget.spent(), n_records=n_records)
         manifest_model_matches(self._model_loader(), manifest)
         log.info("node %s accepted task %s", self.node_id, manifest.task_id)
         return manifest, vector_to_bytes(reference.reshape(-1))
@@ -120,26 +140,40 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         return TaskManifest.from_json(manifest_json)
 
     def contribution(self, task: TaskManifest, payload: bytes, state: RecordDict) -> np.ndarray:
-        """Features of every record, per-record rounded class sums, plus the noise share."""
+        """Per-record rounded class sums of every record, streamed, plus the noise share.
+
+        The file is read a chunk at a time; each chunk's features are clipped, scaled, rounded
+        record by record and added to running per-class integer sums, then dropped. Nothing is
+        returned unless the whole file validated again and still holds no more than
+        ``max_records`` records (and as many as at setup, when this object ran it).
+        """
         manifest = task
         reference = self._reference(manifest, payload)
         budget = ClientBudget(self.settings.budget_path)
         refuse_repeated_task(budget, manifest)
-        records = self.records(manifest.labels)
         loaded = self._model_loader()
         manifest_model_matches(loaded, manifest)
         spec = manifest.feature_spec
         spec = type(spec)(
             spec.template, spec.layers, spec.max_text_tokens, self.settings.batch_size
         )
-        features, _ = extract_features(
-            loaded, [r.text for r in records], [r.label for r in records], spec
-        )
         rng = self.rng()
-        sums = integer_class_sums(
-            features, [r.label for r in records], manifest=manifest, reference=reference, rng=rng
-        )
-        del features
+        accumulator = ClassSumAccumulator(manifest=manifest, reference=reference)
+        for chunk in self.record_batches(manifest.labels, size=spec.batch_size * STREAM_BATCHES):
+            texts, labels = [r.text for r in chunk], [r.label for r in chunk]
+            features, _ = extract_features(loaded, texts, labels, spec)  # (chunk, L, H)
+            accumulator.add(features, labels, rng=rng)
+            del features, texts
+        n_records = accumulator.n_records
+        refuse_too_many_records(n_records, manifest)
+        if self._counted is not None and n_records != self._counted:
+            raise DataFileError(
+                f"{self.settings.data_path}: the data file changed while this task ran: it "
+                f"held {self._counted} records at setup and {n_records} now"
+            )
+        self._contributed = n_records
+        sums = accumulator.sums
+        del accumulator
         value = encode_contribution(sums, manifest=manifest, rng=rng)
         del sums
         return value
@@ -148,13 +182,43 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         """Charge the budget before the masked input leaves (not if masking was refused).
 
         The point of no return: the policy (lifetime cap included) is re-checked inside the
-        store's charging transaction, so of two tasks set up at once only what fits is charged,
-        and a refused charge keeps the masked input here.
+        store's charging transaction, with the number of records the contribution summed, so
+        of two tasks set up at once only what fits is charged, and a refused charge keeps the
+        masked input here.
         """
-        n_records = len(self.records(task.labels))
+        n_records = self._contributed
+        if n_records is None:
+            n_records = self.record_count(task.labels)
         ClientBudget(self.settings.budget_path).charge(
             task,
             check=lambda spent: self.settings.policy.check(task, spent=spent, n_records=n_records),
+        )
+
+    def record_count(self, labels: tuple[str, ...]) -> int:
+        """Validate the whole data file against the task's labels and count its records.
+
+        One streaming pass that keeps no record (memory independent of the file's size).
+        """
+        self._counted = count_records(
+            self.settings.data_path,
+            text_field=self.settings.text_field,
+            label_field=self.settings.label_field,
+            labels=labels,
+        )
+        return self._counted
+
+    def record_batches(self, labels: tuple[str, ...], *, size: int) -> Iterator[list[Record]]:
+        """The data file's records, validated as they are read, ``size`` at a time.
+
+        The iterator raises the file's error only at its end: what was computed from earlier
+        batches must be discarded then.
+        """
+        return iter_record_batches(
+            self.settings.data_path,
+            text_field=self.settings.text_field,
+            label_field=self.settings.label_field,
+            labels=labels,
+            batch_size=size,
         )
 
     @staticmethod

@@ -7,12 +7,16 @@ and the 1-based line (or row) of each problem, so that nothing is silently dropp
 * CSV (``.csv``): the physical line in the file where the record starts, counting the header as
   line 1 (for files without multi-line quoted fields this is ``row index + 2``).
 * Parquet (``.parquet``): ``row index + 1``, reported as "row".
+
+Files are read as a stream: :func:`iter_record_batches` yields validated records a batch at a
+time and :func:`count_records` validates a whole file keeping only a count, so a holder's memory
+grows with the batch size, not with the number of its records. :func:`load_records` is the
+same stream collected into one list.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import numbers
 from collections.abc import Iterator, Sequence
@@ -23,9 +27,12 @@ from typing import Any
 from fedsynth.protocol.errors import ConfigError, DataFileError, UnknownLabelError
 
 __all__ = [
+    "DEFAULT_READ_BATCH",
     "MAX_REPORTED_PROBLEMS",
     "SUPPORTED_SUFFIXES",
     "Record",
+    "count_records",
+    "iter_record_batches",
     "load_records",
 ]
 
@@ -34,6 +41,9 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet")
 
 #: How many bad rows one error message lists; the total count is always given.
 MAX_REPORTED_PROBLEMS = 20
+
+#: Records per batch of :func:`iter_record_batches` unless the caller asks for another size.
+DEFAULT_READ_BATCH = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +90,8 @@ def load_records(
     The format is chosen by the file suffix: ``.jsonl`` or ``.json`` (JSON Lines, one object per
     line), ``.csv`` (with a header row) or ``.parquet``. Labels are converted to strings (an
     integer label ``1`` becomes ``"1"``) and stripped of surrounding whitespace; texts are kept
-    exactly as written.
+    exactly as written. The whole file is held in memory; a holder's contribution path uses
+    :func:`count_records` and :func:`iter_record_batches` instead.
 
     Args:
         path: The data file.
@@ -98,9 +109,79 @@ def load_records(
             malformed rows (all of them are counted; the first 20 are listed with their line).
         UnknownLabelError: If every row is well formed but some carry a label not in ``labels``.
     """
+    batches = iter_record_batches(
+        path, text_field=text_field, label_field=label_field, labels=labels, max_chars=max_chars
+    )
+    return [record for batch in batches for record in batch]
+
+
+def count_records(
+    path: str | Path,
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    labels: Sequence[str] | None = None,
+    max_chars: int = 20000,
+) -> int:
+    """Validate a whole data file exactly as :func:`load_records` does and count its records.
+
+    One streaming pass that keeps no record: a holder runs it before it takes a task (the
+    refusals of a malformed file, a foreign label or too many records come before any key is
+    exchanged) at a memory cost independent of the file's size.
+
+    Returns:
+        The number of records (at least 1).
+
+    Raises:
+        ConfigError, DataFileError, UnknownLabelError: As :func:`load_records`.
+    """
+    batches = iter_record_batches(
+        path, text_field=text_field, label_field=label_field, labels=labels, max_chars=max_chars
+    )
+    return sum(len(batch) for batch in batches)
+
+
+def iter_record_batches(
+    path: str | Path,
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    labels: Sequence[str] | None = None,
+    max_chars: int = 20000,
+    batch_size: int = DEFAULT_READ_BATCH,
+) -> Iterator[list[Record]]:
+    """Stream a data file's valid records in file order, ``batch_size`` at a time.
+
+    The options, the suffix and the file's existence are checked at the call. The rows are
+    validated as they are read with the rules of :func:`load_records`; a malformed row is not
+    yielded but counted, and once the file is read to its end the iterator raises the same
+    error :func:`load_records` raises for that file. A consumer must therefore treat what it
+    computed from the batches as provisional until the iterator ends without an error (a
+    holder computes its whole contribution before anything leaves, so a file that fails late
+    contributes nothing).
+
+    Args:
+        path: The data file.
+        text_field: Name of the field (JSON key or column) holding the text.
+        label_field: Name of the field (JSON key or column) holding the label.
+        labels: If given, the only labels allowed.
+        max_chars: Longest text allowed, in characters.
+        batch_size: Most records per yielded batch (the last one may hold fewer).
+
+    Yields:
+        Lists of 1 to ``batch_size`` records.
+
+    Raises:
+        ConfigError: If an option is invalid (at the call).
+        DataFileError, UnknownLabelError: As :func:`load_records` (unsupported suffix or missing
+            file at the call; malformed rows, unknown labels or no records when the end of the
+            file is reached).
+    """
     _check_options(
         text_field=text_field, label_field=label_field, labels=labels, max_chars=max_chars
     )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     file = Path(path)
     suffix = file.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
@@ -112,20 +193,42 @@ def load_records(
         raise DataFileError(f"{file}: data file not found")
     if not file.is_file():
         raise DataFileError(f"{file}: data path is not a regular file")
+    allowed = None if labels is None else frozenset(str(label) for label in labels)
+    return _stream(
+        file,
+        suffix,
+        text_field=text_field,
+        label_field=label_field,
+        allowed=allowed,
+        max_chars=max_chars,
+        batch_size=batch_size,
+    )
 
+
+def _stream(
+    file: Path,
+    suffix: str,
+    *,
+    text_field: str,
+    label_field: str,
+    allowed: frozenset[str] | None,
+    max_chars: int,
+    batch_size: int,
+) -> Iterator[list[Record]]:
+    """Read, validate and batch the rows; raise the file's error once its end is reached."""
     if suffix in (".jsonl", ".json"):
         rows: Iterator[_RawRow] = _read_jsonl(file)
     elif suffix == ".csv":
         rows = _read_csv(file, required=(text_field, label_field))
     else:
-        rows = _read_parquet(file, required=(text_field, label_field))
+        rows = _read_parquet(file, required=(text_field, label_field), batch_size=batch_size)
 
-    allowed = None if labels is None else frozenset(str(label) for label in labels)
-    records: list[Record] = []
-    problems: list[_Problem] = []
+    batch: list[Record] = []
+    problems = _Problems()
+    n_records = 0
     for row in rows:
         if row.fields is None:
-            problems.append(_Problem(row.where, row.error or "unreadable row"))
+            problems.add(_Problem(row.where, row.error or "unreadable row"))
             continue
         record, problem = _validate(
             row,
@@ -135,15 +238,36 @@ def load_records(
             max_chars=max_chars,
         )
         if problem is not None:
-            problems.append(problem)
+            problems.add(problem)
         elif record is not None:
-            records.append(record)
+            batch.append(record)
+            n_records += 1
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
 
-    if problems:
+    if problems.total:
         _raise_problems(file, problems, allowed)
-    if not records:
+    if not n_records:
         raise DataFileError(f"{file}: the file holds no records (at least 1 is required)")
-    return records
+
+
+class _Problems:
+    """The bad rows of a file: the first few in full, the rest only counted (bounded memory)."""
+
+    def __init__(self) -> None:
+        self.shown: list[_Problem] = []
+        self.total = 0
+        self.unknown_labels = 0
+
+    def add(self, problem: _Problem) -> None:
+        """Count one bad row, keeping it if fewer than MAX_REPORTED_PROBLEMS are kept."""
+        self.total += 1
+        self.unknown_labels += problem.unknown_label
+        if len(self.shown) < MAX_REPORTED_PROBLEMS:
+            self.shown.append(problem)
 
 
 def _check_options(
@@ -229,21 +353,21 @@ def _label_to_str(value: Any) -> str | None:
     return None
 
 
-def _raise_problems(file: Path, problems: list[_Problem], allowed: frozenset[str] | None) -> None:
+def _raise_problems(file: Path, problems: _Problems, allowed: frozenset[str] | None) -> None:
     """Raise one error listing the first problems and the total count."""
-    shown = problems[:MAX_REPORTED_PROBLEMS]
+    shown = problems.shown
     lines = "\n".join(f"  {p.where}: {p.message}" for p in shown)
-    more = len(problems) - len(shown)
+    more = problems.total - len(shown)
     tail = f"\n  ... and {more} more" if more else ""
     allowed_text = "" if allowed is None else f"; allowed labels are {sorted(allowed)}"
-    if all(p.unknown_label for p in problems):
+    if problems.unknown_labels == problems.total:
         raise UnknownLabelError(
-            f"{file}: {len(problems)} row(s) carry a label the task does not list"
+            f"{file}: {problems.total} row(s) carry a label the task does not list"
             f"{allowed_text}:\n{lines}{tail}"
         )
     raise DataFileError(
-        f"{file}: {len(problems)} malformed row(s)"
-        f"{allowed_text if any(p.unknown_label for p in problems) else ''}; "
+        f"{file}: {problems.total} malformed row(s)"
+        f"{allowed_text if problems.unknown_labels else ''}; "
         f"first {len(shown)}:\n{lines}{tail}"
     )
 
@@ -280,16 +404,32 @@ def _read_jsonl(file: Path) -> Iterator[_RawRow]:
 
 def _read_csv(file: Path, *, required: tuple[str, ...]) -> Iterator[_RawRow]:
     """Yield one raw row per CSV record, numbered by the physical line where it starts."""
-    raw = file.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
-        line = raw[: exc.start + bom].count(b"\n") + 1
-        raise DataFileError(
-            f"{file}: line {line}: not valid UTF-8 ({exc.reason} at byte {exc.start + bom})"
-        ) from exc
-    reader = csv.reader(io.StringIO(content, newline=""))
+    _check_utf8(file)  # a whole-file error, before any row, as for a file read at once
+    with file.open("r", encoding="utf-8-sig", newline="") as handle:
+        yield from _csv_rows(file, csv.reader(handle), required=required)
+
+
+def _check_utf8(file: Path) -> None:
+    """Refuse a file that is not UTF-8, naming the line and the byte offset of the first error.
+
+    Read line by line (a multi-byte UTF-8 sequence never contains a newline byte, so the first
+    error, its reason and its offset are those of decoding the whole file at once).
+    """
+    offset = 0
+    with file.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFileError(
+                    f"{file}: line {number}: not valid UTF-8 "
+                    f"({exc.reason} at byte {offset + exc.start})"
+                ) from exc
+            offset += len(raw)
+
+
+def _csv_rows(file: Path, reader: Any, *, required: tuple[str, ...]) -> Iterator[_RawRow]:
+    """The rows of a CSV reader after its header, each with the line where it starts."""
     try:
         header = next(reader)
     except StopIteration:
@@ -324,32 +464,29 @@ def _read_csv(file: Path, *, required: tuple[str, ...]) -> Iterator[_RawRow]:
         yield _RawRow(where, dict(zip(header, cells, strict=True)))
 
 
-def _read_parquet(file: Path, *, required: tuple[str, ...]) -> Iterator[_RawRow]:
-    """Yield one raw row per Parquet row, numbered ``row index + 1``."""
+def _read_parquet(
+    file: Path, *, required: tuple[str, ...], batch_size: int = DEFAULT_READ_BATCH
+) -> Iterator[_RawRow]:
+    """Yield one raw row per Parquet row, numbered ``row index + 1``, a row batch at a time."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(file, columns=list(required))
-    except KeyError as exc:
-        raise DataFileError(f"{file}: missing column(s): {exc}") from exc
+        parquet = pq.ParquetFile(file)
+        names = list(parquet.schema_arrow.names)
     except Exception as exc:
-        names = _parquet_columns(file)
-        if names is not None:
-            missing = [name for name in required if name not in names]
-            if missing:
-                raise DataFileError(
-                    f"{file}: lacks column(s) {missing}; found columns {names}"
-                ) from exc
         raise DataFileError(f"{file}: unreadable Parquet file ({exc})") from exc
-    for index, row in enumerate(table.to_pylist()):
-        yield _RawRow(f"row {index + 1}", row)
-
-
-def _parquet_columns(file: Path) -> list[str] | None:
-    """Return the column names of a Parquet file, or None if its schema cannot be read."""
-    import pyarrow.parquet as pq
-
-    try:
-        return list(pq.read_schema(file).names)
-    except Exception:
-        return None
+    missing = [name for name in required if name not in names]
+    if missing:
+        raise DataFileError(f"{file}: lacks column(s) {missing}; found columns {names}")
+    batches = parquet.iter_batches(batch_size=batch_size, columns=list(required))
+    index = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:
+            raise DataFileError(f"{file}: unreadable Parquet file ({exc})") from exc
+        if batch is None:
+            return
+        for row in batch.to_pylist():
+            index += 1
+            yield _RawRow(f"row {index}", row)

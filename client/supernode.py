@@ -6,6 +6,12 @@ parses, the data file exists, and the CA certificate is a valid CA. The SuperNod
 the SuperLink against that CA (``--root-certificates``) and authenticates with the node key
 (``--auth-supernode-private-key``); the ClientApp reads the data, policy, identity, roster and
 budget paths from the node config, which only the holder writes.
+
+The SuperNode runs with ``--isolation process``: Flower's own runtime, which would install the
+run's app bundle and import the ClientApp it names, never starts. The holder's
+:mod:`fedsynth.client.pinned_runtime` takes each task instead, refuses a bundle the node has
+not pinned (:mod:`fedsynth.client.app_pin`) before opening it, and runs the installed fedsynth
+ClientApp.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-from fedsynth.client.node_dir import NodePaths, check_private_files
+from fedsynth.client.app_pin import TrustedApp, resolve_pin
+from fedsynth.client.node_dir import NodePaths, check_private_files, ensure_superexec_secret
+from fedsynth.client.pinned_runtime import runtime_command
 from fedsynth.client.policy_file import PolicyFile, load_policy_file
 from fedsynth.protocol.deployment import (
     check_is_ca,
@@ -29,14 +37,19 @@ from fedsynth.protocol.identity import Roster, load_identity
 
 __all__ = [
     "DEFAULT_RUNTIME_PORT",
+    "RUNTIME_HOST",
     "node_config",
     "node_config_string",
+    "node_pin",
     "start_supernode",
     "supernode_command",
 ]
 
 DEFAULT_RUNTIME_PORT: Final = 9094
 """Port of the SuperNode's local runtime API (Flower's default; one per SuperNode)."""
+
+RUNTIME_HOST: Final = "127.0.0.1"
+"""The runtime API listens on loopback only: it hands out tasks and their messages."""
 
 
 def node_config(
@@ -91,10 +104,14 @@ def supernode_command(
     config: Mapping[str, str],
     port: int = DEFAULT_RUNTIME_PORT,
     max_retries: int | None = None,
+    superexec_secret: Path | None = None,
 ) -> list[str]:
     """The ``flower-supernode`` command line: TLS pinned to ``ca``, authenticated by ``node_key``.
 
-    There is no insecure variant: a holder's node always verifies the SuperLink.
+    There is no insecure variant: a holder's node always verifies the SuperLink. Isolation is
+    always ``process``: the SuperNode starts no runtime of its own, so a run's app bundle is
+    only ever opened by the holder's pinned runtime, which authenticates with
+    ``superexec_secret``.
     """
     command = [
         executable,
@@ -104,11 +121,17 @@ def supernode_command(
         str(Path(ca).absolute()),
         "--auth-supernode-private-key",
         str(Path(node_key).absolute()),
+        "--isolation",
+        "process",
+        "--host",
+        RUNTIME_HOST,
         "--port",
         str(port),
         "--node-config",
         node_config_string(config),
     ]
+    if superexec_secret is not None:
+        command += ["--superexec-auth-secret-file", str(Path(superexec_secret).absolute())]
     if max_retries is not None:
         command += ["--max-retries", str(max_retries)]
     return command
@@ -140,6 +163,19 @@ def prepare(directory: Path, *, data: Path, policy: Path, ca: Path) -> tuple[Nod
     return paths, loaded
 
 
+def node_pin(paths: NodePaths, trusted_apps: list[str] | None = None) -> TrustedApp:
+    """The app bundles the node runs: ``trusted_apps``, else its pin file, else the installed one.
+
+    ``trusted_apps`` are hashes, ``.fab`` files or app directories; the pin file is the node
+    directory's ``trusted-app.toml``; the default is the bundle built from the installed
+    fedsynth's source tree.
+
+    Raises:
+        ConfigError: There is nothing to pin, or a pin is malformed.
+    """
+    return resolve_pin(paths.trusted_app, trusted_apps)
+
+
 def start_supernode(
     directory: Path,
     *,
@@ -153,17 +189,22 @@ def start_supernode(
     label_field: str = "label",
     log_path: Path | None = None,
     max_retries: int | None = None,
+    trusted_apps: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Check the node directory, then start ``flower-supernode`` in its own process group.
+    """Check the node directory, then start the pinned runtime and its ``flower-supernode``.
 
-    Output goes to ``log_path`` (default: inherited). Stop it with
+    Both run in one new process group; the returned process is the runtime, which exits with
+    the SuperNode's status. Output goes to ``log_path`` (default: inherited). Stop it with
     :func:`fedsynth.protocol.deployment.stop_process`.
 
     Raises:
-        IdentityError, ConfigError, DataFileError, CertificateError: See :func:`prepare`.
+        IdentityError, ConfigError, DataFileError, CertificateError: See :func:`prepare` and
+            :func:`node_pin`.
         DeploymentError: ``flower-supernode`` is not installed.
     """
     paths, loaded = prepare(directory, data=data, policy=policy, ca=ca)
+    pin = node_pin(paths, trusted_apps)
+    secret = ensure_superexec_secret(paths)
     config = node_config(
         paths,
         data=data,
@@ -181,6 +222,13 @@ def start_supernode(
         config=config,
         port=port,
         max_retries=max_retries,
+        superexec_secret=secret,
+    )
+    command = runtime_command(
+        command,
+        runtime_address=f"{RUNTIME_HOST}:{port}",
+        fab_sha256=pin.fab_sha256,
+        secret_file=secret,
     )
     env = flower_environment(paths.directory / "flwr-home")
     if log_path is None:

@@ -84,7 +84,8 @@ def integer_class_sums(
     """Per-class sums of the clipped, scaled, individually rounded records.
 
     Sensitivity: adding or removing one record changes one class row by at most
-    :func:`record_l2_bound` in L2 norm.
+    :func:`record_l2_bound` in L2 norm. The same as one :meth:`ClassSumAccumulator.add` of all
+    the records (same rng draws in the same order).
 
     Args:
         features: (n, L, H) per-example features.
@@ -94,32 +95,93 @@ def integer_class_sums(
     Returns:
         (C, L*H + 1) int64.
     """
+    _check_feature_shape(features, manifest)
+    accumulator = ClassSumAccumulator(manifest=manifest, reference=reference)
+    accumulator.add(features, labels, rng=rng)
+    return accumulator.sums
+
+
+class ClassSumAccumulator:
+    """Running per-class sums of clipped, scaled, individually rounded records.
+
+    A holder feeds its records a batch at a time, so its memory grows with the batch, not with
+    the number of its records. Every record is clipped, scaled and rounded on its own (the
+    rounding rule of :func:`conditional_round`, within :func:`record_l2_bound`), so the sums
+    have the same distribution however the records are batched; for a fixed rng they are equal
+    to :func:`integer_class_sums` of all records whenever the rng draws come in the same order
+    (one batch, or batches of a single class with no re-rounding).
+
+    Sensitivity: adding or removing one record changes one class row by at most
+    :func:`record_l2_bound` in L2 norm (add/remove adjacency, record level).
+    """
+
+    def __init__(self, *, manifest: TaskManifest, reference: np.ndarray) -> None:
+        """Start empty sums for ``manifest``'s classes against its public ``reference``.
+
+        Raises:
+            ShapeError, ConfigError: If the reference does not match the manifest (its shape or
+                its hash).
+        """
+        manifest.check_reference(reference)
+        self._manifest = manifest
+        self._reference = reference
+        self._clip = np.asarray(manifest.clip_norms, dtype=np.float64)
+        self._bound = record_l2_bound(manifest)
+        self._index = {label: c for c, label in enumerate(manifest.labels)}
+        self._sums = np.zeros((len(manifest.labels), manifest.row_dim), dtype=np.int64)
+        self._n_records = 0
+
+    @property
+    def sums(self) -> np.ndarray:
+        """(C, L*H + 1) int64 sums of the records added so far (a copy)."""
+        return self._sums.copy()
+
+    @property
+    def n_records(self) -> int:
+        """How many records were added."""
+        return self._n_records
+
+    def add(self, features: np.ndarray, labels: Sequence[str], *, rng: np.random.Generator) -> None:
+        """Clip, scale and round each record of a batch and add it to its class's sum.
+
+        Args:
+            features: (n, L, H) per-example features of the batch.
+            labels: n labels from the manifest's label set.
+            rng: The rounding randomness (draws class by class, in label order).
+
+        Raises:
+            ShapeError: If the features do not have the manifest's (L, H).
+            ConfigError: If a label is not in the manifest.
+        """
+        manifest = self._manifest
+        _check_feature_shape(features, manifest)
+        unknown = sorted({label for label in labels if label not in self._index})
+        if unknown:
+            raise ConfigError(f"labels {unknown} are not in the manifest's {list(manifest.labels)}")
+        label_ids = np.array([self._index[label] for label in labels], dtype=np.int64)
+        for c in range(len(manifest.labels)):
+            members = features[label_ids == c]
+            if len(members) == 0:
+                continue
+            unit = clip_to_unit(members - self._reference[c][None], self._clip).reshape(
+                len(members), -1
+            )
+            rows = (
+                np.concatenate([unit, np.full((len(members), 1), manifest.count_weight)], axis=1)
+                * manifest.scale
+            )  # (n_c, L*H + 1)
+            self._sums[c] += conditional_round(rows, l2_bound=self._bound, rng=rng).sum(axis=0)
+        self._n_records += len(label_ids)
+
+
+def _check_feature_shape(features: np.ndarray, manifest: TaskManifest) -> None:
+    """Refuse features whose (L, H) differ from the manifest's."""
     _, n_layers, hidden = features.shape
     if (n_layers, hidden) != (len(manifest.layers), manifest.hidden_size):
         raise ShapeError(
             f"features shape {features.shape[1:]} != manifest's "
             f"{(len(manifest.layers), manifest.hidden_size)}"
         )
-    manifest.check_reference(reference)
-    clip = np.asarray(manifest.clip_norms, dtype=np.float64)
-    bound = record_l2_bound(manifest)
-    index = {label: c for c, label in enumerate(manifest.labels)}
-    unknown = sorted({label for label in labels if label not in index})
-    if unknown:
-        raise ConfigError(f"labels {unknown} are not in the manifest's {list(manifest.labels)}")
-    label_ids = np.array([index[label] for label in labels], dtype=np.int64)
-    sums = np.zeros((len(manifest.labels), manifest.row_dim), dtype=np.int64)
-    for c in range(len(manifest.labels)):
-        members = features[label_ids == c]
-        if len(members) == 0:
-            continue
-        unit = clip_to_unit(members - reference[c][None], clip).reshape(len(members), -1)
-        rows = (
-            np.concatenate([unit, np.full((len(members), 1), manifest.count_weight)], axis=1)
-            * manifest.scale
-        )  # (n_c, L*H + 1)
-        sums[c] = conditional_round(rows, l2_bound=bound, rng=rng).sum(axis=0)
-    return sums
 
 
 def noise_share_variance(privacy: PrivacySpec) -> float:

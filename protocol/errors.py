@@ -189,3 +189,11 @@ class AuthenticationError(FedSynthError):
 
 class RateLimitError(FedSynthError):
     """A consumer's token has used up its request or sample allowance for now."""
+
+
+class AppNotTrustedError(PolicyViolationError):
+    """A run's app bundle is not one the holder pinned (hash or fedsynth version differ)."""
+
+
+class NonPositiveCountError(ConfigError):
+    """A release's noisy count for a class is zero, negative or not finite: unusable vector."""

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from flwr.app import Context, Message, RecordDict
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.protocol.errors import ConfigError, TooFewParticipantsError
@@ -115,6 +116,11 @@ def wait_for_holders(
         time.sleep(poll_s)
 
 
+def _stage_progress(stage: str) -> None:
+    """Name each secure-sum stage in the run's log (Flower's logger reaches ``flwr run``)."""
+    flwr_log(logging.INFO, "secure sum: stage %s", stage)
+
+
 def run_task_file(grid: Grid, context: Context) -> None:
     """The production job: the task file named by ``task-path`` in the run config."""
     from fedsynth.server.task_file import TaskSpec
@@ -122,7 +128,7 @@ def run_task_file(grid: Grid, context: Context) -> None:
 
     spec = TaskSpec.from_run_config(context.run_config)
     nodes = wait_for_holders(grid, spec.expected_holders, spec.min_holders, timeout=spec.holders_s)
-    outcome = run_task(spec, FlowerTransport(grid), nodes)
+    outcome = run_task(spec, FlowerTransport(grid), nodes, progress=_stage_progress)
     log.info("task finished: release %s at %s", outcome.task_id, outcome.release_path)
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "CONNECTION_NAME",
     "DEFAULT_PORT",
     "RunningSuperLink",
+    "connect_host",
     "connection_toml",
     "local_address",
     "start_superlink",
@@ -61,6 +62,11 @@ def local_address(host: str, port: int) -> str:
     if ":" in target and not target.startswith("["):
         target = f"[{target}]"
     return f"{target}:{port}"
+
+
+def connect_host(host: str) -> str:
+    """The host part of :func:`local_address`: what a local client connects to (no brackets)."""
+    return "127.0.0.1" if host in _ANY_ADDRESS else host.strip("[]")
 
 
 def superlink_command(
@@ -230,11 +236,9 @@ def start_superlink(
     """
     paths = CoordinatorPaths(Path(directory))
     address = local_address(host, port)
-    connect_host = address.rsplit(":", 1)[0].strip("[]")
+    target = connect_host(host)
     if not insecure:
-        load_server_credentials(
-            paths.ca_cert, paths.server_cert, paths.server_key, hosts=[connect_host]
-        )
+        load_server_credentials(paths.ca_cert, paths.server_cert, paths.server_key, hosts=[target])
     consortium = load_consortium(paths.directory)
     flwr_home = paths.directory / "flwr-home"
     flwr_home.mkdir(mode=0o700, exist_ok=True)
@@ -259,7 +263,7 @@ def start_superlink(
         )
     link = RunningSuperLink(process=process, address=address, flwr_home=flwr_home, log_path=log)
     try:
-        wait_for_port(connect_host, port, timeout_s=timeout_s, process=process)
+        wait_for_port(target, port, timeout_s=timeout_s, process=process)
         for member in consortium.members:
             key_file = paths.nodes / f"{member.name}.pub"
             key_file.write_text(member.node_public_key + "\n", encoding="ascii")

@@ -22,12 +22,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import grpc
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -37,7 +35,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fedsynth.protocol.errors import ConfigError, FedSynthError
+from fedsynth.protocol.cli_common import console, errors_at_the_edge
+from fedsynth.protocol.cli_common import fail as _fail
+from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.wire import synthesis_pb2 as pb
 from fedsynth.protocol.wire import synthesis_pb2_grpc as pb_grpc
 
@@ -219,25 +219,15 @@ def write_jsonl_atomically(
 # Commands
 # ---------------------------------------------------------------------------------------------
 
-console = Console()
-
-
-def _fail(message: str) -> NoReturn:
-    console.print(f"[red]error:[/red] {escape(message)}")
-    raise typer.Exit(2)
-
 
 @contextlib.contextmanager
 def _errors_at_the_edge(server: str = "") -> Iterator[None]:
     """Turn fedsynth errors, OS errors and failed calls into one line and exit status 2."""
-    try:
-        yield
-    except FedSynthError as exc:
-        _fail(str(exc))
-    except grpc.RpcError as exc:
-        _fail(rpc_error_text(exc, server))
-    except OSError as exc:
-        _fail(f"{exc.filename or 'a file'}: {exc.strerror or type(exc).__name__}")
+    with errors_at_the_edge():
+        try:
+            yield
+        except grpc.RpcError as exc:
+            _fail(rpc_error_text(exc, server))
 
 
 class _PlainProgress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -11,6 +12,7 @@ from fedsynth.protocol.errors import ConfigError, ModelMismatchError
 from fedsynth.protocol.models import LoadedModel
 from fedsynth.server.generation import GenerationConfig, generate_texts, steering_deltas
 from fedsynth.server.release import Release
+from fedsynth.server.snr import SteeringSnr, check_release_counts, steering_snr
 
 
 @dataclass(frozen=True)
@@ -32,14 +34,60 @@ def check_release_model(loaded: LoadedModel, release: Release) -> None:
 
 
 def label_deltas(
-    release: Release, label: str, *, strength: float, contrast: float = 1.0
+    release: Release,
+    label: str,
+    *,
+    strength: float,
+    contrast: float = 1.0,
+    snr_shrink: bool = True,
+    snr: SteeringSnr | None = None,
 ) -> dict[int, torch.Tensor]:
-    """The per-layer steering added to the residual stream when generating ``label``."""
-    return steering_deltas(
-        release.directions(label, contrast=contrast),
-        strength=strength,
-        residual_norms=release.residual_norms(),
-    )
+    """The per-layer steering added to the residual stream when generating ``label``.
+
+    With ``snr_shrink`` (the default) the strength at each layer is multiplied by the shrink
+    factor the release's own signal-to-noise ratio gives (:mod:`fedsynth.server.snr`); a layer
+    whose factor is 0 gets no hook at all, so a class vector that is all noise generates exactly
+    what the unsteered prior generates. ``snr_shrink=False`` applies the strength as given (for
+    experiments).
+
+    Args:
+        snr: Precomputed :func:`steering_snr` of this release at this ``contrast`` (avoids
+            recomputing it per label).
+
+    Raises:
+        NonPositiveCountError: a class's noisy count is <= 0.
+        ConfigError: ``snr`` belongs to another release or contrast.
+    """
+    directions = release.directions(label, contrast=contrast)
+    residual_norms = release.residual_norms()
+    if not snr_shrink:
+        return steering_deltas(directions, strength=strength, residual_norms=residual_norms)
+    if snr is None:
+        snr = steering_snr(release, contrast=contrast)
+    elif snr.release_id != release.release_id or snr.contrast != contrast:
+        raise ConfigError(
+            f"snr is for release {snr.release_id!r} at contrast={snr.contrast}, not "
+            f"{release.release_id!r} at contrast={contrast}"
+        )
+    factors = snr.of(label).factors
+    kept = {layer: d for layer, d in directions.items() if factors[layer] > 0.0}
+    deltas = steering_deltas(kept, strength=strength, residual_norms=residual_norms)
+    return {layer: delta * factors[layer] for layer, delta in deltas.items()}
+
+
+def steering_report(
+    release: Release, *, strength: float, contrast: float = 1.0, snr_shrink: bool = True
+) -> dict[str, Any]:
+    """Per class the SNR, the shrink factor and the effective strength generation uses.
+
+    JSON-ready, for the generation's own report (summary, CLI output); never written into the
+    release file, which is immutable.
+
+    Raises:
+        NonPositiveCountError: a class's noisy count is <= 0.
+    """
+    snr = steering_snr(release, contrast=contrast)
+    return snr.to_dict(strength=strength, applied=snr_shrink)
 
 
 def iter_release_samples(
@@ -53,20 +101,33 @@ def iter_release_samples(
     seed: int,
     labels: tuple[str, ...] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    snr_shrink: bool = True,
 ) -> Iterator[SyntheticSample]:
     """Yield ``n_per_label`` steered samples per label, label by label, chunk by chunk.
 
+    The release's counts are checked before anything is generated; with ``snr_shrink`` (the
+    default) the strength follows the release's signal-to-noise ratio (:func:`label_deltas`).
+
     Args:
         progress: called with (samples done, samples total).
+        snr_shrink: False applies ``strength`` unshrunk (for experiments).
+
+    Raises:
+        ModelMismatchError: the model is not the release's.
+        NonPositiveCountError: a class's noisy count is <= 0.
     """
     check_release_model(loaded, release)
     if strength < 0:
         raise ConfigError(f"strength={strength}: must be >= 0")
+    check_release_counts(release)
+    snr = steering_snr(release, contrast=contrast) if snr_shrink else None
     chosen = labels or release.labels
     total = n_per_label * len(chosen)
     done = 0
     for index, label in enumerate(chosen):
-        deltas = label_deltas(release, label, strength=strength, contrast=contrast)
+        deltas = label_deltas(
+            release, label, strength=strength, contrast=contrast, snr_shrink=snr_shrink, snr=snr
+        )
         prompt = release.manifest.template.prefix(label)
         remaining = n_per_label
         chunk_index = 0
@@ -99,6 +160,7 @@ def generate_from_release(
     config: GenerationConfig,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
+    snr_shrink: bool = True,
 ) -> list[SyntheticSample]:
     """All samples of :func:`iter_release_samples` as a list."""
     return list(
@@ -111,5 +173,6 @@ def generate_from_release(
             config=config,
             seed=seed,
             progress=progress,
+            snr_shrink=snr_shrink,
         )
     )

@@ -13,20 +13,20 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedsynth.protocol.cli_common import console
+from fedsynth.protocol.cli_common import fail as _fail
 from fedsynth.protocol.errors import FedSynthError
 from fedsynth.server.ledger import LEDGER_FILE, ledger_rows
 
 if TYPE_CHECKING:  # the task file module pulls in the model code: loaded only when used
     from fedsynth.server.task_file import TaskSpec
 
-console = Console()
 task_app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -34,11 +34,6 @@ task_app = typer.Typer(
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-def _fail(message: str) -> NoReturn:
-    console.print(f"[red]error:[/red] {escape(message)}")
-    raise typer.Exit(2)
 
 
 def app_dir() -> Path:
@@ -146,9 +141,21 @@ def run(
         stream=stream,
     )
     console.print(f"running: {escape(' '.join(command))}")
-    code = subprocess.run(command, check=False).returncode
-    if code != 0:
-        _fail(f"flwr run exited with status {code}")
+    if not stream:
+        code = subprocess.run(command, check=False).returncode
+        if code != 0:
+            _fail(f"flwr run exited with status {code}")
+        console.print("run started; follow it with `flwr log RUN_ID` (RUN_ID printed above)")
+        return
+    from fedsynth.server.flwr_runs import run_streaming
+
+    outcome = run_streaming(command, flwr=flwr, federation=federation)
+    if not outcome.completed:  # flwr run exits 0 even when the ServerApp raised
+        _fail(
+            f"flwr run exited with status {outcome.returncode}; run {outcome.run_id} ended "
+            f"{outcome.status or 'with an unknown status'} {outcome.details}".rstrip()
+            + "; see the ServerApp's log above"
+        )
     console.print(f"release and ledger row in {escape(str(spec.store_dir))}")
 
 

@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from fedsynth.client.node_cli import node_app
+from fedsynth.protocol.cli_common import configure_library_output, console, progress_display
+from fedsynth.protocol.cli_common import errors_at_the_edge as _errors_at_the_edge
 from fedsynth.protocol.errors import FedSynthError
 from fedsynth.server.coordinator_cli import coordinator_app
 from fedsynth.server.synthesis_client import pull_command, synthesis_app
@@ -41,7 +29,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console()
 
 
 def _print_version(value: bool) -> None:
@@ -64,35 +51,18 @@ def _main_options(
             help="Print the fedsynth version and exit.",
         ),
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Also show Flower's and Ray's log lines, transformers' notices and "
+            "third-party deprecation warnings (hidden by default).",
+        ),
+    ] = False,
 ) -> None:
     """fedsynth: federated, differentially private synthetic text."""
-
-
-def _fail(message: str) -> NoReturn:
-    """Print one error line and exit with status 2."""
-    console.print(f"[red]error:[/red] {escape(message)}")
-    raise typer.Exit(2)
-
-
-def _os_error_text(exc: OSError) -> str:
-    """The path(s) and the system's reason: never the data being read or written."""
-    paths = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
-    reason = exc.strerror or type(exc).__name__
-    return f"{' -> '.join(paths) or 'a file'}: {reason}"
-
-
-@contextlib.contextmanager
-def _errors_at_the_edge() -> Iterator[None]:
-    """Turn fedsynth's own errors and OS errors into one line and exit status 2, no traceback.
-
-    Anything else is a bug and keeps its traceback, without local variables (see ``app``).
-    """
-    try:
-        yield
-    except FedSynthError as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(_os_error_text(exc))
+    configure_library_output(verbose=verbose)
 
 
 def _offline_env() -> None:
@@ -106,33 +76,6 @@ def _offline_env() -> None:
         "RAY_DEDUP_LOGS": "0",
     }.items():
         os.environ.setdefault(key, value)
-
-
-def _progress() -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
-class _Reporter:
-    """Maps (phase, done, total) callbacks onto rich progress bars, one bar per phase."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.tasks: dict[str, TaskID] = {}
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        key = phase.split(":")[0]
-        if key not in self.tasks:
-            self.tasks[key] = self.progress.add_task(phase, total=total)
-        self.progress.update(self.tasks[key], completed=done, total=total, description=phase)
 
 
 def _parse_epsilon(value: str) -> float:
@@ -175,6 +118,10 @@ def demo(
     strength: Annotated[
         float | None, typer.Option(help="Steering strength s (x residual norm), default 0.03.")
     ] = None,
+    snr_shrink: Annotated[
+        bool,
+        typer.Option(help="Scale the strength by each class vector's signal-to-noise ratio."),
+    ] = True,
     data_file: Annotated[
         Path | None,
         typer.Option(
@@ -215,6 +162,7 @@ def demo(
     """
     _offline_env()
     from fedsynth.server.coordinator import epsilon_label
+    from fedsynth.server.snr import steering_lines
     from fedsynth.simulations import demo as d
     from fedsynth.simulations.metrics import one_sided_proportion_test
 
@@ -240,6 +188,7 @@ def demo(
             include_nonprivate=not no_baseline,
             seed=seed,
             strength=strength,
+            snr_shrink=snr_shrink,
             layers=_parse_layers(layers),
             data_path=data_file,
             text_field=text_field,
@@ -270,11 +219,10 @@ def demo(
                 f"{clients} holders ({', '.join(str(len(p)) for p in data.partitions)}), "
                 f"{len(data.test)} held-out; epsilon={epsilon}, delta={delta}, mode={mode}"
             )
-            with _progress() as progress:
-                report = _Reporter(progress)
-                load_task = progress.add_task("load model", total=None)
+            with progress_display() as report:
+                report.update("load model", done=0, total=None)
                 loaded, reference = d.load_coordinator(config, report=report)
-                progress.update(load_task, total=1, completed=1)
+                report.update("load model", done=1, total=1)
                 timings["model+reference"] = time.monotonic() - start
                 t0 = time.monotonic()
                 outcome = d.run_federation(config, data, loaded, reference, report=report)
@@ -289,12 +237,14 @@ def demo(
                 )
                 timings["generation"] = time.monotonic() - t0
                 t0 = time.monotonic()
-                eval_task = progress.add_task("evaluate", total=None)
+                report.update("evaluate", done=0, total=None)
                 scores = d.evaluate_conditions(samples_by, data)
-                progress.update(eval_task, total=1, completed=1)
+                report.update("evaluate", done=1, total=1)
                 timings["evaluation"] = time.monotonic() - t0
             timings["total"] = time.monotonic() - start
-            d.write_outputs(config, samples_by, scores, outcome.releases, timings)
+            summary = d.write_outputs(config, samples_by, scores, outcome.releases, timings)
+            for line in steering_lines(summary["steering"][epsilon_label(config.epsilon)]):
+                console.print(line, highlight=False)
     _print_summary(config, samples_by, scores, timings, one_sided_proportion_test)
     _print_dropouts(d.simulated_dropouts(data.partition_dir))
 
@@ -367,10 +317,8 @@ def _pe_demo(
             f"epsilon={epsilon_label(cfg.epsilon)}, T={settings.rounds} rounds, "
             f"N={settings.per_label} per label, init={settings.init}"
         )
-        with _progress() as progress:
-            outcome, scores, timings = p.run_pe_demo(
-                cfg, settings, data, report=_Reporter(progress)
-            )
+        with progress_display() as report:
+            outcome, scores, timings = p.run_pe_demo(cfg, settings, data, report=report)
         p.write_pe_outputs(cfg, settings, outcome, scores, timings)
     table = Table(title="PE rounds (embedding space, against held-out real texts)")
     for column in ("round", "ε spent", "embedding FD", "precision", "recall"):
@@ -473,20 +421,22 @@ def simulate(
             f"[bold]fedsynth simulate[/bold] {config.name}: {len(cells)} cells "
             f"({len([c for c in cells if c.key in finished])} already in {folder})"
         )
-        logging.getLogger("flwr").setLevel(logging.ERROR)  # one progress bar, not Ray's chatter
         already = len([c for c in cells if c.key in finished])
-        with _progress() as progress:
-            task = progress.add_task("cells", total=len(cells), completed=already)
+        with progress_display() as progress:
+            position = {"done": already}
+            progress.update("cells", done=already, total=len(cells))
 
             def report(message: str) -> None:
                 if message.startswith("[") and "/" in message:  # "[i/n] key": cell i starts
                     started = int(message[1 : message.index("/")])
-                    progress.update(task, completed=already + started - 1)
-                progress.update(task, description=message[:80])
+                    position["done"] = already + started - 1
+                progress.update(
+                    "cells", done=position["done"], total=len(cells), description=message[:80]
+                )
 
             runner = StudyRunner(config, folder, progress=report)
             rows = runner.run()
-            progress.update(task, completed=len(cells), description="done")
+            progress.update("cells", done=len(cells), total=len(cells), description="done")
     console.print(f"{len(rows)} rows in {folder / 'results.csv'}; report: {folder / 'report.md'}")
 
 
@@ -501,11 +451,18 @@ def generate(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 64,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per sample at most.")] = 48,
+    snr_shrink: Annotated[
+        bool,
+        typer.Option(help="Scale the strength by each class vector's signal-to-noise ratio."),
+    ] = True,
 ) -> None:
     """Generate labelled samples from a saved release; costs no privacy, can run forever.
 
     The release is verified and the model checked against it before the output file is
     touched; an output path that is the release itself is refused (it would destroy it).
+    The strength per class and layer follows the release's signal-to-noise ratio (0 where a
+    class vector is mostly noise) unless --no-snr-shrink; the SNR and the effective strength
+    are printed and written to OUT.report.json.
     """
     _offline_env()
     from dataclasses import asdict
@@ -514,7 +471,12 @@ def generate(
     from fedsynth.protocol.models import load_model
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.release import load_release
-    from fedsynth.server.synthesize import check_release_model, iter_release_samples
+    from fedsynth.server.snr import steering_lines
+    from fedsynth.server.synthesize import (
+        check_release_model,
+        iter_release_samples,
+        steering_report,
+    )
     from fedsynth.simulations.datasets import json_line
 
     written = 0
@@ -531,9 +493,20 @@ def generate(
         rel = load_release(release)
         loaded = load_model(model or rel.manifest.model_name)
         check_release_model(loaded, rel)
+        steering = steering_report(
+            rel, strength=strength, contrast=contrast, snr_shrink=snr_shrink
+        )  # refuses a release with a count <= 0 before anything is written
+        report_path = out.with_name(out.name + ".report.json")
+        if _same_file(report_path, release):
+            raise ConfigError(f"{report_path} is the release file: writing would destroy it")
+        for line in steering_lines(steering):
+            console.print(line, highlight=False)
         out.parent.mkdir(parents=True, exist_ok=True)
-        with _progress() as progress, out.open("w", encoding="utf-8") as handle:
-            task = progress.add_task("generate", total=n * len(rel.labels))
+        report = {"release_id": rel.release_id, "privacy": rel.report, "steering": steering}
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
+        with progress_display() as progress, out.open("w", encoding="utf-8") as handle:
+            total = n * len(rel.labels)
+            progress.update("generate", done=0, total=total)
             for sample in iter_release_samples(
                 loaded,
                 rel,
@@ -542,7 +515,8 @@ def generate(
                 contrast=contrast,
                 config=config,
                 seed=seed,
-                progress=lambda done, total: progress.update(task, completed=done),
+                progress=lambda done, total: progress.update("generate", done=done, total=total),
+                snr_shrink=snr_shrink,
             ):
                 handle.write(json_line(asdict(sample)) + "\n")
                 handle.flush()
@@ -568,6 +542,45 @@ def inspect(release: Annotated[Path, typer.Argument(help="Release file.")]) -> N
     with _errors_at_the_edge():
         rel = load_release(release)
     console.print_json(json.dumps(rel.report))
+
+
+@app.command()
+def bench(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Tiny sizes everywhere (tiny-llama, small K and d).")
+    ] = False,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write machine info and every row here.")
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Run only this benchmark (repeatable).")
+    ] = None,
+) -> None:
+    """Run every benchmark of the source checkout: one table (figure, baseline, ratio, target).
+
+    Exits 1 when a benchmark raised (the others still run); an unmet target never fails it.
+    """
+    import sys
+
+    from fedsynth.client.app_pin import installed_source_root
+    from fedsynth.protocol.cli_common import fail
+
+    root = installed_source_root()
+    if root is None or not (root / "benchmarks" / "runner.py").is_file():
+        fail(
+            "the benchmarks ship with the source checkout, not the installed package: run "
+            "`python -m benchmarks` in the root of a fedsynth checkout (pip install -e .)"
+        )
+    # Another installed package (opacus) has a top-level `benchmarks`: the checkout's comes first.
+    sys.path.insert(0, str(root))
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        del sys.modules[name]
+    from benchmarks.runner import main as run_benchmarks
+
+    argv = [*(["--quick"] if quick else []), *(["--json", str(json_path)] if json_path else [])]
+    if only:
+        argv += ["--only", *only]
+    raise typer.Exit(run_benchmarks(argv))
 
 
 # The deployment commands live with the role that runs them: the coordinator operator's

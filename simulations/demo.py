@@ -29,6 +29,7 @@ import numpy as np
 from fedsynth.client.contributor import ClientSettings
 from fedsynth.client.data import Record, load_records
 from fedsynth.client.policy import ClientPolicy
+from fedsynth.protocol.cli_common import library_log_level
 from fedsynth.protocol.errors import ConfigError, DataFileError, TooFewParticipantsError
 from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.identity import write_simulated_consortium
@@ -92,6 +93,7 @@ class DemoConfig:
     layers: tuple[int, ...] = (8, 9, 10, 11)
     strength: float = 0.03
     contrast: float = 1.0
+    snr_shrink: bool = True  # strength follows each class vector's SNR; False: as given
     private_per_label: int | None = 2000
     synthetic_per_label: int = 150
     prior_per_label: int = 150
@@ -528,14 +530,21 @@ def run_job_in_simulation(
     if client_app is None and config.drop_clients > 0:
         app = with_simulated_dropouts(app, dropped_holders(config), data.partition_dir)
     cpus = max(1, min(os.cpu_count() or 1, config.clients))
+    level = library_log_level()  # ERROR from the fedsynth command, DEBUG with --verbose
     run_simulation(
         server_app=make_server_app(guarded, num_clients=config.clients),
         client_app=app,
         num_supernodes=config.clients,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
+            "init_args": {
+                "num_cpus": cpus,
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "logging_level": max(level, logging.INFO),  # Ray's DEBUG floods even --verbose
+            },
         },
+        verbose_logging=level <= logging.DEBUG,
     )
     return errors
 
@@ -581,6 +590,7 @@ def generate_conditions(
             config=generation_config(config),
             seed=config.seed + 101,
             progress=_phase(report, f"generate eps={eps_name}"),
+            snr_shrink=config.snr_shrink,
         )
     return out
 
@@ -640,6 +650,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     """Write synthetic.jsonl, privacy_report.json, summary.json and a comparison plot."""
     from fedsynth.server.release import load_release
+    from fedsynth.server.synthesize import steering_report
 
     main_key = epsilon_label(config.epsilon)
     main = load_release(releases[main_key])
@@ -654,7 +665,19 @@ def write_outputs(
         with (baselines / f"synthetic-{slug}.jsonl").open("w", encoding="utf-8") as handle:
             for sample in rows:
                 handle.write(json_line(asdict(sample)) + "\n")
+    # Generation-time facts (per class SNR, effective strength): in the outputs, never in the
+    # release file.
+    steering = {
+        key: steering_report(
+            load_release(path),
+            strength=config.strength,
+            contrast=config.contrast,
+            snr_shrink=config.snr_shrink,
+        )
+        for key, path in releases.items()
+    }
     report = dict(main.report)
+    report["steering"] = steering[main_key]
     dropouts = simulated_dropouts(out / "clients")
     if dropouts:
         # Names the holders behind the node ids in dropped_clients (simulation only).
@@ -667,6 +690,7 @@ def write_outputs(
         "scores": scores,
         "releases": {k: str(v) for k, v in releases.items()},
         "dropped_holders": [d["holder"] for d in dropouts],
+        "steering": steering,
         "timings_s": dict(timings),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

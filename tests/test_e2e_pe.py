@@ -229,4 +229,4 @@ def test_cli_pe_demo_through_flower_simulation(tmp_path: Path) -> None:
         timeout=300,
     )
     assert small.returncode == 2
-    assert "minimum workable epsilon" in small.stdout
+    assert "minimum workable epsilon" in small.stderr  # errors go to stderr

@@ -273,7 +273,10 @@ def test_the_server_app_runs_the_task_file_when_one_is_named(
     )
     ran: list[tuple[str, Any]] = []
 
-    def fake_run_task(spec: TaskSpec, transport: Any, nodes: tuple[int, ...]) -> Any:
+    def fake_run_task(
+        spec: TaskSpec, transport: Any, nodes: tuple[int, ...], progress: Any = None
+    ) -> Any:
+        assert callable(progress)  # each secure-sum stage shows in the run's log
         ran.append(("task", (spec.task_id, nodes)))
         return SimpleNamespace(task_id=spec.task_id, release_path=spec.store_dir)
 

@@ -1,0 +1,1 @@
+"""fedsynth benchmarks: ``python -m benchmarks [--quick] [--json FILE] [--only NAME ...]``."""

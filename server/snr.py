@@ -1,0 +1,370 @@
+"""Steering strength from a release's own signal-to-noise ratio (post-processing, no privacy cost).
+
+A class vector from a release is the noise-free mean difference plus Gaussian-like noise whose
+variance the release states publicly. Where the noise dominates, steering with the vector pushes
+the model in a random direction and makes its text worse than the unsteered prior. This module
+estimates, per class and injection layer, how much of the vector actually added during
+generation is signal, and turns that into a factor in [0, 1] that multiplies the user's
+strength: 0 where the vector is indistinguishable from noise (generation is then exactly the
+prior's), 1 for a noiseless release.
+
+Everything used is public and part of the release: the manifest's noise variance (or the larger
+variance the privacy report says is actually present), the scale, the clip norms, the released
+noisy counts and the released vectors. Nothing private is read, so the rule is post-processing
+of a differentially private release and costs no privacy.
+
+Noise model (scaled integer domain, per coordinate, add/remove adjacency; EPSVec arXiv
+2602.21218 with distributed Skellam noise, Agarwal, Kairouz, Liu 2021): the secure sum of class c
+carries noise of variance ``sigma2`` per coordinate (Skellam shares in distributed/local mode,
+Gaussian added by the coordinator in central mode). Decoding divides by ``scale`` and by the
+noisy count ``n_c`` and multiplies layer l by its clip norm ``m_l``, so each coordinate of the
+released vector at layer l carries noise of standard deviation::
+
+    sd[c, l] = m_l * sqrt(sigma2) / (scale * n_c)
+
+The released count ``n_c`` is itself noisy, but it is the number the vector was divided by, so
+the formula is exact given it; its noise only rescales the vector and leaves the steering
+direction (which is normalized) unchanged. The randomized rounding of each record (variance
+below 1/4 per record and coordinate in the scaled domain, i.e. 1/(4 scale^2) per unit) is not
+noise added for privacy and is orders of magnitude below ``sigma2``; it is left out so that a
+noiseless release keeps its full strength.
+
+The rule (per class and layer): with ``d`` the direction actually added at layer l (the class
+vector, or its contrast with the class mean, see :func:`direction_weights`), ``H`` its
+dimension, ``s^2`` its per-coordinate noise variance and ``U`` the upper ``1 - level`` quantile
+of the noise energy (``s^2`` times the chi-square quantile with ``H`` degrees of freedom)::
+
+    factor = sqrt(max(0, 1 - U / ||d||^2))
+
+``1 - E[noise energy] / ||d||^2`` is the positive-part James-Stein factor; it estimates the
+share of the observed energy that is signal, which is the squared cosine between ``d`` and the
+noise-free direction. The engine adds the *unit* direction times the strength, so the expected
+squared distance between what is added and what the noise-free release would add,
+``strength^2 (f^2 - 2 f cos + 1)``, is smallest at ``f = cos``: hence the square root. Using the
+upper quantile ``U`` instead of the mean makes the rule conservative (shrinking more is the safe
+side): a vector of pure noise gets factor exactly 0 except with probability ``level``, where the
+plain James-Stein factor would leave it a small positive strength half the time.
+
+Why per class and layer, not per class: each layer receives its own addition (its own unit
+direction times ``strength * r_l``), the layers carry independent noise of different size
+(``m_l`` differs) and different signal, so a layer whose direction is noise is switched off
+without giving up the layers that carry the class signal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import chi2
+
+from fedsynth.protocol.errors import ConfigError, NonPositiveCountError
+from fedsynth.server.release import Release
+
+DEFAULT_LEVEL = 1e-3  # chance that a pure-noise layer keeps a non-zero strength
+
+
+@dataclass(frozen=True)
+class LayerSnr:
+    """Signal-to-noise figures of one class's steering direction at one injection layer.
+
+    Attributes:
+        layer: The injection layer.
+        noise_sd: Noise standard deviation of each coordinate of the added direction.
+        noise_energy: Expected squared norm of that noise, ``H * noise_sd**2``.
+        observed_energy: Squared norm of the released direction.
+        snr: Estimated signal energy over noise energy,
+            ``max(0, observed - noise) / noise`` (``inf`` without noise).
+        factor: The shrink factor in [0, 1] that multiplies the user's strength.
+    """
+
+    layer: int
+    noise_sd: float
+    noise_energy: float
+    observed_energy: float
+    snr: float
+    factor: float
+
+
+@dataclass(frozen=True)
+class ClassSnr:
+    """Signal-to-noise figures of one class, one entry per injection layer."""
+
+    label: str
+    count: float
+    layers: tuple[LayerSnr, ...]
+
+    @property
+    def factors(self) -> dict[int, float]:
+        """Shrink factor per injection layer."""
+        return {entry.layer: entry.factor for entry in self.layers}
+
+    @property
+    def factor(self) -> float:
+        """Mean shrink factor over the layers (one number for a summary)."""
+        return float(np.mean([entry.factor for entry in self.layers]))
+
+
+@dataclass(frozen=True)
+class SteeringSnr:
+    """Per-class signal-to-noise ratios of a release and the shrink factors they imply."""
+
+    release_id: str
+    noise_variance_scaled: float
+    variance_source: str
+    contrast: float
+    level: float
+    classes: tuple[ClassSnr, ...]
+
+    def of(self, label: str) -> ClassSnr:
+        """The figures of ``label``."""
+        for entry in self.classes:
+            if entry.label == label:
+                return entry
+        raise ConfigError(
+            f"label={label!r} is not in this release's {[c.label for c in self.classes]}"
+        )
+
+    def to_dict(self, *, strength: float, applied: bool = True) -> dict[str, Any]:
+        """JSON-ready report: the rule, the noise used, and per class the SNR and strength.
+
+        Args:
+            strength: The user's strength, to state the effective strength per layer.
+            applied: Whether generation used the factors (False: the opt-out was taken and the
+                effective strength is the user's).
+        """
+        classes: dict[str, Any] = {}
+        for entry in self.classes:
+            layers = {}
+            for item in entry.layers:
+                used = item.factor if applied else 1.0
+                layers[str(item.layer)] = {
+                    "noise_sd": item.noise_sd,
+                    "noise_energy": item.noise_energy,
+                    "observed_energy": item.observed_energy,
+                    "snr": _json_float(item.snr),
+                    "factor": item.factor,
+                    "effective_strength": strength * used,
+                }
+            mean_used = entry.factor if applied else 1.0
+            classes[entry.label] = {
+                "count": entry.count,
+                "snr": _json_float(_class_snr(entry)),
+                "factor": entry.factor,
+                "effective_strength": strength * mean_used,
+                "layers": layers,
+            }
+        return {
+            "rule": "per class and layer: strength * sqrt(max(0, 1 - U / ||d||^2)), U the "
+            f"{1 - self.level:g} quantile of the noise energy of the added direction d",
+            "applied": applied,
+            "strength": strength,
+            "contrast": self.contrast,
+            "level": self.level,
+            "noise_variance_scaled": self.noise_variance_scaled,
+            "variance_source": self.variance_source,
+            "classes": classes,
+        }
+
+
+def _json_float(value: float) -> float | str:
+    """``inf`` as the string "inf" (JSON has no infinity)."""
+    return "inf" if math.isinf(value) else value
+
+
+def _class_snr(entry: ClassSnr) -> float:
+    """Signal over noise energy summed over the layers (one number per class)."""
+    noise = sum(item.noise_energy for item in entry.layers)
+    observed = sum(item.observed_energy for item in entry.layers)
+    if noise == 0.0:
+        return math.inf
+    return max(0.0, observed - noise) / noise
+
+
+def check_release_counts(release: Release) -> None:
+    """Refuse a release whose noisy count of some class is zero, negative or not finite.
+
+    The vectors were divided by these counts; a count <= 0 means the file was not decoded by
+    fedsynth (which floors counts at 1) or was altered, and its vectors cannot be weighed.
+
+    Raises:
+        NonPositiveCountError: naming the class, the count found and the limit (> 0).
+    """
+    counts = np.asarray(release.counts, dtype=np.float64).reshape(-1)
+    if counts.shape != (len(release.labels),):
+        raise ConfigError(
+            f"release {release.release_id}: counts shape {counts.shape} != "
+            f"({len(release.labels)},) labels"
+        )
+    for label, count in zip(release.labels, counts, strict=True):
+        if not (math.isfinite(count) and count > 0):
+            raise NonPositiveCountError(
+                f"release {release.release_id}: noisy count of class {label!r} is {count:g}; "
+                "it must be a finite number > 0 to weigh the class vector (nothing generated)"
+            )
+
+
+def noise_variance_present(release: Release) -> tuple[float, str]:
+    """Per-coordinate noise variance of each class sum (scaled domain) and where it comes from.
+
+    The manifest states the target variance; in distributed mode with more than ``t``
+    survivors, and in local mode, more noise is present, as the privacy report states. The
+    larger of the two is used: overstating the noise only shrinks more.
+    """
+    target = float(release.manifest.privacy.total_variance)
+    noise = release.report.get("noise") if isinstance(release.report, dict) else None
+    stated = noise.get("aggregate_variance_actual_scaled") if isinstance(noise, dict) else None
+    if (
+        isinstance(stated, int | float)
+        and not isinstance(stated, bool)
+        and math.isfinite(stated)
+        and stated > target
+    ):
+        return float(stated), "actual (privacy report)"
+    return target, "target (manifest)"
+
+
+def coordinate_noise_sd(release: Release, *, variance: float | None = None) -> np.ndarray:
+    """Noise standard deviation of each coordinate of each released class vector, per layer.
+
+    ``sd[c, l] = clip_l * sqrt(variance) / (scale * count_c)`` (see the module docstring).
+
+    Args:
+        variance: Per-coordinate variance of the class sums in the scaled domain (default:
+            :func:`noise_variance_present`).
+
+    Returns:
+        (C, L) float64.
+
+    Raises:
+        NonPositiveCountError: if a class's noisy count is <= 0.
+    """
+    check_release_counts(release)
+    if variance is None:
+        variance, _ = noise_variance_present(release)
+    manifest = release.manifest
+    counts = np.asarray(release.counts, dtype=np.float64).reshape(-1)
+    clip = np.asarray(manifest.clip_norms, dtype=np.float64)
+    result: np.ndarray = clip[None, :] * math.sqrt(variance) / (manifest.scale * counts[:, None])
+    return result
+
+
+def direction_weights(n_classes: int, index: int, *, contrast: float) -> np.ndarray:
+    """Weights ``w`` with ``direction = sum_k w_k v_k``, as :meth:`Release.directions` forms it.
+
+    ``mean + contrast * (v_c - mean)`` weighs class c by ``contrast + (1 - contrast) / C`` and
+    every other class by ``(1 - contrast) / C``. The classes' noises are independent (disjoint
+    coordinates of the secure sum), so the direction's noise variance is
+    ``sum_k w_k^2 sd_k^2``.
+    """
+    weights = np.full(n_classes, (1.0 - contrast) / n_classes)
+    weights[index] += contrast
+    return weights
+
+
+def shrink_factor(
+    observed_energy: float, *, noise_sd: float, dim: int, level: float = DEFAULT_LEVEL
+) -> float:
+    """``sqrt(max(0, 1 - U / observed))`` with ``U = noise_sd^2 * chi2.ppf(1 - level, dim)``.
+
+    1 without noise; 0 for a zero vector with noise.
+    """
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"level={level}: must be in (0, 1)")
+    if noise_sd == 0.0:
+        return 1.0
+    if observed_energy <= 0.0:
+        return 0.0
+    upper = noise_sd**2 * float(chi2.ppf(1.0 - level, dim))
+    return math.sqrt(max(0.0, 1.0 - upper / observed_energy))
+
+
+def steering_snr(
+    release: Release, *, contrast: float = 1.0, level: float = DEFAULT_LEVEL
+) -> SteeringSnr:
+    """Per class and layer: noise sd, noise energy, observed energy, SNR and shrink factor.
+
+    Applied to what generation actually adds: :meth:`Release.directions` with ``contrast``.
+    Pure post-processing of public release content.
+
+    Raises:
+        NonPositiveCountError: if a class's noisy count is <= 0 (before anything is computed).
+        ConfigError: if a class vector is not finite, or ``level`` is outside (0, 1).
+    """
+    if not math.isfinite(contrast):
+        raise ConfigError(f"contrast={contrast}: must be finite")
+    variance, source = noise_variance_present(release)
+    sd = coordinate_noise_sd(release, variance=variance)  # (C, L)
+    manifest = release.manifest
+    hidden = manifest.hidden_size
+    n_classes = len(release.labels)
+    classes = []
+    for c, label in enumerate(release.labels):
+        weights = direction_weights(n_classes, c, contrast=contrast)
+        direction_sd = np.sqrt((weights[:, None] ** 2 * sd**2).sum(axis=0))  # (L,)
+        directions = release.directions(label, contrast=contrast)
+        entries = []
+        for j, layer in enumerate(manifest.layers):
+            vector = directions[layer].double().numpy()
+            observed = float(np.dot(vector, vector))
+            if not math.isfinite(observed):
+                raise ConfigError(
+                    f"release {release.release_id}: vector of class {label!r} at layer {layer} "
+                    "is not finite"
+                )
+            noise_sd = float(direction_sd[j])
+            noise_energy = hidden * noise_sd**2
+            snr = (
+                math.inf
+                if noise_energy == 0.0
+                else max(0.0, observed - noise_energy) / noise_energy
+            )
+            entries.append(
+                LayerSnr(
+                    layer=layer,
+                    noise_sd=noise_sd,
+                    noise_energy=noise_energy,
+                    observed_energy=observed,
+                    snr=snr,
+                    factor=shrink_factor(observed, noise_sd=noise_sd, dim=hidden, level=level),
+                )
+            )
+        classes.append(ClassSnr(label=label, count=float(release.counts[c]), layers=tuple(entries)))
+    return SteeringSnr(
+        release_id=release.release_id,
+        noise_variance_scaled=variance,
+        variance_source=source,
+        contrast=contrast,
+        level=level,
+        classes=tuple(classes),
+    )
+
+
+def steering_lines(report: dict[str, Any]) -> list[str]:
+    """Plain lines for a terminal: per class the count, SNR, factor and effective strength.
+
+    Args:
+        report: :meth:`SteeringSnr.to_dict` output.
+    """
+    applied = "applied" if report["applied"] else "not applied: opted out"
+    lines = [
+        f"steering strength {report['strength']:g} x SNR shrink ({applied}), noise variance "
+        f"{report['noise_variance_scaled']:.6g} ({report['variance_source']})"
+    ]
+    for label, entry in report["classes"].items():
+        per_layer = ", ".join(
+            f"L{layer}: snr {_fmt(item['snr'])} -> {item['effective_strength']:.4g}"
+            for layer, item in entry["layers"].items()
+        )
+        lines.append(
+            f"  {label}: count {entry['count']:.1f}, snr {_fmt(entry['snr'])}, factor "
+            f"{entry['factor']:.3f}, effective strength {entry['effective_strength']:.4g} "
+            f"({per_layer})"
+        )
+    return lines
+
+
+def _fmt(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:.3g}"
