@@ -6,8 +6,9 @@ the ClientApp it names. This module replaces both:
 
 * ``node``: starts ``flower-supernode`` as its child and polls the SuperNode's local runtime API
   for ClientApp tasks (authenticated with the node directory's SuperExec secret, so no other
-  local process can take them); each task gets a fresh ``task`` process. It exits with the
-  SuperNode's status.
+  local process can take them). Tasks run one after another in this process (imports stay
+  loaded: a stage costs its work, not a Python start), or each in a fresh ``task`` process
+  with ``--process-per-task``. It exits with the SuperNode's status.
 * ``task``: pulls the task's message, context and app bundle, checks the bundle against the pin
   (:func:`fedsynth.client.app_pin.check_bundle`) *before anything in it is extracted or
   imported*, and then runs the holder's installed fedsynth ClientApp, never the bundle's
@@ -115,8 +116,15 @@ def run_node(
     runtime_address: str,
     fab_sha256: frozenset[str],
     secret: bytes,
+    process_per_task: bool = False,
 ) -> int:
-    """Start the SuperNode, hand each ClientApp task to a ``task`` process; return its status."""
+    """Start the SuperNode and run each ClientApp task it hands out; return its status.
+
+    Tasks run in this process one at a time unless ``process_per_task`` (a fresh ``task``
+    process each: isolation at the cost of a Python start and the client stack's imports per
+    stage). Either way the bundle is checked against the pin before anything in it is used.
+    """
+    pin = TrustedApp(fab_sha256=fab_sha256, version=installed_version())
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import (
@@ -129,6 +137,8 @@ def run_node(
     def forward(signum: int, _frame: object) -> None:
         if supernode.poll() is None:
             supernode.send_signal(signum)
+        else:  # nothing left to stop: a signal must still end this process
+            os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -156,13 +166,17 @@ def run_node(
                 time.sleep(TASK_POLL_S)
                 continue
             if response.HasField("task") and response.token:
-                child = subprocess.Popen(
-                    task_command(runtime_address, fab_sha256), stdin=subprocess.PIPE
-                )
-                assert child.stdin is not None
-                child.stdin.write(response.token.encode("ascii"))
-                child.stdin.close()
-                children.append(child)
+                if process_per_task:
+                    child = subprocess.Popen(
+                        task_command(runtime_address, fab_sha256), stdin=subprocess.PIPE
+                    )
+                    assert child.stdin is not None
+                    child.stdin.write(response.token.encode("ascii"))
+                    child.stdin.close()
+                    children.append(child)
+                else:
+                    run_task(runtime_address, response.token, pin)
+                    continue  # the next stage is often waiting already
             children = [c for c in children if c.poll() is None]
             time.sleep(TASK_POLL_S)
     finally:
@@ -272,6 +286,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--runtime-api-address", required=True)
         cmd.add_argument("--fab-sha256", action="append", required=True)
     sub.choices["node"].add_argument("--superexec-auth-secret-file", type=Path, required=True)
+    sub.choices["node"].add_argument(
+        "--process-per-task",
+        action="store_true",
+        help="run each task in a fresh process (isolation; slower: imports per stage)",
+    )
     sub.choices["node"].add_argument("supernode", nargs=argparse.REMAINDER)
     sub.choices["task"].add_argument("--parent-pid", type=int, default=None)
     return parser
@@ -290,9 +309,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "node":
         command = args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode
         secret = Path(args.superexec_auth_secret_file).read_bytes()
-        return run_node(
-            command, runtime_address=args.runtime_api_address, fab_sha256=hashes, secret=secret
-        )
+        try:
+            return run_node(
+                command,
+                runtime_address=args.runtime_api_address,
+                fab_sha256=hashes,
+                secret=secret,
+                process_per_task=args.process_per_task,
+            )
+        except FedSynthError as exc:  # no installed fedsynth version to pin against
+            log.error("%s", exc)
+            return 2
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 

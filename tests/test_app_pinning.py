@@ -14,14 +14,13 @@ and the marker never appears: no bundle code was imported on the node in either 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from processes import cli_ok, free_port
 
 from fedsynth.client.app_pin import build_bundle, installed_version, sha256_hex
 from fedsynth.client.flower_app import ERROR_CODE_REFUSED
@@ -87,18 +86,6 @@ except Exception as exc:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _cli(app: object, *args: str) -> str:
-    result = CliRunner().invoke(app, list(args))  # type: ignore[arg-type]
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 def _write_bundle(directory: Path, *, out: Path, marker: Path, variant: str) -> Path:
     directory.mkdir()
     (directory / "pyproject.toml").write_text(
@@ -134,9 +121,9 @@ def _wait_for(path: Path, timeout_s: float, logs: list[Path]) -> list[dict[str, 
 
 def test_node_runs_only_the_pinned_bundle_and_never_its_code(tmp_path: Path) -> None:
     coord, alice = tmp_path / "coord", tmp_path / "alice"
-    _cli(coordinator_app, "init", str(coord))
-    _cli(node_app, "init", str(alice))
-    _cli(
+    cli_ok(coordinator_app, "init", str(coord))
+    cli_ok(node_app, "init", str(alice))
+    cli_ok(
         coordinator_app,
         "add-node",
         str(coord),
@@ -162,10 +149,10 @@ def test_node_runs_only_the_pinned_bundle_and_never_its_code(tmp_path: Path) -> 
     other_hash = sha256_hex(build_bundle(other))
     assert pinned_hash != other_hash
 
-    port = _free_port()
+    port = free_port()
     link = start_superlink(coord, host="127.0.0.1", port=port)
     node_log = tmp_path / "alice.log"
-    runtime_port = _free_port()
+    runtime_port = free_port()
     node = None
     try:
         node = start_supernode(

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import free_port
 
 from fedsynth.client.budget import ClientBudget
 from fedsynth.protocol.identity import (
@@ -29,12 +30,6 @@ from fedsynth.simulations.demo import demo_config, prepare_data
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_port(port: int, timeout: float = 60.0) -> None:
@@ -96,7 +91,7 @@ def test_flwr_run_on_real_superlink_and_supernodes(
     keys = tmp_path / "keys"
     keys.mkdir(mode=0o700)
     write_simulated_consortium(keys, 3)
-    link_port = _free_port()
+    link_port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(
@@ -129,7 +124,7 @@ def test_flwr_run_on_real_superlink_and_supernodes(
                         "--superlink",
                         f"127.0.0.1:{link_port}",
                         "--port",
-                        str(_free_port()),
+                        str(free_port()),
                         "--node-config",
                         node_config,
                     ],

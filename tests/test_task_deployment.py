@@ -37,7 +37,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from typer.testing import CliRunner
+from processes import cli_ok, free_port
 
 from fedsynth.client.budget import ClientBudget
 from fedsynth.client.node_cli import node_app
@@ -65,18 +65,6 @@ NEGATIVE = (
     "two hours of tedium",
     "flat, cold and far too long",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _cli(app: object, *args: str) -> str:
-    result = CliRunner().invoke(app, list(args))  # type: ignore[arg-type]
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -146,7 +134,7 @@ class Federation:
                 "--ca",
                 str(self.coord / "ca.pem"),
                 "--port",
-                str(_free_port()),
+                str(free_port()),
                 "--model",
                 "tiny-llama",
                 "--trusted-app",
@@ -222,14 +210,14 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     (root / "app").mkdir()
     (root / "app" / "pyproject.toml").write_bytes((REPO / "pyproject.toml").read_bytes())
     coord = root / "coord"
-    _cli(coordinator_app, "init", str(coord))
+    cli_ok(coordinator_app, "init", str(coord))
     token = coord / "synthesis.token"
     assert token.stat().st_mode & 0o777 == 0o600
     budgets: dict[str, Path] = {}
     for i, name in enumerate(HOLDERS):
         directory = root / name
-        _cli(node_app, "init", str(directory))
-        _cli(
+        cli_ok(node_app, "init", str(directory))
+        cli_ok(
             coordinator_app,
             "add-node",
             str(coord),
@@ -255,7 +243,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     for name in HOLDERS:  # the operator sends the final roster to every holder
         (root / name / "roster.json").write_bytes((coord / "roster.json").read_bytes())
 
-    link_port, synthesis_port = _free_port(), _free_port()
+    link_port, synthesis_port = free_port(), free_port()
     coord_log = root / "coordinator.log"
     coordinator = _spawn(
         [

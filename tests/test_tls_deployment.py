@@ -8,13 +8,12 @@ connect. Every process is stopped at the end.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from processes import cli_ok, free_port, wait_exit
 
 from fedsynth.client.node_cli import node_app
 from fedsynth.client.supernode import start_supernode
@@ -29,32 +28,13 @@ from fedsynth.server.superlink import start_superlink
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _cli(app: object, *args: str) -> str:
-    result = CliRunner().invoke(app, list(args))  # type: ignore[arg-type]
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None
-
-
 def test_tls_and_node_authentication_admit_only_registered_holders(tmp_path: Path) -> None:
     coord = tmp_path / "coord"
     alice, outsider = tmp_path / "alice", tmp_path / "outsider"
-    _cli(coordinator_app, "init", str(coord))
-    _cli(node_app, "init", str(alice))
-    _cli(node_app, "init", str(outsider))
-    _cli(
+    cli_ok(coordinator_app, "init", str(coord))
+    cli_ok(node_app, "init", str(alice))
+    cli_ok(node_app, "init", str(outsider))
+    cli_ok(
         coordinator_app,
         "add-node",
         str(coord),
@@ -79,7 +59,7 @@ def test_tls_and_node_authentication_admit_only_registered_holders(tmp_path: Pat
     wrong_ca = tmp_path / "other-ca.pem"
     write_certificate(wrong_ca, other_ca)
 
-    port = _free_port()
+    port = free_port()
     link = start_superlink(coord, host="127.0.0.1", port=port)
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -95,7 +75,7 @@ def test_tls_and_node_authentication_admit_only_registered_holders(tmp_path: Pat
                     policy=policy,
                     superlink=address,
                     ca=ca,
-                    port=_free_port(),
+                    port=free_port(),
                     log_path=log,
                     max_retries=retries,
                 )
@@ -113,9 +93,9 @@ def test_tls_and_node_authentication_admit_only_registered_holders(tmp_path: Pat
             assert time.monotonic() < deadline, (tmp_path / "alice.log").read_text()[-2000:]
             time.sleep(0.5)
 
-        assert _wait_exit(procs[1], 30) not in (None, 0), outsider_log.read_text()[-2000:]
+        assert wait_exit(procs[1], 30) not in (None, 0), outsider_log.read_text()[-2000:]
         assert "Failed to activate SuperNode" in outsider_log.read_text()
-        assert _wait_exit(procs[2], 30) not in (None, 0), wrong_ca_log.read_text()[-2000:]
+        assert wait_exit(procs[2], 30) not in (None, 0), wrong_ca_log.read_text()[-2000:]
         assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca_log.read_text()
         assert "Failed to activate SuperNode" not in wrong_ca_log.read_text()
         # Only the registered node is known to the SuperLink, and it stayed online.
