@@ -6,9 +6,9 @@ the ClientApp it names. This module replaces both:
 
 * ``node``: starts ``flower-supernode`` as its child and polls the SuperNode's local runtime API
   for ClientApp tasks (authenticated with the node directory's SuperExec secret, so no other
-  local process can take them). Tasks run one after another in this process (imports stay
-  loaded: a stage costs its work, not a Python start), or each in a fresh ``task`` process
-  with ``--process-per-task``. It exits with the SuperNode's status.
+  local process can take them). Each task runs in a fresh ``task`` process, or, with
+  ``--in-process``, one after another in this process (imports stay loaded: a stage costs its
+  work, not a Python start). It exits with the SuperNode's status.
 * ``task``: pulls the task's message, context and app bundle, checks the bundle against the pin
   (:func:`fedsynth.client.app_pin.check_bundle`) *before anything in it is extracted or
   imported*, and then runs the holder's installed fedsynth ClientApp, never the bundle's
@@ -116,13 +116,14 @@ def run_node(
     runtime_address: str,
     fab_sha256: frozenset[str],
     secret: bytes,
-    process_per_task: bool = False,
+    process_per_task: bool = True,
 ) -> int:
     """Start the SuperNode and run each ClientApp task it hands out; return its status.
 
-    Tasks run in this process one at a time unless ``process_per_task`` (a fresh ``task``
-    process each: isolation at the cost of a Python start and the client stack's imports per
-    stage). Either way the bundle is checked against the pin before anything in it is used.
+    With ``process_per_task`` each task gets a fresh ``task`` process (isolation, at the cost
+    of a Python start and the client stack's imports per stage); without, tasks run in this
+    process one at a time. Either way the bundle is checked against the pin before anything in
+    it is used.
     """
     pin = TrustedApp(fab_sha256=fab_sha256, version=installed_version())
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
@@ -287,9 +288,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--fab-sha256", action="append", required=True)
     sub.choices["node"].add_argument("--superexec-auth-secret-file", type=Path, required=True)
     sub.choices["node"].add_argument(
-        "--process-per-task",
+        "--in-process",
         action="store_true",
-        help="run each task in a fresh process (isolation; slower: imports per stage)",
+        help="run the tasks in this process (faster: no imports per stage; less isolation)",
     )
     sub.choices["node"].add_argument("supernode", nargs=argparse.REMAINDER)
     sub.choices["task"].add_argument("--parent-pid", type=int, default=None)
@@ -315,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runtime_address=args.runtime_api_address,
                 fab_sha256=hashes,
                 secret=secret,
-                process_per_task=args.process_per_task,
+                process_per_task=not args.in_process,
             )
         except FedSynthError as exc:  # no installed fedsynth version to pin against
             log.error("%s", exc)
