@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -28,3 +29,22 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
+
+
+def add_holder(coord: Path, directory: Path, name: str) -> None:
+    """``node init DIRECTORY`` for a holder, then the operator's ``add-node`` of its keys."""
+    from fedsynth.client.node_cli import node_app
+    from fedsynth.server.coordinator_cli import coordinator_app
+
+    cli_ok(node_app, "init", str(directory))
+    cli_ok(
+        coordinator_app,
+        "add-node",
+        str(coord),
+        "--name",
+        name,
+        "--node-public-key",
+        str(directory / "node.pub"),
+        "--signing-public-key",
+        str(directory / "signing.pub"),
+    )

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import cli_ok, free_port
+from processes import add_holder, cli_ok, free_port
 
 from fedsynth.client.app_pin import build_bundle, installed_version, sha256_hex
 from fedsynth.client.flower_app import ERROR_CODE_REFUSED
-from fedsynth.client.node_cli import node_app
 from fedsynth.client.supernode import start_supernode
 from fedsynth.protocol.deployment import stop_process
 from fedsynth.server.consortium import CoordinatorPaths
@@ -122,18 +121,7 @@ def _wait_for(path: Path, timeout_s: float, logs: list[Path]) -> list[dict[str, 
 def test_node_runs_only_the_pinned_bundle_and_never_its_code(tmp_path: Path) -> None:
     coord, alice = tmp_path / "coord", tmp_path / "alice"
     cli_ok(coordinator_app, "init", str(coord))
-    cli_ok(node_app, "init", str(alice))
-    cli_ok(
-        coordinator_app,
-        "add-node",
-        str(coord),
-        "--name",
-        "alice",
-        "--node-public-key",
-        str(alice / "node.pub"),
-        "--signing-public-key",
-        str(alice / "signing.pub"),
-    )
+    add_holder(coord, alice, "alice")
     paths = CoordinatorPaths(coord)
     (alice / "roster.json").write_bytes(paths.roster.read_bytes())
     data = tmp_path / "data.jsonl"

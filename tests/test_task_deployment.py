@@ -37,10 +37,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from processes import cli_ok, free_port
+from processes import add_holder, cli_ok, free_port
 
 from fedsynth.client.budget import ClientBudget
-from fedsynth.client.node_cli import node_app
 from fedsynth.protocol.deployment import stop_process
 from fedsynth.server.coordinator_cli import coordinator_app
 from fedsynth.server.ledger import file_digest, ledger_rows
@@ -216,18 +215,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     budgets: dict[str, Path] = {}
     for i, name in enumerate(HOLDERS):
         directory = root / name
-        cli_ok(node_app, "init", str(directory))
-        cli_ok(
-            coordinator_app,
-            "add-node",
-            str(coord),
-            "--name",
-            name,
-            "--node-public-key",
-            str(directory / "node.pub"),
-            "--signing-public-key",
-            str(directory / "signing.pub"),
-        )
+        add_holder(coord, directory, name)
         rows = [(text, "positive") for text in POSITIVE] + [(t, "negative") for t in NEGATIVE]
         (directory / "data.jsonl").write_text(
             "".join(

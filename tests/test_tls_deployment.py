@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import cli_ok, free_port, wait_exit
+from processes import add_holder, cli_ok, free_port, wait_exit
 
 from fedsynth.client.node_cli import node_app
 from fedsynth.client.supernode import start_supernode
@@ -32,19 +32,8 @@ def test_tls_and_node_authentication_admit_only_registered_holders(tmp_path: Pat
     coord = tmp_path / "coord"
     alice, outsider = tmp_path / "alice", tmp_path / "outsider"
     cli_ok(coordinator_app, "init", str(coord))
-    cli_ok(node_app, "init", str(alice))
+    add_holder(coord, alice, "alice")
     cli_ok(node_app, "init", str(outsider))
-    cli_ok(
-        coordinator_app,
-        "add-node",
-        str(coord),
-        "--name",
-        "alice",
-        "--node-public-key",
-        str(alice / "node.pub"),
-        "--signing-public-key",
-        str(alice / "signing.pub"),
-    )
     paths = CoordinatorPaths(coord)
     (alice / "roster.json").write_bytes(paths.roster.read_bytes())  # sent out of band
     # The outsider forges a roster naming itself: fedsynth's own checks pass, so only the
