@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ROLES = ("protocol", "client", "server", "simulations")
 STAGE = ".privacy-mutant-stage"
 GUARD = "privacy_mutant_guard"
-PYTEST_ARGS = ("-q", "-m", "not slow", "-p", "no:cacheprovider", "-rfE")
+PYTEST_ARGS = ("-q", "-n", "0", "-m", "not slow", "-p", "no:cacheprovider", "-rfE")
 TIMEOUT_S = 1800
 
 

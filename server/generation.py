@@ -391,24 +391,49 @@ def text_logprobs(
     *,
     deltas: Mapping[int, torch.Tensor] | None = None,
     max_text_tokens: int = 64,
+    batch_size: int = 8,
 ) -> list[float]:
     """Mean per-token log-probability of each text as a continuation of ``prompt``.
 
     With ``deltas`` the model is steered exactly as during generation. Used to check that a
     class vector makes that class's real texts more likely, and for likelihood-based audits.
+    Texts are scored ``batch_size`` at a time, right-padded: attention is causal, so padding
+    after a text changes none of its positions, and batching halves the cost on a CPU.
     """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: must be >= 1")
     tok = loaded.tokenizer
     prompt_ids = list(tok.encode(prompt, add_special_tokens=True))
-    out: list[float] = []
+    encoded: list[list[int]] = []
+    for text in texts:
+        text_ids = list(tok.encode(text, add_special_tokens=False))[:max_text_tokens]
+        if not text_ids:
+            raise ConfigError("text_logprobs: empty text")
+        encoded.append(text_ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    start = len(prompt_ids)
+    # Similar lengths share a batch, so little compute goes to padding.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out = [0.0] * len(encoded)
     ctx = steering(loaded.model, deltas) if deltas else contextlib.nullcontext()
-    with ctx:
-        for text in texts:
-            text_ids = list(tok.encode(text, add_special_tokens=False))[:max_text_tokens]
-            if not text_ids:
-                raise ConfigError("text_logprobs: empty text")
-            ids = torch.tensor([prompt_ids + text_ids], device=loaded.device)
-            logits = loaded.model(input_ids=ids, use_cache=False).logits.float()
-            logp = torch.log_softmax(logits[0, len(prompt_ids) - 1 : -1], dim=-1)
-            target = ids[0, len(prompt_ids) :]
-            out.append(float(logp.gather(-1, target.unsqueeze(-1)).mean()))
+    with ctx, torch.inference_mode():
+        for first in range(0, len(order), batch_size):
+            batch = order[first : first + batch_size]
+            width = start + max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                seq = prompt_ids + encoded[i]
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            logits = loaded.model(
+                input_ids=ids.to(loaded.device),
+                attention_mask=mask.to(loaded.device),
+                use_cache=False,
+            ).logits
+            for row, i in enumerate(batch):
+                n = len(encoded[i])
+                logp = torch.log_softmax(logits[row, start - 1 : start - 1 + n].float(), dim=-1)
+                target = torch.tensor(encoded[i], device=logp.device)
+                out[i] = float(logp.gather(-1, target.unsqueeze(-1)).mean())
     return out

@@ -15,3 +15,13 @@ def single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the slow end-to-end modules first (stable order otherwise).
+
+    With ``-n 2`` (``pytest-xdist``, one module per worker at a time) the long modules then
+    start at once and the many short tests fill the other worker around them, instead of one
+    long module starting last and running alone.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -28,6 +28,7 @@ from fedsynth.server.generation import (
     sample_top_p,
     steering,
     steering_deltas,
+    text_logprobs,
 )
 from fedsynth.server.ledger import PrivacyLedger, file_digest
 from fedsynth.server.release import (
@@ -333,6 +334,33 @@ def test_steering_changes_logits_and_is_removed_afterwards(tiny: LoadedModel) ->
     torch.testing.assert_close(unchanged, before, rtol=0, atol=0)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     assert all(not block._forward_hooks for block in decoder_layers(tiny.model))
+
+
+def _reference_logprob(loaded: LoadedModel, prompt: str, text: str) -> float:
+    """One text alone, no padding: the mean log-probability of its tokens after ``prompt``."""
+    prompt_ids = loaded.tokenizer.encode(prompt, add_special_tokens=True)
+    text_ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+    ids = torch.tensor([prompt_ids + text_ids])
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids).logits[0]
+    logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1].float(), dim=-1)
+    return float(logp.gather(-1, torch.tensor(text_ids).unsqueeze(-1)).mean())
+
+
+def test_batched_text_logprobs_equal_each_text_scored_alone(tiny: LoadedModel) -> None:
+    """Right padding in a batch changes no text's score, steered or not, in the input order."""
+    texts = ["a", "a much longer text with many more tokens in it", "mid length text", "b c"]
+    prompt = "Review:"
+    alone = [_reference_logprob(tiny, prompt, text) for text in texts]
+    batched = text_logprobs(tiny, prompt, texts, batch_size=3)
+    np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5)
+    delta = torch.from_numpy(np.random.default_rng(1).normal(size=tiny.hidden_size)).float()
+    steered = text_logprobs(tiny, prompt, texts, deltas={1: delta}, batch_size=4)
+    one_by_one = text_logprobs(tiny, prompt, texts, deltas={1: delta}, batch_size=1)
+    np.testing.assert_allclose(steered, one_by_one, rtol=0, atol=1e-5)
+    assert max(abs(a - b) for a, b in zip(steered, batched, strict=True)) > 1e-4
+    with pytest.raises(ConfigError, match="batch_size"):
+        text_logprobs(tiny, prompt, texts, batch_size=0)
 
 
 def test_steering_hooks_are_removed_after_an_exception(tiny: LoadedModel) -> None:

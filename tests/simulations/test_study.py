@@ -15,6 +15,8 @@ from fedsynth.simulations.cli import app
 from fedsynth.simulations.study import StudyRunner, _slug
 from fedsynth.simulations.study_config import load_study_config
 
+pytestmark = pytest.mark.slow
+
 CONFIG = """
 name = "tiny"
 seeds = [0]
