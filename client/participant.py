@@ -11,6 +11,7 @@ every task.
 from __future__ import annotations
 
 import secrets
+import time
 from abc import ABC, abstractmethod
 from typing import Any, Generic, TypeVar
 
@@ -25,6 +26,7 @@ from fedsynth.protocol.messages import (
     Envelope,
     blobs_from_fields,
     blobs_to_fields,
+    check_clock,
     field_to_bytes,
     ints_from_field,
     keys_from_fields,
@@ -120,6 +122,7 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             raise ProtocolError(
                 f"unknown stage {stage!r}; expected one of {[s.value for s in ROUND_STAGES]}"
             )
+        check_clock(content, now=time.time())  # before anything is read, computed or charged
         return handlers[Stage(stage)](content, state)
 
     def _secagg_client(self, task: TaskT) -> SecAggClient:

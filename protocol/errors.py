@@ -56,6 +56,10 @@ class LateSubmissionError(ProtocolError):
     """A submission arrived after its stage's deadline or for a stale round."""
 
 
+class ClockSkewError(ProtocolError):
+    """A request's send time is further from this node's clock than the stage deadline."""
+
+
 class ShapeError(ProtocolError):
     """A vector has the wrong shape or dtype."""
 

@@ -1,8 +1,10 @@
 """Wire codec of the dataset-vector protocol: typed stage messages <-> Flower RecordDicts.
 
 Every message carries the task id and the stage name, so a reply to a stale round or stage is
-recognized and rejected. Vectors travel as raw little-endian bytes with their dtype and shape
-checked on decode; nothing else is trusted from the wire.
+recognized and rejected. The coordinator's requests also carry its clock and the stage deadline:
+a holder whose clock disagrees by more than the deadline says so instead of timing out.
+Vectors travel as raw little-endian bytes with their dtype and shape checked on decode;
+nothing else is trusted from the wire.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsynth.protocol.errors import (
+    ClockSkewError,
     KeyAuthenticationError,
     LateSubmissionError,
     ProtocolError,
@@ -29,10 +32,12 @@ MAX_VECTOR_BYTES = 512 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Envelope:
-    """Header of every stage message."""
+    """Header of every stage message; requests also state when they were sent and the deadline."""
 
     task_id: str
     stage: str
+    sent_at: float | None = None
+    deadline_s: float | None = None
 
     def check(self, *, task_id: str, stage: str) -> None:
         """Reject a message for another task (stale or replayed) or another stage."""
@@ -55,6 +60,10 @@ def _record(content: RecordDict) -> ConfigRecord:
 def pack(envelope: Envelope, fields: Mapping[str, Any]) -> RecordDict:
     """Build a RecordDict from a header and ConfigRecord-compatible fields."""
     body: dict[str, Any] = {"task_id": envelope.task_id, "stage": envelope.stage}
+    if envelope.sent_at is not None:
+        body["sent_at"] = float(envelope.sent_at)
+    if envelope.deadline_s is not None:
+        body["deadline_s"] = float(envelope.deadline_s)
     for key, value in fields.items():
         body[key] = value
     return RecordDict({"fedsynth": ConfigRecord(body)})
@@ -72,6 +81,40 @@ def unpack(content: RecordDict, *, task_id: str | None = None, stage: str) -> di
     elif envelope.stage != stage:
         raise ProtocolError(f"stage={envelope.stage!r} where {stage!r} was expected")
     return {k: record[k] for k in record if k not in ("stage",)}
+
+
+def check_clock(content: RecordDict, *, now: float) -> None:
+    """Refuse a request whose sender's clock is further from ``now`` than its stage deadline.
+
+    The coordinator stamps each request with its wall clock (``sent_at``) and the stage
+    deadline (``deadline_s``). A skew beyond the deadline means one of the two machines keeps
+    the wrong time; the holder says so plainly instead of answering into a round whose deadlines
+    it cannot judge. A request without the stamps (an older coordinator, a test) is not judged.
+
+    Raises:
+        ClockSkewError: ``|now - sent_at| > deadline_s`` (names both clocks and the deadline).
+        ProtocolError: The stamps are present but not finite numbers (deadline not positive).
+    """
+    record = _record(content)
+    if "sent_at" not in record and "deadline_s" not in record:
+        return
+    try:
+        sent_at = float(record["sent_at"])  # type: ignore[arg-type]
+        deadline = float(record["deadline_s"])  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError("a request's sent_at and deadline_s must both be numbers") from None
+    if not (np.isfinite(sent_at) and np.isfinite(deadline) and deadline > 0):
+        raise ProtocolError(
+            f"sent_at={sent_at!r}, deadline_s={deadline!r}: not a time and a positive deadline"
+        )
+    skew = now - sent_at
+    if abs(skew) > deadline:
+        direction = "behind" if skew > 0 else "ahead of"
+        raise ClockSkewError(
+            f"clock skew: the coordinator stamped this request sent_at={sent_at:.0f} (unix s), "
+            f"{abs(skew):.0f} s {direction} this node's clock ({now:.0f}); that is beyond the "
+            f"stage deadline of {deadline:g} s. Check that both machines keep time (NTP)."
+        )
 
 
 def vector_to_bytes(array: np.ndarray) -> bytes:

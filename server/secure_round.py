@@ -12,6 +12,7 @@ released. The coordinator only ever holds masked vectors and the final sum.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -121,6 +122,10 @@ def run_secure_sum(
         if progress is not None:
             progress(stage)
 
+    def envelope(stage: Stage) -> Envelope:
+        """A request header stamped with this coordinator's clock and the stage deadline."""
+        return Envelope(task_id, stage.value, sent_at=time.time(), deadline_s=deadline)
+
     def exchange(stage: Stage, requests: Mapping[int, RecordDict]) -> dict[int, dict[str, Any]]:
         note(stage.value)
         replies = transport.exchange(stage.value, requests, timeout=deadline)
@@ -169,7 +174,7 @@ def run_secure_sum(
                 refusals.setdefault(node, reason)
 
     # Stage 1: publish the manifest, collect signed public keys (U1).
-    request = pack(Envelope(task_id, Stage.SETUP.value), dict(setup_fields))
+    request = pack(envelope(Stage.SETUP), dict(setup_fields))
     replies = exchange(Stage.SETUP, {n: request for n in task.node_ids})
     keys = parse(Stage.SETUP, replies, public_keys_from_reply)
     u1: dict[int, PublicKeys] = advance(
@@ -177,7 +182,7 @@ def run_secure_sum(
     )
 
     # Stage 2: every client checks U1's signatures and secret-shares its mask keys (U2).
-    request = pack(Envelope(task_id, Stage.SHARE_KEYS.value), keys_to_fields(u1))
+    request = pack(envelope(Stage.SHARE_KEYS), keys_to_fields(u1))
     replies = exchange(Stage.SHARE_KEYS, {n: request for n in u1})
     outgoing = parse(
         Stage.SHARE_KEYS,
@@ -190,7 +195,7 @@ def run_secure_sum(
 
     # Stage 3: masked inputs (the expensive stage on the clients: features + noise) (U3).
     requests = {
-        node: pack(Envelope(task_id, Stage.MASKED_INPUT.value), blobs_to_fields("ct:", cts))
+        node: pack(envelope(Stage.MASKED_INPUT), blobs_to_fields("ct:", cts))
         for node, cts in routed.items()
     }
     replies = exchange(Stage.MASKED_INPUT, requests)
@@ -206,7 +211,7 @@ def run_secure_sum(
     survivors, dropped = advance(Stage.MASKED_INPUT, accepted, server.close_masked_inputs)
 
     # Stage 4: every survivor signs the survivor set it is told (consistency check, U4).
-    request = pack(Envelope(task_id, Stage.CONSISTENCY.value), {"survivors": ints_field(survivors)})
+    request = pack(envelope(Stage.CONSISTENCY), {"survivors": ints_field(survivors)})
     replies = exchange(Stage.CONSISTENCY, {n: request for n in survivors})
     signatures = parse(Stage.CONSISTENCY, replies, _signature_of)
     valid = advance(
@@ -216,7 +221,7 @@ def run_secure_sum(
     # Stage 5: signers check t signatures over the same set, then reveal self-mask shares of
     # survivors and key shares of the dropped.
     request = pack(
-        Envelope(task_id, Stage.UNMASK.value),
+        envelope(Stage.UNMASK),
         {
             "survivors": ints_field(survivors),
             "dropped": ints_field(dropped),

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from fedsynth.protocol import messages
 from fedsynth.protocol.errors import (
+    ClockSkewError,
     KeyAuthenticationError,
     LateSubmissionError,
     ProtocolError,
@@ -23,6 +24,7 @@ from fedsynth.protocol.messages import (
     Envelope,
     blobs_from_fields,
     blobs_to_fields,
+    check_clock,
     ints_field,
     ints_from_field,
     keys_from_fields,
@@ -154,6 +156,30 @@ def test_unpack_rejects_another_stage() -> None:
 def test_unpack_returns_the_fields_and_task_id() -> None:
     content = pack(Envelope("t", "setup"), {"manifest": "{}", "n": 3})
     assert unpack(content, stage="setup") == {"task_id": "t", "manifest": "{}", "n": 3}
+
+
+def test_a_request_stamped_beyond_its_deadline_from_this_clock_is_refused() -> None:
+    sent = 1_800_000_000.0
+    content = _over_the_wire(pack(Envelope("t", "setup", sent_at=sent, deadline_s=60.0), {}))
+    for now in (sent - 60.0, sent, sent + 59.5, sent + 60.0):  # within the deadline: accepted
+        check_clock(content, now=now)
+    for now, direction in ((sent + 61.0, "behind"), (sent - 3600.0, "ahead of")):
+        with pytest.raises(ClockSkewError, match=f"clock skew.*s {direction} this node") as info:
+            check_clock(content, now=now)
+        assert "deadline of 60 s" in str(info.value) and "NTP" in str(info.value)
+        assert isinstance(info.value, ProtocolError)  # refused as a protocol error
+    # An unstamped request (a hand-built one) is not judged; a half or broken stamp is refused.
+    check_clock(pack(Envelope("t", "setup"), {}), now=sent)
+    half = pack(Envelope("t", "setup", sent_at=sent), {})
+    with pytest.raises(ProtocolError, match="sent_at and deadline_s"):
+        check_clock(half, now=sent)
+    for bad in (float("nan"), float("inf")):
+        broken = pack(Envelope("t", "setup", sent_at=bad, deadline_s=60.0), {})
+        with pytest.raises(ProtocolError, match="positive deadline"):
+            check_clock(broken, now=sent)
+    never = pack(Envelope("t", "setup", sent_at=sent, deadline_s=0.0), {})
+    with pytest.raises(ProtocolError, match="positive deadline"):
+        check_clock(never, now=sent)
 
 
 def test_unpack_rejects_message_without_record_or_header() -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from fedsynth.protocol.contribution import (
     integer_class_sums,
 )
 from fedsynth.protocol.errors import (
+    ClockSkewError,
     FedSynthError,
     IdentityError,
     KeyAuthenticationError,
@@ -547,6 +549,59 @@ def test_stale_reply_is_rejected_as_a_refusal(
     assert result.dropped == ([late] if stage == "masked_input" else [])
     survivors = [nodes[n] for n in NODES_5 if n != late]
     assert_release_matches(result, survivors, manifest, reference, tiny)
+
+
+class SkewedTransport(LocalTransport):
+    """One holder's clock runs ``skew_s`` ahead of the coordinator's (its requests look old)."""
+
+    def __init__(self, nodes: Mapping[int, Node], *, skewed: int, skew_s: float) -> None:
+        super().__init__(nodes)
+        self.skewed, self.skew_s = skewed, skew_s
+
+    def exchange(
+        self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
+    ) -> dict[int, Reply]:
+        shifted = dict(requests)
+        content = _wire(requests[self.skewed]) if self.skewed in requests else None
+        if content is not None:
+            record = content.config_records["fedsynth"]
+            record["sent_at"] = float(record["sent_at"]) - self.skew_s  # type: ignore[arg-type]
+            shifted[self.skewed] = content
+        return super().exchange(stage, shifted, timeout=timeout)
+
+
+def test_requests_carry_the_coordinators_clock_and_a_skewed_holder_refuses(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    """Every request states when it was sent and the stage deadline; a holder whose clock is
+    further off than the deadline refuses at setup (category protocol, details in its own
+    error), spends nothing, and the others complete the round without it."""
+    manifest = make_manifest(tiny, reference, NODES_5)
+    nodes = make_nodes(tmp_path, tiny, NODES_5, budgets=True)
+    skewed = NODES_5[1]
+    transport = SkewedTransport(nodes, skewed=skewed, skew_s=manifest.deadline_s + 5.0)
+    before = time.time()
+    result = run_secure_round(transport, manifest, reference.means)
+    assert result.refusals == {skewed: "setup: protocol"}
+    assert skewed not in result.survivors
+    assert_release_matches(
+        result, [nodes[n] for n in NODES_5 if n != skewed], manifest, reference, tiny
+    )
+    for stage, requests in transport.requests.items():
+        for node, content in requests.items():
+            if node == skewed:
+                continue  # the transport shifted this one's stamp
+            record = content.config_records["fedsynth"]
+            assert record["deadline_s"] == manifest.deadline_s, stage
+            assert before - 1.0 <= float(record["sent_at"]) <= time.time() + 1.0, stage  # type: ignore[arg-type]
+    assert not nodes[skewed].settings.budget_path.exists()  # type: ignore[union-attr]
+    # The holder's own error names the skew and the deadline.
+    late = _wire(transport.requests["setup"][skewed])
+    late.config_records["fedsynth"]["sent_at"] = time.time() - manifest.deadline_s - 5.0
+    with pytest.raises(
+        ClockSkewError, match=f"beyond the stage deadline of {manifest.deadline_s:g} s"
+    ):
+        nodes[skewed].contributor.handle("setup", late, RecordDict())
 
 
 def test_stages_out_of_order_are_refused(
