@@ -142,6 +142,16 @@ class SynthesisClient:
         report: dict[str, Any] = json.loads(response.report_json)
         return response.release, report
 
+    def steering(self, release_id: str) -> dict[str, Any]:
+        """How the service steers with a release: per label and layer its SNR and shrink factor."""
+        response = self._stub.GetPrivacyReport(
+            pb.GetPrivacyReportRequest(release_id=release_id),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
+        steering: dict[str, Any] = json.loads(response.steering_json or "{}")
+        return steering
+
     def generate(
         self,
         release_id: str,
@@ -349,11 +359,18 @@ def report_command(
     token_file: TokenOption,
     ca: CaOption = None,
     insecure: InsecureOption = False,
+    steering: Annotated[
+        bool,
+        typer.Option(
+            help="Print the steering report instead: per label and layer the release's "
+            "signal-to-noise ratio and the factor that multiplies the strength."
+        ),
+    ] = False,
 ) -> None:
-    """Print a release's privacy report as JSON."""
+    """Print a release's privacy report as JSON (--steering: how generation steers with it)."""
     with _errors_at_the_edge(server), _client(server, ca, token_file, insecure) as client:
-        _, report = client.privacy_report(release)
-    console.print_json(json.dumps(report))
+        document = client.steering(release) if steering else client.privacy_report(release)[1]
+    console.print_json(json.dumps(document))
 
 
 @synthesis_app.command("serve")

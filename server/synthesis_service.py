@@ -50,6 +50,7 @@ from fedsynth.protocol.models import LoadedModel
 from fedsynth.protocol.wire import synthesis_pb2 as pb
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.release import Release, load_release
+from fedsynth.server.snr import steering_snr
 from fedsynth.server.synthesis_client import read_token_file, token_id
 from fedsynth.server.synthesize import iter_release_samples
 
@@ -177,6 +178,18 @@ def split_counts(n: int, parts: int) -> list[int]:
         raise ConfigError(f"parts={parts}: must be >= 1")
     base, extra = divmod(n, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def steering_report(release: Release, *, strength: float) -> dict[str, object]:
+    """How Generate steers with ``release`` at ``strength``.
+
+    Per label and layer the SNR and the shrink factor (the rule generation applies), or why
+    the release cannot steer.
+    """
+    try:
+        return steering_snr(release).to_dict(strength=strength)
+    except FedSynthError as exc:
+        return {"unavailable": str(exc)}
 
 
 def label_seed(seed: int, label: str) -> int:
@@ -559,7 +572,12 @@ class SynthesisServicer:
             self._refuse(context, exc)
         stored = offered[request.release_id]
         return pb.PrivacyReport(
-            release=stored.info(), report_json=json.dumps(stored.release.report, sort_keys=True)
+            release=stored.info(),
+            report_json=json.dumps(stored.release.report, sort_keys=True),
+            steering_json=json.dumps(
+                steering_report(stored.release, strength=self.limits.default_strength),
+                sort_keys=True,
+            ),
         )
 
     def generate(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.Sample]:

@@ -71,12 +71,14 @@ class GetPrivacyReportRequest(_message.Message):
     def __init__(self, release_id: _Optional[str] = ...) -> None: ...
 
 class PrivacyReport(_message.Message):
-    __slots__ = ("release", "report_json")
+    __slots__ = ("release", "report_json", "steering_json")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    STEERING_JSON_FIELD_NUMBER: _ClassVar[int]
     release: ReleaseInfo
     report_json: str
-    def __init__(self, release: _Optional[_Union[ReleaseInfo, _Mapping]] = ..., report_json: _Optional[str] = ...) -> None: ...
+    steering_json: str
+    def __init__(self, release: _Optional[_Union[ReleaseInfo, _Mapping]] = ..., report_json: _Optional[str] = ..., steering_json: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("release_id", "n", "label", "seed", "strength")

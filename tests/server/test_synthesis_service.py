@@ -40,6 +40,7 @@ from fedsynth.protocol.models import LoadedModel, load_model
 from fedsynth.protocol.wire import synthesis_pb2 as pb
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.release import load_release, save_release
+from fedsynth.server.snr import steering_snr
 from fedsynth.server.synthesis_client import (
     SynthesisClient,
     read_token_file,
@@ -47,6 +48,7 @@ from fedsynth.server.synthesis_client import (
     token_id,
 )
 from fedsynth.server.synthesis_service import (
+    DEFAULT_STRENGTH,
     RateLimiter,
     SynthesisLimits,
     SynthesisServer,
@@ -160,9 +162,18 @@ def test_list_shows_only_the_verified_release_with_its_terms(
 
 def test_privacy_report_is_the_stored_report(client: SynthesisClient, store: Path) -> None:
     info, report = client.privacy_report("release-1")
-    assert report == load_release(store / "release-1.safetensors").report
+    release = load_release(store / "release-1.safetensors")
+    assert report == release.report
     assert info.release_id == "release-1"
     assert report["epsilon"] == info.epsilon
+    # The steering report is the rule Generate applies, at the service's default strength.
+    steering = client.steering("release-1")
+    expected = steering_snr(release).to_dict(strength=DEFAULT_STRENGTH)
+    assert steering == json.loads(json.dumps(expected))
+    assert set(steering["classes"]) == set(release.labels)
+    for entry in steering["classes"].values():
+        assert 0.0 <= entry["factor"] <= 1.0
+        assert entry["effective_strength"] == pytest.approx(DEFAULT_STRENGTH * entry["factor"])
 
 
 def test_a_store_change_is_seen_and_a_tampered_file_never_offered(
@@ -676,6 +687,9 @@ def test_pull_writes_json_lines_with_plain_progress(
     report = CliRunner().invoke(synthesis_app, ["report", "release-1", *common])
     assert report.exit_code == 0, report.output
     assert json.loads(report.output)["trust_mode"] == "distributed"
+    steering = CliRunner().invoke(synthesis_app, ["report", "release-1", "--steering", *common])
+    assert steering.exit_code == 0, steering.output
+    assert set(json.loads(steering.output)["classes"]) == {"pos", "neg", "mix"}
 
 
 def test_pull_errors_leave_no_file(server: SynthesisServer, pki: Pki, tmp_path: Path) -> None:
