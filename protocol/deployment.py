@@ -8,6 +8,7 @@ holder checks the CA it pins before its node starts; the coordinator its whole c
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import os
 import shutil
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -28,6 +29,7 @@ __all__ = [
     "check_is_ca",
     "check_validity",
     "describe_certificate",
+    "die_with_parent",
     "find_executable",
     "flower_environment",
     "load_certificate",
@@ -163,6 +165,32 @@ def wait_for_port(
         except OSError:
             time.sleep(0.3)
     raise DeploymentError(f"nothing listens on {address}:{port} after {timeout_s:.0f}s")
+
+
+_PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` after which Linux sends the child SIGTERM when this process dies.
+
+    The long-running processes a command starts (the SuperLink, the Synthesis service) run in
+    their own session, so that stopping them can signal their whole group; without this, a
+    launcher killed with SIGKILL (no chance to stop them) would leave them listening. With it
+    they get the same SIGTERM a normal stop sends and shut down the same way. ``None`` on other
+    systems, where a killed launcher still leaves them running.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    parent = os.getpid()
+
+    def arm() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent:  # the launcher died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def stop_process(process: subprocess.Popen[bytes], *, timeout_s: float = 20.0) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Final
 
 from fedsynth.protocol.deployment import (
+    die_with_parent,
     find_executable,
     flower_environment,
     stop_process,
@@ -259,6 +260,7 @@ def start_superlink(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(),  # SIGTERM when this process dies (Linux)
             cwd=paths.directory,
         )
     link = RunningSuperLink(process=process, address=address, flwr_home=flwr_home, log_path=log)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from fedsynth.protocol.deployment import load_certificate, stop_process
+from fedsynth.protocol.deployment import die_with_parent, load_certificate, stop_process
 from fedsynth.protocol.errors import CertificateError, ConfigError
 from fedsynth.server.pki import (
     DEFAULT_HOSTS,
@@ -259,6 +259,7 @@ def start_synthesis(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(),  # SIGTERM when this process dies (Linux)
             cwd=files.directory,
         )
     return RunningSynthesis(process=process, host=connect_host, port=port, log_path=files.log)
