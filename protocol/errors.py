@@ -163,6 +163,10 @@ class TooFewSharesError(ShareError, TooFewParticipantsError):
     """Fewer shares than the threshold t are at hand; nothing is reconstructed."""
 
 
+class TimeBudgetError(ConfigError):
+    """A study's estimated running time exceeds its configured time budget."""
+
+
 class TaskFileError(ConfigError):
     """A coordinator's task file is malformed, incomplete, unsafe or names something private."""
 

@@ -382,10 +382,18 @@ def simulate(
     model: Annotated[
         str | None, typer.Option(help="Override the config's model (e.g. a path).")
     ] = None,
+    yes: Annotated[
+        bool,
+        typer.Option(
+            "--yes", help="Run even when the estimated time exceeds the time_budget_minutes."
+        ),
+    ] = False,
 ) -> None:
     """Run a simulation study: every cell of the config, results.csv, report.md, plots.
 
-    Finished cells in the results folder are kept (a study resumes where it stopped).
+    Finished cells in the results folder are kept (a study resumes where it stopped). With
+    ``time_budget_minutes`` in the config, the run stops once the cells measured so far (the
+    finished ones, else the first) put the rest above the budget, unless ``--yes``.
     """
     _offline_env()
     import dataclasses
@@ -435,7 +443,7 @@ def simulate(
                 )
 
             runner = StudyRunner(config, folder, progress=report)
-            rows = runner.run()
+            rows = runner.run(over_budget_ok=yes)
             progress.update("cells", done=len(cells), total=len(cells), description="done")
     console.print(f"{len(rows)} rows in {folder / 'results.csv'}; report: {folder / 'report.md'}")
 

@@ -31,7 +31,7 @@ from fedsynth.protocol.contribution import (
     integer_class_sums,
     noise_share_variance,
 )
-from fedsynth.protocol.errors import ConfigError, FedSynthError
+from fedsynth.protocol.errors import ConfigError, FedSynthError, TimeBudgetError
 from fedsynth.protocol.features import extract_features
 from fedsynth.protocol.manifest import PrivacySpec
 from fedsynth.protocol.models import LoadedModel, load_model
@@ -280,6 +280,29 @@ class Generator:
     model: LoadedModel | None = None  # a fine-tuned model (default: the study's model)
 
 
+def check_time_budget(config: StudyConfig, measured_s: Sequence[float], *, remaining: int) -> None:
+    """Refuse to start ``remaining`` cells whose estimated time exceeds the config's budget.
+
+    The estimate is the mean measured cell time times the cells left: cells differ (a
+    federated cell costs more than the prior), so it is a guide, stated as such.
+
+    Raises:
+        TimeBudgetError: The estimate exceeds ``time_budget_minutes`` (names both and how to go on).
+    """
+    budget = config.time_budget_minutes
+    if budget is None or not measured_s or remaining <= 0:
+        return
+    mean_s = float(np.mean(measured_s))
+    estimate = mean_s * remaining / 60.0
+    if estimate > budget:
+        raise TimeBudgetError(
+            f"study {config.name!r}: {remaining} cells left, about {estimate:.0f} min at the "
+            f"{mean_s:.0f} s per cell measured so far ({len(measured_s)} cells), above "
+            f"time_budget_minutes={budget:g}. Finished cells are kept and a rerun resumes: pass "
+            "--yes to run the rest anyway, or shrink the grid or raise the budget."
+        )
+
+
 class StudyRunner:
     """Runs the cells of a study that are not finished yet and writes the report."""
 
@@ -391,16 +414,32 @@ class StudyRunner:
 
     # ---------------------------------------------------------------- running
 
-    def run(self) -> list[dict[str, str]]:
-        """Run every unfinished cell, then write report.md and the plots; return all rows."""
+    def run(self, *, over_budget_ok: bool = False) -> list[dict[str, str]]:
+        """Run every unfinished cell, then write report.md and the plots; return all rows.
+
+        With the config's ``time_budget_minutes``, the time the unfinished cells will take is
+        estimated from the cells measured so far (the finished ones, else the first cell run
+        now, whose row is kept); above the budget the run stops with
+        :class:`TimeBudgetError` unless ``over_budget_ok``.
+        """
         finished = open_results_folder(self.config, self.out_dir)
         cells = self.config.cells()
         todo = [c for c in cells if c.key not in finished]
         self.progress(f"{len(cells)} cells, {len(cells) - len(todo)} already finished")
+        measured = [
+            float(r["cell_seconds"])
+            for r in read_results(self.out_dir)
+            if r["key"] in finished and r.get("cell_seconds")
+        ]
+        judged = over_budget_ok or self.config.time_budget_minutes is None
         for i, cell in enumerate(todo, start=1):
+            if not judged and measured:
+                check_time_budget(self.config, measured, remaining=len(todo) - i + 1)
+                judged = True
             self.progress(f"[{i}/{len(todo)}] {cell.key}")
             row = self.run_cell(cell)
             append_result(self.out_dir, row)
+            measured.append(float(row["cell_seconds"]))
         self.run_audits(cells)
         rows = read_results(self.out_dir)
         self.fill_holder_tables(cells)

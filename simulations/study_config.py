@@ -273,6 +273,7 @@ class StudyConfig:
     delta: float = 1e-5
     metrics: tuple[str, ...] = DEFAULT_METRICS
     plot_metric: str = "tstr_accuracy"  # the utility column of the plots and comparisons
+    time_budget_minutes: float | None = None  # above it (estimated), a run needs --yes
     data: DataSettings = field(default_factory=DataSettings)
     pe: PESettings = field(default_factory=PESettings)
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
@@ -294,7 +295,7 @@ class StudyConfig:
         adds a setting (whose default keeps the old behaviour) still opens older results.
         """
         fixed = _non_default(self, StudyConfig(name="", sweeps=()))
-        for name in ("name", "sweeps", "seeds", "metrics", "plot_metric"):
+        for name in ("name", "sweeps", "seeds", "metrics", "plot_metric", "time_budget_minutes"):
             fixed.pop(name, None)
         text = json.dumps(fixed, sort_keys=True, default=str)
         return hashlib.sha256(f"{STUDY_FORMAT}:{text}".encode()).hexdigest()[:16]
@@ -475,6 +476,11 @@ def parse_study(raw: Mapping[str, Any], *, source: str = "config") -> StudyConfi
     delta = _number(raw.get("delta", 1e-5), "delta")
     if not 0 < delta < 1:
         raise ConfigError(f"delta must be in (0, 1), got {delta!r}")
+    budget = raw.get("time_budget_minutes")
+    if budget is not None:
+        budget = _number(budget, "time_budget_minutes")
+        if not (math.isfinite(budget) and budget > 0):
+            raise ConfigError(f"time_budget_minutes must be a number > 0, got {budget!r}")
     config = StudyConfig(
         name=str(raw.get("name", "study")),
         sweeps=sweeps,
@@ -486,6 +492,7 @@ def parse_study(raw: Mapping[str, Any], *, source: str = "config") -> StudyConfi
         delta=delta,
         metrics=metrics,
         plot_metric=plot_metric,
+        time_budget_minutes=budget,
         data=_parse_table(DataSettings, raw.get("data"), "data"),
         pe=_parse_table(PESettings, raw.get("pe"), "pe"),
         baselines=_parse_table(BaselineSettings, raw.get("baselines"), "baselines"),

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from fedsynth.protocol.errors import ConfigError
-from fedsynth.simulations.study import RESULT_COLUMNS, open_results_folder
+from fedsynth.protocol.errors import ConfigError, TimeBudgetError
+from fedsynth.simulations.study import RESULT_COLUMNS, check_time_budget, open_results_folder
 from fedsynth.simulations.study_config import (
     STUDY_FORMAT,
     load_study_config,
@@ -100,6 +100,9 @@ def test_good_config_expands_to_the_union_of_sweeps(tmp_path: Path) -> None:
         (_raw(data={"strength": -1.0}), "strength must be > 0"),
         (_raw(seeds=[1, 1]), "seeds repeat"),
         (_raw(delta=1.5), "delta"),
+        (_raw(time_budget_minutes=0), "time_budget_minutes must be a number > 0"),
+        (_raw(time_budget_minutes="1h"), "time_budget_minutes must be a number"),
+        (_raw(time_budget_minutes=float("inf")), "time_budget_minutes must be a number > 0"),
     ],
 )
 def test_bad_configs_are_refused(raw: dict[str, Any], message: str) -> None:
@@ -193,3 +196,15 @@ def test_effective_noise_counts_every_surviving_share(mode: str, factor: float) 
         accountant="test",
     )
     assert effective_noise_multiplier(privacy, survivors=3) == pytest.approx(1.2 * factor**0.5)
+
+
+def test_time_budget_is_judged_on_the_measured_cells_and_left_out_of_the_fingerprint() -> None:
+    config = parse_study(_raw(time_budget_minutes=10))
+    assert config.time_budget_minutes == 10.0
+    assert config.fingerprint() == parse_study(_raw()).fingerprint()  # results stay comparable
+    check_time_budget(config, [60.0, 60.0], remaining=10)  # 10 min: within
+    check_time_budget(config, [], remaining=1000)  # nothing measured yet: no judgement
+    with pytest.raises(TimeBudgetError, match=r"11 cells left, about 11 min") as info:
+        check_time_budget(config, [30.0, 90.0], remaining=11)
+    assert "time_budget_minutes=10" in str(info.value) and "--yes" in str(info.value)
+    check_time_budget(parse_study(_raw()), [1e6], remaining=1000)  # no budget: never refused
