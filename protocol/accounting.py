@@ -23,15 +23,20 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
 import numpy.typing as npt
-from dp_accounting import rdp as dp_rdp
-from scipy import optimize, stats
 
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.mechanisms import TrustMode
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+# dp_accounting and scipy are imported where they are used: they take over a second to import,
+# and every command and every ClientApp process (one per message in a deployment) imports this
+# module, while most of them never calibrate or convert an RDP curve.
 
 __all__ = [
     "MAX_ROUNDING_INFLATION",
@@ -221,6 +226,8 @@ def skellam_epsilon(
     if v == 0.0:
         return 0.0 if d2 == 0.0 and d1 == 0.0 else math.inf
     curve = k * skellam_rdp(l1=d1, l2=d2, variance=v)
+    from dp_accounting import rdp as dp_rdp
+
     eps, _ = dp_rdp.compute_epsilon(RDP_ORDERS, curve, d)
     return max(float(eps), 0.0)
 
@@ -449,6 +456,8 @@ def calibrate_skellam_variance(
 
 def _gaussian_event(noise_multiplier: float, compositions: int) -> dp_accounting.DpEvent:
     """The DpEvent of ``compositions`` Gaussian releases with the given noise multiplier."""
+    import dp_accounting
+
     event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(noise_multiplier)
     if compositions > 1:
         event = dp_accounting.SelfComposedDpEvent(event, compositions)
@@ -457,6 +466,8 @@ def _gaussian_event(noise_multiplier: float, compositions: int) -> dp_accounting
 
 def _fresh_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
     """A new add/remove accountant of the named kind."""
+    import dp_accounting
+
     if accountant == "rdp":
         return dp_accounting.rdp.RdpAccountant(orders=list(RDP_ORDERS))
     return dp_accounting.pld.PLDAccountant()
@@ -530,6 +541,7 @@ def calibrate_gaussian(
 @functools.lru_cache(maxsize=256)
 def _calibrate_gaussian_cached(eps: float, delta: float, compositions: int, kind: str) -> float:
     """Calibrate (validated arguments); cached because PLD calibration takes seconds."""
+    import dp_accounting
 
     def calibrate(
         kind_: str, bracket: dp_accounting.mechanism_calibration.BracketInterval | None
@@ -590,6 +602,8 @@ def gdp_delta(*, epsilon: float, mu: float) -> float:
         return 1.0
     if math.isinf(eps):
         return 0.0
+    from scipy import stats
+
     first = float(stats.norm.cdf(-eps / m + m / 2.0))
     # e^eps * Phi(x) computed in log space so that a large epsilon cannot overflow.
     second = math.exp(eps + float(stats.norm.logcdf(-eps / m - m / 2.0)))
@@ -611,6 +625,8 @@ def _pe_mu(*, epsilon: float, delta: float) -> float:
         if gap(lo) < 0.0:
             break
         hi, lo = lo, lo / 2.0
+    from scipy import optimize
+
     return float(optimize.brentq(gap, lo, hi, xtol=1e-14, rtol=1e-14, maxiter=500))
 
 
@@ -677,6 +693,8 @@ def pe_epsilon(*, noise_multiplier: float, delta: float, rounds: int) -> float:
         if gap(hi) <= 0.0:
             break
         hi *= 2.0
+    from scipy import optimize
+
     return float(optimize.brentq(gap, 0.0, hi, xtol=1e-12, rtol=1e-14, maxiter=500))
 
 

@@ -17,11 +17,28 @@ def single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the slow end-to-end modules first (stable order otherwise).
+LONGEST_FIRST = (
+    "test_e2e_demo.py",
+    "test_task_deployment.py",
+    "test_deployment.py",
+    "test_e2e_pe.py",
+    "test_study.py",
+)
+"""The longest modules (minutes each, measured in CI), started first in this order."""
 
-    With ``-n 2`` (``pytest-xdist``, one module per worker at a time) the long modules then
-    start at once and the many short tests fill the other worker around them, instead of one
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the longest modules first, then the other slow ones, then the rest (stable order).
+
+    With ``-n 2`` (``pytest-xdist``, one module per worker at a time, in this order) the long
+    modules start at once and the many short tests fill the workers around them, instead of a
     long module starting last and running alone.
     """
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        name = item.path.name
+        if name in LONGEST_FIRST:
+            return 0, LONGEST_FIRST.index(name)
+        return (1 if item.get_closest_marker("slow") else 2), 0
+
+    items.sort(key=rank)

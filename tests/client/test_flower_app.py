@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +270,18 @@ def test_reports_keep_stage_and_category_only() -> None:
     assert refusal_summary(None) == "protocol"
     for category in CATEGORIES:
         assert refusal_summary(f"unmask: {category}") == f"unmask: {category}"
+
+
+def test_the_client_app_and_the_cli_start_without_the_heavy_libraries() -> None:
+    """Flower starts a ClientApp process per message and every command starts the CLI: neither
+    imports torch, dp-accounting or scipy until a stage or command needs them."""
+    code = (
+        "import sys\n"
+        "import fedsynth.client.flower_app, fedsynth.simulations.cli\n"
+        "heavy = ('torch', 'dp_accounting', 'scipy', 'transformers')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert proc.stdout.strip() == "[]"
