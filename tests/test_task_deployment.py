@@ -19,11 +19,17 @@ The federation is started once for the module; the tests run in file order:
    file; the killed holders are charged nothing. The one holder whose masked input left is
    charged exactly once: sending it is the point of no return (the coordinator now holds a
    masked input it could unmask if it had the killed holders' shares), so the design charges
-   then and never undoes a charge on the coordinator's word that the round failed.
+   then and never undoes a charge on the coordinator's word that the round failed;
+4. the coordinator's machine "crashes" (``coordinator start``, its SuperLink, SuperExec,
+   ServerApp and Synthesis service all SIGKILLed) once every holder's masked input has left:
+   no ledger row and no release; restarted on the same state directory and ports (the holders
+   start their nodes again), the operator's rerun of the same task is refused by every holder
+   (each already charged it once) and aborts: nobody is charged twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -154,6 +160,13 @@ class Federation:
                 assert time.monotonic() < deadline, self.node_log(name).read_text()[-3000:]
                 time.sleep(0.3)
 
+    def read_node_ids(self) -> None:
+        """The node id each holder got at the coordinator's latest start (its log says)."""
+        lines = (self.root / "coordinator.log").read_text().splitlines()
+        for name in HOLDERS:
+            line = [ln for ln in lines if f"registered {name}:" in ln][-1]
+            self.node_ids[name] = int(line.rsplit("node id", 1)[1])
+
     def kill_node(self, name: str) -> None:
         """SIGKILL the holder's SuperNode and its ClientApp (no goodbye to the SuperLink)."""
         cli = self.nodes[name]
@@ -201,6 +214,28 @@ class Federation:
         return [(row["task_id"], row["epsilon"]) for row in ClientBudget(path).entries()]
 
 
+def _start_coordinator(
+    coord: Path, link_port: int, synthesis_port: int, log: Path
+) -> subprocess.Popen[bytes]:
+    return _spawn(
+        [
+            "coordinator",
+            "start",
+            str(coord),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link_port),
+            "--synthesis-port",
+            str(synthesis_port),
+            "--model",
+            "tiny-llama",
+        ],
+        log,
+        _env(),
+    )
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     root = tmp_path_factory.mktemp("deployment")
@@ -233,23 +268,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
 
     link_port, synthesis_port = free_port(), free_port()
     coord_log = root / "coordinator.log"
-    coordinator = _spawn(
-        [
-            "coordinator",
-            "start",
-            str(coord),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(link_port),
-            "--synthesis-port",
-            str(synthesis_port),
-            "--model",
-            "tiny-llama",
-        ],
-        coord_log,
-        _env(),
-    )
+    coordinator = _start_coordinator(coord, link_port, synthesis_port, coord_log)
     fed = Federation(
         root=root,
         coord=coord,
@@ -261,11 +280,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     )
     try:
         _wait_for(coord_log, "Ctrl-C stops both", 120, coordinator)
-        for name in HOLDERS:
-            line = next(
-                ln for ln in coord_log.read_text().splitlines() if f"registered {name}:" in ln
-            )
-            fed.node_ids[name] = int(line.rsplit("node id", 1)[1])
+        fed.read_node_ids()
         for name in HOLDERS:
             fed.start_node(name)
         fed.wait_online(HOLDERS, 1)
@@ -274,7 +289,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     finally:
         for proc in fed.nodes.values():
             stop_process(proc)
-        stop_process(coordinator)
+        stop_process(fed.coordinator)  # the latest one: a test may have restarted it
         # SIGTERM to `coordinator start` stops the SuperLink and the Synthesis service with it.
         log = coord_log.read_text(errors="replace")
         assert "stopping the SuperLink and the Synthesis service" in log, log[-3000:]
@@ -399,3 +414,58 @@ def test_two_of_three_killed_round_aborts_without_release(federation: Federation
     # alice's masked input left before the round aborted: charged once, by her own store.
     assert fed.charges("alice")[-1] == ("deploy-abort", str(EPSILON))
     assert [t for t, _ in fed.charges("alice")].count("deploy-abort") == 1
+
+
+def test_coordinator_crash_mid_task_then_restart_never_charges_twice(
+    federation: Federation,
+) -> None:
+    fed = federation
+    for name in ("bob", "carol"):  # the holders killed above come back
+        fed.start_node(name)
+    fed.wait_online(("bob",), 2)
+    fed.wait_online(("carol",), 3)
+    task = fed.run_task("deploy-crash")
+    deadline = time.monotonic() + 600
+    while not all(("deploy-crash", str(EPSILON)) in fed.charges(n) for n in HOLDERS):
+        assert task.poll() is None, (fed.root / "task-deploy-crash.log").read_text()[-4000:]
+        assert time.monotonic() < deadline, (fed.root / "task-deploy-crash.log").read_text()
+        time.sleep(0.1)
+    # Every masked input has left: the coordinator's machine goes down at once.
+    start = psutil.Process(fed.coordinator.pid)
+    machine = [start, *start.children(recursive=True)]
+    assert len(machine) >= 3  # coordinator start, the SuperLink, the Synthesis service, ...
+    for proc in machine:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(machine, timeout=30)
+    fed.coordinator.wait(timeout=30)
+    assert task.wait(timeout=300) != 0  # the operator's `task run` sees its run fail
+    assert "deploy-crash" not in {r["task_id"] for r in ledger_rows(fed.releases)}
+    assert not list(fed.releases.glob("deploy-crash*.safetensors"))
+
+    # Restarted on the same state directory and ports; the holders reconnect by themselves.
+    link_port = int(fed.superlink.rsplit(":", 1)[1])
+    synthesis_port = int(fed.synthesis.rsplit(":", 1)[1])
+    log = fed.root / "coordinator.log"
+    fed.coordinator = _start_coordinator(fed.coord, link_port, synthesis_port, log)
+    deadline = time.monotonic() + 180
+    while log.read_text(errors="replace").count("Synthesis service ready") < 2:
+        assert fed.coordinator.poll() is None, log.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.3)
+    fed.read_node_ids()  # the SuperLink keeps no state across a restart: new node ids
+    # Flower's SuperNode gives up once its SuperLink has been gone for a while (it ends with
+    # status 0); each holder starts its node again.
+    for name in HOLDERS:
+        stop_process(fed.nodes[name])
+        fed.start_node(name)
+    fed.wait_online(HOLDERS, 1, timeout=180)
+
+    # The operator reruns the task: every holder already contributed to it and refuses.
+    rerun = fed.run_task("deploy-crash")
+    assert rerun.wait(timeout=600) != 0
+    text = (fed.root / "task-deploy-crash.log").read_text(errors="replace")
+    assert "the round is aborted and nothing is released" in text, text[-4000:]
+    assert "deploy-crash" not in {r["task_id"] for r in ledger_rows(fed.releases)}
+    for name in HOLDERS:
+        assert [t for t, _ in fed.charges(name)].count("deploy-crash") == 1, name
