@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -48,3 +50,44 @@ def add_holder(coord: Path, directory: Path, name: str) -> None:
         "--signing-public-key",
         str(directory / "signing.pub"),
     )
+
+
+def start_coordinator(
+    coord: Path,
+    link_port: int,
+    synthesis_port: int,
+    log: Path,
+    *,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """``fedsynth coordinator start`` (tiny model) on 127.0.0.1 in its own session.
+
+    Its output is appended to ``log``; the venv's scripts go first on PATH (the SuperLink
+    starts Flower's helper executables by name).
+    """
+    environment = dict(os.environ if env is None else env)
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
+    with log.open("ab") as handle:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedsynth.simulations",
+                "coordinator",
+                "start",
+                str(coord),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+                "--synthesis-port",
+                str(synthesis_port),
+                "--model",
+                "tiny-llama",
+            ],
+            env=environment,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )

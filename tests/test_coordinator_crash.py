@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from processes import add_holder, cli_ok, free_port
+from processes import add_holder, cli_ok, free_port, start_coordinator
 
 from fedsynth.protocol.deployment import stop_process
 from fedsynth.server.coordinator_cli import coordinator_app
@@ -37,35 +37,6 @@ def _listening(port: int) -> bool:
         return False
 
 
-def _start(coord: Path, link_port: int, synthesis_port: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    with (coord.parent / "coordinator.log").open("ab") as log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedsynth.simulations",
-                "coordinator",
-                "start",
-                str(coord),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link_port),
-                "--synthesis-port",
-                str(synthesis_port),
-                "--model",
-                "tiny-llama",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-
 def _wait_ready(coord: Path, proc: subprocess.Popen[bytes], seen: int) -> None:
     log = coord.parent / "coordinator.log"
     deadline = time.monotonic() + 180
@@ -80,7 +51,7 @@ def test_a_killed_coordinator_leaves_no_server_and_restarts(tmp_path: Path) -> N
     cli_ok(coordinator_app, "init", str(coord))
     add_holder(coord, tmp_path / "alice", "alice")
     link_port, synthesis_port = free_port(), free_port()
-    start = _start(coord, link_port, synthesis_port)
+    start = start_coordinator(coord, link_port, synthesis_port, tmp_path / "coordinator.log")
     try:
         _wait_ready(coord, start, 1)
         assert _listening(link_port) and _listening(synthesis_port)
@@ -95,7 +66,7 @@ def test_a_killed_coordinator_leaves_no_server_and_restarts(tmp_path: Path) -> N
         assert not _listening(link_port) and not _listening(synthesis_port)
 
         # The same state directory and ports serve again.
-        start = _start(coord, link_port, synthesis_port)
+        start = start_coordinator(coord, link_port, synthesis_port, tmp_path / "coordinator.log")
         _wait_ready(coord, start, 2)
         assert _listening(link_port) and _listening(synthesis_port)
     finally:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from processes import add_holder, cli_ok, free_port
+from processes import add_holder, cli_ok, free_port, start_coordinator
 
 from fedsynth.client.budget import ClientBudget
 from fedsynth.protocol.deployment import stop_process
@@ -214,28 +214,6 @@ class Federation:
         return [(row["task_id"], row["epsilon"]) for row in ClientBudget(path).entries()]
 
 
-def _start_coordinator(
-    coord: Path, link_port: int, synthesis_port: int, log: Path
-) -> subprocess.Popen[bytes]:
-    return _spawn(
-        [
-            "coordinator",
-            "start",
-            str(coord),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(link_port),
-            "--synthesis-port",
-            str(synthesis_port),
-            "--model",
-            "tiny-llama",
-        ],
-        log,
-        _env(),
-    )
-
-
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     root = tmp_path_factory.mktemp("deployment")
@@ -268,7 +246,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
 
     link_port, synthesis_port = free_port(), free_port()
     coord_log = root / "coordinator.log"
-    coordinator = _start_coordinator(coord, link_port, synthesis_port, coord_log)
+    coordinator = start_coordinator(coord, link_port, synthesis_port, coord_log, env=_env())
     fed = Federation(
         root=root,
         coord=coord,
@@ -447,7 +425,7 @@ def test_coordinator_crash_mid_task_then_restart_never_charges_twice(
     link_port = int(fed.superlink.rsplit(":", 1)[1])
     synthesis_port = int(fed.synthesis.rsplit(":", 1)[1])
     log = fed.root / "coordinator.log"
-    fed.coordinator = _start_coordinator(fed.coord, link_port, synthesis_port, log)
+    fed.coordinator = start_coordinator(fed.coord, link_port, synthesis_port, log, env=_env())
     deadline = time.monotonic() + 180
     while log.read_text(errors="replace").count("Synthesis service ready") < 2:
         assert fed.coordinator.poll() is None, log.read_text(errors="replace")[-3000:]
