@@ -132,24 +132,24 @@ class SynthesisClient:
         )
         return list(response.releases)
 
-    def privacy_report(self, release_id: str) -> tuple[pb.ReleaseInfo, dict[str, Any]]:
-        """A release's summary and its full privacy report."""
-        response = self._stub.GetPrivacyReport(
+    def _privacy_report(self, release_id: str) -> pb.PrivacyReport:
+        response: pb.PrivacyReport = self._stub.GetPrivacyReport(
             pb.GetPrivacyReportRequest(release_id=release_id),
             metadata=self._metadata,
             timeout=self.timeout,
         )
+        return response
+
+    def privacy_report(self, release_id: str) -> tuple[pb.ReleaseInfo, dict[str, Any]]:
+        """A release's summary and its full privacy report."""
+        response = self._privacy_report(release_id)
         report: dict[str, Any] = json.loads(response.report_json)
         return response.release, report
 
     def steering(self, release_id: str) -> dict[str, Any]:
         """How the service steers with a release: per label and layer its SNR and shrink factor."""
-        response = self._stub.GetPrivacyReport(
-            pb.GetPrivacyReportRequest(release_id=release_id),
-            metadata=self._metadata,
-            timeout=self.timeout,
-        )
-        steering: dict[str, Any] = json.loads(response.steering_json or "{}")
+        text = self._privacy_report(release_id).steering_json
+        steering: dict[str, Any] = json.loads(text or "{}")
         return steering
 
     def generate(

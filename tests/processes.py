@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -50,6 +52,24 @@ def add_holder(coord: Path, directory: Path, name: str) -> None:
         "--signing-public-key",
         str(directory / "signing.pub"),
     )
+
+
+def packages_loaded_by(modules: Sequence[str], packages: Sequence[str]) -> list[str]:
+    """Which of ``packages`` (or any of their submodules) a fresh interpreter has loaded after
+    importing ``modules``: how a test pins what a process start costs or may depend on."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {list(modules)!r}:\n"
+        "    importlib.import_module(name)\n"
+        f"watched = {list(packages)!r}\n"
+        "print(json.dumps(sorted(p for p in watched if any(m == p or m.startswith(p + '.') "
+        "for m in sys.modules))))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    loaded: list[str] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return loaded
 
 
 def start_coordinator(

@@ -8,14 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Context, Message, Metadata, RecordDict
+from processes import packages_loaded_by
 
 from fedsynth.client.budget import ClientBudget
 from fedsynth.client.flower_app import (
@@ -275,13 +274,6 @@ def test_reports_keep_stage_and_category_only() -> None:
 def test_the_client_app_and_the_cli_start_without_the_heavy_libraries() -> None:
     """Flower starts a ClientApp process per message and every command starts the CLI: neither
     imports torch, dp-accounting or scipy until a stage or command needs them."""
-    code = (
-        "import sys\n"
-        "import fedsynth.client.flower_app, fedsynth.simulations.cli\n"
-        "heavy = ('torch', 'dp_accounting', 'scipy', 'transformers')\n"
-        "print(sorted(m for m in heavy if m in sys.modules))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
-    )
-    assert proc.stdout.strip() == "[]"
+    starts = ["fedsynth.client.flower_app", "fedsynth.simulations.cli"]
+    heavy = ["torch", "dp_accounting", "scipy", "transformers"]
+    assert packages_loaded_by(starts, heavy) == []

@@ -562,8 +562,8 @@ class SkewedTransport(LocalTransport):
         self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
     ) -> dict[int, Reply]:
         shifted = dict(requests)
-        content = _wire(requests[self.skewed]) if self.skewed in requests else None
-        if content is not None:
+        if self.skewed in requests:
+            content = _wire(requests[self.skewed])
             record = content.config_records["fedsynth"]
             record["sent_at"] = float(record["sent_at"]) - self.skew_s  # type: ignore[arg-type]
             shifted[self.skewed] = content

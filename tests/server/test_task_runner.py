@@ -8,8 +8,6 @@ the task's model on both sides. The coordinator gets only the task file: no data
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from processes import packages_loaded_by
 
 from fedsynth.client.contributor import ClientSettings, Contributor, refusal_reason
 from fedsynth.client.policy import ClientPolicy
@@ -240,16 +239,14 @@ def test_too_few_holders_or_an_exhausted_ledger_stop_before_any_round(
 
 
 def test_the_production_coordinator_never_imports_the_simulations() -> None:
-    code = (
-        "import sys\n"
-        "import fedsynth.server.task_runner, fedsynth.server.task_file\n"
-        "import fedsynth.server.task_cli, fedsynth.server.flower_app, fedsynth.server.ledger\n"
-        "print(sorted(m for m in sys.modules if m.startswith('fedsynth.simulations')))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
-    )
-    assert proc.stdout.strip() == "[]"
+    production = [
+        "fedsynth.server.task_runner",
+        "fedsynth.server.task_file",
+        "fedsynth.server.task_cli",
+        "fedsynth.server.flower_app",
+        "fedsynth.server.ledger",
+    ]
+    assert packages_loaded_by(production, ["fedsynth.simulations"]) == []
 
 
 def _context(run_config: dict[str, Any]) -> Any:
