@@ -124,11 +124,23 @@ def start_command(
         code = process.wait()
     except KeyboardInterrupt:
         _console.print("stopping the SuperNode")
-        code = 0
+        return
     finally:
         stop_process(process)
-    if code != 0:
-        _fail(f"the SuperNode exited with status {code}")
+    # Nobody asked it to stop, so the node no longer serves its holder: never a success, so
+    # that a supervisor's restart-on-failure starts it again.
+    _fail(unexpected_exit_message(code, superlink))
+
+
+def unexpected_exit_message(code: int, superlink: str) -> str:
+    """Why a SuperNode that nobody stopped has ended, and what the holder does about it."""
+    return (
+        f"the SuperNode stopped by itself (status {code}) and no longer serves this node: "
+        f"Flower's SuperNode ends when the SuperLink {superlink} refuses its node key (the "
+        "coordinator lost its registrations or removed this node) or the TLS handshake fails; "
+        "its log above says which. Run `fedsynth node start` under a supervisor that restarts "
+        "it on failure (systemd Restart=on-failure)."
+    )
 
 
 @node_app.command("status")

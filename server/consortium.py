@@ -54,6 +54,8 @@ __all__ = [
     "export_roster",
     "init",
     "load_consortium",
+    "load_node_ids",
+    "save_node_ids",
 ]
 
 MEMBERS_FILE: Final = "consortium.json"
@@ -103,6 +105,16 @@ class CoordinatorPaths:
     def nodes(self) -> Path:
         """One ``NAME.pub`` per member: the files ``flwr supernode register`` reads."""
         return self.directory / "nodes"
+
+    @property
+    def node_ids(self) -> Path:
+        """Member name -> the node id the SuperLink gave its key (kept across restarts)."""
+        return self.nodes / "node-ids.json"
+
+    @property
+    def superlink_state(self) -> Path:
+        """The SuperLink's SQLite state: registered node keys (and runs) survive a restart."""
+        return self.directory / "superlink-state.db"
 
     @property
     def lock(self) -> Path:
@@ -417,3 +429,25 @@ def export_roster(directory: Path, out: Path | None = None) -> Roster:
     roster = load_consortium(paths.directory).roster()
     _write_atomic(Path(out) if out is not None else paths.roster, roster.to_json() + "\n")
     return roster
+
+
+def load_node_ids(directory: Path) -> dict[str, int]:
+    """Member name -> node id as saved at the SuperLink's last start ({} if never saved).
+
+    A file that is not a JSON object of integers reads as {} (it only saves re-registering).
+    """
+    path = CoordinatorPaths(Path(directory)).node_ids
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): v for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def save_node_ids(directory: Path, node_ids: dict[str, int]) -> None:
+    """Save member name -> node id (public: node ids are in every release report)."""
+    paths = CoordinatorPaths(Path(directory))
+    paths.nodes.mkdir(exist_ok=True)
+    _write_atomic(paths.node_ids, json.dumps(node_ids, indent=2, sort_keys=True) + "\n")

@@ -203,6 +203,12 @@ def start_command(
         )
         for name, node_id in link.node_ids.items():
             _console.print(f"  registered {escape(name)}: node id {node_id}")
+        if link.unregistered:
+            ids = ", ".join(str(i) for i in link.unregistered)
+            _console.print(
+                f"  unregistered {len(link.unregistered)} node(s) of the saved state that are no "
+                f"member's: {ids}"
+            )
         _console.print(
             f"flwr connection {CONNECTION_NAME!r}: FLWR_HOME={escape(str(link.flwr_home))}"
         )

@@ -6,6 +6,11 @@ clear error before any process starts), starts ``flower-superlink`` with ``--ssl
 the consortium's CA, and registers every member's node key with ``flwr supernode register``.
 A SuperNode whose key is not registered, or that does not trust the CA, cannot join.
 
+The SuperLink keeps its state in the coordinator directory (``superlink-state.db``), and the
+node id each member got is saved beside the node keys: a restart keeps every node id, running
+SuperNodes reconnect by themselves, and a key the state holds that is no current member's is
+unregistered.
+
 ``insecure=True`` turns TLS off (node authentication stays on); it is only ever an explicit
 choice, never a fallback when a certificate is missing or bad.
 
@@ -29,7 +34,12 @@ from fedsynth.protocol.deployment import (
     wait_for_port,
 )
 from fedsynth.protocol.errors import DeploymentError
-from fedsynth.server.consortium import CoordinatorPaths, load_consortium
+from fedsynth.server.consortium import (
+    CoordinatorPaths,
+    load_consortium,
+    load_node_ids,
+    save_node_ids,
+)
 from fedsynth.server.pki import load_server_credentials
 
 __all__ = [
@@ -41,6 +51,7 @@ __all__ = [
     "local_address",
     "start_superlink",
     "superlink_command",
+    "unregister_strangers",
 ]
 
 DEFAULT_PORT: Final = 8000
@@ -50,6 +61,8 @@ CONNECTION_NAME: Final = "fedsynth"
 """Name of the Flower connection written to the coordinator's FLWR_HOME."""
 
 START_TIMEOUT_S: Final = 60.0
+STATE_DATABASE: Final = "superlink-state.db"
+"""The SuperLink's SQLite state in the coordinator directory (see CoordinatorPaths)."""
 _ANY_ADDRESS: Final = frozenset({"0.0.0.0", "::", ""})
 
 
@@ -134,6 +147,7 @@ class RunningSuperLink:
         address: Where this machine's ``flwr`` commands reach it.
         flwr_home: FLWR_HOME holding the ``fedsynth`` connection (pins the CA).
         node_ids: Member name -> the node id the SuperLink gave its registered key.
+        unregistered: Node ids of the persisted state that were no member's (removed).
         log_path: The SuperLink's log.
     """
 
@@ -142,6 +156,7 @@ class RunningSuperLink:
     flwr_home: Path
     log_path: Path
     node_ids: dict[str, int] = field(default_factory=dict)
+    unregistered: list[int] = field(default_factory=list)
 
     @property
     def env(self) -> dict[str, str]:
@@ -196,16 +211,34 @@ def _last_json(text: str) -> object:
     return None
 
 
-def register_node(link: RunningSuperLink, name: str, public_key_file: Path) -> int:
+_KEY_IN_USE: Final = "[code: 23]"
+"""How ``flwr supernode register`` reports a key the SuperLink's state already holds."""
+
+
+def register_node(
+    link: RunningSuperLink, name: str, public_key_file: Path, *, known_id: int | None = None
+) -> int:
     """Register one member's node key with the running SuperLink; return its node id.
 
+    A key the SuperLink's persisted state already holds keeps the node id saved for it at an
+    earlier start (``known_id``).
+
     Raises:
-        DeploymentError: If ``flwr supernode register`` fails (naming the member).
+        DeploymentError: If ``flwr supernode register`` fails (naming the member), or the key
+            is registered already under a node id that was not saved.
     """
     proc = link.flwr(
         "supernode", "register", str(public_key_file), CONNECTION_NAME, "--format", "json"
     )
     data = _last_json(proc.stdout)
+    if isinstance(data, dict) and _KEY_IN_USE in str(data.get("error-message", "")):
+        if known_id is not None:
+            return known_id
+        raise DeploymentError(
+            f"the node key of {name!r} is registered with the SuperLink already, but its node "
+            f"id was not saved; stop the coordinator, remove {STATE_DATABASE} from its "
+            "directory (every member is registered again, with new node ids) and start again"
+        )
     if proc.returncode != 0 or not isinstance(data, dict) or not data.get("success"):
         detail = (proc.stdout + proc.stderr).strip()[-500:]
         raise DeploymentError(
@@ -217,6 +250,32 @@ def register_node(link: RunningSuperLink, name: str, public_key_file: Path) -> i
         raise DeploymentError(f"registering {name!r}: flwr printed no node id ({data!r})") from None
 
 
+def unregister_strangers(link: RunningSuperLink) -> list[int]:
+    """Unregister every node the SuperLink knows that is no current member's; return their ids.
+
+    With persisted state, a key registered at an earlier start stays registered; a holder
+    removed from the member list must not keep its way in.
+
+    Raises:
+        DeploymentError: If listing or unregistering fails.
+    """
+    members = {str(node_id) for node_id in link.node_ids.values()}
+    strangers = [
+        int(str(n["node-id"]))
+        for n in link.list_nodes()
+        if str(n["node-id"]) not in members and n.get("status") != "unregistered"
+    ]
+    for node_id in strangers:
+        proc = link.flwr(
+            "supernode", "unregister", str(node_id), CONNECTION_NAME, "--format", "json"
+        )
+        data = _last_json(proc.stdout)
+        if proc.returncode != 0 or not isinstance(data, dict) or not data.get("success"):
+            detail = (proc.stdout + proc.stderr).strip()[-500:]
+            raise DeploymentError(f"unregistering node {node_id} failed: {detail}")
+    return strangers
+
+
 def start_superlink(
     directory: Path,
     *,
@@ -225,8 +284,13 @@ def start_superlink(
     insecure: bool = False,
     log_path: Path | None = None,
     timeout_s: float = START_TIMEOUT_S,
+    persist: bool = True,
 ) -> RunningSuperLink:
     """Check the TLS files, start the SuperLink and register every member's node key.
+
+    With ``persist`` the SuperLink keeps its state in the coordinator directory: after a
+    restart every node keeps its node id and a running SuperNode reconnects by itself. Nodes
+    the state holds that are no current member's are unregistered.
 
     Raises:
         CertificateError: A certificate expired, is not signed by the CA, does not name the
@@ -250,7 +314,12 @@ def start_superlink(
     paths.nodes.mkdir(exist_ok=True)
     log = Path(log_path) if log_path is not None else paths.directory / "superlink.log"
     command = superlink_command(
-        find_executable("flower-superlink"), paths, host=host, port=port, insecure=insecure
+        find_executable("flower-superlink"),
+        paths,
+        host=host,
+        port=port,
+        insecure=insecure,
+        database=paths.superlink_state if persist else None,
     )
     with log.open("ab") as handle:
         process = subprocess.Popen(
@@ -266,10 +335,16 @@ def start_superlink(
     link = RunningSuperLink(process=process, address=address, flwr_home=flwr_home, log_path=log)
     try:
         wait_for_port(target, port, timeout_s=timeout_s, process=process)
+        saved = load_node_ids(paths.directory) if persist else {}
         for member in consortium.members:
             key_file = paths.nodes / f"{member.name}.pub"
             key_file.write_text(member.node_public_key + "\n", encoding="ascii")
-            link.node_ids[member.name] = register_node(link, member.name, key_file)
+            link.node_ids[member.name] = register_node(
+                link, member.name, key_file, known_id=saved.get(member.name)
+            )
+        if persist:
+            save_node_ids(paths.directory, link.node_ids)
+            link.unregistered = unregister_strangers(link)
     except BaseException:
         link.stop()
         raise

@@ -207,6 +207,10 @@ def load_task(path: Path) -> TaskSpec:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise TaskFileError(f"task file {path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise TaskFileError(
+            f"task file {path}: not UTF-8 text (byte {exc.start} cannot be decoded)"
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,6 +53,48 @@ def add_holder(coord: Path, directory: Path, name: str) -> None:
         "--signing-public-key",
         str(directory / "signing.pub"),
     )
+
+
+def coordinator_flwr(coord: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``flwr ARGS`` with the coordinator directory's Flower connection (as the operator)."""
+    from fedsynth.protocol.deployment import flower_environment
+
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), *args],
+        env=flower_environment(coord / "flwr-home"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def wait_nodes_online(
+    coord: Path,
+    node_ids: Sequence[int | str],
+    procs: Sequence[subprocess.Popen[bytes]],
+    log: Path,
+    timeout: float = 180,
+) -> None:
+    """Wait until ``flwr supernode ls`` lists every node of ``node_ids`` online.
+
+    A SuperNode that reconnects to a restarted SuperLink is not activated again, so the
+    SuperLink's log does not show it; its status does. ``procs`` must keep running meanwhile.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = coordinator_flwr(coord, "supernode", "ls", "fedsynth", "--format", "json")
+        try:
+            nodes = json.loads(listed.stdout)["nodes"]
+        except (ValueError, KeyError):
+            nodes = []
+        online = {str(n["node-id"]) for n in nodes if n.get("status") == "online"}
+        if {str(i) for i in node_ids} <= online:
+            return
+        for proc in procs:
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, listed.stdout + log.read_text(errors="replace")[-3000:]
+        time.sleep(2)
 
 
 def packages_loaded_by(modules: Sequence[str], packages: Sequence[str]) -> list[str]:

@@ -22,9 +22,10 @@ The federation is started once for the module; the tests run in file order:
    then and never undoes a charge on the coordinator's word that the round failed;
 4. the coordinator's machine "crashes" (``coordinator start``, its SuperLink, SuperExec,
    ServerApp and Synthesis service all SIGKILLed) once every holder's masked input has left:
-   no ledger row and no release; restarted on the same state directory and ports (the holders
-   start their nodes again), the operator's rerun of the same task is refused by every holder
-   (each already charged it once) and aborts: nobody is charged twice.
+   no ledger row and no release; restarted on the same state directory and ports, the
+   SuperLink's saved state keeps every node id and the holders' nodes reconnect by themselves;
+   the operator's rerun of the same task is refused by every holder (each already charged it
+   once) and aborts: nobody is charged twice.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from processes import add_holder, cli_ok, free_port, start_coordinator
+from processes import add_holder, cli_ok, free_port, start_coordinator, wait_nodes_online
 
 from fedsynth.client.budget import ClientBudget
 from fedsynth.protocol.deployment import stop_process
@@ -431,13 +432,16 @@ def test_coordinator_crash_mid_task_then_restart_never_charges_twice(
         assert fed.coordinator.poll() is None, log.read_text(errors="replace")[-3000:]
         assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
         time.sleep(0.3)
-    fed.read_node_ids()  # the SuperLink keeps no state across a restart: new node ids
-    # Flower's SuperNode gives up once its SuperLink has been gone for a while (it ends with
-    # status 0); each holder starts its node again.
-    for name in HOLDERS:
-        stop_process(fed.nodes[name])
-        fed.start_node(name)
-    fed.wait_online(HOLDERS, 1, timeout=180)
+    before = dict(fed.node_ids)
+    fed.read_node_ids()
+    assert fed.node_ids == before  # the SuperLink's state survived the crash
+    # No holder restarts anything: each SuperNode reconnects by itself.
+    wait_nodes_online(
+        fed.coord,
+        list(fed.node_ids.values()),
+        list(fed.nodes.values()),
+        fed.root / "coordinator.log",
+    )
 
     # The operator reruns the task: every holder already contributed to it and refuses.
     rerun = fed.run_task("deploy-crash")

@@ -240,3 +240,31 @@ def test_start_refuses_a_mismatched_key_or_an_unnamed_host_before_any_process(
     write_private_key(coordinator.server_key, ec.generate_private_key(ec.SECP384R1()))
     with pytest.raises(CertificateError, match="private key does not match"):
         superlink.start_superlink(coordinator.directory, host="127.0.0.1", port=9443)
+
+
+def test_saved_node_ids_round_trip_and_a_damaged_file_reads_as_none(tmp_path: Path) -> None:
+    coord = tmp_path / "coord"
+    consortium.init(coord)
+    assert consortium.load_node_ids(coord) == {}
+    consortium.save_node_ids(coord, {"alice": 17, "bob": 2**62})
+    assert consortium.load_node_ids(coord) == {"alice": 17, "bob": 2**62}
+    # Damaged: only what is a whole integer is kept (a lost id costs a fresh registration).
+    CoordinatorPaths(coord).node_ids.write_text('{"alice": "17", "bob": 3, "carol": true}')
+    assert consortium.load_node_ids(coord) == {"bob": 3}
+    CoordinatorPaths(coord).node_ids.write_text("not json")
+    assert consortium.load_node_ids(coord) == {}
+
+
+def test_the_superlink_command_keeps_its_state_in_the_coordinator_directory(
+    tmp_path: Path,
+) -> None:
+    paths = CoordinatorPaths(tmp_path)
+    command = superlink.superlink_command(
+        "flower-superlink",
+        paths,
+        host="127.0.0.1",
+        port=9000,
+        insecure=False,
+        database=paths.superlink_state,
+    )
+    assert command[command.index("--database") + 1] == str(tmp_path / "superlink-state.db")

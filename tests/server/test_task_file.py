@@ -188,6 +188,10 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
     broken.write_text('method = "vector"\n[model\n')
     with pytest.raises(TaskFileError, match=r"broken\.toml: not valid TOML"):
         load_task(broken)
+    latin1 = tmp_path / "latin1.toml"  # found by scripts/fuzz.py task-file
+    latin1.write_bytes('method = "vector"\ntask_id = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(TaskFileError, match=r"latin1\.toml: not UTF-8 text \(byte 32"):
+        load_task(latin1)
 
 
 def test_infinite_epsilon_is_a_non_private_task(tmp_path: Path) -> None:
