@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-# The suite runs on as many pytest-xdist workers as the machine has cores. A process computing
-# on as many OpenMP threads as there are cores, beside another one doing the same, runs several
-# times slower than on one thread (measured 4.5x on 2 cores: the threads spin waiting for a core
-# the other process holds). So every worker, and every process a test starts (they inherit the
-# environment), computes on one thread.
+# The suite runs on three pytest-xdist workers (pyproject's addopts): on 2 cores, the third
+# fills the time the real-process deployment tests spend waiting on Flower's polling. A process
+# computing on as many OpenMP threads as there are cores, beside another one doing the same,
+# runs several times slower than on one thread (measured 4.5x on 2 cores: the threads spin
+# waiting for a core the other process holds). So every worker, and every process a test starts
+# (they inherit the environment), computes on one thread.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_var] = "1"
@@ -43,7 +44,7 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the longest modules first, then the other slow ones, then the rest (stable order).
 
-    With ``-n 2`` (``pytest-xdist``, one module per worker at a time, in this order) the long
+    With ``-n 3`` (``pytest-xdist``, one module per worker at a time, in this order) the long
     modules start at once and the many short tests fill the workers around them, instead of a
     long module starting last and running alone.
     """
