@@ -10,10 +10,13 @@ from collections.abc import Iterator
 # computing on as many OpenMP threads as there are cores, beside another one doing the same,
 # runs several times slower than on one thread (measured 4.5x on 2 cores: the threads spin
 # waiting for a core the other process holds). So every worker, and every process a test starts
-# (they inherit the environment), computes on one thread.
+# (they inherit the environment), computes on one thread, and OpenMP threads that wait sleep
+# instead of spinning (OMP_WAIT_POLICY=PASSIVE: two 2-thread processes then ran 7-10 s where
+# they had run 70 s), which lets the end-to-end demo, the critical path, use two.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_var] = "1"
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import pytest
 import torch

@@ -16,8 +16,10 @@ changes generation, never the release or its privacy.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +35,20 @@ PRIVATE_PER_LABEL = 1500
 HELDOUT_PER_LABEL = 80
 
 
+# The demo is the suite's longest test: it computes on two threads (tests/conftest.py gives
+# every other process one, and makes waiting threads sleep, so sharing the cores stays cheap).
+THREADS = 2
+
+
 def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     return subprocess.run(
         [sys.executable, "-m", "fedsynth.simulations", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env=env,
     )
 
 
@@ -107,6 +116,18 @@ def test_eps4_fidelity_beats_prior(demo_out: Path) -> None:
     assert p < ALPHA, (ours["label_fidelity"], prior["label_fidelity"], p)
 
 
+@pytest.fixture
+def demo_threads() -> Iterator[None]:
+    """Score on THREADS threads, as the demo computes (the worker's other tests use one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("demo_threads")
 def test_released_class_vectors_raise_heldout_logprob(demo_out: Path) -> None:
     """The epsilon = 4 release (decoded from the real secure sum of three holders' noisy,
     clipped, rounded class sums) raises the log-probability of its class's held-out texts."""
