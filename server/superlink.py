@@ -49,9 +49,9 @@ __all__ = [
     "connect_host",
     "connection_toml",
     "local_address",
+    "reconcile_nodes",
     "start_superlink",
     "superlink_command",
-    "unregister_strangers",
 ]
 
 DEFAULT_PORT: Final = 8000
@@ -236,8 +236,9 @@ def register_node(
             return known_id
         raise DeploymentError(
             f"the node key of {name!r} is registered with the SuperLink already, but its node "
-            f"id was not saved; stop the coordinator, remove {STATE_DATABASE} from its "
-            "directory (every member is registered again, with new node ids) and start again"
+            f"id was not saved; stop the coordinator, remove {STATE_DATABASE} and "
+            "nodes/node-ids.json from its directory (every member is registered again, with new "
+            "node ids) and start again"
         )
     if proc.returncode != 0 or not isinstance(data, dict) or not data.get("success"):
         detail = (proc.stdout + proc.stderr).strip()[-500:]
@@ -250,21 +251,26 @@ def register_node(
         raise DeploymentError(f"registering {name!r}: flwr printed no node id ({data!r})") from None
 
 
-def unregister_strangers(link: RunningSuperLink) -> list[int]:
-    """Unregister every node the SuperLink knows that is no current member's; return their ids.
+def reconcile_nodes(link: RunningSuperLink) -> list[int]:
+    """Check the members' node ids against the SuperLink's state; unregister every other node.
 
-    With persisted state, a key registered at an earlier start stays registered; a holder
-    removed from the member list must not keep its way in.
+    Returns the ids unregistered. With persisted state, a key registered at an earlier start
+    stays registered; a holder removed from the member list must not keep its way in.
 
     Raises:
-        DeploymentError: If listing or unregistering fails.
+        DeploymentError: A member's saved node id is not in the SuperLink's state (the saved ids
+            and the state disagree), or listing or unregistering fails.
     """
-    members = {str(node_id) for node_id in link.node_ids.values()}
-    strangers = [
-        int(str(n["node-id"]))
-        for n in link.list_nodes()
-        if str(n["node-id"]) not in members and n.get("status") != "unregistered"
-    ]
+    listed = {str(n["node-id"]) for n in link.list_nodes() if n.get("status") != "unregistered"}
+    members = {str(node_id): name for name, node_id in link.node_ids.items()}
+    lost = sorted(name for node_id, name in members.items() if node_id not in listed)
+    if lost:
+        raise DeploymentError(
+            f"the saved node ids of {', '.join(lost)} are not in the SuperLink's state; stop the "
+            f"coordinator, remove {STATE_DATABASE} and nodes/node-ids.json from its directory "
+            "(every member is registered again, with new node ids) and start again"
+        )
+    strangers = sorted(int(node_id) for node_id in listed - members.keys())
     for node_id in strangers:
         proc = link.flwr(
             "supernode", "unregister", str(node_id), CONNECTION_NAME, "--format", "json"
@@ -344,7 +350,7 @@ def start_superlink(
             )
         if persist:
             save_node_ids(paths.directory, link.node_ids)
-            link.unregistered = unregister_strangers(link)
+            link.unregistered = reconcile_nodes(link)
     except BaseException:
         link.stop()
         raise

@@ -110,6 +110,13 @@ def demo(
     private_per_label: Annotated[
         int | None, typer.Option(help="Private records per label across all holders.")
     ] = None,
+    prior_per_label: Annotated[
+        int | None,
+        typer.Option(
+            help="Public prior texts per label: the reference the vectors are measured from, "
+            "and the prior condition (at least --samples; default 150, --quick 30)."
+        ),
+    ] = None,
     drop: Annotated[int, typer.Option(help="Holders that drop out after key sharing.")] = 0,
     no_baseline: Annotated[
         bool, typer.Option("--no-baseline", help="Skip the non-private ceiling release.")
@@ -184,6 +191,7 @@ def demo(
             model=model,
             synthetic_per_label=samples,
             private_per_label=private_per_label,
+            prior_per_label=prior_per_label,
             drop_clients=drop,
             include_nonprivate=not no_baseline,
             seed=seed,

@@ -126,7 +126,7 @@ class DemoConfig:
             raise ConfigError(f"contrast={self.contrast}: must be finite")
         positive = {
             "synthetic_per_label (--samples)": self.synthetic_per_label,
-            "prior_per_label": self.prior_per_label,
+            "prior_per_label (--prior-per-label)": self.prior_per_label,
             "max_new_tokens": self.max_new_tokens,
             "generation_batch": self.generation_batch,
             "private_per_label": self.private_per_label,

@@ -67,6 +67,8 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(SAMPLES_PER_LABEL),
         "--private-per-label",
         str(PRIVATE_PER_LABEL),
+        "--prior-per-label",  # the prior condition needs no more public texts than this
+        str(SAMPLES_PER_LABEL),
         "--strength",
         "0.05",
         "--no-baseline",

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from fedsynth.client import node_dir
-from fedsynth.protocol.errors import CertificateError, IdentityError
+from fedsynth.protocol.errors import CertificateError, DeploymentError, IdentityError
 from fedsynth.protocol.identity import HolderIdentity, Roster, load_identity
 from fedsynth.protocol.node_keys import node_public_openssh
 from fedsynth.server import consortium, superlink
@@ -268,3 +268,48 @@ def test_the_superlink_command_keeps_its_state_in_the_coordinator_directory(
         database=paths.superlink_state,
     )
     assert command[command.index("--database") + 1] == str(tmp_path / "superlink-state.db")
+
+
+class _ListedLink(superlink.RunningSuperLink):
+    """A SuperLink whose `flwr supernode ls` lists ``nodes``; records every unregister call."""
+
+    def __init__(self, tmp_path: Path, nodes: list[dict[str, object]]) -> None:
+        super().__init__(
+            process=subprocess.Popen(["true"]),
+            address="127.0.0.1:1",
+            flwr_home=tmp_path,
+            log_path=tmp_path / "log",
+        )
+        self.nodes = nodes
+        self.unregister_calls: list[str] = []
+
+    def list_nodes(self) -> list[dict[str, object]]:
+        return self.nodes
+
+    def flwr(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+        assert args[:2] == ("supernode", "unregister")
+        self.unregister_calls.append(args[2])
+        return subprocess.CompletedProcess(list(args), 0, '{"success": true}', "")
+
+
+def test_reconcile_unregisters_every_node_that_is_no_members(tmp_path: Path) -> None:
+    link = _ListedLink(
+        tmp_path,
+        [
+            {"node-id": "11", "status": "online"},
+            {"node-id": "22", "status": "registered"},
+            {"node-id": "33", "status": "offline"},
+            {"node-id": "44", "status": "unregistered"},
+        ],
+    )
+    link.node_ids = {"alice": 11}
+    assert superlink.reconcile_nodes(link) == [22, 33]
+    assert link.unregister_calls == ["22", "33"]
+
+
+def test_reconcile_refuses_saved_ids_the_superlink_does_not_hold(tmp_path: Path) -> None:
+    link = _ListedLink(tmp_path, [{"node-id": "11", "status": "online"}])
+    link.node_ids = {"alice": 11, "bob": 99}
+    with pytest.raises(DeploymentError, match=r"saved node ids of bob are not in the SuperLink"):
+        superlink.reconcile_nodes(link)
+    assert link.unregister_calls == []

@@ -74,6 +74,7 @@ def test_user_data_errors_name_the_line(tmp_path: Path) -> None:
         (["--mode", "trusted"], "mode"),
         (["--epsilon", "-1"], "epsilon"),
         (["--drop", "2", "--clients", "3"], "threshold"),
+        (["--prior-per-label", "0"], "--prior-per-label"),
     ],
 )
 def test_cli_refuses_bad_settings_before_compute(
