@@ -8,6 +8,7 @@ Usage (from anywhere; scripts/mutmut.sh calls this with the project's virtual en
     scripts/mutmut.sh --fresh client/policy.py # forget earlier results of that module
     scripts/mutmut.sh --report protocol/mechanisms.py  # print the score of a finished run
     scripts/mutmut.sh --retest-survivors protocol/mechanisms.py  # after adding tests
+    scripts/mutmut.sh --tests tests/protocol/test_accounting.py protocol/accounting.py
 
 Why the staging directory: the role dirs (protocol/, client/, ...) are mapped onto the import
 names fedsynth.* by the build backend, while mutmut names a mutant after its file path and only
@@ -19,6 +20,8 @@ per module lets several modules run in parallel and each resume where it stopped
 
 The score is (killed + timeout) / (killed + timeout + survived + no tests + suspicious); the
 surviving mutants are listed with their diffs in build/mutmut/<module>/survivors.txt.
+``--tests`` narrows the test selection of that module's run (fewer tests can only let more
+mutants survive, so a score measured that way is a lower bound).
 """
 
 from __future__ import annotations
@@ -94,20 +97,29 @@ def slug(module: str) -> str:
     return module.strip("/").removesuffix(".py").replace("/", ".")
 
 
-def staged_pyproject(module: str) -> str:
-    """The project's pyproject.toml with [tool.mutmut] only_mutate narrowed to one module."""
-    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    lines = text.splitlines()
+def _replace_list(lines: list[str], key: str, values: list[str]) -> None:
+    """Replace the multi-line TOML list ``key = [...]`` of [tool.mutmut] by ``values``."""
     start = lines.index("[tool.mutmut]")
-    first = next(i for i in range(start, len(lines)) if lines[i].startswith("only_mutate = ["))
+    first = next(i for i in range(start, len(lines)) if lines[i].startswith(f"{key} = ["))
     last = next(i for i in range(first, len(lines)) if lines[i].rstrip() == "]")
-    lines[first : last + 1] = [f"only_mutate = [{json.dumps(module_glob(module))}]"]
+    lines[first : last + 1] = [f"{key} = {json.dumps(values)}"]
+
+
+def staged_pyproject(module: str, tests: list[str] | None = None) -> str:
+    """The project's pyproject.toml with only_mutate narrowed to one module.
+
+    Given ``tests``, the test selection is narrowed to them too.
+    """
+    lines = (ROOT / "pyproject.toml").read_text(encoding="utf-8").splitlines()
+    _replace_list(lines, "only_mutate", [module_glob(module)])
+    if tests:
+        _replace_list(lines, "pytest_add_cli_args_test_selection", tests)
     staged = "\n".join(lines) + "\n"
     tomllib.loads(staged)  # still valid TOML
     return staged
 
 
-def prepare(module: str, *, fresh: bool) -> Path:
+def prepare(module: str, *, fresh: bool, tests: list[str] | None = None) -> Path:
     """Create (or reuse) the staging directory of one module."""
     target = ROOT / module
     if not target.exists() and not Path(f"{target}.py").exists():
@@ -123,7 +135,10 @@ def prepare(module: str, *, fresh: bool) -> Path:
     tests = work / "tests"
     if not tests.is_symlink():
         tests.symlink_to(ROOT / "tests", target_is_directory=True)
-    (work / "pyproject.toml").write_text(staged_pyproject(module), encoding="utf-8")
+    for test in tests or []:
+        if not (ROOT / test.split("::", 1)[0]).exists():
+            sys.exit(f"--tests {test!r}: no such file under {ROOT}")
+    (work / "pyproject.toml").write_text(staged_pyproject(module, tests), encoding="utf-8")
     return work
 
 
@@ -187,11 +202,17 @@ def main() -> int:
         action="store_true",
         help="run the surviving mutants again (after adding tests)",
     )
+    parser.add_argument(
+        "--tests",
+        action="append",
+        metavar="PATH",
+        help="narrow the test selection to this test file (repeat it; a lower-bound score)",
+    )
     args = parser.parse_args()
     modules = args.modules or default_modules()
     results = []
     for module in modules:
-        work = prepare(module, fresh=args.fresh and not args.report)
+        work = prepare(module, fresh=args.fresh and not args.report, tests=args.tests)
         if not args.report:
             print(f"== mutmut: {module} (in {work.relative_to(ROOT)})", flush=True)
             status = run_mutmut(work, jobs=args.jobs)

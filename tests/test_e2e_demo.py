@@ -168,21 +168,17 @@ def test_released_class_vectors_raise_heldout_logprob(demo_out: Path) -> None:
         assert gain.mean() > 0 and p < ALPHA, (label, gain.mean(), p)
 
 
+@pytest.mark.usefixtures("demo_threads")
 def test_generate_from_saved_release(demo_out: Path, tmp_path: Path) -> None:
+    """``fedsynth generate`` from the saved release (in this process: the model is loaded)."""
+    from typer.testing import CliRunner
+
+    from fedsynth.simulations.cli import app
+
     target = tmp_path / "more.jsonl"
-    proc = _cli(
-        "generate",
-        "--release",
-        str(demo_out / "release-eps4.safetensors"),
-        "--n",
-        "4",
-        "--out",
-        str(target),
-        "--seed",
-        "7",
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["generate", "--release", str(demo_out / "release-eps4.safetensors")]
+    result = CliRunner().invoke(app, [*args, "--n", "4", "--out", str(target), "--seed", "7"])
+    assert result.exit_code == 0, result.output[-3000:]
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert len(rows) == 8 and {r["label"] for r in rows} == {"positive", "negative"}
     # Generation is post-processing: the ledger is not charged again.

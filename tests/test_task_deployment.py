@@ -14,7 +14,9 @@ The federation is started once for the module; the tests run in file order:
 2. one SuperNode SIGKILLed once the key exchange is done (when the coordinator starts the
    masked-input stage): the round completes with t = 2 of 3, the report names the dropped
    node, the two survivors are charged once and the killed holder nothing (a holder charges
-   its budget only when its masked input leaves, and this one's never did);
+   its budget only when its masked input leaves, and this one's never did: the test holds
+   the victim's budget store's write lock from the key exchange until the kill, so that
+   does not rest on timing);
 3. two of three killed the same way: the round aborts below t. No ledger row and no release
    file; the killed holders are charged nothing. The one holder whose masked input left is
    charged exactly once: sending it is the point of no return (the coordinator now holds a
@@ -35,6 +37,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -336,25 +339,63 @@ def test_whole_task_over_tls_then_pulled_through_synthesis(federation: Federatio
     assert all(fed.charges(name) == [("deploy-full", str(EPSILON))] for name in HOLDERS)
 
 
+@contextlib.contextmanager
+def _budget_held(paths: list[Path]) -> Iterator[None]:
+    """Hold each store's write lock: its holder can read it but cannot charge until release.
+
+    The stores are SQLite in WAL mode, so the holder's checks (reads) go on; only a charge
+    (``BEGIN IMMEDIATE``) waits, up to the store's busy timeout.
+    """
+    held = []
+    try:
+        for path in paths:
+            db = sqlite3.connect(path, isolation_level=None)
+            held.append(db)
+            db.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        for db in held:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            db.close()
+
+
+def _wait_log(log: Path, text: str, task: subprocess.Popen[bytes], deadline: float) -> None:
+    while text not in log.read_text(errors="replace"):
+        assert task.poll() is None, log.read_text(errors="replace")[-4000:]
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
+        time.sleep(0.05)
+
+
 def _kill_at_masked_input(fed: Federation, names: tuple[str, ...], task_id: str) -> str:
     """Run ``task_id``; SIGKILL ``names`` when the coordinator starts the masked-input stage.
 
-    The coordinator starts that stage only once every holder's share_keys reply (the key
-    exchange) is in; a holder then still has to pick the request up, start its ClientApp, load
-    the model and compute before its masked input could leave (and its budget be charged).
+    Deterministic, not a race: once the key exchange starts (every holder has passed setup),
+    the test holds the victims' budget stores' write locks, so a victim cannot charge, and a
+    masked input leaves only after its charge. The coordinator starts the masked-input stage
+    only once every share_keys reply is in, so each victim is then alive, past the key
+    exchange, and has sent nothing that costs privacy. A charge at setup or at share_keys
+    (too early) would show: one committed before the lock, or one blocked on it makes the
+    victim miss the key exchange, and the caller checks it was dropped at masked_input.
     Returns the task's log.
     """
     log = fed.root / f"task-{task_id}.log"
     task = fed.run_task(task_id)
     deadline = time.monotonic() + 600
-    while "secure sum: stage masked_input" not in log.read_text(errors="replace"):
-        assert task.poll() is None, log.read_text(errors="replace")[-4000:]
-        assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
-        time.sleep(0.05)
-    for name in names:
-        fed.kill_node(name)
+    _wait_log(log, "secure sum: stage share_keys", task, deadline)
+    with _budget_held([fed.budgets[name] for name in names]):
+        _wait_log(log, "secure sum: stage masked_input", task, deadline)
+        for name in names:
+            fed.kill_node(name)
     task.wait(timeout=900)
     return log.read_text(errors="replace")
+
+
+def _dropped_at(log: str, node_id: int) -> list[str]:
+    """The stages at which the coordinator's log says ``node_id`` dropped out."""
+    marker = f"node {node_id} dropped at "
+    lines = [line for line in log.splitlines() if marker in line]
+    return [line.split(marker, 1)[1].split(":", 1)[0] for line in lines]
 
 
 def test_supernode_killed_mid_round_survivors_complete(federation: Federation) -> None:
@@ -362,6 +403,8 @@ def test_supernode_killed_mid_round_survivors_complete(federation: Federation) -
     victim = "carol"
     log = _kill_at_masked_input(fed, (victim,), "deploy-drop")
     assert "release and ledger row in" in log, log[-4000:]
+    # The victim took part in the key exchange: it was lost at masked_input, not before.
+    assert not {"setup", "share_keys"} & set(_dropped_at(log, fed.node_ids[victim])), log[-4000:]
 
     rows = {r["task_id"]: r for r in ledger_rows(fed.releases)}
     assert set(rows) == {"deploy-full", "deploy-drop"}
@@ -386,6 +429,8 @@ def test_two_of_three_killed_round_aborts_without_release(federation: Federation
 
     assert "the round is aborted and nothing is released" in log, log[-4000:]
     assert "ended finished:failed" in log, log[-4000:]  # `task run` reports the failed run
+    for name in killed:
+        assert not {"setup", "share_keys"} & set(_dropped_at(log, fed.node_ids[name])), log
     assert {r["task_id"] for r in ledger_rows(fed.releases)} == {"deploy-full", "deploy-drop"}
     assert not list(fed.releases.glob("deploy-abort*"))
     for name in killed:
