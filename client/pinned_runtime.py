@@ -133,16 +133,20 @@ def run_node(
         SuperExecAuthHttpInterceptor,
     )
 
-    supernode = subprocess.Popen(list(supernode_command), stdin=subprocess.DEVNULL)
+    started: list[subprocess.Popen[bytes]] = []
 
     def forward(signum: int, _frame: object) -> None:
-        if supernode.poll() is None:
-            supernode.send_signal(signum)
-        else:  # nothing left to stop: a signal must still end this process
+        if started and started[0].poll() is None:
+            started[0].send_signal(signum)
+        else:  # nothing (left) to stop: a signal must still end this process
             os._exit(128 + signum)
 
+    # Installed before the SuperNode starts: no moment in which a stop signal would end this
+    # process and leave the SuperNode running.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    supernode = subprocess.Popen(list(supernode_command), stdin=subprocess.DEVNULL)
+    started.append(supernode)
     threading.Thread(
         target=_watchdog, args=(supernode, os.getppid()), name="supernode-watchdog", daemon=True
     ).start()

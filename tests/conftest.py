@@ -17,10 +17,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_var] = "1"
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    # Ray starts its workers (Flower simulation's ClientApp actors) at niceness 15 by default:
-    # beside other tests they then get a few percent of a core, and the simulated holders of a
-    # test wait on every other test in the suite.
-    os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray reads this exact name)
 
 import pytest
 import torch

@@ -36,15 +36,22 @@ def test_the_runtime_exits_with_its_supernodes_status(tmp_path: Path) -> None:
 
 def test_a_stop_signal_reaches_the_supernode_and_ends_the_runtime(tmp_path: Path) -> None:
     marker = tmp_path / "stopped"
+    ready = tmp_path / "ready"
     code = (
         "import signal, sys, time\n"
         f"def stop(*_): open({str(marker)!r}, 'w').close(); sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, stop)\n"
+        f"open({str(ready)!r}, 'w').close()\n"
         "time.sleep(120)\n"
     )
     runtime = _runtime(tmp_path, code)
     try:
-        time.sleep(3)  # the runtime started its SuperNode and polls
+        # The SuperNode is up and handles SIGTERM (not a fixed sleep: on a loaded machine the
+        # runtime's own start, flwr's imports, can take longer than any guess).
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert runtime.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
         runtime.send_signal(signal.SIGTERM)
         assert wait_exit(runtime, 60) is not None
         assert marker.exists()  # the SuperNode got the signal, not an orphaning kill
