@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import tomllib
 from pathlib import Path
-from types import ModuleType
+
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "mutation_test", ROOT / "scripts" / "mutation_test.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def _mutmut(text: str) -> dict[str, object]:
@@ -28,7 +16,7 @@ def _mutmut(text: str) -> dict[str, object]:
 
 
 def test_staging_narrows_only_the_module_by_default() -> None:
-    script = _load()
+    script = load_script("mutation_test")
     project = _mutmut((ROOT / "pyproject.toml").read_text())
     staged = _mutmut(script.staged_pyproject("protocol/accounting.py"))
     assert staged["only_mutate"] == ["src/fedsynth/protocol/accounting.py"]
@@ -40,7 +28,7 @@ def test_staging_narrows_only_the_module_by_default() -> None:
 
 
 def test_tests_option_narrows_the_selection() -> None:
-    script = _load()
+    script = load_script("mutation_test")
     tests = ["tests/protocol/test_accounting.py", "tests/protocol/test_accounting_mutants.py"]
     staged = _mutmut(script.staged_pyproject("protocol/secagg", tests))
     assert staged["only_mutate"] == ["src/fedsynth/protocol/secagg*"]

@@ -7,30 +7,17 @@ the copy's code rather than the installed package.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "privacy_mutants", ROOT / "scripts" / "privacy_mutants.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-pm = _load()
+pm = load_script("privacy_mutants")
 
 
 def test_every_patch_matches_the_source_once_and_every_selected_test_exists() -> None:
