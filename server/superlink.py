@@ -62,6 +62,11 @@ CONNECTION_NAME: Final = "fedsynth"
 
 START_TIMEOUT_S: Final = 60.0
 STATE_DATABASE: Final = "superlink-state.db"
+_RESET_STATE: Final = (
+    f"stop the coordinator, remove {STATE_DATABASE} and nodes/node-ids.json from its directory "
+    "(every member is registered again, with new node ids) and start again"
+)
+"""What an operator does when the saved node ids and the SuperLink's state disagree."""
 """The SuperLink's SQLite state in the coordinator directory (see CoordinatorPaths)."""
 _ANY_ADDRESS: Final = frozenset({"0.0.0.0", "::", ""})
 
@@ -236,9 +241,7 @@ def register_node(
             return known_id
         raise DeploymentError(
             f"the node key of {name!r} is registered with the SuperLink already, but its node "
-            f"id was not saved; stop the coordinator, remove {STATE_DATABASE} and "
-            "nodes/node-ids.json from its directory (every member is registered again, with new "
-            "node ids) and start again"
+            f"id was not saved; {_RESET_STATE}"
         )
     if proc.returncode != 0 or not isinstance(data, dict) or not data.get("success"):
         detail = (proc.stdout + proc.stderr).strip()[-500:]
@@ -266,9 +269,8 @@ def reconcile_nodes(link: RunningSuperLink) -> list[int]:
     lost = sorted(name for node_id, name in members.items() if node_id not in listed)
     if lost:
         raise DeploymentError(
-            f"the saved node ids of {', '.join(lost)} are not in the SuperLink's state; stop the "
-            f"coordinator, remove {STATE_DATABASE} and nodes/node-ids.json from its directory "
-            "(every member is registered again, with new node ids) and start again"
+            f"the saved node ids of {', '.join(lost)} are not in the SuperLink's state; "
+            f"{_RESET_STATE}"
         )
     strangers = sorted(int(node_id) for node_id in listed - members.keys())
     for node_id in strangers:
