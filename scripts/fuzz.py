@@ -19,6 +19,7 @@ few thousand inputs on each CI run, and checks that a planted bug is reported.
 from __future__ import annotations
 
 import contextlib
+import resource
 import sys
 import tempfile
 from collections.abc import Callable
@@ -37,6 +38,13 @@ if TYPE_CHECKING:
 # main): a run loads only what its decoder needs (torch only for release files and requests).
 
 _SCRATCH = Path(tempfile.mkdtemp(prefix="fedsynth-fuzz-"))
+
+# libFuzzer's default out-of-memory limit, over what the process started with (see rss_flags).
+RSS_BUDGET_MB = 2048
+# Linux carries the peak resident size of the process that started this one across fork and
+# exec: started by a test worker that holds a model, this process "has used" gigabytes before
+# its first line. Read it before anything is imported.
+_INHERITED_RSS_MB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 @dataclass(frozen=True)
@@ -327,6 +335,18 @@ TARGETS: dict[str, Target] = {
 }
 
 
+def rss_flags(flags: list[str], inherited_mb: int) -> list[str]:
+    """``flags`` with an out-of-memory limit of RSS_BUDGET_MB over the inherited peak.
+
+    libFuzzer compares the process's peak RSS (``getrusage``), which includes the parent's peak,
+    with ``-rss_limit_mb``; without this, a run started from a large process reports an
+    out-of-memory finding on its first input. A limit the caller gives is kept as it is.
+    """
+    if any(f.startswith("-rss_limit_mb=") for f in flags):
+        return list(flags)
+    return [*flags, f"-rss_limit_mb={inherited_mb + RSS_BUDGET_MB}"]
+
+
 def main(argv: list[str]) -> None:
     """Run one target under libFuzzer (remaining arguments go to libFuzzer)."""
     if len(argv) < 2 or argv[1] in ("-h", "--help"):
@@ -341,7 +361,7 @@ def main(argv: list[str]) -> None:
         print(f"unknown target {name!r}; one of: {', '.join(TARGETS)}", file=sys.stderr)
         sys.exit(2)
     target = TARGETS[name]
-    flags = [a for a in argv[2:] if a.startswith("-")]
+    flags = rss_flags([a for a in argv[2:] if a.startswith("-")], _INHERITED_RSS_MB)
     corpora = [a for a in argv[2:] if not a.startswith("-")]
     seeds = _SCRATCH / "seeds"
     seeds.mkdir()

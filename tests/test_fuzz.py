@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "fuzz.py"
@@ -76,3 +77,31 @@ def test_a_planted_bug_is_reported(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "Uncaught Python exception" in output and "IndexError" in output, output[-2000:]
     assert list(tmp_path.glob("crash-*"))  # the input is kept to reproduce it
+
+
+def test_the_memory_limit_is_over_what_the_process_inherited() -> None:
+    fuzz = load_script("fuzz")
+    assert fuzz.rss_flags(["-runs=5"], 3000) == ["-runs=5", "-rss_limit_mb=5048"]
+    assert fuzz.rss_flags(["-rss_limit_mb=100"], 3000) == ["-rss_limit_mb=100"]
+
+
+def test_a_run_started_from_a_large_process_is_not_out_of_memory(tmp_path: Path) -> None:
+    # Linux hands the parent's peak RSS to the child; a test worker holding a model once made
+    # every fuzzing run report "out-of-memory (used: 2814Mb; limit: 2048Mb)" on its first input.
+    parent = (
+        "import subprocess, sys\n"
+        "ballast = bytearray(2600 * 2**20)\n"
+        "ballast[::4096] = b'x' * len(ballast[::4096])\n"
+        "sys.exit(subprocess.run(sys.argv[1:]).returncode)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", parent, sys.executable, str(SCRIPT), "roster", f"-runs={RUNS}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=tmp_path,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert f"#{RUNS}\tDONE" in output, output[-2000:]
