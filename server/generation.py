@@ -225,6 +225,7 @@ def _sample_batch(
         attention_mask=mask if padded else None,
         position_ids=positions,
         use_cache=True,
+        logits_to_keep=1,  # the head over a 262k vocabulary at every prompt position is waste
     )
     past = out.past_key_values
     logits = out.logits[:, -1, :].float()
