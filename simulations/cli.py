@@ -250,7 +250,10 @@ def demo(
                 report.update("evaluate", done=1, total=1)
                 timings["evaluation"] = time.monotonic() - t0
             timings["total"] = time.monotonic() - start
-            summary = d.write_outputs(config, samples_by, scores, outcome.releases, timings)
+            judge = d.judge_records(data)[1]
+            summary = d.write_outputs(
+                config, samples_by, scores, outcome.releases, timings, judge=judge
+            )
             for line in steering_lines(summary["steering"][epsilon_label(config.epsilon)]):
                 console.print(line, highlight=False)
     _print_summary(config, samples_by, scores, timings, one_sided_proportion_test)

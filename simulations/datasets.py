@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,6 +340,18 @@ def subsample_per_label(
         else:
             keep[np.asarray(indices)[rng.permutation(len(indices))[:per_label]]] = True
     return [r for r, k in zip(records, keep, strict=True) if k]
+
+
+def left_over(pool: Sequence[Record], kept: Sequence[Record]) -> list[Record]:
+    """The records of ``pool`` not in ``kept`` (a subsample of it), duplicates counted."""
+    remaining = Counter(kept)
+    out = []
+    for record in pool:
+        if remaining[record] > 0:
+            remaining[record] -= 1
+        else:
+            out.append(record)
+    return out
 
 
 def check_num_clients(records: Sequence[Record], num_clients: int) -> None:

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ from fedsynth.server.synthesize import SyntheticSample, generate_from_release
 from fedsynth.server.task_runner import run_vector_release
 from fedsynth.simulations.datasets import (
     json_line,
+    left_over,
     load_corpus,
     partition_iid,
     split_train_test,
@@ -208,6 +210,8 @@ class DemoData:
     partitions: list[list[Record]]
     partition_dir: Path
     source: str
+    judge: list[Record] = field(default_factory=list)
+    """Real texts in neither the holders' data nor the held-out set: the fidelity judge's."""
 
 
 @functools.cache
@@ -243,12 +247,42 @@ def split_data(config: DemoConfig) -> DemoData:
     else:
         corpus = load_corpus(config.corpus)
         records, source = list(corpus.records), corpus.source
-    train, test = split_train_test(records, test_fraction=0.15, seed=config.seed)
-    train = subsample_per_label(train, per_label=config.private_per_label, seed=config.seed)
-    test = subsample_per_label(test, per_label=config.test_per_label, seed=config.seed + 1)
+    train_pool, test_pool = split_train_test(records, test_fraction=0.15, seed=config.seed)
+    train = subsample_per_label(train_pool, per_label=config.private_per_label, seed=config.seed)
+    test = subsample_per_label(test_pool, per_label=config.test_per_label, seed=config.seed + 1)
     check_demo_data(config, train, test, source=source)
+    judge = subsample_per_label(
+        left_over(train_pool, train) + left_over(test_pool, test),
+        per_label=JUDGE_PER_LABEL,
+        seed=config.seed + 2,
+    )
     partitions = partition_iid(train, num_clients=config.clients, seed=config.seed)
-    return DemoData(train, test, partitions, config.out_dir / "clients", source)
+    return DemoData(train, test, partitions, config.out_dir / "clients", source, judge)
+
+
+JUDGE_PER_LABEL = 3000
+"""Most real texts per label the fidelity judge trains on (more add little and cost time)."""
+JUDGE_MIN_PER_LABEL = 50
+"""Fewer other real texts than this for some label: the judge trains on the private records."""
+
+
+def judge_records(data: DemoData) -> tuple[list[Record], str]:
+    """The texts the label-fidelity judge trains on, and what they are (for the summary).
+
+    Other real texts when the data has enough of every label: a judge trained on the holders'
+    records would score how close samples are to those records, not to the label. Otherwise
+    (a small ``--data`` file) the private records, and the summary says so.
+    """
+    labels = {r.label for r in [*data.train, *data.test]}
+    counts = Counter(r.label for r in data.judge)
+    if data.judge and all(counts[label] >= JUDGE_MIN_PER_LABEL for label in labels):
+        return data.judge, (
+            f"{len(data.judge)} real texts in neither the holders' data nor the held-out set"
+        )
+    return data.train, (
+        f"the holders' {len(data.train)} private records (fewer than {JUDGE_MIN_PER_LABEL} "
+        "other real texts of some label)"
+    )
 
 
 def check_demo_data(
@@ -616,9 +650,8 @@ def evaluate_conditions(
         tstr_scores,
     )
 
-    classifier = train_text_classifier(
-        [r.text for r in data.train], [r.label for r in data.train], seed=0
-    )
+    judge, _ = judge_records(data)
+    classifier = train_text_classifier([r.text for r in judge], [r.label for r in judge], seed=0)
     embedder = load_embedder()
     test_texts = [r.text for r in data.test]
     test_labels = [r.label for r in data.test]
@@ -647,8 +680,14 @@ def write_outputs(
     scores: Mapping[str, Mapping[str, float]],
     releases: Mapping[str, Path],
     timings: Mapping[str, float],
+    *,
+    judge: str | None = None,
 ) -> dict[str, Any]:
-    """Write synthetic.jsonl, privacy_report.json, summary.json and a comparison plot."""
+    """Write synthetic.jsonl, privacy_report.json, summary.json and a comparison plot.
+
+    Args:
+        judge: what the label-fidelity judge was trained on (:func:`judge_records`).
+    """
     from fedsynth.server.release import load_release
     from fedsynth.server.synthesize import steering_report
 
@@ -688,6 +727,7 @@ def write_outputs(
     summary = {
         "config": config_json,
         "scores": scores,
+        "judge": judge,
         "releases": {k: str(v) for k, v in releases.items()},
         "dropped_holders": [d["holder"] for d in dropouts],
         "steering": steering,
@@ -754,7 +794,9 @@ def coordinator_job_from_run_config(
             make_coordinator_job(config, loaded, reference, outcome)(transport, nodes, context)
             samples = generate_conditions(config, loaded, reference, outcome.releases)
             scores = evaluate_conditions(samples, data)
-            write_outputs(config, samples, scores, outcome.releases, timings)
+            write_outputs(
+                config, samples, scores, outcome.releases, timings, judge=judge_records(data)[1]
+            )
         log.info("fedsynth demo finished; outputs in %s", config.out_dir)
 
     return job

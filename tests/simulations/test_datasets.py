@@ -10,6 +10,7 @@ from fedsynth.client.data import Record, load_records
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.simulations.datasets import (
     available_corpora,
+    left_over,
     load_bbc_news,
     load_corpus,
     load_rotten_tomatoes,
@@ -139,3 +140,10 @@ def test_jsonl_keeps_one_record_per_line_with_unicode_line_breaks(tmp_path: Path
     assert len(lines) == 2
     assert [json.loads(x)["text"] for x in lines] == [text, "plain é"]
     assert "é" in lines[1]  # non-ASCII text stays readable
+
+
+def test_left_over_counts_duplicates() -> None:
+    a, b = Record("same", "x"), Record("other", "y")
+    assert left_over([a, a, b], [a]) == [a, b]
+    assert left_over([a, a, b], [a, b, a]) == []
+    assert left_over([a, b], []) == [a, b]

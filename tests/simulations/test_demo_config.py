@@ -15,9 +15,11 @@ from fedsynth.simulations.demo import (
     DemoConfig,
     demo_config,
     dropped_holders,
+    judge_records,
     prepare_data,
     release_epsilons,
     removed_on_failure,
+    split_data,
 )
 
 
@@ -162,3 +164,24 @@ def test_partitions_are_removed_when_the_run_fails(tmp_path: Path) -> None:
     with removed_on_failure(kept):
         pass
     assert len(list(kept.partition_dir.glob("partition-*.jsonl"))) == 3
+
+
+def test_the_fidelity_judge_never_trains_on_private_or_held_out_texts(tmp_path: Path) -> None:
+    config = demo_config("quick", out_dir=tmp_path, private_per_label=100)
+    data = split_data(config)
+    assert data.judge
+    judged = {r.text for r in data.judge}
+    assert not judged & {r.text for r in data.train}
+    assert not judged & {r.text for r in data.test}
+    records, what = judge_records(data)
+    assert records == data.judge and "neither the holders' data nor the held-out set" in what
+
+
+def test_a_small_data_file_judges_with_the_private_records(tmp_path: Path) -> None:
+    rows = [{"text": f"text number {i}", "label": "a" if i % 2 else "b"} for i in range(40)]
+    config = demo_config(
+        "quick", out_dir=tmp_path / "out", data_path=_write(tmp_path / "few.jsonl", rows)
+    )
+    data = split_data(config)
+    records, what = judge_records(data)
+    assert records == data.train and "private records" in what
