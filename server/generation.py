@@ -427,14 +427,17 @@ def text_logprobs(
                 seq = prompt_ids + encoded[i]
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
+            # The output head only at the positions that predict a text token (from the last
+            # prompt token on): over a 262k vocabulary the head costs more than the blocks.
             logits = loaded.model(
                 input_ids=ids.to(loaded.device),
                 attention_mask=mask.to(loaded.device),
                 use_cache=False,
+                logits_to_keep=width - start + 1,
             ).logits
             for row, i in enumerate(batch):
                 n = len(encoded[i])
-                logp = torch.log_softmax(logits[row, start - 1 : start - 1 + n].float(), dim=-1)
+                logp = torch.log_softmax(logits[row, :n].float(), dim=-1)
                 target = torch.tensor(encoded[i], device=logp.device)
                 out[i] = float(logp.gather(-1, target.unsqueeze(-1)).mean())
     return out

@@ -125,6 +125,12 @@ def demo(
     strength: Annotated[
         float | None, typer.Option(help="Steering strength s (x residual norm), default 0.03.")
     ] = None,
+    contrast: Annotated[
+        float | None,
+        typer.Option(
+            help="Class contrast c: steer along mean + c * (class vector - mean); default 1.0."
+        ),
+    ] = None,
     snr_shrink: Annotated[
         bool,
         typer.Option(help="Scale the strength by each class vector's signal-to-noise ratio."),
@@ -196,6 +202,7 @@ def demo(
             include_nonprivate=not no_baseline,
             seed=seed,
             strength=strength,
+            contrast=contrast,
             snr_shrink=snr_shrink,
             layers=_parse_layers(layers),
             data_path=data_file,

@@ -77,6 +77,7 @@ def test_user_data_errors_name_the_line(tmp_path: Path) -> None:
         (["--epsilon", "-1"], "epsilon"),
         (["--drop", "2", "--clients", "3"], "threshold"),
         (["--prior-per-label", "0"], "--prior-per-label"),
+        (["--contrast", "nan"], "contrast=nan"),
     ],
 )
 def test_cli_refuses_bad_settings_before_compute(
@@ -99,6 +100,7 @@ def test_cli_refuses_bad_settings_before_compute(
     [
         ({"strength": -1.0}, "strength=-1.0"),
         ({"strength": float("nan")}, "strength=nan"),
+        ({"contrast": float("inf")}, "contrast=inf"),
         ({"synthetic_per_label": 0}, "synthetic_per_label"),
         ({"private_per_label": 0}, "private_per_label=0"),
         ({"epsilon": 0.0}, "epsilon=0.0"),
