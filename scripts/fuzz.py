@@ -43,7 +43,7 @@ _SCRATCH = Path(tempfile.mkdtemp(prefix="fedsynth-fuzz-"))
 RSS_BUDGET_MB = 2048
 # Linux carries the peak resident size of the process that started this one across fork and
 # exec: started by a test worker that holds a model, this process "has used" gigabytes before
-# its first line. Read it before anything is imported.
+# its first line. Read at start-up, before any decoder (and torch) is imported.
 _INHERITED_RSS_MB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
