@@ -19,6 +19,7 @@ few thousand inputs on each CI run, and checks that a planted bug is reported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import sys
 import tempfile
@@ -37,7 +38,16 @@ if TYPE_CHECKING:
 # Each target imports its decoder when first called, under atheris's instrumentation (see
 # main): a run loads only what its decoder needs (torch only for release files and requests).
 
-_SCRATCH = Path(tempfile.mkdtemp(prefix="fedsynth-fuzz-"))
+
+@functools.cache
+def _scratch() -> Path:
+    """This run's scratch directory, made on first use (``--list`` makes none).
+
+    libFuzzer ends the process with C's exit, so nothing removes it: tests point TMPDIR at
+    their own directory.
+    """
+    return Path(tempfile.mkdtemp(prefix="fedsynth-fuzz-"))
+
 
 # libFuzzer's default out-of-memory limit, over what the process started with (see rss_flags).
 RSS_BUDGET_MB = 2048
@@ -61,7 +71,7 @@ def _text(data: bytes) -> str:
 
 
 def _as_file(data: bytes, name: str) -> Path:
-    path = _SCRATCH / name
+    path = _scratch() / name
     path.write_bytes(data)
     return path
 
@@ -239,7 +249,7 @@ def _release_seeds() -> list[bytes]:
         field_sum=np.zeros(manifest.dim, dtype=np.uint64), survivors=[1, 2, 3], dropped=[]
     )
     release = make_release(manifest, decoded, result, model_name="tiny")
-    path = save_release(release, _SCRATCH / "seed.safetensors")
+    path = save_release(release, _scratch() / "seed.safetensors")
     return [path.read_bytes()]
 
 
@@ -363,7 +373,7 @@ def main(argv: list[str]) -> None:
     target = TARGETS[name]
     flags = rss_flags([a for a in argv[2:] if a.startswith("-")], _INHERITED_RSS_MB)
     corpora = [a for a in argv[2:] if not a.startswith("-")]
-    seeds = _SCRATCH / "seeds"
+    seeds = _scratch() / "seeds"
     seeds.mkdir()
     with atheris.instrument_imports(include=["fedsynth"]):
         for i, seed in enumerate(target.seeds()):

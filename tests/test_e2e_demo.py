@@ -35,7 +35,10 @@ ALPHA = 0.01
 SAMPLES_PER_LABEL = 50
 PRIVATE_PER_LABEL = 1500
 CONTRAST = 2.0
-HELDOUT_PER_LABEL = 40
+# The release's noise moves the held-out gain between runs, and the first positive texts gain
+# least: at 40 per label the positive class gave p = 0.015 (a failed run), 0.002 and 0.002;
+# at 120 the last two gave 4e-10 and 3e-9.
+HELDOUT_PER_LABEL = 120
 
 
 # The demo is the suite's longest test: it computes on two threads (tests/conftest.py gives

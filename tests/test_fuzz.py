@@ -9,6 +9,7 @@ nothing.
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -34,6 +35,12 @@ def _targets() -> list[str]:
     return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
 
 
+def _scratch_env(tmp_path: Path) -> dict[str, str]:
+    """The script's scratch files under the test's directory: libFuzzer ends the process with
+    C's exit, so Python's clean-up of temporary directories never runs."""
+    return {**os.environ, "TMPDIR": str(tmp_path)}
+
+
 def _fuzz(target: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(SCRIPT), target, f"-runs={RUNS}", "-timeout=30"],
@@ -42,6 +49,7 @@ def _fuzz(target: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
         timeout=600,
         check=False,
         cwd=tmp_path,  # libFuzzer writes crash-<sha1> files into the working directory
+        env=_scratch_env(tmp_path),
     )
 
 
@@ -77,6 +85,7 @@ def test_a_planted_bug_is_reported(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "Uncaught Python exception" in output and "IndexError" in output, output[-2000:]
     assert list(tmp_path.glob("crash-*"))  # the input is kept to reproduce it
+    assert list(tmp_path.glob("fedsynth-fuzz-*"))  # scratch files stay under the test's dir
 
 
 def test_the_memory_limit_is_over_what_the_process_inherited() -> None:
@@ -101,6 +110,7 @@ def test_a_run_started_from_a_large_process_is_not_out_of_memory(tmp_path: Path)
         timeout=600,
         check=False,
         cwd=tmp_path,
+        env=_scratch_env(tmp_path),
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
