@@ -132,9 +132,9 @@ def prepare(module: str, *, fresh: bool, tests: list[str] | None = None) -> Path
         link = work / "src" / "fedsynth" / role
         if not link.is_symlink():
             link.symlink_to(ROOT / role, target_is_directory=True)
-    tests = work / "tests"
-    if not tests.is_symlink():
-        tests.symlink_to(ROOT / "tests", target_is_directory=True)
+    test_link = work / "tests"
+    if not test_link.is_symlink():
+        test_link.symlink_to(ROOT / "tests", target_is_directory=True)
     for test in tests or []:
         if not (ROOT / test.split("::", 1)[0]).exists():
             sys.exit(f"--tests {test!r}: no such file under {ROOT}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
 from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,3 +34,16 @@ def test_tests_option_narrows_the_selection() -> None:
     staged = _mutmut(script.staged_pyproject("protocol/secagg", tests))
     assert staged["only_mutate"] == ["src/fedsynth/protocol/secagg*"]
     assert staged["pytest_add_cli_args_test_selection"] == tests
+
+
+def test_prepare_stages_a_narrowed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --tests once failed here: the staging's tests link shadowed the list of tests.
+    script = load_script("mutation_test")
+    monkeypatch.setattr(script, "WORK", tmp_path)
+    tests = ["tests/protocol/test_accounting.py"]
+    work = script.prepare("protocol/accounting.py", fresh=True, tests=tests)
+    assert (work / "tests").resolve() == ROOT / "tests"
+    staged = _mutmut((work / "pyproject.toml").read_text())
+    assert staged["pytest_add_cli_args_test_selection"] == tests
+    with pytest.raises(SystemExit, match="no such file"):
+        script.prepare("protocol/accounting.py", fresh=False, tests=["tests/nothing_here.py"])
