@@ -174,7 +174,9 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         self._contributed = n_records
         sums = accumulator.sums
         del accumulator
-        value = encode_contribution(sums, manifest=manifest, rng=rng)
+        value = encode_contribution(
+            sums, manifest=manifest, rng=rng, noise_seed=self.noise_seed(task, state)
+        )
         del sums
         return value
 

@@ -20,7 +20,9 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedsynth.client.data import Record, load_records
 from fedsynth.client.settings import ClientSettings
+from fedsynth.protocol.contribution import noise_schedule
 from fedsynth.protocol.errors import IdentityError, ProtocolError, StageOrderError
+from fedsynth.protocol.exact_noise import NOISE_SEED_FIELD, SEED_BYTES, revealed_seed
 from fedsynth.protocol.identity import HolderIdentity, Roster
 from fedsynth.protocol.messages import (
     Envelope,
@@ -73,6 +75,14 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
     def contribution(self, task: TaskT, payload: bytes, state: RecordDict) -> np.ndarray:
         """This node's (noised) vector as field elements; called once per round."""
 
+    def noise_seed(self, task: TaskT, state: RecordDict) -> bytes | None:
+        """This round's chain seed of an exact-sharing task (made at masked_input), else None."""
+        record = state.config_records.get(self._noise_key)
+        if record is None or record.get("task_id") != task.task_id:
+            return None
+        seed = record.get("seed")
+        return seed if isinstance(seed, bytes) else None
+
     def committed(self, task: TaskT, state: RecordDict) -> None:
         """Called after masking succeeded, before the masked vector leaves (charge budgets)."""
 
@@ -81,6 +91,17 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         return {}
 
     # -- dispatch --------------------------------------------------------------------------------
+
+    @property
+    def _noise_key(self) -> str:
+        return f"{self.state_key}.noise"
+
+    def _new_noise_seed(self) -> bytes:
+        """A fresh chain seed (exact noise sharing), fixed per node in seeded tests."""
+        seed = self.settings.seed
+        if seed is None:
+            return secrets.token_bytes(SEED_BYTES)
+        return np.random.default_rng([seed, self.node_id % 2**32, 1]).bytes(SEED_BYTES)
 
     def rng(self) -> np.random.Generator:
         """Secure randomness, or a fixed per-node seed in tests."""
@@ -166,6 +187,10 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         task, payload, client = self._load(state)
         fields = unpack(content, task_id=task.task_id, stage=Stage.MASKED_INPUT.value)
         ciphertexts = blobs_from_fields("ct:", fields)
+        if noise_schedule(task.privacy, clients=len(task.node_ids)) is not None:
+            state.config_records[self._noise_key] = ConfigRecord(
+                {"task_id": task.task_id, "seed": self._new_noise_seed()}
+            )
         value = self.contribution(task, payload, state)
         masked = client.masked_input(ciphertexts, value)
         del value
@@ -191,13 +216,23 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         for key in ("survivors", "dropped"):
             if key not in fields:
                 raise ProtocolError(f"unmask request lacks {key!r}")
+        survivors = ints_from_field(fields["survivors"], name="survivors")
         shares = client.unmask(
-            ints_from_field(fields["survivors"], name="survivors"),
+            survivors,
             ints_from_field(fields["dropped"], name="dropped"),
             signatures=blobs_from_fields("sg:", fields),
         )
         self._save(state, task, payload, client)
-        return pack(Envelope(task.task_id, Stage.UNMASK.value), blobs_to_fields("sh:", shares))
+        reply: dict[str, Any] = blobs_to_fields("sh:", shares)
+        # The survivor set is the one t holders signed (checked by unmask above): revealing the
+        # excess noise of len(survivors) inputs leaves exactly the target in their sum.
+        schedule = noise_schedule(task.privacy, clients=len(task.node_ids))
+        seed = self.noise_seed(task, state)
+        if schedule is not None and seed is not None:
+            revealed = revealed_seed(seed, schedule, len(survivors))
+            if revealed is not None:
+                reply[NOISE_SEED_FIELD] = revealed
+        return pack(Envelope(task.task_id, Stage.UNMASK.value), reply)
 
     # -- state -----------------------------------------------------------------------------------
 

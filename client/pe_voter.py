@@ -120,7 +120,9 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
             per_label=task.per_label,
             top_k=task.top_k,
         )
-        return encode_votes(votes, manifest=task, rng=self.rng())
+        return encode_votes(
+            votes, manifest=task, rng=self.rng(), noise_seed=self.noise_seed(task, state)
+        )
 
     def committed(self, task: PERoundManifest, state: RecordDict) -> None:
         """Charge the task once and record the round before the votes leave.

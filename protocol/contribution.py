@@ -15,16 +15,17 @@ dividing by the noisy count and multiplying each layer by its clip norm.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from fedsynth.protocol.accounting import vector_record_sensitivity
-from fedsynth.protocol.codec import from_field, to_field
+from fedsynth.protocol.codec import field_sub, from_field, to_field
 from fedsynth.protocol.errors import ConfigError, FieldRangeError, ShapeError
+from fedsynth.protocol.exact_noise import SEED_BYTES, NoiseSchedule, holder_noise, removable_noise
 from fedsynth.protocol.features import clip_to_unit
-from fedsynth.protocol.manifest import PrivacySpec, TaskManifest
+from fedsynth.protocol.manifest import NOISE_EXACT, PrivacySpec, TaskManifest
 from fedsynth.protocol.mechanisms import TrustMode, gaussian_noise, skellam_noise
 
 
@@ -198,23 +199,101 @@ def noise_share_variance(privacy: PrivacySpec) -> float:
     return 0.0
 
 
+def noise_schedule(privacy: PrivacySpec, *, clients: int) -> NoiseSchedule | None:
+    """The add-then-remove schedule of an exact-sharing task of ``clients`` holders, else None."""
+    if privacy.noise_sharing != NOISE_EXACT:
+        return None
+    # From the share, so that one function says how much noise a holder adds in every mode.
+    share = noise_share_variance(privacy)
+    return NoiseSchedule(
+        total_variance=share * privacy.threshold, threshold=privacy.threshold, clients=clients
+    )
+
+
+def share_noise(
+    privacy: PrivacySpec,
+    *,
+    clients: int,
+    dim: int,
+    rng: np.random.Generator,
+    noise_seed: bytes | None,
+) -> np.ndarray:
+    """This holder's whole noise share, variance :func:`noise_share_variance` per coordinate.
+
+    With exact sharing it is drawn as a base part from ``rng`` plus removable components from
+    the chain seed ``noise_seed`` (:mod:`fedsynth.protocol.exact_noise`); otherwise from ``rng``.
+
+    Raises:
+        ConfigError: If exact sharing is asked for without a chain seed.
+    """
+    schedule = noise_schedule(privacy, clients=clients)
+    if schedule is None:
+        return skellam_noise((dim,), variance=noise_share_variance(privacy), rng=rng)
+    if noise_seed is None:
+        raise ConfigError("exact noise sharing needs this holder's chain seed")
+    return holder_noise(schedule, dim, rng=rng, top=noise_seed)
+
+
+def remove_excess_noise(
+    field_sum: np.ndarray,
+    revealed: Mapping[int, object],
+    *,
+    privacy: PrivacySpec,
+    clients: int,
+    survivors: Sequence[int],
+    bits: int,
+) -> tuple[np.ndarray, list[int]]:
+    """Subtract each survivor's revealed excess noise from the secure sum (exact sharing).
+
+    ``revealed`` maps a node to the seed its unmask reply carried. A seed from a node outside
+    ``survivors`` or not of the seed length is ignored, and that survivor's excess stays in the
+    sum (more noise, never less). Returns the new sum and the survivors whose excess was
+    removed, for the report. Plain sharing: the sum unchanged and no one.
+    """
+    schedule = noise_schedule(privacy, clients=clients)
+    members = set(survivors)
+    if schedule is None or len(schedule.removed(len(members))) == 0:
+        return field_sum, []
+    total = field_sum
+    removed: list[int] = []
+    for node in sorted(revealed):
+        seed = revealed[node]
+        if node not in members or not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+            continue
+        excess = removable_noise(seed, schedule, len(members), int(field_sum.shape[0]))
+        total = field_sub(total, to_field(excess, bits=bits), bits=bits)
+        removed.append(node)
+    return total, removed
+
+
 def client_noise_share_variance(manifest: TaskManifest) -> float:
     """Skellam variance this client adds per coordinate of a dataset-vector task."""
     return noise_share_variance(manifest.privacy)
 
 
 def encode_contribution(
-    sums: np.ndarray, *, manifest: TaskManifest, rng: np.random.Generator
+    sums: np.ndarray,
+    *,
+    manifest: TaskManifest,
+    rng: np.random.Generator,
+    noise_seed: bytes | None = None,
 ) -> np.ndarray:
     """Add this client's noise share to its integer sums and embed them in the field.
+
+    ``noise_seed``: the chain seed of an exact-sharing task (:func:`share_noise`).
 
     Returns:
         (dim,) uint64 field elements, ready to be masked.
     """
     if sums.shape != (len(manifest.labels), manifest.row_dim):
         raise ShapeError(f"sums shape {sums.shape} != {(len(manifest.labels), manifest.row_dim)}")
-    variance = client_noise_share_variance(manifest)
-    noisy = sums.reshape(-1) + skellam_noise((manifest.dim,), variance=variance, rng=rng)
+    noisy = sums.reshape(-1) + share_noise(
+        manifest.privacy,
+        clients=len(manifest.node_ids),
+        dim=manifest.dim,
+        rng=rng,
+        noise_seed=noise_seed,
+    )
     limit = 2.0 ** (manifest.bits - 1) / len(manifest.node_ids)
     worst = float(np.abs(noisy).max(initial=0))
     if worst >= limit:
@@ -242,7 +321,8 @@ class DecodedRelease:
 def aggregate_noise_std(manifest: TaskManifest, *, survivors: int) -> float:
     """Per-coordinate std of the client noise in the secure sum of ``survivors`` clients.
 
-    distributed: each survivor adds total/t; local: each adds the total; central: the clients
+    distributed: each survivor adds total/t (with exact sharing that is the most there can be,
+    if no survivor's excess was removed); local: each adds the total; central: the clients
     add none (the coordinator's noise comes after decoding).
     """
     return math.sqrt(noise_share_variance(manifest.privacy) * survivors)

@@ -23,6 +23,15 @@ from fedsynth.protocol.secagg import SecAggConfig
 
 MANIFEST_VERSION = "1"
 ADJACENCY = "add/remove one record (record level, over the union of all holders' data)"
+NOISE_PLAIN = "plain"
+NOISE_EXACT = "exact"
+NOISE_SHARINGS = (NOISE_PLAIN, NOISE_EXACT)
+
+
+def default_noise_sharing(mode: str, total_variance: float) -> str:
+    """Exact sharing wherever holders add noise shares (distributed with noise), else plain."""
+    exact = mode == TrustMode.DISTRIBUTED.value and total_variance > 0
+    return NOISE_EXACT if exact else NOISE_PLAIN
 
 
 def array_sha256(array: np.ndarray) -> str:
@@ -54,6 +63,9 @@ class PrivacySpec:
     l1_sensitivity: float
     accountant: str
     adjacency: str = ADJACENCY
+    # "exact": distributed shares with removable excess (protocol/exact_noise.py), so the sum
+    # carries the target variance whatever the number of survivors; "plain": v/t each.
+    noise_sharing: str = NOISE_PLAIN
 
     def __post_init__(self) -> None:
         # The accountant (dp-accounting, scipy) loads on first use, not on import.
@@ -72,6 +84,15 @@ class PrivacySpec:
             raise ConfigError(f"total_variance={self.total_variance}: must be finite and >= 0")
         if math.isfinite(self.epsilon) and self.total_variance == 0:
             raise ConfigError(f"epsilon={self.epsilon} is finite but total_variance is 0")
+        if self.noise_sharing not in NOISE_SHARINGS:
+            raise ConfigError(
+                f"noise_sharing={self.noise_sharing!r} must be one of {list(NOISE_SHARINGS)}"
+            )
+        if self.noise_sharing == NOISE_EXACT and self.mode != TrustMode.DISTRIBUTED.value:
+            raise ConfigError(
+                f"noise_sharing={NOISE_EXACT!r} applies to distributed mode only, not "
+                f"mode={self.mode!r}"
+            )
 
 
 @dataclass(frozen=True)

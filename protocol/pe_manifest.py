@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 
 from fedsynth.protocol.codec import to_field, validate_bits
-from fedsynth.protocol.contribution import noise_share_variance
+from fedsynth.protocol.contribution import share_noise
 from fedsynth.protocol.errors import ConfigError, FieldRangeError, ShapeError
 from fedsynth.protocol.manifest import ADJACENCY, PrivacySpec, array_sha256
-from fedsynth.protocol.mechanisms import skellam_noise
 from fedsynth.protocol.secagg import SecAggConfig
 
 PE_MANIFEST_VERSION = "pe-1"
@@ -219,17 +218,28 @@ class PERoundManifest:
 
 
 def encode_votes(
-    votes: np.ndarray, *, manifest: PERoundManifest, rng: np.random.Generator
+    votes: np.ndarray,
+    *,
+    manifest: PERoundManifest,
+    rng: np.random.Generator,
+    noise_seed: bytes | None = None,
 ) -> np.ndarray:
     """Add this client's Skellam share to its integer votes and embed them in the field.
+
+    ``noise_seed``: the chain seed of an exact-sharing task (:func:`share_noise`).
 
     Returns:
         (dim,) uint64 field elements, ready to be masked.
     """
     if votes.shape != (manifest.dim,):
         raise ShapeError(f"votes shape {votes.shape} != ({manifest.dim},)")
-    variance = noise_share_variance(manifest.privacy)
-    noisy = votes.astype(np.int64) + skellam_noise((manifest.dim,), variance=variance, rng=rng)
+    noisy = votes.astype(np.int64) + share_noise(
+        manifest.privacy,
+        clients=len(manifest.node_ids),
+        dim=manifest.dim,
+        rng=rng,
+        noise_seed=noise_seed,
+    )
     limit = 2.0 ** (manifest.bits - 1) / len(manifest.node_ids)
     if float(np.abs(noisy).max(initial=0)) >= limit:
         raise FieldRangeError(

@@ -120,6 +120,7 @@ VERIFICATION = "tests/protocol/test_verification.py"
 CONTRIBUTION = "tests/protocol/test_contribution.py"
 ROUND_NOISE = "tests/server/test_round_noise.py"
 SECURE_ROUND = "tests/server/test_secure_round.py"
+EXACT_NOISE = "tests/protocol/test_exact_noise.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -164,8 +165,8 @@ MUTANTS: tuple[Mutant, ...] = (
         patches=(
             Patch(
                 "protocol/contribution.py",
-                "noisy = sums.reshape(-1) + skellam_noise(",
-                "noisy = sums.reshape(-1) + 0 * skellam_noise(",
+                "noisy = sums.reshape(-1) + share_noise(",
+                "noisy = sums.reshape(-1) + 0 * share_noise(",
             ),
         ),
         tests=(
@@ -179,8 +180,8 @@ MUTANTS: tuple[Mutant, ...] = (
         patches=(
             Patch(
                 "protocol/pe_manifest.py",
-                "noisy = votes.astype(np.int64) + skellam_noise(",
-                "noisy = votes.astype(np.int64) + 0 * skellam_noise(",
+                "noisy = votes.astype(np.int64) + share_noise(",
+                "noisy = votes.astype(np.int64) + 0 * share_noise(",
             ),
         ),
         tests=(
@@ -202,6 +203,36 @@ MUTANTS: tuple[Mutant, ...] = (
             f"{VERIFICATION}::test_each_client_adds_the_verified_variance",
             f"{CONTRIBUTION}::test_noise_variance_of_the_sum",
             f"{ROUND_NOISE}::test_vector_release_carries_the_target_noise",
+        ),
+    ),
+    Mutant(
+        name="excess-removed-one-too-many",
+        summary="exact sharing removes one more excess component than the survivors allow",
+        patches=(
+            Patch(
+                "protocol/exact_noise.py",
+                "        return range(self.threshold, self.check_survivors(survivors))\n",
+                "        return range(self.threshold, min(survivors + 1, self.clients))\n",
+            ),
+        ),
+        tests=(
+            f"{EXACT_NOISE}::test_every_survivor_count_keeps_exactly_the_target",
+            f"{ROUND_NOISE}::test_vector_release_carries_the_target_noise",
+        ),
+    ),
+    Mutant(
+        name="excess-revealed-for-all-k",
+        summary="a holder reveals its excess noise for all K, not for the survivor set it signed",
+        patches=(
+            Patch(
+                "client/participant.py",
+                "            revealed = revealed_seed(seed, schedule, len(survivors))\n",
+                "            revealed = revealed_seed(seed, schedule, len(task.node_ids))\n",
+            ),
+        ),
+        tests=(
+            f"{SECURE_ROUND}::"
+            "test_exact_noise_seeds_are_revealed_at_unmask_for_the_signed_survivors_only",
         ),
     ),
     Mutant(

@@ -22,7 +22,12 @@ import numpy as np
 from fedsynth.protocol.accounting import calibrate_vector_release, validate_epsilon_delta
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.features import FeatureSpec, PromptTemplate, extract_features
-from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, array_sha256
+from fedsynth.protocol.manifest import (
+    PrivacySpec,
+    TaskManifest,
+    array_sha256,
+    default_noise_sharing,
+)
 from fedsynth.protocol.models import LoadedModel, cache_root
 from fedsynth.protocol.verification import check_vector_scale
 from fedsynth.server.generation import GenerationConfig, generate_texts
@@ -211,6 +216,7 @@ def build_manifest(
         l2_sensitivity=calibration.l2_sensitivity,
         l1_sensitivity=calibration.l1_sensitivity,
         accountant=calibration.accountant,
+        noise_sharing=default_noise_sharing(config.mode, calibration.total_variance),
     )
     return TaskManifest(
         task_id=task_id or f"dv-{uuid.uuid4().hex[:12]}",

@@ -40,7 +40,7 @@ from fedsynth.protocol.accounting import (
     validate_epsilon_delta,
 )
 from fedsynth.protocol.errors import ConfigError, FedSynthError, refusal_summary
-from fedsynth.protocol.manifest import PrivacySpec, array_sha256
+from fedsynth.protocol.manifest import PrivacySpec, array_sha256, default_noise_sharing
 from fedsynth.protocol.mechanisms import trust_statement
 from fedsynth.protocol.messages import vector_to_bytes
 from fedsynth.protocol.pe import (
@@ -389,6 +389,7 @@ def build_round_manifest(
         l1_sensitivity=calibration.l1_sensitivity,
         accountant=f"{calibration.accountant}, {config.rounds} rounds composed",
         adjacency=PE_ADJACENCY,
+        noise_sharing=default_noise_sharing(config.mode, calibration.total_variance),
     )
     return PERoundManifest(
         pe_task_id=pe_task_id,

@@ -30,8 +30,9 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from fedsynth.protocol.contribution import DecodedRelease
+from fedsynth.protocol.contribution import DecodedRelease, noise_schedule
 from fedsynth.protocol.errors import ConfigError, ReleaseIntegrityError, refusal_summary
+from fedsynth.protocol.exact_noise import aggregate_variance
 from fedsynth.protocol.manifest import TaskManifest
 from fedsynth.protocol.mechanisms import trust_statement
 from fedsynth.server.secure_round import RoundResult
@@ -87,7 +88,12 @@ def privacy_report(
     }[p.mode]
     k = len(manifest.node_ids)
     actual_variance = p.total_variance
-    if p.mode == "distributed":
+    schedule = noise_schedule(p, clients=k)
+    if schedule is not None:
+        actual_variance = aggregate_variance(
+            schedule, len(result.survivors), len(set(result.noise_removed))
+        )
+    elif p.mode == "distributed":
         actual_variance = p.total_variance * len(result.survivors) / p.threshold
     elif p.mode == "local":
         actual_variance = p.total_variance * len(result.survivors)
@@ -107,6 +113,8 @@ def privacy_report(
             "noise_multiplier": p.noise_multiplier,
             "aggregate_variance_target_scaled": p.total_variance,
             "aggregate_variance_actual_scaled": actual_variance,
+            "noise_sharing": p.noise_sharing,
+            "excess_noise_removed_for": len(set(result.noise_removed)),
             "l2_sensitivity_scaled": p.l2_sensitivity,
             "l1_sensitivity_scaled": p.l1_sensitivity,
             "scale": manifest.scale,

@@ -20,7 +20,9 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 from flwr.app import RecordDict
 
+from fedsynth.protocol.contribution import remove_excess_noise
 from fedsynth.protocol.errors import FedSynthError, ProtocolError, TooFewParticipantsError
+from fedsynth.protocol.exact_noise import NOISE_SEED_FIELD
 from fedsynth.protocol.identity import Roster
 from fedsynth.protocol.manifest import TaskManifest
 from fedsynth.protocol.messages import (
@@ -73,6 +75,8 @@ class RoundResult:
     survivors: list[int]
     dropped: list[int]
     refusals: dict[int, str] = field(default_factory=dict)
+    # Survivors whose excess noise was removed (exact noise sharing); the others' stays.
+    noise_removed: list[int] = field(default_factory=list)
 
 
 def run_secure_round(
@@ -231,8 +235,25 @@ def run_secure_sum(
     replies = exchange(Stage.UNMASK, {n: request for n in server.signers})
     responses = parse(Stage.UNMASK, replies, lambda f: blobs_from_fields("sh:", f))
     total = advance(Stage.UNMASK, len(responses), lambda: server.unmask(responses))
+    # Exact noise sharing: each survivor's unmask reply also reveals the excess noise that
+    # len(survivors) inputs do not need; what stays is the target variance.
+    revealed = {node: replies[node].get(NOISE_SEED_FIELD) for node in responses if node in replies}
+    total, noise_removed = remove_excess_noise(
+        total,
+        revealed,
+        privacy=task.privacy,
+        clients=participants,
+        survivors=survivors,
+        bits=config.bits,
+    )
     note(Stage.DONE.value)
-    return RoundResult(field_sum=total, survivors=survivors, dropped=dropped, refusals=refusals)
+    return RoundResult(
+        field_sum=total,
+        survivors=survivors,
+        dropped=dropped,
+        refusals=refusals,
+        noise_removed=noise_removed,
+    )
 
 
 def _signature_of(fields: Mapping[str, Any]) -> bytes:

@@ -31,8 +31,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedsynth.protocol.codec import field_sum
-from fedsynth.protocol.contribution import decode_release, encode_contribution, integer_class_sums
+from fedsynth.protocol.contribution import (
+    decode_release,
+    encode_contribution,
+    integer_class_sums,
+    noise_schedule,
+    remove_excess_noise,
+)
 from fedsynth.protocol.errors import ConfigError
+from fedsynth.protocol.exact_noise import SEED_BYTES, revealed_seed
 from fedsynth.protocol.features import clip_to_unit
 from fedsynth.protocol.manifest import TaskManifest
 
@@ -231,13 +238,28 @@ def released_unit_rows(
         (γ times the noisy count), as the records entered it.
     """
     fields = []
-    for features, labels in holders:
+    k = len(manifest.node_ids)
+    schedule = noise_schedule(manifest.privacy, clients=k)
+    revealed: dict[int, bytes] = {}
+    for i, (features, labels) in enumerate(holders):
         sums = integer_class_sums(
             features, list(labels), manifest=manifest, reference=reference, rng=rng
         )
-        fields.append(encode_contribution(sums, manifest=manifest, rng=rng))
-    decoded = decode_release(
+        seed = rng.bytes(SEED_BYTES) if schedule is not None else None
+        fields.append(encode_contribution(sums, manifest=manifest, rng=rng, noise_seed=seed))
+        if schedule is not None and seed is not None:
+            revealed[i] = revealed_seed(seed, schedule, len(holders)) or b""
+    # Exact sharing: every holder survives and reveals its excess, as in a round.
+    total, _ = remove_excess_noise(
         field_sum(fields, bits=manifest.bits),
+        revealed,
+        privacy=manifest.privacy,
+        clients=k,
+        survivors=list(range(len(holders))),
+        bits=manifest.bits,
+    )
+    decoded = decode_release(
+        total,
         manifest=manifest,
         survivors=len(holders),
         rng=rng,

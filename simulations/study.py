@@ -698,7 +698,9 @@ class StudyRunner:
             _federated_failure("the federated release", errors)
         release = load_release(next(iter(outcome.releases.values())))
         perf["noise_multiplier"] = effective_noise_multiplier(
-            release.manifest.privacy, survivors=cell.clients - cell.dropped_clients
+            release.manifest.privacy,
+            survivors=cell.clients - cell.dropped_clients,
+            removed=int(release.report["noise"].get("excess_noise_removed_for", 0)),
         )
         return self._generate(release, cell, perf)
 
@@ -1106,16 +1108,21 @@ def _federated_failure(what: str, errors: Sequence[str]) -> NoReturn:
     raise RuntimeError(message)
 
 
-def effective_noise_multiplier(privacy: PrivacySpec, *, survivors: int) -> float:
+def effective_noise_multiplier(privacy: PrivacySpec, *, survivors: int, removed: int = 0) -> float:
     """Std of the noise in the released sum over the record's L2 sensitivity.
 
     The manifest's multiplier is what any t survivors guarantee; each surviving holder adds
     its share (:func:`noise_share_variance`: variance/t distributed, the whole variance local),
-    the coordinator adds the whole variance in central mode.
+    the coordinator adds the whole variance in central mode. Under exact sharing each of the
+    ``removed`` survivors whose excess was removed keeps only variance/survivors.
     """
     if privacy.total_variance == 0:
         return 0.0
-    present = survivors * noise_share_variance(privacy) or privacy.total_variance
+    share = noise_share_variance(privacy)
+    present = (
+        removed * privacy.total_variance / survivors + (survivors - removed) * share
+        or privacy.total_variance
+    )
     return privacy.noise_multiplier * math.sqrt(present / privacy.total_variance)
 
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fedsynth.protocol import codec
 from fedsynth.protocol.errors import (
@@ -25,6 +25,9 @@ from fedsynth.protocol.secagg.crypto import (
     signature_is_valid,
 )
 from fedsynth.protocol.secagg.stages import KEY_BYTES, MAX_DIM, MAX_NODE_ID, MAX_SESSION_ID_BYTES
+
+if TYPE_CHECKING:
+    from fedsynth.protocol.manifest import PrivacySpec
 
 StateValue = bytes | int | str | list[int] | list[bytes] | list[str]
 """Value types of an exported client state (all accepted by a Flower ``ConfigRecord``)."""
@@ -322,6 +325,11 @@ class SecureSumTask(Protocol):
     @property
     def dim(self) -> int:
         """Length of the summed vector."""
+        ...
+
+    @property
+    def privacy(self) -> PrivacySpec:
+        """The guarantee and how the noise is shared (exact sharing removes excess at unmask)."""
         ...
 
     def secagg_config(self) -> SecAggConfig:

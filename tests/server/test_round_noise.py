@@ -3,8 +3,10 @@
 Seeded rounds at epsilon = 4 with K = 4 real holders (Contributors on the tiny model, PEVoters
 on the hashing embedder) behind an in-process transport, through every stage of the secure sum.
 The residual (decoded release minus the plain, noise-free sum of the survivors' records) must
-have per-coordinate variance ``survivors * total_variance / t``: exactly the manifest's target
-when exactly t holders survive, more when all K do. The check is a two-sided chi-square test
+have per-coordinate variance ``total_variance``, the manifest's target, whether exactly t or
+all K holders survive (exact noise sharing: with more than t survivors each reveals the excess
+the sum does not need, and the coordinator removes it; without that removal all K would leave
+K/t times the target, which the test would reject). The check is a two-sided chi-square test
 at p = 1e-6 over all coordinates; negative controls show that it fails when the holders add no
 noise, half the variance, or a quarter of it (the scale/2 calibration).
 """
@@ -25,7 +27,6 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from scipy import stats
 
 import fedsynth.protocol.contribution as contribution
-import fedsynth.protocol.pe_manifest as pe_manifest
 from fedsynth.client.contributor import ClientSettings, Contributor
 from fedsynth.client.data import load_records
 from fedsynth.client.pe_voter import PEVoter
@@ -230,8 +231,12 @@ def vector_residuals(
         survivors = [holders[n] for n in result.survivors]
         released = from_field(result.field_sum, bits=manifest.bits).astype(np.float64)
         residuals.append(released - plain_vector_sum(survivors, manifest, reference, tiny))
-        share = manifest.privacy.total_variance / manifest.privacy.threshold
-        expected = len(result.survivors) * share
+        # Exact sharing: with more than t survivors each reveals its excess, and what stays
+        # is the target whatever the number of survivors.
+        assert manifest.privacy.noise_sharing == "exact"
+        more_than_t = len(result.survivors) > manifest.privacy.threshold
+        assert sorted(result.noise_removed) == (sorted(result.survivors) if more_than_t else [])
+        expected = manifest.privacy.total_variance
         # The decoder accepts what honest survivors produce.
         contribution.decode_release(
             result.field_sum, manifest=manifest, survivors=len(result.survivors)
@@ -241,7 +246,7 @@ def vector_residuals(
 
 @pytest.mark.parametrize(
     ("dropped", "factor"),
-    [(set(), len(NODES) / THRESHOLD), ({NODES[1]}, 1.0)],
+    [(set(), 1.0), ({NODES[1]}, 1.0)],
     ids=["all-K-survive", "exactly-t-survive"],
 )
 def test_vector_release_carries_the_target_noise(
@@ -265,17 +270,17 @@ def test_vector_release_carries_the_target_noise(
 def broken_noise(request: pytest.FixtureRequest) -> Iterator[float]:
     """Make every holder add only a fraction of its noise share (a privacy bug)."""
     fraction = float(request.param)
-    originals = (contribution.noise_share_variance, pe_manifest.noise_share_variance)
+    original = contribution.noise_share_variance
 
     def weakened(privacy: object) -> float:
-        return fraction * originals[0](privacy)  # type: ignore[arg-type]
+        return fraction * original(privacy)  # type: ignore[arg-type]
 
+    # Every holder's share, plain or exact, vectors or votes, comes from this one function.
     contribution.noise_share_variance = weakened  # type: ignore[assignment]
-    pe_manifest.noise_share_variance = weakened  # type: ignore[assignment]
     try:
         yield fraction
     finally:
-        contribution.noise_share_variance, pe_manifest.noise_share_variance = originals
+        contribution.noise_share_variance = original
 
 
 @pytest.mark.parametrize("broken_noise", [0.0, 0.25, 0.5], indirect=True)
@@ -368,13 +373,16 @@ def pe_residuals(
                 top_k=2,
             )
         residuals.append(histogram - plain)
-        expected = len(result.survivors) * manifest.privacy.total_variance / THRESHOLD
+        assert manifest.privacy.noise_sharing == "exact"
+        more_than_t = len(result.survivors) > THRESHOLD
+        assert sorted(result.noise_removed) == (sorted(result.survivors) if more_than_t else [])
+        expected = manifest.privacy.total_variance
     return np.concatenate(residuals), expected
 
 
 @pytest.mark.parametrize(
     ("dropped", "factor"),
-    [(set(), len(NODES) / THRESHOLD), ({NODES[2]}, 1.0)],
+    [(set(), 1.0), ({NODES[2]}, 1.0)],
     ids=["all-K-survive", "exactly-t-survive"],
 )
 def test_pe_votes_carry_the_target_noise(tmp_path: Path, dropped: set[int], factor: float) -> None:

@@ -31,6 +31,7 @@ from fedsynth.protocol.contribution import (
     decode_release,
     encode_contribution,
     integer_class_sums,
+    noise_schedule,
 )
 from fedsynth.protocol.errors import (
     ClockSkewError,
@@ -42,6 +43,7 @@ from fedsynth.protocol.errors import (
     TooFewParticipantsError,
     UnsafeThresholdError,
 )
+from fedsynth.protocol.exact_noise import NOISE_SEED_FIELD, revealed_seed
 from fedsynth.protocol.features import (
     FeatureSpec,
     PromptTemplate,
@@ -61,6 +63,7 @@ from fedsynth.protocol.messages import (
 from fedsynth.protocol.models import LoadedModel, tiny_model
 from fedsynth.protocol.secagg.crypto import combine_secret, prg, prg_nonce, sub_inplace
 from fedsynth.server.coordinator import PublicReference, TaskConfig, build_manifest
+from fedsynth.server.release import privacy_report
 from fedsynth.server.secure_round import Reply, RoundResult, run_secure_round
 
 TEMPLATE = PromptTemplate(
@@ -434,13 +437,16 @@ def test_coordinator_only_sees_masked_vectors(
             for key, value in reply.config_records["fedsynth"].items():
                 if isinstance(value, bytes) and len(value) == 8 * manifest.dim:
                     assert stage == "masked_input" and key == "masked"
-    # What the coordinator keeps is the sum and who took part, nothing per client.
+    # What the coordinator keeps is the sum and who took part, nothing per client (the nodes
+    # whose excess noise was removed under exact sharing are node ids too).
     assert {f.name for f in dataclasses.fields(RoundResult)} == {
         "field_sum",
         "survivors",
         "dropped",
         "refusals",
+        "noise_removed",
     }
+    assert result.noise_removed == []  # epsilon = inf: no noise, plain sharing
     assert result.field_sum.shape == (manifest.dim,)
     np.testing.assert_array_equal(result.field_sum, field_sum(plain.values(), bits=64))
     # The masks do not cancel without the unmask stage.
@@ -1001,3 +1007,54 @@ def test_holders_refuse_a_threshold_below_the_floor(
     else:
         result = run_secure_round(LocalTransport(nodes), manifest, reference.means)
         assert result.survivors == sorted(NODES_5)
+
+
+def _noise_seed_fields(transport: LocalTransport) -> dict[str, dict[int, object]]:
+    """Every reply field named like a revealed noise seed, by stage and node."""
+    return {
+        stage: {
+            n: r.config_records["fedsynth"][NOISE_SEED_FIELD]
+            for n, r in replies.items()
+            if NOISE_SEED_FIELD in r.config_records["fedsynth"]
+        }
+        for stage, replies in transport.replies.items()
+    }
+
+
+def test_exact_noise_seeds_are_revealed_at_unmask_for_the_signed_survivors_only(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    """With all K = 3 in the sum each holder reveals, in its unmask reply only, the seed of the
+    excess its share carries beyond v/3; with t = 2 in the sum there is no excess to reveal."""
+    manifest = make_manifest(tiny, reference, NODES_3, task_id="exact-all", epsilon=4.0)
+    assert manifest.privacy.noise_sharing == "exact"
+    schedule = noise_schedule(manifest.privacy, clients=len(NODES_3))
+    assert schedule is not None
+    (tmp_path / "all").mkdir()
+    (tmp_path / "t").mkdir()
+    nodes = make_nodes(tmp_path / "all", tiny, NODES_3, budgets=True)
+    transport = LocalTransport(nodes)
+    result = run_secure_round(transport, manifest, reference.means)
+    assert sorted(result.survivors) == sorted(result.noise_removed) == sorted(NODES_3)
+    seeds = _noise_seed_fields(transport)
+    assert {stage for stage, found in seeds.items() if found} == {"unmask"}
+    for node in NODES_3:
+        top = nodes[node].contributor.noise_seed(manifest, nodes[node].state)
+        assert top is not None
+        assert seeds["unmask"][node] == revealed_seed(top, schedule, len(NODES_3))
+    report = privacy_report(manifest, result, model_name=tiny.name)
+    assert report["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(
+        manifest.privacy.total_variance
+    )
+    assert report["noise"]["excess_noise_removed_for"] == 3
+
+    manifest = make_manifest(tiny, reference, NODES_3, task_id="exact-t", epsilon=4.0)
+    nodes = make_nodes(tmp_path / "t", tiny, NODES_3, budgets=True)
+    transport = LocalTransport(nodes, drop={"masked_input": {NODES_3[0]}})
+    result = run_secure_round(transport, manifest, reference.means)
+    assert len(result.survivors) == 2 and result.noise_removed == []
+    assert not any(_noise_seed_fields(transport).values())
+    report = privacy_report(manifest, result, model_name=tiny.name)
+    assert report["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(
+        manifest.privacy.total_variance
+    )

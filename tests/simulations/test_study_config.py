@@ -198,6 +198,29 @@ def test_effective_noise_counts_every_surviving_share(mode: str, factor: float) 
     assert effective_noise_multiplier(privacy, survivors=3) == pytest.approx(1.2 * factor**0.5)
 
 
+def test_effective_noise_under_exact_sharing_is_the_target_once_excess_is_removed() -> None:
+    from fedsynth.protocol.manifest import PrivacySpec
+    from fedsynth.simulations.study import effective_noise_multiplier
+
+    privacy = PrivacySpec(
+        epsilon=4.0,
+        delta=1e-5,
+        mode="distributed",
+        threshold=2,
+        total_variance=100.0,
+        noise_multiplier=1.2,
+        l2_sensitivity=1.0,
+        l1_sensitivity=1.0,
+        accountant="test",
+        noise_sharing="exact",
+    )
+    assert effective_noise_multiplier(privacy, survivors=3, removed=3) == pytest.approx(1.2)
+    # One survivor's excess stays: 2/3 + 1/2 of the target.
+    assert effective_noise_multiplier(privacy, survivors=3, removed=2) == pytest.approx(
+        1.2 * (2 / 3 + 1 / 2) ** 0.5
+    )
+
+
 def test_time_budget_is_judged_on_the_measured_cells_and_left_out_of_the_fingerprint() -> None:
     config = parse_study(_raw(time_budget_minutes=10))
     assert config.time_budget_minutes == 10.0

@@ -1,0 +1,192 @@
+"""Distributed noise that is exactly the target whatever the dropouts (add, then remove excess).
+
+With plain shares each of K holders adds Skellam noise of variance v/t, so that any t survivors
+already carry the target v: when s > t holders survive, the sum carries s·v/t, more noise than
+the accountant needs. Here (after Dordis's "XNoise", Jiang et al., EuroSys 2024) a holder adds
+the same v/t, but as a *base* part of variance v/K drawn from the OS and K − t *excess*
+components, component k (t ≤ k < K) of variance v/k − v/(k+1), each drawn from a seeded
+generator. Once the secure sum has fixed the survivor set, of size s, every survivor reveals the
+seeds of its components k < s, and the coordinator regenerates and subtracts them. What stays is
+v/K + Σ_{k=s}^{K-1} (v/k − v/(k+1)) = v/s per survivor, v in all: the target, for every s
+from t to K.
+
+The seeds form a hash chain: seed_{K-1} is random and seed_k = H(k, seed_{k+1}). Revealing one
+seed, seed_{s-1}, gives the coordinator every removable component and, because the hash is
+one-way, none of the components k ≥ s that must stay. A holder reveals only for the survivor set
+it verified in the consistency round (signed by every survivor), so a coordinator cannot make it
+remove more than that set allows. A survivor that leaves before revealing keeps its excess in the
+sum: more noise than the target, never less. Skellam variables add up to Skellam variables, so
+the kept noise is a Skellam of variance exactly v and the Skellam accountant applies unchanged.
+
+This module is the arithmetic only (schedule, seeds, components); no messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from fedsynth.protocol.errors import ConfigError, ProtocolError
+from fedsynth.protocol.mechanisms import skellam_noise
+
+SEED_BYTES = 32
+NOISE_SEED_FIELD = "noise_seed"  # the unmask reply's field holding a survivor's seed_{s-1}
+_CHAIN_DOMAIN = b"fedsynth/exact-noise/chain/v1"
+_COMPONENT_DOMAIN = b"fedsynth/exact-noise/component/v1"
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """How one holder's share v/t splits into a base part and K − t removable components."""
+
+    total_variance: float
+    threshold: int
+    clients: int
+
+    def __post_init__(self) -> None:
+        v, t, k = self.total_variance, self.threshold, self.clients
+        if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+            raise ConfigError(f"total_variance={v!r}: must be finite and >= 0")
+        for name, value in (("threshold", t), ("clients", k)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}={value!r}: must be an integer")
+        if not 1 <= t <= k:
+            raise ConfigError(f"threshold t={t} and clients K={k}: need 1 <= t <= K")
+
+    @property
+    def base_variance(self) -> float:
+        """Variance of the part drawn from the OS, never removed: v/K."""
+        return self.total_variance / self.clients
+
+    @property
+    def share_variance(self) -> float:
+        """All a holder adds, base plus every component: v/t, as a plain share."""
+        return self.total_variance / self.threshold
+
+    @property
+    def components(self) -> range:
+        """Indices k of the removable components, t ≤ k < K."""
+        return range(self.threshold, self.clients)
+
+    def component_variance(self, k: int) -> float:
+        """Variance of component k: v/k − v/(k+1)."""
+        if k not in self.components:
+            raise ConfigError(f"component {k}: must be in {self.threshold}..{self.clients - 1}")
+        v = self.total_variance
+        return v / k - v / (k + 1)
+
+    def check_survivors(self, survivors: int) -> int:
+        """``survivors`` as an int, or an error if the secure sum cannot have that many."""
+        if isinstance(survivors, bool) or not isinstance(survivors, int | np.integer):
+            raise ProtocolError(f"survivors={survivors!r}: must be an integer")
+        if not self.threshold <= survivors <= self.clients:
+            raise ProtocolError(
+                f"survivors={survivors}: a secure sum needs between t={self.threshold} and "
+                f"K={self.clients}"
+            )
+        return int(survivors)
+
+    def removed(self, survivors: int) -> range:
+        """Components every survivor reveals when ``survivors`` inputs are in the sum: t..s−1."""
+        return range(self.threshold, self.check_survivors(survivors))
+
+    def kept_variance(self, survivors: int) -> float:
+        """What stays of one survivor's noise after removal: v/s."""
+        s = self.check_survivors(survivors)
+        return self.base_variance + sum(
+            self.component_variance(k) for k in self.components if k >= s
+        )
+
+
+def _check_seed(seed: bytes, what: str) -> bytes:
+    if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+        raise ProtocolError(f"{what}: must be {SEED_BYTES} bytes")
+    return seed
+
+
+def _down(seed: bytes, k: int) -> bytes:
+    """seed_k from seed_{k+1} (SHA-256, one-way)."""
+    return hashlib.sha256(_CHAIN_DOMAIN + k.to_bytes(4, "big") + seed).digest()
+
+
+def chain_seeds(top: bytes, schedule: NoiseSchedule) -> dict[int, bytes]:
+    """Every component's seed: seed_{K-1} = ``top``, seed_k = H(k, seed_{k+1}) down to t."""
+    seed = _check_seed(top, "chain seed")
+    seeds: dict[int, bytes] = {}
+    for k in reversed(schedule.components):
+        if k < schedule.clients - 1:
+            seed = _down(seed, k)
+        seeds[k] = seed
+    return seeds
+
+
+def revealed_seed(top: bytes, schedule: NoiseSchedule, survivors: int) -> bytes | None:
+    """The one seed a survivor reveals for ``survivors`` inputs: seed_{s-1}; None when s = t."""
+    removed = schedule.removed(survivors)
+    if not removed:
+        return None
+    return chain_seeds(top, schedule)[removed[-1]]
+
+
+def seeds_from_revealed(
+    revealed: bytes, schedule: NoiseSchedule, survivors: int
+) -> dict[int, bytes]:
+    """The coordinator's side: seed_{s-1} gives the seeds of components t..s−1, and no other."""
+    removed = schedule.removed(survivors)
+    if not removed:
+        raise ProtocolError(f"survivors={survivors} = t: there is nothing to reveal")
+    seed = _check_seed(revealed, "revealed seed")
+    seeds = {removed[-1]: seed}
+    for k in reversed(removed[:-1]):
+        seed = _down(seed, k)
+        seeds[k] = seed
+    return seeds
+
+
+def component_noise(
+    seed: bytes, k: int, schedule: NoiseSchedule, dim: int
+) -> npt.NDArray[np.int64]:
+    """Component k of a holder's noise: Skellam of its variance, drawn from its seed.
+
+    The holder and the coordinator must run the same numpy: its Poisson sampler turns the
+    seeded bit stream into the same integers only there (a different sampler leaves some
+    excess in the sum, more noise than the target, never less).
+    """
+    material = hashlib.sha256(_COMPONENT_DOMAIN + k.to_bytes(4, "big") + _check_seed(seed, "seed"))
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(material.digest(), "big")))
+    return skellam_noise((dim,), variance=schedule.component_variance(k), rng=rng)
+
+
+def holder_noise(
+    schedule: NoiseSchedule, dim: int, *, rng: np.random.Generator, top: bytes
+) -> npt.NDArray[np.int64]:
+    """One holder's whole share (variance v/t): base from ``rng`` plus every seeded component."""
+    noise = skellam_noise((dim,), variance=schedule.base_variance, rng=rng)
+    for k, seed in chain_seeds(top, schedule).items():
+        noise += component_noise(seed, k, schedule, dim)
+    return noise
+
+
+def removable_noise(
+    revealed: bytes, schedule: NoiseSchedule, survivors: int, dim: int
+) -> npt.NDArray[np.int64]:
+    """The sum of one survivor's components t..s−1, which the coordinator subtracts."""
+    total = np.zeros(dim, dtype=np.int64)
+    for k, seed in seeds_from_revealed(revealed, schedule, survivors).items():
+        total += component_noise(seed, k, schedule, dim)
+    return total
+
+
+def aggregate_variance(schedule: NoiseSchedule, survivors: int, revealed: int) -> float:
+    """Noise variance of the sum when ``revealed`` of the ``survivors`` holders revealed.
+
+    The target v when every survivor revealed; a survivor that did not keeps its whole share.
+    """
+    s = schedule.check_survivors(survivors)
+    if isinstance(revealed, bool) or not isinstance(revealed, int) or not 0 <= revealed <= s:
+        raise ProtocolError(f"revealed={revealed!r}: must be an integer in 0..{s}")
+    return revealed * schedule.kept_variance(s) + (s - revealed) * schedule.share_variance

@@ -1,0 +1,176 @@
+"""Add-then-remove distributed noise: the target variance for every survivor count t..K."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from fedsynth.protocol.errors import ConfigError, ProtocolError
+from fedsynth.protocol.exact_noise import (
+    SEED_BYTES,
+    NoiseSchedule,
+    aggregate_variance,
+    chain_seeds,
+    component_noise,
+    holder_noise,
+    removable_noise,
+    revealed_seed,
+    seeds_from_revealed,
+)
+
+V = 40.0  # a target variance per coordinate (Skellam: any positive value)
+
+
+def _majority(k: int) -> int:
+    return k // 2 + 1
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 10, 20, 50, 100])
+def test_every_survivor_count_keeps_exactly_the_target(k: int) -> None:
+    t = _majority(k)
+    schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k)
+    assert schedule.base_variance == pytest.approx(V / k)
+    assert schedule.base_variance + sum(
+        schedule.component_variance(j) for j in schedule.components
+    ) == pytest.approx(V / t)
+    assert schedule.share_variance == pytest.approx(V / t)
+    for s in range(t, k + 1):
+        assert schedule.kept_variance(s) == pytest.approx(V / s, rel=1e-12)
+        assert s * schedule.kept_variance(s) == pytest.approx(V, rel=1e-12)
+        assert aggregate_variance(schedule, s, s) == pytest.approx(V, rel=1e-12)
+        assert list(schedule.removed(s)) == list(range(t, s))
+        # The plain share scheme's excess, which this removes: s / t times the target.
+        assert aggregate_variance(schedule, s, 0) == pytest.approx(s * V / t)
+    assert all(schedule.component_variance(j) > 0 for j in schedule.components)
+
+
+def test_a_survivor_that_does_not_reveal_keeps_its_whole_share() -> None:
+    schedule = NoiseSchedule(total_variance=V, threshold=3, clients=5)
+    assert aggregate_variance(schedule, 5, 4) == pytest.approx(4 * V / 5 + V / 3)
+    assert aggregate_variance(schedule, 5, 4) > V  # more noise than the target, never less
+
+
+def test_the_revealed_seed_regenerates_exactly_the_removed_components() -> None:
+    k, t, dim = 7, 4, 500
+    schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k)
+    top = os.urandom(SEED_BYTES)
+    seeds = chain_seeds(top, schedule)
+    assert sorted(seeds) == list(range(t, k)) and seeds[k - 1] == top
+    assert len(set(seeds.values())) == k - t
+    for s in range(t + 1, k + 1):
+        revealed = revealed_seed(top, schedule, s)
+        assert revealed == seeds[s - 1]
+        derived = seeds_from_revealed(revealed, schedule, s)
+        # Exactly the removable seeds: none of the components that must stay (k >= s).
+        assert derived == {j: seeds[j] for j in range(t, s)}
+        expected = sum(component_noise(seeds[j], j, schedule, dim) for j in range(t, s))
+        np.testing.assert_array_equal(removable_noise(revealed, schedule, s, dim), expected)
+    assert revealed_seed(top, schedule, t) is None
+
+
+def test_holder_noise_minus_the_removed_components_is_the_kept_part() -> None:
+    k, t, dim = 6, 4, 300
+    schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k)
+    top = os.urandom(SEED_BYTES)
+    seed = 1234
+    noise = holder_noise(schedule, dim, rng=np.random.default_rng(seed), top=top)
+    base = holder_noise(
+        NoiseSchedule(total_variance=V * t / k, threshold=t, clients=t),
+        dim,
+        rng=np.random.default_rng(seed),
+        top=top,
+    )  # no components: the same OS draw of variance v/K, alone
+    seeds = chain_seeds(top, schedule)
+    kept = base + sum(component_noise(seeds[j], j, schedule, dim) for j in range(5, k))
+    np.testing.assert_array_equal(
+        noise - removable_noise(revealed_seed(top, schedule, 5) or b"", schedule, 5, dim), kept
+    )
+
+
+@pytest.mark.parametrize(
+    ("k", "survivors"), [(3, 2), (3, 3), (10, 6), (10, 10), (20, 11), (20, 20)]
+)
+def test_round_noise_after_removal_has_the_target_variance(k: int, survivors: int) -> None:
+    """The sum of ``survivors`` holders' noise, less what they reveal: variance v (and the
+    negative control: without removal, s/t times v)."""
+    t = _majority(k)
+    dim = 40_000
+    schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k)
+    rng = np.random.default_rng([k, survivors])
+    total = np.zeros(dim, dtype=np.int64)
+    removed = np.zeros(dim, dtype=np.int64)
+    for _ in range(survivors):
+        top = rng.bytes(SEED_BYTES)
+        total += holder_noise(schedule, dim, rng=rng, top=top)
+        revealed = revealed_seed(top, schedule, survivors)
+        if revealed is not None:
+            removed += removable_noise(revealed, schedule, survivors, dim)
+    # Sample variance of n draws: relative sd sqrt(2 / n) (Skellam is near-Gaussian here).
+    tol = 5 * math.sqrt(2 / dim)
+    assert np.var(total - removed) == pytest.approx(V, rel=tol)
+    assert np.var(total) == pytest.approx(survivors * V / t, rel=tol)
+    assert abs(float(np.mean(total - removed))) < 5 * math.sqrt(V / dim)
+
+
+def test_components_are_independent_of_each_other_and_of_other_seeds() -> None:
+    schedule = NoiseSchedule(total_variance=V, threshold=2, clients=5)
+    a, b = os.urandom(SEED_BYTES), os.urandom(SEED_BYTES)
+    x2 = component_noise(a, 2, schedule, 20_000).astype(np.float64)
+    x3 = component_noise(a, 3, schedule, 20_000).astype(np.float64)
+    y2 = component_noise(b, 2, schedule, 20_000).astype(np.float64)
+    np.testing.assert_array_equal(x2, component_noise(a, 2, schedule, 20_000))  # deterministic
+    for u, w in ((x2, x3), (x2, y2)):
+        assert abs(np.corrcoef(u, w)[0, 1]) < 0.05
+    assert np.var(x2) == pytest.approx(schedule.component_variance(2), rel=0.1)
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ConfigError, match="1 <= t <= K"):
+        NoiseSchedule(total_variance=V, threshold=4, clients=3)
+    with pytest.raises(ConfigError, match="total_variance"):
+        NoiseSchedule(total_variance=-1.0, threshold=2, clients=3)
+    with pytest.raises(ConfigError, match="clients"):
+        NoiseSchedule(total_variance=V, threshold=2, clients=3.0)  # type: ignore[arg-type]
+    schedule = NoiseSchedule(total_variance=V, threshold=3, clients=5)
+    top = os.urandom(SEED_BYTES)
+    for s in (2, 6, True):
+        with pytest.raises(ProtocolError, match="survivors"):
+            revealed_seed(top, schedule, s)
+    with pytest.raises(ProtocolError, match="nothing to reveal"):
+        seeds_from_revealed(top, schedule, 3)
+    with pytest.raises(ProtocolError, match="32 bytes"):
+        seeds_from_revealed(top[:-1], schedule, 4)
+    with pytest.raises(ProtocolError, match="32 bytes"):
+        chain_seeds(b"", schedule)
+    with pytest.raises(ConfigError, match="component 5"):
+        schedule.component_variance(5)
+    with pytest.raises(ProtocolError, match="revealed"):
+        aggregate_variance(schedule, 4, 5)
+
+
+def test_manifest_noise_sharing_is_checked_and_defaults_by_mode() -> None:
+    from fedsynth.protocol.manifest import PrivacySpec, default_noise_sharing
+
+    terms = dict(
+        epsilon=4.0,
+        delta=1e-5,
+        threshold=2,
+        total_variance=V,
+        noise_multiplier=1.0,
+        l2_sensitivity=1.0,
+        l1_sensitivity=1.0,
+        accountant="test",
+    )
+    assert PrivacySpec(mode="distributed", **terms).noise_sharing == "plain"  # old manifests
+    assert PrivacySpec(mode="distributed", noise_sharing="exact", **terms).noise_sharing == "exact"
+    with pytest.raises(ConfigError, match="noise_sharing='some'"):
+        PrivacySpec(mode="distributed", noise_sharing="some", **terms)
+    for mode in ("local", "central"):
+        with pytest.raises(ConfigError, match="distributed mode only"):
+            PrivacySpec(mode=mode, noise_sharing="exact", **terms)
+    assert default_noise_sharing("distributed", V) == "exact"
+    assert default_noise_sharing("distributed", 0.0) == "plain"  # epsilon = inf: no noise
+    assert default_noise_sharing("local", V) == default_noise_sharing("central", V) == "plain"
