@@ -1045,8 +1045,9 @@ def calibrate_pe(
 def pe_aggregate_noise_std(calibration: PECalibration, *, clients: int) -> float:
     """Per-coordinate noise std of the summed histogram the coordinator sees (votes).
 
-    Distributed mode is calibrated for t survivors; more survivors only add noise, so this is
-    the lower bound. Local mode: every one of ``clients`` adds the full variance.
+    Distributed mode is calibrated for t survivors: with exact noise sharing (the default) the
+    sum carries exactly this for any number of survivors once their excess is removed, with
+    plain shares at least this. Local mode: every one of ``clients`` adds the full variance.
     """
     factor = clients if calibration.mode == TrustMode.LOCAL.value else 1
     return math.sqrt(calibration.total_variance * factor)

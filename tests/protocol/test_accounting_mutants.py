@@ -562,3 +562,35 @@ def test_errors_name_the_field_and_the_value(
     with pytest.raises(ConfigError) as info:
         function(**kwargs)
     assert needle in str(info.value)
+
+
+# ---------------------------------------------------------------- what a calibration reports
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed", "local"])
+def test_a_vector_calibration_reports_the_terms_it_was_given(mode: str) -> None:
+    # Releases and ledgers show these fields; a calibration must not report other terms.
+    c = calibrate_vector_release(
+        mode=mode, epsilon=4.0, delta=DELTA, layers=3, dim=3 * 16 + 1, scale=800.0, count_weight=0.5
+    )
+    assert (c.mode, c.epsilon, c.delta, c.layers, c.dim, c.scale, c.count_weight) == (
+        mode,
+        4.0,
+        DELTA,
+        3,
+        49,
+        800.0,
+        0.5,
+    )
+    expected = "dp-accounting PLD" if mode == "central" else "dp-accounting RDP"
+    assert c.accountant.startswith(expected)
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_a_pe_calibration_reports_the_terms_it_was_given(mode: str) -> None:
+    c = calibrate_pe(mode=mode, epsilon=3.0, delta=DELTA, rounds=4, top_k=2)
+    assert (c.mode, c.epsilon, c.delta, c.rounds, c.top_k) == (mode, 3.0, DELTA, 4, 2)
+    expected = "dp-accounting PLD" if mode == "central" else "dp-accounting RDP"
+    assert c.accountant.startswith(expected)
+    free = calibrate_pe(mode=mode, epsilon=math.inf, delta=DELTA, rounds=4)
+    assert free.accountant == "none (epsilon = inf)" and free.total_variance == 0.0
