@@ -15,7 +15,9 @@ dividing by the noisy count and multiplying each layer by its clip norm.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -254,16 +256,24 @@ def remove_excess_noise(
     members = set(survivors)
     if schedule is None or len(schedule.removed(len(members))) == 0:
         return field_sum, []
-    total = field_sum
-    removed: list[int] = []
-    for node in sorted(revealed):
-        seed = revealed[node]
-        if node not in members or not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
-            continue
-        excess = removable_noise(seed, schedule, len(members), int(field_sum.shape[0]))
-        total = field_sub(total, to_field(excess, bits=bits), bits=bits)
-        removed.append(node)
-    return total, removed
+    seeds = {
+        node: seed
+        for node, seed in sorted(revealed.items())
+        if node in members and isinstance(seed, bytes) and len(seed) == SEED_BYTES
+    }
+    if not seeds:
+        return field_sum, []
+    dim = int(field_sum.shape[0])
+
+    def excess_of(seed: bytes) -> np.ndarray:
+        return removable_noise(seed, schedule, len(members), dim)
+
+    # numpy's samplers release the GIL: one thread per core redraws the survivors' excess.
+    with ThreadPoolExecutor(max_workers=min(len(seeds), os.cpu_count() or 1)) as pool:
+        excess = np.zeros(dim, dtype=np.int64)
+        for part in pool.map(excess_of, seeds.values()):
+            excess += part
+    return field_sub(field_sum, to_field(excess, bits=bits), bits=bits), list(seeds)
 
 
 def client_noise_share_variance(manifest: TaskManifest) -> float:
