@@ -179,12 +179,11 @@ def test_federated_refusals_are_results_but_crashes_rerun() -> None:
         _federated_failure("x", ["RayActorError: actor died"])
 
 
-@pytest.mark.parametrize(("mode", "factor"), [("central", 1.0), ("distributed", 1.5), ("local", 3)])
-def test_effective_noise_counts_every_surviving_share(mode: str, factor: float) -> None:
+def _privacy(mode: str, noise_sharing: str = "plain") -> Any:
+    """Terms with v = 100, t = 2 and noise multiplier 1.2 (the study's sigma over Delta)."""
     from fedsynth.protocol.manifest import PrivacySpec
-    from fedsynth.simulations.study import effective_noise_multiplier
 
-    privacy = PrivacySpec(
+    return PrivacySpec(
         epsilon=4.0,
         delta=1e-5,
         mode=mode,
@@ -194,26 +193,23 @@ def test_effective_noise_counts_every_surviving_share(mode: str, factor: float) 
         l2_sensitivity=1.0,
         l1_sensitivity=1.0,
         accountant="test",
+        noise_sharing=noise_sharing,
     )
-    assert effective_noise_multiplier(privacy, survivors=3) == pytest.approx(1.2 * factor**0.5)
+
+
+@pytest.mark.parametrize(("mode", "factor"), [("central", 1.0), ("distributed", 1.5), ("local", 3)])
+def test_effective_noise_counts_every_surviving_share(mode: str, factor: float) -> None:
+    from fedsynth.simulations.study import effective_noise_multiplier
+
+    assert effective_noise_multiplier(_privacy(mode), survivors=3) == pytest.approx(
+        1.2 * factor**0.5
+    )
 
 
 def test_effective_noise_under_exact_sharing_is_the_target_once_excess_is_removed() -> None:
-    from fedsynth.protocol.manifest import PrivacySpec
     from fedsynth.simulations.study import effective_noise_multiplier
 
-    privacy = PrivacySpec(
-        epsilon=4.0,
-        delta=1e-5,
-        mode="distributed",
-        threshold=2,
-        total_variance=100.0,
-        noise_multiplier=1.2,
-        l2_sensitivity=1.0,
-        l1_sensitivity=1.0,
-        accountant="test",
-        noise_sharing="exact",
-    )
+    privacy = _privacy("distributed", "exact")
     assert effective_noise_multiplier(privacy, survivors=3, removed=3) == pytest.approx(1.2)
     # One survivor's excess stays: 2/3 + 1/2 of the target.
     assert effective_noise_multiplier(privacy, survivors=3, removed=2) == pytest.approx(
