@@ -113,15 +113,28 @@ def _down(seed: bytes, k: int) -> bytes:
     return hashlib.sha256(_CHAIN_DOMAIN + k.to_bytes(4, "big") + seed).digest()
 
 
+def _walk_down(seed: bytes, indices: range) -> dict[int, bytes]:
+    """``seed`` is seed_{indices[-1]}; hash down the chain to seed_{indices[0]}."""
+    seeds = {indices[-1]: seed}
+    for k in reversed(indices[:-1]):
+        seed = _down(seed, k)
+        seeds[k] = seed
+    return seeds
+
+
+def _sum_components(
+    seeds: dict[int, bytes], schedule: NoiseSchedule, total: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Add the component of every (index, seed) to ``total`` in place and return it."""
+    for k, seed in seeds.items():
+        total += component_noise(seed, k, schedule, int(total.shape[0]))
+    return total
+
+
 def chain_seeds(top: bytes, schedule: NoiseSchedule) -> dict[int, bytes]:
     """Every component's seed: seed_{K-1} = ``top``, seed_k = H(k, seed_{k+1}) down to t."""
     seed = _check_seed(top, "chain seed")
-    seeds: dict[int, bytes] = {}
-    for k in reversed(schedule.components):
-        if k < schedule.clients - 1:
-            seed = _down(seed, k)
-        seeds[k] = seed
-    return seeds
+    return _walk_down(seed, schedule.components) if schedule.components else {}
 
 
 def revealed_seed(top: bytes, schedule: NoiseSchedule, survivors: int) -> bytes | None:
@@ -139,12 +152,7 @@ def seeds_from_revealed(
     removed = schedule.removed(survivors)
     if not removed:
         raise ProtocolError(f"survivors={survivors} = t: there is nothing to reveal")
-    seed = _check_seed(revealed, "revealed seed")
-    seeds = {removed[-1]: seed}
-    for k in reversed(removed[:-1]):
-        seed = _down(seed, k)
-        seeds[k] = seed
-    return seeds
+    return _walk_down(_check_seed(revealed, "revealed seed"), removed)
 
 
 def component_noise(
@@ -166,19 +174,15 @@ def holder_noise(
 ) -> npt.NDArray[np.int64]:
     """One holder's whole share (variance v/t): base from ``rng`` plus every seeded component."""
     noise = skellam_noise((dim,), variance=schedule.base_variance, rng=rng)
-    for k, seed in chain_seeds(top, schedule).items():
-        noise += component_noise(seed, k, schedule, dim)
-    return noise
+    return _sum_components(chain_seeds(top, schedule), schedule, noise)
 
 
 def removable_noise(
     revealed: bytes, schedule: NoiseSchedule, survivors: int, dim: int
 ) -> npt.NDArray[np.int64]:
     """The sum of one survivor's components t..s−1, which the coordinator subtracts."""
-    total = np.zeros(dim, dtype=np.int64)
-    for k, seed in seeds_from_revealed(revealed, schedule, survivors).items():
-        total += component_noise(seed, k, schedule, dim)
-    return total
+    seeds = seeds_from_revealed(revealed, schedule, survivors)
+    return _sum_components(seeds, schedule, np.zeros(dim, dtype=np.int64))
 
 
 def aggregate_variance(schedule: NoiseSchedule, survivors: int, revealed: int) -> float:

@@ -247,8 +247,9 @@ def released_unit_rows(
         )
         seed = rng.bytes(SEED_BYTES) if schedule is not None else None
         fields.append(encode_contribution(sums, manifest=manifest, rng=rng, noise_seed=seed))
-        if schedule is not None and seed is not None:
-            revealed[i] = revealed_seed(seed, schedule, len(holders)) or b""
+        shown = revealed_seed(seed, schedule, len(holders)) if schedule and seed else None
+        if shown is not None:
+            revealed[i] = shown
     # Exact sharing: every holder survives and reveals its excess, as in a round.
     total, _ = remove_excess_noise(
         field_sum(fields, bits=manifest.bits),
