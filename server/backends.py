@@ -1,0 +1,192 @@
+"""Generation backends: what computes the logits while a release steers generation.
+
+Generation is post-processing, so the backend changes speed and the exact sampled text, never
+the privacy. Every backend applies a release the same way (block ``l``'s output plus
+``deltas[l]`` at every position) and samples by the same rules (one shared sampling loop,
+:func:`fedsynth.server.generation.sample_continuations`):
+
+* ``transformers`` (default): forward hooks on any Hugging Face decoder, fp32 on CPU, bf16 on
+  CUDA.
+* ``llamacpp``: the packaged GGUF model, quantized as shipped, through ``llama-cpp-python``
+  (``pip install "fedsynth[llamacpp]"``); the release is applied as a llama.cpp control vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from fedsynth.protocol.errors import ConfigError, ModelMismatchError
+from fedsynth.protocol.models import LoadedModel, load_model
+from fedsynth.server.generation import GenerationConfig, generate_from_prompts, text_logprobs
+from fedsynth.server.release import Release
+
+BACKENDS = ("transformers", "llamacpp")
+"""Backend names accepted by :func:`open_backend` (and the CLI's ``--backend``)."""
+
+
+class GenerationBackend(Protocol):
+    """A language model that samples steered continuations and scores texts."""
+
+    @property
+    def backend(self) -> str:
+        """The backend's name (one of :data:`BACKENDS`)."""
+        ...
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 fingerprint of the fp32 weights the release's vectors were computed with."""
+        ...
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder blocks."""
+        ...
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the residual stream."""
+        ...
+
+    @property
+    def steerable_layers(self) -> range:
+        """The blocks whose output this backend can steer."""
+        ...
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        config: GenerationConfig,
+        deltas: Mapping[int, torch.Tensor] | None,
+        seed: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """One sampled continuation per prompt, steered by ``deltas`` (layer -> (H,) vector)."""
+        ...
+
+    def text_logprobs(
+        self,
+        prompt: str,
+        texts: list[str],
+        *,
+        deltas: Mapping[int, torch.Tensor] | None = None,
+        max_text_tokens: int = 64,
+    ) -> list[float]:
+        """Mean per-token log-probability of each text as a continuation of ``prompt``."""
+        ...
+
+
+@dataclass(frozen=True)
+class TransformersBackend:
+    """The `transformers` path: forward hooks on the blocks of a loaded HF decoder."""
+
+    loaded: LoadedModel
+
+    @property
+    def backend(self) -> str:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        return "transformers"
+
+    @property
+    def fingerprint(self) -> str:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        return self.loaded.fingerprint
+
+    @property
+    def num_layers(self) -> int:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        return self.loaded.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        return self.loaded.hidden_size
+
+    @property
+    def steerable_layers(self) -> range:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        return range(self.loaded.num_layers)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        config: GenerationConfig,
+        deltas: Mapping[int, torch.Tensor] | None,
+        seed: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        return generate_from_prompts(
+            self.loaded, prompts, config=config, deltas=deltas, seed=seed, progress=progress
+        )
+
+    def text_logprobs(
+        self,
+        prompt: str,
+        texts: list[str],
+        *,
+        deltas: Mapping[int, torch.Tensor] | None = None,
+        max_text_tokens: int = 64,
+    ) -> list[float]:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        return text_logprobs(
+            self.loaded, prompt, texts, deltas=deltas, max_text_tokens=max_text_tokens
+        )
+
+
+def open_backend(
+    backend: str, model: str, *, threads: int | None = None, device: str | None = None
+) -> GenerationBackend:
+    """Load ``model`` on the named backend; refuse an unknown name before loading anything.
+
+    Args:
+        threads: CPU threads for llama.cpp (default: torch's thread count).
+        device: device for `transformers` (default: CUDA when present, else CPU).
+    """
+    if backend == "transformers":
+        return TransformersBackend(load_model(model, device=device))
+    if backend == "llamacpp":
+        from fedsynth.server.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(model, threads=threads)
+    raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+
+
+def as_backend(model: LoadedModel | GenerationBackend) -> GenerationBackend:
+    """A loaded `transformers` model as a backend (backends are returned unchanged)."""
+    return TransformersBackend(model) if isinstance(model, LoadedModel) else model
+
+
+def check_release_backend(model: LoadedModel | GenerationBackend, release: Release) -> None:
+    """Refuse a release whose shape or model does not match the backend's, before generating.
+
+    Raises:
+        ModelMismatchError: the release's layers or hidden size do not fit the model, or it
+            was computed with other weights.
+    """
+    backend = as_backend(model)
+    manifest = release.manifest
+    if manifest.hidden_size != backend.hidden_size:
+        raise ModelMismatchError(
+            f"hidden_size: release {release.release_id} has vectors of width "
+            f"{manifest.hidden_size}, the {backend.backend} model's residual stream is "
+            f"{backend.hidden_size} wide"
+        )
+    steerable = backend.steerable_layers
+    outside = [layer for layer in manifest.layers if layer not in steerable]
+    if outside:
+        raise ModelMismatchError(
+            f"layers: release {release.release_id} steers layers {outside}; the "
+            f"{backend.backend} backend steers layers {steerable.start}..{steerable.stop - 1} "
+            f"of this {backend.num_layers}-layer model"
+        )
+    if backend.fingerprint != manifest.model_fingerprint:
+        raise ModelMismatchError(
+            f"model_fingerprint: release {release.release_id} was made with "
+            f"{manifest.model_fingerprint}, the loaded model has {backend.fingerprint}"
+        )

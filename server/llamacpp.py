@@ -1,0 +1,421 @@
+"""llama.cpp generation backend: the packaged GGUF model, quantized, steered by a control vector.
+
+llama.cpp adds a control vector's layer-``l`` row to the output of block ``l`` (after the
+block's second residual add), which is exactly where the `transformers` path's forward hook
+adds ``deltas[l]``; block 0 cannot carry one. Tokenization, the vocabulary classes and the
+sampling loop are the `transformers` path's own (the tokenizer of the fp32 conversion of the
+same GGUF file), so only the logits come from llama.cpp. Decoding is batched through the
+low-level API: one sequence per sample, identical prompts prefilled once and copied.
+
+The release's fingerprint describes the fp32 weights; llama.cpp computes with the quantized
+ones (8-bit activations, f16 KV cache), so its logits differ slightly from the fp32 path's. The
+backend checks that its GGUF is the very file the fp32 model was converted from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsynth.protocol.errors import ConfigError
+from fedsynth.protocol.models import (
+    PACKAGED_MODELS,
+    cache_root,
+    model_fingerprint,
+    resolve_model_dir,
+)
+from fedsynth.server.generation import GenerationConfig, sample_continuations
+
+INSTALL = 'pip install "fedsynth[llamacpp]"'
+"""How to get the backend (llama-cpp-python compiles llama.cpp: minutes, once per machine)."""
+
+
+def import_llama_cpp() -> Any:
+    """The ``llama_cpp`` module, refused with the install command or when it cannot steer."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ConfigError(
+            f"backend='llamacpp' needs llama-cpp-python, which is not installed: {INSTALL}"
+        ) from exc
+    if control_vector_function(llama_cpp) is None:
+        version = getattr(llama_cpp, "__version__", "?")
+        raise ConfigError(
+            f"llama-cpp-python {version}: this llama.cpp build has no control-vector API "
+            "(llama_set_adapter_cvec or llama_apply_adapter_cvec); install a build that has it: "
+            f"{INSTALL}"
+        )
+    return llama_cpp
+
+
+def control_vector_function(module: Any) -> Callable[..., int] | None:
+    """llama.cpp's control-vector setter under its current or its older name, if any."""
+    for name in ("llama_set_adapter_cvec", "llama_apply_adapter_cvec"):
+        function = getattr(module, name, None)
+        if callable(function):
+            return function  # type: ignore[no-any-return]
+    return None
+
+
+def control_vector(
+    deltas: Mapping[int, torch.Tensor], *, num_layers: int, hidden_size: int
+) -> tuple[np.ndarray, int, int]:
+    """The control-vector buffer that adds ``deltas[l]`` to block ``l``'s output.
+
+    llama.cpp's buffer starts at block 1: block ``l``'s row is
+    ``data[(l - 1) * H : l * H]``; every other row is zero. Blocks 1 .. num_layers - 2 can be
+    steered: block 0 has no row, and at the last block llama.cpp's addition does not match the
+    `transformers` hook's (measured on both packaged models).
+
+    Returns:
+        (float32 buffer of (num_layers - 1) * H values, first steered block, last steered block)
+
+    Raises:
+        ConfigError: a layer outside 1..num_layers - 2 or a vector of the wrong width.
+    """
+    data = np.zeros((num_layers - 1) * hidden_size, dtype=np.float32)
+    for layer, delta in deltas.items():
+        if layer == 0:
+            raise ConfigError(
+                "steering layer 0: llama.cpp cannot steer block 0 (its control vectors start at "
+                "block 1); use --backend transformers for this release"
+            )
+        if layer == num_layers - 1:
+            raise ConfigError(
+                f"steering layer {layer}: llama.cpp's control vector at the last block does not "
+                "act as the transformers hook does (measured: logit changes correlate 0.3-0.6, "
+                "2-6x larger); use --backend transformers for this release"
+            )
+        if not 0 < layer < num_layers:
+            raise ConfigError(f"steering layer {layer} outside 1..{num_layers - 2}")
+        if tuple(delta.shape) != (hidden_size,):
+            raise ConfigError(
+                f"steering vector at layer {layer} has shape {tuple(delta.shape)}, the model's "
+                f"residual stream is ({hidden_size},)"
+            )
+        start = (layer - 1) * hidden_size
+        data[start : start + hidden_size] = delta.detach().to(torch.float32).cpu().numpy()
+    return data, min(deltas), max(deltas)
+
+
+class LlamaCppBackend:
+    """A packaged GGUF model on llama.cpp, steered by control vectors (see the module doc)."""
+
+    def __init__(self, model: str, *, threads: int | None = None) -> None:
+        packaged = PACKAGED_MODELS.get(model)
+        if packaged is None:
+            raise ConfigError(
+                f"model={model!r}: the llama.cpp backend runs the packaged GGUF models "
+                f"({', '.join(PACKAGED_MODELS)}); use --backend transformers for other models"
+            )
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads={threads}: must be >= 1")
+        self._lib = import_llama_cpp()
+        self._set_cvec = control_vector_function(self._lib)
+        self.model_name = model
+        self.threads = threads or max(1, torch.get_num_threads())
+        self._gguf = packaged.gguf_path(cache_root())
+        fp32_dir = Path(resolve_model_dir(model))
+        _check_same_source(fp32_dir, packaged.package, packaged.gguf_file)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(fp32_dir))
+        self._fingerprint = model_fingerprint(model)
+        lib = self._lib
+        lib.llama_backend_init()
+        with _quiet(lib):
+            params = lib.llama_model_default_params()
+            self._model = lib.llama_model_load_from_file(str(self._gguf).encode(), params)
+        if not self._model:
+            raise ConfigError(f"llama.cpp could not load {self._gguf}")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self._n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        self._n_layer = int(lib.llama_model_n_layer(self._model))
+        self._n_embd = int(lib.llama_model_n_embd(self._model))
+        self._ctx: Any = None
+        self._ctx_shape = (0, 0)
+        self._batch: Any = None
+        self._batch_size = 0
+
+    # -- GenerationBackend ------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        return "llamacpp"
+
+    @property
+    def fingerprint(self) -> str:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        return self._fingerprint
+
+    @property
+    def num_layers(self) -> int:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        return self._n_layer
+
+    @property
+    def hidden_size(self) -> int:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        return self._n_embd
+
+    @property
+    def steerable_layers(self) -> range:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        return range(1, self._n_layer - 1)  # see control_vector
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        config: GenerationConfig,
+        deltas: Mapping[int, torch.Tensor] | None,
+        seed: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        if not prompts:
+            return []
+        longest = max(len(self.tokenizer.encode(p, add_special_tokens=True)) for p in prompts)
+        sequences = min(config.batch_size, len(prompts))
+        self._ensure_context(sequences, longest + config.max_new_tokens + 1)
+        with self._steered(deltas):
+            return sample_continuations(
+                self.tokenizer,
+                prompts,
+                lambda: _LlamaDecoder(self),
+                vocab_rows=self._n_vocab,
+                device=torch.device("cpu"),
+                config=config,
+                seed=seed,
+                progress=progress,
+            )
+
+    def text_logprobs(
+        self,
+        prompt: str,
+        texts: list[str],
+        *,
+        deltas: Mapping[int, torch.Tensor] | None = None,
+        max_text_tokens: int = 64,
+    ) -> list[float]:
+        """See :class:`~fedsynth.server.backends.GenerationBackend`."""
+        tok = self.tokenizer
+        prompt_ids = list(tok.encode(prompt, add_special_tokens=True))
+        encoded = []
+        for text in texts:
+            ids = list(tok.encode(text, add_special_tokens=False))[:max_text_tokens]
+            if not ids:
+                raise ConfigError("text_logprobs: empty text")
+            encoded.append(ids)
+        if not encoded:
+            return []
+        self._ensure_context(1, len(prompt_ids) + max(len(e) for e in encoded) + 1)
+        lib = self._lib
+        out = []
+        with self._steered(deltas):
+            for ids in encoded:
+                lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+                sequence = prompt_ids + ids
+                first = len(prompt_ids) - 1  # the position that predicts the first text token
+                self._fill(
+                    [(token, pos, 0, pos >= first) for pos, token in enumerate(sequence[:-1])]
+                )
+                self._decode()
+                logits = self._logits(len(ids))
+                logp = torch.log_softmax(torch.from_numpy(logits), dim=-1)
+                target = torch.tensor(ids).unsqueeze(-1)
+                out.append(float(logp.gather(-1, target).mean()))
+        return out
+
+    # -- llama.cpp plumbing ------------------------------------------------------------------
+
+    def _ensure_context(self, sequences: int, tokens_per_sequence: int) -> None:
+        """A context with one KV stream per sequence, each holding ``tokens_per_sequence``."""
+        lib = self._lib
+        per_sequence = max(256, -(-tokens_per_sequence // 256) * 256)
+        want = (max(sequences, self._ctx_shape[0]), max(per_sequence, self._ctx_shape[1]))
+        if self._ctx is not None and want == self._ctx_shape:
+            return
+        self.close_context()
+        params = lib.llama_context_default_params()
+        params.n_seq_max = want[0]
+        params.n_ctx = want[0] * want[1]
+        params.n_batch = max(want[0], want[1])
+        params.n_ubatch = max(want[0], min(want[1], 512))
+        params.n_threads = self.threads
+        params.n_threads_batch = self.threads
+        if hasattr(params, "kv_unified"):
+            params.kv_unified = False
+        with _quiet(lib):
+            self._ctx = lib.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise ConfigError(f"llama.cpp could not create a context of {params.n_ctx} tokens")
+        self._ctx_shape = want
+        self._batch_size = params.n_batch
+        self._batch = lib.llama_batch_init(self._batch_size, 0, 1)
+
+    def close_context(self) -> None:
+        """Free the context and its batch (the model stays loaded)."""
+        lib = self._lib
+        if self._batch is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        self._ctx_shape = (0, 0)
+
+    def close(self) -> None:
+        """Free everything llama.cpp holds for this backend."""
+        self.close_context()
+        if getattr(self, "_model", None):
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    @contextlib.contextmanager
+    def _steered(self, deltas: Mapping[int, torch.Tensor] | None) -> Iterator[None]:
+        """Apply ``deltas`` as the context's control vector; clear it afterwards."""
+        if not deltas:
+            yield
+            return
+        data, first, last = control_vector(
+            deltas, num_layers=self._n_layer, hidden_size=self._n_embd
+        )
+        assert self._set_cvec is not None
+        pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        status = self._set_cvec(self._ctx, pointer, data.size, self._n_embd, first, last)
+        if status != 0:
+            raise ConfigError(f"llama.cpp refused the control vector (status {status})")
+        try:
+            yield
+        finally:
+            self._set_cvec(self._ctx, None, 0, self._n_embd, -1, -1)
+
+    def _fill(self, tokens: Sequence[tuple[int, int, int, bool]]) -> None:
+        """Put (token, position, sequence, wants logits) entries into the batch."""
+        if len(tokens) > self._batch_size:
+            raise ConfigError(f"{len(tokens)} tokens exceed the batch of {self._batch_size}")
+        batch = self._batch
+        for i, (token, pos, seq, logits) in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = 1 if logits else 0
+        batch.n_tokens = len(tokens)
+
+    def _decode(self) -> None:
+        status = self._lib.llama_decode(self._ctx, self._batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+
+    def _logits(self, rows: int) -> np.ndarray:
+        """The (rows, vocab) logits of the last decode's outputs, copied out of llama.cpp."""
+        pointer = self._lib.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(pointer, shape=(rows, self._n_vocab)).copy()
+
+
+class _LlamaDecoder:
+    """A :class:`~fedsynth.server.generation.Decoder` over one llama.cpp batch of sequences."""
+
+    def __init__(self, backend: LlamaCppBackend) -> None:
+        self._b = backend
+        self._lib = backend._lib
+        self._seqs: list[int] = []
+        self._pos: list[int] = []
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        b, lib = self._b, self._lib
+        memory = lib.llama_get_memory(b._ctx)
+        lib.llama_memory_clear(memory, True)
+        self._seqs = list(range(len(prompts)))
+        self._pos = [len(p) for p in prompts]
+        leaders: dict[tuple[int, ...], int] = {}
+        for row, prompt in enumerate(prompts):
+            leaders.setdefault(tuple(prompt), row)
+        first_logits: dict[int, np.ndarray] = {}
+        for key, leader in leaders.items():
+            # Long prompts go in pieces of at most one batch; logits only for the last token.
+            for start in range(0, len(key), b._batch_size):
+                piece = key[start : start + b._batch_size]
+                b._fill(
+                    [
+                        (token, start + i, leader, start + i == len(key) - 1)
+                        for i, token in enumerate(piece)
+                    ]
+                )
+                b._decode()
+            first_logits[leader] = b._logits(1)[0]
+        for row, prompt in enumerate(prompts):
+            leader = leaders[tuple(prompt)]
+            if leader != row:
+                lib.llama_memory_seq_cp(memory, leader, row, -1, -1)
+        stacked = np.stack([first_logits[leaders[tuple(p)]] for p in prompts])
+        return torch.from_numpy(stacked)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        memory = self._lib.llama_get_memory(self._b._ctx)
+        kept = set(rows.tolist())
+        for index, seq in enumerate(self._seqs):
+            if index not in kept:
+                self._lib.llama_memory_seq_rm(memory, seq, -1, -1)
+        self._seqs = [self._seqs[i] for i in rows.tolist()]
+        self._pos = [self._pos[i] for i in rows.tolist()]
+
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        b = self._b
+        ids = next_ids.tolist()
+        b._fill([(t, p, s, True) for t, p, s in zip(ids, self._pos, self._seqs, strict=True)])
+        b._decode()
+        self._pos = [p + 1 for p in self._pos]
+        return torch.from_numpy(b._logits(len(ids)))
+
+
+def _check_same_source(fp32_dir: Path, package: str, gguf_file: str) -> None:
+    """The fp32 cache (tokenizer, fingerprint) must be the conversion of this very GGUF file."""
+    source = fp32_dir / "fedsynth_source.json"
+    try:
+        data = json.loads(source.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{source}: cannot tell which GGUF file {fp32_dir} came from") from exc
+    if data != {"package": package, "gguf_file": gguf_file}:
+        raise ConfigError(
+            f"{fp32_dir} was converted from {data}, not from {package}/{gguf_file}: remove it "
+            "and run again to convert the packaged file"
+        )
+
+
+@contextlib.contextmanager
+def _quiet(lib: Any) -> Iterator[None]:
+    """Silence llama.cpp's loader log on stderr unless FEDSYNTH_LLAMA_LOG is set."""
+    if os.environ.get("FEDSYNTH_LLAMA_LOG"):
+        yield
+        return
+    with contextlib.suppress(AttributeError):
+        lib.llama_log_set(_SILENT, ctypes.c_void_p(0))
+    yield
+
+
+def _discard(_level: int, _text: bytes, _user: Any) -> None:
+    return None
+
+
+try:  # the callback must outlive every call that may log
+    import llama_cpp as _llama_cpp_for_log
+
+    _SILENT: Any = _llama_cpp_for_log.llama_log_callback(_discard)
+except ImportError:  # the backend refuses to start without it anyway
+    _SILENT = None

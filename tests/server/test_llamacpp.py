@@ -1,0 +1,285 @@
+"""The llama.cpp backend steers as the transformers path does, and refuses what it cannot run.
+
+Cross-backend checks run on both packaged models (Gemma 3 270M, Q4_K_M; SmolLM2 135M, Q4_1: two
+architectures). The tiny random test models have a character tokenizer that no GGUF file
+carries, so they have no llama.cpp counterpart. The llama.cpp extra is part of the test
+install (``bash scripts/install.sh llamacpp``): these tests do not skip without it.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from fedsynth.protocol.errors import ConfigError, ModelMismatchError
+from fedsynth.protocol.features import FeatureSpec, extract_features
+from fedsynth.protocol.models import LoadedModel, load_model, tiny_model
+from fedsynth.server import llamacpp
+from fedsynth.server.backends import (
+    TransformersBackend,
+    check_release_backend,
+    open_backend,
+)
+from fedsynth.server.generation import (
+    GenerationConfig,
+    _TransformersDecoder,
+    steering,
+    steering_deltas,
+)
+from fedsynth.server.llamacpp import LlamaCppBackend, _LlamaDecoder, control_vector
+from fedsynth.simulations.datasets import load_rotten_tomatoes
+from fedsynth.simulations.demo import TEMPLATES
+from tests.server.releases import make_test_release
+
+PROMPT = "Here is a positive movie review snippet:\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts and refusals (no model)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_control_vector_puts_each_layer_in_its_row() -> None:
+    deltas = {2: torch.full((4,), 2.0), 5: torch.arange(4, dtype=torch.float32)}
+    data, first, last = control_vector(deltas, num_layers=7, hidden_size=4)
+    assert data.dtype == np.float32 and data.shape == (6 * 4,)
+    rows = data.reshape(6, 4)  # row i is block i + 1
+    assert np.array_equal(rows[1], [2, 2, 2, 2]) and np.array_equal(rows[4], [0, 1, 2, 3])
+    assert not rows[[0, 2, 3, 5]].any()
+    assert (first, last) == (2, 5)
+
+
+@pytest.mark.parametrize(
+    ("layer", "width", "message"),
+    [
+        (0, 4, "cannot steer block 0"),
+        (6, 4, "last block"),
+        (7, 4, r"outside 1\.\.5"),
+        (3, 5, r"shape \(5,\).*\(4,\)"),
+    ],
+)
+def test_control_vector_refuses_what_llama_cpp_cannot_apply(
+    layer: int, width: int, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        control_vector({layer: torch.ones(width)}, num_layers=7, hidden_size=4)
+
+
+def test_unknown_backend_is_named() -> None:
+    with pytest.raises(
+        ConfigError, match=r"backend='vllm': expected one of transformers, llamacpp"
+    ):
+        open_backend("vllm", "gemma3-270m")
+
+
+def test_missing_llama_cpp_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r'pip install "fedsynth\[llamacpp\]"'):
+        llamacpp.import_llama_cpp()
+
+
+def test_build_without_control_vectors_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    old = types.ModuleType("llama_cpp")
+    old.__version__ = "0.1.0"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "llama_cpp", old)
+    with pytest.raises(ConfigError, match=r"0\.1\.0: this llama.cpp build has no control-vector"):
+        llamacpp.import_llama_cpp()
+    old.llama_apply_adapter_cvec = lambda *args: 0  # type: ignore[attr-defined]
+    assert llamacpp.import_llama_cpp() is old  # the older name is enough
+
+
+def test_only_packaged_models_run_on_llama_cpp() -> None:
+    with pytest.raises(ConfigError, match="packaged GGUF models"):
+        LlamaCppBackend("tiny-llama")
+    with pytest.raises(ConfigError, match="threads=0"):
+        LlamaCppBackend("gemma3-270m", threads=0)
+
+
+def test_release_shape_is_checked_before_generation() -> None:
+    llama = load_model("tiny-llama")
+    release = make_test_release(llama)  # layers (1, 2), width 32
+    check_release_backend(llama, release)
+
+    class Narrow(TransformersBackend):
+        @property
+        def hidden_size(self) -> int:
+            return 16
+
+    with pytest.raises(ModelMismatchError, match=r"width 32.*16 wide"):
+        check_release_backend(Narrow(llama), release)
+
+    class FromBlockTwo(TransformersBackend):
+        @property
+        def steerable_layers(self) -> range:
+            return range(2, 3)
+
+    with pytest.raises(ModelMismatchError, match=r"steers layers \[1\]; .* steers layers 2\.\.2"):
+        check_release_backend(FromBlockTwo(llama), release)
+    with pytest.raises(ModelMismatchError, match="model_fingerprint"):
+        check_release_backend(tiny_model(seed=1), release)
+
+
+# ---------------------------------------------------------------------------------------------
+# The packaged models on both backends
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["gemma3-270m", "smollm2-135m"])
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[LoadedModel, LlamaCppBackend]]:
+    name = str(request.param)
+    backend = LlamaCppBackend(name, threads=1)
+    yield load_model(name), backend
+    backend.close()
+
+
+@torch.inference_mode()
+def _next_logits(
+    pair: tuple[LoadedModel, LlamaCppBackend],
+    ids: list[int],
+    hf_deltas: dict[int, torch.Tensor],
+    llama_deltas: dict[int, torch.Tensor],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token logits after ``ids`` on each backend, steered by its deltas."""
+    loaded, backend = pair
+    with steering(loaded.model, hf_deltas):
+        hf = _TransformersDecoder(loaded).prefill([ids])[0].numpy()
+    backend._ensure_context(1, len(ids) + 1)
+    with backend._steered(llama_deltas):
+        ll = _LlamaDecoder(backend).prefill([ids])[0].numpy()
+    return hf, ll
+
+
+def test_same_model_same_tokens_same_fingerprint(
+    pair: tuple[LoadedModel, LlamaCppBackend],
+) -> None:
+    loaded, backend = pair
+    assert backend.fingerprint == loaded.fingerprint
+    assert (backend.num_layers, backend.hidden_size) == (loaded.num_layers, loaded.hidden_size)
+    ids = backend.tokenizer.encode(PROMPT, add_special_tokens=True)
+    assert ids == loaded.tokenizer.encode(PROMPT, add_special_tokens=True)
+    hf, ll = _next_logits(pair, ids, {}, {})
+    # Quantized weights and activations: close, not equal.
+    assert np.corrcoef(hf, ll)[0, 1] > 0.99
+
+
+def test_each_layer_is_steered_where_the_transformers_hook_steers(
+    pair: tuple[LoadedModel, LlamaCppBackend],
+) -> None:
+    """A direction at block l changes llama.cpp's logits as the HF hook at block l does, and
+    more alike than the same direction one block off (what an indexing slip would do)."""
+    loaded, backend = pair
+    ids = backend.tokenizer.encode(PROMPT, add_special_tokens=True)
+    with torch.inference_mode():
+        hidden = loaded.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    plain_hf, plain_ll = _next_logits(pair, ids, {}, {})
+    gen = torch.Generator().manual_seed(0)
+    middle = loaded.num_layers // 2
+    for layer in (1, middle):
+        direction = torch.randn(loaded.hidden_size, generator=gen)
+        # 0.1 x the residual norm there: well above llama.cpp's activation rounding.
+        delta = direction / direction.norm() * 0.1 * float(hidden[layer + 1][0, -1].norm())
+        hf, ll = _next_logits(pair, ids, {layer: delta}, {layer: delta})
+        _, off = _next_logits(pair, ids, {}, {layer + 1: delta})
+        change_hf, change_ll, change_off = hf - plain_hf, ll - plain_ll, off - plain_ll
+        same = np.corrcoef(change_hf, change_ll)[0, 1]
+        shifted = np.corrcoef(change_hf, change_off)[0, 1]
+        ratio = np.linalg.norm(change_ll) / np.linalg.norm(change_hf)
+        print(f"{loaded.name} layer {layer}: r = {same:.3f} (one block off {shifted:.3f})")
+        assert same > 0.85 and same > shifted + 0.05, (layer, same, shifted)
+        assert 0.6 < ratio < 1.6, (layer, ratio)
+
+
+def _class_deltas(
+    loaded: LoadedModel, texts: dict[str, list[str]], layers: tuple[int, ...]
+) -> dict[str, dict[int, torch.Tensor]]:
+    """Per label: its mean feature minus the mean of both, at 0.05 x the residual norm."""
+    template = TEMPLATES["rotten_tomatoes"]
+    spec = FeatureSpec(template=template, layers=layers, max_text_tokens=32)
+    means, norms = {}, {}
+    for label, group in texts.items():
+        features, token_norms = extract_features(loaded, group, [label] * len(group), spec)
+        means[label] = features.mean(axis=0)
+        norms[label] = token_norms.mean(axis=0)
+    center = np.mean(list(means.values()), axis=0)
+    residual = np.mean(list(norms.values()), axis=0)
+    return {
+        label: steering_deltas(
+            {layer: torch.from_numpy(mean[j] - center[j]) for j, layer in enumerate(layers)},
+            strength=0.05,
+            residual_norms={layer: float(residual[j]) for j, layer in enumerate(layers)},
+        )
+        for label, mean in means.items()
+    }
+
+
+def test_class_vectors_change_heldout_logprob_alike_on_both_backends(
+    pair: tuple[LoadedModel, LlamaCppBackend],
+) -> None:
+    """Class directions from real reviews change the log-probability of other real reviews by
+    the same amount on both backends, text by text (paired gains correlate). Whether a real
+    release's change is a gain is the end-to-end demo test's check (transformers backend)."""
+    loaded, backend = pair
+    corpus = load_rotten_tomatoes()
+    template = TEMPLATES["rotten_tomatoes"]
+    by_label = {
+        label: [r.text for r in corpus.records if r.label == label] for label in template.labels
+    }
+    train = {label: texts[:32] for label, texts in by_label.items()}
+    heldout = {label: texts[1000:1024] for label, texts in by_label.items()}
+    middle = loaded.num_layers // 2
+    deltas = _class_deltas(loaded, train, (middle - 1, middle, middle + 1))
+    hf_backend = TransformersBackend(loaded)
+    for label in template.labels:
+        prompt = template.prefix(label)
+        changes = {}
+        for name, b in (("transformers", hf_backend), ("llamacpp", backend)):
+            plain = np.array(b.text_logprobs(prompt, heldout[label]))
+            steered = np.array(b.text_logprobs(prompt, heldout[label], deltas=deltas[label]))
+            changes[name] = steered - plain
+        hf, ll = changes["transformers"], changes["llamacpp"]
+        r = np.corrcoef(hf, ll)[0, 1]
+        print(f"{loaded.name} {label}: hf {hf.mean():.4f}, llama.cpp {ll.mean():.4f}, r {r:.3f}")
+        # The steering moves every text well beyond llama.cpp's rounding ...
+        assert abs(stats.ttest_1samp(hf, 0.0).statistic) > 3, (label, hf.mean())
+        # ... and both backends move each text alike.
+        assert 0.75 < ll.mean() / hf.mean() < 1.33 and r > 0.8, (label, hf.mean(), ll.mean(), r)
+
+
+def test_generation_on_llama_cpp(pair: tuple[LoadedModel, LlamaCppBackend]) -> None:
+    """Same sampling rules: stops, no empty samples, seeded; steering changes the samples."""
+    _, backend = pair
+    config = GenerationConfig(max_new_tokens=12, batch_size=4)
+    prompts = [PROMPT] * 3 + ["A negative movie review:\n"] * 2  # two batches, mixed prompts
+    first = backend.generate(prompts, config=config, deltas=None, seed=3)
+    assert len(first) == 5 and all(t.strip() and "\n" not in t for t in first)
+    assert backend.generate(prompts, config=config, deltas=None, seed=3) == first
+    middle = backend.num_layers // 2
+    push = {middle: torch.ones(backend.hidden_size) * 5.0}
+    assert backend.generate(prompts, config=config, deltas=push, seed=3) != first
+    # The control vector is cleared afterwards.
+    assert backend.generate(prompts, config=config, deltas=None, seed=3) == first
+
+
+def test_cli_generate_on_llama_cpp_refuses_a_release_it_cannot_steer(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedsynth.server.release import save_release
+    from fedsynth.simulations.cli import app
+
+    llama = load_model("tiny-llama")
+    path = save_release(make_test_release(llama), tmp_path / "release.safetensors")
+    out = tmp_path / "out.jsonl"
+    runner = CliRunner()
+    args = ["generate", "--release", str(path), "--n", "2", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--backend", "vllm"])
+    assert result.exit_code == 2 and "backend='vllm'" in result.output
+    result = runner.invoke(app, [*args, "--backend", "llamacpp"])
+    assert result.exit_code == 2 and "packaged GGUF models" in result.output
+    assert not out.exists()
