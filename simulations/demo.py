@@ -36,6 +36,7 @@ from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.identity import write_simulated_consortium
 from fedsynth.protocol.models import DEFAULT_MODEL, LoadedModel, cache_root, load_model
 from fedsynth.protocol.secagg import Stage
+from fedsynth.server.backends import BACKENDS, open_backend
 from fedsynth.server.coordinator import (
     PublicReference,
     TaskConfig,
@@ -109,9 +110,17 @@ class DemoConfig:
     text_field: str = "text"
     label_field: str = "label"
     instruction: str | None = None
+    backend: str = "transformers"
+    """Generation backend for the steered samples (the federation always runs transformers)."""
 
     def __post_init__(self) -> None:
         """Refuse every bad setting at construction: nothing has run, nothing is charged yet."""
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        if self.backend == "llamacpp":
+            from fedsynth.server.llamacpp import check_available
+
+            check_available(self.model)
         if self.clients < 1:
             raise ConfigError(f"clients K={self.clients}: must be >= 1")
         if not (self.epsilon > 0):
@@ -613,10 +622,13 @@ def generate_conditions(
             for t in reference.texts[label][: config.synthetic_per_label]
         ]
     }
+    engine = (
+        loaded if config.backend == "transformers" else open_backend(config.backend, config.model)
+    )
     for eps_name, path in releases.items():
         release: Release = load_release(path)
         out[f"eps={eps_name}"] = generate_from_release(
-            loaded,
+            engine,
             release,
             n_per_label=config.synthetic_per_label,
             strength=config.strength,

@@ -283,3 +283,25 @@ def test_cli_generate_on_llama_cpp_refuses_a_release_it_cannot_steer(tmp_path: P
     result = runner.invoke(app, [*args, "--backend", "llamacpp"])
     assert result.exit_code == 2 and "packaged GGUF models" in result.output
     assert not out.exists()
+
+
+def test_demo_refuses_a_backend_it_cannot_run_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedsynth.simulations.cli import app
+    from fedsynth.simulations.demo import demo_config
+
+    with pytest.raises(ConfigError, match="backend='vllm'"):
+        demo_config("quick", out_dir=tmp_path, backend="vllm")
+    with pytest.raises(ConfigError, match="packaged GGUF models"):
+        demo_config("quick", out_dir=tmp_path, backend="llamacpp", model="tiny-llama")
+    assert demo_config("quick", out_dir=tmp_path, backend="llamacpp").backend == "llamacpp"
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(ConfigError, match=r"fedsynth\[llamacpp\]"):
+        demo_config("quick", out_dir=tmp_path, backend="llamacpp")
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--backend", "llamacpp"])
+    assert result.exit_code == 2 and "fedsynth[llamacpp]" in result.output
+    assert not out.exists()  # no holder file written, no epsilon spent
