@@ -36,10 +36,11 @@ def single_torch_thread() -> Iterator[None]:
 
 LONGEST_FIRST = (
     "test_e2e_demo.py",
+    "test_study.py",
     "test_task_deployment.py",
     "test_deployment.py",
     "test_e2e_pe.py",
-    "test_study.py",
+    "test_llamacpp.py",
 )
 """The longest modules (minutes each, measured in CI), started first in this order."""
 
