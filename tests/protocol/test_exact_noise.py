@@ -174,3 +174,61 @@ def test_manifest_noise_sharing_is_checked_and_defaults_by_mode() -> None:
     assert default_noise_sharing("distributed", V) == "exact"
     assert default_noise_sharing("distributed", 0.0) == "plain"  # epsilon = inf: no noise
     assert default_noise_sharing("local", V) == default_noise_sharing("central", V) == "plain"
+
+
+# ---------------------------------------------------------------------------------------------
+# The derivation is a wire format: holder and coordinator of different versions must agree
+# ---------------------------------------------------------------------------------------------
+
+
+def test_chain_and_component_derivation_match_their_specification() -> None:
+    """seed_k = SHA-256(chain domain ‖ k as 4 big-endian bytes ‖ seed_{k+1}); component k draws
+    from PCG64 seeded with SHA-256(component domain ‖ k (4 bytes, big-endian) ‖ seed_k) read as
+    a big-endian integer. Stated here independently of the module's helpers."""
+    import hashlib
+
+    from fedsynth.protocol.mechanisms import skellam_noise
+
+    schedule = NoiseSchedule(total_variance=90.0, threshold=2, clients=5)
+    top = bytes(range(32))
+    expected = {4: top}
+    for k in (3, 2):
+        expected[k] = hashlib.sha256(
+            b"fedsynth/exact-noise/chain/v1" + k.to_bytes(4, "big") + expected[k + 1]
+        ).digest()
+    assert chain_seeds(top, schedule) == expected
+    for k, seed in expected.items():
+        digest = hashlib.sha256(
+            b"fedsynth/exact-noise/component/v1" + k.to_bytes(4, "big") + seed
+        ).digest()
+        rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "big")))
+        want = skellam_noise((64,), variance=schedule.component_variance(k), rng=rng)
+        assert np.array_equal(component_noise(seed, k, schedule, 64), want)
+
+
+def test_refusals_name_what_was_wrong() -> None:
+    schedule = NoiseSchedule(total_variance=6.0, threshold=2, clients=4)
+    with pytest.raises(ProtocolError, match=r"^chain seed: must be 32 bytes"):
+        chain_seeds(b"short", schedule)
+    with pytest.raises(ProtocolError, match=r"^revealed seed: must be 32 bytes"):
+        seeds_from_revealed(b"short", schedule, 3)
+    with pytest.raises(ProtocolError, match=r"^seed: must be 32 bytes"):
+        component_noise(b"short", 2, schedule, 4)
+    with pytest.raises(ConfigError, match=r"^component 4: must be in 2\.\.3$"):
+        schedule.component_variance(4)
+    with pytest.raises(ConfigError, match=r"^threshold=2\.0: must be an integer"):
+        NoiseSchedule(total_variance=6.0, threshold=2.0, clients=4)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^clients='4': must be an integer"):
+        NoiseSchedule(total_variance=6.0, threshold=2, clients="4")  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match=r"survivors=True: must be an integer"):
+        schedule.check_survivors(True)
+    with pytest.raises(ProtocolError, match=r"revealed=True: must be an integer in 0\.\.3"):
+        aggregate_variance(schedule, 3, True)
+
+
+def test_edge_schedules_are_accepted() -> None:
+    """No noise (v = 0, epsilon = inf), a variance below 1, and t = 1 are valid schedules."""
+    for v in (0, 0.5):
+        assert NoiseSchedule(total_variance=v, threshold=2, clients=3).share_variance == v / 2
+    single = NoiseSchedule(total_variance=4.0, threshold=1, clients=3)
+    assert list(single.components) == [1, 2] and single.kept_variance(1) == 4.0
