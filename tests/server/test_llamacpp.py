@@ -267,6 +267,24 @@ def test_generation_on_llama_cpp(pair: tuple[LoadedModel, LlamaCppBackend]) -> N
     assert backend.generate(prompts, config=config, deltas=None, seed=3) == first
 
 
+def test_copied_prompts_continue_as_the_prefilled_one(
+    pair: tuple[LoadedModel, LlamaCppBackend],
+) -> None:
+    """Identical prompts are prefilled once and copied: the copies carry the prompt's context
+    (the same token next gives the same logits as in the prefilled row, unlike a fresh row)."""
+    _, backend = pair
+    ids = backend.tokenizer.encode(PROMPT, add_special_tokens=True)
+    other = backend.tokenizer.encode("Prices rose", add_special_tokens=True)
+    backend._ensure_context(3, len(ids) + 4)
+    decoder = _LlamaDecoder(backend)
+    first = decoder.prefill([ids, ids, other]).numpy()
+    assert np.array_equal(first[0], first[1]) and not np.allclose(first[0], first[2])
+    token = int(np.argmax(first[0]))
+    after = decoder.step(torch.tensor([token, token, token])).numpy()
+    assert np.allclose(after[0], after[1], atol=1e-3)
+    assert not np.allclose(after[0], after[2], atol=1e-1)
+
+
 def test_cli_generate_on_llama_cpp_refuses_a_release_it_cannot_steer(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
