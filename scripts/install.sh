@@ -4,11 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
 # Optional extras as arguments: `bash scripts/install.sh llamacpp` also builds the llama.cpp
 # generation backend (compiles llama.cpp once per machine; pip caches the wheel).
 extras="dev"
@@ -18,6 +13,11 @@ for extra in "$@"; do
     *) echo "scripts/install.sh: unknown extra '$extra' (known: llamacpp)" >&2; exit 2 ;;
   esac
 done
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
 # llama.cpp's multimodal library (LLAVA_BUILD) is never used: leaving it out saves a fifth of the
 # compile (3.8 instead of 4.9 min on 2 cores). A caller's own CMAKE_ARGS (e.g. -DGGML_CUDA=on) win.
 export CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}"
