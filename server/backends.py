@@ -148,13 +148,18 @@ def open_backend(
         threads: CPU threads for llama.cpp (default: torch's thread count).
         device: device for `transformers` (default: CUDA when present, else CPU).
     """
-    if backend == "transformers":
-        return TransformersBackend(load_model(model, device=device))
+    check_backend_name(backend)
     if backend == "llamacpp":
         from fedsynth.server.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(model, threads=threads)
-    raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    return TransformersBackend(load_model(model, device=device))
+
+
+def check_backend_name(backend: str) -> None:
+    """Refuse a backend name that does not exist, naming the ones that do."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
 def as_backend(model: LoadedModel | GenerationBackend) -> GenerationBackend:

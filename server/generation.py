@@ -467,13 +467,7 @@ def text_logprobs(
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be >= 1")
     tok = loaded.tokenizer
-    prompt_ids = list(tok.encode(prompt, add_special_tokens=True))
-    encoded: list[list[int]] = []
-    for text in texts:
-        text_ids = list(tok.encode(text, add_special_tokens=False))[:max_text_tokens]
-        if not text_ids:
-            raise ConfigError("text_logprobs: empty text")
-        encoded.append(text_ids)
+    prompt_ids, encoded = encode_scored_texts(tok, prompt, texts, max_text_tokens)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     start = len(prompt_ids)
     # Similar lengths share a batch, so little compute goes to padding.
@@ -499,8 +493,30 @@ def text_logprobs(
                 logits_to_keep=width - start + 1,
             ).logits
             for row, i in enumerate(batch):
-                n = len(encoded[i])
-                logp = torch.log_softmax(logits[row, :n].float(), dim=-1)
-                target = torch.tensor(encoded[i], device=logp.device)
-                out[i] = float(logp.gather(-1, target.unsqueeze(-1)).mean())
+                out[i] = mean_token_logprob(logits[row, : len(encoded[i])], encoded[i])
     return out
+
+
+def encode_scored_texts(
+    tokenizer: Any, prompt: str, texts: Sequence[str], max_text_tokens: int
+) -> tuple[list[int], list[list[int]]]:
+    """Prompt ids (with BOS) and each text's ids (no BOS, truncated) for likelihood scoring.
+
+    Raises:
+        ConfigError: a text encodes to no tokens.
+    """
+    prompt_ids = list(tokenizer.encode(prompt, add_special_tokens=True))
+    encoded: list[list[int]] = []
+    for text in texts:
+        text_ids = list(tokenizer.encode(text, add_special_tokens=False))[:max_text_tokens]
+        if not text_ids:
+            raise ConfigError("text_logprobs: empty text")
+        encoded.append(text_ids)
+    return prompt_ids, encoded
+
+
+def mean_token_logprob(logits: torch.Tensor, ids: Sequence[int]) -> float:
+    """Mean log-probability of ``ids`` under (len(ids), vocab) next-token ``logits``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor(list(ids), device=logp.device)
+    return float(logp.gather(-1, target.unsqueeze(-1)).mean())

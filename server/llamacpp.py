@@ -32,7 +32,12 @@ from fedsynth.protocol.models import (
     model_fingerprint,
     resolve_model_dir,
 )
-from fedsynth.server.generation import GenerationConfig, sample_continuations
+from fedsynth.server.generation import (
+    GenerationConfig,
+    encode_scored_texts,
+    mean_token_logprob,
+    sample_continuations,
+)
 
 INSTALL = 'pip install "fedsynth[llamacpp]"'
 """How to get the backend (llama-cpp-python compiles llama.cpp: minutes, once per machine)."""
@@ -56,14 +61,18 @@ def import_llama_cpp() -> Any:
     return llama_cpp
 
 
-def check_available(model: str) -> None:
-    """Refuse early (before any work) a model or an install the backend cannot run."""
+def check_available(model: str) -> Any:
+    """Refuse early (before any work) a model or an install the backend cannot run.
+
+    Returns:
+        The ``llama_cpp`` module.
+    """
     if model not in PACKAGED_MODELS:
         raise ConfigError(
             f"model={model!r}: the llama.cpp backend runs the packaged GGUF models "
             f"({', '.join(PACKAGED_MODELS)}); use --backend transformers for other models"
         )
-    import_llama_cpp()
+    return import_llama_cpp()
 
 
 def control_vector_function(module: Any) -> Callable[..., int] | None:
@@ -120,11 +129,10 @@ class LlamaCppBackend:
     """A packaged GGUF model on llama.cpp, steered by control vectors (see the module doc)."""
 
     def __init__(self, model: str, *, threads: int | None = None) -> None:
-        check_available(model)
-        packaged = PACKAGED_MODELS[model]
         if threads is not None and threads < 1:
             raise ConfigError(f"threads={threads}: must be >= 1")
-        self._lib = import_llama_cpp()
+        self._lib = check_available(model)
+        packaged = PACKAGED_MODELS[model]
         self._set_cvec = control_vector_function(self._lib)
         self.model_name = model
         self.threads = threads or max(1, torch.get_num_threads())
@@ -214,14 +222,7 @@ class LlamaCppBackend:
         max_text_tokens: int = 64,
     ) -> list[float]:
         """See :class:`~fedsynth.server.backends.GenerationBackend`."""
-        tok = self.tokenizer
-        prompt_ids = list(tok.encode(prompt, add_special_tokens=True))
-        encoded = []
-        for text in texts:
-            ids = list(tok.encode(text, add_special_tokens=False))[:max_text_tokens]
-            if not ids:
-                raise ConfigError("text_logprobs: empty text")
-            encoded.append(ids)
+        prompt_ids, encoded = encode_scored_texts(self.tokenizer, prompt, texts, max_text_tokens)
         if not encoded:
             return []
         self._ensure_context(1, len(prompt_ids) + max(len(e) for e in encoded) + 1)
@@ -236,10 +237,7 @@ class LlamaCppBackend:
                     [(token, pos, 0, pos >= first) for pos, token in enumerate(sequence[:-1])]
                 )
                 self._decode()
-                logits = self._logits(len(ids))
-                logp = torch.log_softmax(torch.from_numpy(logits), dim=-1)
-                target = torch.tensor(ids).unsqueeze(-1)
-                out.append(float(logp.gather(-1, target).mean()))
+                out.append(mean_token_logprob(torch.from_numpy(self._logits(len(ids))), ids))
         return out
 
     # -- llama.cpp plumbing ------------------------------------------------------------------

@@ -512,7 +512,7 @@ def generate(
     from dataclasses import asdict
 
     from fedsynth.protocol.errors import ConfigError
-    from fedsynth.server.backends import BACKENDS, open_backend
+    from fedsynth.server.backends import check_backend_name, open_backend
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.release import load_release
     from fedsynth.server.snr import steering_lines
@@ -533,8 +533,7 @@ def generate(
             raise ConfigError(
                 f"out={out} is the release file {release}: writing would destroy the release"
             )
-        if backend not in BACKENDS:
-            raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+        check_backend_name(backend)
         config = GenerationConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
         rel = load_release(release)
         loaded = open_backend(backend, model or rel.manifest.model_name, threads=threads)

@@ -36,7 +36,7 @@ from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.identity import write_simulated_consortium
 from fedsynth.protocol.models import DEFAULT_MODEL, LoadedModel, cache_root, load_model
 from fedsynth.protocol.secagg import Stage
-from fedsynth.server.backends import BACKENDS, open_backend
+from fedsynth.server.backends import check_backend_name, open_backend
 from fedsynth.server.coordinator import (
     PublicReference,
     TaskConfig,
@@ -115,8 +115,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         """Refuse every bad setting at construction: nothing has run, nothing is charged yet."""
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        check_backend_name(self.backend)
         if self.backend == "llamacpp":
             from fedsynth.server.llamacpp import check_available
 
