@@ -97,6 +97,10 @@ def slug(module: str) -> str:
     return module.strip("/").removesuffix(".py").replace("/", ".")
 
 
+STAGED_PYPROJECT = "src/fedsynth/pyproject.toml"
+"""Where the staging tree links the project file (copied into mutmut's mutated tree)."""
+
+
 def _replace_list(lines: list[str], key: str, values: list[str]) -> None:
     """Replace the multi-line TOML list ``key = [...]`` of [tool.mutmut] by ``values``."""
     start = lines.index("[tool.mutmut]")
@@ -114,6 +118,9 @@ def staged_pyproject(module: str, tests: list[str] | None = None) -> str:
     _replace_list(lines, "only_mutate", [module_glob(module)])
     if tests:
         _replace_list(lines, "pytest_add_cli_args_test_selection", tests)
+    # The mutated copy gets the project file beside its role dirs, as a checkout has it, so
+    # code that finds its source tree (client/app_pin.py) finds the copy the tests import.
+    lines.insert(lines.index("[tool.mutmut]") + 1, f'also_copy = ["{STAGED_PYPROJECT}"]')
     staged = "\n".join(lines) + "\n"
     tomllib.loads(staged)  # still valid TOML
     return staged
@@ -132,6 +139,9 @@ def prepare(module: str, *, fresh: bool, tests: list[str] | None = None) -> Path
         link = work / "src" / "fedsynth" / role
         if not link.is_symlink():
             link.symlink_to(ROOT / role, target_is_directory=True)
+    project_link = work / STAGED_PYPROJECT
+    if not project_link.is_symlink():
+        project_link.symlink_to(ROOT / "pyproject.toml")
     test_link = work / "tests"
     if not test_link.is_symlink():
         test_link.symlink_to(ROOT / "tests", target_is_directory=True)

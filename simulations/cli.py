@@ -295,9 +295,18 @@ def _print_dropouts(dropouts: list[dict[str, str]]) -> None:
 
 
 def _scores_table(scores: dict[str, dict[str, float]], *, first_column: str) -> Table:
-    """Label fidelity, TSTR and embedding FD per condition, as a rich table."""
+    """Fidelity, TSTR, closeness (FD, MAUVE) and diversity per condition, as a rich table."""
     metrics = Table(title="Utility against real held-out data")
-    for column in (first_column, "label fidelity", "TSTR accuracy", "TSTR macro-F1", "FD"):
+    for column in (
+        first_column,
+        "label fidelity",
+        "TSTR accuracy",
+        "TSTR macro-F1",
+        "FD",
+        "MAUVE",
+        "Self-BLEU",
+        "distinct-2",
+    ):
         metrics.add_column(column, justify="right")
     for name, row in scores.items():
         metrics.add_row(
@@ -306,6 +315,9 @@ def _scores_table(scores: dict[str, dict[str, float]], *, first_column: str) -> 
             f"{row['tstr_accuracy']:.3f}",
             f"{row['tstr_macro_f1']:.3f}",
             f"{row['embedding_fd']:.4f}",
+            f"{row['mauve']:.3f}",
+            f"{row['self_bleu']:.1f}",
+            f"{row['distinct_2']:.3f}",
         )
     return metrics
 

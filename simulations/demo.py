@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,15 +49,8 @@ from fedsynth.server.release import Release
 from fedsynth.server.secure_round import Transport, default_threshold
 from fedsynth.server.synthesize import SyntheticSample, generate_from_release
 from fedsynth.server.task_runner import run_vector_release
-from fedsynth.simulations.datasets import (
-    json_line,
-    left_over,
-    load_corpus,
-    partition_iid,
-    split_train_test,
-    subsample_per_label,
-    write_jsonl,
-)
+from fedsynth.simulations.datasets import json_line, load_corpus, write_jsonl
+from fedsynth.simulations.splits import DataSplit, holder_partitions, judge_set, split_records
 
 log = logging.getLogger(__name__)
 MODES = ("distributed", "central", "local")
@@ -255,42 +247,22 @@ def split_data(config: DemoConfig) -> DemoData:
     else:
         corpus = load_corpus(config.corpus)
         records, source = list(corpus.records), corpus.source
-    train_pool, test_pool = split_train_test(records, test_fraction=0.15, seed=config.seed)
-    train = subsample_per_label(train_pool, per_label=config.private_per_label, seed=config.seed)
-    test = subsample_per_label(test_pool, per_label=config.test_per_label, seed=config.seed + 1)
-    check_demo_data(config, train, test, source=source)
-    judge = subsample_per_label(
-        left_over(train_pool, train) + left_over(test_pool, test),
-        per_label=JUDGE_PER_LABEL,
-        seed=config.seed + 2,
+    split = split_records(
+        records,
+        private_per_label=config.private_per_label,
+        test_per_label=config.test_per_label,
+        seed=config.seed,
     )
-    partitions = partition_iid(train, num_clients=config.clients, seed=config.seed)
-    return DemoData(train, test, partitions, config.out_dir / "clients", source, judge)
-
-
-JUDGE_PER_LABEL = 3000
-"""Most real texts per label the fidelity judge trains on (more add little and cost time)."""
-JUDGE_MIN_PER_LABEL = 50
-"""Fewer other real texts than this for some label: the judge trains on the private records."""
+    check_demo_data(config, split.train, split.test, source=source)
+    partitions = holder_partitions(split.train, "iid", clients=config.clients, seed=config.seed)
+    return DemoData(
+        split.train, split.test, partitions, config.out_dir / "clients", source, split.judge
+    )
 
 
 def judge_records(data: DemoData) -> tuple[list[Record], str]:
-    """The texts the label-fidelity judge trains on, and what they are (for the summary).
-
-    Other real texts when the data has enough of every label: a judge trained on the holders'
-    records would score how close samples are to those records, not to the label. Otherwise
-    (a small ``--data`` file) the private records, and the summary says so.
-    """
-    labels = {r.label for r in [*data.train, *data.test]}
-    counts = Counter(r.label for r in data.judge)
-    if data.judge and all(counts[label] >= JUDGE_MIN_PER_LABEL for label in labels):
-        return data.judge, (
-            f"{len(data.judge)} real texts in neither the holders' data nor the held-out set"
-        )
-    return data.train, (
-        f"the holders' {len(data.train)} private records (fewer than {JUDGE_MIN_PER_LABEL} "
-        "other real texts of some label)"
-    )
+    """The texts the label-fidelity judge trains on, and what they are (see :func:`judge_set`)."""
+    return judge_set(DataSplit(data.train, data.test, data.judge))
 
 
 def check_demo_data(
@@ -651,7 +623,11 @@ def _phase(report: Reporter | None, phase: str) -> Callable[[int, int], None] | 
 def evaluate_conditions(
     samples: Mapping[str, list[SyntheticSample]], data: DemoData
 ) -> dict[str, dict[str, float]]:
-    """Label fidelity, train-on-synthetic accuracy / macro-F1, embedding Fréchet distance."""
+    """Fidelity, train-on-synthetic accuracy / macro-F1, closeness and diversity per condition.
+
+    Closeness to the held-out texts: embedding Fréchet distance and MAUVE; diversity: Self-BLEU
+    (of at most :data:`SELF_BLEU_TEXTS` samples) and distinct-1/2 over all samples.
+    """
     from fedsynth.simulations.metrics import (
         embed_texts,
         frechet_distance,
@@ -660,6 +636,7 @@ def evaluate_conditions(
         train_text_classifier,
         tstr_scores,
     )
+    from fedsynth.simulations.text_metrics import distinct_n, mauve_score, self_bleu
 
     judge, _ = judge_records(data)
     classifier = train_text_classifier([r.text for r in judge], [r.label for r in judge], seed=0)
@@ -681,8 +658,16 @@ def evaluate_conditions(
             "tstr_accuracy": tstr["accuracy"],
             "tstr_macro_f1": tstr["macro_f1"],
             "embedding_fd": frechet_distance(emb, real_emb),
+            "mauve": mauve_score(real_emb, emb, seed=0),
+            "self_bleu": self_bleu(texts, max_texts=SELF_BLEU_TEXTS, seed=0),
+            "distinct_1": distinct_n(texts, 1),
+            "distinct_2": distinct_n(texts, 2),
         }
     return scores
+
+
+SELF_BLEU_TEXTS = 100
+"""Samples Self-BLEU scores per condition (its cost grows with the square of the number)."""
 
 
 def write_outputs(
@@ -750,7 +735,7 @@ def write_outputs(
 
 
 def plot_scores(scores: Mapping[str, Mapping[str, float]], path: Path) -> None:
-    """Bar chart of label fidelity and train-on-synthetic accuracy per condition."""
+    """Bar chart per condition: label fidelity, TSTR accuracy, MAUVE and distinct-2 (all 0-1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -758,9 +743,21 @@ def plot_scores(scores: Mapping[str, Mapping[str, float]], path: Path) -> None:
 
     names = list(scores)
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(x - 0.2, [scores[n]["label_fidelity"] for n in names], 0.4, label="label fidelity")
-    ax.bar(x + 0.2, [scores[n]["tstr_accuracy"] for n in names], 0.4, label="TSTR accuracy")
+    bars = [
+        (key, title)
+        for key, title in (
+            ("label_fidelity", "label fidelity"),
+            ("tstr_accuracy", "TSTR accuracy"),
+            ("mauve", "MAUVE"),
+            ("distinct_2", "distinct-2"),
+        )
+        if all(key in scores[n] for n in names)
+    ]
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, (key, title) in enumerate(bars):
+        offset = (i - (len(bars) - 1) / 2) * width
+        ax.bar(x + offset, [scores[n][key] for n in names], width, label=title)
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1)
     ax.axhline(0.5, color="grey", lw=0.5, ls="--")

@@ -38,7 +38,7 @@ from fedsynth.protocol.mechanisms import TrustMode
 from fedsynth.simulations.datasets import available_corpora
 from fedsynth.simulations.partitions import PartitionSpec
 
-STUDY_FORMAT = 1
+STUDY_FORMAT = 2  # 2: the fidelity judge trains on real texts outside the split (as the demo)
 POOLED_CLIENTS = 1  # the K column of methods that use the pooled data (no holders)
 
 

@@ -123,6 +123,9 @@ def test_eps4_fidelity_beats_prior(demo_out: Path) -> None:
     assert set(scores) == {"prior (eps=0)", "eps=4"}
     for row in scores.values():
         assert {"label_fidelity", "tstr_accuracy", "tstr_macro_f1", "embedding_fd"} <= set(row)
+        # Closeness and diversity beside fidelity: MAUVE in (0, 1], Self-BLEU in [0, 100].
+        assert 0 < row["mauve"] <= 1 and 0 <= row["self_bleu"] <= 100
+        assert 0 < row["distinct_1"] <= 1 and 0 < row["distinct_2"] <= 1
     p = one_sided_proportion_test(
         int(ours["fidelity_hits"]), int(ours["n"]), int(prior["fidelity_hits"]), int(prior["n"])
     )

@@ -23,9 +23,10 @@ def test_staging_narrows_only_the_module_by_default() -> None:
     assert staged["only_mutate"] == ["src/fedsynth/protocol/accounting.py"]
     selection = "pytest_add_cli_args_test_selection"
     assert staged[selection] == project[selection]
-    assert {k: v for k, v in staged.items() if k not in {"only_mutate"}} == {
+    assert {k: v for k, v in staged.items() if k not in {"only_mutate", "also_copy"}} == {
         k: v for k, v in project.items() if k not in {"only_mutate"}
     }
+    assert staged["also_copy"] == [script.STAGED_PYPROJECT]
 
 
 def test_tests_option_narrows_the_selection() -> None:
@@ -43,6 +44,10 @@ def test_prepare_stages_a_narrowed_run(tmp_path: Path, monkeypatch: pytest.Monke
     tests = ["tests/protocol/test_accounting.py"]
     work = script.prepare("protocol/accounting.py", fresh=True, tests=tests)
     assert (work / "tests").resolve() == ROOT / "tests"
+    # The mutated tree gets the project file beside its role dirs, as in a checkout (the app
+    # pin finds its source tree by it).
+    assert (work / script.STAGED_PYPROJECT).resolve() == ROOT / "pyproject.toml"
+    assert (work / script.STAGED_PYPROJECT).parent == work / "src" / "fedsynth"
     staged = _mutmut((work / "pyproject.toml").read_text())
     assert staged["pytest_add_cli_args_test_selection"] == tests
     with pytest.raises(SystemExit, match="no such file"):

@@ -169,14 +169,14 @@ def test_shipped_study_configs_are_valid(name: str) -> None:
 
 
 def test_federated_refusals_are_results_but_crashes_rerun() -> None:
-    from fedsynth.simulations.study import _federated_failure
+    from fedsynth.simulations.methods.common import federated_failure
 
     with pytest.raises(ConfigError, match="max_epsilon_per_task"):
-        _federated_failure("x", ["PolicyViolationError: epsilon=16 exceeds max_epsilon_per_task"])
+        federated_failure("x", ["PolicyViolationError: epsilon=16 exceeds max_epsilon_per_task"])
     with pytest.raises(ConfigError):
-        _federated_failure("x", ["TooFewParticipantsError: only 0 of 3 clients completed setup"])
+        federated_failure("x", ["TooFewParticipantsError: only 0 of 3 clients completed setup"])
     with pytest.raises(RuntimeError, match="actor died"):
-        _federated_failure("x", ["RayActorError: actor died"])
+        federated_failure("x", ["RayActorError: actor died"])
 
 
 def _privacy(mode: str, noise_sharing: str = "plain") -> Any:
@@ -199,7 +199,7 @@ def _privacy(mode: str, noise_sharing: str = "plain") -> Any:
 
 @pytest.mark.parametrize(("mode", "factor"), [("central", 1.0), ("distributed", 1.5), ("local", 3)])
 def test_effective_noise_counts_every_surviving_share(mode: str, factor: float) -> None:
-    from fedsynth.simulations.study import effective_noise_multiplier
+    from fedsynth.simulations.methods.common import effective_noise_multiplier
 
     assert effective_noise_multiplier(_privacy(mode), survivors=3) == pytest.approx(
         1.2 * factor**0.5
@@ -207,7 +207,7 @@ def test_effective_noise_counts_every_surviving_share(mode: str, factor: float) 
 
 
 def test_effective_noise_under_exact_sharing_is_the_target_once_excess_is_removed() -> None:
-    from fedsynth.simulations.study import effective_noise_multiplier
+    from fedsynth.simulations.methods.common import effective_noise_multiplier
 
     privacy = _privacy("distributed", "exact")
     assert effective_noise_multiplier(privacy, survivors=3, removed=3) == pytest.approx(1.2)

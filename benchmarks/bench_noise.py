@@ -1,0 +1,194 @@
+"""The distributed release's noise: what exact sharing costs and how close it comes to central.
+
+Measured side by side in one process, at the default model's release size (2 classes × (4
+layers × 640 + 1 count) coordinates: d = 5,122) and at the secure-sum benchmark's d = 65,537:
+
+1. a holder's noise share under exact sharing (a base part plus K − t seeded components,
+   :mod:`fedsynth.protocol.exact_noise`) against a plain share of the same variance v/t;
+2. the coordinator's excess removal when all K survive (K survivors × (K − t) components
+   redrawn from the revealed seeds: the largest case) against the secure sum's own
+   coordinator target (2 s at K = 100, d = 65,537, which ``bench_secagg`` measures without
+   noise);
+3. σ/Δ of the distributed release (exact sharing leaves exactly the target variance) against
+   central EPSVec's Gaussian at the same ε, δ: the gap left is the accountant's (RDP for the
+   Skellam mechanism, PLD for the Gaussian). Target ≤ 1.02×.
+
+Run: python benchmarks/bench_noise.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
+from benchmarks.common import Figure, compared, info
+from fedsynth.protocol.accounting import calibrate_vector_release
+from fedsynth.protocol.contribution import remove_excess_noise, share_noise
+from fedsynth.protocol.exact_noise import SEED_BYTES, NoiseSchedule, revealed_seed
+from fedsynth.protocol.manifest import NOISE_EXACT, PrivacySpec
+from fedsynth.server.secure_round import default_threshold
+
+LAYERS, HIDDEN = 4, 640  # the default model's released layers and width
+RELEASE_DIM = 2 * (LAYERS * HIDDEN + 1)
+SECAGG_DIM = 65_537
+FULL_KS = (10, 50, 100)
+QUICK_KS = (5, 10)
+QUICK_DIM = 4_096
+EPSILONS = (1.0, 4.0, 8.0)
+DELTA = 1e-5
+SCALE, COUNT_WEIGHT = 1000.0, 0.5  # the coordinator's defaults (server/coordinator.py)
+
+
+def privacy(clients: int, *, epsilon: float = 4.0, sharing: str = NOISE_EXACT) -> PrivacySpec:
+    """The distributed terms of a default-model release among ``clients`` holders."""
+    c = calibrate_vector_release(
+        mode="distributed",
+        epsilon=epsilon,
+        delta=DELTA,
+        layers=LAYERS,
+        dim=LAYERS * HIDDEN + 1,
+        scale=SCALE,
+        count_weight=COUNT_WEIGHT,
+    )
+    return PrivacySpec(
+        epsilon=epsilon,
+        delta=DELTA,
+        mode="distributed",
+        threshold=default_threshold(clients),
+        total_variance=c.total_variance,
+        noise_multiplier=c.noise_multiplier,
+        l2_sensitivity=c.l2_sensitivity,
+        l1_sensitivity=c.l1_sensitivity,
+        accountant=c.accountant,
+        noise_sharing=sharing,
+    )
+
+
+@dataclass(frozen=True)
+class NoiseCost:
+    """Seconds of one holder's share (exact and plain) and of the coordinator's removal."""
+
+    clients: int
+    dim: int
+    threshold: int
+    exact_share_s: float
+    plain_share_s: float
+    removal_s: float
+
+
+def _best(seconds: list[float]) -> float:
+    return min(seconds)
+
+
+def measure(clients: int, dim: int, *, repeats: int = 3) -> NoiseCost:
+    """Time one holder's share both ways and the removal of every survivor's excess."""
+    spec = privacy(clients)
+    plain = privacy(clients, sharing="plain")
+    rng = np.random.default_rng(secrets.randbits(128))
+    exact_s, plain_s = [], []
+    for _ in range(repeats):
+        top = secrets.token_bytes(SEED_BYTES)
+        start = time.perf_counter()
+        share_noise(spec, clients=clients, dim=dim, rng=rng, noise_seed=top)
+        exact_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        share_noise(plain, clients=clients, dim=dim, rng=rng, noise_seed=None)
+        plain_s.append(time.perf_counter() - start)
+    schedule = NoiseSchedule(spec.total_variance, spec.threshold, clients)
+    survivors = list(range(1, clients + 1))
+    revealed = {
+        node: revealed_seed(secrets.token_bytes(SEED_BYTES), schedule, clients)
+        for node in survivors
+    }
+    field_sum = np.zeros(dim, dtype=np.uint64)
+    start = time.perf_counter()
+    _, removed = remove_excess_noise(
+        field_sum, revealed, privacy=spec, clients=clients, survivors=survivors, bits=64
+    )
+    removal_s = time.perf_counter() - start
+    if clients > spec.threshold and len(removed) != clients:
+        raise RuntimeError(f"removed the excess of {len(removed)} of {clients} survivors")
+    return NoiseCost(clients, dim, spec.threshold, _best(exact_s), _best(plain_s), removal_s)
+
+
+def sigma_ratio(epsilon: float) -> tuple[float, float]:
+    """σ/Δ of the distributed release (exact sharing) and of central EPSVec at ``epsilon``."""
+    common = dict(
+        epsilon=epsilon,
+        delta=DELTA,
+        layers=LAYERS,
+        dim=LAYERS * HIDDEN + 1,
+        scale=SCALE,
+        count_weight=COUNT_WEIGHT,
+    )
+    distributed = calibrate_vector_release(mode="distributed", **common)  # type: ignore[arg-type]
+    central = calibrate_vector_release(mode="central", **common)  # type: ignore[arg-type]
+    return distributed.noise_multiplier, central.noise_multiplier
+
+
+def figures(quick: bool) -> list[Figure]:
+    """Holder share and coordinator removal seconds per K and d; σ/Δ against central."""
+    ks = QUICK_KS if quick else FULL_KS
+    dims = (QUICK_DIM,) if quick else (RELEASE_DIM, SECAGG_DIM)
+    out: list[Figure] = []
+    for dim in dims:
+        for k in ks:
+            cost = measure(k, dim, repeats=1 if quick else 3)
+            where = f"K={k}, t={cost.threshold}, d={dim:,}"
+            out.append(
+                info(
+                    "noise",
+                    f"holder noise share, exact vs plain sharing ({where})",
+                    cost.exact_share_s,
+                    "s",
+                    baseline=cost.plain_share_s,
+                    note=f"{k - cost.threshold} seeded components plus the base part",
+                )
+            )
+            out.append(
+                info(
+                    "noise",
+                    f"coordinator excess removal, all survive ({where})",
+                    cost.removal_s,
+                    "s",
+                    target="part of the coordinator's round time (bench_secagg: < 2 s)",
+                    note=f"{k} survivors × {k - cost.threshold} components redrawn",
+                )
+            )
+    for epsilon in EPSILONS:
+        distributed, central = sigma_ratio(epsilon)
+        out.append(
+            compared(
+                "noise",
+                f"σ/Δ distributed (exact sharing, any survivors) vs central, ε={epsilon:g}",
+                distributed,
+                "",
+                baseline=central,
+                at_most=1.02,
+                note="Skellam accounted with RDP, the central Gaussian with PLD",
+            )
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the figures (``--quick``: small sizes)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    for row in figures(args.quick):
+        ratio = "" if row.ratio is None else f"  ratio {row.ratio:.3f}"
+        baseline = "" if row.baseline is None else f"  baseline {row.baseline:.4g}"
+        print(f"{row.figure}: {row.value:.4g} {row.unit}{baseline}{ratio}  {row.note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
