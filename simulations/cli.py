@@ -299,13 +299,13 @@ def _scores_table(scores: dict[str, dict[str, float]], *, first_column: str) -> 
     metrics = Table(title="Utility against real held-out data")
     for column in (
         first_column,
-        "label fidelity",
-        "TSTR accuracy",
-        "TSTR macro-F1",
+        "fidelity",
+        "TSTR acc",
+        "TSTR F1",
         "FD",
         "MAUVE",
         "Self-BLEU",
-        "distinct-2",
+        "dist-2",
     ):
         metrics.add_column(column, justify="right")
     for name, row in scores.items():

@@ -754,14 +754,14 @@ def plot_scores(scores: Mapping[str, Mapping[str, float]], path: Path) -> None:
         if all(key in scores[n] for n in names)
     ]
     width = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
     for i, (key, title) in enumerate(bars):
         offset = (i - (len(bars) - 1) / 2) * width
         ax.bar(x + offset, [scores[n][key] for n in names], width, label=title)
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1)
     ax.axhline(0.5, color="grey", lw=0.5, ls="--")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title("Synthetic data utility by condition")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -174,6 +174,73 @@ def test_pin_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert resolve_pin(pin_file, ["cd" * 32]).fab_sha256 == {"cd" * 32}
 
 
+def test_symlinked_files_are_left_out_as_flwr_build_does_and_the_rest_kept(
+    tmp_path: Path,
+) -> None:
+    app = _app(tmp_path / "app")
+    (tmp_path / "outside.py").write_text("x = 0\n")
+    os.symlink(app / "srv.py", app / "inside_link.py")
+    os.symlink(tmp_path / "outside.py", app / "outside_link.py")
+    names = [f"m{i:02d}.py" for i in range(20)]  # some are listed after a link
+    for name in names:
+        (app / name).write_text(f"# {name}\n")
+    assert set(app_pin.collect_app_files(app)) == {"pyproject.toml", "srv.py", "cli.py", *names}
+    assert build_bundle(app) == build_fab_from_disk(app)
+
+
+def _zip_of(files: dict[str, bytes], *, size: int | None = None) -> bytes:
+    """A stored (uncompressed) zip of ``files``, padded by one more entry to ``size`` bytes."""
+
+    def build(pad: int) -> bytes:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name, data in files.items():
+                archive.writestr(name, data)
+            if size is not None:
+                archive.writestr("pad.bin", b"\0" * pad)
+        return buffer.getvalue()
+
+    if size is None:
+        return build(0)
+    content = build(size - len(build(0)))
+    assert len(content) == size
+    return content
+
+
+def test_size_limits_include_their_bound(tmp_path: Path) -> None:
+    project = f'[project]\nname = "fedsynth"\nversion = "{VERSION}"\n'.encode()
+    # A bundle of exactly the limit passes the size check; one byte more is refused.
+    at_limit = _zip_of({"pyproject.toml": project}, size=app_pin.MAX_BUNDLE_BYTES)
+    assert check_bundle(at_limit, "", _pin(at_limit)) == sha256_hex(at_limit)
+    # The pyproject.toml inside may be 1 MiB exactly, not more.
+    mib = 1024 * 1024
+    padded = project + b"#" * (mib - len(project) - 1) + b"\n"
+    assert len(padded) == mib
+    assert app_pin.bundle_metadata(_zip_of({"pyproject.toml": padded})) == ("fedsynth", VERSION)
+    with pytest.raises(AppNotTrustedError, match=rf"^app bundle pyproject\.toml: {mib + 1} bytes"):
+        app_pin.bundle_metadata(_zip_of({"pyproject.toml": padded + b"\n"}))
+    with pytest.raises(AppNotTrustedError, match=r"^app bundle pyproject\.toml: no \[project\]"):
+        app_pin.bundle_metadata(_zip_of({"pyproject.toml": b"[tool.x]\ny = 1\n"}))
+    # A --trusted-app file of exactly the limit is hashed; one byte more is refused by name.
+    fab = tmp_path / "limit.fab"
+    fab.write_bytes(b"\0" * app_pin.MAX_BUNDLE_BYTES)
+    assert parse_trusted_app(str(fab)) == sha256_hex(fab.read_bytes())
+    fab.write_bytes(b"\0" * (app_pin.MAX_BUNDLE_BYTES + 1))
+    with pytest.raises(ConfigError, match=r"bytes, above the \d+-byte limit of an app bundle$"):
+        parse_trusted_app(str(fab))
+
+
+def test_refusals_name_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nor a \.fab file, nor an app directory$"):
+        parse_trusted_app(str(tmp_path / "missing"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=rf"^app bundle from {empty}: cannot build it \("):
+        build_bundle(empty)
+    with pytest.raises(ConfigError, match=rf"^pin file {empty}: cannot read \("):
+        load_pin_file(empty)
+
+
 def test_installed_source_tree_is_the_checkout() -> None:
     root = app_pin.installed_source_root()
     assert root is not None and (root / "client" / "app_pin.py").is_file()

@@ -6,6 +6,7 @@ other test failing; see docs/mutation-testing.md for the mutants.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -18,8 +19,17 @@ from fedsynth.protocol.contribution import (
     decode_release,
     encode_contribution,
     integer_class_sums,
+    remove_excess_noise,
+    share_noise,
 )
 from fedsynth.protocol.errors import ConfigError, FieldRangeError, ShapeError
+from fedsynth.protocol.exact_noise import (
+    SEED_BYTES,
+    NoiseSchedule,
+    removable_noise,
+    revealed_seed,
+)
+from fedsynth.protocol.manifest import PrivacySpec
 
 
 class _ScriptedRng:
@@ -151,3 +161,92 @@ def test_an_overflow_refusal_says_the_task_needs_more_bits() -> None:
         match=r"for K=3 clients without risk of wrapping; the task needs more field bits$",
     ):
         encode_contribution(big, manifest=manifest, rng=rng)
+
+
+# --------------------------------------------------------------------------- batches, noise
+
+
+def test_batches_of_one_class_add_up_and_are_counted() -> None:
+    # A holder streams its records in batches: a second batch of the same class adds to the
+    # first (it must not replace it), and the record count covers every batch (the policy
+    # compares it with max_records).
+    from fedsynth.protocol.contribution import ClassSumAccumulator
+
+    manifest, reference = build_manifest()
+    feats = np.random.default_rng(4).normal(size=(7, 2, 8)).astype(np.float32)
+    accumulator = ClassSumAccumulator(manifest=manifest, reference=reference)
+    accumulator.add(feats[:3], ["pos"] * 3, rng=np.random.default_rng(9))
+    first = accumulator.sums
+    accumulator.add(feats[3:], ["pos"] * 4, rng=np.random.default_rng(10))
+    assert accumulator.n_records == 7
+    second = integer_class_sums(
+        feats[3:],
+        ["pos"] * 4,
+        manifest=manifest,
+        reference=reference,
+        rng=np.random.default_rng(10),
+    )
+    np.testing.assert_array_equal(accumulator.sums, first + second)
+    assert accumulator.sums[0, -1] == round(7 * manifest.count_weight * manifest.scale)
+
+
+def _exact_privacy(threshold: int = 2) -> PrivacySpec:
+    return PrivacySpec(
+        epsilon=4.0,
+        delta=1e-5,
+        mode="distributed",
+        threshold=threshold,
+        total_variance=400.0,
+        noise_multiplier=1.0,
+        l2_sensitivity=1.0,
+        l1_sensitivity=1.0,
+        accountant="test",
+        noise_sharing="exact",
+    )
+
+
+def test_excess_removal_takes_only_well_formed_seeds_of_survivors() -> None:
+    # K = 4, t = 2, survivors 1-3: each reveals seed_2, the coordinator subtracts component 2.
+    # A seed from a node outside the survivor set, a value that is not bytes and a seed of the
+    # wrong length are ignored (that survivor's excess stays: more noise, never less), and none
+    # of them crashes the decoder.
+    privacy = _exact_privacy()
+    schedule = NoiseSchedule(privacy.total_variance, privacy.threshold, 4)
+    tops = {node: bytes([node]) * SEED_BYTES for node in range(1, 5)}
+    seeds = {node: revealed_seed(top, schedule, 3) for node, top in tops.items()}
+    dim = 16
+    field_sum = to_field(np.arange(dim, dtype=np.int64) * 1000, bits=48)
+    revealed: dict[int, object] = {1: seeds[1], 2: "not bytes", 3: seeds[3][:-1], 4: seeds[4]}
+    out, removed = remove_excess_noise(
+        field_sum, revealed, privacy=privacy, clients=4, survivors=[1, 2, 3], bits=48
+    )
+    assert removed == [1]
+    expected = np.arange(dim, dtype=np.int64) * 1000 - removable_noise(seeds[1], schedule, 3, dim)
+    np.testing.assert_array_equal(out, to_field(expected, bits=48))
+
+
+def test_plain_shares_and_threshold_survivors_remove_nothing() -> None:
+    field_sum = to_field(np.arange(8, dtype=np.int64), bits=48)
+    plain = dataclasses.replace(_exact_privacy(), noise_sharing="plain")
+    seed = bytes(SEED_BYTES)
+    out, removed = remove_excess_noise(
+        field_sum, {1: seed, 2: seed}, privacy=plain, clients=3, survivors=[1, 2], bits=48
+    )
+    assert removed == [] and out is field_sum
+    # Exact sharing with exactly t survivors: every component stays, nothing is revealed.
+    out, removed = remove_excess_noise(
+        field_sum,
+        {1: seed, 2: seed},
+        privacy=_exact_privacy(),
+        clients=3,
+        survivors=[1, 2],
+        bits=48,
+    )
+    assert removed == [] and out is field_sum
+
+
+def test_exact_shares_need_the_holders_chain_seed() -> None:
+    with pytest.raises(ConfigError, match=r"^exact noise sharing needs this holder's chain seed$"):
+        share_noise(
+            _exact_privacy(), clients=4, dim=8, rng=np.random.default_rng(0), noise_seed=None
+        )
