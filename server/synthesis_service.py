@@ -48,6 +48,7 @@ from fedsynth.protocol.errors import (
 )
 from fedsynth.protocol.models import LoadedModel
 from fedsynth.protocol.wire import synthesis_pb2 as pb
+from fedsynth.server.backends import GenerationBackend, as_backend, check_release_backend
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.release import Release, load_release
 from fedsynth.server.snr import steering_snr
@@ -366,11 +367,24 @@ class ReleaseStore:
     other.
     """
 
-    def __init__(self, directory: Path, *, model_fingerprint: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        model_fingerprint: str,
+        accepts: Callable[[Release], None] | None = None,
+    ) -> None:
+        """Offer the verified releases of ``directory`` made with ``model_fingerprint``.
+
+        ``accepts`` raises a :class:`FedSynthError` for a release the generation backend cannot
+        apply (llama.cpp: a release that steers a block it cannot steer); such a release is
+        logged once and not offered, instead of failing a consumer's stream.
+        """
         if not directory.is_dir():
             raise ConfigError(f"releases={directory}: not a directory")
         self.directory = directory
         self.model_fingerprint = model_fingerprint
+        self.accepts = accepts
         self._lock = threading.Lock()
         self._cache: dict[Path, tuple[tuple[int, int, int], StoredRelease | None]] = {}
 
@@ -393,6 +407,12 @@ class ReleaseStore:
                 self.model_fingerprint,
             )
             return None
+        if self.accepts is not None:
+            try:
+                self.accepts(release)
+            except FedSynthError as exc:
+                logger.warning("release store: not offering %s: %s", path.name, exc)
+                return None
         return StoredRelease(release, path, digest, before.st_mtime_ns)
 
     def scan(self) -> dict[str, StoredRelease]:
@@ -494,7 +514,7 @@ class SynthesisServicer:
         self,
         *,
         store: ReleaseStore,
-        loaded: LoadedModel,
+        loaded: LoadedModel | GenerationBackend,
         tokens: Sequence[str],
         limits: SynthesisLimits,
         generation: GenerationConfig,
@@ -742,7 +762,7 @@ class SynthesisServer:
 def serve(
     *,
     releases: Path,
-    loaded: LoadedModel,
+    loaded: LoadedModel | GenerationBackend,
     token_file: Path,
     host: str = "127.0.0.1",
     port: int = 0,
@@ -778,9 +798,14 @@ def serve(
         raise ConfigError("tls_cert and tls_key: both required (insecure=True only for tests)")
     else:
         credentials = server_credentials(tls_cert, tls_key)
+    backend = as_backend(loaded)
     servicer = SynthesisServicer(
-        store=ReleaseStore(releases, model_fingerprint=loaded.fingerprint),
-        loaded=loaded,
+        store=ReleaseStore(
+            releases,
+            model_fingerprint=backend.fingerprint,
+            accepts=lambda release: check_release_backend(backend, release),
+        ),
+        loaded=backend,
         tokens=read_token_file(token_file),
         limits=limits,
         generation=generation,

@@ -323,3 +323,68 @@ def test_demo_refuses_a_backend_it_cannot_run_before_anything_runs(
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--backend", "llamacpp"])
     assert result.exit_code == 2 and "fedsynth[llamacpp]" in result.output
     assert not out.exists()  # no holder file written, no epsilon spent
+
+
+def test_synthesis_service_on_llama_cpp_offers_only_releases_it_can_steer(
+    pair: tuple[LoadedModel, LlamaCppBackend],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`serve --backend llamacpp`: samples over TLS are the backend's own for the same seed;
+    a release that steers block 0 (which llama.cpp cannot steer) is not offered."""
+    from fedsynth.server import synthesis_service as service
+    from fedsynth.server.release import save_release
+    from fedsynth.server.synthesis_client import SynthesisClient
+    from fedsynth.server.synthesize import iter_release_samples
+    from tests.server import releases
+    from tests.server.synthesis_harness import TOKEN, make_pki, write_token_file
+
+    loaded, backend = pair
+    store = tmp_path / "releases"
+    store.mkdir()
+    steerable = releases.make_test_release(loaded)
+    save_release(steerable, store / "steerable.safetensors")
+    monkeypatch.setattr(releases, "LAYERS", (0, 1))
+    save_release(
+        releases.make_test_release(loaded, release_id="block-0"), store / "block0.safetensors"
+    )
+    pki = make_pki(tmp_path / "pki")
+    tokens = write_token_file(tmp_path / "tokens", TOKEN)
+    generation = GenerationConfig(max_new_tokens=6, batch_size=4)
+    label = steerable.labels[0]
+    running = service.serve(
+        releases=store,
+        loaded=backend,
+        token_file=tokens,
+        tls_cert=pki.cert,
+        tls_key=pki.key,
+        generation=generation,
+    )
+    with running, SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca) as client:
+        assert [r.release_id for r in client.list_releases()] == ["release-1"]
+        pulled = [s.text for s in client.generate("release-1", 3, label=label, seed=5)]
+    expected = [
+        s.text
+        for s in iter_release_samples(
+            backend,
+            steerable,
+            n_per_label=3,
+            strength=service.DEFAULT_STRENGTH,
+            config=generation,
+            seed=service.label_seed(5, label),
+            labels=(label,),
+        )
+    ]
+    assert pulled == expected and all(t.strip() for t in pulled)
+
+
+def test_serve_refuses_an_unknown_backend_before_loading_a_model(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedsynth.server.synthesis_client import synthesis_app
+
+    args = ["serve", "--releases", str(tmp_path), "--model", "no-such-model"]
+    result = CliRunner().invoke(
+        synthesis_app, [*args, "--token-file", str(tmp_path / "t"), "--backend", "vllm"]
+    )
+    assert result.exit_code == 2 and "backend='vllm'" in result.output

@@ -32,6 +32,7 @@ from fedsynth.protocol.errors import (
     AuthenticationError,
     CertificateError,
     ConfigError,
+    ModelMismatchError,
     RateLimitError,
     UnknownReleaseError,
 )
@@ -50,6 +51,7 @@ from fedsynth.server.synthesis_client import (
 from fedsynth.server.synthesis_service import (
     DEFAULT_STRENGTH,
     RateLimiter,
+    ReleaseStore,
     SynthesisLimits,
     SynthesisServer,
     TokenBucket,
@@ -205,6 +207,22 @@ def test_a_release_of_another_model_is_not_offered(
     save_release(make_test_release(llama, release_id="mine"), tmp_path / "mine.safetensors")
     with start(tmp_path, llama, pki, tokens) as running:
         assert list(running.servicer.store.scan()) == ["mine"]
+
+
+def test_a_release_the_backend_cannot_apply_is_not_offered(
+    tmp_path: Path, llama: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    save_release(make_test_release(llama, release_id="a"), tmp_path / "a.safetensors")
+    save_release(make_test_release(llama, release_id="b"), tmp_path / "b.safetensors")
+
+    def accepts(release: Any) -> None:
+        if release.release_id == "b":
+            raise ModelMismatchError("this backend cannot steer block 0")
+
+    store = ReleaseStore(tmp_path, model_fingerprint=llama.fingerprint, accepts=accepts)
+    with caplog.at_level("WARNING"):
+        assert list(store.scan()) == ["a"]
+    assert "not offering b.safetensors: this backend cannot steer block 0" in caplog.text
 
 
 def test_generate_streams_the_release_samples(
