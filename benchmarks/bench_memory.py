@@ -10,6 +10,12 @@ records is at most 1.1x the peak at 2k records. For comparison, the same is meas
 materialising computation (all records loaded, all features extracted, then one call of
 ``integer_class_sums``): what the holder's memory did before it streamed.
 
+The PE voter (``pe``) keeps every record and its embedding in memory across rounds by design
+(it votes again each round): its child loads the records, embeds them with the voter's embedder
+(``--embedder``; ``all-minilm-l6-v2`` by default, ``hashing-64`` under ``--quick``) and computes
+one vote histogram over 2 labels x 60 candidates, as ``PEVoter.contribution`` does before its
+noise share. Its figure states the memory per record; there is no target.
+
 The default model is the tiny random-weight test model (memory is dominated by the process,
 the records and the per-record arrays, not by the weights); ``--model`` takes any other.
 
@@ -38,7 +44,9 @@ QUICK_SIZES = (500, 5_000)
 BATCH = 32
 LAYERS = (1, 2)  # the tiny models have 4 blocks; the packaged model's defaults need more
 TARGET_RATIO = 1.1
-PATHS = ("streamed", "materialised")
+PATHS = ("streamed", "materialised", "pe")
+PE_EMBEDDER, PE_QUICK_EMBEDDER = "all-minilm-l6-v2", "hashing-64"
+PE_CANDIDATES_PER_LABEL = 60
 
 
 @dataclass
@@ -76,7 +84,9 @@ def write_records(path: Path, n: int) -> None:
             handle.write(json.dumps({"text": text, "label": ("pos", "neg")[i % 2]}) + "\n")
 
 
-def measure(path: str, n_records: int, *, model: str, data: Path) -> Peak:
+def measure(
+    path: str, n_records: int, *, model: str, data: Path, embedder: str = PE_EMBEDDER
+) -> Peak:
     """Run one contribution over ``data`` in a fresh process and return its peak RSS."""
     env = {
         **os.environ,
@@ -92,6 +102,8 @@ def measure(path: str, n_records: int, *, model: str, data: Path) -> Peak:
             model,
             "--data",
             str(data),
+            "--embedder",
+            embedder,
         ],
         capture_output=True,
         text=True,
@@ -105,6 +117,36 @@ def measure(path: str, n_records: int, *, model: str, data: Path) -> Peak:
     if result["n_records"] != n_records:
         raise RuntimeError(f"child summed {result['n_records']} records, expected {n_records}")
     return Peak(path, n_records, int(result["peak_bytes"]))
+
+
+def pe_child(data: Path, *, embedder_name: str) -> None:
+    """The PE voter's memory: every record and its embedding, then one vote histogram."""
+    import numpy as np
+
+    from fedsynth.client.data import load_records
+    from fedsynth.protocol.embedding import load_embedder
+    from fedsynth.protocol.pe import vote_histogram
+
+    labels = ("pos", "neg")
+    records = load_records(data, labels=labels)
+    embedder = load_embedder(embedder_name, device="cpu")
+    private = embedder.embed([r.text for r in records])
+    index = {label: i for i, label in enumerate(labels)}
+    label_ids = np.array([index[r.label] for r in records], dtype=np.int64)
+    candidates = np.random.default_rng(0).normal(
+        size=(len(labels) * PE_CANDIDATES_PER_LABEL, private.shape[1])
+    )
+    votes = vote_histogram(
+        private,
+        label_ids,
+        candidates.astype(private.dtype),
+        n_labels=len(labels),
+        per_label=PE_CANDIDATES_PER_LABEL,
+    )
+    if int(votes.sum()) != len(records):
+        raise RuntimeError(f"{int(votes.sum())} votes for {len(records)} records")
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"n_records": len(records), "peak_bytes": peak_kib * 1024}))
 
 
 def child(path: str, *, model: str, data: Path) -> None:
@@ -177,7 +219,11 @@ def child(path: str, *, model: str, data: Path) -> None:
 
 
 def run(
-    sizes: tuple[int, int], *, model: str, paths: tuple[str, ...] = PATHS
+    sizes: tuple[int, int],
+    *,
+    model: str,
+    paths: tuple[str, ...] = PATHS,
+    embedder: str = PE_EMBEDDER,
 ) -> dict[str, tuple[Peak, Peak]]:
     """Peaks of the given paths at both sizes (one fresh process each)."""
     out: dict[str, tuple[Peak, Peak]] = {}
@@ -189,7 +235,7 @@ def run(
             files.append(data)
         for path in paths:
             small, large = (
-                measure(path, n, model=model, data=data)
+                measure(path, n, model=model, data=data, embedder=embedder)
                 for n, data in zip(sizes, files, strict=True)
             )
             out[path] = (small, large)
@@ -199,8 +245,13 @@ def run(
 def figures(quick: bool) -> list[Figure]:
     """Peak RSS at the larger size against the smaller, streamed and materialised."""
     sizes = QUICK_SIZES if quick else FULL_SIZES
-    # --quick (CI) measures the judged path only; the materialising comparison doubles the time.
-    peaks = run(sizes, model=QUICK_MODEL, paths=PATHS[:1] if quick else PATHS)
+    # --quick (CI) skips the materialising comparison, which doubles the time.
+    peaks = run(
+        sizes,
+        model=QUICK_MODEL,
+        paths=("streamed", "pe") if quick else PATHS,
+        embedder=PE_QUICK_EMBEDDER if quick else PE_EMBEDDER,
+    )
     return to_figures(peaks, model=QUICK_MODEL, quick=quick)
 
 
@@ -236,6 +287,22 @@ def to_figures(peaks: dict[str, tuple[Peak, Peak]], *, model: str, quick: bool) 
                 note=where,
             )
         )
+    if "pe" in peaks:
+        pe_small, pe_large = peaks["pe"]
+        per_record = (pe_large.peak_bytes - pe_small.peak_bytes) / (
+            pe_large.n_records - pe_small.n_records
+        )
+        rows.append(
+            info(
+                "memory",
+                f"PE voter peak RSS at {pe_large.n_records:,} vs {pe_small.n_records:,} records",
+                pe_large.peak_bytes / mib,
+                "MiB",
+                baseline=pe_small.peak_bytes / mib,
+                note=f"records and their embeddings kept across rounds by design: about "
+                f"{per_record:,.0f} bytes per record; fresh process each, ru_maxrss",
+            )
+        )
     return rows
 
 
@@ -245,15 +312,20 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"))
     parser.add_argument("--model", default=QUICK_MODEL)
     parser.add_argument("--streamed-only", action="store_true", help="skip the comparison")
+    parser.add_argument("--embedder", default=None, help="PE voter's embedder")
     parser.add_argument("--child", choices=PATHS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    embedder = args.embedder or (PE_QUICK_EMBEDDER if args.quick else PE_EMBEDDER)
+    if args.child == "pe":
+        pe_child(args.data, embedder_name=embedder)
+        return
     if args.child:
         child(args.child, model=args.model, data=args.data)
         return
     sizes = tuple(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else FULL_SIZES)
     paths = PATHS[:1] if args.streamed_only else PATHS
-    peaks = run(sizes, model=args.model, paths=paths)  # type: ignore[arg-type]
+    peaks = run(sizes, model=args.model, paths=paths, embedder=embedder)
     for path, (small, large) in peaks.items():
         print(
             f"{path:>12}: {small.n_records:>7,} records {small.peak_bytes / 2**20:8.1f} MiB   "
