@@ -162,10 +162,10 @@ def test_results_folder_checks(tmp_path: Path) -> None:
     assert (out / "results.csv").exists()
 
 
-@pytest.mark.parametrize("name", ["small.toml", "gpu.toml"])
+@pytest.mark.parametrize("name", ["small.toml", "gpu.toml", "scale.toml"])
 def test_shipped_study_configs_are_valid(name: str) -> None:
     config = load_study_config(Path(__file__).parents[2] / "studies" / name)
-    assert len(config.cells()) > 10
+    assert len(config.cells()) >= 6
 
 
 def test_federated_refusals_are_results_but_crashes_rerun() -> None:
