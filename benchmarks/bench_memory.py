@@ -10,11 +10,12 @@ records is at most 1.1x the peak at 2k records. For comparison, the same is meas
 materialising computation (all records loaded, all features extracted, then one call of
 ``integer_class_sums``): what the holder's memory did before it streamed.
 
-The PE voter (``pe``) keeps every record and its embedding in memory across rounds by design
-(it votes again each round): its child loads the records, embeds them with the voter's embedder
-(``--embedder``; ``all-minilm-l6-v2`` by default, ``hashing-64`` under ``--quick``) and computes
-one vote histogram over 2 labels x 60 candidates, as ``PEVoter.contribution`` does before its
-noise share. Its figure states the memory per record; there is no target.
+The PE voter (``pe``) keeps one embedding and one label index per record in memory across
+rounds by design (it votes again each round): its child embeds the data file a chunk at a time
+with the voter's own ``embed_data_file`` and embedder (``--embedder``; ``all-minilm-l6-v2`` by
+default, ``hashing-64`` under ``--quick``) and computes one vote histogram over 2 labels x 60
+candidates, as ``PEVoter.contribution`` does before its noise share. Its figure states the
+memory per record; there is no target.
 
 The default model is the tiny random-weight test model (memory is dominated by the process,
 the records and the per-record arrays, not by the weights); ``--model`` takes any other.
@@ -123,16 +124,13 @@ def pe_child(data: Path, *, embedder_name: str) -> None:
     """The PE voter's memory: every record and its embedding, then one vote histogram."""
     import numpy as np
 
-    from fedsynth.client.data import load_records
+    from fedsynth.client.pe_voter import embed_data_file
     from fedsynth.protocol.embedding import load_embedder
     from fedsynth.protocol.pe import vote_histogram
 
     labels = ("pos", "neg")
-    records = load_records(data, labels=labels)
     embedder = load_embedder(embedder_name, device="cpu")
-    private = embedder.embed([r.text for r in records])
-    index = {label: i for i, label in enumerate(labels)}
-    label_ids = np.array([index[r.label] for r in records], dtype=np.int64)
+    private, label_ids = embed_data_file(data, labels, embedder)
     candidates = np.random.default_rng(0).normal(
         size=(len(labels) * PE_CANDIDATES_PER_LABEL, private.shape[1])
     )
@@ -143,10 +141,10 @@ def pe_child(data: Path, *, embedder_name: str) -> None:
         n_labels=len(labels),
         per_label=PE_CANDIDATES_PER_LABEL,
     )
-    if int(votes.sum()) != len(records):
-        raise RuntimeError(f"{int(votes.sum())} votes for {len(records)} records")
+    if int(votes.sum()) != len(label_ids):
+        raise RuntimeError(f"{int(votes.sum())} votes for {len(label_ids)} records")
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"n_records": len(records), "peak_bytes": peak_kib * 1024}))
+    print(json.dumps({"n_records": len(label_ids), "peak_bytes": peak_kib * 1024}))
 
 
 def child(path: str, *, model: str, data: Path) -> None:

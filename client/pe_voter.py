@@ -3,8 +3,10 @@
 The client runs only the embedder, never the generator. Each round it receives the candidates'
 embeddings (checked against the manifest's hash, dimension and embedder fingerprint), finds each
 private example's nearest candidates of its own label, builds an integer vote histogram, adds its
-Skellam noise share and masks the result. The private embeddings are computed once per process
-and kept in memory only; raw records, embeddings and unmasked votes are never logged or saved.
+Skellam noise share and masks the result. The private embeddings are computed once per process,
+reading the data file a chunk at a time (what stays in memory is one float vector and one label
+index per record, not the records), and kept in memory only; raw records, embeddings and
+unmasked votes are never logged or saved.
 
 Replay protection: a node answers each round of a PE task at most once, in increasing order,
 and refuses a change of the task's terms (privacy, rounds, embedder, labels, top_k) between
@@ -16,13 +18,15 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsynth.client.budget import ClientBudget, canonical_terms, pe_task_terms
+from fedsynth.client.data import count_records, iter_record_batches
 from fedsynth.client.participant import SecureSumParticipant
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.embedding import load_embedder
@@ -44,8 +48,36 @@ PE_ROUNDS_KEY = "fedsynth.pe.rounds"
 # Per-process cache of private embeddings (memory only, never persisted), keyed by the data
 # file's identity and the embedder fingerprint, so later rounds cost only the vote. A process
 # may serve several simulated nodes (Flower's simulation actors), hence a few entries.
-_EMBEDDINGS: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+_EMBEDDINGS: OrderedDict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
 _EMBEDDINGS_MAX = 8
+EMBED_CHUNK = 2048
+"""Records read and embedded at a time: the texts of one chunk are all a voter holds at once."""
+
+
+def embed_data_file(
+    path: Path,
+    labels: Sequence[str],
+    embedder: Embedder,
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    chunk: int = EMBED_CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, D) embeddings and (n,) label indices of a data file, read ``chunk`` records at a time.
+
+    The file is validated as :func:`~fedsynth.client.data.load_records` validates it (the
+    error comes once the end is reached; nothing computed here leaves before that).
+    """
+    index = {label: i for i, label in enumerate(labels)}
+    parts: list[np.ndarray] = []
+    label_ids: list[np.ndarray] = []
+    batches = iter_record_batches(
+        path, text_field=text_field, label_field=label_field, labels=labels, batch_size=chunk
+    )
+    for batch in batches:
+        parts.append(np.asarray(embedder.embed([r.text for r in batch])))
+        label_ids.append(np.array([index[r.label] for r in batch], dtype=np.int64))
+    return np.concatenate(parts), np.concatenate(label_ids)
 
 
 def embedder_matches(embedder: Embedder, manifest: PERoundManifest) -> None:
@@ -74,6 +106,7 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
         embedder_loader: Callable[[], Embedder] | None = None,
     ) -> None:
         super().__init__(settings, node_id=node_id)
+        self._count: int | None = None
         self._embedder_loader = embedder_loader or (
             lambda: load_embedder(settings.embedder, settings.device)
         )
@@ -89,14 +122,14 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
         if self.node_id not in manifest.node_ids:
             raise ProtocolError(f"node {self.node_id} is not a participant of {manifest.task_id}")
         self._check_round(manifest, state)
-        records = self.records(manifest.labels)
-        if len(records) > manifest.max_records:
+        n_records = self.record_count(manifest.labels)
+        if n_records > manifest.max_records:
             raise ProtocolError(
-                f"{len(records)} records exceed the task's max_records={manifest.max_records}"
+                f"{n_records} records exceed the task's max_records={manifest.max_records}"
             )
         # A task already charged (earlier rounds) is not counted twice against the cap.
         spent = ClientBudget(self.settings.budget_path).spent(exclude=manifest.pe_task_id)
-        self.settings.policy.check(manifest, spent=spent, n_records=len(records))
+        self.settings.policy.check(manifest, spent=spent, n_records=n_records)
         embedder_matches(self._embedder_loader(), manifest)
         log.info("node %s accepted PE round %s", self.node_id, manifest.task_id)
         return manifest, candidates.tobytes()
@@ -131,7 +164,7 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
         charge), the round order and, at the first round, the policy with the lifetime cap are
         re-checked and the charge written together, so a refusal keeps the votes here.
         """
-        n_records = len(self.records(task.labels))
+        n_records = self.record_count(task.labels)
         ClientBudget(self.settings.budget_path).charge_pe_round(
             task,
             check=lambda spent: self.settings.policy.check(task, spent=spent, n_records=n_records),
@@ -143,11 +176,24 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
 
     # -- helpers ---------------------------------------------------------------------------------
 
+    def record_count(self, labels: tuple[str, ...]) -> int:
+        """Validate the data file against the labels and count its records (once per object).
+
+        One streaming pass that keeps no record.
+        """
+        if self._count is None:
+            self._count = count_records(
+                self.settings.data_path,
+                text_field=self.settings.text_field,
+                label_field=self.settings.label_field,
+                labels=labels,
+            )
+        return self._count
+
     def private_embeddings(
         self, manifest: PERoundManifest, embedder: Embedder
     ) -> tuple[np.ndarray, np.ndarray]:
         """(n, D) embeddings and (n,) label indices of the private records (cached in memory)."""
-        records = self.records(manifest.labels)
         path = self.settings.data_path
         stat = path.stat()
         key = (
@@ -156,16 +202,21 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
             stat.st_size,
             self.settings.text_field,
             self.settings.label_field,
+            tuple(manifest.labels),
             embedder.fingerprint,
         )
         if key not in _EMBEDDINGS:
-            _EMBEDDINGS[key] = embedder.embed([r.text for r in records])
+            _EMBEDDINGS[key] = embed_data_file(
+                path,
+                manifest.labels,
+                embedder,
+                text_field=self.settings.text_field,
+                label_field=self.settings.label_field,
+            )
             while len(_EMBEDDINGS) > _EMBEDDINGS_MAX:
                 _EMBEDDINGS.popitem(last=False)
         _EMBEDDINGS.move_to_end(key)
-        index = {label: i for i, label in enumerate(manifest.labels)}
-        label_ids = np.array([index[r.label] for r in records], dtype=np.int64)
-        return _EMBEDDINGS[key], label_ids
+        return _EMBEDDINGS[key]
 
     def _candidates(self, manifest: PERoundManifest, data: Any) -> np.ndarray:
         return vector_from_bytes(

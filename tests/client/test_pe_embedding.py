@@ -1,0 +1,47 @@
+"""The PE voter embeds its data file a chunk at a time, with the same result as all at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsynth.client.pe_voter import embed_data_file
+from fedsynth.protocol.embedding import load_embedder
+from fedsynth.protocol.errors import DataFileError, UnknownLabelError
+
+
+def _write(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_chunks_give_the_embeddings_of_the_whole_file_in_file_order(tmp_path: Path) -> None:
+    rows = [
+        {"text": f"review number {i} was {'good' if i % 3 else 'bad'}", "label": "ab"[i % 2]}
+        for i in range(11)
+    ]
+    data = _write(tmp_path / "d.jsonl", rows)
+    embedder = load_embedder("hashing-64")
+    chunked, labels = embed_data_file(data, ("a", "b"), embedder, chunk=3)
+    whole = np.asarray(embedder.embed([r["text"] for r in rows]))
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(labels, [i % 2 for i in range(11)])
+    # The task's label order decides the indices.
+    _, swapped = embed_data_file(data, ("b", "a"), embedder, chunk=4)
+    np.testing.assert_array_equal(swapped, [1 - i % 2 for i in range(11)])
+
+
+def test_a_bad_file_is_refused_as_load_records_refuses_it(tmp_path: Path) -> None:
+    embedder = load_embedder("hashing-64")
+    foreign = _write(
+        tmp_path / "f.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": "c"}]
+    )
+    with pytest.raises(UnknownLabelError):
+        embed_data_file(foreign, ("a", "b"), embedder, chunk=1)
+    broken = tmp_path / "b.jsonl"
+    broken.write_text('{"text": "x", "label": "a"}\nnot json\n')
+    with pytest.raises(DataFileError):
+        embed_data_file(broken, ("a", "b"), embedder, chunk=1)
