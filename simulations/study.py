@@ -191,7 +191,11 @@ def check_time_budget(config: StudyConfig, measured_s: Sequence[float], *, remai
 
 
 class StudyRunner:
-    """Runs the cells of a study that are not finished yet and writes the report."""
+    """Runs the cells of a study that are not finished yet and writes the report.
+
+    It is the methods' :class:`~fedsynth.simulations.methods.StudyContext`: the model, the public
+    reference and each seed's split and evaluators are computed once and shared by every cell.
+    """
 
     def __init__(
         self,
