@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
 from benchmarks.common import Figure, compared, info
-from fedsynth.protocol.accounting import calibrate_vector_release
+from fedsynth.protocol.accounting import VectorReleaseCalibration, calibrate_vector_release
 from fedsynth.protocol.contribution import remove_excess_noise, share_noise
 from fedsynth.protocol.exact_noise import SEED_BYTES, NoiseSchedule, revealed_seed
 from fedsynth.protocol.manifest import NOISE_EXACT, PrivacySpec
@@ -46,10 +46,10 @@ DELTA = 1e-5
 SCALE, COUNT_WEIGHT = 1000.0, 0.5  # the coordinator's defaults (server/coordinator.py)
 
 
-def privacy(clients: int, *, epsilon: float = 4.0, sharing: str = NOISE_EXACT) -> PrivacySpec:
-    """The distributed terms of a default-model release among ``clients`` holders."""
-    c = calibrate_vector_release(
-        mode="distributed",
+def calibration(mode: str, epsilon: float) -> VectorReleaseCalibration:
+    """The coordinator's calibration of a default-model release in ``mode`` at ``epsilon``."""
+    return calibrate_vector_release(
+        mode=mode,
         epsilon=epsilon,
         delta=DELTA,
         layers=LAYERS,
@@ -57,6 +57,11 @@ def privacy(clients: int, *, epsilon: float = 4.0, sharing: str = NOISE_EXACT) -
         scale=SCALE,
         count_weight=COUNT_WEIGHT,
     )
+
+
+def privacy(clients: int, *, epsilon: float = 4.0, sharing: str = NOISE_EXACT) -> PrivacySpec:
+    """The distributed terms of a default-model release among ``clients`` holders."""
+    c = calibration("distributed", epsilon)
     return PrivacySpec(
         epsilon=epsilon,
         delta=DELTA,
@@ -120,17 +125,10 @@ def measure(clients: int, dim: int, *, repeats: int = 3) -> NoiseCost:
 
 def sigma_ratio(epsilon: float) -> tuple[float, float]:
     """σ/Δ of the distributed release (exact sharing) and of central EPSVec at ``epsilon``."""
-    common = dict(
-        epsilon=epsilon,
-        delta=DELTA,
-        layers=LAYERS,
-        dim=LAYERS * HIDDEN + 1,
-        scale=SCALE,
-        count_weight=COUNT_WEIGHT,
+    return (
+        calibration("distributed", epsilon).noise_multiplier,
+        calibration("central", epsilon).noise_multiplier,
     )
-    distributed = calibrate_vector_release(mode="distributed", **common)  # type: ignore[arg-type]
-    central = calibrate_vector_release(mode="central", **common)  # type: ignore[arg-type]
-    return distributed.noise_multiplier, central.noise_multiplier
 
 
 def figures(quick: bool) -> list[Figure]:

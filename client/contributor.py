@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import RecordDict
 
 from fedsynth.client.budget import ClientBudget
-from fedsynth.client.data import Record, count_records, iter_record_batches
+from fedsynth.client.data import Record, iter_record_batches
 from fedsynth.client.participant import SecureSumParticipant
 from fedsynth.client.settings import ClientSettings as ClientSettings
 from fedsynth.protocol.contribution import ClassSumAccumulator, encode_contribution
@@ -111,7 +111,6 @@ class Contributor(SecureSumParticipant[TaskManifest]):
     ) -> None:
         super().__init__(settings, node_id=node_id)
         self._model_loader = model_loader or (lambda: _load_model(settings.model, settings.device))
-        self._counted: int | None = None  # records found by this object's validation pass
         self._contributed: int | None = None  # records summed into this object's contribution
 
     def accept(self, fields: dict[str, Any], state: RecordDict) -> tuple[TaskManifest, bytes]:
@@ -195,19 +194,6 @@ class Contributor(SecureSumParticipant[TaskManifest]):
             task,
             check=lambda spent: self.settings.policy.check(task, spent=spent, n_records=n_records),
         )
-
-    def record_count(self, labels: tuple[str, ...]) -> int:
-        """Validate the whole data file against the task's labels and count its records.
-
-        One streaming pass that keeps no record (memory independent of the file's size).
-        """
-        self._counted = count_records(
-            self.settings.data_path,
-            text_field=self.settings.text_field,
-            label_field=self.settings.label_field,
-            labels=labels,
-        )
-        return self._counted
 
     def record_batches(self, labels: tuple[str, ...], *, size: int) -> Iterator[list[Record]]:
         """The data file's records, validated as they are read, ``size`` at a time.

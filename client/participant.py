@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from fedsynth.client.data import Record, load_records
+from fedsynth.client.data import Record, count_records, load_records
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.contribution import noise_schedule
 from fedsynth.protocol.errors import IdentityError, ProtocolError, StageOrderError
@@ -49,6 +49,20 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         self.settings = settings
         self.node_id = node_id
         self._records: list[Record] | None = None
+        self._counted: int | None = None  # records found by this object's validation pass
+
+    def record_count(self, labels: tuple[str, ...]) -> int:
+        """Validate the whole data file against the task's labels and count its records.
+
+        One streaming pass that keeps no record (memory independent of the file's size).
+        """
+        self._counted = count_records(
+            self.settings.data_path,
+            text_field=self.settings.text_field,
+            label_field=self.settings.label_field,
+            labels=labels,
+        )
+        return self._counted
 
     def records(self, labels: tuple[str, ...]) -> list[Record]:
         """Load (once) and validate the private records against the task's labels."""

@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsynth.client.budget import ClientBudget, canonical_terms, pe_task_terms
-from fedsynth.client.data import count_records, iter_record_batches
+from fedsynth.client.data import iter_record_batches
 from fedsynth.client.participant import SecureSumParticipant
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.embedding import load_embedder
@@ -106,7 +106,6 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
         embedder_loader: Callable[[], Embedder] | None = None,
     ) -> None:
         super().__init__(settings, node_id=node_id)
-        self._count: int | None = None
         self._embedder_loader = embedder_loader or (
             lambda: load_embedder(settings.embedder, settings.device)
         )
@@ -175,20 +174,6 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
             rounds[f"terms:{task.pe_task_id}"] = task.to_json()
 
     # -- helpers ---------------------------------------------------------------------------------
-
-    def record_count(self, labels: tuple[str, ...]) -> int:
-        """Validate the data file against the labels and count its records (once per object).
-
-        One streaming pass that keeps no record.
-        """
-        if self._count is None:
-            self._count = count_records(
-                self.settings.data_path,
-                text_field=self.settings.text_field,
-                label_field=self.settings.label_field,
-                labels=labels,
-            )
-        return self._count
 
     def private_embeddings(
         self, manifest: PERoundManifest, embedder: Embedder

