@@ -24,6 +24,7 @@ from fedsynth.protocol.errors import (
     StageOrderError,
     TooFewParticipantsError,
     TooFewSharesError,
+    UnsafeThresholdError,
 )
 from fedsynth.protocol.secagg import PublicKeys, SecAggClient, SecAggConfig, shamir
 from fedsynth.protocol.secagg.crypto import combine_secret, combine_secrets, split_secret
@@ -132,6 +133,87 @@ def test_a_state_with_unsigned_own_keys_is_refused() -> None:
     signatures[position] = b""
     with pytest.raises(ProtocolError, match=r"^state: own announced keys are unsigned$"):
         restore({**state, "u1_signatures": signatures})
+
+
+def test_a_restored_client_keeps_the_holders_colluder_bound() -> None:
+    # K = 3, t = 2 is safe without colluders and unsafe with one (2t - K = 1 is not > 1): a
+    # holder that assumes a colluder must refuse the round when it resumes from its state too.
+    rnd = make_round(3, 2)
+    rnd.setup()
+    state = rnd.clients[100].export_state()
+    roster = rnd.roster
+    assert roster is not None
+    identity = rnd.identities[100]
+    SecAggClient.from_state(state, identity=identity, roster=roster)  # no colluder assumed
+    with pytest.raises(UnsafeThresholdError, match="max_colluders=1"):
+        SecAggClient.from_state(state, identity=identity, roster=roster, max_colluders=1)
+
+
+def test_restore_refusals_say_what_is_wrong_with_the_state() -> None:
+    state, restore = _state_after_share_keys()
+    with pytest.raises(ProtocolError, match=r"^state must be a mapping, got str$"):
+        restore("not a state")  # type: ignore[arg-type]
+    owners = list(state["share_owners"])  # type: ignore[call-overload]
+    b_shares = list(state["b_shares"])  # type: ignore[call-overload]
+    sk_shares = list(state["sk_shares"])  # type: ignore[call-overload]
+    with pytest.raises(
+        ProtocolError, match=r"^state fields 'share_owners', 'b_shares', 'sk_shares' differ$"
+    ):
+        restore({**state, "b_shares": b_shares[:-1]})
+    stranger = [*owners[:-1], 999]
+    with pytest.raises(ProtocolError, match=r"^state holds shares of node 999, not in U1$"):
+        restore({**state, "share_owners": stranger})
+    own = owners.index(100)
+    without = {
+        "share_owners": [o for i, o in enumerate(owners) if i != own],
+        "b_shares": [b for i, b in enumerate(b_shares) if i != own],
+        "sk_shares": [k for i, k in enumerate(sk_shares) if i != own],
+    }
+    with pytest.raises(ProtocolError, match=r"^state lacks this node's own shares$"):
+        restore({**state, **without})
+    for column, what in (("b_shares", "state b-share"), ("sk_shares", "state mask-key share")):
+        broken = list(state[column])  # type: ignore[call-overload]
+        broken[0] = b"short"
+        with pytest.raises(ProtocolError, match=rf"^{what} has 5 bytes, expected \d+$"):
+            restore({**state, column: broken})
+    other = _state_after_share_keys()[0]
+    with pytest.raises(
+        ProtocolError, match=r"^state: private keys do not match the node's announced keys$"
+    ):
+        restore({**state, "enc_sk": other["enc_sk"], "mask_sk": other["mask_sk"]})
+
+
+def test_a_state_with_malformed_round_keys_is_refused() -> None:
+    rnd = make_round(3, 2)
+    rnd.setup()  # stage share_keys: the state holds the round's private keys
+    state = rnd.clients[100].export_state()
+    roster = rnd.roster
+    assert roster is not None
+    with pytest.raises(ProtocolError, match=r"^state holds a malformed X25519 private key$"):
+        SecAggClient.from_state(
+            {**state, "enc_sk": b"\x01" * 31}, identity=rnd.identities[100], roster=roster
+        )
+
+
+def test_the_survivor_list_of_a_state_must_be_a_sorted_subset_of_u2() -> None:
+    rnd = make_round(4, 3)
+    rnd.setup()
+    rnd.share_keys()
+    rnd.masked_input()
+    rnd.consistency()
+    state = rnd.clients[100].export_state()
+    roster = rnd.roster
+    assert roster is not None
+    u3 = list(state["u3"])  # type: ignore[call-overload]
+    assert u3 == sorted(u3) and len(u3) == 4
+
+    def restore(data: Mapping[str, object]) -> object:
+        return SecAggClient.from_state(data, identity=rnd.identities[100], roster=roster)
+
+    restore(state)
+    for bad in (u3[::-1], [*u3[:-1], 999]):  # unsorted; sorted but not a holder of shares
+        with pytest.raises(ProtocolError, match=r"^state field 'u3' is not a sorted subset of U2$"):
+            restore({**state, "u3": bad})
 
 
 # ---------------------------------------------------------------------------------------------
