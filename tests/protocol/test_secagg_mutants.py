@@ -284,6 +284,18 @@ def test_a_reconstruction_with_a_wrong_check_is_refused_as_corrupt() -> None:
         combine_secrets({6: shares[1:]}, threshold=2, what={6: "mask key"})
 
 
+def test_too_few_or_malformed_shares_are_refused_naming_the_secret_and_its_owner() -> None:
+    shares = _shares_of_value(12345)
+    with pytest.raises(
+        TooFewSharesError, match=r"^mask key of node 6 has 1 shares, threshold t=2$"
+    ):
+        combine_secrets({6: shares[:1]}, threshold=2, what={6: "mask key"})
+    with pytest.raises(TooFewSharesError, match=r"^secret of node 7 has 1 shares, threshold t=2$"):
+        combine_secrets({7: shares[:1]}, threshold=2, what={})  # no name given: "secret"
+    with pytest.raises(ShareError, match=r"^share of node 8 has 3 bytes, expected \d+$"):
+        combine_secrets({8: [shares[0], b"abc"]}, threshold=2, what={8: "seed"})
+
+
 # ---------------------------------------------------------------------------------------------
 # The unmask round at a holder
 # ---------------------------------------------------------------------------------------------
