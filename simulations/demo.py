@@ -540,6 +540,9 @@ def run_job_in_simulation(
             errors.append(f"{type(exc).__name__}: {exc}")
             raise
 
+    # Ray lowers its workers' priority (nice 15) by default: the simulated holders would then
+    # wait behind any other process on the machine while the coordinator waits for them.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     app = client_app or make_client_app(settings, partition_dir=data.partition_dir)
     if client_app is None and config.drop_clients > 0:
         app = with_simulated_dropouts(app, dropped_holders(config), data.partition_dir)
