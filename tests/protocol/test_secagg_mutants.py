@@ -296,6 +296,15 @@ def test_too_few_or_malformed_shares_are_refused_naming_the_secret_and_its_owner
         combine_secrets({8: [shares[0], b"abc"]}, threshold=2, what={8: "seed"})
 
 
+def test_shares_beyond_the_number_of_holders_are_refused_in_a_batch() -> None:
+    # Indices run 1..K: a share claiming index K + 1 came from no holder of this round.
+    secret = bytes(range(32))
+    shares = split_secret(secret, 2, 4)  # indices 1..4
+    assert combine_secrets({5: shares[1:3]}, threshold=2, what={5: "seed"}, num=3) == {5: secret}
+    with pytest.raises(ShareError, match=r"share index \[1\]=4 is outside \[1, 3\]"):
+        combine_secrets({5: shares[2:4]}, threshold=2, what={5: "seed"}, num=3)
+
+
 # ---------------------------------------------------------------------------------------------
 # The unmask round at a holder
 # ---------------------------------------------------------------------------------------------
