@@ -282,6 +282,8 @@ def test_a_reconstruction_with_a_wrong_check_is_refused_as_corrupt() -> None:
         r"at least one share is corrupt$",
     ):
         combine_secrets({6: shares[1:]}, threshold=2, what={6: "mask key"})
+    with pytest.raises(ShareError, match=r"^reconstruction of secret of node 6 failed its"):
+        combine_secrets({6: shares[1:]}, threshold=2, what={})  # no name given: "secret"
 
 
 def test_too_few_or_malformed_shares_are_refused_naming_the_secret_and_its_owner() -> None:
