@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from fedsynth.client.data import Record, count_records, load_records
+from fedsynth.client.data import count_records
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.contribution import noise_schedule
 from fedsynth.protocol.errors import IdentityError, ProtocolError, StageOrderError
@@ -48,7 +48,6 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
     def __init__(self, settings: ClientSettings, *, node_id: int) -> None:
         self.settings = settings
         self.node_id = node_id
-        self._records: list[Record] | None = None
         self._counted: int | None = None  # records found by this object's validation pass
 
     def record_count(self, labels: tuple[str, ...]) -> int:
@@ -63,17 +62,6 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             labels=labels,
         )
         return self._counted
-
-    def records(self, labels: tuple[str, ...]) -> list[Record]:
-        """Load (once) and validate the private records against the task's labels."""
-        if self._records is None:
-            self._records = load_records(
-                self.settings.data_path,
-                text_field=self.settings.text_field,
-                label_field=self.settings.label_field,
-                labels=labels,
-            )
-        return self._records
 
     # -- hooks -----------------------------------------------------------------------------------
 

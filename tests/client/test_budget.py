@@ -105,7 +105,7 @@ def _charge_at_the_same_time(
     settings = ClientSettings(data_path=Path(data), policy=policy, budget_path=Path(budget))
     manifest = make_manifest(task_id, epsilon=4.0)
     contributor = Contributor(settings, node_id=1, model_loader=lambda: None)  # type: ignore[arg-type,return-value]
-    n_records = len(contributor.records(manifest.labels))
+    n_records = contributor.record_count(manifest.labels)
     try:
         # Setup: the store shows nothing spent, so each task alone fits the cap.
         policy.check(manifest, spent=ClientBudget(Path(budget)).spent(), n_records=n_records)

@@ -230,7 +230,7 @@ def test_federated_histogram_equals_sum_of_client_histograms(
     got = from_field(result.field_sum, bits=manifest.bits)
     np.testing.assert_array_equal(got, expected)
     assert expected.sum() == 2 * sum(
-        len(n.voter.records(LABELS)) for i, n in nodes.items() if i not in contributed
+        n.voter.record_count(LABELS) for i, n in nodes.items() if i not in contributed
     )
     # bits = 32: 4 bytes per histogram entry on the wire, exactly the raw int32 histogram.
     assert all(size == manifest.dim * 4 for size in transport.uploaded.values())
