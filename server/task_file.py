@@ -279,6 +279,7 @@ def parse_task(data: Mapping[str, Any], *, base_dir: Path, source: str = "task")
         )
 
     layers = reader.int_list(model, "model.layers")
+    max_text_tokens = reader.integer(model, "model.max_text_tokens", default=64, minimum=1)
     pe = reader.pe(pe_data)
     store_dir = base_dir / reader.text(store, "store.dir", default="releases")
     ledger = store_dir / "ledger.sqlite"
@@ -303,9 +304,12 @@ def parse_task(data: Mapping[str, Any], *, base_dir: Path, source: str = "task")
         min_holders=min_holders,
         colluders=colluders,
         strength=reader.number(model, "model.strength", default=0.03, minimum=0.0),
-        max_text_tokens=reader.integer(model, "model.max_text_tokens", default=64, minimum=1),
+        max_text_tokens=max_text_tokens,
         prior_per_label=reader.integer(model, "model.prior_per_label", default=100, minimum=2),
-        max_new_tokens=reader.integer(model, "model.max_new_tokens", default=48, minimum=1),
+        # Samples as long as the declared records unless the task says otherwise.
+        max_new_tokens=reader.integer(
+            model, "model.max_new_tokens", default=max_text_tokens, minimum=1
+        ),
         generation_batch=reader.integer(model, "model.generation_batch", default=16, minimum=1),
         stage_s=reader.number(deadlines, "deadlines.stage_s", default=1800.0, positive=True),
         holders_s=reader.number(deadlines, "deadlines.holders_s", default=300.0, positive=True),

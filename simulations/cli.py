@@ -173,6 +173,14 @@ def demo(
     layers: Annotated[
         str | None, typer.Option(help="Injection layers, comma-separated (default 8,9,10,11).")
     ] = None,
+    max_text_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Declared maximum record length in tokens (public, part of the task): the "
+            "features read at most this much of a record and samples are as long at most "
+            "(default: rotten_tomatoes 48, bbc_news 128, --data 64)."
+        ),
+    ] = None,
     backend: Annotated[
         str,
         typer.Option(
@@ -218,6 +226,7 @@ def demo(
             contrast=contrast,
             snr_shrink=snr_shrink,
             layers=_parse_layers(layers),
+            max_text_tokens=max_text_tokens,
             data_path=data_file,
             text_field=text_field,
             label_field=label_field,
@@ -502,7 +511,12 @@ def generate(
     contrast: Annotated[float, typer.Option(help="Class-contrast amplification.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 64,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per sample at most.")] = 48,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens per sample at most (default: the release's declared record length)."
+        ),
+    ] = None,
     snr_shrink: Annotated[
         bool,
         typer.Option(help="Scale the strength by each class vector's signal-to-noise ratio."),
@@ -544,8 +558,14 @@ def generate(
                 f"out={out} is the release file {release}: writing would destroy the release"
             )
         check_backend_name(backend)
-        config = GenerationConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
+        # Bad sampling settings are refused before the release or the model is loaded.
+        GenerationConfig(
+            batch_size=batch_size, max_new_tokens=1 if max_new_tokens is None else max_new_tokens
+        )
         rel = load_release(release)
+        # Samples as long as the records the release describes, unless told otherwise.
+        length = rel.manifest.max_text_tokens if max_new_tokens is None else max_new_tokens
+        config = GenerationConfig(batch_size=batch_size, max_new_tokens=length)
         loaded = open_backend(backend, model or rel.manifest.model_name, threads=threads)
         check_release_model(loaded, rel)
         steering = steering_report(
@@ -557,7 +577,12 @@ def generate(
         for line in steering_lines(steering):
             console.print(line, highlight=False)
         out.parent.mkdir(parents=True, exist_ok=True)
-        report = {"release_id": rel.release_id, "privacy": rel.report, "steering": steering}
+        report = {
+            "release_id": rel.release_id,
+            "privacy": rel.report,
+            "steering": steering,
+            "generation": asdict(config),
+        }
         report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
         with progress_display() as progress, out.open("w", encoding="utf-8") as handle:
             total = n * len(rel.labels)

@@ -100,6 +100,16 @@ METHODS: dict[str, MethodInfo] = {
             federated=True,
         ),
         MethodInfo(
+            "pe-steered",
+            "(ε, δ)-DP per record, basic composition: a federated dataset-vector release "
+            "([pe] init_fraction of ε, δ/2) steers the first population and every variation, "
+            "then federated PE spends the rest; trust as in the mode column",
+            formal_dp=True,
+            dropouts=True,
+            uses_epsilon=True,
+            federated=True,
+        ),
+        MethodInfo(
             "dp-sgd",
             "(ε, δ)-DP per record: LoRA adapters (q/v projections) fine-tuned with DP-SGD "
             "(Opacus, RDP accountant, Poisson sampling) on the pooled data, then sampling; "
@@ -194,6 +204,7 @@ class PESettings:
     rounds: int = 2
     population: int = 16
     top_k: int = 1
+    init_fraction: float = 0.5  # pe-steered: share of ε for the steering vector release
 
 
 @dataclass(frozen=True)
@@ -439,6 +450,8 @@ def _parse_table(cls: type[Any], raw: Any, where: str) -> Any:
             values[key] = _number(value, f"[{where}] {key}")
             if not values[key] > 0:
                 raise ConfigError(f"[{where}] {key} must be > 0, got {value!r}")
+            if key == "init_fraction" and not values[key] < 1:
+                raise ConfigError(f"[{where}] init_fraction must be < 1, got {value!r}")
     return cls(**values)
 
 

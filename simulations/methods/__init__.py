@@ -14,6 +14,7 @@ from fedsynth.simulations.methods import (
     icl_verbatim,
     noisy_icl,
     pe,
+    pe_steered,
     prior,
     rpsg,
     vector,
@@ -34,6 +35,7 @@ RUNNERS: dict[str, MethodRunner] = {
     "vector-pooled": vector_pooled.run,
     "vector-nonprivate": vector_pooled.run,  # the same code at ε = ∞
     "pe": pe.run,
+    "pe-steered": pe_steered.run,
     "dp-sgd": dp_sgd.run,
     "dp-fedavg": dp_fedavg.run,
     "rpsg": rpsg.run,

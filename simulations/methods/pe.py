@@ -1,4 +1,9 @@
-"""``pe``: federated Private Evolution, secure sum of the holders' vote histograms."""
+"""``pe``: federated Private Evolution, secure sum of the holders' vote histograms.
+
+``pe-steered`` (:mod:`fedsynth.simulations.methods.pe_steered`) runs the same code with the
+first population (and every variation) steered by a dataset-vector release made in the same
+federation from part of the cell's ε.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,11 @@ if TYPE_CHECKING:
 
 def run(ctx: StudyContext, cell: Cell) -> CellOutput:
     """All PE rounds through Flower's simulation; the samples are the final population."""
+    return run_pe(ctx, cell, init="prior")
+
+
+def run_pe(ctx: StudyContext, cell: Cell, *, init: str) -> CellOutput:
+    """A PE cell whose first population is the prior's (``init="prior"``) or steered."""
     from fedsynth.simulations import pe_demo
 
     config = ctx.demo_config(cell)
@@ -23,6 +33,8 @@ def run(ctx: StudyContext, cell: Cell) -> CellOutput:
         per_label=ctx.config.pe.population,
         top_k=ctx.config.pe.top_k,
         embedder=ctx.config.embedder,
+        init=init,
+        init_fraction=ctx.config.pe.init_fraction,
     )
     pe_demo.pe_config(config, settings)
     outcome = pe_demo.PEOutcome()

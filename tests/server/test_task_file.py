@@ -68,6 +68,12 @@ def test_a_valid_task_gets_the_safe_threshold_and_its_defaults(tmp_path: Path) -
     assert template.labels == ("pos", "neg")
     assert template.prefix("neg") == "A positive review: fine film\n\nA negative review: "
     assert ("epsilon", "4") in describe(spec)
+    # Samples are as long as the declared records unless the task says otherwise.
+    assert spec.max_text_tokens == 64 and spec.generation.max_new_tokens == 64
+    longer = parse(edited("model.max_text_tokens", 96), tmp_path)
+    assert longer.generation.max_new_tokens == 96
+    shorter = parse(edited("model.max_new_tokens", 20), tmp_path)
+    assert (shorter.max_text_tokens, shorter.generation.max_new_tokens) == (64, 20)
 
 
 def test_the_example_task_files_are_valid() -> None:

@@ -298,3 +298,33 @@ def test_inspect_and_generate_refuse_a_tampered_release(tmp_path: Path, release_
     assert result.exit_code == 2  # type: ignore[attr-defined]
     assert "digest mismatch" in _said(result)
     assert not target.exists()
+
+
+def test_generate_samples_as_long_as_the_release_declares(
+    tmp_path: Path, release_file: Path
+) -> None:
+    # Without --max-new-tokens a sample is at most as long as the records the release
+    # describes (its manifest's max_text_tokens, 16 here), not a fixed length.
+    target = tmp_path / "out.jsonl"
+    args = ["generate", "--release", str(release_file), "--out", str(target), "--n", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(target.with_name(target.name + ".report.json").read_text())
+    assert report["generation"]["max_new_tokens"] == 16
+    result = runner.invoke(app, [*args, "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(target.with_name(target.name + ".report.json").read_text())
+    assert report["generation"]["max_new_tokens"] == 5
+
+
+@pytest.mark.parametrize(("option", "value"), [("--max-new-tokens", "0"), ("--batch-size", "0")])
+def test_generate_refuses_bad_sampling_settings_first(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    missing = tmp_path / "no-such-release.safetensors"  # never opened: refused before
+    target = tmp_path / "out.jsonl"
+    args = ["generate", "--release", str(missing), "--out", str(target), "--n", "1"]
+    result = runner.invoke(app, [*args, option, value])
+    assert result.exit_code == 2, result.output
+    assert f"{option[2:].replace('-', '_')}={value}" in _said(result)
+    assert not target.exists()

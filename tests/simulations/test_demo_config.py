@@ -13,6 +13,7 @@ from fedsynth.protocol.errors import ConfigError, DataFileError
 from fedsynth.simulations.demo import (
     PRESETS,
     DemoConfig,
+    check_text_length,
     demo_config,
     dropped_holders,
     judge_records,
@@ -20,6 +21,7 @@ from fedsynth.simulations.demo import (
     release_epsilons,
     removed_on_failure,
     split_data,
+    task_config,
 )
 
 
@@ -109,6 +111,8 @@ def test_cli_refuses_bad_settings_before_compute(
         ({"threshold": 1}, "threshold t=1"),
         ({"drop_clients": -1}, "drop=-1"),
         ({"layers": ()}, "layers=()"),
+        ({"max_text_tokens": 0}, "max_text_tokens (--max-text-tokens)=0"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0"),
     ],
 )
 def test_demo_config_refuses_bad_settings(
@@ -187,3 +191,38 @@ def test_a_small_data_file_judges_with_the_private_records(tmp_path: Path) -> No
     data = split_data(config)
     records, what = judge_records(data)
     assert records == data.train and "private records" in what
+
+
+def test_record_and_sample_length_follow_the_declared_maximum(tmp_path: Path) -> None:
+    # The declared record length is public (part of the task, like the template): the
+    # features read that much of a record and samples are that long at most.
+    reviews = DemoConfig(out_dir=tmp_path)
+    news = DemoConfig(out_dir=tmp_path, corpus="bbc_news")
+    assert (reviews.text_tokens, reviews.new_tokens) == (48, 48)
+    assert (news.text_tokens, news.new_tokens) == (128, 128)
+    data = _write(tmp_path / "d.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": "b"}])
+    assert DemoConfig(out_dir=tmp_path, data_path=data).text_tokens == 64
+    given = DemoConfig(out_dir=tmp_path, corpus="bbc_news", max_text_tokens=200)
+    assert (given.text_tokens, given.new_tokens) == (200, 200)
+    shorter = DemoConfig(out_dir=tmp_path, max_text_tokens=200, max_new_tokens=20)
+    assert (shorter.text_tokens, shorter.new_tokens) == (200, 20)
+    assert task_config(news, 4.0).max_text_tokens == 128
+    assert task_config(news, 4.0).prior_generation.max_new_tokens == 128
+
+
+def test_a_length_beyond_the_model_context_is_refused(tmp_path: Path) -> None:
+    from fedsynth.protocol.models import tiny_model
+
+    loaded = tiny_model(seed=0)  # 256 positions
+    context = loaded.model.config.max_position_embeddings
+    fits = DemoConfig(out_dir=tmp_path, max_text_tokens=context // 2)
+    check_text_length(fits, loaded)
+    too_long = DemoConfig(out_dir=tmp_path, max_text_tokens=context)
+    with pytest.raises(ConfigError) as caught:
+        check_text_length(too_long, loaded)
+    message = str(caught.value)
+    assert f"max_text_tokens={context}" in message
+    assert f"context of {context} tokens" in message
+    generation_too_long = DemoConfig(out_dir=tmp_path, max_new_tokens=context)
+    with pytest.raises(ConfigError, match=f"max_new_tokens={context}"):
+        check_text_length(generation_too_long, loaded)

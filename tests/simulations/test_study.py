@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from fedsynth.client.budget import ClientBudget
 from fedsynth.server.release import load_release
 from fedsynth.simulations.cli import app
 from fedsynth.simulations.study import StudyRunner, _slug
@@ -48,7 +49,7 @@ clients = [3]
 
 [[sweep]]
 name = "baselines"
-methods = ["rpsg", "noisy-icl", "pe", "dp-sgd", "dp-fedavg"]
+methods = ["rpsg", "noisy-icl", "pe", "pe-steered", "dp-sgd", "dp-fedavg"]
 epsilons = [8]
 
 [[sweep]]
@@ -122,8 +123,8 @@ def test_one_row_per_cell_with_metrics_and_performance(study: tuple[Path, Path])
     # The leaky control copies half of the records it read: the attack finds them.
     (control,) = [r for r in rows if r["method"] == "icl-verbatim"]
     assert float(control["mia_auc"]) > 0.6
-    federated = [r for r in rows if r["method"] in ("vector", "pe", "dp-fedavg")]
-    assert len(federated) == 2 + 3 + 1 + 1
+    federated = [r for r in rows if r["method"] in ("vector", "pe", "pe-steered", "dp-fedavg")]
+    assert len(federated) == 2 + 3 + 1 + 1 + 1
     dropped = [r for r in federated if r["dropout"] == "0.25"]
     assert [r["clients"] for r in dropped] == ["4"]
     for row in federated:
@@ -167,6 +168,22 @@ def test_federated_vector_equals_the_pooled_central_vector(study: tuple[Path, Pa
     diff = np.abs(fed.vectors.astype(np.float64) - pooled.vectors.astype(np.float64))
     assert (diff <= bound + 1e-7).all(), float((diff / bound).max())
     assert np.abs(pooled.vectors).max() > 100 * bound.max()
+
+
+def test_steered_pe_spends_part_of_the_cell_epsilon_on_its_steering_vector(
+    study: tuple[Path, Path],
+) -> None:
+    # pe-steered at ε = 8: a vector release at ε = 4 (init_fraction 0.5) steers the populations,
+    # the PE rounds spend the other 4; every holder is charged the composed 8, never more.
+    _, out = study
+    cell = out / "cells" / _slug("pe-steered|distributed|eps=8|K=3|iid|drop=0|seed=0")
+    release = load_release(cell / "release-eps4.safetensors")
+    assert release.manifest.privacy.epsilon == pytest.approx(4.0)
+    for i in range(3):
+        assert ClientBudget(cell / "clients" / f"budget-{i}.sqlite").spent() == pytest.approx(8.0)
+    plain = out / "cells" / _slug("pe|distributed|eps=8|K=3|iid|drop=0|seed=0")
+    assert not list(plain.glob("release-*.safetensors"))  # plain PE makes no vector release
+    assert ClientBudget(plain / "clients" / "budget-0.sqlite").spent() == pytest.approx(8.0)
 
 
 def test_report_plots_audit(study: tuple[Path, Path]) -> None:
@@ -228,7 +245,7 @@ def test_cli_dry_run_and_bad_config(study: tuple[Path, Path], tmp_path: Path) ->
     config_path, _ = study
     result = CliRunner().invoke(app, ["simulate", str(config_path), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "15 cells" in result.output
+    assert "16 cells" in result.output
     bad = tmp_path / "bad.toml"
     bad_text = CONFIG.replace('methods = ["prior"', 'methods = ["magic", "prior"')
     assert bad_text != CONFIG

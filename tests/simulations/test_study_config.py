@@ -98,6 +98,8 @@ def test_good_config_expands_to_the_union_of_sweeps(tmp_path: Path) -> None:
         (_raw(colour="blue"), "unknown key"),
         (_raw(data={"private_per_label": 0}), "private_per_label must be an integer >= 1"),
         (_raw(data={"strength": -1.0}), "strength must be > 0"),
+        (_raw(pe={"init_fraction": 1.0}), r"\[pe\] init_fraction must be < 1, got 1.0"),
+        (_raw(pe={"init_fraction": 0}), r"\[pe\] init_fraction must be > 0"),
         (_raw(seeds=[1, 1]), "seeds repeat"),
         (_raw(delta=1.5), "delta"),
         (_raw(time_budget_minutes=0), "time_budget_minutes must be a number > 0"),
@@ -162,7 +164,7 @@ def test_results_folder_checks(tmp_path: Path) -> None:
     assert (out / "results.csv").exists()
 
 
-@pytest.mark.parametrize("name", ["small.toml", "gpu.toml", "scale.toml"])
+@pytest.mark.parametrize("name", ["small.toml", "gpu.toml", "scale.toml", "compare.toml"])
 def test_shipped_study_configs_are_valid(name: str) -> None:
     config = load_study_config(Path(__file__).parents[2] / "studies" / name)
     assert len(config.cells()) >= 6
