@@ -11,6 +11,7 @@ import json
 import struct
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -27,7 +28,12 @@ from fedsynth.protocol.errors import (
     UnsafeThresholdError,
 )
 from fedsynth.protocol.secagg import PublicKeys, SecAggClient, SecAggConfig, shamir
-from fedsynth.protocol.secagg.crypto import combine_secret, combine_secrets, split_secret
+from fedsynth.protocol.secagg.crypto import (
+    combine_secret,
+    combine_secrets,
+    split_secret,
+    split_secrets,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Transport forms: a config or a key message from the wire
@@ -237,6 +243,13 @@ def test_lagrange_needs_at_least_one_index_and_says_so() -> None:
         shamir.lagrange_at_zero([])
 
 
+def test_a_batch_reconstruction_names_a_bad_threshold() -> None:
+    with pytest.raises(ShareError, match=r"^threshold=0 is outside \[1, \d+\]$"):
+        shamir.reconstruct({}, threshold=0)
+    with pytest.raises(ShareError, match=r"^threshold must be an int, got str$"):
+        shamir.reconstruct({}, threshold="2")  # type: ignore[arg-type]
+
+
 def test_combine_refuses_a_row_without_one_share_per_index() -> None:
     with pytest.raises(ShareError, match=r"values\[1\] holds 1 shares, expected 2 \(one per index"):
         shamir.combine([1, 2], [[3, 4], [5]])
@@ -432,3 +445,151 @@ def test_consistency_errors_name_the_call_and_what_is_wrong() -> None:
         holder.consistency([100, 101, 101])
     # None of the refusals signed anything: the honest survivor set is still signed once.
     assert len(holder.consistency(rnd.survivors)) == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# The coordinator's unmask: any t valid shares finish the round, whoever sent junk first
+# ---------------------------------------------------------------------------------------------
+
+
+def _round_at_responses(k: int, t: int, absent: tuple[int, ...] = ()) -> Round:
+    rnd = make_round(k, t)
+    rnd.setup()
+    rnd.share_keys()
+    rnd.masked_input(absent)
+    rnd.consistency()
+    return rnd
+
+
+def test_a_malformed_share_costs_only_that_share_not_its_senders_others() -> None:
+    # 100 sends junk as the share of node 100 (the first owner it is checked for), 101 as the
+    # share of node 101. Each owner still has t = 2 valid shares only if 100's shares of the
+    # owners after 100 are still checked and counted.
+    rnd = _round_at_responses(3, 2)
+    responses = rnd.responses()
+    responses[100][100] = b"junk"
+    responses[101][101] = b"junk"
+    np.testing.assert_array_equal(rnd.server.unmask(responses), rnd.expected())
+    assert set(rnd.server.rejected) == {100, 101}
+
+
+def test_junk_responders_first_in_order_do_not_hide_the_honest_ones() -> None:
+    # A non-signer id and a non-integer key sort before every real node; a signer whose reply
+    # is not a mapping comes first too. The three honest signers left still finish (t = 3).
+    rnd = _round_at_responses(4, 3)
+    responses: dict[object, object] = dict(rnd.responses())
+    responses[100] = b"not a mapping"
+    responses[1] = {}  # not a signer of this round
+    responses["x"] = {}  # not a node id at all: ignored, never compared with the integers
+    total = rnd.server.unmask(responses)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(total, rnd.expected())
+    assert rnd.server.rejected == {100: "unmask: response is not a mapping"}
+
+
+def test_coordinator_refusals_say_what_is_wrong() -> None:
+    early = make_round(3, 2)
+    with pytest.raises(StageOrderError, match=r"^unmask\(\) called in stage 'setup'"):
+        early.server.unmask({})
+    with pytest.raises(StageOrderError, match=r"^receive_signatures\(\) called in stage 'setup'"):
+        early.server.receive_signatures({})
+    rnd = make_round(3, 2)
+    rnd.setup()
+    rnd.share_keys()
+    rnd.masked_input()
+    with pytest.raises(ProtocolError, match=r"^signatures must be a mapping, got list$"):
+        rnd.server.receive_signatures([])  # type: ignore[arg-type]
+    rnd.consistency()
+    with pytest.raises(ProtocolError, match=r"^responses must be a mapping, got list$"):
+        rnd.server.unmask([])  # type: ignore[arg-type]
+    responses = rnd.responses()
+    responses[100][100] = b"junk"
+    responses[101][100] = b"junk"
+    with pytest.raises(
+        TooFewParticipantsError,
+        match=r"^valid shares per node \{100: 1\}, threshold t=2; corrupt or missing shares "
+        r"were discarded$",
+    ):
+        rnd.server.unmask(responses)
+
+
+Split = Callable[[list[bytes], int, int], list[list[bytes]]]
+
+
+def _owner_shares_with(monkeypatch: pytest.MonkeyPatch, owner: int, cheat: Split) -> None:
+    """Make node ``owner`` split its secrets with ``cheat`` instead of the honest split.
+
+    It computes its commitments over what ``cheat`` returns, so every share it sends matches
+    its commitment: only the reconstruction can tell.
+    """
+    from fedsynth.protocol.secagg import client as client_module
+
+    honest: Split = client_module.split_secrets
+    current: list[int] = [0]
+    original = SecAggClient.share_keys
+
+    def split(secrets: list[bytes], threshold: int, num: int) -> list[list[bytes]]:
+        return (cheat if current[0] == owner else honest)(secrets, threshold, num)
+
+    def share_keys(self: SecAggClient, u1: Mapping[int, PublicKeys]) -> object:
+        current[0] = self._node_id
+        return original(self, u1)
+
+    monkeypatch.setattr(client_module, "split_secrets", split)
+    monkeypatch.setattr(SecAggClient, "share_keys", share_keys)
+
+
+def test_an_owner_that_shared_another_mask_key_is_caught_by_its_public_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 103 shares a well-formed mask key that is not the one it announced, then drops out: the
+    # survivors' shares reconstruct it and the coordinator must refuse it, naming the node.
+    def other_key(secrets: list[bytes], threshold: int, num: int) -> list[list[bytes]]:
+        return split_secrets([secrets[0], bytes(32 * [7])], threshold, num)
+
+    _owner_shares_with(monkeypatch, 103, other_key)
+    rnd = _round_at_responses(4, 3, absent=(103,))
+    with pytest.raises(
+        ProtocolError, match=r"^reconstructed mask key of node 103 does not match its public key$"
+    ):
+        rnd.server.unmask(rnd.responses())
+
+
+@pytest.mark.parametrize(("absent", "what"), [((), "self-mask seed"), ((103,), "mask key")])
+def test_inconsistent_shares_of_an_owner_name_the_secret_that_failed(
+    monkeypatch: pytest.MonkeyPatch, absent: tuple[int, ...], what: str
+) -> None:
+    # 103's first share of each secret comes from another polynomial than the rest: the shares
+    # match their commitments and the reconstruction fails, naming the secret and its owner.
+    def mixed(secrets: list[bytes], threshold: int, num: int) -> list[list[bytes]]:
+        shares = split_secrets(secrets, threshold, num)
+        other = split_secrets(secrets, threshold, num)
+        return [[other[j][0], *column[1:]] for j, column in enumerate(shares)]
+
+    _owner_shares_with(monkeypatch, 103, mixed)
+    rnd = _round_at_responses(4, 3, absent=absent)
+    with pytest.raises(ProtocolError, match=rf"^reconstruction of {what} of node 103 "):
+        rnd.server.unmask(rnd.responses())
+
+
+# ---------------------------------------------------------------------------------------------
+# A restored client: each field's type, and the messages naming it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_restore_names_the_field_of_the_wrong_type() -> None:
+    state, restore = _state_after_share_keys()
+    with pytest.raises(
+        ProtocolError, match=r"^state version 99 is not supported \(expected \d+\)$"
+    ):
+        restore({**state, "version": 99})
+    with pytest.raises(ProtocolError, match=r"^state field 'threshold' must be int, got '2'$"):
+        restore({**state, "threshold": "2"})
+    with pytest.raises(ProtocolError, match=r"^state field 'enc_sk' must be bytes, got str$"):
+        restore({**state, "enc_sk": "secret"})
+    with pytest.raises(ProtocolError, match=r"^state field 'session_id' must be str, got bytes$"):
+        restore({**state, "session_id": b"s"})
+    ids = list(state["node_ids"])  # type: ignore[call-overload]
+    with pytest.raises(ProtocolError, match=r"^state field 'node_ids' must hold only int$"):
+        restore({**state, "node_ids": [True, *ids[1:]]})  # a bool is not a node id
+    with pytest.raises(ProtocolError, match=r"^state field 'b_shares' must hold only bytes$"):
+        restore({**state, "b_shares": ["x" for _ in ids]})
