@@ -31,6 +31,10 @@ from fedsynth.protocol.secagg import PublicKeys, SecAggClient, SecAggConfig, sha
 from fedsynth.protocol.secagg.crypto import (
     combine_secret,
     combine_secrets,
+    decode_plaintext,
+    encode_plaintext,
+    prg,
+    prg_nonce,
     split_secret,
     split_secrets,
 )
@@ -593,3 +597,88 @@ def test_restore_names_the_field_of_the_wrong_type() -> None:
         restore({**state, "node_ids": [True, *ids[1:]]})  # a bool is not a node id
     with pytest.raises(ProtocolError, match=r"^state field 'b_shares' must hold only bytes$"):
         restore({**state, "b_shares": ["x" for _ in ids]})
+
+
+# ---------------------------------------------------------------------------------------------
+# The PRG and the share messages, against their documented layout
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [1, 17, 32, 63])
+def test_prg_words_are_field_elements(bits: int) -> None:
+    words = prg(bytes(range(32)), nonce=prg_nonce("s"), dim=4096, bits=bits)
+    assert words.dtype == np.uint64
+    assert int(words.max()) < 2**bits
+    assert int(words.max()) >= 2 ** (bits - 1)  # the top bit is used (4096 draws)
+
+
+def test_prg_nonce_is_the_documented_derivation() -> None:
+    # A zero 32-bit block counter, then 96 bits of SHA-256(tag, 0, length-prefixed session id):
+    # a wire format, since holders and the coordinator of different versions must agree.
+    session = "round-7"
+    digest = hashlib.sha256(
+        b"fedsynth/secagg/prg-nonce" + b"\x00" + struct.pack(">I", len(session)) + session.encode()
+    ).digest()
+    assert prg_nonce(session) == bytes(4) + digest[:12]
+
+
+def _plaintext_shares() -> tuple[bytes, bytes]:
+    b_shares, sk_shares = split_secrets([bytes(32), bytes(range(32))], 2, 3)
+    return b_shares[1], sk_shares[1]  # the shares of index 2
+
+
+def test_a_share_message_with_a_bad_header_is_malformed() -> None:
+    b_share, sk_share = _plaintext_shares()
+    good = encode_plaintext(100, 101, b_share, sk_share)
+    assert decode_plaintext(good, sender=100, recipient=101, expected_index=2) == (
+        b_share,
+        sk_share,
+    )
+    bad_header = r"^share message from node 100 is malformed \(bad header\)$"
+    with pytest.raises(ProtocolError, match=bad_header):
+        decode_plaintext(b"XXXX\x01" + good[5:], sender=100, recipient=101, expected_index=2)
+    with pytest.raises(ProtocolError, match=bad_header):
+        decode_plaintext(good[:9], sender=100, recipient=101, expected_index=2)
+    # Exactly the header (magic, sender, recipient) and nothing else: truncated, not malformed.
+    with pytest.raises(
+        ProtocolError, match=r"^share message from node 100 is truncated at the b-share$"
+    ):
+        decode_plaintext(good[:21], sender=100, recipient=101, expected_index=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The coordinator's masked-input and consistency stages
+# ---------------------------------------------------------------------------------------------
+
+
+def test_masked_input_refusals_name_the_call_and_the_sender() -> None:
+    early = make_round(3, 2)
+    with pytest.raises(StageOrderError, match=r"^receive_masked_input\(\) called in stage"):
+        early.server.receive_masked_input(100, np.zeros(8, dtype=np.uint64))
+    with pytest.raises(StageOrderError, match=r"^close_masked_inputs\(\) called in stage"):
+        early.server.close_masked_inputs()
+    rnd = make_round(3, 2)
+    rnd.setup()
+    rnd.share_keys()
+    with pytest.raises(ProtocolError, match=r"^masked input sender must be an integer node id"):
+        rnd.server.receive_masked_input("100", np.zeros(8, dtype=np.uint64))  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match=r"^masked input of node 100 must have dtype uint64"):
+        rnd.server.receive_masked_input(100, np.zeros(8, dtype=np.int64))  # type: ignore[arg-type]
+    rnd.masked_input()
+    with pytest.raises(ProtocolError, match=r"after the masked-input round was closed$"):
+        rnd.server.receive_masked_input(100, np.zeros(8, dtype=np.uint64))
+
+
+def test_signatures_from_strangers_first_in_order_do_not_hide_the_survivors() -> None:
+    rnd = make_round(4, 3)
+    rnd.setup()
+    rnd.share_keys()
+    rnd.masked_input()
+    signed: dict[object, bytes] = {
+        n: rnd.clients[n].consistency(rnd.survivors) for n in rnd.survivors
+    }
+    signed[1] = bytes(64)  # not a survivor: ignored, not a reason to stop reading
+    signed["x"] = bytes(64)  # not a node id: ignored, never compared with the integers
+    signed[101] = bytes(64)  # a survivor whose signature does not verify
+    assert set(rnd.server.receive_signatures(signed)) == {100, 102, 103}  # type: ignore[arg-type]
+    assert rnd.server.rejected == {101: "consistency: signature over U3 does not verify"}
