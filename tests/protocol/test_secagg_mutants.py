@@ -27,8 +27,10 @@ from fedsynth.protocol.errors import (
     TooFewSharesError,
     UnsafeThresholdError,
 )
-from fedsynth.protocol.secagg import PublicKeys, SecAggClient, SecAggConfig, shamir
+from fedsynth.protocol.secagg import KeyShares, PublicKeys, SecAggClient, SecAggConfig, shamir
 from fedsynth.protocol.secagg.crypto import (
+    check_commitment,
+    check_share,
     combine_secret,
     combine_secrets,
     decode_plaintext,
@@ -682,3 +684,139 @@ def test_signatures_from_strangers_first_in_order_do_not_hide_the_survivors() ->
     signed[101] = bytes(64)  # a survivor whose signature does not verify
     assert set(rnd.server.receive_signatures(signed)) == {100, 102, 103}  # type: ignore[arg-type]
     assert rnd.server.rejected == {101: "consistency: signature over U3 does not verify"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Share messages and key shares: what is wrong, and with whose message
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_share_message_must_name_both_its_sender_and_its_recipient() -> None:
+    b_share, sk_share = _plaintext_shares()
+    for sender, recipient in ((7, 101), (100, 7)):
+        message = encode_plaintext(sender, recipient, b_share, sk_share)
+        with pytest.raises(
+            ProtocolError,
+            match=rf"^share message names sender {sender} -> recipient {recipient}, but it was "
+            r"delivered as 100 -> 101$",
+        ):
+            decode_plaintext(message, sender=100, recipient=101, expected_index=2)
+
+
+def test_share_message_refusals_name_the_part_at_fault() -> None:
+    b_share, sk_share = _plaintext_shares()
+    good = encode_plaintext(100, 101, b_share, sk_share)
+    cut_in_second = len(good) - 10
+    with pytest.raises(
+        ProtocolError, match=r"^share message from node 100 is truncated at the mask-key share$"
+    ):
+        decode_plaintext(good[:cut_in_second], sender=100, recipient=101, expected_index=2)
+    with pytest.raises(
+        ProtocolError, match=r"^share message from node 100 is truncated at the b-share$"
+    ):
+        decode_plaintext(good[:30], sender=100, recipient=101, expected_index=2)
+    with pytest.raises(ProtocolError, match=r"^share message from node 100 has 3 trailing bytes$"):
+        decode_plaintext(good + b"abc", sender=100, recipient=101, expected_index=2)
+    with pytest.raises(
+        ProtocolError, match=r"^b-share from node 100 carries Shamir index 2, expected 3$"
+    ):
+        decode_plaintext(good, sender=100, recipient=101, expected_index=3)
+
+
+def test_share_checks_name_the_field() -> None:
+    b_share, _ = _plaintext_shares()
+    with pytest.raises(ProtocolError, match=r"^the share must be bytes, got str$"):
+        check_share("x", expected_index=2, field="the share")
+    too_big = b_share[:4] + b"\xff" * (len(b_share) - 4)  # index 2, value above the prime
+    with pytest.raises(ShareError, match=r"^the share holds a value that is not below the field"):
+        check_share(too_big, expected_index=2, field="the share")
+    with pytest.raises(ProtocolError, match=r"^a commitment must be bytes, got str$"):
+        check_commitment("x", "a commitment")
+    with pytest.raises(ShareError, match=r"^share must be bytes, got str$"):
+        shamir.decode_share("x")
+    with pytest.raises(ShareError, match=r"^share has 1 bytes, expected \d+$"):
+        shamir.decode_share(b"x")
+    # The largest index a share may carry is MAX_SHARES itself.
+    last = shamir.MAX_SHARES.to_bytes(shamir.INDEX_BYTES, "little") + bytes(
+        shamir.SHARE_BYTES - shamir.INDEX_BYTES
+    )
+    assert shamir.decode_share(last) == (shamir.MAX_SHARES, 0)
+
+
+def test_masked_input_refusals_say_what_the_coordinator_sent_wrong() -> None:
+    rnd = make_round(4, 3)
+    rnd.setup()
+    with pytest.raises(StageOrderError, match=r"^masked_input\(\) called in stage"):
+        rnd.clients[100].masked_input({}, rnd.values[100])
+    rnd.share_keys()
+    holder = rnd.clients[100]
+    routed = dict(rnd.routed[100])
+    value = rnd.values[100]
+    cases: list[tuple[object, type[Exception], str]] = [
+        ([], ProtocolError, r"^ciphertexts must be a mapping, got list$"),
+        ({"101": b""}, ProtocolError, r"^ciphertext sender must be an integer node id"),
+        ({**routed, 100: b""}, ProtocolError, r"^node 100 received a ciphertext from itself$"),
+        ({**routed, 101: "x"}, ProtocolError, r"^ciphertext from node 101 must be bytes, got str$"),
+        (
+            {101: routed[101]},
+            TooFewParticipantsError,
+            r"^node 100: 1 other nodes shared keys, U2 has 2 members, threshold t=3$",
+        ),
+    ]
+    for ciphertexts, error, message in cases:
+        with pytest.raises(error, match=message):
+            holder.masked_input(ciphertexts, value)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match=r"^value must have dtype uint64"):
+        holder.masked_input(routed, value.astype(np.int64))  # type: ignore[arg-type]
+    # None of the refusals used the secrets: the holder still masks its value for U2.
+    assert holder.masked_input(routed, value).shape == value.shape
+
+
+def _rejected_at_share_keys(tamper: Callable[[dict[int, KeyShares]], dict[int, object]]) -> dict:
+    rnd = make_round(5, 3)
+    rnd.setup()
+    shares = {n: rnd.clients[n].share_keys(rnd.u1) for n in rnd.u1}
+    rnd.server.route_shares({**shares, **tamper(shares)})  # type: ignore[dict-item]
+    return rnd.server.rejected
+
+
+def test_key_share_refusals_name_the_sender_and_the_entry() -> None:
+    def first(shares: dict[int, KeyShares]) -> dict[int, object]:
+        good = shares[101]
+        return {
+            100: "not key shares",
+            101: KeyShares(dict(good.ciphertexts) | {102: "x"}, dict(good.commitments)),  # type: ignore[dict-item]
+        }
+
+    def second(shares: dict[int, KeyShares]) -> dict[int, object]:
+        return {
+            102: KeyShares({"y": b"", **shares[102].ciphertexts}, dict(shares[102].commitments)),  # type: ignore[dict-item]
+            103: KeyShares(
+                dict(shares[103].ciphertexts),
+                dict(shares[103].commitments) | {100: "z"},  # type: ignore[dict-item]
+            ),
+        }
+
+    rejected = _rejected_at_share_keys(first)
+    assert rejected[100] == "share_keys: shares of node 100 must be KeyShares"
+    assert rejected[101] == "share_keys: ciphertext 101 -> 102 must be bytes"
+    rejected = _rejected_at_share_keys(second)
+    assert rejected[102].startswith("share_keys: recipient of node 102 must be an integer node id")
+    assert rejected[103] == "share_keys: commitment 103 -> 100 must be bytes, got str"
+
+    def third(shares: dict[int, KeyShares]) -> dict[int, object]:
+        commitments = dict(shares[104].commitments)
+        del commitments[100]
+        return {104: KeyShares(dict(shares[104].ciphertexts), commitments)}
+
+    def fourth(shares: dict[int, KeyShares]) -> dict[int, object]:
+        commitments: dict[object, bytes] = {"q": b"", **shares[104].commitments}
+        return {104: KeyShares(dict(shares[104].ciphertexts), commitments)}  # type: ignore[arg-type]
+
+    assert _rejected_at_share_keys(fourth)[104].startswith(
+        "share_keys: commitment recipient of node 104 must be an integer node id"
+    )
+    assert _rejected_at_share_keys(third)[104] == (
+        "share_keys: node 104 committed to shares for [101, 102, 103, 104], expected U1 "
+        "[100, 101, 102, 103, 104]"
+    )
