@@ -6,6 +6,7 @@ failing; see docs/mutation-testing.md for the mutants and why each edge matters.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
@@ -29,14 +30,21 @@ from fedsynth.protocol.errors import (
 )
 from fedsynth.protocol.secagg import KeyShares, PublicKeys, SecAggClient, SecAggConfig, shamir
 from fedsynth.protocol.secagg.crypto import (
+    PURPOSE_ENC,
+    PURPOSE_MASK,
+    aad,
     check_commitment,
+    check_node_id,
     check_share,
     combine_secret,
     combine_secrets,
     decode_plaintext,
+    derive_pair_key,
     encode_plaintext,
     prg,
     prg_nonce,
+    share_commitment,
+    signature_is_valid,
     split_secret,
     split_secrets,
 )
@@ -820,3 +828,142 @@ def test_key_share_refusals_name_the_sender_and_the_entry() -> None:
         "share_keys: node 104 committed to shares for [101, 102, 103, 104], expected U1 "
         "[100, 101, 102, 103, 104]"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Key derivation, associated data, commitments and signatures: the documented derivations
+# ---------------------------------------------------------------------------------------------
+
+
+def _u64(value: int) -> bytes:
+    return struct.pack(">Q", value)
+
+
+def test_pair_keys_are_hkdf_bound_to_purpose_session_and_the_pair() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    mine, theirs = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    peer = theirs.public_key().public_bytes_raw()
+    shared = mine.exchange(theirs.public_key())
+    for purpose in (PURPOSE_ENC, PURPOSE_MASK):
+        info = purpose + b"\x00" + _session("round-7") + _u64(3) + _u64(9)
+        expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
+        for a, b in ((3, 9), (9, 3)):  # the same key from either side of the pair
+            key = derive_pair_key(
+                mine, peer, purpose=purpose, session_id="round-7", node_a=a, node_b=b
+            )
+            assert key == expected
+
+
+def test_share_ciphertexts_and_commitments_bind_the_documented_fields() -> None:
+    assert aad("round-7", 3, 9) == (
+        b"fedsynth/secagg/share-ct\x00" + _session("round-7") + _u64(3) + _u64(9)
+    )
+    share = bytes(range(52))
+    expected = hashlib.sha256(
+        b"fedsynth/secagg/v2/share-commitment\x00"
+        + _session("round-7")
+        + _u64(3)
+        + _u64(9)
+        + bytes([2])
+        + share
+    ).digest()
+    got = share_commitment(session_id="round-7", owner=3, recipient=9, kind=2, share=share)
+    assert got == expected
+
+
+def test_announced_keys_verify_only_under_the_key_they_are_checked_with() -> None:
+    rnd = make_round(3, 2)
+    rnd.setup()
+    keys = rnd.announced[100]
+    own = rnd.identities[100].public_key
+    other = rnd.identities[101].public_key
+    assert keys.verify(node=100, config=rnd.config, sign_pk=own)
+    assert not keys.verify(node=100, config=rnd.config, sign_pk=other)
+    assert keys.verify(node=100, config=rnd.config)  # None: the announced signing key
+    assert not keys.verify(node=101, config=rnd.config, sign_pk=own)  # bound to its node
+
+
+@pytest.mark.parametrize("signature", [5, None, "x" * 64, b"short"])
+def test_a_malformed_signature_is_invalid_not_an_error(signature: object) -> None:
+    rnd = make_round(3, 2)
+    assert signature_is_valid(rnd.identities[100].public_key, signature, b"message") is False
+
+
+def test_node_ids_outside_the_range_are_named() -> None:
+    with pytest.raises(ProtocolError, match=r"^the sender=-1 is outside the node id range \[0, "):
+        check_node_id(-1, "the sender")
+
+
+# ---------------------------------------------------------------------------------------------
+# Key sets and share routing: refusals name the party and the entry
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_key_set_refusal_names_who_refused_and_why() -> None:
+    rnd = make_round(4, 3)
+    rnd.setup()
+    holder = rnd.clients[100]
+    u1 = dict(rnd.u1)
+    cases: list[tuple[object, type[Exception], str]] = [
+        ([], ProtocolError, r"^node 100: public keys must be a mapping, got list$"),
+        (
+            {**u1, "x": u1[101]},
+            ProtocolError,
+            r"^node 100: public key owner must be an integer node id",
+        ),
+        (
+            {**u1, 101: "keys"},
+            ProtocolError,
+            r"^node 100: keys of node 101 must be PublicKeys, got str$",
+        ),
+        (
+            {100: u1[100], 101: u1[101]},
+            TooFewParticipantsError,
+            r"^node 100: 2 nodes announced keys, threshold t=3$",
+        ),
+    ]
+    for keys, error, message in cases:
+        with pytest.raises(error, match=message):
+            holder.share_keys(keys)  # type: ignore[arg-type]
+    # Two nodes announcing as one holder: named in order, with the holder's name.
+    renamed = dict(u1)
+    renamed[102] = dataclasses.replace(u1[102], name=u1[101].name)
+    with pytest.raises(
+        KeyAuthenticationError,
+        match=r"^node 100: nodes 101 and 102 both announce keys as holder 'holder-101'$",
+    ):
+        holder.share_keys(renamed)
+    assert holder.share_keys(u1).ciphertexts  # the refusals changed nothing
+
+
+def test_routing_skips_strangers_first_in_order_and_names_bad_calls() -> None:
+    early = make_round(3, 2)
+    with pytest.raises(StageOrderError, match=r"^route_shares\(\) called in stage 'setup'"):
+        early.server.route_shares({})
+    rnd = make_round(4, 3)
+    rnd.setup()
+    with pytest.raises(ProtocolError, match=r"^outgoing must be a mapping, got list$"):
+        rnd.server.route_shares([])  # type: ignore[arg-type]
+    shares: dict[object, object] = {n: rnd.clients[n].share_keys(rnd.u1) for n in rnd.u1}
+    shares[1] = shares[100]  # not in U1: ignored, not a reason to stop reading
+    shares["x"] = shares[100]  # not a node id: ignored, never compared with the integers
+    routed = rnd.server.route_shares(shares)  # type: ignore[arg-type]
+    assert set(routed) == {100, 101, 102, 103}
+    assert all(set(routed[n]) == {100, 101, 102, 103} - {n} for n in routed)
+
+
+def test_a_low_order_peer_key_is_refused_naming_the_pair() -> None:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    with pytest.raises(ProtocolError, match=r"^X25519 key agreement between nodes 3 and 9 failed"):
+        derive_pair_key(
+            X25519PrivateKey.generate(),
+            bytes(32),  # the identity point: an all-zero shared secret
+            purpose=PURPOSE_ENC,
+            session_id="s",
+            node_a=9,
+            node_b=3,
+        )
