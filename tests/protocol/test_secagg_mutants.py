@@ -28,7 +28,15 @@ from fedsynth.protocol.errors import (
     TooFewSharesError,
     UnsafeThresholdError,
 )
-from fedsynth.protocol.secagg import KeyShares, PublicKeys, SecAggClient, SecAggConfig, shamir
+from fedsynth.protocol.secagg import (
+    KeyShares,
+    PublicKeys,
+    SecAggClient,
+    SecAggConfig,
+    SecAggServer,
+    shamir,
+)
+from fedsynth.protocol.secagg.client import check_threshold_floor
 from fedsynth.protocol.secagg.crypto import (
     PURPOSE_ENC,
     PURPOSE_MASK,
@@ -967,3 +975,86 @@ def test_a_low_order_peer_key_is_refused_naming_the_pair() -> None:
             node_a=9,
             node_b=3,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: the holder's colluder bound, announced keys, the coordinator's first stage
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_colluder_bound_must_be_a_non_negative_int() -> None:
+    config = SecAggConfig(session_id="s", node_ids=(1, 2, 3), threshold=2, bits=32, dim=4)
+    for bad in (-1, True, 1.0):
+        with pytest.raises(ConfigError, match=rf"^max_colluders={bad!r}: must be an int >= 0$"):
+            check_threshold_floor(config, bad)  # type: ignore[arg-type]
+    check_threshold_floor(config, 0)
+    # One colluder among three needs t >= 3 = K: possible, so the refusal says what t needs.
+    with pytest.raises(UnsafeThresholdError, match=r"which needs t >= 3$"):
+        check_threshold_floor(config, 1)
+    with pytest.raises(
+        UnsafeThresholdError, match=r"no t <= K is safe \(t >= 4 would be needed\)$"
+    ):
+        check_threshold_floor(config, 3)
+
+
+def test_announced_keys_name_the_malformed_field() -> None:
+    rnd = make_round(3, 2)
+    rnd.setup()
+    good = rnd.announced[100]
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"enc_pk": "x"}, r"^enc_pk must be bytes, got str$"),
+        ({"mask_pk": "x"}, r"^mask_pk must be bytes, got str$"),
+        ({"name": "no spaces allowed"}, r"^name=.no spaces allowed. is not a holder name"),
+        ({"sign_pk": "x"}, r"^sign_pk must be bytes, got str$"),
+        ({"signature": 5}, r"^signature must be bytes, got int$"),
+        ({"sign_pk": b"abc"}, r"^sign_pk has 3 bytes, expected 32$"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ProtocolError, match=message):
+            dataclasses.replace(good, **change)  # type: ignore[arg-type]
+    with pytest.raises(StageOrderError, match=r"^setup\(\) called in stage 'share_keys'"):
+        rnd.clients[100].setup()
+
+
+def test_a_new_coordinator_checks_its_arguments_and_has_no_signers_yet() -> None:
+    config = SecAggConfig(session_id="s", node_ids=(1, 2, 3), threshold=2, bits=32, dim=4)
+    with pytest.raises(ConfigError, match=r"^config must be a SecAggConfig, got str$"):
+        SecAggServer("config")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^roster must be a Roster or None, got str$"):
+        SecAggServer(config, roster="roster")  # type: ignore[arg-type]
+    assert SecAggServer(config).signers == []
+
+
+def test_key_collection_skips_strangers_and_names_each_rejection() -> None:
+    early = make_round(5, 3)
+    early.setup()
+    with pytest.raises(StageOrderError, match=r"^receive_public_keys\(\) called in stage"):
+        early.server.receive_public_keys(early.announced)
+    rnd = make_round(5, 3)
+    with pytest.raises(ProtocolError, match=r"^public keys must be a mapping, got list$"):
+        rnd.server.receive_public_keys([])  # type: ignore[arg-type]
+    announced = {n: c.setup() for n, c in rnd.clients.items()}
+    keys: dict[object, object] = dict(announced)
+    keys["x"] = announced[101]  # not a node id: skipped, never compared with the integers
+    keys[1] = announced[101]  # not a participant: skipped
+    keys[100] = "not keys"  # first in order: rejected, the others still read
+    keys[101] = dataclasses.replace(announced[101], signature=bytes(64))
+    u1 = rnd.server.receive_public_keys(keys)  # type: ignore[arg-type]
+    assert set(u1) == {102, 103, 104}
+    assert rnd.server.rejected == {
+        100: "setup: keys are not PublicKeys",
+        101: "setup: round keys are unsigned or wrongly signed",
+    }
+    clash = make_round(4, 3)
+    own = {n: c.setup() for n, c in clash.clients.items()}
+    own[103] = dataclasses.replace(own[103], enc_pk=own[102].enc_pk)  # re-signed below
+    own[103] = dataclasses.replace(
+        own[103],
+        signature=clash.identities[103].sign(own[103].message(node=103, config=clash.config)),
+    )
+    with pytest.raises(TooFewParticipantsError):
+        clash.server.receive_public_keys(own)
+    assert clash.server.rejected == {
+        102: "setup: announces a key or name another node also uses",
+        103: "setup: announces a key or name another node also uses",
+    }
