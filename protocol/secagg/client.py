@@ -150,7 +150,6 @@ class SecAggClient:
         self._config = config
         self._identity = identity
         self._roster = roster
-        self._max_colluders = max_colluders
         self._stage = Stage.SETUP
         self._enc_sk: X25519PrivateKey | None = None
         self._mask_sk: X25519PrivateKey | None = None

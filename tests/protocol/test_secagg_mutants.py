@@ -20,6 +20,7 @@ from secagg_harness import Round, make_round
 
 from fedsynth.protocol.errors import (
     ConfigError,
+    IdentityError,
     KeyAuthenticationError,
     ProtocolError,
     ShareError,
@@ -28,12 +29,14 @@ from fedsynth.protocol.errors import (
     TooFewSharesError,
     UnsafeThresholdError,
 )
+from fedsynth.protocol.identity import HolderIdentity
 from fedsynth.protocol.secagg import (
     KeyShares,
     PublicKeys,
     SecAggClient,
     SecAggConfig,
     SecAggServer,
+    min_safe_threshold,
     shamir,
 )
 from fedsynth.protocol.secagg.client import check_threshold_floor
@@ -1058,3 +1061,82 @@ def test_key_collection_skips_strangers_and_names_each_rejection() -> None:
         102: "setup: announces a key or name another node also uses",
         103: "setup: announces a key or name another node also uses",
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The session config, the holder's own identity, share encoding and the threshold floor
+# ---------------------------------------------------------------------------------------------
+
+
+def _config(**change: object) -> SecAggConfig:
+    values: dict[str, object] = {
+        "session_id": "s",
+        "node_ids": (1, 2, 3),
+        "threshold": 2,
+        "bits": 32,
+        "dim": 4,
+    }
+    return SecAggConfig(**(values | change))  # type: ignore[arg-type]
+
+
+def test_config_limits_are_inclusive_and_refusals_name_the_field() -> None:
+    from fedsynth.protocol.secagg.stages import MAX_DIM, MAX_SESSION_ID_BYTES
+
+    assert _config(session_id="s" * MAX_SESSION_ID_BYTES).session_id
+    with pytest.raises(
+        ConfigError,
+        match=rf"^session_id is {MAX_SESSION_ID_BYTES + 1} UTF-8 bytes long, "
+        rf"limit {MAX_SESSION_ID_BYTES}$",
+    ):
+        _config(session_id="s" * (MAX_SESSION_ID_BYTES + 1))
+    assert _config(dim=MAX_DIM).dim == MAX_DIM
+    assert _config(node_ids=(1, 2)).node_ids == (1, 2)  # two holders are a federation
+    with pytest.raises(ConfigError, match=r"^node_ids must be distinct, duplicated: \[1, 3\]$"):
+        _config(node_ids=(1, 3, 1, 2, 3))
+    with pytest.raises(ConfigError, match=r"^node_ids must be a sequence of ints, got '123'$"):
+        _config(node_ids="123")
+    # Integer-like fields from the wire (numpy integers) are stored as plain ints.
+    config = _config(threshold=np.int64(2), bits=np.int64(32), dim=np.int64(4))
+    assert all(type(v) is int for v in (config.threshold, config.bits, config.dim))
+
+
+def test_a_holder_refuses_an_identity_its_own_roster_does_not_pin() -> None:
+    rnd = make_round(3, 2)
+    assert rnd.roster is not None
+    stranger = HolderIdentity.generate("holder-999")
+    impostor = HolderIdentity.generate("holder-100")  # a pinned name, another key
+    for identity in (stranger, impostor):
+        with pytest.raises(
+            IdentityError,
+            match=rf"^identity {identity.name!r} is not in the pinned roster with this key",
+        ):
+            SecAggClient(100, rnd.config, identity=identity, roster=rnd.roster)
+    with pytest.raises(IdentityError, match=r"^identity must be a HolderIdentity, got str$"):
+        SecAggClient(100, rnd.config, identity="me", roster=rnd.roster)  # type: ignore[arg-type]
+    with pytest.raises(IdentityError, match=r"^roster must be a Roster, got dict$"):
+        SecAggClient(100, rnd.config, identity=rnd.identities[100], roster={})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^config must be a SecAggConfig, got dict$"):
+        SecAggClient(100, {}, identity=rnd.identities[100], roster=rnd.roster)  # type: ignore[arg-type]
+
+
+def test_share_encoding_takes_exactly_the_field() -> None:
+    assert shamir.decode_share(shamir.encode_share(1, 0)) == (1, 0)
+    assert shamir.decode_share(shamir.encode_share(1, shamir.PRIME - 1)) == (1, shamir.PRIME - 1)
+    for bad in (shamir.PRIME, -1, True, 1.0):
+        with pytest.raises(
+            ShareError, match=r"^share value must be an int in \[0, p = 2\^383 - 31\)$"
+        ):
+            shamir.encode_share(1, bad)  # type: ignore[arg-type]
+    # One holder's share with num = 1 is allowed; num outside [1, MAX_SHARES] is named.
+    assert shamir.reconstruct({"a": [(1, 5)]}, threshold=1, num=1) == {"a": 5}
+    with pytest.raises(ShareError, match=r"^num=0 is outside \[1, \d+\]$"):
+        shamir.reconstruct({"a": [(1, 5)]}, threshold=1, num=0)
+
+
+def test_the_threshold_floor_takes_only_integer_counts() -> None:
+    for k in (True, 1, 2.0):
+        with pytest.raises(ConfigError, match=rf"^K={k!r} participants: must be an int >= 2$"):
+            min_safe_threshold(k)  # type: ignore[arg-type]
+    for colluders in (True, -1):
+        with pytest.raises(ConfigError, match=rf"^colluders={colluders!r}: must be an int >= 0$"):
+            min_safe_threshold(5, colluders)  # type: ignore[arg-type]
