@@ -209,3 +209,14 @@ def test_policy_refusal_messages_state_the_rule() -> None:
     policy = ClientPolicy(max_epsilon_per_task=4.0, max_total_epsilon=10.0)
     with pytest.raises(BudgetExceededError, match=r"bring the total to 10\.5 > .*spent 6\.5"):
         policy.check(make_manifest(epsilon=4.0), spent=6.5, n_records=100)
+
+
+def test_min_holders_is_a_whole_number_and_its_limit_is_inclusive() -> None:
+    for bad in (2.5, "3", 1, True):
+        with pytest.raises(ConfigError, match=rf"^min_holders={bad!r}: must be an int >= 2$"):
+            ClientPolicy(min_holders=bad)  # type: ignore[arg-type]
+    manifest = make_manifest()
+    k = len(manifest.node_ids)
+    ClientPolicy(min_holders=k).check(manifest, spent=0.0, n_records=10)  # exactly enough
+    with pytest.raises(PolicyViolationError, match=rf"^K={k} participants is below min_holders"):
+        ClientPolicy(min_holders=k + 1).check(manifest, spent=0.0, n_records=10)
