@@ -477,20 +477,11 @@ def test_consistency_errors_name_the_call_and_what_is_wrong() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _round_at_responses(k: int, t: int, absent: tuple[int, ...] = ()) -> Round:
-    rnd = make_round(k, t)
-    rnd.setup()
-    rnd.share_keys()
-    rnd.masked_input(absent)
-    rnd.consistency()
-    return rnd
-
-
 def test_a_malformed_share_costs_only_that_share_not_its_senders_others() -> None:
     # 100 sends junk as the share of node 100 (the first owner it is checked for), 101 as the
     # share of node 101. Each owner still has t = 2 valid shares only if 100's shares of the
     # owners after 100 are still checked and counted.
-    rnd = _round_at_responses(3, 2)
+    rnd = _round_at_unmask(3, 2, absent=())
     responses = rnd.responses()
     responses[100][100] = b"junk"
     responses[101][101] = b"junk"
@@ -501,7 +492,7 @@ def test_a_malformed_share_costs_only_that_share_not_its_senders_others() -> Non
 def test_junk_responders_first_in_order_do_not_hide_the_honest_ones() -> None:
     # A non-signer id and a non-integer key sort before every real node; a signer whose reply
     # is not a mapping comes first too. The three honest signers left still finish (t = 3).
-    rnd = _round_at_responses(4, 3)
+    rnd = _round_at_unmask(4, 3, absent=())
     responses: dict[object, object] = dict(rnd.responses())
     responses[100] = b"not a mapping"
     responses[1] = {}  # not a signer of this round
@@ -572,7 +563,7 @@ def test_an_owner_that_shared_another_mask_key_is_caught_by_its_public_key(
         return split_secrets([secrets[0], bytes(32 * [7])], threshold, num)
 
     _owner_shares_with(monkeypatch, 103, other_key)
-    rnd = _round_at_responses(4, 3, absent=(103,))
+    rnd = _round_at_unmask(4, 3, absent=(103,))
     with pytest.raises(
         ProtocolError, match=r"^reconstructed mask key of node 103 does not match its public key$"
     ):
@@ -591,7 +582,7 @@ def test_inconsistent_shares_of_an_owner_name_the_secret_that_failed(
         return [[other[j][0], *column[1:]] for j, column in enumerate(shares)]
 
     _owner_shares_with(monkeypatch, 103, mixed)
-    rnd = _round_at_responses(4, 3, absent=absent)
+    rnd = _round_at_unmask(4, 3, absent=absent)
     with pytest.raises(ProtocolError, match=rf"^reconstruction of {what} of node 103 "):
         rnd.server.unmask(rnd.responses())
 
