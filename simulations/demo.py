@@ -76,7 +76,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
 TEXT_TOKENS: dict[str, int] = {"rotten_tomatoes": 48, "bbc_news": 128}
 """The task's declared maximum record length in tokens, per bundled corpus (public, like the
 template): features read at most this many tokens of a record and samples are as long at most.
-Rotten Tomatoes snippets: 97 % fit in 48 Gemma tokens. BBC News articles (median 416 tokens):
+Rotten Tomatoes snippets: 98 % fit in 48 Gemma tokens. BBC News articles (median 416 tokens):
 the headline and first paragraph; longer samples cost generation time linearly."""
 USER_DATA_TEXT_TOKENS = 64
 """The declared maximum for ``--data`` unless ``--max-text-tokens`` says otherwise."""
