@@ -351,11 +351,12 @@ def run_pe_demo(
     report: Reporter | None = None,
 ) -> tuple[PEOutcome, dict[str, dict[str, float]], dict[str, float]]:
     """Load the generator, run the federation, score round 0 and round T."""
-    from fedsynth.simulations.demo import evaluate_conditions
+    from fedsynth.simulations.demo import check_text_length, evaluate_conditions
 
     timings: dict[str, float] = {}
     start = time.monotonic()
     loaded = load_model(config.model)
+    check_text_length(config, loaded)  # before the first round: nothing spent on a refusal
     timings["model"] = time.monotonic() - start
     t0 = time.monotonic()
     outcome = run_pe_federation(config, pe, data, loaded, report=report)
