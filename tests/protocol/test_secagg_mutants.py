@@ -67,6 +67,11 @@ from fedsynth.protocol.secagg.crypto import (
 CONFIG = {"session_id": "s", "node_ids": [1, 2, 3], "threshold": 2, "bits": 32, "dim": 4}
 
 
+def _config(**change: object) -> SecAggConfig:
+    """``CONFIG`` as a SecAggConfig (node ids as a tuple), with the fields in ``change``."""
+    return SecAggConfig(**(CONFIG | {"node_ids": (1, 2, 3)} | change))  # type: ignore[arg-type]
+
+
 def test_config_from_the_wire_must_be_a_mapping_and_says_what_it_got() -> None:
     with pytest.raises(ConfigError, match="config must be a mapping, got list"):
         SecAggConfig.from_dict([("session_id", "s")])  # type: ignore[arg-type]
@@ -977,7 +982,7 @@ def test_a_low_order_peer_key_is_refused_naming_the_pair() -> None:
 
 
 def test_the_colluder_bound_must_be_a_non_negative_int() -> None:
-    config = SecAggConfig(session_id="s", node_ids=(1, 2, 3), threshold=2, bits=32, dim=4)
+    config = _config()
     for bad in (-1, True, 1.0):
         with pytest.raises(ConfigError, match=rf"^max_colluders={bad!r}: must be an int >= 0$"):
             check_threshold_floor(config, bad)  # type: ignore[arg-type]
@@ -1011,7 +1016,7 @@ def test_announced_keys_name_the_malformed_field() -> None:
 
 
 def test_a_new_coordinator_checks_its_arguments_and_has_no_signers_yet() -> None:
-    config = SecAggConfig(session_id="s", node_ids=(1, 2, 3), threshold=2, bits=32, dim=4)
+    config = _config()
     with pytest.raises(ConfigError, match=r"^config must be a SecAggConfig, got str$"):
         SecAggServer("config")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^roster must be a Roster or None, got str$"):
@@ -1057,17 +1062,6 @@ def test_key_collection_skips_strangers_and_names_each_rejection() -> None:
 # ---------------------------------------------------------------------------------------------
 # The session config, the holder's own identity, share encoding and the threshold floor
 # ---------------------------------------------------------------------------------------------
-
-
-def _config(**change: object) -> SecAggConfig:
-    values: dict[str, object] = {
-        "session_id": "s",
-        "node_ids": (1, 2, 3),
-        "threshold": 2,
-        "bits": 32,
-        "dim": 4,
-    }
-    return SecAggConfig(**(values | change))  # type: ignore[arg-type]
 
 
 def test_config_limits_are_inclusive_and_refusals_name_the_field() -> None:
