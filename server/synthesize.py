@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import dataclasses
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedsynth.protocol.errors import ConfigError
+from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.models import LoadedModel
 from fedsynth.server.backends import GenerationBackend, as_backend, check_release_backend
 from fedsynth.server.generation import GenerationConfig, steering_deltas
@@ -90,6 +93,97 @@ def steering_report(
     return snr.to_dict(strength=strength, applied=snr_shrink)
 
 
+SHOT_POOL = 64
+"""Plain-prompt samples per label that shot-conditioned generation draws its shots from."""
+
+_POOL_SEED_OFFSET = 5_003
+"""Seeds of the shot pool's batches: after any chunk index a run of samples reaches."""
+
+
+def check_shots(shots: int, pool_size: int = SHOT_POOL) -> None:
+    """Refuse a shot count below 0 or a pool that cannot hold one sample.
+
+    Raises:
+        ConfigError: naming the value and what was expected.
+    """
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise ConfigError(f"shots={shots!r}: must be an integer >= 0")
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+        raise ConfigError(f"shot pool={pool_size!r}: must be an integer >= 1")
+
+
+def shot_prompt(template: PromptTemplate, label: str, shots: Sequence[str]) -> str:
+    """``label``'s prompt with ``shots`` (texts of that label) shown first.
+
+    They follow the template's own public shots and are rendered the same way.
+    """
+    extra = tuple((label, text) for text in shots)
+    return dataclasses.replace(template, shots=template.shots + extra).prefix(label)
+
+
+def iter_label_texts(
+    backend: GenerationBackend,
+    template: PromptTemplate,
+    label: str,
+    *,
+    n: int,
+    deltas: dict[int, torch.Tensor] | None,
+    config: GenerationConfig,
+    seed: int,
+    shots: int = 0,
+    pool: Sequence[str] | None = None,
+    pool_size: int = SHOT_POOL,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[str]:
+    """Yield ``n`` texts of one label, ``config.batch_size`` per batch (batch i uses seed + i).
+
+    With ``shots`` > 0 every text is conditioned on ``shots`` texts of the same label drawn at
+    random (without replacement where the pool allows) from ``pool``: by default
+    ``pool_size`` texts first generated from the plain prompt with the same steering, and not
+    yielded. Varying what each sample sees spreads the samples out (the plain prompt makes
+    every sample start from the same state) and the steered shots show the class once more;
+    everything comes from the release and the model, so this is post-processing too.
+
+    Args:
+        pool: Texts to draw shots from instead (e.g. the public prior texts); empty strings
+            are skipped, and a pool with no text leaves the plain prompt.
+        progress: Called with the number of texts yielded so far.
+    """
+    check_shots(shots, pool_size)
+    plain = template.prefix(label)
+    choose: Callable[[], str] = lambda: plain  # noqa: E731
+    if shots > 0:
+        if pool is None:
+            pool = []
+            for j, start in enumerate(range(0, pool_size, config.batch_size)):
+                size = min(config.batch_size, pool_size - start)
+                pool += backend.generate(
+                    [plain] * size, config=config, deltas=deltas, seed=seed + _POOL_SEED_OFFSET + j
+                )
+        texts = [t for t in pool if t.strip()]
+        rng = random.Random(seed)
+        if texts:
+
+            def choose() -> str:
+                picked = (
+                    rng.sample(texts, shots)
+                    if len(texts) >= shots
+                    else [rng.choice(texts) for _ in range(shots)]
+                )
+                return shot_prompt(template, label, picked)
+
+    done = 0
+    chunk_index = 0
+    while done < n:
+        chunk = min(n - done, config.batch_size)
+        prompts = [choose() for _ in range(chunk)]
+        yield from backend.generate(prompts, config=config, deltas=deltas, seed=seed + chunk_index)
+        done += chunk
+        chunk_index += 1
+        if progress is not None:
+            progress(done)
+
+
 def iter_release_samples(
     loaded: LoadedModel | GenerationBackend,
     release: Release,
@@ -102,11 +196,15 @@ def iter_release_samples(
     labels: tuple[str, ...] | None = None,
     progress: Callable[[int, int], None] | None = None,
     snr_shrink: bool = True,
+    shots: int = 0,
+    shot_pool: int = SHOT_POOL,
 ) -> Iterator[SyntheticSample]:
     """Yield ``n_per_label`` steered samples per label, label by label, chunk by chunk.
 
     The release's counts are checked before anything is generated; with ``snr_shrink`` (the
     default) the strength follows the release's signal-to-noise ratio (:func:`label_deltas`).
+    ``shots`` > 0 conditions each sample on that many of ``shot_pool`` earlier steered samples
+    of its label (:func:`iter_label_texts`).
 
     Args:
         loaded: the model, as loaded for `transformers` or on any generation backend.
@@ -116,38 +214,40 @@ def iter_release_samples(
     Raises:
         ModelMismatchError: the model is not the release's (or its layers or width differ).
         NonPositiveCountError: a class's noisy count is <= 0.
+        ConfigError: a negative strength, shot count or an empty shot pool.
     """
     backend = as_backend(loaded)
     check_release_backend(backend, release)
     if strength < 0:
         raise ConfigError(f"strength={strength}: must be >= 0")
+    check_shots(shots, shot_pool)
     check_release_counts(release)
     snr = steering_snr(release, contrast=contrast) if snr_shrink else None
     chosen = labels or release.labels
     total = n_per_label * len(chosen)
-    done = 0
     for index, label in enumerate(chosen):
         deltas = label_deltas(
             release, label, strength=strength, contrast=contrast, snr_shrink=snr_shrink, snr=snr
         )
-        prompt = release.manifest.template.prefix(label)
-        remaining = n_per_label
-        chunk_index = 0
-        while remaining > 0:
-            chunk = min(remaining, config.batch_size)
-            texts = backend.generate(
-                [prompt] * chunk,
-                config=config,
-                deltas=deltas,
-                seed=seed * 1_000_003 + index * 10_007 + chunk_index,
-            )
-            for text in texts:
-                yield SyntheticSample(text=text, label=label, release_id=release.release_id)
-            remaining -= chunk
-            chunk_index += 1
-            done += chunk
+        before = index * n_per_label
+
+        def tick(done: int, before: int = before) -> None:
             if progress is not None:
-                progress(done, total)
+                progress(before + done, total)
+
+        for text in iter_label_texts(
+            backend,
+            release.manifest.template,
+            label,
+            n=n_per_label,
+            deltas=deltas,
+            config=config,
+            seed=seed * 1_000_003 + index * 10_007,
+            shots=shots,
+            pool_size=shot_pool,
+            progress=tick,
+        ):
+            yield SyntheticSample(text=text, label=label, release_id=release.release_id)
 
 
 def generate_from_release(
@@ -161,6 +261,8 @@ def generate_from_release(
     seed: int,
     progress: Callable[[int, int], None] | None = None,
     snr_shrink: bool = True,
+    shots: int = 0,
+    shot_pool: int = SHOT_POOL,
 ) -> list[SyntheticSample]:
     """All samples of :func:`iter_release_samples` as a list."""
     return list(
@@ -174,5 +276,7 @@ def generate_from_release(
             seed=seed,
             progress=progress,
             snr_shrink=snr_shrink,
+            shots=shots,
+            shot_pool=shot_pool,
         )
     )

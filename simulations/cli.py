@@ -188,6 +188,14 @@ def demo(
             'GGUF model; pip install "fedsynth[llamacpp]").'
         ),
     ] = "transformers",
+    shots: Annotated[
+        int | None,
+        typer.Option(
+            help="Condition each sample on this many same-label samples drawn from a pool of "
+            "plain-prompt ones (the prior: its prior texts); 0: the plain prompt only "
+            "(default 0)."
+        ),
+    ] = None,
 ) -> None:
     """Run the federated demo end to end on the bundled data (dataset vectors or PE).
 
@@ -232,6 +240,7 @@ def demo(
             label_field=label_field,
             instruction=instruction.replace("\\n", "\n") if instruction else None,
             backend=backend,
+            shots=shots,
         )
         config.check_federation()
         if method == "pe":
@@ -521,6 +530,13 @@ def generate(
         bool,
         typer.Option(help="Scale the strength by each class vector's signal-to-noise ratio."),
     ] = True,
+    shots: Annotated[
+        int,
+        typer.Option(
+            help="Condition each sample on this many same-label steered samples drawn from a "
+            "pool generated first from the plain prompt (more varied samples); 0: plain prompt."
+        ),
+    ] = 0,
     backend: BackendOption = "transformers",
     threads: ThreadsOption = None,
 ) -> None:
@@ -541,7 +557,9 @@ def generate(
     from fedsynth.server.release import load_release
     from fedsynth.server.snr import steering_lines
     from fedsynth.server.synthesize import (
+        SHOT_POOL,
         check_release_model,
+        check_shots,
         iter_release_samples,
         steering_report,
     )
@@ -558,6 +576,7 @@ def generate(
                 f"out={out} is the release file {release}: writing would destroy the release"
             )
         check_backend_name(backend)
+        check_shots(shots)
         # Bad sampling settings are refused before the release or the model is loaded.
         GenerationConfig(
             batch_size=batch_size, max_new_tokens=1 if max_new_tokens is None else max_new_tokens
@@ -581,7 +600,7 @@ def generate(
             "release_id": rel.release_id,
             "privacy": rel.report,
             "steering": steering,
-            "generation": asdict(config),
+            "generation": {**asdict(config), "shots": shots, "shot_pool": SHOT_POOL},
         }
         report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
         with progress_display() as progress, out.open("w", encoding="utf-8") as handle:
@@ -597,6 +616,7 @@ def generate(
                 seed=seed,
                 progress=lambda done, total: progress.update("generate", done=done, total=total),
                 snr_shrink=snr_shrink,
+                shots=shots,
             ):
                 handle.write(json_line(asdict(sample)) + "\n")
                 handle.flush()

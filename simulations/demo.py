@@ -35,7 +35,12 @@ from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.identity import write_simulated_consortium
 from fedsynth.protocol.models import DEFAULT_MODEL, LoadedModel, cache_root, load_model
 from fedsynth.protocol.secagg import Stage
-from fedsynth.server.backends import check_backend_name, open_backend
+from fedsynth.server.backends import (
+    GenerationBackend,
+    as_backend,
+    check_backend_name,
+    open_backend,
+)
 from fedsynth.server.coordinator import (
     PublicReference,
     TaskConfig,
@@ -47,7 +52,13 @@ from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.ledger import PrivacyLedger, ledger_path
 from fedsynth.server.release import Release
 from fedsynth.server.secure_round import Transport, default_threshold
-from fedsynth.server.synthesize import SyntheticSample, generate_from_release
+from fedsynth.server.synthesize import (
+    SHOT_POOL,
+    SyntheticSample,
+    check_shots,
+    generate_from_release,
+    iter_label_texts,
+)
 from fedsynth.server.task_runner import run_vector_release
 from fedsynth.simulations.datasets import json_line, load_corpus, write_jsonl
 from fedsynth.simulations.splits import DataSplit, holder_partitions, judge_set, split_records
@@ -116,6 +127,9 @@ class DemoConfig:
     instruction: str | None = None
     backend: str = "transformers"
     """Generation backend for the steered samples (the federation always runs transformers)."""
+    shots: int = 0
+    """Same-label texts each sample is conditioned on: the condition's own plain-prompt samples
+    (the prior's: its public prior texts); 0 = the plain prompt only."""
 
     def __post_init__(self) -> None:
         """Refuse every bad setting at construction: nothing has run, nothing is charged yet."""
@@ -154,6 +168,7 @@ class DemoConfig:
             raise ConfigError(f"threshold t={self.threshold}: must be >= 2")
         if self.drop_clients < 0:
             raise ConfigError(f"drop={self.drop_clients}: must be >= 0")
+        check_shots(self.shots)
 
     @property
     def secure_sum_threshold(self) -> int:
@@ -606,7 +621,8 @@ def check_text_length(config: DemoConfig, loaded: LoadedModel) -> None:
     """Refuse a declared record or sample length that the model's context cannot hold.
 
     The longest sequence is a label's prompt followed by a whole record (features) or a whole
-    sample (generation); checked before the first round, so nothing is spent.
+    sample (generation), after ``config.shots`` shots of a prompt and a sample each; checked
+    before the first round, so nothing is spent.
 
     Raises:
         ConfigError: naming the length, the longest prompt and the model's context.
@@ -624,6 +640,14 @@ def check_text_length(config: DemoConfig, loaded: LoadedModel) -> None:
             f"max_text_tokens={config.text_tokens}, max_new_tokens={config.new_tokens}: a "
             f"{prompt}-token prompt plus {longest} tokens exceeds {loaded.name}'s context of "
             f"{context} tokens (declare at most {context - prompt} with --max-text-tokens)"
+        )
+    # Each shot shows a label's prompt, a sample and a blank line before the sample's own prompt.
+    with_shots = prompt + config.shots * (prompt + config.new_tokens + 2) + config.new_tokens
+    if with_shots > context:
+        raise ConfigError(
+            f"shots={config.shots}: {config.shots} shots of up to {config.new_tokens} tokens "
+            f"and their prompts make up to {with_shots} tokens, beyond {loaded.name}'s context "
+            f"of {context} tokens (use fewer --shots or a shorter --max-text-tokens)"
         )
 
 
@@ -650,17 +674,12 @@ def generate_conditions(
     """Synthetic samples per condition: the prior (epsilon 0) and each release."""
     from fedsynth.server.release import load_release
 
-    labels = config.template.labels
-    out: dict[str, list[SyntheticSample]] = {
-        "prior (eps=0)": [
-            SyntheticSample(text=t, label=label, release_id="prior")
-            for label in labels
-            for t in reference.texts[label][: config.synthetic_per_label]
-        ]
-    }
     engine = (
         loaded if config.backend == "transformers" else open_backend(config.backend, config.model)
     )
+    out: dict[str, list[SyntheticSample]] = {
+        "prior (eps=0)": prior_samples(config, engine, reference)
+    }
     for eps_name, path in releases.items():
         release: Release = load_release(path)
         out[f"eps={eps_name}"] = generate_from_release(
@@ -673,8 +692,42 @@ def generate_conditions(
             seed=config.seed + 101,
             progress=_phase(report, f"generate eps={eps_name}"),
             snr_shrink=config.snr_shrink,
+            shots=config.shots,
         )
     return out
+
+
+def prior_samples(
+    config: DemoConfig, engine: LoadedModel | GenerationBackend, reference: PublicReference
+) -> list[SyntheticSample]:
+    """The prior condition (epsilon 0): the public prior texts, or shot-conditioned ones.
+
+    With ``config.shots`` the prior samples are unsteered ones conditioned on shots from the
+    public prior texts, as the releases' samples are on their own plain-prompt samples.
+    """
+    labels = config.template.labels
+    n = config.synthetic_per_label
+    if config.shots == 0:
+        return [
+            SyntheticSample(text=t, label=label, release_id="prior")
+            for label in labels
+            for t in reference.texts[label][:n]
+        ]
+    return [
+        SyntheticSample(text=t, label=label, release_id="prior")
+        for index, label in enumerate(labels)
+        for t in iter_label_texts(
+            as_backend(engine),
+            config.template,
+            label,
+            n=n,
+            deltas=None,
+            config=generation_config(config),
+            seed=(config.seed + 101) * 1_000_003 + index * 10_007,
+            shots=config.shots,
+            pool=reference.texts[label][:SHOT_POOL],
+        )
+    ]
 
 
 def _phase(report: Reporter | None, phase: str) -> Callable[[int, int], None] | None:

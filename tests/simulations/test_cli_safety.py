@@ -286,6 +286,20 @@ def test_generate_writes_and_counts_what_it_wrote(tmp_path: Path, release_file: 
     assert "wrote 4 samples" in _said(result)
 
 
+def test_generate_with_shots_writes_and_reports_them(tmp_path: Path, release_file: Path) -> None:
+    target = tmp_path / "out.jsonl"
+    result = _generate(release_file, target, "--n", "2", "--shots", "1", "--seed", "3")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert len(rows) == 4 and [r["label"] for r in rows] == ["pos", "pos", "neg", "neg"]
+    report = json.loads(target.with_name("out.jsonl.report.json").read_text())
+    assert report["generation"]["shots"] == 1 and report["generation"]["shot_pool"] == 64
+    bad = tmp_path / "bad.jsonl"
+    refused = _generate(release_file, bad, "--n", "2", "--shots", "-1")
+    assert refused.exit_code == 2, refused.output  # type: ignore[attr-defined]
+    assert "shots=-1" in _said(refused) and not bad.exists()
+
+
 def test_inspect_and_generate_refuse_a_tampered_release(tmp_path: Path, release_file: Path) -> None:
     ok = runner.invoke(app, ["inspect", str(release_file)])
     assert ok.exit_code == 0 and '"cli-release"' in ok.output

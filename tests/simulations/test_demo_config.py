@@ -226,3 +226,17 @@ def test_a_length_beyond_the_model_context_is_refused(tmp_path: Path) -> None:
     generation_too_long = DemoConfig(out_dir=tmp_path, max_new_tokens=context)
     with pytest.raises(ConfigError, match=f"max_new_tokens={context}"):
         check_text_length(generation_too_long, loaded)
+
+
+def test_shots_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    from fedsynth.protocol.models import tiny_model
+
+    with pytest.raises(ConfigError, match="shots=-1"):
+        DemoConfig(out_dir=tmp_path, shots=-1)
+    assert demo_config("default", out_dir=tmp_path).shots == 0
+    assert demo_config("default", out_dir=tmp_path, shots=2).shots == 2
+    loaded = tiny_model(seed=0)  # 256 positions
+    check_text_length(DemoConfig(out_dir=tmp_path, max_text_tokens=40, shots=2), loaded)
+    # Each shot adds a prompt and a whole sample: 5 shots of 40 tokens no longer fit.
+    with pytest.raises(ConfigError, match=r"shots=5: .*context of 256 tokens"):
+        check_text_length(DemoConfig(out_dir=tmp_path, max_text_tokens=40, shots=5), loaded)

@@ -1,0 +1,201 @@
+"""Shot-conditioned generation: each sample sees same-label samples drawn from a pool."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from fedsynth.protocol.errors import ConfigError
+from fedsynth.protocol.features import PromptTemplate
+from fedsynth.protocol.models import LoadedModel, tiny_model
+from fedsynth.server.generation import GenerationConfig
+from fedsynth.server.synthesize import (
+    check_shots,
+    generate_from_release,
+    iter_label_texts,
+    shot_prompt,
+)
+from tests.server.releases import make_test_release
+
+TEMPLATE = PromptTemplate(
+    instruction="A {label} text:\n",
+    label_names=(("pos", "happy"), ("neg", "sad")),
+    shots=(("neg", "fixed public shot"),),
+)
+
+
+class RecordingBackend:
+    """Answers every prompt with a numbered text and records what it was asked."""
+
+    def __init__(self, empty_every: int = 0) -> None:
+        self.calls: list[tuple[list[str], Mapping[int, torch.Tensor] | None, int]] = []
+        self.made = 0
+        self.empty_every = empty_every
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        config: GenerationConfig,
+        deltas: Mapping[int, torch.Tensor] | None,
+        seed: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        assert len(prompts) <= config.batch_size
+        self.calls.append((list(prompts), deltas, seed))
+        out = []
+        for _ in prompts:
+            self.made += 1
+            empty = self.empty_every and self.made % self.empty_every == 0
+            out.append("" if empty else f"sample {self.made}")
+        return out
+
+
+def _texts(backend: Any, **kwargs: Any) -> list[str]:
+    settings: dict[str, Any] = {
+        "n": 5,
+        "deltas": None,
+        "config": GenerationConfig(batch_size=2),
+        "seed": 100,
+    }
+    settings.update(kwargs)
+    return list(iter_label_texts(backend, TEMPLATE, "pos", **settings))
+
+
+def test_shot_prompt_follows_the_templates_own_shots() -> None:
+    assert shot_prompt(TEMPLATE, "pos", []) == TEMPLATE.prefix("pos")
+    prompt = shot_prompt(TEMPLATE, "pos", ["first", " second \n"])
+    assert prompt == (
+        "A sad text:\nfixed public shot\n\n"
+        "A happy text:\nfirst\n\n"
+        "A happy text:\nsecond\n\n"
+        "A happy text:\n"
+    )
+
+
+def test_plain_prompt_batches_and_seeds_without_shots() -> None:
+    backend = RecordingBackend()
+    texts = _texts(backend)
+    assert texts == [f"sample {i}" for i in range(1, 6)]
+    assert [seed for _, _, seed in backend.calls] == [100, 101, 102]
+    assert [len(p) for p, _, _ in backend.calls] == [2, 2, 1]
+    assert all(p == TEMPLATE.prefix("pos") for prompts, _, _ in backend.calls for p in prompts)
+
+
+def test_shots_come_from_a_steered_pool_that_is_not_yielded() -> None:
+    backend = RecordingBackend()
+    delta = {1: torch.ones(3)}
+    done: list[int] = []
+    texts = _texts(backend, shots=2, pool_size=3, deltas=delta, progress=done.append)
+    pool_calls, sample_calls = backend.calls[:2], backend.calls[2:]
+    # The pool: 3 plain-prompt texts, steered like the samples, on seeds no sample batch uses.
+    assert [len(p) for p, _, _ in pool_calls] == [2, 1]
+    assert all(p == TEMPLATE.prefix("pos") for prompts, _, _ in pool_calls for p in prompts)
+    assert all(d is delta for _, d, _ in backend.calls)
+    pool_seeds = {seed for _, _, seed in pool_calls}
+    assert [seed for _, _, seed in sample_calls] == [100, 101, 102]
+    assert not pool_seeds & {100, 101, 102}
+    pool = {"sample 1", "sample 2", "sample 3"}
+    assert texts == [f"sample {i}" for i in range(4, 9)] and not pool & set(texts)
+    assert done == [2, 4, 5]
+    for prompts, _, _ in sample_calls:
+        for prompt in prompts:
+            assert prompt.startswith("A sad text:\nfixed public shot\n\n")
+            assert prompt.endswith("\n\n" + TEMPLATE.prefix("pos").split("\n\n")[-1])
+            shown = [line for line in prompt.split("\n") if line.startswith("sample")]
+            assert len(shown) == 2 and len(set(shown)) == 2 and set(shown) <= pool
+    # Deterministic for a seed, and another seed draws other shots.
+    assert RecordingBackend().calls == []
+    again = RecordingBackend()
+    _texts(again, shots=2, pool_size=3, deltas=delta)
+    assert again.calls == backend.calls
+    other = RecordingBackend()
+    _texts(other, shots=2, pool_size=3, deltas=delta, seed=7, n=40)
+    firsts = {prompts[0] for prompts, _, _ in other.calls[2:]}
+    assert len(firsts) > 1
+
+
+def test_a_given_pool_is_used_without_generating_one() -> None:
+    backend = RecordingBackend()
+    texts = _texts(backend, shots=1, pool=["", "public one", "  "])
+    assert len(texts) == 5 and len(backend.calls) == 3  # no pool batches
+    for prompts, _, _ in backend.calls:
+        # Blank pool texts are never shown; one text left is shown to every sample.
+        assert all("\npublic one\n\n" in p for p in prompts)
+    # More shots than texts: drawn with replacement.
+    few = RecordingBackend()
+    _texts(few, shots=3, pool=["only"])
+    assert all(p.count("\nonly\n\n") == 3 for prompts, _, _ in few.calls for p in prompts)
+    # A pool without any text leaves the plain prompt.
+    blank = RecordingBackend()
+    _texts(blank, shots=2, pool=["", " "])
+    assert all(p == TEMPLATE.prefix("pos") for prompts, _, _ in blank.calls for p in prompts)
+    # Empty samples in a generated pool are skipped too.
+    holes = RecordingBackend(empty_every=2)
+    _texts(holes, shots=1, pool_size=4)
+    shown = {
+        line
+        for prompts, _, _ in holes.calls[2:]
+        for p in prompts
+        for line in p.split("\n")
+        if line.startswith("sample")
+    }
+    assert shown and shown <= {"sample 1", "sample 3"}
+
+
+@pytest.mark.parametrize(
+    ("shots", "pool", "match"),
+    [(-1, 64, "shots=-1"), (True, 64, "shots=True"), (1.5, 64, "shots=1.5"), (1, 0, "pool=0")],
+)
+def test_bad_shot_settings_are_refused(shots: Any, pool: int, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        check_shots(shots, pool)
+    backend = RecordingBackend()
+    with pytest.raises(ConfigError, match=match):
+        _texts(backend, shots=shots, pool_size=pool)
+    assert backend.calls == []
+
+
+@pytest.fixture(scope="module")
+def llama() -> LoadedModel:
+    return tiny_model(seed=0)
+
+
+def test_release_samples_with_shots_on_a_real_model(llama: LoadedModel) -> None:
+    release = make_test_release(llama)
+    config = GenerationConfig(max_new_tokens=4, batch_size=4)
+    kwargs: dict[str, Any] = {"n_per_label": 3, "strength": 0.2, "config": config, "seed": 3}
+    plain = generate_from_release(llama, release, **kwargs)
+    shot = generate_from_release(llama, release, shots=1, shot_pool=4, **kwargs)
+    assert [s.label for s in shot] == [s.label for s in plain]
+    assert [s.text for s in shot] != [s.text for s in plain]
+    again = generate_from_release(llama, release, shots=1, shot_pool=4, **kwargs)
+    assert [s.text for s in again] == [s.text for s in shot]
+    with pytest.raises(ConfigError, match="shots=-2"):
+        generate_from_release(llama, release, shots=-2, **kwargs)
+
+
+def test_the_demo_prior_draws_its_shots_from_the_public_prior_texts(tmp_path: Any) -> None:
+    from types import SimpleNamespace
+
+    from fedsynth.simulations.demo import DemoConfig, prior_samples
+
+    texts = {"positive": [f"pos prior {i}" for i in range(5)], "negative": ["neg prior"] * 5}
+    reference: Any = SimpleNamespace(texts=texts)
+    without = DemoConfig(out_dir=tmp_path, synthetic_per_label=3)
+    plain = prior_samples(without, None, reference)  # type: ignore[arg-type]
+    assert [s.text for s in plain] == [t for lab in without.template.labels for t in texts[lab][:3]]
+    backend = RecordingBackend()
+    config = DemoConfig(out_dir=tmp_path, synthetic_per_label=3, shots=1)
+    shot = prior_samples(config, backend, reference)  # type: ignore[arg-type]
+    assert len(shot) == 6 and all(s.release_id == "prior" for s in shot)
+    assert all(deltas is None for _, deltas, _ in backend.calls)  # unsteered, no pool generated
+    assert sum(len(p) for p, _, _ in backend.calls) == 6
+    for prompts, _, _ in backend.calls:
+        for prompt in prompts:
+            shown = prompt.split("\n")[1]
+            label = "positive" if shown.startswith("pos") else "negative"
+            assert shown in texts[label] and prompt.endswith(config.template.prefix(label))
