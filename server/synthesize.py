@@ -139,10 +139,11 @@ def iter_label_texts(
 
     With ``shots`` > 0 every text is conditioned on ``shots`` texts of the same label drawn at
     random (without replacement where the pool allows) from ``pool``: by default
-    ``pool_size`` texts first generated from the plain prompt with the same steering, and not
-    yielded. Varying what each sample sees spreads the samples out (the plain prompt makes
-    every sample start from the same state) and the steered shots show the class once more;
-    everything comes from the release and the model, so this is post-processing too.
+    ``min(pool_size, n)`` texts first generated from the plain prompt with the same steering,
+    and not yielded (so the pool never costs more than the samples). Varying what each sample
+    sees spreads the samples out (the plain prompt makes every sample start from the same
+    state) and the steered shots show the class once more; everything comes from the release
+    and the model, so this is post-processing too.
 
     Args:
         pool: Texts to draw shots from instead (e.g. the public prior texts); empty strings
@@ -155,8 +156,9 @@ def iter_label_texts(
     if shots > 0:
         if pool is None:
             pool = []
-            for j, start in enumerate(range(0, pool_size, config.batch_size)):
-                size = min(config.batch_size, pool_size - start)
+            wanted = min(pool_size, n)
+            for j, start in enumerate(range(0, wanted, config.batch_size)):
+                size = min(config.batch_size, wanted - start)
                 pool += backend.generate(
                     [plain] * size, config=config, deltas=deltas, seed=seed + _POOL_SEED_OFFSET + j
                 )

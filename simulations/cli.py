@@ -193,7 +193,7 @@ def demo(
         typer.Option(
             help="Condition each sample on this many same-label samples drawn from a pool of "
             "plain-prompt ones (the prior: its prior texts); 0: the plain prompt only "
-            "(default 0)."
+            "(default 1; --quick 0)."
         ),
     ] = None,
 ) -> None:
@@ -536,7 +536,7 @@ def generate(
             help="Condition each sample on this many same-label steered samples drawn from a "
             "pool generated first from the plain prompt (more varied samples); 0: plain prompt."
         ),
-    ] = 0,
+    ] = 1,
     backend: BackendOption = "transformers",
     threads: ThreadsOption = None,
 ) -> None:
@@ -600,7 +600,7 @@ def generate(
             "release_id": rel.release_id,
             "privacy": rel.report,
             "steering": steering,
-            "generation": {**asdict(config), "shots": shots, "shot_pool": SHOT_POOL},
+            "generation": {**asdict(config), "shots": shots, "shot_pool": min(SHOT_POOL, n)},
         }
         report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
         with progress_display() as progress, out.open("w", encoding="utf-8") as handle:

@@ -127,9 +127,10 @@ class DemoConfig:
     instruction: str | None = None
     backend: str = "transformers"
     """Generation backend for the steered samples (the federation always runs transformers)."""
-    shots: int = 0
-    """Same-label texts each sample is conditioned on: the condition's own plain-prompt samples
-    (the prior's: its public prior texts); 0 = the plain prompt only."""
+    shots: int = 1
+    """Same-label texts each sample is conditioned on, drawn from the condition's own
+    plain-prompt samples (the prior's: its public prior texts); 0 = the plain prompt only. One
+    shot raised label fidelity, TSTR accuracy and MAUVE of epsilon = 4 releases (README)."""
 
     def __post_init__(self) -> None:
         """Refuse every bad setting at construction: nothing has run, nothing is charged yet."""
@@ -226,6 +227,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "synthetic_per_label": 30,
         "prior_per_label": 30,
         "test_per_label": 200,
+        "shots": 0,  # a shot pool and a generated prior would double the quick run's generation
     },
     "default": {},
 }

@@ -356,7 +356,8 @@ def run_pe_demo(
     timings: dict[str, float] = {}
     start = time.monotonic()
     loaded = load_model(config.model)
-    check_text_length(config, loaded)  # before the first round: nothing spent on a refusal
+    # Before the first round: nothing spent on a refusal. PE builds its own prompts (no shots).
+    check_text_length(dataclasses.replace(config, shots=0), loaded)
     timings["model"] = time.monotonic() - start
     t0 = time.monotonic()
     outcome = run_pe_federation(config, pe, data, loaded, report=report)

@@ -116,6 +116,10 @@ def test_shots_come_from_a_steered_pool_that_is_not_yielded() -> None:
     _texts(other, shots=2, pool_size=3, deltas=delta, seed=7, n=40)
     firsts = {prompts[0] for prompts, _, _ in other.calls[2:]}
     assert len(firsts) > 1
+    # The pool is never larger than the samples asked for.
+    small = RecordingBackend()
+    assert len(_texts(small, shots=1, pool_size=64, n=3)) == 3
+    assert [len(p) for p, _, _ in small.calls] == [2, 1, 2, 1]
 
 
 def test_a_given_pool_is_used_without_generating_one() -> None:
@@ -185,7 +189,7 @@ def test_the_demo_prior_draws_its_shots_from_the_public_prior_texts(tmp_path: An
 
     texts = {"positive": [f"pos prior {i}" for i in range(5)], "negative": ["neg prior"] * 5}
     reference: Any = SimpleNamespace(texts=texts)
-    without = DemoConfig(out_dir=tmp_path, synthetic_per_label=3)
+    without = DemoConfig(out_dir=tmp_path, synthetic_per_label=3, shots=0)
     plain = prior_samples(without, None, reference)  # type: ignore[arg-type]
     assert [s.text for s in plain] == [t for lab in without.template.labels for t in texts[lab][:3]]
     backend = RecordingBackend()

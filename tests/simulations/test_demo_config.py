@@ -215,15 +215,15 @@ def test_a_length_beyond_the_model_context_is_refused(tmp_path: Path) -> None:
 
     loaded = tiny_model(seed=0)  # 256 positions
     context = loaded.model.config.max_position_embeddings
-    fits = DemoConfig(out_dir=tmp_path, max_text_tokens=context // 2)
+    fits = DemoConfig(out_dir=tmp_path, max_text_tokens=context // 2, shots=0)
     check_text_length(fits, loaded)
-    too_long = DemoConfig(out_dir=tmp_path, max_text_tokens=context)
+    too_long = DemoConfig(out_dir=tmp_path, max_text_tokens=context, shots=0)
     with pytest.raises(ConfigError) as caught:
         check_text_length(too_long, loaded)
     message = str(caught.value)
     assert f"max_text_tokens={context}" in message
     assert f"context of {context} tokens" in message
-    generation_too_long = DemoConfig(out_dir=tmp_path, max_new_tokens=context)
+    generation_too_long = DemoConfig(out_dir=tmp_path, max_new_tokens=context, shots=0)
     with pytest.raises(ConfigError, match=f"max_new_tokens={context}"):
         check_text_length(generation_too_long, loaded)
 
@@ -233,8 +233,9 @@ def test_shots_are_checked_before_anything_runs(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="shots=-1"):
         DemoConfig(out_dir=tmp_path, shots=-1)
-    assert demo_config("default", out_dir=tmp_path).shots == 0
-    assert demo_config("default", out_dir=tmp_path, shots=2).shots == 2
+    assert demo_config("default", out_dir=tmp_path).shots == 1
+    assert demo_config("quick", out_dir=tmp_path).shots == 0  # the quick preset stays quick
+    assert demo_config("quick", out_dir=tmp_path, shots=2).shots == 2
     loaded = tiny_model(seed=0)  # 256 positions
     check_text_length(DemoConfig(out_dir=tmp_path, max_text_tokens=40, shots=2), loaded)
     # Each shot adds a prompt and a whole sample: 5 shots of 40 tokens no longer fit.
