@@ -680,7 +680,9 @@ def generate_conditions(
         loaded if config.backend == "transformers" else open_backend(config.backend, config.model)
     )
     out: dict[str, list[SyntheticSample]] = {
-        "prior (eps=0)": prior_samples(config, engine, reference)
+        "prior (eps=0)": prior_samples(
+            config, engine, reference, progress=_phase(report, "generate prior")
+        )
     }
     for eps_name, path in releases.items():
         release: Release = load_release(path)
@@ -700,7 +702,11 @@ def generate_conditions(
 
 
 def prior_samples(
-    config: DemoConfig, engine: LoadedModel | GenerationBackend, reference: PublicReference
+    config: DemoConfig,
+    engine: LoadedModel | GenerationBackend,
+    reference: PublicReference,
+    *,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[SyntheticSample]:
     """The prior condition (epsilon 0): the public prior texts, or shot-conditioned ones.
 
@@ -715,6 +721,15 @@ def prior_samples(
             for label in labels
             for t in reference.texts[label][:n]
         ]
+    total = n * len(labels)
+
+    def ticker(before: int) -> Callable[[int], None]:
+        def tick(done: int) -> None:
+            if progress is not None:
+                progress(before + done, total)
+
+        return tick
+
     return [
         SyntheticSample(text=t, label=label, release_id="prior")
         for index, label in enumerate(labels)
@@ -728,6 +743,7 @@ def prior_samples(
             seed=(config.seed + 101) * 1_000_003 + index * 10_007,
             shots=config.shots,
             pool=reference.texts[label][:SHOT_POOL],
+            progress=ticker(index * n),
         )
     ]
 

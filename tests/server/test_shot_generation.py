@@ -194,8 +194,10 @@ def test_the_demo_prior_draws_its_shots_from_the_public_prior_texts(tmp_path: An
     assert [s.text for s in plain] == [t for lab in without.template.labels for t in texts[lab][:3]]
     backend = RecordingBackend()
     config = DemoConfig(out_dir=tmp_path, synthetic_per_label=3, shots=1)
-    shot = prior_samples(config, backend, reference)  # type: ignore[arg-type]
+    ticks: list[tuple[int, int]] = []
+    shot = prior_samples(config, backend, reference, progress=lambda *a: ticks.append(a))  # type: ignore[arg-type]
     assert len(shot) == 6 and all(s.release_id == "prior" for s in shot)
+    assert ticks[-1] == (6, 6) and [done for done, _ in ticks] == sorted(done for done, _ in ticks)
     assert all(deltas is None for _, deltas, _ in backend.calls)  # unsteered, no pool generated
     assert sum(len(p) for p, _, _ in backend.calls) == 6
     for prompts, _, _ in backend.calls:
