@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +186,51 @@ def iter_label_texts(
             progress(done)
 
 
+def iter_labelled_texts(
+    backend: GenerationBackend,
+    template: PromptTemplate,
+    labels: Sequence[str],
+    *,
+    n_per_label: int,
+    deltas_of: Callable[[str], dict[int, torch.Tensor] | None],
+    config: GenerationConfig,
+    seed: int,
+    shots: int = 0,
+    pools: Mapping[str, Sequence[str]] | None = None,
+    pool_size: int = SHOT_POOL,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[str, str]]:
+    """Yield (label, text) for ``n_per_label`` texts of each label, label by label.
+
+    Label i's batches use seeds from ``seed * 1_000_003 + i * 10_007`` on, so a label's texts
+    do not depend on the other labels; ``deltas_of(label)`` (computed when the label starts)
+    steers them and ``pools[label]``, if given, supplies its shots (:func:`iter_label_texts`).
+    ``progress`` is called with (texts done, texts total).
+    """
+    total = n_per_label * len(labels)
+    for index, label in enumerate(labels):
+        before = index * n_per_label
+
+        def tick(done: int, before: int = before) -> None:
+            if progress is not None:
+                progress(before + done, total)
+
+        for text in iter_label_texts(
+            backend,
+            template,
+            label,
+            n=n_per_label,
+            deltas=deltas_of(label),
+            config=config,
+            seed=seed * 1_000_003 + index * 10_007,
+            shots=shots,
+            pool=None if pools is None else pools[label],
+            pool_size=pool_size,
+            progress=tick,
+        ):
+            yield label, text
+
+
 def iter_release_samples(
     loaded: LoadedModel | GenerationBackend,
     release: Release,
@@ -225,31 +270,21 @@ def iter_release_samples(
     check_shots(shots, shot_pool)
     check_release_counts(release)
     snr = steering_snr(release, contrast=contrast) if snr_shrink else None
-    chosen = labels or release.labels
-    total = n_per_label * len(chosen)
-    for index, label in enumerate(chosen):
-        deltas = label_deltas(
+    for label, text in iter_labelled_texts(
+        backend,
+        release.manifest.template,
+        labels or release.labels,
+        n_per_label=n_per_label,
+        deltas_of=lambda label: label_deltas(
             release, label, strength=strength, contrast=contrast, snr_shrink=snr_shrink, snr=snr
-        )
-        before = index * n_per_label
-
-        def tick(done: int, before: int = before) -> None:
-            if progress is not None:
-                progress(before + done, total)
-
-        for text in iter_label_texts(
-            backend,
-            release.manifest.template,
-            label,
-            n=n_per_label,
-            deltas=deltas,
-            config=config,
-            seed=seed * 1_000_003 + index * 10_007,
-            shots=shots,
-            pool_size=shot_pool,
-            progress=tick,
-        ):
-            yield SyntheticSample(text=text, label=label, release_id=release.release_id)
+        ),
+        config=config,
+        seed=seed,
+        shots=shots,
+        pool_size=shot_pool,
+        progress=progress,
+    ):
+        yield SyntheticSample(text=text, label=label, release_id=release.release_id)
 
 
 def generate_from_release(

@@ -57,7 +57,7 @@ from fedsynth.server.synthesize import (
     SyntheticSample,
     check_shots,
     generate_from_release,
-    iter_label_texts,
+    iter_labelled_texts,
 )
 from fedsynth.server.task_runner import run_vector_release
 from fedsynth.simulations.datasets import json_line, load_corpus, write_jsonl
@@ -721,29 +721,19 @@ def prior_samples(
             for label in labels
             for t in reference.texts[label][:n]
         ]
-    total = n * len(labels)
-
-    def ticker(before: int) -> Callable[[int], None]:
-        def tick(done: int) -> None:
-            if progress is not None:
-                progress(before + done, total)
-
-        return tick
-
     return [
         SyntheticSample(text=t, label=label, release_id="prior")
-        for index, label in enumerate(labels)
-        for t in iter_label_texts(
+        for label, t in iter_labelled_texts(
             as_backend(engine),
             config.template,
-            label,
-            n=n,
-            deltas=None,
+            labels,
+            n_per_label=n,
+            deltas_of=lambda _label: None,
             config=generation_config(config),
-            seed=(config.seed + 101) * 1_000_003 + index * 10_007,
+            seed=config.seed + 101,
             shots=config.shots,
-            pool=reference.texts[label][:SHOT_POOL],
-            progress=ticker(index * n),
+            pools={label: reference.texts[label][:SHOT_POOL] for label in labels},
+            progress=progress,
         )
     ]
 
