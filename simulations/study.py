@@ -246,7 +246,7 @@ class StudyRunner:
             generation_batch=d.generation_batch,
             drop_clients=cell.dropped_clients,
             seed=cell.seed,
-            shots=0,  # the study's methods sample from the plain prompt (its prior: public texts)
+            shots=d.shots,
         )
 
     @property

@@ -192,6 +192,7 @@ class DataSettings:
     max_new_tokens: int = 40
     strength: float = 0.03
     generation_batch: int = 32
+    shots: int = 0  # own samples shown per sample (0: the plain prompt; the demo's default is 1)
     audit_runs: int = 200  # releases per side of the empirical ε audit (0: no audit)
     canaries: int = 0  # copies of one canary record in the first holder's data (0: none)
     canary_candidates: int = 200  # other secrets the canary is ranked against
@@ -443,9 +444,8 @@ def _parse_table(cls: type[Any], raw: Any, where: str) -> Any:
                 raise ConfigError(f"[{where}] icl_noise must be 'gaussian' or 'laplace'")
             values[key] = str(value)
         elif isinstance(default, int):
-            values[key] = _int(
-                value, f"[{where}] {key}", minimum=0 if key in ("audit_runs", "canaries") else 1
-            )
+            may_be_zero = key in ("audit_runs", "canaries", "shots")
+            values[key] = _int(value, f"[{where}] {key}", minimum=0 if may_be_zero else 1)
         else:
             values[key] = _number(value, f"[{where}] {key}")
             if not values[key] > 0:

@@ -12,10 +12,15 @@ import numpy as np
 from fedsynth.protocol.contribution import noise_share_variance
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.manifest import PrivacySpec
-from fedsynth.server.generation import generate_from_prompts
+from fedsynth.server.backends import as_backend
 from fedsynth.server.release import Release
 from fedsynth.server.secure_round import Reply, Transport
-from fedsynth.server.synthesize import SyntheticSample, generate_from_release, label_deltas
+from fedsynth.server.synthesize import (
+    SyntheticSample,
+    generate_from_release,
+    iter_labelled_texts,
+    label_deltas,
+)
 from fedsynth.simulations.demo import (
     DemoConfig,
     DemoData,
@@ -188,6 +193,7 @@ def release_samples(
         contrast=config.contrast,
         config=generation_config(config),
         seed=cell.seed + 101,
+        shots=config.shots,
     )
     perf.update(generation_perf(ctx, samples, time.monotonic() - start))
     template = release.manifest.template
@@ -202,21 +208,37 @@ def release_samples(
 def model_samples(
     ctx: StudyContext, cell: Cell, model: LoadedModel, perf: dict[str, float]
 ) -> CellOutput:
-    """Samples of a (fine-tuned) model from the plain class prompts."""
+    """Samples of a (fine-tuned) model from the class prompts.
+
+    With the study's ``shots``, each sample is conditioned on the model's own plain-prompt
+    samples, as the releases' samples are on theirs (:func:`iter_labelled_texts`).
+    """
     config = ctx.demo_config(cell)
     template = config.template
-    labels = [lb for lb in template.labels for _ in range(config.synthetic_per_label)]
     start = time.monotonic()
-    texts = generate_from_prompts(
-        model,
-        [template.prefix(lb) for lb in labels],
-        config=generation_config(config),
-        seed=cell.seed + 101,
-    )
-    samples = [
-        SyntheticSample(text=t, label=lb, release_id=cell.method)
-        for t, lb in zip(texts, labels, strict=True)
-    ]
+    if config.shots:
+        pairs = list(
+            iter_labelled_texts(
+                as_backend(model),
+                template,
+                template.labels,
+                n_per_label=config.synthetic_per_label,
+                deltas_of=lambda _label: None,
+                config=generation_config(config),
+                seed=cell.seed + 101,
+                shots=config.shots,
+            )
+        )
+    else:
+        labels = [lb for lb in template.labels for _ in range(config.synthetic_per_label)]
+        texts = as_backend(model).generate(
+            [template.prefix(lb) for lb in labels],
+            config=generation_config(config),
+            deltas=None,
+            seed=cell.seed + 101,
+        )
+        pairs = list(zip(labels, texts, strict=True))
+    samples = [SyntheticSample(text=t, label=lb, release_id=cell.method) for lb, t in pairs]
     perf.update(generation_perf(ctx, samples, time.monotonic() - start))
     generator = Generator({lb: template.prefix(lb) for lb in template.labels}, model=model)
     return CellOutput(samples, perf=perf, generator=generator)

@@ -98,6 +98,8 @@ def test_good_config_expands_to_the_union_of_sweeps(tmp_path: Path) -> None:
         (_raw(colour="blue"), "unknown key"),
         (_raw(data={"private_per_label": 0}), "private_per_label must be an integer >= 1"),
         (_raw(data={"strength": -1.0}), "strength must be > 0"),
+        (_raw(data={"shots": -1}), "shots must be an integer >= 0"),
+        (_raw(data={"shots": 1.5}), "shots must be an integer"),
         (_raw(pe={"init_fraction": 1.0}), r"\[pe\] init_fraction must be < 1, got 1.0"),
         (_raw(pe={"init_fraction": 0}), r"\[pe\] init_fraction must be > 0"),
         (_raw(seeds=[1, 1]), "seeds repeat"),
@@ -229,3 +231,12 @@ def test_time_budget_is_judged_on_the_measured_cells_and_left_out_of_the_fingerp
         check_time_budget(config, [30.0, 90.0], remaining=11)
     assert "time_budget_minutes=10" in str(info.value) and "--yes" in str(info.value)
     check_time_budget(parse_study(_raw()), [1e6], remaining=1000)  # no budget: never refused
+
+
+def test_shots_default_to_the_plain_prompt_and_enter_the_fingerprint() -> None:
+    plain = parse_study(_raw())
+    assert plain.data.shots == 0  # studies run before shots existed open unchanged
+    assert parse_study(_raw(data={"shots": 0})).fingerprint() == plain.fingerprint()
+    shot = parse_study(_raw(data={"shots": 2}))
+    assert shot.data.shots == 2 and shot.fingerprint() != plain.fingerprint()
+    assert load_study_config(Path(__file__).parents[2] / "studies" / "compare.toml").data.shots == 1

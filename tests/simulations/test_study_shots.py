@@ -1,0 +1,78 @@
+"""A study's ``shots``: the prior and fine-tuned models get the conditioning releases get."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fedsynth.simulations.methods import prior
+from fedsynth.simulations.methods.common import model_samples
+from fedsynth.simulations.study import StudyRunner
+from fedsynth.simulations.study_config import parse_study
+from tests.server.test_shot_generation import RecordingBackend
+
+TEXTS = {"positive": [f"pos prior {i}" for i in range(40)], "negative": ["neg prior"] * 40}
+
+
+def _runner(tmp_path: Path, shots: int) -> tuple[StudyRunner, RecordingBackend, Any]:
+    raw: dict[str, Any] = {
+        "name": "shots",
+        "model": "tiny-llama",
+        "data": {"synthetic_per_label": 3, "generation_batch": 8, "shots": shots},
+        "sweep": [{"methods": ["prior", "dp-sgd"], "epsilons": [4]}],
+    }
+    backend = RecordingBackend()
+    backend.tokenizer = SimpleNamespace(encode=lambda text, **_: text.split())  # type: ignore[attr-defined]
+    runner = StudyRunner(parse_study(raw), tmp_path, loaded=backend)  # type: ignore[arg-type]
+    runner._reference = SimpleNamespace(texts=TEXTS)  # type: ignore[assignment]
+    return runner, backend, runner.config.cells()[0]
+
+
+def _shown(prompt: str) -> str:
+    return prompt.split("\n")[1]
+
+
+def test_without_shots_the_prior_is_the_public_prior_texts(tmp_path: Path) -> None:
+    runner, backend, cell = _runner(tmp_path, shots=0)
+    out = prior.run(runner, cell)
+    assert sorted(s.text for s in out.samples) == sorted(["neg prior"] * 3 + TEXTS["positive"][:3])
+    assert backend.calls == []
+
+
+def test_the_prior_with_shots_is_conditioned_on_the_public_prior_texts(tmp_path: Path) -> None:
+    runner, backend, cell = _runner(tmp_path, shots=1)
+    out = prior.run(runner, cell)
+    assert len(out.samples) == 6 and all(s.text.startswith("sample") for s in out.samples)
+    assert all(deltas is None for _, deltas, _ in backend.calls)
+    prompts = [p for batch, _, _ in backend.calls for p in batch]
+    public = TEXTS["positive"] + ["neg prior"]
+    assert len(prompts) == 6 and all(_shown(p) in public for p in prompts)
+
+
+@pytest.mark.parametrize("shots", [0, 1])
+def test_a_fine_tuned_model_samples_with_the_studys_shots(tmp_path: Path, shots: int) -> None:
+    runner, _, cell = _runner(tmp_path, shots=shots)
+    model = RecordingBackend()
+    out = model_samples(runner, cell, model, {})  # type: ignore[arg-type]
+    assert [s.label for s in out.samples] == ["positive"] * 3 + ["negative"] * 3
+    assert out.perf["generation_seconds"] >= 0
+    prompts = [p for batch, _, _ in model.calls for p in batch]
+    template = runner.demo_config(cell).template
+    if shots == 0:
+        assert prompts == [template.prefix(s.label) for s in out.samples]
+        return
+    # Each label first samples its pool (3 plain prompts: the pool never exceeds the samples),
+    # then every sample sees one of those pool texts, none of which is among the samples.
+    pools = {
+        lb: {f"sample {i}" for i in range(start, start + 3)}
+        for lb, start in (("positive", 1), ("negative", 7))
+    }
+    plain = [p for p in prompts if p in (template.prefix("positive"), template.prefix("negative"))]
+    assert len(plain) == 6 and len(prompts) == 12
+    for sample in out.samples:
+        assert sample.text not in pools[sample.label]
+    shot_prompts = [p for p in prompts if p not in plain]
+    assert all(_shown(p) in pools["positive"] | pools["negative"] for p in shot_prompts)
