@@ -134,6 +134,7 @@ def iter_label_texts(
     pool: Sequence[str] | None = None,
     pool_size: int = SHOT_POOL,
     progress: Callable[[int], None] | None = None,
+    pool_progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[str]:
     """Yield ``n`` texts of one label, ``config.batch_size`` per batch (batch i uses seed + i).
 
@@ -149,6 +150,7 @@ def iter_label_texts(
         pool: Texts to draw shots from instead (e.g. the public prior texts); empty strings
             are skipped, and a pool with no text leaves the plain prompt.
         progress: Called with the number of texts yielded so far.
+        pool_progress: Called with (pool texts generated, pool size) while a pool is made.
     """
     check_shots(shots, pool_size)
     plain = template.prefix(label)
@@ -162,6 +164,8 @@ def iter_label_texts(
                 pool += backend.generate(
                     [plain] * size, config=config, deltas=deltas, seed=seed + _POOL_SEED_OFFSET + j
                 )
+                if pool_progress is not None:
+                    pool_progress(len(pool), wanted)
         texts = [t for t in pool if t.strip()]
         rng = random.Random(seed)
         if texts:
@@ -199,21 +203,28 @@ def iter_labelled_texts(
     pools: Mapping[str, Sequence[str]] | None = None,
     pool_size: int = SHOT_POOL,
     progress: Callable[[int, int], None] | None = None,
+    pool_progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[str, str]]:
     """Yield (label, text) for ``n_per_label`` texts of each label, label by label.
 
     Label i's batches use seeds from ``seed * 1_000_003 + i * 10_007`` on, so a label's texts
     do not depend on the other labels; ``deltas_of(label)`` (computed when the label starts)
     steers them and ``pools[label]``, if given, supplies its shots (:func:`iter_label_texts`).
-    ``progress`` is called with (texts done, texts total).
+    ``progress`` is called with (texts done, texts total), ``pool_progress`` with (pool texts
+    generated, pool texts total) over all labels' shot pools.
     """
     total = n_per_label * len(labels)
+    per_pool = min(pool_size, n_per_label) if shots > 0 and pools is None else 0
     for index, label in enumerate(labels):
         before = index * n_per_label
 
         def tick(done: int, before: int = before) -> None:
             if progress is not None:
                 progress(before + done, total)
+
+        def pool_tick(done: int, _wanted: int, before: int = index * per_pool) -> None:
+            if pool_progress is not None:
+                pool_progress(before + done, per_pool * len(labels))
 
         for text in iter_label_texts(
             backend,
@@ -227,6 +238,7 @@ def iter_labelled_texts(
             pool=None if pools is None else pools[label],
             pool_size=pool_size,
             progress=tick,
+            pool_progress=pool_tick,
         ):
             yield label, text
 
@@ -245,6 +257,7 @@ def iter_release_samples(
     snr_shrink: bool = True,
     shots: int = 0,
     shot_pool: int = SHOT_POOL,
+    pool_progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[SyntheticSample]:
     """Yield ``n_per_label`` steered samples per label, label by label, chunk by chunk.
 
@@ -257,6 +270,8 @@ def iter_release_samples(
         loaded: the model, as loaded for `transformers` or on any generation backend.
         progress: called with (samples done, samples total).
         snr_shrink: False applies ``strength`` unshrunk (for experiments).
+        pool_progress: called with (pool texts done, pool texts total) while the shot pools
+            are generated.
 
     Raises:
         ModelMismatchError: the model is not the release's (or its layers or width differ).
@@ -283,6 +298,7 @@ def iter_release_samples(
         shots=shots,
         pool_size=shot_pool,
         progress=progress,
+        pool_progress=pool_progress,
     ):
         yield SyntheticSample(text=text, label=label, release_id=release.release_id)
 
@@ -300,6 +316,7 @@ def generate_from_release(
     snr_shrink: bool = True,
     shots: int = 0,
     shot_pool: int = SHOT_POOL,
+    pool_progress: Callable[[int, int], None] | None = None,
 ) -> list[SyntheticSample]:
     """All samples of :func:`iter_release_samples` as a list."""
     return list(
@@ -315,5 +332,6 @@ def generate_from_release(
             snr_shrink=snr_shrink,
             shots=shots,
             shot_pool=shot_pool,
+            pool_progress=pool_progress,
         )
     )

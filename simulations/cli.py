@@ -617,6 +617,9 @@ def generate(
                 progress=lambda done, total: progress.update("generate", done=done, total=total),
                 snr_shrink=snr_shrink,
                 shots=shots,
+                pool_progress=lambda done, total: progress.update(
+                    "shot pool", done=done, total=total
+                ),
             ):
                 handle.write(json_line(asdict(sample)) + "\n")
                 handle.flush()

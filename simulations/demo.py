@@ -697,6 +697,7 @@ def generate_conditions(
             progress=_phase(report, f"generate eps={eps_name}"),
             snr_shrink=config.snr_shrink,
             shots=config.shots,
+            pool_progress=_phase(report, f"shot pool eps={eps_name}"),
         )
     return out
 

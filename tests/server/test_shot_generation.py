@@ -16,6 +16,7 @@ from fedsynth.server.synthesize import (
     check_shots,
     generate_from_release,
     iter_label_texts,
+    iter_labelled_texts,
     shot_prompt,
 )
 from tests.server.releases import make_test_release
@@ -120,6 +121,35 @@ def test_shots_come_from_a_steered_pool_that_is_not_yielded() -> None:
     small = RecordingBackend()
     assert len(_texts(small, shots=1, pool_size=64, n=3)) == 3
     assert [len(p) for p, _, _ in small.calls] == [2, 1, 2, 1]
+
+
+def test_pool_generation_reports_its_progress_over_all_labels() -> None:
+    one: list[tuple[int, int]] = []
+    _texts(RecordingBackend(), shots=1, pool_size=3, pool_progress=lambda *a: one.append(a))
+    assert one == [(2, 3), (3, 3)]
+    both: list[tuple[int, int]] = []
+    samples: list[tuple[int, int]] = []
+    pairs = list(
+        iter_labelled_texts(
+            RecordingBackend(),
+            TEMPLATE,
+            ["pos", "neg"],
+            n_per_label=3,
+            deltas_of=lambda _label: None,
+            config=GenerationConfig(batch_size=2),
+            seed=1,
+            shots=1,
+            progress=lambda *a: samples.append(a),
+            pool_progress=lambda *a: both.append(a),
+        )
+    )
+    assert len(pairs) == 6 and samples[-1] == (6, 6)  # sample progress counts samples only
+    assert both == [(2, 6), (3, 6), (5, 6), (6, 6)]
+    given: list[tuple[int, int]] = []
+    _texts(RecordingBackend(), shots=1, pool=["a"], pool_progress=lambda *a: given.append(a))
+    plain: list[tuple[int, int]] = []
+    _texts(RecordingBackend(), shots=0, pool_progress=lambda *a: plain.append(a))
+    assert given == [] and plain == []  # no pool generated, nothing to report
 
 
 def test_a_given_pool_is_used_without_generating_one() -> None:

@@ -294,6 +294,7 @@ def test_generate_with_shots_writes_and_reports_them(tmp_path: Path, release_fil
     assert len(rows) == 4 and [r["label"] for r in rows] == ["pos", "pos", "neg", "neg"]
     report = json.loads(target.with_name("out.jsonl.report.json").read_text())
     assert report["generation"]["shots"] == 1 and report["generation"]["shot_pool"] == 2
+    assert "shot pool: 4/4" in _said(result)  # both labels' pools, reported as they are made
     bad = tmp_path / "bad.jsonl"
     refused = _generate(release_file, bad, "--n", "2", "--shots", "-1")
     assert refused.exit_code == 2, refused.output  # type: ignore[attr-defined]
