@@ -160,11 +160,17 @@ class SynthesisClient:
         label: str = "",
         seed: int = 0,
         strength: float | None = None,
+        shots: int | None = None,
     ) -> Any:
-        """The stream of samples (an iterator that is also a gRPC call: ``.cancel()`` stops it)."""
+        """The stream of samples (an iterator that is also a gRPC call: ``.cancel()`` stops it).
+
+        ``strength`` and ``shots`` left at None take the server's defaults.
+        """
         request = pb.GenerateRequest(release_id=release_id, n=n, label=label, seed=seed)
         if strength is not None:
             request.strength = strength
+        if shots is not None:
+            request.shots = shots
         return self._stub.Generate(request, metadata=self._metadata, timeout=self.timeout)
 
     def close(self) -> None:
@@ -287,6 +293,12 @@ def pull_command(
     strength: Annotated[
         float | None, typer.Option(help="Steering strength (default: the server's).")
     ] = None,
+    shots: Annotated[
+        int | None,
+        typer.Option(
+            help="Own samples shown to each sample (0: the plain prompt; default: the server's)."
+        ),
+    ] = None,
     insecure: InsecureOption = False,
 ) -> None:
     """Stream synthetic samples from a release; costs no privacy and touches no ledger."""
@@ -294,7 +306,9 @@ def pull_command(
         if n < 1:
             raise ConfigError(f"n={n}: must be >= 1")
         with _client(server, ca, token_file, insecure) as client:
-            stream = client.generate(release, n, label=label, seed=seed, strength=strength)
+            stream = client.generate(
+                release, n, label=label, seed=seed, strength=strength, shots=shots
+            )
             rows = ({"text": s.text, "label": s.label, "release_id": s.release_id} for s in stream)
             try:
                 if console.is_terminal:
@@ -385,6 +399,15 @@ def serve_command(
     tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
     max_samples: Annotated[int, typer.Option(help="Most samples per request.")] = 10_000,
+    shots: Annotated[
+        int,
+        typer.Option(
+            help="Own samples shown to each sample when a request does not say (0: the plain "
+            "prompt).",
+            min=0,
+        ),
+    ] = 1,
+    max_shots: Annotated[int, typer.Option(help="Most shots a request may ask for.", min=0)] = 8,
     insecure: Annotated[
         bool, typer.Option(help="No TLS: tokens and samples in clear text (loopback tests only).")
     ] = False,
@@ -403,7 +426,12 @@ def serve_command(
         check_backend_name(backend)  # before any model is loaded
         if insecure:
             console.print("[yellow]warning:[/yellow] --insecure: no TLS, tokens travel in clear")
-        limits = SynthesisLimits(max_samples=max_samples, sample_burst=max(50_000, max_samples))
+        limits = SynthesisLimits(
+            max_samples=max_samples,
+            sample_burst=max(50_000, max_samples),
+            default_shots=shots,
+            max_shots=max_shots,
+        )
         loaded = open_backend(backend, model, threads=threads)
         running = serve(
             releases=releases,

@@ -63,6 +63,8 @@ DEFAULT_MAX_REQUEST_BYTES = 4096  # every request message is a few ids and numbe
 DEFAULT_STRENGTH = 0.03  # the CLI's and the task file's default steering strength
 DEFAULT_MAX_STRENGTH = 1.0  # a delta as large as the residual itself: beyond that, noise
 DEFAULT_BATCH_SIZE = 8  # samples generated per model call: the most a slow reader keeps waiting
+DEFAULT_SHOTS = 1  # own samples shown per sample, as `fedsynth generate`'s default
+DEFAULT_MAX_SHOTS = 8  # each shot lengthens every prompt by about one sample
 MAX_ID_CHARS = 256  # release ids and labels are short names
 TRUST_MODES = {
     "distributed": pb.TRUST_MODE_DISTRIBUTED,
@@ -79,6 +81,8 @@ class SynthesisLimits:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_strength: float = DEFAULT_MAX_STRENGTH
     default_strength: float = DEFAULT_STRENGTH
+    default_shots: int = DEFAULT_SHOTS
+    max_shots: int = DEFAULT_MAX_SHOTS
     request_burst: int = 60  # requests a token may make at once ...
     requests_per_second: float = 2.0  # ... and refilled at this rate
     sample_burst: int = 50_000  # samples a token may request at once (>= max_samples) ...
@@ -97,6 +101,10 @@ class SynthesisLimits:
             raise ConfigError(
                 f"default_strength={self.default_strength}: must be in [0, "
                 f"max_strength={self.max_strength}]"
+            )
+        if not 0 <= self.default_shots <= self.max_shots:
+            raise ConfigError(
+                f"default_shots={self.default_shots}: must be in [0, max_shots={self.max_shots}]"
             )
         if self.sample_burst < self.max_samples:
             raise ConfigError(
@@ -119,6 +127,7 @@ class GenerateParams:
     labels: tuple[str, ...]  # the labels to generate, in order (all of the release's if none named)
     seed: int
     strength: float
+    shots: int = DEFAULT_SHOTS
 
 
 def _shown(value: str) -> str:
@@ -168,8 +177,18 @@ def validate_generate_request(
             raise ConfigError(
                 f"strength={strength}: must be in [0, max_strength={limits.max_strength}]"
             )
+    shots = limits.default_shots
+    if request.HasField("shots"):
+        shots = request.shots
+        if not 0 <= shots <= limits.max_shots:
+            raise ConfigError(f"shots={shots}: must be in [0, max_shots={limits.max_shots}]")
     return GenerateParams(
-        release_id=release_id, n=request.n, labels=labels, seed=request.seed, strength=strength
+        release_id=release_id,
+        n=request.n,
+        labels=labels,
+        seed=request.seed,
+        strength=strength,
+        shots=shots,
     )
 
 
@@ -615,11 +634,12 @@ class SynthesisServicer:
         except FedSynthError as exc:
             self._refuse(context, exc)
         logger.info(
-            "generate: token %s, release %s, n=%d, labels %s",
+            "generate: token %s, release %s, n=%d, labels %s, shots %d",
             who,
             params.release_id,
             params.n,
             ",".join(params.labels),
+            params.shots,
         )
         stream = _StreamState(params.n)
         self.stats.add(streams_started=1, active_streams=1)
@@ -656,6 +676,7 @@ class SynthesisServicer:
                 config=self.generation,
                 seed=label_seed(params.seed, label),
                 labels=(label,),
+                shots=params.shots,
             )
             for k in range(count):
                 if stream.stop.is_set():

@@ -373,6 +373,7 @@ def test_synthesis_service_on_llama_cpp_offers_only_releases_it_can_steer(
             config=generation,
             seed=service.label_seed(5, label),
             labels=(label,),
+            shots=service.DEFAULT_SHOTS,
         )
     ]
     assert pulled == expected and all(t.strip() for t in pulled)

@@ -234,18 +234,23 @@ def test_generate_streams_the_release_samples(
     assert [s.label for s in samples] == ["pos", "pos", "neg", "neg", "mix"]
     assert [s.index for s in samples] == [0, 1, 2, 3, 4]
     assert {s.release_id for s in samples} == {"release-1"}
-    # Exactly the steered samples synthesize.py makes, at the requested strength and seed.
+    # Exactly the steered samples synthesize.py makes, at the requested strength and seed, with
+    # the server's default shots unless the request names them.
+    plain = list(client.generate("release-1", 5, seed=7, strength=0.5, shots=0))
     for label, count in (("pos", 2), ("neg", 2), ("mix", 1)):
-        expected = iter_release_samples(
-            llama,
-            release,
-            n_per_label=count,
-            strength=0.5,
-            config=GENERATION,
-            seed=label_seed(7, label),
-            labels=(label,),
-        )
-        assert [s.text for s in samples if s.label == label] == [s.text for s in expected]
+        for got, shots in ((samples, LIMITS.default_shots), (plain, 0)):
+            expected = iter_release_samples(
+                llama,
+                release,
+                n_per_label=count,
+                strength=0.5,
+                config=GENERATION,
+                seed=label_seed(7, label),
+                labels=(label,),
+                shots=shots,
+            )
+            assert [s.text for s in got if s.label == label] == [s.text for s in expected]
+    assert LIMITS.default_shots == 1 and [s.text for s in plain] != [s.text for s in samples]
     again = [s.text for s in client.generate("release-1", 5, seed=7, strength=0.5)]
     assert again == [s.text for s in samples]
     weaker = [s.text for s in client.generate("release-1", 5, seed=7, strength=0.0)]
@@ -316,6 +321,16 @@ def test_tls_is_required_and_checked(server: SynthesisServer, pki: Pki) -> None:
             {"release_id": "release-1", "n": 1, "strength": -0.1},
             grpc.StatusCode.INVALID_ARGUMENT,
             ["strength=-0.1"],
+        ),
+        (
+            {"release_id": "release-1", "n": 1, "shots": 9},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["shots=9", "max_shots=8"],
+        ),
+        (
+            {"release_id": "release-1", "n": 1, "shots": -1},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["shots=-1"],
         ),
     ],
 )
@@ -406,7 +421,9 @@ def test_a_stalled_reader_holds_generation_at_one_batch_and_cancel_stops_it(
         start(store, llama, pki, tokens, limits=limits, generation=generation) as running,
         SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, options=window) as client,
     ):
-        stream = client.generate("release-1", n, label="pos")
+        # Without shots: a shot pool (at most 64 texts, made before the first sample) would add
+        # a fixed cost to what the model does for this reader.
+        stream = client.generate("release-1", n, label="pos", shots=0)
         first = next(stream)
         assert first.index == 0
         stalled = model_calls.settle()
@@ -527,6 +544,12 @@ def test_validation_accepts_and_fills_defaults() -> None:
         request(label="b", strength=0.0, n=50), release_labels=LABELS, limits=LIMITS
     )
     assert (params.labels, params.strength, params.n) == (("b",), 0.0, 50)
+    assert validate_generate_request(request(), release_labels=LABELS, limits=LIMITS).shots == 1
+    for shots in (0, 8):
+        params = validate_generate_request(
+            request(shots=shots), release_labels=LABELS, limits=LIMITS
+        )
+        assert params.shots == shots
 
 
 @pytest.mark.parametrize(
@@ -542,6 +565,8 @@ def test_validation_accepts_and_fills_defaults() -> None:
         ({"strength": float("nan")}, ConfigError, "strength=nan"),
         ({"strength": float("inf")}, ConfigError, "strength=inf"),
         ({"strength": 1.0000001}, ConfigError, "max_strength=1.0"),
+        ({"shots": 9}, ConfigError, r"shots=9: must be in \[0, max_shots=8\]"),
+        ({"shots": -(2**63)}, ConfigError, "shots=-9223372036854775808"),
     ],
 )
 def test_validation_refuses_naming_the_field(
@@ -673,6 +698,10 @@ def test_limits_are_validated() -> None:
         SynthesisLimits(requests_per_second=float("nan"))
     with pytest.raises(ConfigError, match=r"default_strength=2\.0"):
         SynthesisLimits(default_strength=2.0)
+    with pytest.raises(ConfigError, match=r"default_shots=3: must be in \[0, max_shots=2\]"):
+        SynthesisLimits(default_shots=3, max_shots=2)
+    with pytest.raises(ConfigError, match="default_shots=-1"):
+        SynthesisLimits(default_shots=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,7 +710,7 @@ def test_limits_are_validated() -> None:
 
 
 def test_pull_writes_json_lines_with_plain_progress(
-    server: SynthesisServer, pki: Pki, client_token: Path, tmp_path: Path
+    server: SynthesisServer, pki: Pki, client_token: Path, client: SynthesisClient, tmp_path: Path
 ) -> None:
     out = tmp_path / "out" / "samples.jsonl"
     common = ["--server", server.address, "--ca", str(pki.ca), "--token-file", str(client_token)]
@@ -697,6 +726,16 @@ def test_pull_writes_json_lines_with_plain_progress(
     assert {r["release_id"] for r in rows} == {"release-1"}
     assert "pulled 7/7 samples (100%)" in result.output  # not a TTY: plain lines
     assert list(out.parent.iterdir()) == [out]  # no temporary file left
+    # --shots goes to the server: what it streams for that request, refused above its limit.
+    plain = tmp_path / "plain.jsonl"
+    pull = ["pull", "--release", "release-1", "--n", "3", "--seed", "3", *common]
+    result = CliRunner().invoke(synthesis_app, [*pull, "--out", str(plain), "--shots", "0"])
+    assert result.exit_code == 0, result.output
+    expected = [s.text for s in client.generate("release-1", 3, seed=3, shots=0)]
+    assert [json.loads(line)["text"] for line in plain.read_text().splitlines()] == expected
+    assert expected != [s.text for s in client.generate("release-1", 3, seed=3)]
+    refused = CliRunner().invoke(synthesis_app, [*pull, "--out", str(plain), "--shots", "9"])
+    assert refused.exit_code == 2 and "max_shots=8" in refused.output
 
     listed = CliRunner().invoke(synthesis_app, ["list", *common])
     assert listed.exit_code == 0, listed.output
