@@ -1,7 +1,9 @@
 """Steered vs unsteered generation throughput at the same batch size, measured side by side.
 
 Prints tokens/s for plain and steered decoding (same prompt, batch, seed, token budget;
-newline stopping off so both decode the same number of steps) and their ratio (target >= 0.97),
+newline and end-of-sequence stopping off, so every row of both sides decodes the whole budget:
+the same work, as vLLM's ignore_eos; ``--as-sampled`` lets rows end at EOS, where steering that
+ends rows earlier leaves ragged batches) and their ratio (target >= 0.97),
 on the `transformers` backend and, at full size, on llama.cpp (the packaged GGUF model; needs
 the ``llamacpp`` extra): steered llama.cpp against steered `transformers` (target >= 3x).
 Run: python benchmarks/bench_generation.py [--backend llamacpp]
@@ -40,6 +42,7 @@ class Throughput:
     repeats: int
     unsteered: float
     steered: float
+    equal_work: bool = True
 
 
 def measure(
@@ -51,11 +54,14 @@ def measure(
     repeats: int = 3,
     layers: tuple[int, ...] = DEFAULT_LAYERS,
     threads: int | None = None,
+    equal_work: bool = True,
 ) -> Throughput:
     """Alternate unsteered and steered runs ``repeats`` times; keep the best of each."""
     name = model or DEFAULT_MODEL
     engine = open_backend(backend, name, threads=threads)
-    config = GenerationConfig(max_new_tokens=tokens, batch_size=batch, stop_at_newline=False)
+    config = GenerationConfig(
+        max_new_tokens=tokens, batch_size=batch, stop_at_newline=False, stop_at_eos=not equal_work
+    )
     gen = torch.Generator().manual_seed(0)
     deltas = steering_deltas(
         {layer: torch.randn(engine.hidden_size, generator=gen) for layer in layers},
@@ -83,6 +89,7 @@ def measure(
         repeats=repeats,
         unsteered=max(results["unsteered"]),
         steered=max(results["steered"]),
+        equal_work=equal_work,
     )
 
 
@@ -114,7 +121,10 @@ def figures(quick: bool) -> list[Figure]:
         runs.append(measure(backend="llamacpp"))
     out = []
     for r in runs:
-        where = f"{r.model}, batch {r.batch}, {r.tokens} new tokens, best of {r.repeats}"
+        where = (
+            f"{r.model}, batch {r.batch}, every row {r.tokens} new tokens (no EOS stop), "
+            f"best of {r.repeats}"
+        )
         out.append(
             compared(
                 "generation",
@@ -161,6 +171,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="transformers")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--as-sampled", action="store_true", help="let rows end at EOS (ragged batches)"
+    )
     args = parser.parse_args()
     r = measure(
         backend=args.backend,
@@ -168,8 +181,10 @@ def main() -> None:
         tokens=args.tokens,
         repeats=args.repeats,
         threads=args.threads,
+        equal_work=not args.as_sampled,
     )
-    print(f"{r.backend}: model {r.model}, batch {r.batch}, {r.tokens} new tokens")
+    work = "rows may end at EOS" if args.as_sampled else "every row decodes all of them"
+    print(f"{r.backend}: model {r.model}, batch {r.batch}, {r.tokens} new tokens ({work})")
     for k, v in (("unsteered", r.unsteered), ("steered", r.steered)):
         print(f"  {k:10s} {v:8.1f} tokens/s")
     print(f"ratio steered / unsteered = {r.steered / r.unsteered:.3f} (target >= 0.97)")

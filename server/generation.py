@@ -37,6 +37,9 @@ class GenerationConfig:
     batch_size: int = 64
     stop_at_newline: bool = True
     candidate_k: int = 2000
+    # False: the end-of-sequence token is never sampled, so every row decodes max_new_tokens
+    # (equal work on both sides of a throughput comparison, as vLLM's ignore_eos).
+    stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -215,7 +218,7 @@ def sample_continuations(
     encoded = [list(tok.encode(p, add_special_tokens=True)) for p in prompts]
     generator = torch.Generator(device=device).manual_seed(seed)
     newline_ids = _newline_token_ids(tok) if config.stop_at_newline else set()
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None and config.stop_at_eos else set()
     stops = torch.tensor(sorted(newline_ids | eos), dtype=torch.long, device=device)
     tokens = _token_classes(tok, vocab_size=vocab_rows, stops=newline_ids | eos)
     texts: list[str] = []
@@ -368,7 +371,7 @@ def _token_classes(tokenizer: Any, *, vocab_size: int, stops: set[int]) -> _Toke
     if cached is not None and cached[0] == (vocab_size, frozenset(stops)):
         return cast(_TokenClasses, cached[1])
     control: set[int] = set(getattr(tokenizer, "all_special_ids", None) or ())
-    for attr in ("bos_token_id", "pad_token_id", "unk_token_id"):
+    for attr in ("bos_token_id", "pad_token_id", "unk_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
         if value is not None:
             control.add(int(value))

@@ -80,6 +80,25 @@ def test_a_stop_after_visible_text_still_ends_the_sample(
     assert _generate(llama, monkeypatch, script) == ["a"] * 3
 
 
+def test_without_eos_stops_every_row_decodes_the_whole_budget(
+    llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The model wants to end after one letter; with stop_at_eos off EOS is never sampled, so
+    # each row runs to max_new_tokens (equal work for throughput comparisons).
+    def script(step: int) -> list[int]:
+        return [LETTER] if step == 0 else [EOS, LETTER]
+
+    counted: list[int] = []
+    for stop_at_eos, expected in ((True, "a"), (False, "a" * 6)):
+        monkeypatch.setattr(generation, "sample_top_p", _scripted(script))
+        config = GenerationConfig(max_new_tokens=6, batch_size=3, stop_at_eos=stop_at_eos)
+        texts = generate_texts(
+            llama, "Say: ", 3, config=config, seed=0, progress=lambda _n, t: counted.append(t)
+        )
+        assert texts == [expected] * 3
+    assert counted[-1] == 18  # 3 rows x 6 tokens
+
+
 def test_token_classes_of_the_char_tokenizer() -> None:
     classes = generation._token_classes(TOK, vocab_size=TOK.vocab_size + 5, stops={NEWLINE, EOS})
     control = set(classes.control.tolist())
