@@ -209,9 +209,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-prior", action="store_true")
     parser.add_argument("--no-real", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("samples-curve"))
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="combine the curve.csv of earlier runs (e.g. one per seed) into --out; no generation",
+    )
     args = parser.parse_args(argv)
-    seeds = args.seed or [0]
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merged: list[Point] = []
+        for folder in args.merge:
+            with (folder / "curve.csv").open(newline="") as handle:
+                merged += [
+                    Point(
+                        r["condition"],
+                        int(r["seed"]),
+                        int(r["per_label"]),
+                        float(r["tstr_accuracy"]),
+                        float(r["label_fidelity"]),
+                    )
+                    for r in csv.DictReader(handle)
+                ]
+        write_curve(merged, args.out)
+        return
+    seeds = args.seed or [0]
     releases = {p.stem.removeprefix("release-"): load_release(p) for p in args.release}
     model = args.model or next((r.manifest.model_name for r in releases.values()), None)
     if model is None:
@@ -271,21 +293,26 @@ def main(argv: Sequence[str] | None = None) -> None:
                 test_texts=test_texts,
                 test_labels=test_labels,
             )
-    with (args.out / "curve.csv").open("w", newline="") as handle:
+    write_curve(points, args.out)
+
+
+def write_curve(points: Sequence[Point], out: Path) -> None:
+    """curve.csv (every point), curve.png (mean and sd over seeds) and the table on stdout."""
+    with (out / "curve.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CURVE_COLUMNS)
         writer.writeheader()
         for p in points:
             writer.writerow(asdict(p))
     rows = summarize(points)
-    plot(rows, args.out / "curve.png")
+    plot(rows, out / "curve.png")
     print(f"{'condition':12s} {'per label':>9s} {'TSTR accuracy':>16s} {'label fidelity':>16s}")
     for r in rows:
         print(
             f"{r['condition']:12s} {r['per_label']:9d} "
             f"{r['tstr_accuracy']:.3f} ± {r['tstr_accuracy_sd']:.3f}  "
-            f"{r['label_fidelity']:.3f} ± {r['label_fidelity_sd']:.3f}"
+            f"{r['label_fidelity']:.3f} ± {r['label_fidelity_sd']:.3f}  ({r['seeds']} seeds)"
         )
-    print(f"wrote {args.out / 'curve.csv'} and {args.out / 'curve.png'}")
+    print(f"wrote {out / 'curve.csv'} and {out / 'curve.png'}")
 
 
 if __name__ == "__main__":

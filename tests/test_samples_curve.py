@@ -1,4 +1,4 @@
-"""The samples-per-label curve: nested prefixes, scores, summary, and a whole run on a tiny model."""
+"""The samples-per-label curve: nested prefixes, scores, summary, a whole run on a tiny model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ PAIRS = [("b", f"b{i}") for i in range(5)] + [("a", f"a{i}") for i in range(3)]
 def test_prefixes_are_nested_and_hold_every_label() -> None:
     got = prefixes(PAIRS, [3, 1, 4])
     assert [size for size, _, _ in got] == [1, 3]  # 4: label a has only 3 texts
-    size, texts, labels = got[1]
+    _, texts, labels = got[1]
     assert texts == ["a0", "a1", "a2", "b0", "b1", "b2"] and labels == ["a"] * 3 + ["b"] * 3
     assert got[0][1] == ["a0", "b0"]
     assert prefixes([], [1]) == []
@@ -70,3 +70,11 @@ def test_a_run_writes_the_curve_and_resumes_from_its_samples(tmp_path: Path) -> 
     for r in rows:
         if r["condition"] == "prior" and r["seed"] == "0":
             assert again[("prior", r["per_label"])]["tstr_accuracy"] == r["tstr_accuracy"]
+    # Runs made apart (one per seed) merge into one curve.
+    other = tmp_path / "seed1"
+    main(["--model", "tiny-llama", "--sizes", "2", "--out", str(other), "--seed", "1"])
+    merged = tmp_path / "merged"
+    main(["--out", str(merged), "--merge", str(tmp_path), str(other)])
+    with (merged / "curve.csv").open() as handle:
+        both = list(csv.DictReader(handle))
+    assert len(both) == 2 + 2 and (merged / "curve.png").exists()  # prior 2, 4; prior, real 2
