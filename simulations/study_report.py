@@ -249,57 +249,210 @@ def write_plots(groups: Sequence[Mapping[str, Any]], out_dir: Path, utility: str
     return written
 
 
+ALPHA = 0.05
+"""Two-sided level of every comparison the report makes."""
+POWER = 0.8
+"""Power at which a comparison's detectable difference is stated."""
+EQUIVALENCE = 0.01
+"""Tolerance of an equality claim: one point on a [0, 1] metric (the study's headline question)."""
+
+
+def compare_seeds(
+    a: Sequence[float], b: Sequence[float], *, tolerance: float = EQUIVALENCE
+) -> dict[str, Any]:
+    """Welch comparison of two conditions' per-seed results, with its power stated.
+
+    ``detectable`` is the smallest true difference the test finds with probability
+    :data:`POWER` at level :data:`ALPHA` for these seed counts and spreads. The verdict is
+    ``higher`` or ``lower`` (a against b, significant), ``equal`` (the 1 − α confidence interval
+    of the difference lies within ± ``tolerance``), ``inconclusive`` (neither: too few seeds or
+    too much spread to tell) or ``not testable`` (a side with fewer than two seeds), so a check
+    without the data to fail is never reported as passed.
+    """
+    from scipy import stats
+
+    x = np.array([v for v in a if not math.isnan(v)], dtype=float)
+    y = np.array([v for v in b if not math.isnan(v)], dtype=float)
+    out: dict[str, Any] = {
+        "mean_a": float(x.mean()) if len(x) else math.nan,
+        "mean_b": float(y.mean()) if len(y) else math.nan,
+        "seeds": (len(x), len(y)),
+        "difference": float(x.mean() - y.mean()) if len(x) and len(y) else math.nan,
+        "standard_error": math.nan,
+        "detectable": math.nan,
+        "verdict": "not testable",
+    }
+    if len(x) < 2 or len(y) < 2:
+        return out
+    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    se = math.sqrt(va + vb)
+    diff = out["difference"]
+    if se == 0:
+        out.update(standard_error=0.0, detectable=0.0)
+        out["verdict"] = "equal" if diff == 0 else ("higher" if diff > 0 else "lower")
+        return out
+    df = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))
+    critical = float(stats.t.ppf(1 - ALPHA / 2, df))
+    out["standard_error"] = se
+    out["detectable"] = (critical + float(stats.t.ppf(POWER, df))) * se
+    if abs(diff) > critical * se:
+        out["verdict"] = "higher" if diff > 0 else "lower"
+    elif abs(diff) + critical * se <= tolerance:
+        out["verdict"] = "equal"
+    else:
+        out["verdict"] = "inconclusive"
+    return out
+
+
+def _column(rows: Sequence[Mapping[str, str]], column: str, match: Any) -> list[float]:
+    return [_float(r.get(column, "")) for r in rows if match(r)]
+
+
 def federated_vs_pooled(
     rows: Sequence[Mapping[str, str]], column: str = "tstr_accuracy"
 ) -> list[dict[str, Any]]:
     """Federated vector (central mode, no dropout) vs central EPSVec on the pooled data, per ε.
 
     Both add the same Gaussian noise to the same clipped, rounded sums, so their utility should
-    agree within the seeds' noise: ``within`` is |difference| ≤ 2 standard errors (needs at
-    least two seeds on each side).
+    agree: each ε gets :func:`compare_seeds` of the federated against the pooled cells.
     """
     out = []
     epsilons = sorted({float(r["epsilon"]) for r in rows if r["method"] == "vector-pooled"})
     for eps in epsilons:
         if not math.isfinite(eps):
             continue
-
-        def values(match: Any) -> np.ndarray:
-            picked = [_float(r.get(column, "")) for r in rows if match(r)]
-            arr = np.array(picked, dtype=float)
-            kept: np.ndarray = arr[~np.isnan(arr)]
-            return kept
-
-        fed = values(
+        fed = _column(
+            rows,
+            column,
             lambda r, e=eps: (
                 r["method"] == "vector"
                 and r["mode"] == "central"
                 and float(r["dropout"]) == 0
                 and r["partition"] == "iid"
                 and float(r["epsilon"]) == e
-            )
+            ),
         )
-        pooled = values(
-            lambda r, e=eps: r["method"] == "vector-pooled" and float(r["epsilon"]) == e
+        pooled = _column(
+            rows,
+            column,
+            lambda r, e=eps: r["method"] == "vector-pooled" and float(r["epsilon"]) == e,
         )
-        if len(fed) == 0 or len(pooled) == 0:
+        result = compare_seeds(fed, pooled)
+        if min(result["seeds"]) == 0:
             continue
-        diff = float(fed.mean() - pooled.mean())
-        se = math.nan
-        if len(fed) > 1 and len(pooled) > 1:
-            se = math.sqrt(fed.var(ddof=1) / len(fed) + pooled.var(ddof=1) / len(pooled))
-        out.append(
-            {
-                "epsilon": eps,
-                "federated": float(fed.mean()),
-                "pooled": float(pooled.mean()),
-                "difference": diff,
-                "standard_error": se,
-                "within": bool(not math.isnan(se) and abs(diff) <= 2 * max(se, 1e-12)),
-                "seeds": (len(fed), len(pooled)),
-            }
-        )
+        result.update(epsilon=eps, federated=result["mean_a"], pooled=result["mean_b"])
+        out.append(result)
     return out
+
+
+REFERENCE = ("vector", "distributed")
+"""The condition every other method is compared against."""
+UNPARTITIONED = {"prior", "vector-pooled", "vector-nonprivate", "dp-sgd", "rpsg", "noisy-icl"}
+"""Methods whose cells do not depend on how the data is split over holders."""
+NO_EPSILON = {"prior", "vector-nonprivate"}
+"""Methods whose cells do not depend on ε (the floor and the non-private ceiling)."""
+
+
+def method_comparisons(
+    rows: Sequence[Mapping[str, str]], column: str = "tstr_accuracy"
+) -> list[dict[str, Any]]:
+    """The federated vector (distributed mode, no dropout) against every other condition.
+
+    Per ε and partition of the reference cells (at their most common K): each other (method,
+    mode) at the same ε (any ε for the prior and the non-private vector) and, for methods that
+    depend on the split, the same partition and K; :func:`compare_seeds` of the reference
+    against it.
+    """
+    usable = [r for r in rows if r.get("status", "ok") == "ok" and float(r["dropout"]) == 0]
+    reference = [r for r in usable if (r["method"], r["mode"]) == REFERENCE]
+    if not reference:
+        return []
+    clients = Counter(r["clients"] for r in reference).most_common(1)[0][0]
+    others = sorted(
+        {(r["method"], r["mode"]) for r in usable} - {REFERENCE},
+        key=lambda mm: (list(METHODS).index(mm[0]) if mm[0] in METHODS else 99, mm[1]),
+    )
+    cells = sorted(
+        {(float(r["epsilon"]), r["partition"]) for r in reference if r["clients"] == clients}
+    )
+    out = []
+    for eps, partition in cells:
+        mine = _column(
+            usable,
+            column,
+            lambda r, e=eps, p=partition: (
+                (r["method"], r["mode"]) == REFERENCE
+                and float(r["epsilon"]) == e
+                and r["partition"] == p
+                and r["clients"] == clients
+            ),
+        )
+        for method, mode in others:
+
+            def theirs(
+                r: Mapping[str, str],
+                m: str = method,
+                md: str = mode,
+                eps: float = eps,
+                partition: str = partition,
+            ) -> bool:
+                if (r["method"], r["mode"]) != (m, md):
+                    return False
+                if m not in NO_EPSILON and float(r["epsilon"]) != eps:
+                    return False
+                return m in UNPARTITIONED or (
+                    r["partition"] == partition and r["clients"] == clients
+                )
+
+            result = compare_seeds(mine, _column(usable, column, theirs))
+            if min(result["seeds"]) == 0:
+                continue
+            result.update(epsilon=eps, partition=partition, method=method, mode=mode)
+            out.append(result)
+    return out
+
+
+def headline(comparisons: Sequence[Mapping[str, Any]], *, epsilon: float = 1.0) -> list[str]:
+    """Plain-words answers for the lowest-ε label-skewed cell (ε = 1 where the study has it)."""
+    skewed = [c for c in comparisons if c["partition"].startswith("label-skew")]
+    if not skewed:
+        return []
+    eps = (
+        epsilon
+        if any(c["epsilon"] == epsilon for c in skewed)
+        else min(c["epsilon"] for c in skewed)
+    )
+    partition = sorted({c["partition"] for c in skewed if c["epsilon"] == eps})[0]
+    at = {
+        (c["method"], c["mode"]): c
+        for c in skewed
+        if c["epsilon"] == eps and c["partition"] == partition
+    }
+
+    def said(c: Mapping[str, Any] | None, yes: str) -> str:
+        if c is None:
+            return "not in this study"
+        detail = (
+            f"difference {c['difference']:+.3f}, could detect ≥ {c['detectable']:.3f} "
+            f"with {c['seeds'][0]} and {c['seeds'][1]} seeds"
+        )
+        if c["verdict"] == yes:
+            return f"**yes** ({detail})"
+        if c["verdict"] in ("inconclusive", "not testable"):
+            return f"**not shown** ({c['verdict']}: {detail})"
+        return f"**no** ({c['verdict']}: {detail})"
+
+    lines = [
+        f"At ε = {eps:g}, {partition}: is the federated vector within {EQUIVALENCE:g} of central "
+        f"EPSVec on the pooled data? {said(at.get(('vector-pooled', 'central')), 'equal')}."
+    ]
+    for method, mode in (("pe", "distributed"), ("dp-fedavg", "local"), ("prior", "none")):
+        lines.append(f"Does it beat {method}? {said(at.get((method, mode)), 'higher')}.")
+    return lines
+
+
+ATTACK_POWER_AUC = 0.6
+"""A leaky control at or above this AUC shows the membership attack can see membership."""
 
 
 def attack_check(rows: Sequence[Mapping[str, str]], *, max_epsilon: float = 4.0) -> dict[str, Any]:
@@ -323,24 +476,55 @@ def attack_check(rows: Sequence[Mapping[str, str]], *, max_epsilon: float = 4.0)
     }
 
 
+def _verdict(c: Mapping[str, Any]) -> str:
+    if c["verdict"] == "not testable":
+        return "not testable (a side has one seed)"
+    return f"{c['verdict']} (detectable ≥ {c['detectable']:.3f})"
+
+
 def _evidence_section(rows: Sequence[Mapping[str, str]], metric: str) -> list[str]:
     parts: list[str] = []
+    power = (
+        f"Each comparison is Welch's test at two-sided α = {ALPHA:g} over the seeds; "
+        f"*detectable* is the smallest true difference it finds with power {POWER:g} at these "
+        f"seed counts. *equal* needs the {1 - ALPHA:.0%} confidence interval of the difference "
+        f"within ±{EQUIVALENCE:g}; *inconclusive* means the seeds cannot tell (never a pass)."
+    )
     comparison = federated_vs_pooled(rows, metric)
     if comparison:
         parts += [
             "## Federated vector vs central EPSVec on the pooled data",
             "",
             "Same ε, same Gaussian noise (federated cells in central trust mode, IID, no "
-            f"dropout); {metric}, mean over seeds. *within* = difference ≤ 2 standard errors.",
+            f"dropout); {metric}, mean over seeds. {power}",
             "",
-            "| ε | federated | pooled | difference | std. error | within seed noise |",
+            "| ε | federated | pooled | difference | std. error | verdict |",
             "|---|---|---|---|---|---|",
         ]
         for c in comparison:
             parts.append(
                 f"| {c['epsilon']:g} | {c['federated']:.3f} | {c['pooled']:.3f} | "
-                f"{c['difference']:+.3f} | {c['standard_error']:.3f} | "
-                f"{'yes' if c['within'] else 'no'} |"
+                f"{c['difference']:+.3f} | {c['standard_error']:.3f} | {_verdict(c)} |"
+            )
+        parts.append("")
+    methods = method_comparisons(rows, metric)
+    if methods:
+        parts += [
+            "## The federated vector against every other method",
+            "",
+            f"Federated vector (distributed, no dropout) minus each other condition, {metric}. "
+            + ("" if comparison else power),
+            "",
+            *headline(methods),
+            "",
+            "| ε | partition | other | vector | other's | difference | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in methods:
+            parts.append(
+                f"| {c['epsilon']:g} | {c['partition']} | {c['method']} ({c['mode']}) | "
+                f"{c['mean_a']:.3f} | {c['mean_b']:.3f} | {c['difference']:+.3f} | "
+                f"{_verdict(c)} |"
             )
         parts.append("")
     check = attack_check(rows)
@@ -356,7 +540,14 @@ def _evidence_section(rows: Sequence[Mapping[str, str]], metric: str) -> list[st
             f"Membership-inference AUC of the formally DP cells at ε ≤ 4: {len(check['dp_aucs'])} "
             f"cells, range [{low:.3f}, {high:.3f}] "
             f"({'all' if check['dp_within'] else 'NOT all'} within [0.45, 0.55]). "
-            f"Leaky control (icl-verbatim): lowest AUC {check['control_min']:.3f}.",
+            f"Leaky control (icl-verbatim): lowest AUC {check['control_min']:.3f}. "
+            + (
+                "The attack has power (the control is at or above "
+                f"{ATTACK_POWER_AUC:g}), so DP cells near 0.5 are evidence."
+                if check["control_min"] >= ATTACK_POWER_AUC
+                else "The attack shows no power here (no control, or the control below "
+                f"{ATTACK_POWER_AUC:g}): DP cells near 0.5 are not evidence of privacy."
+            ),
             "",
         ]
     return parts

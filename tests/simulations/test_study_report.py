@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import math
 
-from fedsynth.simulations.study_report import aggregate, attack_check, federated_vs_pooled
+from fedsynth.simulations.study_report import (
+    aggregate,
+    attack_check,
+    compare_seeds,
+    federated_vs_pooled,
+    headline,
+    method_comparisons,
+)
 
 
 def _row(method: str, mode: str, eps: str, seed: int, tstr: float, mia: float) -> dict[str, str]:
@@ -23,7 +30,7 @@ def _row(method: str, mode: str, eps: str, seed: int, tstr: float, mia: float) -
     }
 
 
-def test_federated_vs_pooled_within_and_outside_seed_noise() -> None:
+def test_federated_vs_pooled_states_what_the_seeds_can_tell() -> None:
     rows = [
         _row("vector", "central", "4", 0, 0.60, 0.5),
         _row("vector", "central", "4", 1, 0.64, 0.5),
@@ -36,12 +43,70 @@ def test_federated_vs_pooled_within_and_outside_seed_noise() -> None:
         _row("vector-pooled", "central", "1", 1, 0.51, 0.5),
     ]
     out = {c["epsilon"]: c for c in federated_vs_pooled(rows)}
-    assert out[4.0]["within"] is True
+    # 0.01 apart, but two seeds with this spread could only detect a much larger difference:
+    # not a pass.
+    assert out[4.0]["verdict"] == "inconclusive"
     assert math.isclose(out[4.0]["difference"], -0.01, abs_tol=1e-9)
-    assert out[1.0]["within"] is False  # 0.4 apart with tiny seed spread
+    assert out[4.0]["detectable"] > 0.1
+    assert out[1.0]["verdict"] == "higher"  # 0.4 apart with tiny seed spread
     # A single seed cannot say anything about seed noise.
     single = federated_vs_pooled([rows[0], rows[2]])
-    assert single[0]["within"] is False and math.isnan(single[0]["standard_error"])
+    assert single[0]["verdict"] == "not testable" and math.isnan(single[0]["standard_error"])
+
+
+def test_compare_seeds_is_welchs_test_with_its_power() -> None:
+    from scipy import stats
+
+    a, b = [0.61, 0.64, 0.60, 0.66], [0.55, 0.58, 0.57]
+    c = compare_seeds(a, b)
+    welch = stats.ttest_ind(a, b, equal_var=False)
+    assert (welch.pvalue < 0.05) == (c["verdict"] == "higher")
+    assert math.isclose(c["difference"] / c["standard_error"], welch.statistic, rel_tol=1e-9)
+    assert compare_seeds(b, a)["verdict"] == "lower"
+    # Equal only when the confidence interval sits inside the tolerance.
+    tight_a = [0.600, 0.601, 0.599, 0.600, 0.600]
+    tight_b = [0.601, 0.600, 0.600, 0.599, 0.601]
+    assert compare_seeds(tight_a, tight_b)["verdict"] == "equal"
+    assert compare_seeds(tight_a, tight_b, tolerance=0.0001)["verdict"] == "inconclusive"
+    # The detectable difference shrinks with more seeds and grows with the spread.
+    few = compare_seeds([0.5, 0.6, 0.55], [0.5, 0.6, 0.55])
+    many = compare_seeds([0.5, 0.6, 0.55] * 4, [0.5, 0.6, 0.55] * 4)
+    assert few["verdict"] == many["verdict"] == "inconclusive"
+    assert many["detectable"] < few["detectable"] / 2
+    assert compare_seeds([0.5, float("nan")], [0.4, 0.5])["verdict"] == "not testable"
+
+
+def _cell(method: str, mode: str, eps: str, partition: str, seed: int, tstr: float) -> dict:
+    row = _row(method, mode, eps, seed, tstr, 0.5)
+    row.update(partition=partition, clients="10" if partition != "pooled" else "1")
+    return row
+
+
+def test_the_federated_vector_is_compared_with_each_method_and_answered_in_words() -> None:
+    rows = []
+    for seed in range(3):
+        jitter = 0.002 * seed
+        for eps in ("1", "4"):
+            for part in ("iid", "label-skew:0.5"):
+                rows.append(_cell("vector", "distributed", eps, part, seed, 0.60 + jitter))
+                rows.append(_cell("pe", "distributed", eps, part, seed, 0.52 + 3 * jitter))
+                rows.append(_cell("dp-fedavg", "local", eps, part, seed, 0.45 + seed * 0.08))
+            rows.append(_cell("vector-pooled", "central", eps, "pooled", seed, 0.6 + jitter))
+        rows.append(_cell("prior", "none", "0", "pooled", seed, 0.50 + jitter))
+    rows.append(_cell("vector", "distributed", "1", "label-skew:0.5", 9, 0.0) | {"dropout": "0.2"})
+    found = method_comparisons(rows)
+    at = {(c["epsilon"], c["partition"], c["method"]): c for c in found}
+    assert len(found) == 4 * 4  # (ε, partition) x {pe, dp-fedavg, vector-pooled, prior}
+    skew = "label-skew:0.5"
+    assert at[(1.0, skew, "pe")]["verdict"] == "higher"
+    assert at[(1.0, skew, "prior")]["verdict"] == "higher"  # the prior has no ε: any matches
+    assert at[(1.0, skew, "dp-fedavg")]["verdict"] == "inconclusive"  # wide spread
+    assert at[(1.0, skew, "vector-pooled")]["seeds"] == (3, 3)  # the dropout cell left out
+    words = "\n".join(headline(found))
+    assert "At ε = 1, label-skew:0.5" in words
+    assert "Does it beat pe? **yes**" in words
+    assert "Does it beat dp-fedavg? **not shown** (inconclusive" in words
+    assert "central EPSVec on the pooled data? **yes** (difference +0.000" in words
 
 
 def test_attack_check_separates_dp_cells_and_control() -> None:
