@@ -515,8 +515,7 @@ def _evidence_section(rows: Sequence[Mapping[str, str]], metric: str) -> list[st
             f"Federated vector (distributed, no dropout) minus each other condition, {metric}. "
             + ("" if comparison else power),
             "",
-            *headline(methods),
-            "",
+            *(line for answer in headline(methods) for line in (answer, "")),
             "| ε | partition | other | vector | other's | difference | verdict |",
             "|---|---|---|---|---|---|---|",
         ]
