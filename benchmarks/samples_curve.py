@@ -109,6 +109,7 @@ def summarize(points: Sequence[Point]) -> list[dict[str, Any]]:
 def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """TSTR accuracy and label fidelity against samples per label, one line per condition."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -130,6 +131,9 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
                 label=condition,
             )
         ax.set_xscale("log")
+        sizes = sorted({r["per_label"] for r in rows})
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("texts per label")
         ax.set_title(title)
         ax.grid(alpha=0.3)
