@@ -853,3 +853,15 @@ def test_generated_wire_code_is_up_to_date(tmp_path: Path) -> None:
             f"protocol/wire/{name} is not what proto/ generates: run python scripts/gen_proto.py "
             "(with the grpcio-tools version of the dev extra)"
         )
+
+
+def test_serve_defaults_are_the_services() -> None:
+    import inspect
+
+    from fedsynth.server import synthesis_service
+    from fedsynth.server.synthesis_client import serve_command
+
+    defaults = {n: p.default for n, p in inspect.signature(serve_command).parameters.items()}
+    assert defaults["shots"] == synthesis_service.DEFAULT_SHOTS
+    assert defaults["max_shots"] == synthesis_service.DEFAULT_MAX_SHOTS
+    assert defaults["max_samples"] == synthesis_service.DEFAULT_MAX_SAMPLES
