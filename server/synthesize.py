@@ -214,7 +214,6 @@ def iter_labelled_texts(
     generated, pool texts total) over all labels' shot pools.
     """
     total = n_per_label * len(labels)
-    per_pool = min(pool_size, n_per_label) if shots > 0 and pools is None else 0
     for index, label in enumerate(labels):
         before = index * n_per_label
 
@@ -222,9 +221,10 @@ def iter_labelled_texts(
             if progress is not None:
                 progress(before + done, total)
 
-        def pool_tick(done: int, _wanted: int, before: int = index * per_pool) -> None:
+        def pool_tick(done: int, wanted: int, index: int = index) -> None:
+            # Every label's pool has the same size: min(pool_size, n_per_label).
             if pool_progress is not None:
-                pool_progress(before + done, per_pool * len(labels))
+                pool_progress(index * wanted + done, wanted * len(labels))
 
         for text in iter_label_texts(
             backend,
