@@ -52,6 +52,11 @@ class GenerationConfig:
             raise ConfigError(f"batch_size={self.batch_size}: must be >= 1")
 
 
+FIRST_WIDTH = 256
+"""Candidates of the first nucleus search: holds the top-p nucleus of about 80 % of Gemma's
+decoding steps at top_p 0.95 (median nucleus 40 tokens); the other rows go wider."""
+
+
 @contextlib.contextmanager
 def steering(model: Any, deltas: Mapping[int, torch.Tensor]) -> Iterator[None]:
     """Add ``deltas[l]`` (shape (H,)) to the output of block l at every position.
@@ -82,34 +87,55 @@ def steering(model: Any, deltas: Mapping[int, torch.Tensor]) -> Iterator[None]:
 
 
 def sample_top_p(
-    logits: torch.Tensor, *, top_p: float, candidate_k: int, generator: torch.Generator
+    logits: torch.Tensor,
+    *,
+    top_p: float,
+    candidate_k: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Sample one token per row from the top-p nucleus of ``softmax(logits)``.
+    """Sample one token per row from the top-p nucleus of ``softmax(logits / temperature)``.
+
+    Exact: the nucleus is searched among the top ``FIRST_WIDTH`` tokens, then ``candidate_k``,
+    then ``8 * candidate_k``, then the whole vocabulary, each row going wider only while its
+    candidates hold less than ``top_p`` of the mass. Probabilities come from one log-sum-exp
+    over the vocabulary and the candidates' logits: no full-vocabulary softmax, division or
+    row copy, which were most of the sampling time at Gemma's 262k-token vocabulary.
 
     Args:
-        logits: (batch, vocab) temperature-scaled logits, float32.
+        logits: (batch, vocab) logits, float32 (not modified).
+        temperature: divides the logits (1 leaves them as they are).
 
     Returns:
         (batch,) sampled token ids.
     """
-    probs = torch.softmax(logits, dim=-1)  # (batch, vocab)
-    k = min(candidate_k, probs.shape[-1])
+    scaled = logits if temperature == 1.0 else logits / temperature
+    log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (batch, 1)
+    vocab = scaled.shape[-1]
     if top_p >= 1.0:
+        probs = torch.exp(scaled - log_norm)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    choice_ids = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    pending = torch.arange(probs.shape[0], device=probs.device)
-    for width in (k, min(8 * k, probs.shape[-1])):
-        # Most rows' nucleus fits in the top `width` tokens; only the rest go wider.
-        top_probs, top_ids = torch.topk(probs[pending], width, dim=-1)  # sorted descending
+    choice_ids = torch.empty(scaled.shape[0], dtype=torch.long, device=scaled.device)
+    pending: torch.Tensor | None = None  # None: every row
+    widths = sorted({min(w, vocab) for w in (FIRST_WIDTH, candidate_k, 8 * candidate_k)})
+    for width in widths:
+        rows = scaled if pending is None else scaled[pending]
+        norms = log_norm if pending is None else log_norm[pending]
+        top_logits, top_ids = torch.topk(rows, width, dim=-1)  # sorted descending
+        top_probs = torch.exp(top_logits - norms)
         fits = top_probs.sum(-1) >= top_p
+        if width == vocab:
+            fits[:] = True  # the whole vocabulary: rounding may leave its sum a hair below top_p
+        indices = torch.arange(len(rows), device=scaled.device) if pending is None else pending
         if bool(fits.any()):
-            choice_ids[pending[fits]] = _nucleus_draw(
+            choice_ids[indices[fits]] = _nucleus_draw(
                 top_probs[fits], top_ids[fits], top_p, generator
             )
-        pending = pending[~fits]
+        pending = indices[~fits]
         if len(pending) == 0:
             return choice_ids
-    full_probs, full_ids = torch.sort(probs[pending], dim=-1, descending=True)
+    full_logits, full_ids = torch.sort(scaled[pending], dim=-1, descending=True)
+    full_probs = torch.exp(full_logits - log_norm[pending])
     choice_ids[pending] = _nucleus_draw(full_probs, full_ids, top_p, generator)
     return choice_ids
 
@@ -192,7 +218,11 @@ class Decoder(Protocol):
         ...
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
-        """Append one token to each live row; return the (live, vocab) next-token logits."""
+        """Append one token to each live row; return the (live, vocab) next-token logits.
+
+        The logits may live in the decoder's own buffer: valid (and writable) until the next
+        ``step`` or ``prefill``.
+        """
         ...
 
 
@@ -325,10 +355,11 @@ def _sample_batch(
                 waiting = torch.nonzero(~started).flatten()
                 logits[waiting.unsqueeze(1), stops.unsqueeze(0)] = float("-inf")
         next_ids = sample_top_p(
-            logits / config.temperature,
+            logits,
             top_p=config.top_p,
             candidate_k=config.candidate_k,
             generator=generator,
+            temperature=config.temperature,
         )
         finished = torch.isin(next_ids, stops)
         if visible is not None:

@@ -331,6 +331,15 @@ class LlamaCppBackend:
         pointer = self._lib.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(pointer, shape=(rows, self._n_vocab)).copy()
 
+    def _logits_view(self, rows: int) -> np.ndarray:
+        """The last decode's (rows, vocab) logits in llama.cpp's own buffer, not copied.
+
+        Valid until the next decode overwrites the buffer: for a decoding step, whose logits
+        are sampled from (and masked in place) before the next step runs.
+        """
+        pointer = self._lib.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(pointer, shape=(rows, self._n_vocab))
+
 
 class _LlamaDecoder:
     """A :class:`~fedsynth.server.generation.Decoder` over one llama.cpp batch of sequences."""
@@ -385,7 +394,8 @@ class _LlamaDecoder:
         b._fill([(t, p, s, True) for t, p, s in zip(ids, self._pos, self._seqs, strict=True)])
         b._decode()
         self._pos = [p + 1 for p in self._pos]
-        return torch.from_numpy(b._logits(len(ids)))
+        # No copy: _sample_batch samples from these logits before it calls step again.
+        return torch.from_numpy(b._logits_view(len(ids)))
 
 
 def _check_same_source(fp32_dir: Path, package: str, gguf_file: str) -> None:

@@ -446,6 +446,32 @@ def test_sample_top_p_matches_the_renormalized_nucleus(candidate_k: int) -> None
         assert chisquare(observed, expected).pvalue > 1e-3
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sample_top_p_wide_nucleus_goes_past_every_candidate_width(temperature: float) -> None:
+    # About 270 of 300 tokens in the nucleus: wider than every candidate width (8, 64, 256),
+    # so the full sort decides; the logits are scaled so that temperature restores p.
+    rng = np.random.default_rng(7)
+    p = 1.0 + 0.2 * rng.random(VOCAB)
+    p /= p.sum()
+    nucleus = _nucleus(p)
+    assert len(nucleus) > 256
+    reps = 20_000
+    logits = torch.from_numpy(np.log(np.tile(p, (reps, 1))) * temperature).float()
+    original = logits.clone()
+    draws = sample_top_p(
+        logits,
+        top_p=TOP_P,
+        candidate_k=8,
+        generator=torch.Generator().manual_seed(5),
+        temperature=temperature,
+    ).numpy()
+    assert torch.equal(logits, original), "the caller's logits were modified"
+    assert set(draws.tolist()) <= set(nucleus)
+    keys = sorted(nucleus)
+    observed = np.array([(draws == k).sum() for k in keys])
+    assert chisquare(observed, np.array([nucleus[k] for k in keys]) * reps).pvalue > 1e-3
+
+
 def test_sample_top_p_one_keeps_every_token() -> None:
     p = np.array([0.7, 0.2, 0.1])
     logits = torch.from_numpy(np.log(np.tile(p, (20_000, 1)))).float()
