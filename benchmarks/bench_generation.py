@@ -93,6 +93,47 @@ def measure(
     )
 
 
+def samples_per_s(
+    model: str | None = None,
+    *,
+    backend: str = "transformers",
+    batch: int = 64,
+    per_label: int = 256,
+    repeats: int = 2,
+    layers: tuple[int, ...] = DEFAULT_LAYERS,
+) -> float:
+    """Best steered samples/s generated as the demo generates (rows end at a newline or EOS,
+    48-token budget; prompts of a label go through :func:`iter_label_texts`, which gives a
+    refilling backend several batches per call)."""
+    from fedsynth.protocol.features import PromptTemplate
+    from fedsynth.server.synthesize import iter_label_texts
+
+    engine = open_backend(backend, model or DEFAULT_MODEL)
+    config = GenerationConfig(max_new_tokens=48, batch_size=batch)
+    template = PromptTemplate(
+        instruction="Here is a {label} movie review snippet:\n",
+        label_names=(("pos", "positive"), ("neg", "negative")),
+    )
+    gen = torch.Generator().manual_seed(0)
+    deltas = steering_deltas(
+        {layer: torch.randn(engine.hidden_size, generator=gen) for layer in layers},
+        strength=0.01,
+        residual_norms=dict.fromkeys(layers, 8000.0),
+    )
+    engine.generate(["warm-up"] * 4, config=config, deltas=None, seed=0)
+    best = 0.0
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        made = 0
+        for label in ("pos", "neg"):
+            for _ in iter_label_texts(
+                engine, template, label, n=per_label, deltas=deltas, config=config, seed=r
+            ):
+                made += 1
+        best = max(best, made / (time.perf_counter() - t0))
+    return best
+
+
 def _llama_cpp_installed() -> bool:
     import importlib.util
 
@@ -137,6 +178,19 @@ def figures(quick: bool) -> list[Figure]:
             )
         )
     if len(runs) == 2:
+        as_demo = {b: samples_per_s(backend=b) for b in ("transformers", "llamacpp")}
+        out.append(
+            compared(
+                "generation",
+                "steered llama.cpp vs transformers, samples as the demo makes them",
+                as_demo["llamacpp"],
+                "samples/s",
+                baseline=as_demo["transformers"],
+                at_least=3.0,
+                note="rows end at a newline or EOS (48-token budget), 2 x 256 per label, "
+                "batch 64; llama.cpp refills its batch as rows end",
+            )
+        )
         out.append(
             compared(
                 "generation",

@@ -13,7 +13,7 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -226,6 +226,25 @@ class Decoder(Protocol):
         ...
 
 
+@runtime_checkable
+class RefillingDecoder(Decoder, Protocol):
+    """A :class:`Decoder` that can take new prompts into a running batch.
+
+    With it, :func:`sample_continuations` keeps the batch full: a row that ends is replaced by
+    the next prompt at once, instead of the batch thinning until its longest row ends (rows
+    ending at a newline after 5-48 tokens left a llama.cpp batch decoding a few rows at nearly
+    the cost of a full one).
+    """
+
+    def step_admit(self, next_ids: torch.Tensor, prompts: list[list[int]]) -> torch.Tensor:
+        """:meth:`Decoder.step` for the live rows, then start ``prompts`` as new rows.
+
+        Returns (live + new, vocab) logits: the live rows' next-token logits in their order,
+        then each new prompt's first-token logits. Valid until the next call.
+        """
+        ...
+
+
 def sample_continuations(
     tokenizer: Any,
     prompts: Sequence[str],
@@ -251,19 +270,41 @@ def sample_continuations(
     eos = {tok.eos_token_id} if tok.eos_token_id is not None and config.stop_at_eos else set()
     stops = torch.tensor(sorted(newline_ids | eos), dtype=torch.long, device=device)
     tokens = _token_classes(tok, vocab_size=vocab_rows, stops=newline_ids | eos)
+
+    def text_of(row: list[int]) -> str:
+        kept = []
+        for token in row:
+            if token in eos or token in newline_ids:
+                break
+            kept.append(token)
+        return str(tok.decode(kept, skip_special_tokens=True).strip())
+
+    if not encoded:
+        return []
+    decoder = new_decoder()
+    if len(encoded) > config.batch_size and isinstance(decoder, RefillingDecoder):
+        rows = _sample_refilling(
+            decoder,
+            encoded,
+            config,
+            generator=generator,
+            stops=stops,
+            tokens=tokens,
+            progress=progress,
+        )
+        return [text_of(row) for row in rows]
     texts: list[str] = []
     for start in range(0, len(encoded), config.batch_size):
         chunk = encoded[start : start + config.batch_size]
-        rows, n_tokens = _sample_batch(
-            new_decoder(), chunk, config, generator=generator, stops=stops, tokens=tokens
+        batch_rows, n_tokens = _sample_batch(
+            decoder if start == 0 else new_decoder(),
+            chunk,
+            config,
+            generator=generator,
+            stops=stops,
+            tokens=tokens,
         )
-        for row in rows:
-            kept = []
-            for token in row:
-                if token in eos or token in newline_ids:
-                    break
-                kept.append(token)
-            texts.append(tok.decode(kept, skip_special_tokens=True).strip())
+        texts += [text_of(row) for row in batch_rows]
         if progress is not None:
             progress(len(chunk), n_tokens)
     return texts
@@ -376,6 +417,84 @@ def _sample_batch(
             started = started[keep]
         logits = decoder.step(next_ids)
     return rows, sum(len(r) for r in rows)
+
+
+def _mask_logits(
+    logits: torch.Tensor,
+    *,
+    started: torch.Tensor,
+    stops: torch.Tensor,
+    control: torch.Tensor | None,
+) -> None:
+    """Never sample control tokens; no stop in a row before it has shown visible text."""
+    if control is not None and len(control):
+        logits[:, control] = float("-inf")
+    if len(stops) and not bool(started.all()):
+        waiting = torch.nonzero(~started).flatten()
+        logits[waiting.unsqueeze(1), stops.unsqueeze(0)] = float("-inf")
+
+
+def _sample_refilling(
+    decoder: RefillingDecoder,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    *,
+    generator: torch.Generator,
+    stops: torch.Tensor,
+    tokens: _TokenClasses,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """Token ids sampled for each prompt, the batch refilled with the next prompt as rows end.
+
+    The same rules as :func:`_sample_batch` (control tokens banned, no stop before visible
+    text, at most ``max_new_tokens`` per row), one shared generator; at most
+    ``config.batch_size`` rows are live at a time. ``progress`` gets (rows finished, tokens)
+    after every step in which rows finished.
+    """
+    size = config.batch_size
+    logits = decoder.prefill(prompts[:size])
+    device = logits.device
+    live = list(range(min(size, len(prompts))))  # prompt index of each live row
+    waiting = len(live)  # the next prompt to admit
+    rows: list[list[int]] = [[] for _ in prompts]
+    started = torch.zeros(len(live), dtype=torch.bool, device=device)
+    control = tokens.control.to(device)
+    visible = tokens.visible.to(device)
+    sampled = 0
+    while live:
+        _mask_logits(logits, started=started, stops=stops, control=control)
+        next_ids = sample_top_p(
+            logits,
+            top_p=config.top_p,
+            candidate_k=config.candidate_k,
+            generator=generator,
+            temperature=config.temperature,
+        )
+        started = started | visible[next_ids]
+        ended = torch.isin(next_ids, stops)
+        for slot, token in enumerate(next_ids.tolist()):
+            rows[live[slot]].append(token)
+            if len(rows[live[slot]]) >= config.max_new_tokens:
+                ended[slot] = True
+        sampled += len(live)
+        if not bool(ended.any()):
+            logits = decoder.step(next_ids)
+            continue
+        keep = torch.nonzero(~ended).flatten()
+        admitted = list(range(waiting, min(len(prompts), waiting + int(ended.sum()))))
+        waiting += len(admitted)
+        if progress is not None:
+            progress(int(ended.sum()), sampled)
+            sampled = 0
+        if len(keep) == 0 and not admitted:
+            break
+        decoder.keep(keep)
+        logits = decoder.step_admit(next_ids[keep], [prompts[i] for i in admitted])
+        live = [live[i] for i in keep.tolist()] + admitted
+        started = torch.cat(
+            [started[keep], torch.zeros(len(admitted), dtype=torch.bool, device=device)]
+        )
+    return rows
 
 
 @dataclass(frozen=True)

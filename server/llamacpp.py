@@ -5,7 +5,9 @@ block's second residual add), which is exactly where the `transformers` path's f
 adds ``deltas[l]``; block 0 cannot carry one. Tokenization, the vocabulary classes and the
 sampling loop are the `transformers` path's own (the tokenizer of the fp32 conversion of the
 same GGUF file), so only the logits come from llama.cpp. Decoding is batched through the
-low-level API: one sequence per sample, identical prompts prefilled once and copied.
+low-level API: one sequence per sample, identical prompts prefilled once and copied, and a
+finished row's sequence taking the next prompt at once (the batch stays full instead of
+decoding its last few rows at nearly the cost of a full batch).
 
 The release's fingerprint describes the fp32 weights; llama.cpp computes with the quantized
 ones (8-bit activations, f16 KV cache), so its logits differ slightly from the fp32 path's. The
@@ -127,6 +129,10 @@ def control_vector(
 
 class LlamaCppBackend:
     """A packaged GGUF model on llama.cpp, steered by control vectors (see the module doc)."""
+
+    refills_batch = True
+    """A call with more prompts than the batch keeps the batch full as rows end (each
+    sequence has its own KV cache, so a finished row's sequence takes the next prompt)."""
 
     def __init__(self, model: str, *, threads: int | None = None) -> None:
         if threads is not None and threads < 1:
@@ -380,13 +386,29 @@ class _LlamaDecoder:
         return torch.from_numpy(stacked)
 
     def keep(self, rows: torch.Tensor) -> None:
-        memory = self._lib.llama_get_memory(self._b._ctx)
-        kept = set(rows.tolist())
+        """Drop the other rows, then renumber the kept ones' sequences 0..k-1.
+
+        llama.cpp splits a batch whose sequence ids have gaps into one micro-batch per
+        sequence (each sequence has its own KV stream), which made a thinned batch cost 3x more
+        per step than a full one of the same size; moving each kept stream down keeps one
+        micro-batch per step.
+        """
+        lib = self._lib
+        memory = lib.llama_get_memory(self._b._ctx)
+        order = rows.tolist()
+        if order != sorted(order):
+            raise ValueError("rows must be kept in their order")
+        kept = set(order)
         for index, seq in enumerate(self._seqs):
             if index not in kept:
-                self._lib.llama_memory_seq_rm(memory, seq, -1, -1)
-        self._seqs = [self._seqs[i] for i in rows.tolist()]
-        self._pos = [self._pos[i] for i in rows.tolist()]
+                lib.llama_memory_seq_rm(memory, seq, -1, -1)
+        self._seqs = [self._seqs[i] for i in order]
+        self._pos = [self._pos[i] for i in order]
+        for target, seq in enumerate(self._seqs):
+            if seq != target:  # seq > target, and target is free (ids ascend, each moved once)
+                lib.llama_memory_seq_cp(memory, seq, target, -1, -1)
+                lib.llama_memory_seq_rm(memory, seq, -1, -1)
+                self._seqs[target] = target
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         b = self._b
@@ -394,8 +416,52 @@ class _LlamaDecoder:
         b._fill([(t, p, s, True) for t, p, s in zip(ids, self._pos, self._seqs, strict=True)])
         b._decode()
         self._pos = [p + 1 for p in self._pos]
-        # No copy: _sample_batch samples from these logits before it calls step again.
+        # No copy: the sampler samples from these logits before it calls step again.
         return torch.from_numpy(b._logits_view(len(ids)))
+
+    def step_admit(self, next_ids: torch.Tensor, prompts: list[list[int]]) -> torch.Tensor:
+        """Decode the live rows' next tokens, then start the new prompts in free sequences.
+
+        Each distinct prompt is decoded on its own and copied to the rows that share it: a
+        llama.cpp batch mixing one-token rows with a prompt's many tokens is split into as many
+        micro-batches as the prompt has tokens (per-sequence KV streams split equally), which
+        made every refill cost several full steps.
+        """
+        b, lib = self._b, self._lib
+        if not prompts:
+            return self.step(next_ids)
+        free = sorted(set(range(b._ctx_shape[0])) - set(self._seqs))
+        if len(free) < len(prompts):
+            raise RuntimeError(f"{len(prompts)} new rows but {len(free)} free sequences")
+        pieces = []
+        if len(self._seqs):
+            pieces.append(self.step(next_ids).numpy().copy())
+        memory = lib.llama_get_memory(b._ctx)
+        seqs = free[: len(prompts)]
+        for seq in seqs:
+            lib.llama_memory_seq_rm(memory, seq, -1, -1)
+        first: dict[tuple[int, ...], tuple[int, np.ndarray]] = {}
+        rows = []
+        for prompt, seq in zip(prompts, seqs, strict=True):
+            key = tuple(prompt)
+            if key in first:
+                lib.llama_memory_seq_cp(memory, first[key][0], seq, -1, -1)
+            else:
+                for start in range(0, len(key), b._batch_size):
+                    piece = key[start : start + b._batch_size]
+                    b._fill(
+                        [
+                            (token, start + i, seq, start + i == len(key) - 1)
+                            for i, token in enumerate(piece)
+                        ]
+                    )
+                    b._decode()
+                first[key] = (seq, b._logits(1)[0])
+            rows.append(first[key][1])
+            self._seqs.append(seq)
+            self._pos.append(len(prompt))
+        pieces.append(np.stack(rows))
+        return torch.from_numpy(np.concatenate(pieces))
 
 
 def _check_same_source(fp32_dir: Path, package: str, gguf_file: str) -> None:

@@ -28,6 +28,15 @@ class SyntheticSample:
     release_id: str
 
 
+REFILL_BATCHES = 4
+"""Batches of prompts per generation call on a backend that refills its batch (llama.cpp)."""
+
+
+def refills(backend: GenerationBackend) -> bool:
+    """Whether ``backend`` keeps its batch full by starting new prompts as rows end."""
+    return bool(getattr(backend, "refills_batch", False))
+
+
 def check_release_model(loaded: LoadedModel | GenerationBackend, release: Release) -> None:
     """Steering vectors only make sense in the model they were computed with.
 
@@ -180,8 +189,11 @@ def iter_label_texts(
 
     done = 0
     chunk_index = 0
+    # A backend that refills its batch as rows end gets several batches' prompts per call: the
+    # batch then thins only at the end of each call, not at the end of every batch.
+    per_call = config.batch_size * (REFILL_BATCHES if refills(backend) else 1)
     while done < n:
-        chunk = min(n - done, config.batch_size)
+        chunk = min(n - done, per_call)
         prompts = [choose() for _ in range(chunk)]
         yield from backend.generate(prompts, config=config, deltas=deltas, seed=seed + chunk_index)
         done += chunk

@@ -285,6 +285,55 @@ def test_copied_prompts_continue_as_the_prefilled_one(
     assert not np.allclose(after[0], after[2], atol=1e-1)
 
 
+def test_kept_rows_continue_after_their_sequences_are_renumbered(
+    pair: tuple[LoadedModel, LlamaCppBackend],
+) -> None:
+    """Dropping a middle row moves the later rows' KV streams down (no gaps in the sequence
+    ids): the moved row continues exactly as it would have in place."""
+    _, backend = pair
+    texts = [PROMPT, "Prices rose sharply in", "The weather today"]
+    prompts = [backend.tokenizer.encode(t, add_special_tokens=True) for t in texts]
+    backend._ensure_context(3, max(len(p) for p in prompts) + 8)
+    whole = _LlamaDecoder(backend)
+    first = whole.prefill(prompts).numpy()
+    tokens = torch.from_numpy(first.argmax(-1))
+    in_place = whole.step(tokens).numpy().copy()
+    thinned = _LlamaDecoder(backend)
+    thinned.prefill(prompts)
+    thinned.keep(torch.tensor([0, 2]))
+    assert thinned._seqs == [0, 1]
+    moved = thinned.step(tokens[[0, 2]]).numpy()
+    assert np.allclose(moved[0], in_place[0], atol=1e-2)
+    assert np.allclose(moved[1], in_place[2], atol=1e-2)
+    assert not np.allclose(moved[1], in_place[1], atol=1e-1)
+
+
+def test_admitted_rows_start_clean_and_live_rows_carry_on(
+    pair: tuple[LoadedModel, LlamaCppBackend],
+) -> None:
+    """A row admitted into a running batch (refill) reuses a finished row's sequence: its
+    logits are those of a fresh prefill (nothing of the old row left in its cache), and the
+    live rows decoded in the same call continue as a plain step would."""
+    _, backend = pair
+    ids = backend.tokenizer.encode(PROMPT, add_special_tokens=True)
+    other = backend.tokenizer.encode("Prices rose sharply in", add_special_tokens=True)
+    newcomer = backend.tokenizer.encode("The weather", add_special_tokens=True)
+    backend._ensure_context(2, len(other) + 8)
+    plain = _LlamaDecoder(backend)
+    first = plain.prefill([ids, other]).numpy()
+    token = int(np.argmax(first[0]))
+    stepped = plain.step(torch.tensor([token, int(np.argmax(first[1]))])).numpy()[0].copy()
+    fresh = _LlamaDecoder(backend).prefill([newcomer]).numpy()[0].copy()
+    refill = _LlamaDecoder(backend)
+    refill.prefill([ids, other])
+    refill.keep(torch.tensor([0]))
+    mixed = refill.step_admit(torch.tensor([token]), [newcomer]).numpy()
+    assert mixed.shape[0] == 2
+    assert np.allclose(mixed[0], stepped, atol=1e-2)
+    assert np.allclose(mixed[1], fresh, atol=1e-2)
+    assert not np.allclose(mixed[1], mixed[0], atol=1e-1)
+
+
 def test_cli_generate_on_llama_cpp_refuses_a_release_it_cannot_steer(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

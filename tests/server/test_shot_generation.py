@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.models import LoadedModel, tiny_model
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.synthesize import (
+    REFILL_BATCHES,
     check_shots,
     generate_from_release,
     iter_label_texts,
@@ -235,3 +237,27 @@ def test_the_demo_prior_draws_its_shots_from_the_public_prior_texts(tmp_path: An
             shown = prompt.split("\n")[1]
             label = "positive" if shown.startswith("pos") else "negative"
             assert shown in texts[label] and prompt.endswith(config.template.prefix(label))
+
+
+class RefillingRecorder(RecordingBackend):
+    """A backend that keeps its batch full: it takes several batches' prompts per call."""
+
+    refills_batch = True
+
+    def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[str]:
+        config = kwargs["config"]
+        assert len(prompts) <= config.batch_size * REFILL_BATCHES
+        return super().generate(
+            prompts, **{**kwargs, "config": dataclasses.replace(config, batch_size=len(prompts))}
+        )
+
+
+def test_a_refilling_backend_gets_several_batches_per_call() -> None:
+    backend = RefillingRecorder()
+    texts = _texts(backend, n=2 * REFILL_BATCHES + 3)
+    assert len(texts) == 2 * REFILL_BATCHES + 3
+    assert [len(p) for p, _, _ in backend.calls] == [2 * REFILL_BATCHES, 3]
+    assert [seed for _, _, seed in backend.calls] == [100, 101]
+    plain = RecordingBackend()
+    _texts(plain, n=2 * REFILL_BATCHES + 3)
+    assert all(len(p) <= 2 for p, _, _ in plain.calls)
