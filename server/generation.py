@@ -386,15 +386,7 @@ def _sample_batch(
     control = tokens.control.to(device) if tokens is not None else None
     visible = tokens.visible.to(device) if tokens is not None else None
     for step in range(config.max_new_tokens):
-        if control is not None and len(control):
-            logits[:, control] = float("-inf")
-        if len(stops):
-            # No stop before visible text: no empty samples.
-            if step == 0:
-                logits[:, stops] = float("-inf")
-            elif visible is not None and not bool(started.all()):
-                waiting = torch.nonzero(~started).flatten()
-                logits[waiting.unsqueeze(1), stops.unsqueeze(0)] = float("-inf")
+        _mask_logits(logits, started=started, stops=stops, control=control)
         next_ids = sample_top_p(
             logits,
             top_p=config.top_p,
@@ -403,8 +395,8 @@ def _sample_batch(
             temperature=config.temperature,
         )
         finished = torch.isin(next_ids, stops)
-        if visible is not None:
-            started = started | visible[next_ids]
+        # Without vocabulary classes only the first token is kept from stopping.
+        started = started | visible[next_ids] if visible is not None else torch.ones_like(finished)
         for slot, token in enumerate(next_ids.tolist()):
             rows[active[slot]].append(token)
         if bool(finished.all()) or step == config.max_new_tokens - 1:

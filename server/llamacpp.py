@@ -365,25 +365,27 @@ class _LlamaDecoder:
         leaders: dict[tuple[int, ...], int] = {}
         for row, prompt in enumerate(prompts):
             leaders.setdefault(tuple(prompt), row)
-        first_logits: dict[int, np.ndarray] = {}
-        for key, leader in leaders.items():
-            # Long prompts go in pieces of at most one batch; logits only for the last token.
-            for start in range(0, len(key), b._batch_size):
-                piece = key[start : start + b._batch_size]
-                b._fill(
-                    [
-                        (token, start + i, leader, start + i == len(key) - 1)
-                        for i, token in enumerate(piece)
-                    ]
-                )
-                b._decode()
-            first_logits[leader] = b._logits(1)[0]
+        first_logits = {leader: self._prefill_one(key, leader) for key, leader in leaders.items()}
         for row, prompt in enumerate(prompts):
             leader = leaders[tuple(prompt)]
             if leader != row:
                 lib.llama_memory_seq_cp(memory, leader, row, -1, -1)
         stacked = np.stack([first_logits[leaders[tuple(p)]] for p in prompts])
         return torch.from_numpy(stacked)
+
+    def _prefill_one(self, prompt: Sequence[int], seq: int) -> np.ndarray:
+        """Decode one prompt into sequence ``seq``; return its next-token logits (a copy).
+
+        Long prompts go in pieces of at most one batch; logits only for the last token.
+        """
+        b = self._b
+        last = len(prompt) - 1
+        for start in range(0, len(prompt), b._batch_size):
+            piece = prompt[start : start + b._batch_size]
+            b._fill([(token, start + i, seq, start + i == last) for i, token in enumerate(piece)])
+            b._decode()
+        logits: np.ndarray = b._logits(1)[0]
+        return logits
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop the other rows, then renumber the kept ones' sequences 0..k-1.
@@ -447,16 +449,7 @@ class _LlamaDecoder:
             if key in first:
                 lib.llama_memory_seq_cp(memory, first[key][0], seq, -1, -1)
             else:
-                for start in range(0, len(key), b._batch_size):
-                    piece = key[start : start + b._batch_size]
-                    b._fill(
-                        [
-                            (token, start + i, seq, start + i == len(key) - 1)
-                            for i, token in enumerate(piece)
-                        ]
-                    )
-                    b._decode()
-                first[key] = (seq, b._logits(1)[0])
+                first[key] = (seq, self._prefill_one(key, seq))
             rows.append(first[key][1])
             self._seqs.append(seq)
             self._pos.append(len(prompt))
