@@ -387,13 +387,7 @@ def _sample_batch(
     visible = tokens.visible.to(device) if tokens is not None else None
     for step in range(config.max_new_tokens):
         _mask_logits(logits, started=started, stops=stops, control=control)
-        next_ids = sample_top_p(
-            logits,
-            top_p=config.top_p,
-            candidate_k=config.candidate_k,
-            generator=generator,
-            temperature=config.temperature,
-        )
+        next_ids = _draw(logits, config, generator)
         finished = torch.isin(next_ids, stops)
         # Without vocabulary classes only the first token is kept from stopping.
         started = started | visible[next_ids] if visible is not None else torch.ones_like(finished)
@@ -409,6 +403,19 @@ def _sample_batch(
             started = started[keep]
         logits = decoder.step(next_ids)
     return rows, sum(len(r) for r in rows)
+
+
+def _draw(
+    logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """One token per row by the config's top-p and temperature."""
+    return sample_top_p(
+        logits,
+        top_p=config.top_p,
+        candidate_k=config.candidate_k,
+        generator=generator,
+        temperature=config.temperature,
+    )
 
 
 def _mask_logits(
@@ -455,13 +462,7 @@ def _sample_refilling(
     sampled = 0
     while live:
         _mask_logits(logits, started=started, stops=stops, control=control)
-        next_ids = sample_top_p(
-            logits,
-            top_p=config.top_p,
-            candidate_k=config.candidate_k,
-            generator=generator,
-            temperature=config.temperature,
-        )
+        next_ids = _draw(logits, config, generator)
         started = started | visible[next_ids]
         ended = torch.isin(next_ids, stops)
         for slot, token in enumerate(next_ids.tolist()):
