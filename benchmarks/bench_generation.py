@@ -5,7 +5,8 @@ newline and end-of-sequence stopping off, so every row of both sides decodes the
 the same work, as vLLM's ignore_eos; ``--as-sampled`` lets rows end at EOS, where steering that
 ends rows earlier leaves ragged batches) and their ratio (target >= 0.97),
 on the `transformers` backend and, at full size, on llama.cpp (the packaged GGUF model; needs
-the ``llamacpp`` extra): steered llama.cpp against steered `transformers` (target >= 3x).
+the ``llamacpp`` extra): steered llama.cpp against steered `transformers` (target >= 3x), at
+equal work and in samples/s made as the demo makes them (rows end at a newline or EOS).
 Run: python benchmarks/bench_generation.py [--backend llamacpp]
 (``figures(quick)`` gives the same numbers to ``python -m benchmarks``.)
 """
@@ -187,7 +188,7 @@ def figures(quick: bool) -> list[Figure]:
                 "samples/s",
                 baseline=as_demo["transformers"],
                 at_least=3.0,
-                note="rows end at a newline or EOS (48-token budget), 2 x 256 per label, "
+                note="rows end at a newline or EOS (48-token budget), 256 per label, 2 labels, "
                 "batch 64; llama.cpp refills its batch as rows end",
             )
         )
