@@ -46,6 +46,18 @@ class Throughput:
     equal_work: bool = True
 
 
+def random_deltas(
+    hidden_size: int, layers: tuple[int, ...], *, strength: float
+) -> dict[int, torch.Tensor]:
+    """A fixed random steering direction per layer, scaled as a release's would be (seed 0)."""
+    gen = torch.Generator().manual_seed(0)
+    return steering_deltas(
+        {layer: torch.randn(hidden_size, generator=gen) for layer in layers},
+        strength=strength,
+        residual_norms=dict.fromkeys(layers, 8000.0),
+    )
+
+
 def measure(
     model: str | None = None,
     *,
@@ -63,12 +75,7 @@ def measure(
     config = GenerationConfig(
         max_new_tokens=tokens, batch_size=batch, stop_at_newline=False, stop_at_eos=not equal_work
     )
-    gen = torch.Generator().manual_seed(0)
-    deltas = steering_deltas(
-        {layer: torch.randn(engine.hidden_size, generator=gen) for layer in layers},
-        strength=0.05,
-        residual_norms=dict.fromkeys(layers, 8000.0),
-    )
+    deltas = random_deltas(engine.hidden_size, layers, strength=0.05)
     prompt = "Here is a positive movie review snippet:\n"
     results: dict[str, list[float]] = {"unsteered": [], "steered": []}
     engine.generate([prompt] * 4, config=config, deltas=None, seed=0)  # warm-up
@@ -115,12 +122,7 @@ def samples_per_s(
         instruction="Here is a {label} movie review snippet:\n",
         label_names=(("pos", "positive"), ("neg", "negative")),
     )
-    gen = torch.Generator().manual_seed(0)
-    deltas = steering_deltas(
-        {layer: torch.randn(engine.hidden_size, generator=gen) for layer in layers},
-        strength=0.01,
-        residual_norms=dict.fromkeys(layers, 8000.0),
-    )
+    deltas = random_deltas(engine.hidden_size, layers, strength=0.01)
     engine.generate(["warm-up"] * 4, config=config, deltas=None, seed=0)
     best = 0.0
     for r in range(repeats):

@@ -357,21 +357,31 @@ class _LlamaDecoder:
         self._pos: list[int] = []
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        b, lib = self._b, self._lib
-        memory = lib.llama_get_memory(b._ctx)
-        lib.llama_memory_clear(memory, True)
-        self._seqs = list(range(len(prompts)))
-        self._pos = [len(p) for p in prompts]
-        leaders: dict[tuple[int, ...], int] = {}
-        for row, prompt in enumerate(prompts):
-            leaders.setdefault(tuple(prompt), row)
-        first_logits = {leader: self._prefill_one(key, leader) for key, leader in leaders.items()}
-        for row, prompt in enumerate(prompts):
-            leader = leaders[tuple(prompt)]
-            if leader != row:
-                lib.llama_memory_seq_cp(memory, leader, row, -1, -1)
-        stacked = np.stack([first_logits[leaders[tuple(p)]] for p in prompts])
-        return torch.from_numpy(stacked)
+        lib = self._lib
+        lib.llama_memory_clear(lib.llama_get_memory(self._b._ctx), True)
+        self._seqs, self._pos = [], []
+        return torch.from_numpy(self._start(prompts, list(range(len(prompts)))))
+
+    def _start(self, prompts: list[list[int]], seqs: list[int]) -> np.ndarray:
+        """Start each prompt as a new row in the (empty) sequence beside it.
+
+        Each distinct prompt is decoded once, into its first sequence, and copied to the others
+        that share it. Returns the (prompts, vocab) first-token logits.
+        """
+        lib = self._lib
+        memory = lib.llama_get_memory(self._b._ctx)
+        first: dict[tuple[int, ...], tuple[int, np.ndarray]] = {}
+        rows = []
+        for prompt, seq in zip(prompts, seqs, strict=True):
+            key = tuple(prompt)
+            if key in first:
+                lib.llama_memory_seq_cp(memory, first[key][0], seq, -1, -1)
+            else:
+                first[key] = (seq, self._prefill_one(key, seq))
+            rows.append(first[key][1])
+            self._seqs.append(seq)
+            self._pos.append(len(prompt))
+        return np.stack(rows)
 
     def _prefill_one(self, prompt: Sequence[int], seq: int) -> np.ndarray:
         """Decode one prompt into sequence ``seq``; return its next-token logits (a copy).
@@ -442,18 +452,7 @@ class _LlamaDecoder:
         seqs = free[: len(prompts)]
         for seq in seqs:
             lib.llama_memory_seq_rm(memory, seq, -1, -1)
-        first: dict[tuple[int, ...], tuple[int, np.ndarray]] = {}
-        rows = []
-        for prompt, seq in zip(prompts, seqs, strict=True):
-            key = tuple(prompt)
-            if key in first:
-                lib.llama_memory_seq_cp(memory, first[key][0], seq, -1, -1)
-            else:
-                first[key] = (seq, self._prefill_one(key, seq))
-            rows.append(first[key][1])
-            self._seqs.append(seq)
-            self._pos.append(len(prompt))
-        pieces.append(np.stack(rows))
+        pieces.append(self._start(prompts, seqs))
         return torch.from_numpy(np.concatenate(pieces))
 
 
