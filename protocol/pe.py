@@ -217,18 +217,24 @@ def plan_next_population(
     per_label: int,
     keep_selected: bool,
     rng: np.random.Generator,
+    size: int | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """For each label: (candidates kept as they are, parents of the new variations).
 
-    The next population has ``per_label`` samples per label: the distinct selected candidates
-    (if ``keep_selected``) plus variations of parents drawn from the selection proportionally
-    to their noisy count. A label with no selection varies uniformly drawn candidates.
+    The next population has ``size`` (default ``per_label``, the voted population's N) samples
+    per label: the distinct selected candidates (if ``keep_selected``) plus variations of
+    parents drawn from the selection proportionally to their noisy count. A label with no
+    selection varies uniformly drawn candidates. A ``size`` above N grows the final population
+    from the last histogram (post-processing: no extra privacy cost).
     """
+    size = per_label if size is None else size
+    if size < 1:
+        raise ConfigError(f"size={size}: must be >= 1")
     counts = np.clip(np.asarray(histogram, dtype=np.float64), 0.0, None)
     plan: list[tuple[list[int], list[int]]] = []
     for c, chosen in enumerate(selected):
-        kept = sorted(set(chosen))[:per_label] if keep_selected else []
-        n_new = per_label - len(kept)
+        kept = sorted(set(chosen))[:size] if keep_selected else []
+        n_new = size - len(kept)
         if chosen:
             pool = np.asarray(chosen, dtype=np.int64)
             weights = counts[c * per_label + pool] + 1e-12

@@ -80,6 +80,10 @@ class PEConfig:
         keep_selected: Carry the selected candidates into the next population unchanged.
         threshold_std: Counts at or below this many aggregate noise std are zeroed.
         epsilon, delta, mode, threshold: Guarantee of the whole task and secure-sum threshold t.
+        output_per_label: Samples per label of the final population, grown from the last
+            histogram by more variations of its selection (post-processing, free); default N.
+            Lets a small voted population (enough votes per candidate at a small epsilon) still
+            yield a large synthetic data set.
         declared_records_per_label: Public planning figure (e.g. holders' declared sizes) used
             only to refuse an epsilon too small to be workable; never measured from data.
         bits: Field bits (32 halves the upload against 64; votes are small integers).
@@ -101,6 +105,7 @@ class PEConfig:
     mode: str = "distributed"
     threshold: int | None = None
     declared_records_per_label: int | None = None
+    output_per_label: int | None = None
     bits: int = 32
     deadline_s: float = 1800.0
     max_records: int = 1_000_000
@@ -116,6 +121,8 @@ class PEConfig:
             raise ConfigError(f"keep={self.keep}: must be in 1..per_label={self.per_label}")
         if not 1 <= self.top_k <= self.per_label:
             raise ConfigError(f"top_k={self.top_k}: must be in 1..per_label={self.per_label}")
+        if self.output_per_label is not None and self.output_per_label < 1:
+            raise ConfigError(f"output_per_label={self.output_per_label}: must be >= 1")
         Selection(self.selection)
         if self.threshold_std < 0:
             raise ConfigError(f"threshold_std={self.threshold_std}: must be >= 0")
@@ -129,6 +136,8 @@ class PEConfig:
         """Hash of the settings; a checkpoint only resumes under the same settings."""
         data = asdict(self)
         data["epsilon"] = str(self.epsilon)
+        if self.output_per_label is None:  # absent: checkpoints from before the setting resume
+            del data["output_per_label"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -325,8 +334,13 @@ def next_population(
     *,
     round_number: int,
     rng: np.random.Generator,
+    size: int | None = None,
 ) -> tuple[Population, list[int]]:
-    """Threshold, select and vary: the population of the next round (post-processing)."""
+    """Threshold, select and vary: the population of the next round (post-processing).
+
+    ``size`` samples per label (default N); the final round passes ``output_per_label``.
+    """
+    size = config.per_label if size is None else size
     selected = select_survivors(
         histogram,
         n_labels=len(config.labels),
@@ -341,6 +355,7 @@ def next_population(
         per_label=config.per_label,
         keep_selected=config.keep_selected,
         rng=rng,
+        size=size,
     )
     samples: list[str] = []
     origin: list[str] = []
@@ -360,7 +375,7 @@ def next_population(
     new = Population(
         labels=population.labels,
         samples=tuple(samples),
-        per_label=config.per_label,
+        per_label=size,
         origin=tuple(origin),
     )
     return new, [len(set(s)) for s in selected]
@@ -525,6 +540,7 @@ def run_pe(
             variation_api,
             round_number=r,
             rng=np.random.default_rng([config.seed, r]),
+            size=config.output_per_label if r == config.rounds else None,
         )
         timings["generation"] = time.monotonic() - t0
         metrics = evaluate(population) if evaluate is not None else {}
@@ -621,6 +637,7 @@ def pe_privacy_report(
         "rounds": config.rounds,
         "rounds_completed": state.completed_round,
         "per_label": config.per_label,
+        "output_per_label": config.output_per_label or config.per_label,
         "top_k": config.top_k,
         "selection": config.selection,
         "K": len(nodes),

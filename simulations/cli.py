@@ -160,6 +160,13 @@ def demo(
     population: Annotated[
         int | None, typer.Option(help="PE: candidates per label N (default 60; quick 20).")
     ] = None,
+    output: Annotated[
+        int | None,
+        typer.Option(
+            help="PE: final population per label, grown from the last votes at no privacy cost "
+            "(default N)."
+        ),
+    ] = None,
     init: Annotated[
         str, typer.Option(help="PE: first population from the 'prior' or 'steered' by a vector.")
     ] = "prior",
@@ -249,6 +256,7 @@ def demo(
                 quick=quick,
                 rounds=rounds,
                 population=population,
+                output=output,
                 init=init,
                 embedder=embedder,
                 top_k=top_k,
@@ -352,6 +360,7 @@ def _pe_demo(
     quick: bool,
     rounds: int | None,
     population: int | None,
+    output: int | None,
     init: str,
     embedder: str,
     top_k: int,
@@ -366,7 +375,12 @@ def _pe_demo(
     values = {**p.PE_PRESETS["quick" if quick else "default"]}
     values.update({k: v for k, v in {"rounds": rounds, "per_label": population}.items() if v})
     settings = p.PEDemoSettings(
-        init=init, embedder=embedder, top_k=top_k, temperature=temperature, **values
+        init=init,
+        embedder=embedder,
+        top_k=top_k,
+        temperature=temperature,
+        output_per_label=output,
+        **values,
     )
     cfg: d.DemoConfig = config  # type: ignore[assignment]
     p.pe_config(cfg, settings)  # validates, and refuses a too-small epsilon before any compute
@@ -377,7 +391,9 @@ def _pe_demo(
             f"[bold]fedsynth demo --method pe[/bold]: {len(data.train)} private records across "
             f"{cfg.clients} holders, {len(data.test)} held-out; "
             f"epsilon={epsilon_label(cfg.epsilon)}, T={settings.rounds} rounds, "
-            f"N={settings.per_label} per label, init={settings.init}"
+            f"N={settings.per_label} per label"
+            + (f" (final {settings.output_per_label})" if settings.output_per_label else "")
+            + f", init={settings.init}"
         )
         with progress_display() as report:
             outcome, scores, timings = p.run_pe_demo(cfg, settings, data, report=report)
@@ -450,6 +466,14 @@ def simulate(
             "--yes", help="Run even when the estimated time exceeds the time_budget_minutes."
         ),
     ] = False,
+    rerun_changed: Annotated[
+        bool,
+        typer.Option(
+            "--rerun-changed",
+            help="Drop and rerun the rows whose method section ([pe], [dp_training], "
+            "[baselines]) changed since they ran.",
+        ),
+    ] = False,
 ) -> None:
     """Run a simulation study: every cell of the config, results.csv, report.md, plots.
 
@@ -486,7 +510,7 @@ def simulate(
                 )
             console.print(table)
             return
-        finished = open_results_folder(config, folder)
+        finished = open_results_folder(config, folder, rerun_changed=rerun_changed)
         console.print(
             f"[bold]fedsynth simulate[/bold] {config.name}: {len(cells)} cells "
             f"({len([c for c in cells if c.key in finished])} already in {folder})"

@@ -64,6 +64,7 @@ class PEDemoSettings:
     top_k: int = 1
     selection: str = "rank"
     temperature: float = 0.9
+    output_per_label: int | None = None  # final population size per label (default N)
 
     def __post_init__(self) -> None:
         """Refuse bad settings here, before a steering release or any PE round spends ε."""
@@ -73,7 +74,10 @@ class PEDemoSettings:
             raise ConfigError(f"init_fraction={self.init_fraction}: must be in (0, 1)")
         if not (math.isfinite(self.temperature) and self.temperature > 0.0):
             raise ConfigError(f"temperature={self.temperature}: must be a finite number > 0")
-        for name, value in (("rounds", self.rounds), ("per_label", self.per_label)):
+        sizes = [("rounds", self.rounds), ("per_label", self.per_label)]
+        if self.output_per_label is not None:
+            sizes.append(("output_per_label", self.output_per_label))
+        for name, value in sizes:
             if value < 1:
                 raise ConfigError(f"{name}={value}: must be >= 1")
         if not 1 <= self.top_k <= self.per_label:
@@ -122,6 +126,7 @@ def pe_config(config: DemoConfig, pe: PEDemoSettings) -> PEConfig:
         mode=config.mode,
         threshold=config.threshold,
         declared_records_per_label=per_label_records,
+        output_per_label=pe.output_per_label,
         seed=config.seed,
     )
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from fedsynth.simulations.splits import holder_partitions, split_records
 from fedsynth.simulations.study_config import (
     METHODS,
     METRIC_COLUMNS,
+    SECTION_METHODS,
     STUDY_FORMAT,
     Cell,
     StudyConfig,
@@ -79,15 +81,26 @@ Progress = Callable[[str], None]
 # --------------------------------------------------------------------------- folder
 
 
-def open_results_folder(config: StudyConfig, out_dir: Path) -> set[str]:
+def open_results_folder(
+    config: StudyConfig, out_dir: Path, *, rerun_changed: bool = False
+) -> set[str]:
     """Create or check the study folder; return the keys of cells already finished.
 
-    Refuses (before any compute) a folder written by another study format or with other fixed
-    settings, since its rows would not be comparable with new ones.
+    Refuses (before any compute) a folder written by another study format or with other
+    settings that every cell reads, since its rows would not be comparable with new ones. A
+    change to a section only some methods read (``[pe]``, ``[dp_training]``, ``[baselines]``)
+    makes only those methods' rows stale: refused too, unless ``rerun_changed``, which drops
+    those rows (and their cell folders) so that they run again.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "study.json"
-    meta = {"format": STUDY_FORMAT, "fingerprint": config.fingerprint(), "name": config.name}
+    parts = config.fingerprints()
+    meta: dict[str, Any] = {
+        "format": STUDY_FORMAT,
+        "fingerprint": config.fingerprint(),
+        "fingerprints": parts,
+        "name": config.name,
+    }
     if meta_path.exists():
         try:
             old = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -100,12 +113,17 @@ def open_results_folder(config: StudyConfig, out_dir: Path) -> set[str]:
                 f"{out_dir} holds results of study format {old.get('format')!r}; this fedsynth "
                 f"writes format {STUDY_FORMAT}. Use a new results folder."
             )
-        if old.get("fingerprint") != meta["fingerprint"]:
-            raise ConfigError(
-                f"{out_dir} holds results made with other fixed settings (model, data sizes, "
-                "layers, PE settings, ...); its rows would not be comparable. Use a new results "
-                "folder, or change only the sweeps, seeds and metrics."
-            )
+        old_parts = old.get("fingerprints")
+        if not isinstance(old_parts, dict):  # written before per-section fingerprints
+            if old.get("fingerprint") != meta["fingerprint"]:
+                raise _other_settings(out_dir)
+        elif old_parts.get("common") != parts["common"]:
+            raise _other_settings(out_dir)
+        else:
+            changed = [name for name in SECTION_METHODS if old_parts.get(name) != parts[name]]
+            _drop_stale_rows(config, out_dir, changed, rerun_changed=rerun_changed)
+        if old != meta:
+            meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     else:
         if (out_dir / "results.csv").exists():
             raise ConfigError(
@@ -114,6 +132,43 @@ def open_results_folder(config: StudyConfig, out_dir: Path) -> set[str]:
             )
         meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return {row["key"] for row in read_results(out_dir) if row["status"] != ""}
+
+
+def _other_settings(out_dir: Path) -> ConfigError:
+    return ConfigError(
+        f"{out_dir} holds results made with other fixed settings (model, data sizes, layers, "
+        "...); its rows would not be comparable. Use a new results folder, or change only the "
+        "sweeps, seeds, metrics and the method sections ([pe], [dp_training], [baselines])."
+    )
+
+
+def _drop_stale_rows(
+    config: StudyConfig, out_dir: Path, changed: Sequence[str], *, rerun_changed: bool
+) -> None:
+    """Refuse, or with ``rerun_changed`` remove, the rows made under a changed method section."""
+    methods = {m for name in changed for m in SECTION_METHODS[name]}
+    rows = read_results(out_dir)
+    stale = [r for r in rows if r["method"] in methods]
+    if not stale:
+        return
+    sections = ", ".join(f"[{name}]" for name in changed)
+    if not rerun_changed:
+        raise ConfigError(
+            f"{sections} changed since {len(stale)} rows of {sorted({r['method'] for r in stale})} "
+            f"in {out_dir} were made; pass --rerun-changed to drop those rows and run them "
+            "again (the other rows are kept), or restore the old settings."
+        )
+    keep = [r for r in rows if r["method"] not in methods]
+    path = out_dir / "results.csv"
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(keep)
+    tmp.replace(path)
+    for row in stale:
+        shutil.rmtree(out_dir / "cells" / _slug(row["key"]), ignore_errors=True)
+    log.warning("%s changed: dropped %d rows, which will run again", sections, len(stale))
 
 
 def read_results(out_dir: Path) -> list[dict[str, str]]:

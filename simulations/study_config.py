@@ -204,6 +204,7 @@ class PESettings:
 
     rounds: int = 2
     population: int = 16
+    output: int | None = None  # final population per label (default: population); free
     top_k: int = 1
     init_fraction: float = 0.5  # pe-steered: share of ε for the steering vector release
 
@@ -306,11 +307,36 @@ class StudyConfig:
         Only values that differ from their defaults enter the hash, so a newer fedsynth that
         adds a setting (whose default keeps the old behaviour) still opens older results.
         """
+        return _hash(self._fixed())
+
+    def fingerprints(self) -> dict[str, str]:
+        """``common`` (what every cell reads) and one hash per method-specific section.
+
+        A change to ``[pe]`` changes only what PE cells compute, so only their rows go stale
+        (see :data:`SECTION_METHODS`); the other rows stay comparable.
+        """
+        fixed = self._fixed()
+        sections = {name: fixed.pop(name, {}) for name in SECTION_METHODS}
+        return {"common": _hash(fixed), **{name: _hash(v) for name, v in sections.items()}}
+
+    def _fixed(self) -> dict[str, Any]:
         fixed = _non_default(self, StudyConfig(name="", sweeps=()))
         for name in ("name", "sweeps", "seeds", "metrics", "plot_metric", "time_budget_minutes"):
             fixed.pop(name, None)
-        text = json.dumps(fixed, sort_keys=True, default=str)
-        return hashlib.sha256(f"{STUDY_FORMAT}:{text}".encode()).hexdigest()[:16]
+        return fixed
+
+
+# Settings sections that only some methods read: changing one re-runs only those methods' cells.
+SECTION_METHODS: dict[str, tuple[str, ...]] = {
+    "pe": ("pe", "pe-steered"),
+    "dp_training": ("dp-sgd", "dp-fedavg"),
+    "baselines": ("rpsg", "noisy-icl", "icl-verbatim"),
+}
+
+
+def _hash(fixed: Mapping[str, Any]) -> str:
+    text = json.dumps(fixed, sort_keys=True, default=str)
+    return hashlib.sha256(f"{STUDY_FORMAT}:{text}".encode()).hexdigest()[:16]
 
 
 def _non_default(value: Any, default: Any) -> dict[str, Any]:
@@ -429,6 +455,9 @@ def _parse_sweep(raw: Any, index: int) -> Sweep:
     return Sweep(name, methods, epsilons, clients, partitions, modes, dropouts)
 
 
+_OPTIONAL_INTS = ("output",)  # integer settings whose default (None) means "as another one"
+
+
 def _parse_table(cls: type[Any], raw: Any, where: str) -> Any:
     if raw is None:
         return cls()
@@ -443,7 +472,7 @@ def _parse_table(cls: type[Any], raw: Any, where: str) -> Any:
             if key == "icl_noise" and value not in ("gaussian", "laplace"):
                 raise ConfigError(f"[{where}] icl_noise must be 'gaussian' or 'laplace'")
             values[key] = str(value)
-        elif isinstance(default, int):
+        elif isinstance(default, int) or key in _OPTIONAL_INTS:
             may_be_zero = key in ("audit_runs", "canaries", "shots")
             values[key] = _int(value, f"[{where}] {key}", minimum=0 if may_be_zero else 1)
         else:

@@ -31,6 +31,7 @@ def run_pe(ctx: StudyContext, cell: Cell, *, init: str) -> CellOutput:
     settings = pe_demo.PEDemoSettings(
         rounds=ctx.config.pe.rounds,
         per_label=ctx.config.pe.population,
+        output_per_label=ctx.config.pe.output,
         top_k=ctx.config.pe.top_k,
         embedder=ctx.config.embedder,
         init=init,

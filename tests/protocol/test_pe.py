@@ -350,6 +350,24 @@ def test_plan_sizes_kept_and_parents(keep_selected: bool) -> None:
         assert plan[0][0] == [1, 4]
 
 
+@pytest.mark.parametrize("size", [2, 9, 40])
+def test_plan_size_other_than_n(size: int) -> None:
+    """A final population of ``size`` per label, parents indexed in the voted N's blocks."""
+    hist = np.array([0, 3, 0, 1, 0, 0, 2, 0], dtype=np.float64)
+    selected = [[1, 3], [2]]
+    plan = plan_next_population(
+        selected, hist, per_label=4, keep_selected=True, rng=np.random.default_rng(1), size=size
+    )
+    for (kept, parents), chosen in zip(plan, selected, strict=True):
+        assert len(kept) + len(parents) == size
+        assert kept == sorted(chosen)[:size]
+        assert set(parents) <= set(chosen)
+    with pytest.raises(ConfigError, match="size=0"):
+        plan_next_population(
+            selected, hist, per_label=4, keep_selected=True, rng=np.random.default_rng(1), size=0
+        )
+
+
 def test_plan_parents_proportional_to_counts() -> None:
     # Label block: counts 1 (index 0) and 3 (index 2); index 1 has count 7 but is not selected.
     hist = np.array([1.0, 7.0, 3.0, 0.0])

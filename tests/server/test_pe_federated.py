@@ -8,10 +8,11 @@ seconds; the real generator and MiniLM run in tests/test_e2e_pe.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,39 @@ def test_pe_improves_over_rounds_without_noise(tmp_path: Path, embedder: Hashing
     assert result.state.completed_round == 4
     assert [h.status for h in result.state.history] == ["done"] * 4
     assert result.report["epsilon"] == "inf"
+
+
+def test_output_population_grows_from_the_last_histogram(
+    tmp_path: Path, embedder: HashingEmbedder
+) -> None:
+    """output_per_label: the votes run on N per label, the final population has M per label."""
+    nodes = make_voters(tmp_path, embedder=embedder)
+    config = pe_config(rounds=2, output_per_label=20)
+    result = run_pe(
+        PETransport(nodes),
+        NODES,
+        config,
+        random_api=WordRandomAPI(),
+        variation_api=WordVariationAPI(),
+        embedder=embedder,
+        checkpoint_dir=tmp_path / "ckpt",
+    )
+    final = result.state.population
+    assert final.per_label == 20 and len(final.samples) == 20 * len(LABELS)
+    assert result.report["per_label"] == 8 and result.report["output_per_label"] == 20
+    # Every round voted on N = 8 per label (the holders' histograms never grow).
+    assert [h.status for h in result.state.history] == ["done", "done"]
+    assert all(len(h.selected_per_label) == len(LABELS) for h in result.state.history)
+    assert all(0 < n <= 8 for h in result.state.history for n in h.selected_per_label)
+    # Without the setting the fingerprint is the one older checkpoints carry (no new key).
+    plain = pe_config(rounds=2)
+    assert plain.fingerprint() != config.fingerprint()
+    old_style = {k: v for k, v in asdict(plain).items() if k != "output_per_label"}
+    old_style["epsilon"] = str(plain.epsilon)
+    text = json.dumps(old_style, sort_keys=True).encode()
+    assert plain.fingerprint() == hashlib.sha256(text).hexdigest()[:16]
+    with pytest.raises(ConfigError, match="output_per_label=0"):
+        pe_config(output_per_label=0)
 
 
 def test_pe_with_noise_beats_round_zero(tmp_path: Path, embedder: HashingEmbedder) -> None:

@@ -173,6 +173,7 @@ def test_a_failing_run_removes_the_holder_files(tmp_path: Path) -> None:
         # Longer than the tiny model's 256-position context after the prompt.
         (["--max-text-tokens", "250"], {"a": 20, "b": 20}, "max_text_tokens=250"),
         (["--method", "pe", "--max-text-tokens", "250"], {"a": 20, "b": 20}, "max_text_tokens=250"),
+        (["--method", "pe", "--output", "0"], {"a": 20, "b": 20}, "output_per_label=0"),
     ],
 )
 def test_bad_settings_and_data_are_refused_before_anything_is_spent(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,7 @@ canary_candidates = 15
 [pe]
 rounds = 1
 population = 6
+output = 9   # the final population grows from the last votes: 9 samples per label
 
 [[sweep]]
 name = "privacy"
@@ -184,6 +187,9 @@ def test_steered_pe_spends_part_of_the_cell_epsilon_on_its_steering_vector(
     plain = out / "cells" / _slug("pe|distributed|eps=8|K=3|iid|drop=0|seed=0")
     assert not list(plain.glob("release-*.safetensors"))  # plain PE makes no vector release
     assert ClientBudget(plain / "clients" / "budget-0.sqlite").spent() == pytest.approx(8.0)
+    for folder in (cell, plain):  # voted on 6 per label, released 9 per label
+        rows = [json.loads(x) for x in (folder / "synthetic.jsonl").read_text().splitlines()]
+        assert sorted(Counter(r["label"] for r in rows).values()) == [9, 9]
 
 
 def test_report_plots_audit(study: tuple[Path, Path]) -> None:

@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 
 from fedsynth.protocol.errors import ConfigError, TimeBudgetError
-from fedsynth.simulations.study import RESULT_COLUMNS, check_time_budget, open_results_folder
+from fedsynth.simulations.study import (
+    RESULT_COLUMNS,
+    _slug,
+    check_time_budget,
+    open_results_folder,
+)
 from fedsynth.simulations.study_config import (
     STUDY_FORMAT,
     load_study_config,
@@ -102,6 +107,8 @@ def test_good_config_expands_to_the_union_of_sweeps(tmp_path: Path) -> None:
         (_raw(data={"shots": 1.5}), "shots must be an integer"),
         (_raw(pe={"init_fraction": 1.0}), r"\[pe\] init_fraction must be < 1, got 1.0"),
         (_raw(pe={"init_fraction": 0}), r"\[pe\] init_fraction must be > 0"),
+        (_raw(pe={"output": 0}), r"\[pe\] output must be an integer >= 1"),
+        (_raw(pe={"output": 2.5}), r"\[pe\] output must be an integer"),
         (_raw(seeds=[1, 1]), "seeds repeat"),
         (_raw(delta=1.5), "delta"),
         (_raw(time_budget_minutes=0), "time_budget_minutes must be a number > 0"),
@@ -164,6 +171,60 @@ def test_results_folder_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"no study\.json"):
         open_results_folder(config, out)
     assert (out / "results.csv").exists()
+
+
+def _rows(out: Path, methods: list[str]) -> None:
+    lines = [",".join(RESULT_COLUMNS)]
+    for m in methods:
+        values = {"key": f"{m}|seed=0", "method": m, "status": "ok"}
+        lines.append(",".join(values.get(c, "") for c in RESULT_COLUMNS))
+    (out / "results.csv").write_text("\n".join(lines) + "\n")
+    for m in methods:
+        (out / "cells" / _slug(f"{m}|seed=0")).mkdir(parents=True)
+
+
+def test_a_changed_method_section_makes_only_its_rows_stale(tmp_path: Path) -> None:
+    config = parse_study(_raw())
+    out = tmp_path / "results"
+    open_results_folder(config, out)
+    _rows(out, ["vector", "pe", "pe-steered", "dp-sgd"])
+    everything = {"vector|seed=0", "pe|seed=0", "pe-steered|seed=0", "dp-sgd|seed=0"}
+    changed = parse_study(_raw(pe={"population": 12, "output": 150}))
+    assert changed.fingerprints()["common"] == config.fingerprints()["common"]
+    assert changed.fingerprints()["pe"] != config.fingerprints()["pe"]
+    # Refused by default, naming the section and the methods; nothing is touched.
+    with pytest.raises(ConfigError, match=r"\[pe\] changed since 2 rows.*--rerun-changed"):
+        open_results_folder(changed, out)
+    assert open_results_folder(config, out) == everything
+    # Asked for: the PE rows and their cell folders go, every other row stays.
+    assert open_results_folder(changed, out, rerun_changed=True) == {
+        "vector|seed=0",
+        "dp-sgd|seed=0",
+    }
+    assert not (out / "cells" / _slug("pe|seed=0")).exists()
+    assert (out / "cells" / _slug("vector|seed=0")).exists()
+    assert open_results_folder(changed, out) == {"vector|seed=0", "dp-sgd|seed=0"}
+    # The old settings are now the changed ones: no PE rows left, so nothing is stale.
+    assert open_results_folder(config, out) == {"vector|seed=0", "dp-sgd|seed=0"}
+    # A setting every cell reads is refused whatever the flag says.
+    other = parse_study(_raw(data={"private_per_label": 99}))
+    with pytest.raises(ConfigError, match="other fixed settings"):
+        open_results_folder(other, out, rerun_changed=True)
+
+
+def test_folder_from_before_section_fingerprints_is_upgraded(tmp_path: Path) -> None:
+    config = parse_study(_raw())
+    out = tmp_path / "results"
+    out.mkdir()
+    old = {"format": STUDY_FORMAT, "fingerprint": config.fingerprint(), "name": config.name}
+    (out / "study.json").write_text(json.dumps(old))
+    _rows(out, ["pe"])
+    assert open_results_folder(config, out) == {"pe|seed=0"}
+    assert json.loads((out / "study.json").read_text())["fingerprints"] == config.fingerprints()
+    (out / "study.json").write_text(json.dumps(old))
+    # An old folder whose single fingerprint differs cannot say which section changed.
+    with pytest.raises(ConfigError, match="other fixed settings"):
+        open_results_folder(parse_study(_raw(pe={"rounds": 1})), out, rerun_changed=True)
 
 
 @pytest.mark.parametrize("name", ["small.toml", "gpu.toml", "scale.toml", "compare.toml"])
