@@ -294,17 +294,37 @@ def demo(
                 t0 = time.monotonic()
                 report.update("evaluate", done=0, total=None)
                 scores = d.evaluate_conditions(samples_by, data)
+                real = d.real_reference(data, config.synthetic_per_label)
                 report.update("evaluate", done=1, total=1)
                 timings["evaluation"] = time.monotonic() - t0
             timings["total"] = time.monotonic() - start
             judge = d.judge_records(data)[1]
             summary = d.write_outputs(
-                config, samples_by, scores, outcome.releases, timings, judge=judge
+                config, samples_by, scores, outcome.releases, timings, judge=judge, real=real
             )
             for line in steering_lines(summary["steering"][epsilon_label(config.epsilon)]):
                 console.print(line, highlight=False)
     _print_summary(config, samples_by, scores, timings, one_sided_proportion_test)
+    console.print(_real_line(scores, real), highlight=False)
     _print_dropouts(d.simulated_dropouts(data.partition_dir))
+
+
+def _real_line(scores: dict[str, dict[str, float]], real: dict[str, float]) -> str:
+    """The same-number real-text reference and the share of the gap each release closes."""
+    from fedsynth.simulations.demo import gap_closed
+
+    prior = scores["prior (eps=0)"]["tstr_accuracy"]
+    parts = []
+    for name, row in scores.items():
+        if name.startswith("eps="):
+            share = gap_closed(prior, row["tstr_accuracy"], real["tstr_accuracy"])
+            shown = "no gap to close" if math.isnan(share) else f"{100 * share:.0f} %"
+            parts.append(f"{name} closes {shown}")
+    return (
+        f"same number of real texts ({real['per_label']} per label, {real['draws']} draws): "
+        f"TSTR accuracy {real['tstr_accuracy']:.3f} ± {real['tstr_accuracy_sd']:.3f}; of its gap "
+        f"to the prior ({prior:.3f}): " + ", ".join(parts)
+    )
 
 
 def _parse_layers(value: str | None) -> tuple[int, ...] | None:

@@ -793,6 +793,56 @@ def evaluate_conditions(
     return scores
 
 
+REAL_REFERENCE_DRAWS = 3
+"""Draws of real texts the same-number reference averages (a single draw moves by 1-2 points)."""
+
+
+def real_reference(
+    data: DemoData, per_label: int, *, draws: int = REAL_REFERENCE_DRAWS
+) -> dict[str, float]:
+    """TSTR of the same number of *real* texts: ``per_label`` holders' records per label.
+
+    The ceiling a synthetic data set of that size is measured against (simulation only: it
+    reads the private records, as the evaluator may and a coordinator never does). Mean and sd
+    over ``draws`` seeded draws; a label with fewer records contributes all of them.
+    """
+    from fedsynth.simulations.metrics import tstr_scores
+
+    if per_label < 1 or draws < 1:
+        raise ConfigError(f"per_label={per_label}, draws={draws}: both must be >= 1")
+    by_label: dict[str, list[str]] = {}
+    for record in data.train:
+        by_label.setdefault(record.label, []).append(record.text)
+    test_texts = [r.text for r in data.test]
+    test_labels = [r.label for r in data.test]
+    accuracy, macro_f1 = [], []
+    for draw in range(draws):
+        rng = np.random.default_rng([draw, per_label])
+        texts: list[str] = []
+        labels: list[str] = []
+        for label in sorted(by_label):
+            pool = by_label[label]
+            take = rng.permutation(len(pool))[:per_label]
+            texts.extend(pool[i] for i in take)
+            labels.extend([label] * len(take))
+        scores = tstr_scores(texts, labels, test_texts, test_labels, seed=draw)
+        accuracy.append(scores["accuracy"])
+        macro_f1.append(scores["macro_f1"])
+    return {
+        "per_label": per_label,
+        "draws": draws,
+        "tstr_accuracy": float(np.mean(accuracy)),
+        "tstr_accuracy_sd": float(np.std(accuracy, ddof=1)) if draws > 1 else 0.0,
+        "tstr_macro_f1": float(np.mean(macro_f1)),
+    }
+
+
+def gap_closed(prior: float, synthetic: float, real: float) -> float:
+    """Share of the prior-to-real gap a synthetic data set closes (NaN when there is no gap)."""
+    gap = real - prior
+    return (synthetic - prior) / gap if gap > 0 else math.nan
+
+
 SELF_BLEU_TEXTS = 100
 """Samples Self-BLEU scores per condition (its cost grows with the square of the number)."""
 
@@ -805,11 +855,13 @@ def write_outputs(
     timings: Mapping[str, float],
     *,
     judge: str | None = None,
+    real: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Write synthetic.jsonl, privacy_report.json, summary.json and a comparison plot.
 
     Args:
         judge: what the label-fidelity judge was trained on (:func:`judge_records`).
+        real: the same-number real-text reference (:func:`real_reference`), if computed.
     """
     from fedsynth.server.release import load_release
     from fedsynth.server.synthesize import steering_report
@@ -853,6 +905,7 @@ def write_outputs(
         "config": config_json,
         "scores": scores,
         "judge": judge,
+        "real_reference": dict(real) if real is not None else None,
         "releases": {k: str(v) for k, v in releases.items()},
         "dropped_holders": [d["holder"] for d in dropouts],
         "steering": steering,
@@ -932,7 +985,13 @@ def coordinator_job_from_run_config(
             samples = generate_conditions(config, loaded, reference, outcome.releases)
             scores = evaluate_conditions(samples, data)
             write_outputs(
-                config, samples, scores, outcome.releases, timings, judge=judge_records(data)[1]
+                config,
+                samples,
+                scores,
+                outcome.releases,
+                timings,
+                judge=judge_records(data)[1],
+                real=real_reference(data, config.synthetic_per_label),
             )
         log.info("fedsynth demo finished; outputs in %s", config.out_dir)
 

@@ -121,6 +121,8 @@ def test_eps4_fidelity_beats_prior(demo_out: Path) -> None:
     summary = json.loads((demo_out / "summary.json").read_text())
     assert summary["steering"]["4"]["contrast"] == CONTRAST
     assert "neither the holders' data nor the held-out set" in summary["judge"]
+    assert summary["real_reference"]["per_label"] == SAMPLES_PER_LABEL
+    assert 0.5 < summary["real_reference"]["tstr_accuracy"] <= 1.0  # real texts beat chance
     scores = summary["scores"]
     prior, ours = scores["prior (eps=0)"], scores["eps=4"]
     # The non-private ceiling is skipped here to keep CI short; the deployment test and the

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from fedsynth.client.data import Record
 from fedsynth.protocol.errors import ConfigError, DataFileError
 from fedsynth.simulations.demo import (
     PRESETS,
     DemoConfig,
+    DemoData,
     check_text_length,
     demo_config,
     dropped_holders,
+    gap_closed,
     judge_records,
     prepare_data,
+    real_reference,
     release_epsilons,
     removed_on_failure,
     split_data,
@@ -241,3 +246,43 @@ def test_shots_are_checked_before_anything_runs(tmp_path: Path) -> None:
     # Each shot adds a prompt and a whole sample: 5 shots of 40 tokens no longer fit.
     with pytest.raises(ConfigError, match=r"shots=5: .*context of 256 tokens"):
         check_text_length(DemoConfig(out_dir=tmp_path, max_text_tokens=40, shots=5), loaded)
+
+
+def _records(words: dict[str, str], n: int, start: int = 0) -> list[Record]:
+    return [
+        Record(text=f"{word} story number {i} {word}", label=label)
+        for label, word in words.items()
+        for i in range(start, start + n)
+    ]
+
+
+def test_real_reference_draws_per_label_real_texts(tmp_path: Path) -> None:
+    words = {"pos": "sunny", "neg": "gloomy"}
+    data = DemoData(
+        train=_records(words, 30),
+        test=_records(words, 10, 100),
+        partitions=[],
+        partition_dir=tmp_path,
+        source="test",
+    )
+    ref = real_reference(data, 5)
+    assert ref["per_label"] == 5 and ref["draws"] == 3
+    assert ref["tstr_accuracy"] == 1.0 and ref["tstr_accuracy_sd"] == 0.0  # separable words
+    assert real_reference(data, 5) == ref  # seeded draws
+    # Labels swapped in the training texts: the reference must see the real labels it is given.
+    swapped = DemoData(
+        train=[Record(text=r.text, label="neg" if r.label == "pos" else "pos") for r in data.train],
+        test=data.test,
+        partitions=[],
+        partition_dir=tmp_path,
+        source="test",
+    )
+    assert real_reference(swapped, 5)["tstr_accuracy"] == 0.0
+    with pytest.raises(ConfigError, match="per_label=0"):
+        real_reference(data, 0)
+
+
+def test_gap_closed() -> None:
+    assert gap_closed(0.5, 0.6, 0.7) == pytest.approx(0.5)
+    assert gap_closed(0.5, 0.45, 0.7) == pytest.approx(-0.25)  # below the prior: negative
+    assert math.isnan(gap_closed(0.7, 0.8, 0.6))  # real below the prior: no gap to close

@@ -110,4 +110,10 @@ def test_demo_drop_one_holder_names_it_in_the_report(tmp_path: Path) -> None:
     assert release.report["dropped_clients"] == report["dropped_clients"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dropped_holders"] == ["holder-2"]
+    # The same-number real-text reference: 2 holders' records per label, 3 draws, and the line
+    # that says how much of its gap to the prior each release closes.
+    real = summary["real_reference"]
+    assert real["per_label"] == 2 and real["draws"] == 3
+    assert 0.0 <= real["tstr_accuracy"] <= 1.0
+    assert "same number of real texts (2 per label, 3 draws)" in " ".join(proc.stdout.split())
     assert len(PrivacyLedger(out / "ledger.sqlite").rows()) == 1
