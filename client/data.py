@@ -46,6 +46,10 @@ MAX_REPORTED_PROBLEMS = 20
 DEFAULT_READ_BATCH = 1024
 
 
+MAX_CHARS = 20_000
+"""A holder's default limit on one record's length; a longer record makes it refuse its file."""
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """One labelled text record.
@@ -83,7 +87,7 @@ def load_records(
     text_field: str = "text",
     label_field: str = "label",
     labels: Sequence[str] | None = None,
-    max_chars: int = 20000,
+    max_chars: int = MAX_CHARS,
 ) -> list[Record]:
     """Load and validate labelled text records from a private data file.
 
@@ -121,7 +125,7 @@ def count_records(
     text_field: str = "text",
     label_field: str = "label",
     labels: Sequence[str] | None = None,
-    max_chars: int = 20000,
+    max_chars: int = MAX_CHARS,
 ) -> int:
     """Validate a whole data file exactly as :func:`load_records` does and count its records.
 
@@ -147,7 +151,7 @@ def iter_record_batches(
     text_field: str = "text",
     label_field: str = "label",
     labels: Sequence[str] | None = None,
-    max_chars: int = 20000,
+    max_chars: int = MAX_CHARS,
     batch_size: int = DEFAULT_READ_BATCH,
 ) -> Iterator[list[Record]]:
     """Stream a data file's valid records in file order, ``batch_size`` at a time.

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsynth.client.data import Record
+from fedsynth.client.data import MAX_CHARS, Record
 from fedsynth.protocol.errors import ConfigError, DataFileError
 
 __all__ = [
@@ -173,8 +173,10 @@ def load_bbc_news(*, drop_duplicates: bool = True) -> LabelledCorpus:
     except one with a Windows-1252 pound sign, which is decoded as such.
 
     The package holds 2,225 files, of which 100 repeat an earlier article word for word (always
-    under the same topic); ``drop_duplicates`` (the default) keeps only the first copy, leaving
-    2,125 records, so that a train/test split cannot put the same article on both sides.
+    under the same topic); ``drop_duplicates`` (the default) keeps only the first copy, so that
+    a train/test split cannot put the same article on both sides. One article (25,427
+    characters) is longer than a holder accepts (:data:`~fedsynth.client.data.MAX_CHARS`): a
+    holder given it would refuse its whole file, so it is always dropped, leaving 2,124 records.
 
     Args:
         drop_duplicates: Drop articles whose (whitespace-collapsed) text was seen before.
@@ -204,7 +206,7 @@ def _load_bbc_news_cached(drop_duplicates: bool) -> LabelledCorpus:
             except UnicodeDecodeError:
                 decoded = raw.decode("cp1252", errors="replace")
             text = _collapse(decoded)
-            if not text or (drop_duplicates and text in seen):
+            if not text or len(text) > MAX_CHARS or (drop_duplicates and text in seen):
                 continue
             seen.add(text)
             records.append(Record(text=text, label=topic_dir.name))

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedsynth.client.contributor import ClientSettings
-from fedsynth.client.data import Record, load_records
+from fedsynth.client.data import MAX_CHARS, Record, load_records
 from fedsynth.client.policy import ClientPolicy
 from fedsynth.protocol.cli_common import library_log_level
 from fedsynth.protocol.errors import ConfigError, DataFileError, TooFewParticipantsError
@@ -330,6 +330,13 @@ def check_demo_data(
     foreign = sorted({r.label for r in [*train, *test]} - set(labels))
     if foreign:
         raise DataFileError(f"{source}: labels {foreign} are not in the template's {list(labels)}")
+    too_long = [len(r.text) for r in train if len(r.text) > MAX_CHARS]
+    if too_long:
+        raise DataFileError(
+            f"{source}: {len(too_long)} private record(s) longer than a holder accepts "
+            f"(max_chars={MAX_CHARS}; the longest has {max(too_long)} characters): the holder "
+            "given one would refuse its whole file. Shorten or drop them."
+        )
     for label in labels:
         n_train = sum(1 for r in train if r.label == label)
         n_test = sum(1 for r in test if r.label == label)

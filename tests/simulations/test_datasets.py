@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsynth.client.data import Record, load_records
+from fedsynth.client.data import MAX_CHARS, Record, load_records
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.simulations.datasets import (
     available_corpora,
@@ -50,8 +50,11 @@ def test_bbc_news() -> None:
     assert len(set(texts)) == len(texts)
     assert texts[0].startswith("Ad sales boost Time Warner profit")
     assert any("£15.8m" in t for t in texts)  # the one cp1252 file is decoded properly
+    # Every article a holder accepts: the one longer than MAX_CHARS made a holder refuse its file.
+    assert max(len(t) for t in texts) <= MAX_CHARS
+    assert len(corpus) == 2124
     full = load_bbc_news(drop_duplicates=False)
-    assert len(full) == 2225
+    assert len(full) == 2224  # 2,225 files, one too long
     assert Counter(r.label for r in full.records)["business"] == 510
     assert "Greene" in corpus.source
 

@@ -286,3 +286,16 @@ def test_gap_closed() -> None:
     assert gap_closed(0.5, 0.6, 0.7) == pytest.approx(0.5)
     assert gap_closed(0.5, 0.45, 0.7) == pytest.approx(-0.25)  # below the prior: negative
     assert math.isnan(gap_closed(0.7, 0.8, 0.6))  # real below the prior: no gap to close
+
+
+def test_a_record_longer_than_a_holder_accepts_is_refused(tmp_path: Path) -> None:
+    from fedsynth.client.data import MAX_CHARS
+    from fedsynth.simulations.demo import check_demo_data
+
+    config = demo_config("quick", out_dir=tmp_path)
+    words = {"positive": "sunny", "negative": "gloomy"}
+    train, test = _records(words, 3), _records(words, 2, 10)
+    check_demo_data(config, train, test, source="corpus")
+    train[1] = Record(text="x" * (MAX_CHARS + 1), label="positive")
+    with pytest.raises(DataFileError, match=r"corpus: 1 private record\(s\) longer.*20001"):
+        check_demo_data(config, train, test, source="corpus")
