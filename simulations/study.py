@@ -121,7 +121,7 @@ def open_results_folder(
             raise _other_settings(out_dir)
         else:
             changed = [name for name in SECTION_METHODS if old_parts.get(name) != parts[name]]
-            _drop_stale_rows(config, out_dir, changed, rerun_changed=rerun_changed)
+            _drop_stale_rows(out_dir, changed, rerun_changed=rerun_changed)
         if old != meta:
             meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     else:
@@ -142,9 +142,7 @@ def _other_settings(out_dir: Path) -> ConfigError:
     )
 
 
-def _drop_stale_rows(
-    config: StudyConfig, out_dir: Path, changed: Sequence[str], *, rerun_changed: bool
-) -> None:
+def _drop_stale_rows(out_dir: Path, changed: Sequence[str], *, rerun_changed: bool) -> None:
     """Refuse, or with ``rerun_changed`` remove, the rows made under a changed method section."""
     methods = {m for name in changed for m in SECTION_METHODS[name]}
     rows = read_results(out_dir)
@@ -158,14 +156,7 @@ def _drop_stale_rows(
             f"in {out_dir} were made; pass --rerun-changed to drop those rows and run them "
             "again (the other rows are kept), or restore the old settings."
         )
-    keep = [r for r in rows if r["method"] not in methods]
-    path = out_dir / "results.csv"
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows(keep)
-    tmp.replace(path)
+    _rewrite_results(out_dir / "results.csv", [r for r in rows if r["method"] not in methods])
     for row in stale:
         shutil.rmtree(out_dir / "cells" / _slug(row["key"]), ignore_errors=True)
     log.warning("%s changed: dropped %d rows, which will run again", sections, len(stale))
@@ -189,13 +180,18 @@ def read_results(out_dir: Path) -> list[dict[str, str]]:
             f"{path} has other columns than this fedsynth writes; use a new results folder"
         )
     # Written before some metric columns existed: rewrite it with the current header.
+    _rewrite_results(path, rows)
+    return [{c: row.get(c, "") for c in RESULT_COLUMNS} for row in rows]
+
+
+def _rewrite_results(path: Path, rows: Sequence[Mapping[str, str]]) -> None:
+    """Replace results.csv atomically by ``rows`` under the current header."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, restval="")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
-    return [{c: row.get(c, "") for c in RESULT_COLUMNS} for row in rows]
 
 
 def append_result(out_dir: Path, row: Mapping[str, Any]) -> None:
