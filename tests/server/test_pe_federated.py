@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,6 +43,7 @@ from fedsynth.protocol.pe_manifest import decode_histogram
 from fedsynth.server.ledger import PrivacyLedger
 from fedsynth.server.pe_coordinator import (
     PEConfig,
+    PEResult,
     build_round_manifest,
     load_state,
     run_pe,
@@ -169,6 +171,26 @@ def pe_config(**overrides: object) -> PEConfig:
     return PEConfig(**values)  # type: ignore[arg-type]
 
 
+def run_word_pe(
+    nodes: Mapping[int, VoterNode],
+    config: PEConfig,
+    embedder: HashingEmbedder,
+    checkpoint_dir: Path,
+    **kwargs: Any,
+) -> PEResult:
+    """A PE task over in-process holders with the word-level random and variation APIs."""
+    return run_pe(
+        PETransport(nodes),
+        NODES,
+        config,
+        random_api=WordRandomAPI(),
+        variation_api=WordVariationAPI(),
+        embedder=embedder,
+        checkpoint_dir=checkpoint_dir,
+        **kwargs,
+    )
+
+
 @pytest.fixture
 def embedder() -> HashingEmbedder:
     return HashingEmbedder(64)
@@ -269,15 +291,7 @@ def test_output_population_grows_from_the_last_histogram(
     """output_per_label: the votes run on N per label, the final population has M per label."""
     nodes = make_voters(tmp_path, embedder=embedder)
     config = pe_config(rounds=2, output_per_label=20)
-    result = run_pe(
-        PETransport(nodes),
-        NODES,
-        config,
-        random_api=WordRandomAPI(),
-        variation_api=WordVariationAPI(),
-        embedder=embedder,
-        checkpoint_dir=tmp_path / "ckpt",
-    )
+    result = run_word_pe(nodes, config, embedder, tmp_path / "ckpt")
     final = result.state.population
     assert final.per_label == 20 and len(final.samples) == 20 * len(LABELS)
     assert result.report["per_label"] == 8 and result.report["output_per_label"] == 20
@@ -454,16 +468,7 @@ def test_epsilon_too_small_is_refused_before_round_one(
         epsilon=0.5, rounds=10, per_label=200, keep=100, declared_records_per_label=2000
     )
     with pytest.raises(ConfigError, match=r"minimum workable epsilon is (\d+\.\d+)") as info:
-        run_pe(
-            PETransport(nodes),
-            NODES,
-            config,
-            random_api=WordRandomAPI(),
-            variation_api=WordVariationAPI(),
-            embedder=embedder,
-            checkpoint_dir=tmp_path / "ckpt",
-            ledger=ledger,
-        )
+        run_word_pe(nodes, config, embedder, tmp_path / "ckpt", ledger=ledger)
     assert not (tmp_path / "ckpt").exists() and ledger.rows() == []
     minimum = float(str(info.value).split("minimum workable epsilon is ")[1].split()[0])
     assert 2.0 < minimum < 4.0  # distributed Skellam, T = 10, N = 200, 2000 per label
