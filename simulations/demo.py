@@ -60,7 +60,7 @@ from fedsynth.server.synthesize import (
     iter_labelled_texts,
 )
 from fedsynth.server.task_runner import run_vector_release
-from fedsynth.simulations.datasets import json_line, load_corpus, write_jsonl
+from fedsynth.simulations.datasets import json_line, load_corpus, subsample_per_label, write_jsonl
 from fedsynth.simulations.splits import DataSplit, holder_partitions, judge_set, split_records
 
 log = logging.getLogger(__name__)
@@ -817,21 +817,12 @@ def real_reference(
 
     if per_label < 1 or draws < 1:
         raise ConfigError(f"per_label={per_label}, draws={draws}: both must be >= 1")
-    by_label: dict[str, list[str]] = {}
-    for record in data.train:
-        by_label.setdefault(record.label, []).append(record.text)
     test_texts = [r.text for r in data.test]
     test_labels = [r.label for r in data.test]
     accuracy, macro_f1 = [], []
     for draw in range(draws):
-        rng = np.random.default_rng([draw, per_label])
-        texts: list[str] = []
-        labels: list[str] = []
-        for label in sorted(by_label):
-            pool = by_label[label]
-            take = rng.permutation(len(pool))[:per_label]
-            texts.extend(pool[i] for i in take)
-            labels.extend([label] * len(take))
+        real = subsample_per_label(data.train, per_label=per_label, seed=draw)
+        texts, labels = [r.text for r in real], [r.label for r in real]
         scores = tstr_scores(texts, labels, test_texts, test_labels, seed=draw)
         accuracy.append(scores["accuracy"])
         macro_f1.append(scores["macro_f1"])
