@@ -143,23 +143,29 @@ def _other_settings(out_dir: Path) -> ConfigError:
 
 
 def _drop_stale_rows(out_dir: Path, changed: Sequence[str], *, rerun_changed: bool) -> None:
-    """Refuse, or with ``rerun_changed`` remove, the rows made under a changed method section."""
+    """Refuse, or with ``rerun_changed`` remove, the rows made under a changed method section.
+
+    The cell folders of those methods go too, finished or not: an interrupted PE cell's
+    checkpoint belongs to the old settings and would refuse to resume under the new ones.
+    """
     methods = {m for name in changed for m in SECTION_METHODS[name]}
     rows = read_results(out_dir)
     stale = [r for r in rows if r["method"] in methods]
-    if not stale:
-        return
     sections = ", ".join(f"[{name}]" for name in changed)
-    if not rerun_changed:
+    if stale and not rerun_changed:
         raise ConfigError(
             f"{sections} changed since {len(stale)} rows of {sorted({r['method'] for r in stale})} "
             f"in {out_dir} were made; pass --rerun-changed to drop those rows and run them "
             "again (the other rows are kept), or restore the old settings."
         )
-    _rewrite_results(out_dir / "results.csv", [r for r in rows if r["method"] not in methods])
-    for row in stale:
-        shutil.rmtree(out_dir / "cells" / _slug(row["key"]), ignore_errors=True)
-    log.warning("%s changed: dropped %d rows, which will run again", sections, len(stale))
+    if stale:
+        _rewrite_results(out_dir / "results.csv", [r for r in rows if r["method"] not in methods])
+        log.warning("%s changed: dropped %d rows, which will run again", sections, len(stale))
+    cells = out_dir / "cells"
+    # A cell folder is the slug of its key, which starts with "<method>|".
+    for folder in cells.iterdir() if cells.is_dir() else ():
+        if folder.name.split("_", 1)[0] in methods:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def read_results(out_dir: Path) -> list[dict[str, str]]:

@@ -212,6 +212,22 @@ def test_a_changed_method_section_makes_only_its_rows_stale(tmp_path: Path) -> N
         open_results_folder(other, out, rerun_changed=True)
 
 
+def test_an_interrupted_cell_of_a_changed_section_starts_afresh(tmp_path: Path) -> None:
+    config = parse_study(_raw())
+    out = tmp_path / "results"
+    open_results_folder(config, out)
+    _rows(out, ["vector"])
+    # A PE cell interrupted under the old settings: a folder (its checkpoint), no row.
+    interrupted = out / "cells" / _slug("pe|distributed|eps=1|seed=0")
+    (interrupted / "pe-checkpoint").mkdir(parents=True)
+    steered = out / "cells" / _slug("pe-steered|distributed|eps=1|seed=0")
+    steered.mkdir()
+    changed = parse_study(_raw(pe={"population": 12}))
+    assert open_results_folder(changed, out) == {"vector|seed=0"}
+    assert not interrupted.exists() and not steered.exists()
+    assert (out / "cells" / _slug("vector|seed=0")).exists()
+
+
 def test_folder_from_before_section_fingerprints_is_upgraded(tmp_path: Path) -> None:
     config = parse_study(_raw())
     out = tmp_path / "results"
