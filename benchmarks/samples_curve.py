@@ -5,7 +5,8 @@ largest size once per seed and scores nested prefixes (the first n samples of ea
 demo scores them: train-on-synthetic accuracy on the held-out real texts and label fidelity
 judged by a classifier of other real texts. The split is the demo's for the given seed and
 sizes, so give the settings the releases were made with. Generated samples are kept in --out
-(``samples-<condition>-seed<S>.jsonl``), so a stopped run resumes without regenerating; the
+(``samples-<condition>-seed<S>.jsonl``), so a stopped run resumes without regenerating and a
+run to larger sizes only generates what is missing (the smaller prefixes stay the same); the
 curve goes to ``curve.csv`` and ``curve.png`` (mean and sd over seeds, log x).
 
 Run: python benchmarks/samples_curve.py --release OUT/release-eps4.safetensors
@@ -143,12 +144,28 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _cached(path: Path, make: Callable[[], list[tuple[str, str]]]) -> list[tuple[str, str]]:
-    """(label, text) pairs from ``path``, or made and written there first."""
+def _cached(
+    path: Path, make: Callable[[int, int], list[tuple[str, str]]], *, per_label: int, seed: int
+) -> list[tuple[str, str]]:
+    """(label, text) pairs from ``path``, topped up to ``per_label`` of every label first.
+
+    ``make(n, seed)`` generates ``n`` texts of every label. A kept file with fewer texts (a
+    run made for smaller sizes) grows by what is missing, generated with a seed of its own, so
+    a curve extends to larger sizes without regenerating, and its smaller prefixes stay the
+    texts they were scored on.
+    """
+    rows: list[dict[str, str]] = []
     if path.exists():
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        return [(r["label"], r["text"]) for r in rows]
-    pairs = make()
+    pairs = [(r["label"], r["text"]) for r in rows]
+    counts: dict[str, int] = {}
+    for label, _ in pairs:
+        counts[label] = counts.get(label, 0) + 1
+    have = min(counts.values()) if counts else 0
+    if pairs and have >= per_label:
+        return pairs
+    # Distinct seeds for the first batch and each top-up (keyed by how many were there).
+    pairs += make(per_label - have, seed + 100_003 * have)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as handle:
         for label, text in pairs:
@@ -207,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--strength", type=float, default=0.03)
+    parser.add_argument("--contrast", type=float, default=1.0, help="class contrast c")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--model", default=None, help="for the prior (default: the release's)")
     parser.add_argument("--backend", default="transformers")
@@ -256,8 +274,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         test_texts = [r.text for r in data.test]
         test_labels = [r.label for r in data.test]
         generation = generation_config(config)  # the demo's sampling settings
-        conditions: dict[str, Callable[[], list[tuple[str, str]]]] = {}
-        common = {"n_per_label": largest, "config": generation, "seed": seed + 101}
+        conditions: dict[str, Callable[..., list[tuple[str, str]]]] = {}
+        common = {"config": generation}
         if not args.no_prior:
             # Unsteered, with shots from its own plain-prompt samples as the releases' samples.
             conditions["prior"] = functools.partial(
@@ -270,12 +288,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 release,
                 name=name,
                 strength=args.strength,
+                contrast=args.contrast,
                 shots=args.shots,
                 report=report,
                 **common,
             )
         for name, make in conditions.items():
-            pairs = _cached(args.out / f"samples-{name}-seed{seed}.jsonl", make)
+            pairs = _cached(
+                args.out / f"samples-{name}-seed{seed}.jsonl",
+                lambda n, s, make=make: make(n_per_label=n, seed=s),
+                per_label=largest,
+                seed=seed + 101,
+            )
             points += score_curve(
                 name,
                 seed,

@@ -523,13 +523,16 @@ class StudyRunner:
             row.update(scoring.score(self, cell, output.samples, members=output.members))
             if "canary" in self.config.metrics and output.generator is not None:
                 row["canary_exposure"] = scoring.canary_exposure(self, cell, output.generator)
-        row.update(output.perf)
+        perf = dict(output.perf)
+        reused = perf.pop("reused_seconds", 0.0)  # client time reported, not spent in this cell
+        row.update(perf)
         row["cell_seconds"] = time.monotonic() - start
         if "coordinator_seconds" not in row:
             row["coordinator_seconds"] = (
                 row["cell_seconds"]
-                - output.perf.get("client_seconds", 0.0)
-                - output.perf.get("generation_seconds", 0.0)
+                - perf.get("client_seconds", 0.0)
+                + reused
+                - perf.get("generation_seconds", 0.0)
             )
         self._write_samples(cell, output.samples)
         return row

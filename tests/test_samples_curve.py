@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.samples_curve import Point, main, prefixes, score_curve, summarize
+from benchmarks.samples_curve import Point, _cached, main, prefixes, score_curve, summarize
 
 PAIRS = [("b", f"b{i}") for i in range(5)] + [("a", f"a{i}") for i in range(3)]
 
@@ -47,6 +47,27 @@ def test_summary_is_mean_and_sd_over_seeds() -> None:
     assert row["seeds"] == 2 and row["tstr_accuracy"] == pytest.approx(0.7)
     assert row["tstr_accuracy_sd"] == pytest.approx(0.1414, abs=1e-3)
     assert row["label_fidelity_sd"] == 0.0
+
+
+def test_kept_samples_are_topped_up_not_regenerated(tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+
+    def make(n: int, seed: int) -> list[tuple[str, str]]:
+        calls.append((n, seed))
+        return [(lb, f"{lb}-{seed}-{i}") for lb in ("x", "y") for i in range(n)]
+
+    path = tmp_path / "samples.jsonl"
+    first = _cached(path, make, per_label=2, seed=7)
+    assert calls == [(2, 7)] and len(first) == 4
+    assert _cached(path, make, per_label=2, seed=7) == first and len(calls) == 1  # kept
+    assert _cached(path, make, per_label=1, seed=7) == first and len(calls) == 1  # enough
+    grown = _cached(path, make, per_label=5, seed=7)
+    assert len(calls) == 2 and calls[1][0] == 3 and calls[1][1] != 7  # a seed of its own
+    assert grown[:4] == first and len(grown) == 10  # the first texts stay where they were
+    assert prefixes(grown, [2])[0][1] == [t for lb, t in first if lb == "x"] + [
+        t for lb, t in first if lb == "y"
+    ]
+    assert _cached(path, make, per_label=5, seed=7) == grown and len(calls) == 2
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ def pooled_release(ctx: StudyContext, cell: Cell) -> tuple[Release, dict[str, fl
     tc = task_config(config, cell.epsilon)
     # The pooled curator is the only data source; the manifest's second node adds nothing.
     manifest = build_manifest(tc, ctx.loaded, ctx.reference, (1, 2))
+    computed = state.pooled_features is None
     features = ctx.pooled_features(state, manifest)
     rng = np.random.default_rng(secrets.randbits(128))
     sums = integer_class_sums(
@@ -54,7 +55,10 @@ def pooled_release(ctx: StudyContext, cell: Cell) -> tuple[Release, dict[str, fl
         counts=decoded.counts,
         report=privacy_report(manifest, result, model_name=ctx.loaded.name),
     )
-    return release, {"client_seconds": state.pooled_seconds}
+    # Every pooled cell reports what the curator's features cost, but only the cell that
+    # computed them spent that time: the others read the seed's cache.
+    reused = 0.0 if computed else state.pooled_seconds
+    return release, {"client_seconds": state.pooled_seconds, "reused_seconds": reused}
 
 
 def run(ctx: StudyContext, cell: Cell) -> CellOutput:
