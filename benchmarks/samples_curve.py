@@ -225,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--strength", type=float, default=0.03)
     parser.add_argument("--contrast", type=float, default=1.0, help="class contrast c")
+    parser.add_argument(
+        "--select", type=float, default=1.0, help="keep this fraction of the releases' samples"
+    )
     parser.add_argument("--preset", default="default")
     parser.add_argument("--model", default=None, help="for the prior (default: the release's)")
     parser.add_argument("--backend", default="transformers")
@@ -262,6 +265,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("give --release or --model")
     report = PlainProgress(console)
     engine = open_backend(args.backend, model)
+    scorer = None
+    if args.select < 1 and args.backend != "transformers":
+        from fedsynth.protocol.models import load_model
+
+        scorer = load_model(model)
     largest = max(args.sizes)
     points: list[Point] = []
     for seed in seeds:
@@ -290,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 strength=args.strength,
                 contrast=args.contrast,
                 shots=args.shots,
+                select=args.select,
+                scorer=scorer,
                 report=report,
                 **common,
             )

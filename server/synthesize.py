@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from fedsynth.protocol.models import LoadedModel
 from fedsynth.server.backends import GenerationBackend, as_backend, check_release_backend
 from fedsynth.server.generation import GenerationConfig, steering_deltas
 from fedsynth.server.release import Release
+from fedsynth.server.selection import candidates_per_label, select_texts
 from fedsynth.server.snr import SteeringSnr, check_release_counts, steering_snr
 
 
@@ -270,13 +272,17 @@ def iter_release_samples(
     shots: int = 0,
     shot_pool: int = SHOT_POOL,
     pool_progress: Callable[[int, int], None] | None = None,
+    select: float = 1.0,
+    scorer: LoadedModel | None = None,
 ) -> Iterator[SyntheticSample]:
     """Yield ``n_per_label`` steered samples per label, label by label, chunk by chunk.
 
     The release's counts are checked before anything is generated; with ``snr_shrink`` (the
     default) the strength follows the release's signal-to-noise ratio (:func:`label_deltas`).
     ``shots`` > 0 conditions each sample on that many of ``shot_pool`` earlier steered samples
-    of its label (:func:`iter_label_texts`).
+    of its label (:func:`iter_label_texts`). ``select`` < 1 generates ``n / select`` samples
+    per label and keeps the ``n`` that the release says carry their class best
+    (:mod:`fedsynth.server.selection`); a label's samples are then yielded once it is done.
 
     Args:
         loaded: the model, as loaded for `transformers` or on any generation backend.
@@ -284,24 +290,36 @@ def iter_release_samples(
         snr_shrink: False applies ``strength`` unshrunk (for experiments).
         pool_progress: called with (pool texts done, pool texts total) while the shot pools
             are generated.
+        scorer: the `transformers` model that reads the samples for ``select`` (default:
+            ``loaded`` when it is one; needed with another backend).
 
     Raises:
         ModelMismatchError: the model is not the release's (or its layers or width differ).
         NonPositiveCountError: a class's noisy count is <= 0.
-        ConfigError: a negative strength, shot count or an empty shot pool.
+        ConfigError: a negative strength, shot count, an empty shot pool, ``select`` outside
+            (0, 1], or ``select`` < 1 without a model to read the samples with.
     """
     backend = as_backend(loaded)
     check_release_backend(backend, release)
     if strength < 0:
         raise ConfigError(f"strength={strength}: must be >= 0")
     check_shots(shots, shot_pool)
+    per_label = candidates_per_label(n_per_label, select)
+    if per_label > n_per_label:
+        scorer = scorer or _transformers_model(loaded)
+        if scorer is None:
+            raise ConfigError(
+                f"select={select}: reading the samples needs the release's model on "
+                f"transformers; the {backend.backend} backend cannot, so pass it as scorer"
+            )
+        check_release_backend(scorer, release)
     check_release_counts(release)
     snr = steering_snr(release, contrast=contrast) if snr_shrink else None
-    for label, text in iter_labelled_texts(
+    pairs = iter_labelled_texts(
         backend,
         release.manifest.template,
         labels or release.labels,
-        n_per_label=n_per_label,
+        n_per_label=per_label,
         deltas_of=lambda label: label_deltas(
             release, label, strength=strength, contrast=contrast, snr_shrink=snr_shrink, snr=snr
         ),
@@ -311,8 +329,25 @@ def iter_release_samples(
         pool_size=shot_pool,
         progress=progress,
         pool_progress=pool_progress,
-    ):
-        yield SyntheticSample(text=text, label=label, release_id=release.release_id)
+    )
+    if scorer is None or per_label == n_per_label:
+        for label, text in pairs:
+            yield SyntheticSample(text=text, label=label, release_id=release.release_id)
+        return
+    selection_snr = snr or steering_snr(release, contrast=contrast)
+    for label, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
+        texts = [text for _, text in group]
+        kept = select_texts(scorer, release, label, texts, keep=n_per_label, snr=selection_snr)
+        for i in kept:
+            yield SyntheticSample(text=texts[i], label=label, release_id=release.release_id)
+
+
+def _transformers_model(model: LoadedModel | GenerationBackend) -> LoadedModel | None:
+    """The `transformers` model behind ``model``, if it has one."""
+    if isinstance(model, LoadedModel):
+        return model
+    loaded = getattr(model, "loaded", None)
+    return loaded if isinstance(loaded, LoadedModel) else None
 
 
 def generate_from_release(
@@ -329,6 +364,8 @@ def generate_from_release(
     shots: int = 0,
     shot_pool: int = SHOT_POOL,
     pool_progress: Callable[[int, int], None] | None = None,
+    select: float = 1.0,
+    scorer: LoadedModel | None = None,
 ) -> list[SyntheticSample]:
     """All samples of :func:`iter_release_samples` as a list."""
     return list(
@@ -345,5 +382,7 @@ def generate_from_release(
             shots=shots,
             shot_pool=shot_pool,
             pool_progress=pool_progress,
+            select=select,
+            scorer=scorer,
         )
     )

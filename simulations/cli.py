@@ -203,6 +203,14 @@ def demo(
             "(default 1; --quick 0)."
         ),
     ] = None,
+    select: Annotated[
+        float,
+        typer.Option(
+            help="Keep this fraction of each label's steered samples: generate n / SELECT and "
+            "keep the n the release says carry their class best (post-processing, no privacy "
+            "cost; reads the samples with the transformers model); 1 keeps all."
+        ),
+    ] = 1.0,
 ) -> None:
     """Run the federated demo end to end on the bundled data (dataset vectors or PE).
 
@@ -248,6 +256,7 @@ def demo(
             instruction=instruction.replace("\\n", "\n") if instruction else None,
             backend=backend,
             shots=shots,
+            select=select,
         )
         config.check_federation()
         if method == "pe":
@@ -581,6 +590,14 @@ def generate(
             "pool generated first from the plain prompt (more varied samples); 0: plain prompt."
         ),
     ] = 1,
+    select: Annotated[
+        float,
+        typer.Option(
+            help="Keep this fraction of each label's steered samples: generate n / SELECT and "
+            "keep the n the release says carry their class best (post-processing, no privacy "
+            "cost; reads the samples with the transformers model); 1 keeps all."
+        ),
+    ] = 1.0,
     backend: BackendOption = "transformers",
     threads: ThreadsOption = None,
 ) -> None:
@@ -599,6 +616,7 @@ def generate(
     from fedsynth.server.backends import check_backend_name, open_backend
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.release import load_release
+    from fedsynth.server.selection import check_select
     from fedsynth.server.snr import steering_lines
     from fedsynth.server.synthesize import (
         SHOT_POOL,
@@ -621,6 +639,7 @@ def generate(
             )
         check_backend_name(backend)
         check_shots(shots)
+        check_select(select)
         # Bad sampling settings are refused before the release or the model is loaded.
         GenerationConfig(
             batch_size=batch_size, max_new_tokens=1 if max_new_tokens is None else max_new_tokens
@@ -631,6 +650,11 @@ def generate(
         config = GenerationConfig(batch_size=batch_size, max_new_tokens=length)
         loaded = open_backend(backend, model or rel.manifest.model_name, threads=threads)
         check_release_model(loaded, rel)
+        scorer = None
+        if select < 1 and backend != "transformers":  # llama.cpp cannot read the features
+            from fedsynth.protocol.models import load_model
+
+            scorer = load_model(model or rel.manifest.model_name)
         steering = steering_report(
             rel, strength=strength, contrast=contrast, snr_shrink=snr_shrink
         )  # refuses a release with a count <= 0 before anything is written
@@ -644,7 +668,12 @@ def generate(
             "release_id": rel.release_id,
             "privacy": rel.report,
             "steering": steering,
-            "generation": {**asdict(config), "shots": shots, "shot_pool": min(SHOT_POOL, n)},
+            "generation": {
+                **asdict(config),
+                "shots": shots,
+                "shot_pool": min(SHOT_POOL, n),
+                "select": select,
+            },
         }
         report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
         with progress_display() as progress, out.open("w", encoding="utf-8") as handle:
@@ -664,6 +693,8 @@ def generate(
                 pool_progress=lambda done, total: progress.update(
                     "shot pool", done=done, total=total
                 ),
+                select=select,
+                scorer=scorer,
             ):
                 handle.write(json_line(asdict(sample)) + "\n")
                 handle.flush()

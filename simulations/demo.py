@@ -52,6 +52,7 @@ from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.ledger import PrivacyLedger, ledger_path
 from fedsynth.server.release import Release
 from fedsynth.server.secure_round import Transport, default_threshold
+from fedsynth.server.selection import check_select
 from fedsynth.server.synthesize import (
     SHOT_POOL,
     SyntheticSample,
@@ -131,6 +132,9 @@ class DemoConfig:
     """Same-label texts each sample is conditioned on, drawn from the condition's own
     plain-prompt samples (the prior's: its public prior texts); 0 = the plain prompt only. One
     shot raised label fidelity, TSTR accuracy and MAUVE of epsilon = 4 releases (README)."""
+    select: float = 1.0
+    """Fraction of a release's samples kept: generate n / select per label and keep the n that
+    the release says carry their class best (:mod:`fedsynth.server.selection`); 1 keeps all."""
 
     def __post_init__(self) -> None:
         """Refuse every bad setting at construction: nothing has run, nothing is charged yet."""
@@ -170,6 +174,7 @@ class DemoConfig:
         if self.drop_clients < 0:
             raise ConfigError(f"drop={self.drop_clients}: must be >= 0")
         check_shots(self.shots)
+        check_select(self.select)
 
     @property
     def secure_sum_threshold(self) -> int:
@@ -705,6 +710,8 @@ def generate_conditions(
             snr_shrink=config.snr_shrink,
             shots=config.shots,
             pool_progress=_phase(report, f"shot pool eps={eps_name}"),
+            select=config.select,
+            scorer=loaded,
         )
     return out
 

@@ -336,7 +336,9 @@ def test_generate_samples_as_long_as_the_release_declares(
     assert report["generation"]["max_new_tokens"] == 5
 
 
-@pytest.mark.parametrize(("option", "value"), [("--max-new-tokens", "0"), ("--batch-size", "0")])
+@pytest.mark.parametrize(
+    ("option", "value"), [("--max-new-tokens", "0"), ("--batch-size", "0"), ("--select", "0")]
+)
 def test_generate_refuses_bad_sampling_settings_first(
     tmp_path: Path, option: str, value: str
 ) -> None:
@@ -347,3 +349,14 @@ def test_generate_refuses_bad_sampling_settings_first(
     assert result.exit_code == 2, result.output
     assert f"{option[2:].replace('-', '_')}={value}" in _said(result)
     assert not target.exists()
+
+
+def test_generate_with_selection_keeps_n_per_label(tmp_path: Path, release_file: Path) -> None:
+    target = tmp_path / "out.jsonl"
+    result = _generate(release_file, target, "--n", "2", "--select", "0.5", "--shots", "0")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    labels = [r["label"] for r in rows]
+    assert len(rows) == 2 * len(set(labels)) and all(labels.count(lb) == 2 for lb in labels)
+    report = json.loads(target.with_name(target.name + ".report.json").read_text())
+    assert report["generation"]["select"] == 0.5

@@ -299,3 +299,10 @@ def test_a_record_longer_than_a_holder_accepts_is_refused(tmp_path: Path) -> Non
     train[1] = Record(text="x" * (MAX_CHARS + 1), label="positive")
     with pytest.raises(DataFileError, match=r"corpus: 1 private record\(s\) longer.*20001"):
         check_demo_data(config, train, test, source="corpus")
+
+
+def test_selection_is_checked_before_anything_runs(tmp_path: Path) -> None:
+    for bad in (0.0, 1.5, -1.0):
+        with pytest.raises(ConfigError, match=f"select={bad}"):
+            DemoConfig(out_dir=tmp_path, select=bad)
+    assert DemoConfig(out_dir=tmp_path, select=0.5).select == 0.5
