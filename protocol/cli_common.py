@@ -48,6 +48,7 @@ __all__ = [
     "LiveProgress",
     "PlainProgress",
     "ProgressDisplay",
+    "SelectOption",
     "ThreadsOption",
     "configure_library_output",
     "console",
@@ -73,6 +74,15 @@ ThreadsOption = Annotated[
     int | None, typer.Option(help="CPU threads for llamacpp (default: torch's).", min=1)
 ]
 """``--threads`` beside ``--backend``."""
+SelectOption = Annotated[
+    float,
+    typer.Option(
+        help="Keep this fraction of each label's steered samples: generate n / SELECT and "
+        "keep the n the release says carry their class best (post-processing, no privacy "
+        "cost; reads the samples with the transformers model); 1 keeps all."
+    ),
+]
+"""``--select`` of the commands that generate from a release (:mod:`fedsynth.server.selection`)."""
 PLAIN_MIN_SECONDS = 2.0  # without a terminal: at most one progress line per phase this often
 PLAIN_HEARTBEAT_SECONDS = 30.0  # ... and one at least this often while the count still moves
 PLAIN_STEP = 0.1  # ... otherwise one per 10 % of the phase

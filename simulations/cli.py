@@ -16,6 +16,7 @@ from rich.table import Table
 from fedsynth.client.node_cli import node_app
 from fedsynth.protocol.cli_common import (
     BackendOption,
+    SelectOption,
     ThreadsOption,
     configure_library_output,
     console,
@@ -203,14 +204,7 @@ def demo(
             "(default 1; --quick 0)."
         ),
     ] = None,
-    select: Annotated[
-        float,
-        typer.Option(
-            help="Keep this fraction of each label's steered samples: generate n / SELECT and "
-            "keep the n the release says carry their class best (post-processing, no privacy "
-            "cost; reads the samples with the transformers model); 1 keeps all."
-        ),
-    ] = 1.0,
+    select: SelectOption = 1.0,
 ) -> None:
     """Run the federated demo end to end on the bundled data (dataset vectors or PE).
 
@@ -590,14 +584,7 @@ def generate(
             "pool generated first from the plain prompt (more varied samples); 0: plain prompt."
         ),
     ] = 1,
-    select: Annotated[
-        float,
-        typer.Option(
-            help="Keep this fraction of each label's steered samples: generate n / SELECT and "
-            "keep the n the release says carry their class best (post-processing, no privacy "
-            "cost; reads the samples with the transformers model); 1 keeps all."
-        ),
-    ] = 1.0,
+    select: SelectOption = 1.0,
     backend: BackendOption = "transformers",
     threads: ThreadsOption = None,
 ) -> None:
