@@ -22,6 +22,7 @@ import json
 import random
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -158,9 +159,7 @@ def _cached(
     if path.exists():
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     pairs = [(r["label"], r["text"]) for r in rows]
-    counts: dict[str, int] = {}
-    for label, _ in pairs:
-        counts[label] = counts.get(label, 0) + 1
+    counts = Counter(label for label, _ in pairs)
     have = min(counts.values()) if counts else 0
     if pairs and have >= per_label:
         return pairs
@@ -210,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from fedsynth.protocol.cli_common import PlainProgress, console
     from fedsynth.server.backends import open_backend
     from fedsynth.server.release import load_release
+    from fedsynth.server.selection import scorer_for
     from fedsynth.simulations.demo import (
         demo_config,
         generation_config,
@@ -265,11 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("give --release or --model")
     report = PlainProgress(console)
     engine = open_backend(args.backend, model)
-    scorer = None
-    if args.select < 1 and args.backend != "transformers":
-        from fedsynth.protocol.models import load_model
-
-        scorer = load_model(model)
+    scorer = scorer_for(args.backend, model, args.select)
     largest = max(args.sizes)
     points: list[Point] = []
     for seed in seeds:

@@ -44,6 +44,19 @@ def candidates_per_label(n_per_label: int, select: float) -> int:
     return max(n_per_label, math.ceil(n_per_label / select - 1e-9))
 
 
+def scorer_for(backend: str, model: str, select: float) -> LoadedModel | None:
+    """The `transformers` model that reads the samples when ``select`` < 1 on another backend.
+
+    None where nothing must be loaded: no selection, or the `transformers` backend (its own
+    model reads the samples).
+    """
+    if select >= 1 or backend == "transformers":
+        return None
+    from fedsynth.protocol.models import load_model
+
+    return load_model(model)
+
+
 def contrast_directions(vectors: np.ndarray) -> np.ndarray:
     """Per class and layer, the unit direction that separates the class from the others.
 

@@ -603,7 +603,7 @@ def generate(
     from fedsynth.server.backends import check_backend_name, open_backend
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.release import load_release
-    from fedsynth.server.selection import check_select
+    from fedsynth.server.selection import check_select, scorer_for
     from fedsynth.server.snr import steering_lines
     from fedsynth.server.synthesize import (
         SHOT_POOL,
@@ -637,11 +637,7 @@ def generate(
         config = GenerationConfig(batch_size=batch_size, max_new_tokens=length)
         loaded = open_backend(backend, model or rel.manifest.model_name, threads=threads)
         check_release_model(loaded, rel)
-        scorer = None
-        if select < 1 and backend != "transformers":  # llama.cpp cannot read the features
-            from fedsynth.protocol.models import load_model
-
-            scorer = load_model(model or rel.manifest.model_name)
+        scorer = scorer_for(backend, model or rel.manifest.model_name, select)
         steering = steering_report(
             rel, strength=strength, contrast=contrast, snr_shrink=snr_shrink
         )  # refuses a release with a count <= 0 before anything is written

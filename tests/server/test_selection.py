@@ -148,3 +148,12 @@ def test_selection_on_another_backend_needs_a_scorer(llama: LoadedModel) -> None
     samples = generate_from_release(backend, release, select=0.5, scorer=llama, **kwargs)
     assert len(samples) == 2 * len(release.labels)
     assert len(generate_from_release(backend, release, **kwargs)) == 2 * len(release.labels)
+
+
+def test_a_reading_model_is_loaded_only_for_selection_on_another_backend() -> None:
+    from fedsynth.server.selection import scorer_for
+
+    assert scorer_for("transformers", "tiny-llama", 0.5) is None  # its own model reads
+    assert scorer_for("llamacpp", "tiny-llama", 1.0) is None  # nothing to select
+    loaded = scorer_for("llamacpp", "tiny-llama", 0.5)
+    assert isinstance(loaded, LoadedModel) and loaded.name == "tiny-llama"
