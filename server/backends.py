@@ -87,6 +87,14 @@ class TransformersBackend:
     loaded: LoadedModel
 
     @property
+    def refills_batch(self) -> bool:
+        """Whether a call with more prompts than the batch keeps the batch full (CUDA only).
+
+        See :func:`~fedsynth.server.generation.generate_from_prompts`.
+        """
+        return self.loaded.device.type == "cuda"
+
+    @property
     def backend(self) -> str:
         """See :class:`~fedsynth.server.backends.GenerationBackend`."""
         return "transformers"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from fedsynth.server.generation import (
@@ -70,8 +72,11 @@ def _classes() -> _TokenClasses:
     return _TokenClasses(control=torch.tensor([MARKUP]), visible=visible)
 
 
-def _run(n: int, *, batch: int, max_new: int, seed: int) -> tuple[list[list[int]], FakeDecoder]:
+def _run(
+    n: int, *, batch: int, max_new: int, seed: int, admit_fraction: float = 0.0
+) -> tuple[list[list[int]], FakeDecoder]:
     decoder = FakeDecoder(batch)
+    decoder.admit_fraction = admit_fraction  # type: ignore[attr-defined]
     assert isinstance(decoder, RefillingDecoder)
     finished: list[tuple[int, int]] = []
     rows = _sample_refilling(
@@ -115,3 +120,18 @@ def test_the_batch_stays_full_while_prompts_wait() -> None:
 def test_same_seed_same_rows() -> None:
     assert _run(30, batch=4, max_new=5, seed=3)[0] == _run(30, batch=4, max_new=5, seed=3)[0]
     assert _run(30, batch=4, max_new=5, seed=3)[0] != _run(30, batch=4, max_new=5, seed=4)[0]
+
+
+def test_a_decoder_that_admits_in_bulk_waits_for_a_quarter_of_its_rows() -> None:
+    n, batch = 60, 8
+    rows, decoder = _run(n, batch=batch, max_new=10, seed=5, admit_fraction=0.25)
+    assert len(rows) == n and all(rows)
+    assert all(decoder.fed[p] == row[:-1] for p, row in enumerate(rows))
+    started = [s for _, s in decoder.calls]
+    admissions = [b - a for a, b in itertools.pairwise(started) if b > a]
+    # Each admission brings at least two rows (a quarter of 8), but the very last may be short.
+    assert admissions and all(k >= 2 for k in admissions[:-1])
+    # Rows did end one at a time now and then: without the threshold some admissions were 1.
+    _, eager = _run(n, batch=batch, max_new=10, seed=5)
+    eager_started = [s for _, s in eager.calls]
+    assert 1 in [b - a for a, b in itertools.pairwise(eager_started)]
