@@ -603,7 +603,7 @@ def generate(
     from fedsynth.server.backends import check_backend_name, open_backend
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.release import load_release
-    from fedsynth.server.selection import check_select, scorer_for
+    from fedsynth.server.selection import check_select, scorer_for, select_caution
     from fedsynth.server.snr import steering_lines
     from fedsynth.server.synthesize import (
         SHOT_POOL,
@@ -646,6 +646,9 @@ def generate(
             raise ConfigError(f"{report_path} is the release file: writing would destroy it")
         for line in steering_lines(steering):
             console.print(line, highlight=False)
+        caution = select_caution(select, rel.labels)
+        if caution:
+            console.print(f"[yellow]warning:[/yellow] {caution}", highlight=False)
         out.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "release_id": rel.release_id,

@@ -52,7 +52,7 @@ from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.ledger import PrivacyLedger, ledger_path
 from fedsynth.server.release import Release
 from fedsynth.server.secure_round import Transport, default_threshold
-from fedsynth.server.selection import check_select
+from fedsynth.server.selection import check_select, select_caution
 from fedsynth.server.synthesize import (
     SHOT_POOL,
     SyntheticSample,
@@ -698,6 +698,9 @@ def generate_conditions(
     }
     for eps_name, path in releases.items():
         release: Release = load_release(path)
+        caution = select_caution(config.select, release.labels)
+        if caution:
+            log.warning(caution)
         out[f"eps={eps_name}"] = generate_from_release(
             engine,
             release,

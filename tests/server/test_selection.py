@@ -17,6 +17,7 @@ from fedsynth.server.selection import (
     alignment_scores,
     candidates_per_label,
     contrast_directions,
+    select_caution,
     select_texts,
     top_in_order,
 )
@@ -38,6 +39,13 @@ def test_candidates_and_bad_fractions() -> None:
     for bad in (0, -0.5, 1.5, True, "half"):
         with pytest.raises(ConfigError, match="select="):
             candidates_per_label(10, bad)  # type: ignore[arg-type]
+
+
+def test_selection_on_more_than_two_classes_comes_with_a_warning() -> None:
+    assert select_caution(0.5, ["neg", "pos"]) is None
+    assert select_caution(1.0, ["a", "b", "c", "d", "e"]) is None
+    caution = select_caution(0.5, ["a", "b", "c", "d", "e"])
+    assert caution is not None and "select=0.5 with 5 classes" in caution
 
 
 def test_contrast_directions_separate_the_classes() -> None:

@@ -32,6 +32,7 @@ from fedsynth.server.release import make_release, save_release
 from fedsynth.server.secure_round import RoundResult
 from fedsynth.simulations.cli import app
 from fedsynth.simulations.demo import demo_config, prepare_data
+from tests.server.releases import make_test_release
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -360,3 +361,13 @@ def test_generate_with_selection_keeps_n_per_label(tmp_path: Path, release_file:
     assert len(rows) == 2 * len(set(labels)) and all(labels.count(lb) == 2 for lb in labels)
     report = json.loads(target.with_name(target.name + ".report.json").read_text())
     assert report["generation"]["select"] == 0.5
+    assert "warning" not in _said(result)  # two classes: selection was seen to help there
+
+
+def test_generate_warns_of_selection_on_more_than_two_classes(tmp_path: Path) -> None:
+    three = save_release(make_test_release(tiny_model(seed=0)), tmp_path / "three.safetensors")
+    target = tmp_path / "out.jsonl"
+    result = _generate(three, target, "--n", "1", "--select", "0.5", "--shots", "0")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    assert "warning: select=0.5 with 3 classes" in _said(result)
+    assert len(target.read_text().splitlines()) == 3
