@@ -59,6 +59,22 @@ def candidates_per_label(n_per_label: int, select: float) -> int:
     return max(n_per_label, math.ceil(n_per_label / select - 1e-9))
 
 
+def selection_chunks(n_per_label: int, select: float, chunk: int | None) -> list[tuple[int, int]]:
+    """(kept, generated) for each run of a label's samples that is selected on its own.
+
+    ``chunk`` None selects among all of a label's samples at once; a chunk of k keeps the best
+    k of every ``k / select`` in turn (a stream then holds back at most one chunk).
+    """
+    if chunk is not None and chunk < 1:
+        raise ConfigError(f"chunk={chunk}: must be >= 1")
+    if chunk is None or chunk >= n_per_label:
+        return [(n_per_label, candidates_per_label(n_per_label, select))]
+    sizes = [chunk] * (n_per_label // chunk) + (
+        [n_per_label % chunk] if n_per_label % chunk else []
+    )
+    return [(k, candidates_per_label(k, select)) for k in sizes]
+
+
 def scorer_for(backend: str, model: str, select: float) -> LoadedModel | None:
     """The `transformers` model that reads the samples when ``select`` < 1 on another backend.
 

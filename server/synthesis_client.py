@@ -12,9 +12,11 @@ This module imports no model code (the ``serve`` command loads it lazily), so a 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -161,16 +163,20 @@ class SynthesisClient:
         seed: int = 0,
         strength: float | None = None,
         shots: int | None = None,
+        select: float | None = None,
     ) -> Any:
         """The stream of samples (an iterator that is also a gRPC call: ``.cancel()`` stops it).
 
-        ``strength`` and ``shots`` left at None take the server's defaults.
+        ``strength`` and ``shots`` left at None take the server's defaults; ``select`` None
+        keeps every sample.
         """
         request = pb.GenerateRequest(release_id=release_id, n=n, label=label, seed=seed)
         if strength is not None:
             request.strength = strength
         if shots is not None:
             request.shots = shots
+        if select is not None:
+            request.select = select
         return self._stub.Generate(request, metadata=self._metadata, timeout=self.timeout)
 
     def close(self) -> None:
@@ -299,6 +305,13 @@ def pull_command(
             help="Own samples shown to each sample (0: the plain prompt; default: the server's)."
         ),
     ] = None,
+    select: Annotated[
+        float | None,
+        typer.Option(
+            help="Keep this fraction of the samples the server generates: the ones the release "
+            "says carry their class best (default: keep all; see `fedsynth generate --select`)."
+        ),
+    ] = None,
     insecure: InsecureOption = False,
 ) -> None:
     """Stream synthetic samples from a release; costs no privacy and touches no ledger."""
@@ -307,7 +320,7 @@ def pull_command(
             raise ConfigError(f"n={n}: must be >= 1")
         with _client(server, ca, token_file, insecure) as client:
             stream = client.generate(
-                release, n, label=label, seed=seed, strength=strength, shots=shots
+                release, n, label=label, seed=seed, strength=strength, shots=shots, select=select
             )
             rows = ({"text": s.text, "label": s.label, "release_id": s.release_id} for s in stream)
             try:
@@ -408,6 +421,14 @@ def serve_command(
         ),
     ] = 1,
     max_shots: Annotated[int, typer.Option(help="Most shots a request may ask for.", min=0)] = 8,
+    min_select: Annotated[
+        float,
+        typer.Option(
+            help="Smallest fraction of its samples a request may keep (--select); each sample "
+            "then costs 1 / select generations. 1: no selection. On a backend other than "
+            "transformers the first such request loads the model on transformers to read them.",
+        ),
+    ] = 0.25,
     insecure: Annotated[
         bool, typer.Option(help="No TLS: tokens and samples in clear text (loopback tests only).")
     ] = False,
@@ -419,6 +440,7 @@ def serve_command(
     Releases the backend cannot apply (another model, or on llama.cpp a release that steers a
     block it cannot steer) are logged and not offered.
     """
+    from fedsynth.protocol.models import load_model
     from fedsynth.server.backends import check_backend_name, open_backend
     from fedsynth.server.synthesis_service import SynthesisLimits, serve
 
@@ -428,11 +450,13 @@ def serve_command(
             console.print("[yellow]warning:[/yellow] --insecure: no TLS, tokens travel in clear")
         limits = SynthesisLimits(
             max_samples=max_samples,
-            sample_burst=max(50_000, max_samples),
+            sample_burst=max(50_000, math.ceil(max_samples / min_select)),
             default_shots=shots,
             max_shots=max_shots,
+            min_select=min_select,
         )
         loaded = open_backend(backend, model, threads=threads)
+        reader = None if backend == "transformers" else functools.partial(load_model, model)
         running = serve(
             releases=releases,
             loaded=loaded,
@@ -443,6 +467,7 @@ def serve_command(
             tls_key=tls_key,
             insecure=insecure,
             limits=limits,
+            reader=reader,
         )
     offered = running.servicer.store.scan()
     console.print(f"listening on {running.address} ({len(offered)} releases)", highlight=False)

@@ -51,9 +51,10 @@ from fedsynth.protocol.wire import synthesis_pb2 as pb
 from fedsynth.server.backends import GenerationBackend, as_backend, check_release_backend
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.release import Release, load_release
+from fedsynth.server.selection import candidates_per_label, selection_chunks
 from fedsynth.server.snr import steering_snr
 from fedsynth.server.synthesis_client import read_token_file, token_id
-from fedsynth.server.synthesize import iter_release_samples
+from fedsynth.server.synthesize import iter_release_samples, transformers_model
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ DEFAULT_MAX_STRENGTH = 1.0  # a delta as large as the residual itself: beyond th
 DEFAULT_BATCH_SIZE = 8  # samples generated per model call: the most a slow reader keeps waiting
 DEFAULT_SHOTS = 1  # own samples shown per sample, as `fedsynth generate`'s default
 DEFAULT_MAX_SHOTS = 8  # each shot lengthens every prompt by about one sample
+DEFAULT_MIN_SELECT = 0.25  # a request may make the server generate at most 4x what it streams
 MAX_ID_CHARS = 256  # release ids and labels are short names
 TRUST_MODES = {
     "distributed": pb.TRUST_MODE_DISTRIBUTED,
@@ -83,6 +85,7 @@ class SynthesisLimits:
     default_strength: float = DEFAULT_STRENGTH
     default_shots: int = DEFAULT_SHOTS
     max_shots: int = DEFAULT_MAX_SHOTS
+    min_select: float = DEFAULT_MIN_SELECT  # 1: requests cannot ask for selection
     request_burst: int = 60  # requests a token may make at once ...
     requests_per_second: float = 2.0  # ... and refilled at this rate
     sample_burst: int = 50_000  # samples a token may request at once (>= max_samples) ...
@@ -106,6 +109,8 @@ class SynthesisLimits:
             raise ConfigError(
                 f"default_shots={self.default_shots}: must be in [0, max_shots={self.max_shots}]"
             )
+        if not (math.isfinite(self.min_select) and 0 < self.min_select <= 1):
+            raise ConfigError(f"min_select={self.min_select}: must be a fraction in (0, 1]")
         if self.sample_burst < self.max_samples:
             raise ConfigError(
                 f"sample_burst={self.sample_burst}: must be >= max_samples={self.max_samples}, "
@@ -128,6 +133,7 @@ class GenerateParams:
     seed: int
     strength: float
     shots: int = DEFAULT_SHOTS
+    select: float = 1.0
 
 
 def _shown(value: str) -> str:
@@ -140,6 +146,7 @@ def validate_generate_request(
     *,
     release_labels: Mapping[str, Sequence[str]],
     limits: SynthesisLimits,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> GenerateParams:
     """Check a Generate request against the releases on offer and the limits.
 
@@ -147,6 +154,7 @@ def validate_generate_request(
         request: the parsed request.
         release_labels: release id -> its labels, for every release the service offers.
         limits: the service's limits.
+        batch_size: samples per model call (selection picks within each batch).
 
     Raises:
         UnknownReleaseError: the release id is not on offer (gRPC NOT_FOUND).
@@ -182,13 +190,42 @@ def validate_generate_request(
         shots = request.shots
         if not 0 <= shots <= limits.max_shots:
             raise ConfigError(f"shots={shots}: must be in [0, max_shots={limits.max_shots}]")
-    return GenerateParams(
+    select = 1.0
+    if request.HasField("select"):
+        select = request.select
+        if not (math.isfinite(select) and limits.min_select <= select <= 1):
+            raise ConfigError(
+                f"select={select}: must be in [min_select={limits.min_select}, 1] "
+                "(1 keeps every sample)"
+            )
+    params = GenerateParams(
         release_id=release_id,
         n=request.n,
         labels=labels,
         seed=request.seed,
         strength=strength,
         shots=shots,
+        select=select,
+    )
+    generated = generated_samples(params, batch=batch_size)
+    if generated > limits.sample_burst:
+        raise ConfigError(
+            f"n={params.n} with select={select}: {generated} samples to generate, more than a "
+            f"token's allowance of {limits.sample_burst}; ask for fewer or keep a larger fraction"
+        )
+    return params
+
+
+def generated_samples(params: GenerateParams, *, batch: int) -> int:
+    """Samples the server generates for ``params``: n, or more where ``select`` < 1.
+
+    Each label's samples are selected a ``batch`` at a time, so that a stream holds back at most
+    one batch (:func:`fedsynth.server.selection.selection_chunks`).
+    """
+    return sum(
+        generated
+        for count in split_counts(params.n, len(params.labels))
+        for _, generated in selection_chunks(count, params.select, batch)
     )
 
 
@@ -538,7 +575,13 @@ class SynthesisServicer:
         limits: SynthesisLimits,
         generation: GenerationConfig,
         clock: Callable[[], float] = time.monotonic,
+        reader: Callable[[], LoadedModel] | None = None,
     ) -> None:
+        """Serve ``store``'s releases with ``loaded``.
+
+        ``reader`` loads the `transformers` model that reads samples for ``select`` when the
+        backend is another one; it is called at the first such request, not before.
+        """
         if not tokens:
             raise ConfigError("tokens: at least one bearer token is required")
         self.store = store
@@ -549,6 +592,28 @@ class SynthesisServicer:
         self._tokens = tuple(tokens)
         self._limiter = RateLimiter(limits, clock)
         self._model_lock = FairLock()  # steering hooks are per model: one batch at a time
+        self._reader_factory = reader
+        self._reader: LoadedModel | None = transformers_model(loaded)
+        self._reader_lock = threading.Lock()
+
+    def _sample_reader(self, select: float) -> LoadedModel | None:
+        """The model that reads samples for ``select`` < 1 (loaded on first use); else None.
+
+        Raises:
+            ConfigError: the backend cannot read samples and no reader was configured.
+        """
+        if select >= 1:
+            return None
+        with self._reader_lock:
+            if self._reader is None and self._reader_factory is not None:
+                logger.info("loading the transformers model that reads samples for select")
+                self._reader = self._reader_factory()
+            if self._reader is None:
+                raise ConfigError(
+                    f"select={select}: this server generates on {as_backend(self.loaded).backend} "
+                    "and has no transformers model to read samples with; ask without select"
+                )
+            return self._reader
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Raw-bytes method handlers: requests are parsed (and refused clearly) here."""
@@ -629,17 +694,22 @@ class SynthesisServicer:
                 request,
                 release_labels={k: v.release.labels for k, v in offered.items()},
                 limits=self.limits,
+                batch_size=self.generation.batch_size,
             )
-            self._limiter.take_samples(who, params.n)
+            reader = self._sample_reader(params.select)
+            self._limiter.take_samples(
+                who, generated_samples(params, batch=self.generation.batch_size)
+            )
         except FedSynthError as exc:
             self._refuse(context, exc)
         logger.info(
-            "generate: token %s, release %s, n=%d, labels %s, shots %d",
+            "generate: token %s, release %s, n=%d, labels %s, shots %d, select %g",
             who,
             params.release_id,
             params.n,
             ",".join(params.labels),
             params.shots,
+            params.select,
         )
         stream = _StreamState(params.n)
         self.stats.add(streams_started=1, active_streams=1)
@@ -653,16 +723,22 @@ class SynthesisServicer:
 
         if not context.add_callback(ended):
             ended()  # the RPC is already over
-        return self._stream(offered[params.release_id].release, params, stream)
+        return self._stream(offered[params.release_id].release, params, stream, reader)
 
     def _stream(
-        self, release: Release, params: GenerateParams, stream: _StreamState
+        self,
+        release: Release,
+        params: GenerateParams,
+        stream: _StreamState,
+        reader: LoadedModel | None = None,
     ) -> Iterator[pb.Sample]:
         """Samples generated one batch at a time, only when gRPC asks for the next sample.
 
         gRPC's server thread pulls the next sample only after the previous one went out under
         HTTP/2 flow control, so a slow reader holds back generation: the server keeps at most
         the rest of one batch. Once the RPC ends, the next pull (if any) generates nothing.
+        With ``select`` < 1 each batch is the best of its ``batch / select`` candidates, read by
+        ``reader`` in the same turn at the model.
         """
         batch = self.generation.batch_size
         for label, count in zip(
@@ -677,6 +753,9 @@ class SynthesisServicer:
                 seed=label_seed(params.seed, label),
                 labels=(label,),
                 shots=params.shots,
+                select=params.select,
+                scorer=reader,
+                select_chunk=batch,
             )
             for k in range(count):
                 if stream.stop.is_set():
@@ -686,7 +765,9 @@ class SynthesisServicer:
                         if stream.stop.is_set():
                             return
                         sample = next(samples)
-                    self.stats.add(generated=min(batch, count - k))
+                    self.stats.add(
+                        generated=candidates_per_label(min(batch, count - k), params.select)
+                    )
                 else:
                     sample = next(samples)
                 self.stats.add(sent=1)
@@ -792,11 +873,13 @@ def serve(
     insecure: bool = False,
     limits: SynthesisLimits | None = None,
     generation: GenerationConfig | None = None,
+    reader: Callable[[], LoadedModel] | None = None,
 ) -> SynthesisServer:
     """Start the Synthesis service on ``host:port`` (0: a free port) and return its handle.
 
     TLS is required unless ``insecure=True`` is passed explicitly (tests on loopback only); the
-    bearer token is always required.
+    bearer token is always required. ``reader`` loads the model that reads samples for requests
+    with ``select`` when ``loaded`` is not a `transformers` model (see :class:`SynthesisServicer`).
 
     Raises:
         ConfigError: a missing TLS file, a bad token file, a bad releases directory, or the port
@@ -830,6 +913,7 @@ def serve(
         tokens=read_token_file(token_file),
         limits=limits,
         generation=generation,
+        reader=reader,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(

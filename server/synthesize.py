@@ -17,7 +17,7 @@ from fedsynth.protocol.models import LoadedModel
 from fedsynth.server.backends import GenerationBackend, as_backend, check_release_backend
 from fedsynth.server.generation import GenerationConfig, steering_deltas
 from fedsynth.server.release import Release
-from fedsynth.server.selection import candidates_per_label, select_texts
+from fedsynth.server.selection import select_texts, selection_chunks
 from fedsynth.server.snr import SteeringSnr, check_release_counts, steering_snr
 
 
@@ -274,6 +274,7 @@ def iter_release_samples(
     pool_progress: Callable[[int, int], None] | None = None,
     select: float = 1.0,
     scorer: LoadedModel | None = None,
+    select_chunk: int | None = None,
 ) -> Iterator[SyntheticSample]:
     """Yield ``n_per_label`` steered samples per label, label by label, chunk by chunk.
 
@@ -282,7 +283,8 @@ def iter_release_samples(
     ``shots`` > 0 conditions each sample on that many of ``shot_pool`` earlier steered samples
     of its label (:func:`iter_label_texts`). ``select`` < 1 generates ``n / select`` samples
     per label and keeps the ``n`` that the release says carry their class best
-    (:mod:`fedsynth.server.selection`); a label's samples are then yielded once it is done.
+    (:mod:`fedsynth.server.selection`); a label's samples are then yielded once it is done,
+    or with ``select_chunk`` k, the best k of every k / ``select`` as soon as they are read.
 
     Args:
         loaded: the model, as loaded for `transformers` or on any generation backend.
@@ -304,9 +306,10 @@ def iter_release_samples(
     if strength < 0:
         raise ConfigError(f"strength={strength}: must be >= 0")
     check_shots(shots, shot_pool)
-    per_label = candidates_per_label(n_per_label, select)
+    chunks = selection_chunks(n_per_label, select, select_chunk)
+    per_label = sum(generated for _, generated in chunks)
     if per_label > n_per_label:
-        scorer = scorer or _transformers_model(loaded)
+        scorer = scorer or transformers_model(loaded)
         if scorer is None:
             raise ConfigError(
                 f"select={select}: reading the samples needs the release's model on "
@@ -336,14 +339,15 @@ def iter_release_samples(
         return
     selection_snr = snr or steering_snr(release, contrast=contrast)
     for label, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
-        texts = [text for _, text in group]
-        kept = select_texts(scorer, release, label, texts, keep=n_per_label, snr=selection_snr)
-        for i in kept:
-            yield SyntheticSample(text=texts[i], label=label, release_id=release.release_id)
+        for keep, generated in chunks:
+            texts = [text for _, text in itertools.islice(group, generated)]
+            kept = select_texts(scorer, release, label, texts, keep=keep, snr=selection_snr)
+            for i in kept:
+                yield SyntheticSample(text=texts[i], label=label, release_id=release.release_id)
 
 
-def _transformers_model(model: LoadedModel | GenerationBackend) -> LoadedModel | None:
-    """The `transformers` model behind ``model``, if it has one."""
+def transformers_model(model: LoadedModel | GenerationBackend) -> LoadedModel | None:
+    """The `transformers` model behind ``model``, if it has one (it can read samples)."""
     if isinstance(model, LoadedModel):
         return model
     loaded = getattr(model, "loaded", None)

@@ -81,20 +81,22 @@ class PrivacyReport(_message.Message):
     def __init__(self, release: _Optional[_Union[ReleaseInfo, _Mapping]] = ..., report_json: _Optional[str] = ..., steering_json: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("release_id", "n", "label", "seed", "strength", "shots")
+    __slots__ = ("release_id", "n", "label", "seed", "strength", "shots", "select")
     RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
+    SELECT_FIELD_NUMBER: _ClassVar[int]
     release_id: str
     n: int
     label: str
     seed: int
     strength: float
     shots: int
-    def __init__(self, release_id: _Optional[str] = ..., n: _Optional[int] = ..., label: _Optional[str] = ..., seed: _Optional[int] = ..., strength: _Optional[float] = ..., shots: _Optional[int] = ...) -> None: ...
+    select: float
+    def __init__(self, release_id: _Optional[str] = ..., n: _Optional[int] = ..., label: _Optional[str] = ..., seed: _Optional[int] = ..., strength: _Optional[float] = ..., shots: _Optional[int] = ..., select: _Optional[float] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("text", "label", "release_id", "index")

@@ -19,6 +19,7 @@ from fedsynth.server.selection import (
     contrast_directions,
     select_caution,
     select_texts,
+    selection_chunks,
     top_in_order,
 )
 from fedsynth.server.snr import steering_snr
@@ -39,6 +40,16 @@ def test_candidates_and_bad_fractions() -> None:
     for bad in (0, -0.5, 1.5, True, "half"):
         with pytest.raises(ConfigError, match="select="):
             candidates_per_label(10, bad)  # type: ignore[arg-type]
+
+
+def test_selection_chunks_keep_n_in_runs_of_the_chunk() -> None:
+    assert selection_chunks(10, 0.5, None) == [(10, 20)]
+    assert selection_chunks(10, 0.5, 4) == [(4, 8), (4, 8), (2, 4)]
+    assert selection_chunks(3, 0.5, 8) == [(3, 6)]
+    assert selection_chunks(9, 1.0, 4) == [(4, 4), (4, 4), (1, 1)]
+    assert selection_chunks(5, 0.3, 2) == [(2, 7), (2, 7), (1, 4)]
+    with pytest.raises(ConfigError, match="chunk=0"):
+        selection_chunks(5, 0.5, 0)
 
 
 def test_selection_on_more_than_two_classes_comes_with_a_warning() -> None:

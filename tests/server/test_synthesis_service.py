@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from fedsynth.protocol.errors import (
 )
 from fedsynth.protocol.models import LoadedModel, load_model
 from fedsynth.protocol.wire import synthesis_pb2 as pb
-from fedsynth.server.backends import TransformersBackend
+from fedsynth.server.backends import TransformersBackend, as_backend
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.release import load_release, save_release
 from fedsynth.server.snr import steering_snr
@@ -56,6 +57,7 @@ from fedsynth.server.synthesis_service import (
     SynthesisServer,
     TokenBucket,
     check_bearer,
+    generated_samples,
     label_seed,
     serve,
     server_credentials,
@@ -259,6 +261,97 @@ def test_generate_streams_the_release_samples(
     assert [s.label for s in only] == ["neg"] * 6
     # Post-processing: nothing in the coordinator's store (no ledger row, no file) changed.
     assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == files_before
+
+
+def test_selected_stream_is_the_best_of_each_batch(
+    client: SynthesisClient, server: SynthesisServer, llama: LoadedModel, store: Path
+) -> None:
+    release = load_release(store / "release-1.safetensors")
+    before = server.servicer.stats.generated
+    got = list(client.generate("release-1", 10, seed=3, strength=0.5, select=0.5))
+    assert [s.index for s in got] == list(range(10))
+    assert [s.label for s in got] == ["pos"] * 4 + ["neg"] * 3 + ["mix"] * 3
+    # Each label's samples are the best GENERATION.batch_size of every twice as many.
+    assert server.servicer.stats.generated - before == 20
+    for label, count in (("pos", 4), ("neg", 3), ("mix", 3)):
+        expected = iter_release_samples(
+            llama,
+            release,
+            n_per_label=count,
+            strength=0.5,
+            config=GENERATION,
+            seed=label_seed(3, label),
+            labels=(label,),
+            shots=LIMITS.default_shots,
+            select=0.5,
+            select_chunk=GENERATION.batch_size,
+        )
+        assert [s.text for s in got if s.label == label] == [s.text for s in expected]
+    unselected = [s.text for s in client.generate("release-1", 10, seed=3, strength=0.5)]
+    assert unselected != [s.text for s in got]
+
+
+def test_selection_without_a_reader_is_refused_and_a_reader_loads_once(
+    store: Path, llama: LoadedModel, pki: Pki, tokens: Path
+) -> None:
+    class OtherBackend:
+        """The tiny model behind a backend that cannot read samples (as llama.cpp)."""
+
+        backend = "other"
+
+        def __init__(self, loaded: LoadedModel) -> None:
+            self._inner = as_backend(loaded)
+
+        def __getattr__(self, name: str) -> Any:
+            if name == "loaded":  # no transformers model to be found behind it
+                raise AttributeError(name)
+            return getattr(self._inner, name)
+
+    other: Any = OtherBackend(llama)
+    loads: list[int] = []
+
+    def reader() -> LoadedModel:
+        loads.append(1)
+        return llama
+
+    for factory in (None, reader):
+        with (
+            serve(
+                releases=store,
+                loaded=other,
+                token_file=tokens,
+                tls_cert=pki.cert,
+                tls_key=pki.key,
+                limits=LIMITS,
+                generation=GENERATION,
+                reader=factory,
+            ) as running,
+            SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca) as c,
+        ):
+            assert len(list(c.generate("release-1", 3, seed=1))) == 3  # no selection: fine
+            if factory is None:
+                code, details = status_of(lambda c=c: c.generate("release-1", 3, select=0.5))
+                assert code == grpc.StatusCode.INVALID_ARGUMENT
+                assert "select=0.5: this server generates on other" in details
+            else:
+                for _ in range(2):
+                    assert len(list(c.generate("release-1", 3, seed=1, select=0.5))) == 3
+    assert loads == [1]
+
+
+def test_selection_is_charged_for_what_it_generates() -> None:
+    limits = SynthesisLimits(max_samples=50, sample_burst=60, request_burst=100)
+    params = validate_generate_request(
+        request(n=30, select=0.5), release_labels=LABELS, limits=limits, batch_size=4
+    )
+    assert generated_samples(params, batch=4) == 60  # 10 per label, in batches of 4, 4, 2
+    with pytest.raises(ConfigError, match=r"n=31 with select=0\.5: 62 samples to generate"):
+        validate_generate_request(
+            request(n=31, select=0.5), release_labels=LABELS, limits=limits, batch_size=4
+        )
+    assert generated_samples(dataclasses.replace(params, select=1.0), batch=4) == 30
+    with pytest.raises(ConfigError, match="min_select=0"):
+        SynthesisLimits(min_select=0)
 
 
 def test_wrong_or_missing_token_is_unauthenticated(server: SynthesisServer, pki: Pki) -> None:
@@ -567,6 +660,9 @@ def test_validation_accepts_and_fills_defaults() -> None:
         ({"strength": 1.0000001}, ConfigError, "max_strength=1.0"),
         ({"shots": 9}, ConfigError, r"shots=9: must be in \[0, max_shots=8\]"),
         ({"shots": -(2**63)}, ConfigError, "shots=-9223372036854775808"),
+        ({"select": 0.2}, ConfigError, r"select=0.2: must be in \[min_select=0.25, 1\]"),
+        ({"select": 1.5}, ConfigError, "select=1.5"),
+        ({"select": float("nan")}, ConfigError, "select=nan"),
     ],
 )
 def test_validation_refuses_naming_the_field(
@@ -865,3 +961,4 @@ def test_serve_defaults_are_the_services() -> None:
     assert defaults["shots"] == synthesis_service.DEFAULT_SHOTS
     assert defaults["max_shots"] == synthesis_service.DEFAULT_MAX_SHOTS
     assert defaults["max_samples"] == synthesis_service.DEFAULT_MAX_SAMPLES
+    assert defaults["min_select"] == synthesis_service.DEFAULT_MIN_SELECT
