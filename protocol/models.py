@@ -286,12 +286,13 @@ def model_fingerprint(name_or_path: str) -> str:
     return fingerprint
 
 
-def tiny_model(*, seed: int = 0, arch: str = "llama") -> LoadedModel:
+def tiny_model(*, seed: int = 0, arch: str = "llama", sliding_window: int = 64) -> LoadedModel:
     """Build a tiny randomly initialised model from a config (for tests that only need shapes).
 
     Uses the GPT-2-style byte-level tokenizer of no hub: a character tokenizer built locally.
+    ``arch`` "gemma3" has three sliding-window layers of ``sliding_window`` and a global one.
     """
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
 
     torch.manual_seed(seed)
     tokenizer = CharTokenizer()
@@ -309,8 +310,21 @@ def tiny_model(*, seed: int = 0, arch: str = "llama") -> LoadedModel:
             num_key_value_heads=2,
             max_position_embeddings=256,
         )
+    elif arch == "gemma3":
+        config = Gemma3TextConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=sliding_window,
+            max_position_embeddings=256,
+            layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        )
     else:
-        raise ConfigError(f"arch={arch!r}: expected 'llama' or 'gpt2'")
+        raise ConfigError(f"arch={arch!r}: expected 'llama', 'gpt2' or 'gemma3'")
     model = AutoModelForCausalLM.from_config(config).eval()  # type: ignore[no-untyped-call]
     return LoadedModel(
         name=f"tiny-{arch}" if seed == 0 else f"tiny-{arch}-{seed}",

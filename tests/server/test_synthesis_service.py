@@ -106,6 +106,7 @@ def start(
     *,
     limits: SynthesisLimits = LIMITS,
     generation: GenerationConfig = GENERATION,
+    reader: Callable[[], LoadedModel] | None = None,
 ) -> SynthesisServer:
     return serve(
         releases=store,
@@ -115,6 +116,7 @@ def start(
         tls_key=pki.key,
         limits=limits,
         generation=generation,
+        reader=reader,
     )
 
 
@@ -227,6 +229,23 @@ def test_a_release_the_backend_cannot_apply_is_not_offered(
     assert "not offering b.safetensors: this backend cannot steer block 0" in caplog.text
 
 
+def _expected(
+    llama: LoadedModel, release: Any, label: str, count: int, *, seed: int, **kwargs: Any
+) -> list[str]:
+    """The texts synthesize.py makes for one label of a request at strength 0.5."""
+    samples = iter_release_samples(
+        llama,
+        release,
+        n_per_label=count,
+        strength=0.5,
+        config=GENERATION,
+        seed=label_seed(seed, label),
+        labels=(label,),
+        **kwargs,
+    )
+    return [s.text for s in samples]
+
+
 def test_generate_streams_the_release_samples(
     client: SynthesisClient, llama: LoadedModel, store: Path
 ) -> None:
@@ -241,17 +260,8 @@ def test_generate_streams_the_release_samples(
     plain = list(client.generate("release-1", 5, seed=7, strength=0.5, shots=0))
     for label, count in (("pos", 2), ("neg", 2), ("mix", 1)):
         for got, shots in ((samples, LIMITS.default_shots), (plain, 0)):
-            expected = iter_release_samples(
-                llama,
-                release,
-                n_per_label=count,
-                strength=0.5,
-                config=GENERATION,
-                seed=label_seed(7, label),
-                labels=(label,),
-                shots=shots,
-            )
-            assert [s.text for s in got if s.label == label] == [s.text for s in expected]
+            expected = _expected(llama, release, label, count, seed=7, shots=shots)
+            assert [s.text for s in got if s.label == label] == expected
     assert LIMITS.default_shots == 1 and [s.text for s in plain] != [s.text for s in samples]
     again = [s.text for s in client.generate("release-1", 5, seed=7, strength=0.5)]
     assert again == [s.text for s in samples]
@@ -274,19 +284,17 @@ def test_selected_stream_is_the_best_of_each_batch(
     # Each label's samples are the best GENERATION.batch_size of every twice as many.
     assert server.servicer.stats.generated - before == 20
     for label, count in (("pos", 4), ("neg", 3), ("mix", 3)):
-        expected = iter_release_samples(
+        expected = _expected(
             llama,
             release,
-            n_per_label=count,
-            strength=0.5,
-            config=GENERATION,
-            seed=label_seed(3, label),
-            labels=(label,),
+            label,
+            count,
+            seed=3,
             shots=LIMITS.default_shots,
             select=0.5,
             select_chunk=GENERATION.batch_size,
         )
-        assert [s.text for s in got if s.label == label] == [s.text for s in expected]
+        assert [s.text for s in got if s.label == label] == expected
     unselected = [s.text for s in client.generate("release-1", 10, seed=3, strength=0.5)]
     assert unselected != [s.text for s in got]
 
@@ -316,16 +324,7 @@ def test_selection_without_a_reader_is_refused_and_a_reader_loads_once(
 
     for factory in (None, reader):
         with (
-            serve(
-                releases=store,
-                loaded=other,
-                token_file=tokens,
-                tls_cert=pki.cert,
-                tls_key=pki.key,
-                limits=LIMITS,
-                generation=GENERATION,
-                reader=factory,
-            ) as running,
+            start(store, other, pki, tokens, reader=factory) as running,
             SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca) as c,
         ):
             assert len(list(c.generate("release-1", 3, seed=1))) == 3  # no selection: fine

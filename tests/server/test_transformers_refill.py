@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsynth.protocol.models import LoadedModel, tiny_model, weight_fingerprint
+from fedsynth.protocol.models import LoadedModel, tiny_model
 from fedsynth.server.generation import (
     GenerationConfig,
     RefillingDecoder,
@@ -20,31 +20,8 @@ NEW = [[14, 15, 16, 17, 18, 19, 20, 21, 22], [23]]
 
 
 def _tiny_gemma3(window: int) -> LoadedModel:
-    """A tiny random Gemma 3 (sliding-window and global layers) on the character tokenizer."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    base = tiny_model()
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=base.tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=window,
-        max_position_embeddings=256,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
-    )
-    model = Gemma3ForCausalLM(config).eval()
-    return LoadedModel(
-        name="tiny-gemma3",
-        model=model,
-        tokenizer=base.tokenizer,
-        fingerprint=weight_fingerprint(model),
-        device=torch.device("cpu"),
-    )
+    """A tiny random Gemma 3: sliding-window layers of ``window`` and a global one."""
+    return tiny_model(arch="gemma3", sliding_window=window)
 
 
 MODELS = {
