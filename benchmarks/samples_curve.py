@@ -228,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--select", type=float, default=1.0, help="keep this fraction of the releases' samples"
     )
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (1: all)")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--model", default=None, help="for the prior (default: the release's)")
     parser.add_argument("--backend", default="transformers")
@@ -269,7 +270,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     largest = max(args.sizes)
     points: list[Point] = []
     for seed in seeds:
-        config = demo_config(args.preset, out_dir=args.out, seed=seed, model=model)
+        config = demo_config(
+            args.preset, out_dir=args.out, seed=seed, model=model, top_p=args.top_p
+        )
         data = split_data(config)
         judge_texts, _ = judge_records(data)
         judge = train_text_classifier(

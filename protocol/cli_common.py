@@ -50,6 +50,7 @@ __all__ = [
     "ProgressDisplay",
     "SelectOption",
     "ThreadsOption",
+    "TopPOption",
     "configure_library_output",
     "console",
     "err_console",
@@ -83,6 +84,16 @@ SelectOption = Annotated[
     ),
 ]
 """``--select`` of the commands that generate from a release (:mod:`fedsynth.server.selection`)."""
+TopPOption = Annotated[
+    float,
+    typer.Option(
+        help="Nucleus sampling: draw from the smallest set of tokens holding this much of the "
+        "probability (1: the model's whole distribution).",
+        min=0.0,
+        max=1.0,
+    ),
+]
+"""``--top-p`` of the commands that sample (see `GenerationConfig`)."""
 PLAIN_MIN_SECONDS = 2.0  # without a terminal: at most one progress line per phase this often
 PLAIN_HEARTBEAT_SECONDS = 30.0  # ... and one at least this often while the count still moves
 PLAIN_STEP = 0.1  # ... otherwise one per 10 % of the phase

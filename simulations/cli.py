@@ -18,6 +18,7 @@ from fedsynth.protocol.cli_common import (
     BackendOption,
     SelectOption,
     ThreadsOption,
+    TopPOption,
     configure_library_output,
     console,
     progress_display,
@@ -205,6 +206,7 @@ def demo(
         ),
     ] = None,
     select: SelectOption = 1.0,
+    top_p: TopPOption = 0.95,
 ) -> None:
     """Run the federated demo end to end on the bundled data (dataset vectors or PE).
 
@@ -251,6 +253,7 @@ def demo(
             backend=backend,
             shots=shots,
             select=select,
+            top_p=top_p,
         )
         config.check_federation()
         if method == "pe":
@@ -585,6 +588,7 @@ def generate(
         ),
     ] = 1,
     select: SelectOption = 1.0,
+    top_p: TopPOption = 0.95,
     backend: BackendOption = "transformers",
     threads: ThreadsOption = None,
 ) -> None:
@@ -629,12 +633,14 @@ def generate(
         check_select(select)
         # Bad sampling settings are refused before the release or the model is loaded.
         GenerationConfig(
-            batch_size=batch_size, max_new_tokens=1 if max_new_tokens is None else max_new_tokens
+            batch_size=batch_size,
+            max_new_tokens=1 if max_new_tokens is None else max_new_tokens,
+            top_p=top_p,
         )
         rel = load_release(release)
         # Samples as long as the records the release describes, unless told otherwise.
         length = rel.manifest.max_text_tokens if max_new_tokens is None else max_new_tokens
-        config = GenerationConfig(batch_size=batch_size, max_new_tokens=length)
+        config = GenerationConfig(batch_size=batch_size, max_new_tokens=length, top_p=top_p)
         loaded = open_backend(backend, model or rel.manifest.model_name, threads=threads)
         check_release_model(loaded, rel)
         scorer = scorer_for(backend, model or rel.manifest.model_name, select)

@@ -132,6 +132,9 @@ class DemoConfig:
     """Same-label texts each sample is conditioned on, drawn from the condition's own
     plain-prompt samples (the prior's: its public prior texts); 0 = the plain prompt only. One
     shot raised label fidelity, TSTR accuracy and MAUVE of epsilon = 4 releases (README)."""
+    top_p: float = 0.95
+    """Nucleus sampling of every generation (prior and releases): 1 samples the model's whole
+    distribution."""
     select: float = 1.0
     """Fraction of a release's samples kept: generate n / select per label and keep the n that
     the release says carry their class best (:mod:`fedsynth.server.selection`); 1 keeps all."""
@@ -175,6 +178,7 @@ class DemoConfig:
             raise ConfigError(f"drop={self.drop_clients}: must be >= 0")
         check_shots(self.shots)
         check_select(self.select)
+        GenerationConfig(top_p=self.top_p)  # refuses a top_p outside (0, 1]
 
     @property
     def secure_sum_threshold(self) -> int:
@@ -405,7 +409,9 @@ def task_config(config: DemoConfig, epsilon: float) -> TaskConfig:
 
 def generation_config(config: DemoConfig) -> GenerationConfig:
     """Sampling settings shared by the prior and the steered generations."""
-    return GenerationConfig(max_new_tokens=config.new_tokens, batch_size=config.generation_batch)
+    return GenerationConfig(
+        max_new_tokens=config.new_tokens, batch_size=config.generation_batch, top_p=config.top_p
+    )
 
 
 Reporter = Callable[[str, int, int], None]

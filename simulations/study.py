@@ -304,6 +304,7 @@ class StudyRunner:
             drop_clients=cell.dropped_clients,
             seed=cell.seed,
             shots=d.shots,
+            top_p=d.top_p,
         )
 
     @property

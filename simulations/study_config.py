@@ -193,6 +193,7 @@ class DataSettings:
     strength: float = 0.03
     generation_batch: int = 32
     shots: int = 0  # own samples shown per sample (0: the plain prompt; the demo's default is 1)
+    top_p: float = 0.95  # nucleus sampling of every generation (1: the whole distribution)
     audit_runs: int = 200  # releases per side of the empirical ε audit (0: no audit)
     canaries: int = 0  # copies of one canary record in the first holder's data (0: none)
     canary_candidates: int = 200  # other secrets the canary is ranked against

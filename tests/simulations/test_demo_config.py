@@ -20,6 +20,7 @@ from fedsynth.simulations.demo import (
     demo_config,
     dropped_holders,
     gap_closed,
+    generation_config,
     judge_records,
     prepare_data,
     real_reference,
@@ -306,3 +307,11 @@ def test_selection_is_checked_before_anything_runs(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"select={bad}"):
             DemoConfig(out_dir=tmp_path, select=bad)
     assert DemoConfig(out_dir=tmp_path, select=0.5).select == 0.5
+
+
+def test_top_p_is_checked_and_reaches_the_sampler(tmp_path: Path) -> None:
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match=f"top_p={bad}"):
+            DemoConfig(out_dir=tmp_path, top_p=bad)
+    assert generation_config(DemoConfig(out_dir=tmp_path)).top_p == 0.95
+    assert generation_config(DemoConfig(out_dir=tmp_path, top_p=1.0)).top_p == 1.0

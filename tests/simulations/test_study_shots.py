@@ -76,3 +76,25 @@ def test_a_fine_tuned_model_samples_with_the_studys_shots(tmp_path: Path, shots:
         assert sample.text not in pools[sample.label]
     shot_prompts = [p for p in prompts if p not in plain]
     assert all(_shown(p) in pools["positive"] | pools["negative"] for p in shot_prompts)
+
+
+def test_the_studys_top_p_reaches_every_generation_and_is_in_its_fingerprint(
+    tmp_path: Path,
+) -> None:
+    from fedsynth.simulations.demo import generation_config
+
+    runner, _, cell = _runner(tmp_path, shots=1)
+    assert generation_config(runner.demo_config(cell)).top_p == 0.95  # the default
+    raw: dict[str, Any] = {
+        "name": "p",
+        "model": "tiny-llama",
+        "data": {"top_p": 1.0},
+        "sweep": [{"methods": ["prior"], "epsilons": [4]}],
+    }
+    one = StudyRunner(parse_study(raw), tmp_path / "one", loaded=RecordingBackend())  # type: ignore[arg-type]
+    assert generation_config(one.demo_config(one.config.cells()[0])).top_p == 1.0
+    # A study that leaves top_p at its default keeps its fingerprint (older results open);
+    # another top_p is another study.
+    default = parse_study({**raw, "data": {}})
+    assert default.fingerprint() == parse_study({**raw, "data": {"top_p": 0.95}}).fingerprint()
+    assert one.config.fingerprint() != default.fingerprint()
