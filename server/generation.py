@@ -443,11 +443,12 @@ class _TransformersDecoder:
                 layer.cumulative_length -= columns
 
     def keep(self, rows: torch.Tensor) -> None:
+        # Drop finished rows from the batch and the KV cache: less work per step. The cache is
+        # not trimmed here (a sliding-window layer may hold fewer columns than the mask);
+        # step_admit trims, where refill_tokens bounds the width.
         self._past.batch_select_indices(rows)
         self._mask = self._mask[rows]
         self._next_pos = self._next_pos[rows]
-        if len(rows):
-            self._trim()
 
 
 class _FixedBatchDecoder:

@@ -69,8 +69,8 @@ def test_trimmed_cache_is_as_wide_as_the_longest_live_row() -> None:
     loaded = tiny_model()
     decoder = _TransformersDecoder(loaded)
     decoder.prefill([list(p) for p in PROMPTS])  # widest: 7
-    decoder.keep(torch.tensor([1]))  # a 2-token row alone
-    assert decoder._mask.shape[1] == 2
+    decoder.keep(torch.tensor([1]))  # a 2-token row alone: keep leaves the cache as it is
+    assert decoder._mask.shape[1] == 7
     decoder.step_admit(torch.tensor([30]), [[1, 2, 3, 4, 5]])
     assert decoder._mask.shape[1] == 5
     assert decoder._mask.sum(dim=1).tolist() == [3, 5]
