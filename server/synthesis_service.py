@@ -51,7 +51,7 @@ from fedsynth.protocol.wire import synthesis_pb2 as pb
 from fedsynth.server.backends import GenerationBackend, as_backend, check_release_backend
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.release import Release, load_release
-from fedsynth.server.selection import candidates_per_label, selection_chunks
+from fedsynth.server.selection import selection_chunks
 from fedsynth.server.snr import steering_snr
 from fedsynth.server.synthesis_client import read_token_file, token_id
 from fedsynth.server.synthesize import iter_release_samples, transformers_model
@@ -757,6 +757,8 @@ class SynthesisServicer:
                 scorer=reader,
                 select_chunk=batch,
             )
+            # Samples generated for each batch streamed (more than the batch with select < 1).
+            generated = [made for _, made in selection_chunks(count, params.select, batch)]
             for k in range(count):
                 if stream.stop.is_set():
                     return
@@ -765,9 +767,7 @@ class SynthesisServicer:
                         if stream.stop.is_set():
                             return
                         sample = next(samples)
-                    self.stats.add(
-                        generated=candidates_per_label(min(batch, count - k), params.select)
-                    )
+                    self.stats.add(generated=generated[k // batch])
                 else:
                     sample = next(samples)
                 self.stats.add(sent=1)
