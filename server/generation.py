@@ -87,6 +87,51 @@ def steering(model: Any, deltas: Mapping[int, torch.Tensor]) -> Iterator[None]:
             handle.remove()
 
 
+@contextlib.contextmanager
+def slot_steering(model: Any, deltas: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """:func:`steering` for a compiled forward: the same additions, through buffers that stay.
+
+    A compiled (graph-captured) forward keeps the hooks it was traced with. Here each block
+    has, once per model, a buffer and a hook adding it; a release is applied by copying
+    ``deltas[l]`` into block l's buffer and removed by zeroing every buffer, so a captured graph
+    reads the release at the same addresses whatever it is. The hooks are registered only
+    inside the context (outside it the eager model has none); unsteered, they add zeros.
+    """
+    blocks = decoder_layers(model)
+    for layer in deltas:
+        if not 0 <= layer < len(blocks):
+            raise ConfigError(f"steering layer {layer} outside 0..{len(blocks) - 1}")
+    kept: tuple[list[torch.Tensor], list[Callable[..., Any]]] | None = getattr(
+        model, "_fedsynth_steering_slots", None
+    )
+    if kept is None:
+        first = next(blocks[0].parameters())
+        width = int(model.config.get_text_config().hidden_size)
+        slots = [torch.zeros(width, device=first.device, dtype=first.dtype) for _ in blocks]
+
+        def adder(slot: torch.Tensor) -> Callable[..., Any]:
+            def hook(_module: Any, _inputs: Any, output: Any) -> Any:
+                if isinstance(output, tuple):
+                    return (output[0] + slot, *output[1:])
+                return output + slot
+
+            return hook
+
+        kept = (slots, [adder(slot) for slot in slots])
+        object.__setattr__(model, "_fedsynth_steering_slots", kept)  # not a submodule
+    slots, hooks = kept
+    handles = [block.register_forward_hook(hook) for block, hook in zip(blocks, hooks, strict=True)]
+    try:
+        for layer, delta in deltas.items():
+            slots[layer].copy_(delta.to(device=slots[layer].device, dtype=slots[layer].dtype))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for slot in slots:
+            slot.zero_()
+
+
 def sample_top_p(
     logits: torch.Tensor,
     *,
@@ -184,6 +229,8 @@ def generate_from_prompts(
     seed: int,
     progress: Callable[[int, int], None] | None = None,
     refill: bool | None = None,
+    static_cache: bool = False,
+    compile_steps: bool = False,
 ) -> list[str]:
     """Sample one continuation per prompt (prompts may differ: left-padded batches).
 
@@ -195,16 +242,33 @@ def generate_from_prompts(
             samples: 3.8-4.2 vs 4.0-4.3 samples/s): a step there costs 125 ms plus 3.5 ms a
             row, so fuller batches save about a fifth of the steps' time, which the extra
             prefill passes and cache joins spend again.
+        static_cache: decode each batch in a preallocated KV cache whose shapes never change
+            (:class:`_StaticCacheDecoder`); ended rows keep computing, unread.
+        compile_steps: with ``static_cache``, run the decoding steps through
+            ``torch.compile(mode="reduce-overhead")`` (CUDA graphs on CUDA).
     """
+    if static_cache and refill:
+        raise ConfigError("static_cache=True keeps each batch's rows fixed: it cannot refill")
     if refill is None:
-        refill = loaded.device.type == "cuda"
-    ctx = steering(loaded.model, deltas) if deltas else contextlib.nullcontext()
-    decoder = _TransformersDecoder if refill else _FixedBatchDecoder
+        refill = loaded.device.type == "cuda" and not static_cache
+    ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if static_cache and compile_steps:
+        ctx = slot_steering(loaded.model, deltas or {})
+    elif deltas:
+        ctx = steering(loaded.model, deltas)
+
+    def new_decoder() -> Decoder:
+        if static_cache:
+            return _StaticCacheDecoder(
+                loaded, max_new_tokens=config.max_new_tokens, compiled=compile_steps
+            )
+        return _TransformersDecoder(loaded) if refill else _FixedBatchDecoder(loaded)
+
     with ctx:
         return sample_continuations(
             loaded.tokenizer,
             prompts,
-            lambda: decoder(loaded),
+            new_decoder,
             vocab_rows=_vocab_rows(loaded),
             device=loaded.device,
             config=config,
@@ -465,6 +529,114 @@ class _FixedBatchDecoder:
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         return self._inner.step(next_ids)
+
+
+STATIC_COLUMNS = 64
+"""A compiled decoder's cache width is rounded up to a multiple of this: fewer distinct shapes,
+fewer captures, for a few masked columns."""
+
+
+class _StaticCacheDecoder:
+    """A fixed-batch :class:`Decoder` over a preallocated KV cache (`transformers` StaticCache).
+
+    Every step runs the whole batch with the same tensor shapes (ended rows are fed padding and
+    their logits are never read), so the step can be captured once and replayed (CUDA graphs
+    through ``torch.compile``): on a GPU the per-step kernel launches, not the arithmetic, are
+    what a small model's decoding costs. The attention mask spans the whole cache from the start
+    (future columns masked), and each row keeps its own positions as in a left-padded batch.
+    """
+
+    def __init__(self, loaded: LoadedModel, *, max_new_tokens: int, compiled: bool) -> None:
+        self._loaded = loaded
+        self._max_new_tokens = max_new_tokens
+        tok = loaded.tokenizer
+        self._pad_id = int(tok.eos_token_id if tok.eos_token_id is not None else 0)
+        self._compiled = compiled
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        model, device = self._loaded.model, self._loaded.device
+        batch = len(prompts)
+        width = max(len(p) for p in prompts)
+        columns = width + self._max_new_tokens
+        window = getattr(model.config.get_text_config(), "sliding_window", None)
+        # A sliding-window layer counts its length in a Python int, which a captured graph
+        # would freeze: compiled decoding needs every row to fit the window (then a sliding
+        # layer is a plain static one); a longer batch runs eagerly.
+        compiled = self._compiled and (not window or columns <= int(window))
+        if compiled:
+            columns = -(-columns // STATIC_COLUMNS) * STATIC_COLUMNS
+            if window:
+                columns = min(columns, int(window))
+        ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, columns), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) : width] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+        # A captured graph reads the cache at fixed addresses: a compiled decoder reuses (resets)
+        # the last cache of its shape, kept on the model, instead of capturing again.
+        reused = getattr(model, "_fedsynth_static_cache", None) if compiled else None
+        if reused is not None and reused[0] == (batch, columns):
+            self._cache = reused[1]
+            self._cache.reset()
+        else:
+            self._cache = StaticCache(config=model.config, max_cache_len=columns)
+            if compiled:
+                for i, layer in enumerate(self._cache.layers):
+                    if layer.is_sliding:  # the whole row fits the window: nothing slides
+                        self._cache.layers[i] = StaticLayer(max_cache_len=columns)
+                object.__setattr__(model, "_fedsynth_static_cache", ((batch, columns), self._cache))
+        self._forward: Any = model
+        if compiled:
+            self._forward = getattr(model, "_fedsynth_compiled", None)
+            if self._forward is None:
+                self._forward = torch.compile(
+                    model.forward, mode="reduce-overhead", fullgraph=False, dynamic=False
+                )
+                object.__setattr__(model, "_fedsynth_compiled", self._forward)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+            cache_position=torch.arange(width, device=device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._mask = mask
+        self._column = width
+        self._next_pos = positions[:, -1] + 1
+        self._live = torch.arange(batch, device=device)
+        self._ids = torch.full((batch, 1), self._pad_id, dtype=torch.long, device=device)
+        return cast(torch.Tensor, out.logits[:, -1, :].float())
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self._live = self._live[rows.to(self._live.device)]
+
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        if self._column >= self._mask.shape[1]:
+            raise ConfigError(
+                f"static cache full: {self._mask.shape[1]} columns, max_new_tokens="
+                f"{self._max_new_tokens}"
+            )
+        self._ids.fill_(self._pad_id)
+        self._ids[self._live, 0] = next_ids
+        self._mask[:, self._column] = 1
+        out = self._forward(
+            input_ids=self._ids,
+            attention_mask=self._mask,
+            position_ids=self._next_pos.unsqueeze(1),
+            past_key_values=self._cache,
+            cache_position=torch.tensor([self._column], device=self._mask.device),
+            use_cache=True,
+        )
+        self._column += 1
+        self._next_pos = self._next_pos + 1
+        return cast(torch.Tensor, out.logits[self._live, -1, :].float())
 
 
 def _sample_batch(

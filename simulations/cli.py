@@ -591,6 +591,14 @@ def generate(
     top_p: TopPOption = 0.95,
     backend: BackendOption = "transformers",
     threads: ThreadsOption = None,
+    compile_steps: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="transformers on a GPU: static KV cache, decoding steps captured as CUDA "
+            "graphs (3-4x tokens/s at batches of 64-256 after a 25-40 s capture).",
+        ),
+    ] = False,
 ) -> None:
     """Generate labelled samples from a saved release; costs no privacy, can run forever.
 
@@ -629,6 +637,8 @@ def generate(
                 f"out={out} is the release file {release}: writing would destroy the release"
             )
         check_backend_name(backend)
+        if compile_steps and backend != "transformers":
+            raise ConfigError(f"--compile: a transformers-backend option; backend={backend!r}")
         check_shots(shots)
         check_select(select)
         # Bad sampling settings are refused before the release or the model is loaded.
@@ -641,7 +651,9 @@ def generate(
         # Samples as long as the records the release describes, unless told otherwise.
         length = rel.manifest.max_text_tokens if max_new_tokens is None else max_new_tokens
         config = GenerationConfig(batch_size=batch_size, max_new_tokens=length, top_p=top_p)
-        loaded = open_backend(backend, model or rel.manifest.model_name, threads=threads)
+        loaded = open_backend(
+            backend, model or rel.manifest.model_name, threads=threads, compiled=compile_steps
+        )
         check_release_model(loaded, rel)
         scorer = scorer_for(backend, model or rel.manifest.model_name, select)
         steering = steering_report(

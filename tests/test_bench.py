@@ -216,3 +216,27 @@ def test_a_bench_script_still_runs_on_its_own(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "targets at K = 3" in done.stdout
+
+
+def test_the_cuda_bench_runs_every_decoder_on_a_cpu(tmp_path: Path) -> None:
+    """The GPU benchmark's code paths (dynamic, static, compiled, profile) on a tiny CPU model."""
+    out = tmp_path / "cuda.json"
+    args = ["--model", "tiny-llama", "--batches", "3", "--compiled-batches", "3", "--tokens", "4"]
+    args += ["--repeats", "1", "--layers", "1", "--profile", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_cuda.py"), *args],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == []
+    assert [r["variant"] for r in report["rows"]] == ["dynamic", "static", "compiled"]
+    for row in report["rows"]:
+        assert row["steered_tokens_per_s"] > 0 and row["unsteered_tokens_per_s"] > 0
+        assert row["steered_rows_changed"] > 0  # the release reached every decoder's samples
+    assert "Self CPU time total" in report["profile"]
