@@ -82,6 +82,17 @@ def deltas_for(
     )
 
 
+def equal_work(batch: int, tokens: int, temperature: float) -> GenerationConfig:
+    """Every row decodes ``tokens`` tokens: newline and end-of-sequence stopping off."""
+    return GenerationConfig(
+        max_new_tokens=tokens,
+        batch_size=batch,
+        stop_at_newline=False,
+        stop_at_eos=False,
+        temperature=temperature,
+    )
+
+
 def timed(run: Callable[[], object], device: torch.device) -> float:
     """Seconds for one run, the GPU's queue drained before and after."""
     if device.type == "cuda":
@@ -104,13 +115,7 @@ def measure(
     layers: tuple[int, ...] = LAYERS,
 ) -> dict[str, Any]:
     """Best tokens/s of the unsteered and steered run of one decoder at one batch size."""
-    config = GenerationConfig(
-        max_new_tokens=tokens,
-        batch_size=batch,
-        stop_at_newline=False,
-        stop_at_eos=False,
-        temperature=temperature,
-    )
+    config = equal_work(batch, tokens, temperature)
     prompts = [PROMPT] * batch
     deltas = deltas_for(loaded, layers)
     options = {
@@ -287,13 +292,7 @@ def profile(
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    config = GenerationConfig(
-        max_new_tokens=tokens,
-        batch_size=batch,
-        stop_at_newline=False,
-        stop_at_eos=False,
-        temperature=temperature,
-    )
+    config = equal_work(batch, tokens, temperature)
     deltas = deltas_for(loaded, layers)
     activities = [ProfilerActivity.CPU]
     if loaded.device.type == "cuda":

@@ -390,6 +390,23 @@ def sample_continuations(
     return texts
 
 
+def _left_padded(
+    prompts: list[list[int]], pad_id: int, columns: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned to the longest one: (batch, longest) ids, (batch, columns) mask.
+
+    The mask has a 1 under each prompt token; columns beyond the longest prompt (room for the
+    tokens to come, in a static cache) start masked.
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), columns), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) : width] = 1
+    return ids.to(device), mask.to(device)
+
+
 class _TransformersDecoder:
     """A :class:`Decoder` over a `transformers` model: left-padded batch, KV cache on."""
 
@@ -416,14 +433,8 @@ class _TransformersDecoder:
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         device = self._loaded.device
-        batch = len(prompts)
         width = max(len(p) for p in prompts)
-        ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = _left_padded(prompts, self._pad_id, width, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self._padded = bool((mask == 0).any())
         out = self._loaded.model(
@@ -570,12 +581,7 @@ class _StaticCacheDecoder:
             columns = -(-columns // STATIC_COLUMNS) * STATIC_COLUMNS
             if window:
                 columns = min(columns, int(window))
-        ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, columns), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) : width] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = _left_padded(prompts, self._pad_id, columns, device)
         positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         # A captured graph reads the cache at fixed addresses: a compiled decoder reuses (resets)
         # the last cache of its shape, kept on the model, instead of capturing again.
