@@ -87,8 +87,9 @@ class TransformersBackend:
     loaded: LoadedModel
     compiled: bool = False
     """Decode in a static KV cache with the steps captured as CUDA graphs (``torch.compile``):
-    3-4x the tokens/s at batches of 64-256 on an H200, after a 25-40 s capture per batch shape
-    (README, "GPU"). Each batch then runs to its end (no refilling)."""
+    2-4x the tokens/s at batches of 256-64 on an H200, after a 25-40 s capture per batch shape
+    (a short last batch or a longer prompt is another shape), so it pays off for thousands of
+    samples (README, "GPU"). Each batch then runs to its end (no refilling)."""
 
     @property
     def refills_batch(self) -> bool:

@@ -596,7 +596,8 @@ def generate(
         typer.Option(
             "--compile",
             help="transformers on a GPU: static KV cache, decoding steps captured as CUDA "
-            "graphs (3-4x tokens/s at batches of 64-256 after a 25-40 s capture).",
+            "graphs (2-4x tokens/s at batches of 256-64 after a 25-40 s capture per batch "
+            "shape: for thousands of samples).",
         ),
     ] = False,
 ) -> None:
