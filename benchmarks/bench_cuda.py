@@ -137,13 +137,11 @@ def measure(
     if loaded.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(loaded.device)
     texts: dict[bool, list[str]] = {}
-    warm: dict[bool, float] = {}
-    for side in (False, True):
-        started = time.perf_counter()
-        texts[side] = run(side)
-        if loaded.device.type == "cuda":
-            torch.cuda.synchronize(loaded.device)
-        warm[side] = time.perf_counter() - started
+
+    def first(steered: bool) -> None:  # the run that captures (compiled); its texts are kept
+        texts[steered] = run(steered)
+
+    warm = {side: timed(partial(first, side), loaded.device) for side in (False, True)}
     best = {False: float("inf"), True: float("inf")}
     for _ in range(repeats):
         for side in (False, True):
