@@ -16,7 +16,10 @@ Run where a GPU is present and the model installed:
 ``--shape-only DIR`` builds the model from ``DIR/config.json`` and its tokenizer with random
 bf16 weights instead of loading them: the same architecture and arithmetic, so the same
 tokens/s when every row decodes the whole budget (the samples are noise; for a GPU that cannot
-receive the weights). It imports only the generation code (no federation stack).
+receive the weights). DIR holds ``config.json``, ``tokenizer.json`` and
+``tokenizer_config.json``, copied from the model's cache folder (``~/.cache/fedsynth/models/
+gemma3-270m`` once the model has been loaded on any machine). It imports only the generation
+code (no federation stack), so it runs beside nothing but torch and transformers.
 """
 
 from __future__ import annotations
