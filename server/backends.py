@@ -175,8 +175,7 @@ def open_backend(
         compiled: `transformers` only: see :attr:`TransformersBackend.compiled`.
     """
     check_backend_name(backend)
-    if compiled and backend != "transformers":
-        raise ConfigError(f"compile: a transformers-backend option; backend={backend!r}")
+    check_compiled_backend(backend, compiled)
     if backend == "llamacpp":
         from fedsynth.server.llamacpp import LlamaCppBackend
 
@@ -188,6 +187,14 @@ def check_backend_name(backend: str) -> None:
     """Refuse a backend name that does not exist, naming the ones that do."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+
+
+def check_compiled_backend(backend: str, compiled: bool) -> None:
+    """Refuse compiled decoding on a backend other than `transformers`, which alone has it."""
+    if compiled and backend != "transformers":
+        raise ConfigError(
+            f"compiled decoding (--compile) is a transformers-backend option; backend={backend!r}"
+        )
 
 
 def as_backend(model: LoadedModel | GenerationBackend) -> GenerationBackend:

@@ -65,26 +65,37 @@ def steering(model: Any, deltas: Mapping[int, torch.Tensor]) -> Iterator[None]:
     The hook runs on every forward call, so prompt tokens and every decoded token are steered.
     The deltas are moved once to the blocks' device and dtype (bf16 on CUDA).
     """
-    blocks = decoder_layers(model)
-    for layer in deltas:  # check all before registering any, so a refusal leaves no hook
-        if not 0 <= layer < len(blocks):
-            raise ConfigError(f"steering layer {layer} outside 0..{len(blocks) - 1}")
+    blocks = _steered_blocks(model, deltas)  # all checked before any hook is registered
     handles = []
     first = next(blocks[0].parameters())
     for layer, raw in deltas.items():
         delta = raw.to(device=first.device, dtype=first.dtype)
-
-        def hook(_module: Any, _inputs: Any, output: Any, delta: torch.Tensor = delta) -> Any:
-            if isinstance(output, tuple):
-                return (output[0] + delta, *output[1:])
-            return output + delta
-
-        handles.append(blocks[layer].register_forward_hook(hook))
+        handles.append(blocks[layer].register_forward_hook(_adding(delta)))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _steered_blocks(model: Any, deltas: Mapping[int, torch.Tensor]) -> Any:
+    """The model's decoder blocks; an error naming the first layer of ``deltas`` outside them."""
+    blocks = decoder_layers(model)
+    for layer in deltas:
+        if not 0 <= layer < len(blocks):
+            raise ConfigError(f"steering layer {layer} outside 0..{len(blocks) - 1}")
+    return blocks
+
+
+def _adding(delta: torch.Tensor) -> Callable[..., Any]:
+    """A forward hook adding ``delta`` to a block's hidden states (alone or first of a tuple)."""
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (output[0] + delta, *output[1:])
+        return output + delta
+
+    return hook
 
 
 @contextlib.contextmanager
@@ -97,10 +108,7 @@ def slot_steering(model: Any, deltas: Mapping[int, torch.Tensor]) -> Iterator[No
     reads the release at the same addresses whatever it is. The hooks are registered only
     inside the context (outside it the eager model has none); unsteered, they add zeros.
     """
-    blocks = decoder_layers(model)
-    for layer in deltas:
-        if not 0 <= layer < len(blocks):
-            raise ConfigError(f"steering layer {layer} outside 0..{len(blocks) - 1}")
+    blocks = _steered_blocks(model, deltas)
     kept: tuple[list[torch.Tensor], list[Callable[..., Any]]] | None = getattr(
         model, "_fedsynth_steering_slots", None
     )
@@ -108,16 +116,7 @@ def slot_steering(model: Any, deltas: Mapping[int, torch.Tensor]) -> Iterator[No
         first = next(blocks[0].parameters())
         width = int(model.config.get_text_config().hidden_size)
         slots = [torch.zeros(width, device=first.device, dtype=first.dtype) for _ in blocks]
-
-        def adder(slot: torch.Tensor) -> Callable[..., Any]:
-            def hook(_module: Any, _inputs: Any, output: Any) -> Any:
-                if isinstance(output, tuple):
-                    return (output[0] + slot, *output[1:])
-                return output + slot
-
-            return hook
-
-        kept = (slots, [adder(slot) for slot in slots])
+        kept = (slots, [_adding(slot) for slot in slots])
         object.__setattr__(model, "_fedsynth_steering_slots", kept)  # not a submodule
     slots, hooks = kept
     handles = [block.register_forward_hook(hook) for block, hook in zip(blocks, hooks, strict=True)]

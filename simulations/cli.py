@@ -613,7 +613,7 @@ def generate(
     from dataclasses import asdict
 
     from fedsynth.protocol.errors import ConfigError
-    from fedsynth.server.backends import check_backend_name, open_backend
+    from fedsynth.server.backends import check_backend_name, check_compiled_backend, open_backend
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.release import load_release
     from fedsynth.server.selection import check_select, scorer_for, select_caution
@@ -638,8 +638,7 @@ def generate(
                 f"out={out} is the release file {release}: writing would destroy the release"
             )
         check_backend_name(backend)
-        if compile_steps and backend != "transformers":
-            raise ConfigError(f"--compile: a transformers-backend option; backend={backend!r}")
+        check_compiled_backend(backend, compile_steps)
         check_shots(shots)
         check_select(select)
         # Bad sampling settings are refused before the release or the model is loaded.
