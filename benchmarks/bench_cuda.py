@@ -38,10 +38,10 @@ from typing import Any
 import torch
 
 from fedsynth.protocol.models import LoadedModel, load_model, weight_fingerprint
-from fedsynth.server.generation import GenerationConfig, generate_from_prompts, steering_deltas
+from fedsynth.server.generation import GenerationConfig, generate_from_prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
-from benchmarks.common import QUICK_MODEL, QUICK_NOTE, Figure, compared
+from benchmarks.common import QUICK_MODEL, QUICK_NOTE, Figure, compared, random_deltas
 
 PROMPT = (
     "Here is a movie review from a public collection:\n"
@@ -69,19 +69,6 @@ def shape_only(directory: Path, device: str | None = None) -> LoadedModel:
         tokenizer=tokenizer,
         fingerprint=weight_fingerprint(model),
         device=torch.device(device),
-    )
-
-
-def deltas_for(
-    loaded: LoadedModel, layers: tuple[int, ...] = LAYERS, strength: float = 0.05
-) -> dict[int, torch.Tensor]:
-    """A fixed random direction per layer, scaled as a release's would be (seed 0)."""
-    gen = torch.Generator().manual_seed(0)
-    hidden = int(loaded.model.config.hidden_size)
-    return steering_deltas(
-        {layer: torch.randn(hidden, generator=gen) for layer in layers},
-        strength=strength,
-        residual_norms=dict.fromkeys(layers, 8000.0),
     )
 
 
@@ -120,7 +107,7 @@ def measure(
     """Best tokens/s of the unsteered and steered run of one decoder at one batch size."""
     config = equal_work(batch, tokens, temperature)
     prompts = [PROMPT] * batch
-    deltas = deltas_for(loaded, layers)
+    deltas = random_deltas(int(loaded.model.config.hidden_size), layers, strength=0.05)
     options = {
         "dynamic": {"refill": False},
         "static": {"static_cache": True},
@@ -294,7 +281,7 @@ def profile(
     from torch.profiler import profile as torch_profile
 
     config = equal_work(batch, tokens, temperature)
-    deltas = deltas_for(loaded, layers)
+    deltas = random_deltas(int(loaded.model.config.hidden_size), layers, strength=0.05)
     activities = [ProfilerActivity.CPU]
     if loaded.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)

@@ -19,14 +19,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from fedsynth.protocol.models import DEFAULT_MODEL
 from fedsynth.server.backends import open_backend
-from fedsynth.server.generation import GenerationConfig, steering_deltas
+from fedsynth.server.generation import GenerationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
-from benchmarks.common import QUICK_MODEL, QUICK_NOTE, Figure, compared
+from benchmarks.common import QUICK_MODEL, QUICK_NOTE, Figure, compared, random_deltas
 
 DEFAULT_LAYERS = (8, 9, 10, 11)
 QUICK_LAYERS = (1, 2)
@@ -44,18 +42,6 @@ class Throughput:
     unsteered: float
     steered: float
     equal_work: bool = True
-
-
-def random_deltas(
-    hidden_size: int, layers: tuple[int, ...], *, strength: float
-) -> dict[int, torch.Tensor]:
-    """A fixed random steering direction per layer, scaled as a release's would be (seed 0)."""
-    gen = torch.Generator().manual_seed(0)
-    return steering_deltas(
-        {layer: torch.randn(hidden_size, generator=gen) for layer in layers},
-        strength=strength,
-        residual_norms=dict.fromkeys(layers, 8000.0),
-    )
 
 
 def measure(

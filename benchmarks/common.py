@@ -133,3 +133,17 @@ def info(
         met=None,
         note=note,
     )
+
+
+def random_deltas(hidden_size: int, layers: tuple[int, ...], *, strength: float) -> dict[int, Any]:
+    """A fixed random steering direction per layer, scaled as a release's would be (seed 0)."""
+    import torch
+
+    from fedsynth.server.generation import steering_deltas
+
+    gen = torch.Generator().manual_seed(0)
+    return steering_deltas(
+        {layer: torch.randn(hidden_size, generator=gen) for layer in layers},
+        strength=strength,
+        residual_norms=dict.fromkeys(layers, 8000.0),
+    )

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsynth.client.data import load_records
 from fedsynth.protocol.features import FeatureSpec, PromptTemplate, extract_features
 from fedsynth.protocol.models import DEFAULT_MODEL, load_model
 from fedsynth.simulations.datasets import load_corpus
@@ -59,12 +60,13 @@ def bundled(name: str, max_text_tokens: int) -> DataSet:
 
 
 def from_jsonl(path: Path, name: str, max_text_tokens: int) -> DataSet:
-    """``{"text", "label"}`` lines, e.g. the health-news tweets."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A ``{"text", "label"}`` data file (e.g. the health-news tweets), validated as the demo's
+    ``--data`` is."""
+    records = load_records(path)
     return DataSet(
         name,
-        tuple(r["text"] for r in rows),
-        tuple(r["label"] for r in rows),
+        tuple(r.text for r in records),
+        tuple(r.label for r in records),
         max_text_tokens,
     )
 
