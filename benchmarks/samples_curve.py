@@ -24,7 +24,7 @@ import statistics
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +232,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--model", default=None, help="for the prior (default: the release's)")
     parser.add_argument("--backend", default="transformers")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="generation batch (default: the demo's 64)"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="transformers: static cache and CUDA graphs"
+    )
     parser.add_argument("--no-prior", action="store_true")
     parser.add_argument("--no-real", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("samples-curve"))
@@ -265,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if model is None:
         parser.error("give --release or --model")
     report = PlainProgress(console)
-    engine = open_backend(args.backend, model)
+    engine = open_backend(args.backend, model, compiled=args.compile)
     scorer = scorer_for(args.backend, model, args.select)
     largest = max(args.sizes)
     points: list[Point] = []
@@ -281,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         test_texts = [r.text for r in data.test]
         test_labels = [r.label for r in data.test]
         generation = generation_config(config)  # the demo's sampling settings
+        if args.batch is not None:
+            generation = replace(generation, batch_size=args.batch)
         conditions: dict[str, Callable[..., list[tuple[str, str]]]] = {}
         common = {"config": generation}
         if not args.no_prior:

