@@ -103,9 +103,10 @@ def check_tokenizer(model: PackagedModel, tokenizer: Any, *, where: str) -> None
         shown = list(got[:16]) + (["..."] if len(got) > 16 else [])
         raise ConfigError(
             f"model {model.name!r}: the tokenizer of {where} encodes {text!r} as {shown}, "
-            f"expected {list(expected)}: it was rebuilt wrongly from the GGUF (transformers "
-            f"{transformers.__version__}; 5.17 is known to, 5.25 does not). Convert with "
-            "another transformers (delete that folder first): samples from it are junk"
+            f"expected {list(expected)}: it was rebuilt wrongly from the GGUF (a conversion "
+            "by transformers 5.17 does this, by 5.25 not; this process runs "
+            f"{transformers.__version__}). Delete that folder and convert with another "
+            "transformers: samples from this tokenizer are junk"
         )
 
 
