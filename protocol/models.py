@@ -41,8 +41,7 @@ class PackagedModel:
     probe: tuple[str, tuple[int, ...]] = ("", ())
     """A text and the ids the model's own tokenizer gives it (special tokens added): the
     weights say nothing about the tokenizer rebuilt from the GGUF, and a wrong one (transformers
-    5.17 rebuilds Gemma's BPE as a character-level Unigram) turns every sample into
-    fluent-looking junk."""
+    5.17 rebuilds Gemma's as a character-level tokenizer) turns every sample into junk."""
 
     def gguf_path(self, cache_root: Path) -> Path:
         """Return the GGUF file, assembling multi-part packages into the cache first."""
