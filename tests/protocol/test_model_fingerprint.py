@@ -9,7 +9,18 @@ import torch
 import transformers
 
 from fedsynth.protocol import models
-from fedsynth.protocol.models import CharTokenizer, tiny_model, weight_fingerprint
+from fedsynth.protocol.models import CharTokenizer, LoadedModel, tiny_model, weight_fingerprint
+
+
+def _bf16_copy(saved: LoadedModel, folder: Path, monkeypatch: pytest.MonkeyPatch) -> LoadedModel:
+    """Save ``saved``'s fp32 weights to ``folder`` and load them as a GPU would (bf16)."""
+    saved.model.save_pretrained(folder)
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharTokenizer()
+    )
+    monkeypatch.setattr(models, "model_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(models, "_LOADED", {})
+    return models.load_model(str(folder), device="cpu")
 
 
 def test_a_bf16_copy_carries_the_fp32_fingerprint(
@@ -18,13 +29,7 @@ def test_a_bf16_copy_carries_the_fp32_fingerprint(
     """A coordinator on a GPU (bf16) applies releases that fp32 CPU holders made with the same
     weights: its loaded model carries their fingerprint, not the hash of its rounded copy."""
     tiny = tiny_model(seed=3)
-    tiny.model.save_pretrained(tmp_path)
-    monkeypatch.setattr(
-        transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharTokenizer()
-    )
-    monkeypatch.setattr(models, "model_dtype", lambda device: torch.bfloat16)
-    monkeypatch.setattr(models, "_LOADED", {})
-    loaded = models.load_model(str(tmp_path), device="cpu")
+    loaded = _bf16_copy(tiny, tmp_path, monkeypatch)
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
     assert weight_fingerprint(loaded.model) != tiny.fingerprint  # rounding changed the weights
     assert loaded.fingerprint == tiny.fingerprint
@@ -35,11 +40,5 @@ def test_other_weights_keep_another_fingerprint_in_bf16(
 ) -> None:
     """The bf16 path reads the fingerprint of the weights on disk: other weights, other hash."""
     other = tiny_model(seed=4)
-    other.model.save_pretrained(tmp_path)
-    monkeypatch.setattr(
-        transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharTokenizer()
-    )
-    monkeypatch.setattr(models, "model_dtype", lambda device: torch.bfloat16)
-    monkeypatch.setattr(models, "_LOADED", {})
-    loaded = models.load_model(str(tmp_path), device="cpu")
+    loaded = _bf16_copy(other, tmp_path, monkeypatch)
     assert loaded.fingerprint == other.fingerprint != tiny_model(seed=3).fingerprint
