@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=64, help="rows of the agreement batch")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--samples", type=int, default=256, help="fluency samples")
-    parser.add_argument("--batch", type=int, default=256, help="fluency generation batch")
+    parser.add_argument(
+        "--batch", type=int, default=128, help="fluency generation batch (< --samples: refills)"
+    )
     parser.add_argument("--attention", default="sdpa,eager")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
