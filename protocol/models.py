@@ -109,6 +109,20 @@ def check_tokenizer(model: PackagedModel, tokenizer: Any, *, where: str) -> None
         )
 
 
+def load_tokenizer(name_or_path: str, path: str) -> Any:
+    """The tokenizer saved in ``path``, the folder of model ``name_or_path``.
+
+    A packaged model's is refused unless it encodes its probe as the model's own does
+    (:func:`check_tokenizer`).
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if name_or_path in PACKAGED_MODELS:
+        check_tokenizer(PACKAGED_MODELS[name_or_path], tokenizer, where=path)
+    return tokenizer
+
+
 def cache_root() -> Path:
     """Directory of fedsynth's local model cache (``$FEDSYNTH_CACHE`` or ~/.cache/fedsynth)."""
     return Path(os.environ.get("FEDSYNTH_CACHE", Path.home() / ".cache" / "fedsynth"))
@@ -250,7 +264,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) 
 
     bf16 on CUDA, fp32 on CPU; eval mode; the tokenizer gets a pad token if it has none.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     key = (name_or_path, str(dev))
@@ -263,9 +277,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) 
     path = resolve_model_dir(name_or_path)
     dtype = model_dtype(dev)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if name_or_path in PACKAGED_MODELS:
-            check_tokenizer(PACKAGED_MODELS[name_or_path], tokenizer, where=path)
+        tokenizer = load_tokenizer(name_or_path, path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as exc:
         raise ConfigError(

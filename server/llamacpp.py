@@ -31,7 +31,7 @@ from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.models import (
     PACKAGED_MODELS,
     cache_root,
-    check_tokenizer,
+    load_tokenizer,
     model_fingerprint,
     resolve_model_dir,
 )
@@ -146,10 +146,7 @@ class LlamaCppBackend:
         self._gguf = packaged.gguf_path(cache_root())
         fp32_dir = Path(resolve_model_dir(model))
         _check_same_source(fp32_dir, packaged.package, packaged.gguf_file)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(fp32_dir))
-        check_tokenizer(packaged, self.tokenizer, where=str(fp32_dir))
+        self.tokenizer = load_tokenizer(model, str(fp32_dir))
         self._fingerprint = model_fingerprint(model)
         lib = self._lib
         lib.llama_backend_init()
