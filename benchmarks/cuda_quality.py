@@ -118,7 +118,6 @@ def fluency(
     reference: LoadedModel, generator: LoadedModel, *, samples: int, batch: int, seed: int = 0
 ) -> dict[str, Any]:
     """Samples of ``generator`` scored by ``reference``: mean log-prob per token and length."""
-    prompt = review_prompts(1)[0]
     prompts = review_prompts(samples)
     config = GenerationConfig(max_new_tokens=32, batch_size=batch)
     texts = generate_from_prompts(generator, prompts, config=config, seed=seed)
@@ -133,7 +132,7 @@ def fluency(
         "mean_logprob_per_token": sum(logprobs) / max(len(logprobs), 1),
         "mean_chars": sum(len(t) for t in texts) / max(len(texts), 1),
         "empty_fraction": 1 - len(scored) / max(len(texts), 1),
-        "example": next((t for t in texts if t), "") + f"  [prompt {prompt!r}]",
+        "example": f"{scored[0][1]}  [prompt {scored[0][0]!r}]" if scored else "",
     }
 
 
