@@ -63,9 +63,12 @@ def refusal_reason(exc: BaseException) -> str:
 def manifest_model_matches(loaded: LoadedModel, manifest: TaskManifest) -> None:
     """Refuse a manifest whose model fingerprint differs from the local model's."""
     if loaded.fingerprint != manifest.model_fingerprint:
+        from fedsynth.protocol.models import tokenizer_fingerprint
+
         raise ModelMismatchError(
             f"model_fingerprint: manifest has {manifest.model_fingerprint}, the local model "
-            f"{loaded.name!r} has {loaded.fingerprint}"
+            f"{loaded.name!r} has {loaded.fingerprint} (it covers the weights and the "
+            f"tokenizer; the local tokenizer's part is {tokenizer_fingerprint(loaded.tokenizer)})"
         )
     if loaded.hidden_size != manifest.hidden_size:
         raise ModelMismatchError(

@@ -27,7 +27,9 @@ class FetchedModel:
         name: The name or directory as given.
         source: Where the weights came from (package and license, built-in, or a directory).
         location: The local directory holding the weights (None for a built-in test model).
-        fingerprint: ``sha256:`` and 64 hex digits, as a manifest's ``model_fingerprint``.
+        fingerprint: ``sha256:`` and 64 hex digits, as a manifest's ``model_fingerprint``
+            (weights and tokenizer together).
+        tokenizer_fingerprint: The tokenizer's part alone (to tell which of the two differs).
         device: The torch device the weights were loaded on (the fingerprint depends on it:
             bf16 on CUDA, fp32 on CPU).
     """
@@ -37,6 +39,7 @@ class FetchedModel:
     location: Path | None
     fingerprint: str
     device: str
+    tokenizer_fingerprint: str = ""
 
 
 def known_models() -> tuple[str, ...]:
@@ -62,6 +65,7 @@ def fetch_model(name: str) -> FetchedModel:
         TINY_MODELS,
         load_model,
         resolve_model_dir,
+        tokenizer_fingerprint,
     )
 
     location: Path | None
@@ -87,4 +91,5 @@ def fetch_model(name: str) -> FetchedModel:
         location=location,
         fingerprint=loaded.fingerprint,
         device=str(loaded.device),
+        tokenizer_fingerprint=tokenizer_fingerprint(loaded.tokenizer),
     )

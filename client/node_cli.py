@@ -284,7 +284,11 @@ def fetch_model_command(
     _console.print(f"model {fetched.name}: {fetched.source}{where}", markup=False, highlight=False)
     _console.print(f"fingerprint {fetched.fingerprint}", markup=False, highlight=False)
     _console.print(
-        f"(weights as loaded on {fetched.device}, as the node's ClientApp loads them) compare it "
+        f"  of which the tokenizer's {fetched.tokenizer_fingerprint}", markup=False, highlight=False
+    )
+    _console.print(
+        f"(weights as loaded on {fetched.device} and tokenizer, as the node's ClientApp loads "
+        "them) compare it "
         "with the fingerprint the operator gives for the task; list it in POLICY.toml's "
         "allowed_fingerprints",
         markup=False,

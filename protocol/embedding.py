@@ -72,7 +72,7 @@ class _NamedEmbedder:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the weights (or the configuration of a weightless embedder)."""
+        """sha256 over the weights and tokenizer (or the configuration of a weightless embedder)."""
         return self._fingerprint
 
     @property
@@ -85,14 +85,15 @@ class SentenceEmbedder(_NamedEmbedder):
     """A sentence-transformers model as an :class:`~fedsynth.protocol.pe.Embedder`."""
 
     def __init__(self, model: SentenceTransformer, *, name: str, batch_size: int = 64) -> None:
-        from fedsynth.protocol.models import weight_fingerprint
+        from fedsynth.protocol.models import combined_fingerprint, weight_fingerprint
 
         self.model = model
         self.batch_size = batch_size
         get_dim = getattr(model, "get_embedding_dimension", None)
         if get_dim is None:
             get_dim = model.get_sentence_embedding_dimension
-        super().__init__(name, weight_fingerprint(model), int(get_dim() or 0))
+        fingerprint = combined_fingerprint(weight_fingerprint(model), model.tokenizer)
+        super().__init__(name, fingerprint, int(get_dim() or 0))
 
     def embed(self, samples: Sequence[str]) -> np.ndarray:
         """L2-normalised (n, dim) float32 embeddings, batched."""

@@ -25,7 +25,7 @@ class UnknownLabelError(DataFileError):
 
 
 class ModelMismatchError(FedSynthError):
-    """The local model's weight fingerprint differs from the manifest's."""
+    """The local model's fingerprint (weights and tokenizer) differs from the manifest's."""
 
 
 class PolicyViolationError(FedSynthError):

@@ -102,7 +102,7 @@ class TaskManifest:
     Attributes:
         task_id: Unique id; also binds the secure-sum session.
         model_name: Human-readable model name.
-        model_fingerprint: sha256 of the weights (see `weight_fingerprint`).
+        model_fingerprint: sha256 of the weights and the tokenizer (see `combined_fingerprint`).
         template: Class-conditional prompt template (labels in manifest order).
         layers: Injection/feature layers.
         max_text_tokens: Text tokens kept per example.

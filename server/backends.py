@@ -207,7 +207,7 @@ def check_release_backend(model: LoadedModel | GenerationBackend, release: Relea
 
     Raises:
         ModelMismatchError: the release's layers or hidden size do not fit the model, or it
-            was computed with other weights.
+            was computed with other weights or another tokenizer.
     """
     backend = as_backend(model)
     manifest = release.manifest
@@ -228,5 +228,7 @@ def check_release_backend(model: LoadedModel | GenerationBackend, release: Relea
     if backend.fingerprint != manifest.model_fingerprint:
         raise ModelMismatchError(
             f"model_fingerprint: release {release.release_id} was made with "
-            f"{manifest.model_fingerprint}, the loaded model has {backend.fingerprint}"
+            f"{manifest.model_fingerprint}, the loaded model has {backend.fingerprint} (weights "
+            "and tokenizer together: the same weights with a tokenizer that encodes text "
+            "otherwise differ too)"
         )
