@@ -287,10 +287,9 @@ def fetch_model_command(
         f"  of which the tokenizer's {fetched.tokenizer_fingerprint}", markup=False, highlight=False
     )
     _console.print(
-        f"(weights as loaded on {fetched.device} and tokenizer, as the node's ClientApp loads "
-        "them) compare it "
-        "with the fingerprint the operator gives for the task; list it in POLICY.toml's "
-        "allowed_fingerprints",
+        f"(the weights as loaded on {fetched.device} and the tokenizer, as the node's "
+        "ClientApp loads them) compare it with the fingerprint the operator gives for the task; "
+        "list it in POLICY.toml's allowed_fingerprints",
         markup=False,
         highlight=False,
     )

@@ -346,13 +346,17 @@ def test_fetch_model_prints_the_fingerprint_the_client_app_checks(tmp_path: Path
     from fedsynth.client.contributor import manifest_model_matches
     from fedsynth.client.policy import ClientPolicy
     from fedsynth.protocol.errors import ModelMismatchError, PolicyViolationError
-    from fedsynth.protocol.models import load_model
+    from fedsynth.protocol.models import load_model, tokenizer_fingerprint
 
     printed = _fetched_fingerprint("tiny-llama", tmp_path / "cache")
     assert os.environ["FEDSYNTH_CACHE"] == str(tmp_path / "cache")
     # The coordinator's manifest for the same model carries exactly this fingerprint ...
     manifest = _coordinator_manifest(load_model("tiny-llama"))
     assert printed == manifest.model_fingerprint
+    # The tokenizer's part is printed too, to tell which of the two differs.
+    shown = runner.invoke(app, ["node", "fetch-model", "tiny-llama"]).stdout
+    tokenizer = tokenizer_fingerprint(load_model("tiny-llama").tokenizer)
+    assert f"of which the tokenizer's {tokenizer}" in shown
     # ... the node's model check accepts it, and a policy pinning it accepts the task.
     manifest_model_matches(load_model("tiny-llama"), manifest)
     ClientPolicy(allowed_fingerprints=(printed,)).check(manifest, spent=0.0, n_records=None)
