@@ -145,6 +145,23 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def evaluation(data: Any) -> dict[str, Any]:
+    """The demo's evaluator for one split, as :func:`score_curve`'s keywords: the fidelity
+    judge (``judge``), the held-out texts and labels (``test_texts``, ``test_labels``)."""
+    from fedsynth.simulations.demo import judge_records
+    from fedsynth.simulations.metrics import train_text_classifier
+
+    judge_texts, _ = judge_records(data)
+    judge = train_text_classifier(
+        [r.text for r in judge_texts], [r.label for r in judge_texts], seed=0
+    )
+    return {
+        "judge": judge,
+        "test_texts": [r.text for r in data.test],
+        "test_labels": [r.label for r in data.test],
+    }
+
+
 def _cached(
     path: Path, make: Callable[[int, int], list[tuple[str, str]]], *, per_label: int, seed: int
 ) -> list[tuple[str, str]]:
@@ -213,10 +230,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from fedsynth.simulations.demo import (
         demo_config,
         generation_config,
-        judge_records,
         split_data,
     )
-    from fedsynth.simulations.metrics import train_text_classifier
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--release", type=Path, action="append", default=[])
@@ -280,12 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.preset, out_dir=args.out, seed=seed, model=model, top_p=args.top_p
         )
         data = split_data(config)
-        judge_texts, _ = judge_records(data)
-        judge = train_text_classifier(
-            [r.text for r in judge_texts], [r.label for r in judge_texts], seed=0
-        )
-        test_texts = [r.text for r in data.test]
-        test_labels = [r.label for r in data.test]
+        scoring = evaluation(data)
         generation = generation_config(config)  # the demo's sampling settings
         if args.batch is not None:
             generation = replace(generation, batch_size=args.batch)
@@ -322,9 +332,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 seed,
                 pairs,
                 args.sizes,
-                judge=judge,
-                test_texts=test_texts,
-                test_labels=test_labels,
+                **scoring,
             )
         if not args.no_real:
             rng = random.Random(seed)
@@ -334,9 +342,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 seed,
                 real,
                 args.sizes,
-                judge=judge,
-                test_texts=test_texts,
-                test_labels=test_labels,
+                **scoring,
             )
     write_curve(points, args.out)
 

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout
 
-from benchmarks.samples_curve import _cached, score_curve, write_curve
+from benchmarks.samples_curve import _cached, evaluation, score_curve, write_curve
 
 
 def cluster_vectors(
@@ -89,11 +89,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from fedsynth.simulations.demo import (
         demo_config,
         generation_config,
-        judge_records,
         split_data,
         task_config,
     )
-    from fedsynth.simulations.metrics import train_text_classifier
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--release", type=Path, required=True, help="an ε = ∞ demo release")
@@ -137,12 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     record_labels_arr = np.array(record_labels)
     engine = open_backend(args.backend, manifest.model_name)
     generation = generation_config(config)
-    judge_texts, _ = judge_records(data)
-    judge = train_text_classifier(
-        [r.text for r in judge_texts], [r.label for r in judge_texts], seed=0
-    )
-    test_texts = [r.text for r in data.test]
-    test_labels = [r.label for r in data.test]
+    scoring = evaluation(data)
     residual_norms = release.residual_norms()
     points = []
     for k in args.k:
@@ -223,9 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.seed,
             pairs,
             args.sizes,
-            judge=judge,
-            test_texts=test_texts,
-            test_labels=test_labels,
+            **scoring,
         )
         write_curve(points, args.out)
 
