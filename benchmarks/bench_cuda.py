@@ -37,12 +37,7 @@ from typing import Any
 
 import torch
 
-from fedsynth.protocol.models import (
-    LoadedModel,
-    combined_fingerprint,
-    load_model,
-    weight_fingerprint,
-)
+from fedsynth.protocol.models import LoadedModel, load_model, loaded_fingerprint
 from fedsynth.server.generation import GenerationConfig, generate_from_prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
@@ -72,7 +67,7 @@ def shape_only(directory: Path, device: str | None = None) -> LoadedModel:
         name=f"{directory.name} (random weights)",
         model=model,
         tokenizer=tokenizer,
-        fingerprint=combined_fingerprint(weight_fingerprint(model), tokenizer),
+        fingerprint=loaded_fingerprint(model, tokenizer),
         device=torch.device(device),
     )
 

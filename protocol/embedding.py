@@ -85,15 +85,14 @@ class SentenceEmbedder(_NamedEmbedder):
     """A sentence-transformers model as an :class:`~fedsynth.protocol.pe.Embedder`."""
 
     def __init__(self, model: SentenceTransformer, *, name: str, batch_size: int = 64) -> None:
-        from fedsynth.protocol.models import combined_fingerprint, weight_fingerprint
+        from fedsynth.protocol.models import loaded_fingerprint
 
         self.model = model
         self.batch_size = batch_size
         get_dim = getattr(model, "get_embedding_dimension", None)
         if get_dim is None:
             get_dim = model.get_sentence_embedding_dimension
-        fingerprint = combined_fingerprint(weight_fingerprint(model), model.tokenizer)
-        super().__init__(name, fingerprint, int(get_dim() or 0))
+        super().__init__(name, loaded_fingerprint(model, model.tokenizer), int(get_dim() or 0))
 
     def embed(self, samples: Sequence[str]) -> np.ndarray:
         """L2-normalised (n, dim) float32 embeddings, batched."""

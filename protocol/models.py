@@ -241,6 +241,11 @@ def combined_fingerprint(weights: str, tokenizer: Any) -> str:
     return "sha256:" + hashlib.sha256(both.encode()).hexdigest()
 
 
+def loaded_fingerprint(model: nn.Module, tokenizer: Any) -> str:
+    """:func:`combined_fingerprint` of a model in memory (its fp32 weights) and its tokenizer."""
+    return combined_fingerprint(weight_fingerprint(model), tokenizer)
+
+
 def weight_fingerprint(model: nn.Module) -> str:
     """Return sha256 over every parameter and buffer (name, dtype, shape, fp32 bytes).
 
@@ -326,7 +331,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) 
     # A bf16 copy computes with the same weights as the holders' fp32 one: it carries their
     # fingerprint, so a release made on CPUs is applied on a GPU (as llama.cpp's quantized copy).
     fingerprint = (
-        combined_fingerprint(weight_fingerprint(model), tokenizer)
+        loaded_fingerprint(model, tokenizer)
         if dtype == torch.float32
         else model_fingerprint(name_or_path)
     )
@@ -426,7 +431,7 @@ def tiny_model(*, seed: int = 0, arch: str = "llama", sliding_window: int = 64) 
         name=f"tiny-{arch}" if seed == 0 else f"tiny-{arch}-{seed}",
         model=model,
         tokenizer=tokenizer,
-        fingerprint=combined_fingerprint(weight_fingerprint(model), tokenizer),
+        fingerprint=loaded_fingerprint(model, tokenizer),
         device=torch.device("cpu"),
     )
 
