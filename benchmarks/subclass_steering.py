@@ -133,6 +133,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         prior_labels = np.array([lb for lb, _ in prior])
     record_labels_arr = np.array(record_labels)
+    # The clipped differences of each class's records (and prior texts), whatever k is.
+    units = {
+        label: clip_to_unit(features[record_labels_arr == label] - reference.means[c], clip)
+        for c, label in enumerate(labels)
+    }
+    public_units = (
+        {
+            label: clip_to_unit(public_features[prior_labels == label] - reference.means[c], clip)
+            for c, label in enumerate(labels)
+        }
+        if public_features is not None
+        else None
+    )
     engine = open_backend(args.backend, manifest.model_name)
     generation = generation_config(config)
     scoring = evaluation(data)
@@ -141,14 +154,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     for k in args.k:
         plans: dict[str, list[tuple[dict[int, Any], int, int]]] = {}
         for c, label in enumerate(labels):
-            unit = clip_to_unit(features[record_labels_arr == label] - reference.means[c], clip)
+            unit = units[label]
             flat = unit.reshape(len(unit), -1)
             if k == 1:
                 assign = np.zeros(len(unit), dtype=np.int64)
-            elif public_features is not None:
-                public_unit = clip_to_unit(
-                    public_features[prior_labels == label] - reference.means[c], clip
-                )
+            elif public_units is not None:
+                public_unit = public_units[label]
                 centroids = kmeans(public_unit.reshape(len(public_unit), -1), k, args.seed)
                 assign = nearest(flat, centroids)
             else:
