@@ -89,17 +89,6 @@ def refuse_repeated_task(budget: ClientBudget, manifest: TaskManifest) -> None:
         )
 
 
-def refuse_too_many_records(n_records: int, manifest: TaskManifest) -> None:
-    """Refuse a data file with more records than the task's ``max_records``.
-
-    The count stays in the holder's own log: the coordinator only learns the refusal's category.
-    """
-    if n_records > manifest.max_records:
-        raise ProtocolError(
-            f"{n_records} records exceed the task's max_records={manifest.max_records}"
-        )
-
-
 class Contributor(SecureSumParticipant[TaskManifest]):
     """A data holder's dataset-vector contribution: features, class sums, noise share."""
 
@@ -125,7 +114,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         if self.node_id not in manifest.node_ids:
             raise ProtocolError(f"node {self.node_id} is not a participant of {manifest.task_id}")
         n_records = self.record_count(manifest.labels)  # one pass; no record is kept
-        refuse_too_many_records(n_records, manifest)
+        self.settings.policy.check_records(n_records)
         budget = ClientBudget(self.settings.budget_path)
         refuse_repeated_task(budget, manifest)
         self.settings.policy.check(manifest, spent=budget.spent(), n_records=n_records)
@@ -167,7 +156,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
             accumulator.add(features, labels, rng=rng)
             del features, texts
         n_records = accumulator.n_records
-        refuse_too_many_records(n_records, manifest)
+        self.settings.policy.check_records(n_records)
         if self._counted is not None and n_records != self._counted:
             raise DataFileError(
                 f"{self.settings.data_path}: the data file changed while this task ran: it "
@@ -210,6 +199,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
             label_field=self.settings.label_field,
             labels=labels,
             batch_size=size,
+            skip_unknown_labels=True,
         )
 
     @staticmethod

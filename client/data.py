@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,8 @@ def count_records(
     label_field: str = "label",
     labels: Sequence[str] | None = None,
     max_chars: int = MAX_CHARS,
+    skip_unknown_labels: bool = False,
+    on_skipped: Callable[[int], None] | None = None,
 ) -> int:
     """Validate a whole data file exactly as :func:`load_records` does and count its records.
 
@@ -133,14 +135,22 @@ def count_records(
     refusals of a malformed file, a foreign label or too many records come before any key is
     exchanged) at a memory cost independent of the file's size.
 
+    ``skip_unknown_labels`` and ``on_skipped``: as for :func:`iter_record_batches`.
+
     Returns:
-        The number of records (at least 1).
+        The number of records (at least 1, or 0 when every one was skipped).
 
     Raises:
         ConfigError, DataFileError, UnknownLabelError: As :func:`load_records`.
     """
     batches = iter_record_batches(
-        path, text_field=text_field, label_field=label_field, labels=labels, max_chars=max_chars
+        path,
+        text_field=text_field,
+        label_field=label_field,
+        labels=labels,
+        max_chars=max_chars,
+        skip_unknown_labels=skip_unknown_labels,
+        on_skipped=on_skipped,
     )
     return sum(len(batch) for batch in batches)
 
@@ -153,6 +163,8 @@ def iter_record_batches(
     labels: Sequence[str] | None = None,
     max_chars: int = MAX_CHARS,
     batch_size: int = DEFAULT_READ_BATCH,
+    skip_unknown_labels: bool = False,
+    on_skipped: Callable[[int], None] | None = None,
 ) -> Iterator[list[Record]]:
     """Stream a data file's valid records in file order, ``batch_size`` at a time.
 
@@ -171,6 +183,11 @@ def iter_record_batches(
         labels: If given, the only labels allowed.
         max_chars: Longest text allowed, in characters.
         batch_size: Most records per yielded batch (the last one may hold fewer).
+        skip_unknown_labels: Leave out well-formed rows whose label is not in ``labels``
+            instead of failing (a holder's task path: whether its file holds a label the
+            task omits must not decide whether it takes part, or a coordinator could ask).
+            A file whose every row is left out then yields nothing and raises nothing.
+        on_skipped: Called once at the end with the number of rows left out (skip mode).
 
     Yields:
         Lists of 1 to ``batch_size`` records.
@@ -206,6 +223,8 @@ def iter_record_batches(
         allowed=allowed,
         max_chars=max_chars,
         batch_size=batch_size,
+        skip_unknown_labels=skip_unknown_labels,
+        on_skipped=on_skipped,
     )
 
 
@@ -218,6 +237,8 @@ def _stream(
     allowed: frozenset[str] | None,
     max_chars: int,
     batch_size: int,
+    skip_unknown_labels: bool = False,
+    on_skipped: Callable[[int], None] | None = None,
 ) -> Iterator[list[Record]]:
     """Read, validate and batch the rows; raise the file's error once its end is reached."""
     if suffix in (".jsonl", ".json"):
@@ -230,6 +251,7 @@ def _stream(
     batch: list[Record] = []
     problems = _Problems()
     n_records = 0
+    skipped = 0
     for row in rows:
         if row.fields is None:
             problems.add(_Problem(row.where, row.error or "unreadable row"))
@@ -241,7 +263,9 @@ def _stream(
             allowed=allowed,
             max_chars=max_chars,
         )
-        if problem is not None:
+        if problem is not None and problem.unknown_label and skip_unknown_labels:
+            skipped += 1
+        elif problem is not None:
             problems.add(problem)
         elif record is not None:
             batch.append(record)
@@ -254,7 +278,9 @@ def _stream(
 
     if problems.total:
         _raise_problems(file, problems, allowed)
-    if not n_records:
+    if skip_unknown_labels and on_skipped is not None:
+        on_skipped(skipped)
+    if not n_records and not skipped:
         raise DataFileError(f"{file}: the file holds no records (at least 1 is required)")
 
 

@@ -25,6 +25,7 @@ from fedsynth.client.policy_file import attach_log_file, node_policy
 from fedsynth.client.settings import load_credentials
 from fedsynth.protocol.errors import (
     BudgetStoreError,
+    ConfigError,
     FedSynthError,
     PolicyViolationError,
     RefusalCategory,
@@ -38,6 +39,8 @@ ERROR_CODE_REFUSED = 4100
 
 
 RUN_CONFIG_REFUSED = ("allow-non-private",)
+SIMULATION_NODE_KEY = "num-partitions"
+"""A node-config key Flower's simulation engine sets on every simulated node."""
 """Run-config keys a holder refuses outright: consent to non-private releases is the holder's."""
 
 
@@ -48,13 +51,15 @@ def settings_from_context(
 
     Privacy consent (``allow-non-private``) comes only from the holder's own node config: a run
     config, which the coordinator writes, that names it is refused. Booleans parse strictly.
-    A node with its own data file (deployment) must name its ``budget-path``; in a simulation
-    that reads partitions from the run's ``data-dir``, each holder keeps its store beside them.
+    A node with its own data file (deployment) must name its ``budget-path``; only a simulated
+    node (Flower sets ``num-partitions`` in its node config) reads a partition from the run's
+    ``data-dir`` and keeps its store beside it.
 
     Raises:
         PolicyViolationError: The run config carries ``allow-non-private``.
         BudgetStoreError: No budget store: the node refuses every task.
-        ConfigError: A node-config value does not parse (the message names key and value).
+        ConfigError: A node-config value does not parse (the message names key and value), or
+            a node that is not simulated names no ``data-path``.
     """
     node = context.node_config
     run = context.run_config
@@ -67,6 +72,14 @@ def settings_from_context(
     budget_path = default_budget_path
     if "data-path" in node:
         data_path = Path(str(node["data-path"]))
+    elif SIMULATION_NODE_KEY not in node:
+        # The run config is the coordinator's: it may not choose which file on this machine
+        # is read, nor (beside it) which budget store and identity hold this holder's word.
+        raise ConfigError(
+            "the node config names no data-path; a deployed SuperNode must set data-path (and "
+            "budget-path) itself. Partitions under the run's data-dir are read only by "
+            f"Flower's simulated nodes (whose node config carries {SIMULATION_NODE_KEY})"
+        )
     else:
         from fedsynth.protocol.models import cache_root  # imports torch: only on this path
 

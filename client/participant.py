@@ -10,6 +10,7 @@ every task.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -37,6 +38,7 @@ from fedsynth.protocol.messages import (
 )
 from fedsynth.protocol.secagg import ROUND_STAGES, SecAggClient, SecureSumTask, Stage
 
+log = logging.getLogger(__name__)
 TaskT = TypeVar("TaskT", bound=SecureSumTask)
 
 
@@ -54,14 +56,27 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         """Validate the whole data file against the task's labels and count its records.
 
         One streaming pass that keeps no record (memory independent of the file's size).
+        Records whose label the task does not list are left out, not refused (whether the
+        file holds such a label is private); the holder's log says how many.
         """
         self._counted = count_records(
             self.settings.data_path,
             text_field=self.settings.text_field,
             label_field=self.settings.label_field,
             labels=labels,
+            skip_unknown_labels=True,
+            on_skipped=self._log_skipped,
         )
         return self._counted
+
+    @staticmethod
+    def _log_skipped(count: int) -> None:
+        """Tell the holder's own log (never the coordinator) how many records were left out."""
+        if count:
+            log.warning(
+                "%d record(s) carry a label this task does not list; they are left out of it",
+                count,
+            )
 
     # -- hooks -----------------------------------------------------------------------------------
 
@@ -234,6 +249,9 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             revealed = revealed_seed(seed, schedule, len(survivors))
             if revealed is not None:
                 reply[NOISE_SEED_FIELD] = revealed
+        # The chain seed has done its work (unmask is answered once): keep no noise secret.
+        if self._noise_key in state.config_records:
+            del state.config_records[self._noise_key]
         return pack(Envelope(task.task_id, Stage.UNMASK.value), reply)
 
     # -- state -----------------------------------------------------------------------------------

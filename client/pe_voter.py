@@ -62,21 +62,30 @@ def embed_data_file(
     text_field: str = "text",
     label_field: str = "label",
     chunk: int = EMBED_CHUNK,
+    skip_unknown_labels: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(n, D) embeddings and (n,) label indices of a data file, read ``chunk`` records at a time.
 
     The file is validated as :func:`~fedsynth.client.data.load_records` validates it (the
-    error comes once the end is reached; nothing computed here leaves before that).
+    error comes once the end is reached; nothing computed here leaves before that), or, with
+    ``skip_unknown_labels`` (a holder's vote), rows of a label the round omits are left out.
     """
     index = {label: i for i, label in enumerate(labels)}
     parts: list[np.ndarray] = []
     label_ids: list[np.ndarray] = []
     batches = iter_record_batches(
-        path, text_field=text_field, label_field=label_field, labels=labels, batch_size=chunk
+        path,
+        text_field=text_field,
+        label_field=label_field,
+        labels=labels,
+        batch_size=chunk,
+        skip_unknown_labels=skip_unknown_labels,
     )
     for batch in batches:
         parts.append(np.asarray(embedder.embed([r.text for r in batch])))
         label_ids.append(np.array([index[r.label] for r in batch], dtype=np.int64))
+    if not parts:  # every record left out: this holder votes nothing
+        return np.zeros((0, embedder.dim), dtype=np.float32), np.zeros(0, dtype=np.int64)
     return np.concatenate(parts), np.concatenate(label_ids)
 
 
@@ -122,10 +131,7 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
             raise ProtocolError(f"node {self.node_id} is not a participant of {manifest.task_id}")
         self._check_round(manifest, state)
         n_records = self.record_count(manifest.labels)
-        if n_records > manifest.max_records:
-            raise ProtocolError(
-                f"{n_records} records exceed the task's max_records={manifest.max_records}"
-            )
+        self.settings.policy.check_records(n_records)
         # A task already charged (earlier rounds) is not counted twice against the cap.
         spent = ClientBudget(self.settings.budget_path).spent(exclude=manifest.pe_task_id)
         self.settings.policy.check(manifest, spent=spent, n_records=n_records)
@@ -197,6 +203,7 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
                 embedder,
                 text_field=self.settings.text_field,
                 label_field=self.settings.label_field,
+                skip_unknown_labels=True,
             )
             while len(_EMBEDDINGS) > _EMBEDDINGS_MAX:
                 _EMBEDDINGS.popitem(last=False)

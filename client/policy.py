@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -9,6 +10,8 @@ from typing import Protocol
 from fedsynth.client.budget import ClientBudget as ClientBudget
 from fedsynth.protocol.errors import BudgetExceededError, ConfigError, PolicyViolationError
 from fedsynth.protocol.manifest import PrivacySpec
+
+log = logging.getLogger(__name__)
 
 
 def parse_bool(key: str, value: object) -> bool:
@@ -52,6 +55,11 @@ class PolicySubject(Protocol):
         """The task's participants (K of them)."""
         ...
 
+    @property
+    def max_records(self) -> int:
+        """The most records per holder the task's field range holds."""
+        ...
+
 
 @dataclass(frozen=True)
 class ClientPolicy:
@@ -62,24 +70,31 @@ class ClientPolicy:
         max_total_epsilon: Lifetime budget over all tasks (basic composition).
         max_delta: Largest delta per task.
         min_threshold: Smallest reconstruction threshold t (fewest honest survivors) accepted.
-        allowed_modes: Trust modes the holder accepts.
+        allowed_modes: Trust modes the holder accepts. ``central`` (the coordinator sees the
+            noise-free sum and is trusted to add the noise) only when the holder lists it.
         allowed_fingerprints: Model fingerprints accepted (empty = the local model's only).
         allow_non_private: Whether epsilon = inf tasks (no noise) are accepted.
         max_colluders: Holders this holder assumes may collude with the coordinator; the
             secure sum's threshold must satisfy 2t - K > max_colluders (0: a strict majority).
         min_holders: Fewest participants K a task may have (a sum over few holders reveals
             more about each one's data to the others).
+        max_records: Most records this holder contributes to any task, a public cap of its
+            own. A task must allow at least as many (its field range must hold a full
+            contribution); a data file with more is refused for every task alike. Comparing
+            the file with the task's cap instead would let a coordinator find the file's exact
+            size by moving that cap over a few free setups.
     """
 
     max_epsilon_per_task: float = 8.0
     max_total_epsilon: float = 50.0
     max_delta: float = 1e-4
     min_threshold: int = 2
-    allowed_modes: tuple[str, ...] = ("distributed", "central", "local")
+    allowed_modes: tuple[str, ...] = ("distributed", "local")
     allowed_fingerprints: tuple[str, ...] = ()
     allow_non_private: bool = False
     max_colluders: int = 0
     min_holders: int = 2
+    max_records: int = 1_000_000
 
     def __post_init__(self) -> None:
         if not isinstance(self.allow_non_private, bool):
@@ -104,9 +119,31 @@ class ClientPolicy:
             or self.min_holders < 2
         ):
             raise ConfigError(f"min_holders={self.min_holders!r}: must be an int >= 2")
+        if (
+            isinstance(self.max_records, bool)
+            or not isinstance(self.max_records, int)
+            or self.max_records < 1
+        ):
+            raise ConfigError(f"max_records={self.max_records!r}: must be an int >= 1")
+
+    def check_records(self, n_records: int) -> None:
+        """Refuse a data file with more records than this holder's own ``max_records``.
+
+        The cap is the holder's (a task must allow at least as many, :meth:`check`), so the
+        answer is the same for every task; the count stays in the holder's own log (the
+        coordinator learns only the refusal's category).
+        """
+        if n_records > self.max_records:
+            raise PolicyViolationError(
+                f"{n_records} records exceed this holder's max_records={self.max_records}"
+            )
 
     def check(self, manifest: PolicySubject, *, spent: float, n_records: int | None) -> None:
-        """Refuse a manifest outside this policy, with a reason an operator can read."""
+        """Refuse a manifest outside this policy, with a reason an operator can read.
+
+        Every refusal depends on the task's terms and this holder's own settings and spending
+        only, never on its data (``n_records`` only feeds a local warning about delta).
+        """
         p = manifest.privacy
         if p.mode not in self.allowed_modes:
             raise PolicyViolationError(
@@ -123,9 +160,19 @@ class ClientPolicy:
             )
         if p.delta > self.max_delta:
             raise PolicyViolationError(f"delta={p.delta} exceeds max_delta={self.max_delta}")
-        if n_records is not None and p.delta >= 1.0 / max(n_records, 1):
+        if manifest.max_records < self.max_records:
             raise PolicyViolationError(
-                f"delta={p.delta} must be below 1/n=1/{n_records} for this holder's data"
+                f"the task's max_records={manifest.max_records} is below this holder's "
+                f"max_records={self.max_records}"
+            )
+        if n_records is not None and p.delta >= 1.0 / max(n_records, 1):
+            # Only the holder's log says so: a refusal that depends on the private record
+            # count would tell the coordinator about it (max_delta is the refusing term).
+            log.warning(
+                "delta=%s is not below 1/n=1/%s for this holder's data; lower max_delta in the "
+                "policy to refuse such tasks",
+                p.delta,
+                n_records,
             )
         if p.threshold < self.min_threshold:
             raise PolicyViolationError(

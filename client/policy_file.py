@@ -10,6 +10,7 @@ Example (every key optional; an absent key keeps :class:`ClientPolicy`'s default
     min_threshold = 3               # smallest secure-sum threshold t
     min_holders = 3                 # fewest participants K
     max_colluders = 0               # holders assumed to collude with the coordinator
+    max_records = 1000000           # most records contributed to any task (a public cap)
     allow_non_private = false       # epsilon = inf tasks; never true unless meant
     budget_path = "budget.sqlite"   # relative paths: beside this file
     log_file = "node.log"           # refusal details go here (never records)
@@ -48,7 +49,7 @@ __all__ = [
 MAX_POLICY_BYTES: Final = 1024 * 1024
 _FINGERPRINT: Final = re.compile(r"sha256:[0-9a-f]{64}")
 _FLOATS: Final = ("max_epsilon_per_task", "max_total_epsilon", "max_delta")
-_INTS: Final = ("min_threshold", "min_holders", "max_colluders")
+_INTS: Final = ("min_threshold", "min_holders", "max_colluders", "max_records")
 _PATHS: Final = ("budget_path", "log_file")
 KNOWN_KEYS: Final = frozenset(
     {*_FLOATS, *_INTS, *_PATHS, "allowed_fingerprints", "allowed_modes", "allow_non_private"}

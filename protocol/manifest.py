@@ -198,7 +198,17 @@ class TaskManifest:
             threshold=self.privacy.threshold,
             bits=self.bits,
             dim=self.dim,
+            terms=self.terms_sha256(),
         )
+
+    def terms_sha256(self) -> str:
+        """SHA-256 of the canonical manifest: what every participant's signatures bind.
+
+        Taken over the manifest as the holders parse it (serialized, parsed, serialized
+        again), so the coordinator's copy and each holder's hash alike.
+        """
+        text = type(self).from_json(self.to_json()).to_json()
+        return hashlib.sha256(b"fedsynth/task-terms\x00" + text.encode("utf-8")).hexdigest()
 
     def check_field_capacity(self) -> None:
         """Refuse parameters whose worst-case aggregate could wrap around the field.

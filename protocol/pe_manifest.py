@@ -8,6 +8,7 @@ spec states the guarantee of the WHOLE task (all T rounds) and the per-round noi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -130,7 +131,17 @@ class PERoundManifest:
             threshold=self.privacy.threshold,
             bits=self.bits,
             dim=self.dim,
+            terms=self.terms_sha256(),
         )
+
+    def terms_sha256(self) -> str:
+        """SHA-256 of the canonical manifest: what every participant's signatures bind.
+
+        Taken over the manifest as the holders parse it (serialized, parsed, serialized
+        again), so the coordinator's copy and each holder's hash alike.
+        """
+        text = type(self).from_json(self.to_json()).to_json()
+        return hashlib.sha256(b"fedsynth/pe-round-terms\x00" + text.encode("utf-8")).hexdigest()
 
     def worst_case_sum(self) -> float:
         """Largest |coordinate| of an honest aggregate: all votes plus 40 noise std."""

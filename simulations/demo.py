@@ -589,8 +589,7 @@ def run_job_in_simulation(
         data_path=data.partition_dir / "partition-0.jsonl",
         model=config.model,
         embedder=embedder,
-        policy=policy
-        or ClientPolicy(allow_non_private=config.include_nonprivate or math.isinf(config.epsilon)),
+        policy=policy or simulated_holder_policy(config),
     )
     errors: list[str] = []
 
@@ -625,6 +624,18 @@ def run_job_in_simulation(
         verbose_logging=level <= logging.DEBUG,
     )
     return errors
+
+
+def simulated_holder_policy(config: DemoConfig) -> ClientPolicy:
+    """The simulated holders' terms: the standard policy plus the run's trust mode.
+
+    The researcher is every holder here; non-private tasks only when the run asks for them.
+    """
+    modes = tuple(dict.fromkeys((*ClientPolicy().allowed_modes, config.mode)))
+    return ClientPolicy(
+        allow_non_private=config.include_nonprivate or math.isinf(config.epsilon),
+        allowed_modes=modes,
+    )
 
 
 def model_context(loaded: LoadedModel) -> int | None:

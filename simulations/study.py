@@ -367,13 +367,17 @@ class StudyRunner:
         return self.out_dir / "cells" / _slug(cell.key)
 
     def holder_policy(self) -> ClientPolicy:
-        """The simulated holders accept every ε the study sweeps (real holders set their own)."""
+        """The simulated holders accept every ε and trust mode the study sweeps.
+
+        Real holders set their own terms, central mode only where they list it.
+        """
         finite = [c.epsilon for c in self.config.cells() if math.isfinite(c.epsilon)]
         largest = max([8.0, *finite])
         return ClientPolicy(
             max_epsilon_per_task=largest,
             max_total_epsilon=largest * 1000,
             allow_non_private=True,
+            allowed_modes=("distributed", "central", "local"),
         )
 
     # ---------------------------------------------------------------- running

@@ -561,6 +561,7 @@ class SecAggClient:
             "threshold": self._config.threshold,
             "bits": self._config.bits,
             "dim": self._config.dim,
+            "terms": self._config.terms,
         }
         if self._enc_sk is not None and self._mask_sk is not None and self._b_seed is not None:
             state["enc_sk"] = self._enc_sk.private_bytes_raw()
@@ -651,6 +652,7 @@ class SecAggClient:
             threshold=get("threshold", int),
             bits=get("bits", int),
             dim=get("dim", int),
+            terms=get("terms", str),
         )
         client = cls(
             int(get("node_id", int)),

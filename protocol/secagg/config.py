@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -46,6 +47,9 @@ class SecAggConfig:
             additionally refuse t below :func:`min_safe_threshold`.
         bits: Field size in bits (see :func:`fedsynth.protocol.codec.validate_bits`).
         dim: Vector length, 1 <= dim <= ``MAX_DIM``.
+        terms: Hex SHA-256 of the task's terms (its whole manifest), or "" for a bare sum.
+            Bound into every signature, so holders handed different manifests under one task id
+            (another noise, scale or mode for one of them) reject each other's keys.
     """
 
     session_id: str
@@ -53,6 +57,7 @@ class SecAggConfig:
     threshold: int
     bits: int
     dim: int
+    terms: str = ""
 
     def __post_init__(self) -> None:
         """Validate every field.
@@ -91,6 +96,10 @@ class SecAggConfig:
         if not is_int(self.dim) or not 1 <= int(self.dim) <= MAX_DIM:
             raise ConfigError(f"dim={self.dim!r} must be an int with 1 <= dim <= {MAX_DIM}")
         object.__setattr__(self, "dim", int(self.dim))
+        if not isinstance(self.terms, str) or (
+            self.terms and not re.fullmatch(r"[0-9a-f]{64}", self.terms)
+        ):
+            raise ConfigError(f"terms={self.terms!r} must be '' or 64 lowercase hex digits")
 
     def to_dict(self) -> dict[str, str | int | list[int]]:
         """Return plain JSON-able (and Flower ``ConfigRecord``-able) values for transport."""
@@ -100,14 +109,15 @@ class SecAggConfig:
             "threshold": self.threshold,
             "bits": self.bits,
             "dim": self.dim,
+            "terms": self.terms,
         }
 
     def digest(self) -> bytes:
         """SHA-256 of the canonical JSON of :meth:`to_dict`; every signature binds it.
 
-        Two holders that sign under different configurations (other participants, another t)
-        reject each other's keys, so the coordinator cannot run one session with different
-        thresholds at different holders.
+        Two holders that sign under different configurations (other participants, another t,
+        other task terms) reject each other's keys, so the coordinator cannot run one session
+        with different thresholds or manifests at different holders.
         """
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(b"fedsynth/secagg/config\x00" + text.encode("utf-8")).digest()
@@ -117,7 +127,8 @@ class SecAggConfig:
         """Rebuild a config from :meth:`to_dict` output.
 
         Args:
-            data: Mapping with keys ``session_id``, ``node_ids``, ``threshold``, ``bits``, ``dim``.
+            data: Mapping with keys ``session_id``, ``node_ids``, ``threshold``, ``bits``, ``dim``
+                (and ``terms``, "" when absent).
 
         Returns:
             The validated config.
@@ -140,6 +151,7 @@ class SecAggConfig:
             threshold=data["threshold"],
             bits=data["bits"],
             dim=data["dim"],
+            terms=data.get("terms", ""),
         )
 
 

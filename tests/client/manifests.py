@@ -14,7 +14,9 @@ TEMPLATE = PromptTemplate(instruction="{label}: ", label_names=(("a", "A"), ("b"
 FINGERPRINT = "sha256:" + "cd" * 32
 
 
-def make_manifest(task_id: str = "task-1", **privacy_overrides: Any) -> TaskManifest:
+def make_manifest(
+    task_id: str = "task-1", *, max_records: int = 1_000_000, **privacy_overrides: Any
+) -> TaskManifest:
     fields: dict[str, Any] = {
         "epsilon": 4.0,
         "delta": 1e-6,
@@ -45,4 +47,5 @@ def make_manifest(task_id: str = "task-1", **privacy_overrides: Any) -> TaskMani
         node_ids=(1, 2, 3),
         privacy=PrivacySpec(**fields),
         reference_sha256=array_sha256(np.zeros((2, 1, 4), dtype=np.float32)),
+        max_records=max_records,
     )

@@ -145,10 +145,20 @@ def test_budget_path_from_the_node_config_and_beside_simulated_partitions(
     node = {"data-path": "/data/private.jsonl", "budget-path": str(tmp_path / "b.sqlite")}
     assert settings_from_context(context(node)).budget_path == tmp_path / "b.sqlite"
     simulated = settings_from_context(
-        context({"partition-id": 2}, {"data-dir": str(tmp_path / "parts")})
+        context({"partition-id": 2, "num-partitions": 3}, {"data-dir": str(tmp_path / "parts")})
     )
     assert simulated.data_path == tmp_path / "parts" / "partition-2.jsonl"
     assert simulated.budget_path == tmp_path / "parts" / "budget-2.sqlite"
+
+
+def test_a_deployed_node_reads_no_file_the_run_config_names(tmp_path: Path) -> None:
+    """The run config is the coordinator's: without data-path in its own node config a
+    SuperNode that is not simulated refuses, rather than read (and keep its budget beside)
+    whatever directory the run names."""
+    run = {"data-dir": str(tmp_path / "elsewhere")}
+    with pytest.raises(ConfigError, match="names no data-path"):
+        settings_from_context(context({"partition-id": 0}, run))
+    assert refusal_of(make_client_app()(message(ACTION, "setup", {}), context({}, run))) != ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,23 +219,32 @@ def test_a_non_boolean_consent_is_an_error_naming_the_key(tmp_path: Path, value:
 def test_too_many_records_is_refused_without_the_count(
     tmp_path: Path, tiny: LoadedModel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    manifest, means = make_task(tiny, max_records=3)
-    app = make_client_app(holder(tmp_path, n_records=17))
-    with caplog.at_level(logging.WARNING):
-        reason = refusal_of(app(setup_message(manifest, means), context({})))
-    assert reason == "protocol"
-    assert "17 records exceed" in caplog.text  # the holder's own log keeps the detail
-
-
-def test_delta_above_one_over_n_is_refused_without_n(
-    tmp_path: Path, tiny: LoadedModel, caplog: pytest.LogCaptureFixture
-) -> None:
-    manifest, means = make_task(tiny, delta=1e-4)
-    app = make_client_app(holder(tmp_path, n_records=12_345))  # 1/n < delta
+    """The record cap that refuses is the holder's own, the same for every task: a cap the
+    coordinator sets could be moved over free setups until the answer flips at n."""
+    manifest, means = make_task(tiny)
+    app = make_client_app(holder(tmp_path, n_records=17, policy=ClientPolicy(max_records=16)))
     with caplog.at_level(logging.WARNING):
         reason = refusal_of(app(setup_message(manifest, means), context({})))
     assert reason == "policy"
-    assert not any(ch.isdigit() for ch in reason)
+    assert "17 records exceed this holder's max_records=16" in caplog.text
+    # A task capped below the holder's cap is refused whatever the file holds (here 2 records).
+    small, means = make_task(tiny, max_records=3)
+    (tmp_path / "second").mkdir()
+    app = make_client_app(holder(tmp_path / "second", n_records=2))
+    assert refusal_of(app(setup_message(small, means), context({}))) == "policy"
+
+
+def test_delta_above_one_over_n_is_not_a_refusal_but_a_local_warning(
+    tmp_path: Path, tiny: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refusing delta >= 1/n would tell the coordinator about n (it can move delta); the holder's
+    max_delta refuses, and its own log names 1/n."""
+    manifest, means = make_task(tiny, delta=1e-4)
+    settings = dataclasses.replace(holder(tmp_path, n_records=12_345), model="tiny-llama")
+    app = make_client_app(settings)  # 1/n < delta
+    with caplog.at_level(logging.WARNING):
+        reply = app(setup_message(manifest, means), context({}))
+    assert not reply.has_error()
     assert "1/n=1/12345" in caplog.text
 
 

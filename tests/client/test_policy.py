@@ -59,11 +59,19 @@ def test_default_policy_accepts_a_reasonable_task() -> None:
         ),
         (
             ClientPolicy(),
-            make_manifest(delta=1e-5),
+            make_manifest(mode="central"),
             0.0,
-            100_000,  # delta must be strictly below 1/n
+            100,
             PolicyViolationError,
-            "delta=1e-05 must be below 1/n",
+            "mode='central' is not among the allowed modes",
+        ),
+        (
+            ClientPolicy(max_records=2000),
+            make_manifest(max_records=1999),
+            0.0,
+            100,
+            PolicyViolationError,
+            "the task's max_records=1999 is below this holder's max_records=2000",
         ),
         (
             ClientPolicy(min_threshold=3),
@@ -194,11 +202,27 @@ def test_policy_accepts_the_edges_of_its_own_settings() -> None:
     ClientPolicy(min_threshold=2)
 
 
-def test_delta_is_checked_against_one_over_this_holders_record_count() -> None:
+def test_no_refusal_depends_on_the_holders_record_count(caplog: pytest.LogCaptureFixture) -> None:
+    """Whether a holder takes a task must not tell the coordinator how many records it has:
+    delta against 1/n only warns in the holder's own log; max_delta is what refuses."""
     policy = ClientPolicy(max_delta=0.9)
-    policy.check(make_manifest(delta=0.5), spent=0.0, n_records=1)  # 0.5 < 1/1
-    with pytest.raises(PolicyViolationError, match=r"1/n=1/2"):
-        policy.check(make_manifest(delta=0.5), spent=0.0, n_records=2)
+    for n_records in (1, 2, 10**9, None):
+        policy.check(make_manifest(delta=0.5), spent=0.0, n_records=n_records)
+    assert "delta=0.5 is not below 1/n=1/2" in caplog.text
+    # The record cap is the holder's own: the same answer for every task's cap.
+    capped = ClientPolicy(max_records=100)
+    capped.check_records(100)
+    with pytest.raises(PolicyViolationError, match="101 records exceed this holder's max_records"):
+        capped.check_records(101)
+    for task_cap in (100, 10**6):
+        capped.check(make_manifest(max_records=task_cap), spent=0.0, n_records=None)
+
+
+def test_central_mode_only_where_the_holder_lists_it() -> None:
+    ClientPolicy(allowed_modes=("distributed", "central")).check(
+        make_manifest(mode="central"), spent=0.0, n_records=10
+    )
+    assert "central" not in ClientPolicy().allowed_modes
 
 
 def test_policy_refusal_messages_state_the_rule() -> None:

@@ -24,10 +24,11 @@ from manifests import FINGERPRINT, make_manifest
 from fedsynth.client import contributor as contributor_module
 from fedsynth.client.contributor import STREAM_BATCHES, Contributor
 from fedsynth.client.data import load_records
+from fedsynth.client.policy import ClientPolicy
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.codec import from_field
 from fedsynth.protocol.contribution import encode_contribution, integer_class_sums
-from fedsynth.protocol.errors import DataFileError, ProtocolError, UnknownLabelError
+from fedsynth.protocol.errors import DataFileError, PolicyViolationError
 from fedsynth.protocol.features import FeatureSpec, clip_to_unit
 from fedsynth.protocol.manifest import TaskManifest, array_sha256
 from fedsynth.protocol.messages import vector_to_bytes
@@ -99,15 +100,17 @@ def write_records(
     return path
 
 
-def holder(path: Path) -> Contributor:
-    settings = ClientSettings(data_path=path, batch_size=BATCH, seed=SEED)
+def holder(path: Path, policy: ClientPolicy | None = None) -> Contributor:
+    settings = ClientSettings(
+        data_path=path, batch_size=BATCH, seed=SEED, policy=policy or ClientPolicy()
+    )
     loaded = SimpleNamespace(name="fake", fingerprint=FINGERPRINT, hidden_size=HIDDEN)
     return Contributor(settings, node_id=NODE, model_loader=lambda: loaded)  # type: ignore[arg-type,return-value]
 
 
-def streamed(path: Path, task: TaskManifest) -> np.ndarray:
+def streamed(path: Path, task: TaskManifest, policy: ClientPolicy | None = None) -> np.ndarray:
     payload = vector_to_bytes(reference().reshape(-1))
-    return holder(path).contribution(task, payload, RecordDict())
+    return holder(path, policy).contribution(task, payload, RecordDict())
 
 
 def materialised(path: Path, task: TaskManifest) -> np.ndarray:
@@ -230,23 +233,27 @@ def test_a_malformed_row_after_many_chunks_contributes_nothing(
     assert sum(fake_extractor) == 3 * CHUNK  # streamed, then refused at the end of the file
 
 
-def test_a_foreign_label_after_many_chunks_contributes_nothing(
+def test_a_foreign_label_after_many_chunks_is_left_out(
     tmp_path: Path, fake_extractor: list[int]
 ) -> None:
+    """A record of a label the task omits is left out wherever it lies (refusing would tell
+    the coordinator the file holds that label); the contribution is the one without it."""
     path = write_records(tmp_path / "d.jsonl", 2 * CHUNK + 5)
+    without = streamed(path, manifest())
     with path.open("a", encoding="utf-8") as handle:
         handle.write('{"text": "late", "label": "zzz"}\n')
-    with pytest.raises(UnknownLabelError, match="'zzz'"):
-        streamed(path, manifest())
+    np.testing.assert_array_equal(streamed(path, manifest()), without)
 
 
-def test_more_records_than_max_records_are_refused_at_contribution(
+def test_more_records_than_the_holders_cap_are_refused_at_contribution(
     tmp_path: Path, fake_extractor: list[int]
 ) -> None:
     path = write_records(tmp_path / "d.jsonl", 2 * CHUNK + 1)
-    with pytest.raises(ProtocolError, match=f"{2 * CHUNK + 1} records exceed"):
-        streamed(path, manifest(max_records=2 * CHUNK))
-    assert streamed(path, manifest(max_records=2 * CHUNK + 1)).shape == (manifest().dim,)
+    with pytest.raises(PolicyViolationError, match=f"{2 * CHUNK + 1} records exceed"):
+        streamed(path, manifest(), ClientPolicy(max_records=2 * CHUNK))
+    assert streamed(path, manifest(), ClientPolicy(max_records=2 * CHUNK + 1)).shape == (
+        manifest().dim,
+    )
 
 
 def test_a_file_that_changed_since_setup_is_refused(

@@ -6,6 +6,7 @@ coordinator are in test_secagg_active.py; every dropout pattern in test_secagg_d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -636,3 +637,26 @@ def test_from_state_rejects_malformed() -> None:
     moved = Roster({**roster.members, "holder-101": HolderIdentity.generate("x").public_key})
     with pytest.raises(KeyAuthenticationError, match="node 101"):
         SecAggClient.from_state(state, identity=ident, roster=moved)
+
+
+def test_keys_signed_under_other_task_terms_are_refused() -> None:
+    """One session id, one node set and t, but a victim holding other task terms (another
+    manifest): it refuses the peers' keys, and the peers refuse its key."""
+    rnd = make_round(3, 2)
+    victim = rnd.config.node_ids[0]
+    other = dataclasses.replace(rnd.config, terms="ab" * 32)
+    assert other.digest() != rnd.config.digest()
+    rnd.clients[victim] = SecAggClient(
+        victim, other, identity=rnd.identities[victim], roster=rnd.roster
+    )
+    keys = {n: c.setup() for n, c in rnd.clients.items()}
+    with pytest.raises(KeyAuthenticationError, match="signature"):
+        rnd.clients[victim].share_keys(keys)
+    peer = rnd.config.node_ids[1]
+    with pytest.raises(KeyAuthenticationError, match=f"node {victim}"):
+        rnd.clients[peer].share_keys(keys)
+    # The state a holder persists between stages keeps its terms.
+    restored = SecAggClient.from_state(
+        rnd.clients[victim].export_state(), identity=rnd.identities[victim], roster=rnd.roster
+    )
+    assert restored.config.terms == "ab" * 32

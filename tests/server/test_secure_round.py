@@ -62,6 +62,7 @@ from fedsynth.protocol.messages import (
 )
 from fedsynth.protocol.models import LoadedModel, tiny_model
 from fedsynth.protocol.secagg.crypto import combine_secret, prg, prg_nonce, sub_inplace
+from fedsynth.protocol.verification import verify_task_manifest
 from fedsynth.server.coordinator import PublicReference, TaskConfig, build_manifest
 from fedsynth.server.release import privacy_report
 from fedsynth.server.secure_round import Reply, RoundResult, run_secure_round
@@ -131,6 +132,7 @@ def make_manifest(
     task_id: str = "task-a",
     epsilon: float = math.inf,
     threshold: int | None = None,
+    scale: float = 1000.0,
 ) -> TaskManifest:
     config = TaskConfig(
         template=TEMPLATE,
@@ -139,7 +141,7 @@ def make_manifest(
         epsilon=epsilon,
         delta=1e-5,
         threshold=threshold,
-        scale=1000.0,
+        scale=scale,
         bits=64,
         prior_per_label=2,
     )
@@ -260,8 +262,9 @@ class LocalTransport:
 
 
 def node_records(node: Node, manifest: TaskManifest) -> tuple[list[str], list[str]]:
-    records = load_records(node.settings.data_path, labels=manifest.labels)
-    return [r.text for r in records], [r.label for r in records]
+    records = load_records(node.settings.data_path)  # a label the task omits is left out
+    kept = [r for r in records if r.label in manifest.labels]
+    return [r.text for r in kept], [r.label for r in kept]
 
 
 def plain_contribution(
@@ -522,20 +525,21 @@ def test_model_mismatch_below_threshold_aborts(
         run_secure_round(LocalTransport(nodes), manifest, reference.means)
 
 
-def test_client_with_unknown_label_refuses(
-    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+def test_a_label_the_task_omits_is_left_out_not_refused(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Whether a holder has a record of a label the task does not list is private: a refusal
+    would answer it for any label a coordinator leaves out. The holder takes part without
+    those records and says so in its own log only."""
     manifest = make_manifest(tiny, reference, NODES_3, threshold=2)
-    bad = NODES_3[2]
-    nodes = make_nodes(tmp_path, tiny, NODES_3, extra_labels={bad: "neutral"})
-    result = run_secure_round(LocalTransport(nodes), manifest, reference.means)
-    assert set(result.refusals) == {bad}
-    assert result.refusals[bad] == "setup: data"
-    # The coordinator learns that the data failed validation, not which label or line.
-    assert "neutral" not in result.refusals[bad]
-    assert "line" not in result.refusals[bad]
-    assert result.survivors == sorted(NODES_3[:2])
-    assert_release_matches(result, [nodes[n] for n in NODES_3[:2]], manifest, reference, tiny)
+    odd = NODES_3[2]
+    nodes = make_nodes(tmp_path, tiny, NODES_3, extra_labels={odd: "neutral"})
+    with caplog.at_level("WARNING", logger="fedsynth"):
+        result = run_secure_round(LocalTransport(nodes), manifest, reference.means)
+    assert result.refusals == {}
+    assert result.survivors == sorted(NODES_3)
+    assert_release_matches(result, list(nodes.values()), manifest, reference, tiny)
+    assert "1 record(s) carry a label this task does not list" in caplog.text
 
 
 @pytest.mark.parametrize("stage", ["setup", "share_keys", "masked_input"])
@@ -1021,6 +1025,26 @@ def _noise_seed_fields(transport: LocalTransport) -> dict[str, dict[int, object]
     }
 
 
+class _SeedWatchingTransport(LocalTransport):
+    """Notes each holder's chain seed while its round is between masked_input and unmask."""
+
+    def __init__(self, nodes: Mapping[int, Node], manifest: TaskManifest) -> None:
+        super().__init__(nodes)
+        self.manifest = manifest
+        self.chain_seeds: dict[int, bytes] = {}
+
+    def exchange(
+        self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
+    ) -> dict[int, Reply]:
+        replies = super().exchange(stage, requests, timeout=timeout)
+        if stage == "masked_input":
+            for node_id, node in self.nodes.items():
+                seed = node.contributor.noise_seed(self.manifest, node.state)
+                if seed is not None:
+                    self.chain_seeds[node_id] = seed
+        return replies
+
+
 def test_exact_noise_seeds_are_revealed_at_unmask_for_the_signed_survivors_only(
     tmp_path: Path, tiny: LoadedModel, reference: PublicReference
 ) -> None:
@@ -1033,15 +1057,16 @@ def test_exact_noise_seeds_are_revealed_at_unmask_for_the_signed_survivors_only(
     (tmp_path / "all").mkdir()
     (tmp_path / "t").mkdir()
     nodes = make_nodes(tmp_path / "all", tiny, NODES_3, budgets=True)
-    transport = LocalTransport(nodes)
+    transport = _SeedWatchingTransport(nodes, manifest)
     result = run_secure_round(transport, manifest, reference.means)
     assert sorted(result.survivors) == sorted(result.noise_removed) == sorted(NODES_3)
     seeds = _noise_seed_fields(transport)
     assert {stage for stage, found in seeds.items() if found} == {"unmask"}
     for node in NODES_3:
-        top = nodes[node].contributor.noise_seed(manifest, nodes[node].state)
-        assert top is not None
+        top = transport.chain_seeds[node]
         assert seeds["unmask"][node] == revealed_seed(top, schedule, len(NODES_3))
+        # Once revealed, the holder keeps no noise secret in its state.
+        assert nodes[node].contributor.noise_seed(manifest, nodes[node].state) is None
     report = privacy_report(manifest, result, model_name=tiny.name)
     assert report["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(
         manifest.privacy.total_variance
@@ -1058,3 +1083,40 @@ def test_exact_noise_seeds_are_revealed_at_unmask_for_the_signed_survivors_only(
     assert report["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(
         manifest.privacy.total_variance
     )
+
+
+class _SplitManifestCoordinator(LocalTransport):
+    """Hands one victim another manifest under the same task id: a 4x finer fixed-point scale
+    (with the noise calibrated to it, so that its terms verify on their own). In the victim's
+    units the others' noise would then be 4x smaller in standard deviation."""
+
+    def __init__(self, nodes: Mapping[int, Node], *, victim: int, forged: TaskManifest) -> None:
+        super().__init__(nodes)
+        self.victim, self.forged = victim, forged
+
+    def exchange(
+        self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
+    ) -> dict[int, Reply]:
+        if stage == "setup":
+            request = _wire(requests[self.victim])
+            request.config_records["fedsynth"]["manifest"] = self.forged.to_json()
+            requests = {**requests, self.victim: request}
+        return super().exchange(stage, requests, timeout=timeout)
+
+
+def test_holders_handed_different_manifests_under_one_task_refuse_each_other(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    manifest = make_manifest(tiny, reference, NODES_3, task_id="split", epsilon=4.0)
+    forged = make_manifest(tiny, reference, NODES_3, task_id="split", epsilon=4.0, scale=4000.0)
+    verify_task_manifest(forged)  # each copy passes every check a holder makes on its own
+    assert forged.secagg_config().digest() != manifest.secagg_config().digest()
+    victim = NODES_3[0]
+    nodes = make_nodes(tmp_path, tiny, NODES_3, budgets=True)
+    transport = _SplitManifestCoordinator(nodes, victim=victim, forged=forged)
+    # The victim's keys are signed under its terms: no peer (and no honest coordinator) takes
+    # them, so its contribution never enters a sum with holders that hold other terms.
+    result = run_secure_round(transport, manifest, reference.means)
+    assert victim not in result.survivors
+    assert victim not in transport.replies.get("masked_input", {})
+    assert sorted(result.survivors) == sorted(NODES_3[1:])  # the others' sum goes on

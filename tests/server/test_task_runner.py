@@ -93,7 +93,10 @@ class Holder:
 
 
 def make_holders(
-    tmp_path: Path, tiny: LoadedModel, names: tuple[str, str] = ("pos", "neg")
+    tmp_path: Path,
+    tiny: LoadedModel,
+    names: tuple[str, str] = ("pos", "neg"),
+    policy: ClientPolicy | None = None,
 ) -> dict[int, Holder]:
     """Three holders on their own premises (tmp_path/holder-i), each with a budget store."""
     identities = {n: HolderIdentity.generate(f"holder-{i}") for i, n in enumerate(NODES)}
@@ -110,7 +113,7 @@ def make_holders(
             data_path=home / "data.jsonl",
             seed=7,
             batch_size=4,
-            policy=ClientPolicy(),
+            policy=policy or ClientPolicy(),
             budget_path=home / "budget.sqlite",
             identity=identities[node_id],
             roster=roster,
@@ -164,7 +167,9 @@ def test_a_vector_task_file_becomes_a_release_and_one_ledger_row(
     tmp_path: Path, tiny: LoadedModel, mode: str
 ) -> None:
     spec = spec_of(tmp_path, {**task_data(mode=mode), "task_id": f"reviews-{mode}"})
-    holders = make_holders(tmp_path, tiny)
+    # Central mode (the coordinator sees the noise-free sum) only where the holders list it.
+    policy = ClientPolicy(allowed_modes=(mode,))
+    holders = make_holders(tmp_path, tiny, policy=policy)
     transport = InProcessTransport(holders)
     outcome = run_task(spec, transport, NODES, load=load_tiny(tiny))
 
@@ -208,6 +213,18 @@ def test_a_vector_task_file_becomes_a_release_and_one_ledger_row(
     assert again.stages == []
     assert len(PrivacyLedger(spec.ledger).rows()) == 1
 
+
+
+def test_holders_refuse_a_central_task_unless_their_policy_lists_it(
+    tmp_path: Path, tiny: LoadedModel
+) -> None:
+    """In central mode the coordinator sees the noise-free sum: the default policy refuses."""
+    spec = spec_of(tmp_path, {**task_data(mode="central"), "task_id": "reviews-central"})
+    transport = InProcessTransport(make_holders(tmp_path, tiny))
+    with pytest.raises(TooFewParticipantsError, match="setup: policy"):
+        run_task(spec, transport, NODES, load=load_tiny(tiny))
+    assert transport.stages == ["setup"]
+    assert PrivacyLedger(spec.ledger).rows() == []
 
 def test_an_aborted_round_publishes_and_records_nothing(tmp_path: Path, tiny: LoadedModel) -> None:
     spec = spec_of(tmp_path, task_data())
