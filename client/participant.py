@@ -163,6 +163,10 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         check_clock(content, now=time.time())  # before anything is read, computed or charged
         return handlers[Stage(stage)](content, state)
 
+    def _colluders(self, task: TaskT) -> int:
+        """Colluding holders the threshold floor guards against: this holder's or the task's."""
+        return max(self.settings.policy.max_colluders, task.privacy.colluders)
+
     def _secagg_client(self, task: TaskT) -> SecAggClient:
         identity, roster = self.credentials()
         return SecAggClient(
@@ -170,7 +174,7 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             task.secagg_config(),
             identity=identity,
             roster=roster,
-            max_colluders=self.settings.policy.max_colluders,
+            max_colluders=self._colluders(task),
         )
 
     def _setup(self, content: RecordDict, state: RecordDict) -> RecordDict:
@@ -278,6 +282,6 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             secagg,
             identity=identity,
             roster=roster,
-            max_colluders=self.settings.policy.max_colluders,
+            max_colluders=self._colluders(task),
         )
         return task, payload, client

@@ -75,7 +75,9 @@ class ClientPolicy:
         allowed_fingerprints: Model fingerprints accepted (empty = the local model's only).
         allow_non_private: Whether epsilon = inf tasks (no noise) are accepted.
         max_colluders: Holders this holder assumes may collude with the coordinator; the
-            secure sum's threshold must satisfy 2t - K > max_colluders (0: a strict majority).
+            secure sum's threshold must satisfy 2t - K > max_colluders (0: a strict majority),
+            and a distributed task's noise must be sized for at least as many colluders
+            (their shares may be missing).
         min_holders: Fewest participants K a task may have (a sum over few holders reveals
             more about each one's data to the others).
         max_records: Most records this holder contributes to any task, a public cap of its
@@ -173,6 +175,13 @@ class ClientPolicy:
                 "policy to refuse such tasks",
                 p.delta,
                 n_records,
+            )
+        noisy = math.isfinite(p.epsilon)
+        if p.mode == "distributed" and noisy and p.colluders < self.max_colluders:
+            raise PolicyViolationError(
+                f"colluders={p.colluders}: the task's noise shares assume fewer colluding "
+                f"holders than this holder's max_colluders={self.max_colluders} (their "
+                "missing noise would leave the sum below the target)"
             )
         if p.threshold < self.min_threshold:
             raise PolicyViolationError(

@@ -190,12 +190,13 @@ def _check_feature_shape(features: np.ndarray, manifest: TaskManifest) -> None:
 def noise_share_variance(privacy: PrivacySpec) -> float:
     """Skellam variance one client adds per coordinate, by trust mode.
 
-    distributed: total/t, so any t surviving shares already carry the target variance;
-    local: the full total (the client's own sum is DP on its own); central: none.
+    distributed: total/(t − c), so any t surviving shares carry the target variance even when
+    c of them are colluders' that add nothing; local: the full total (the client's own sum is
+    DP on its own); central: none.
     """
     mode = TrustMode(privacy.mode)
     if mode is TrustMode.DISTRIBUTED:
-        return privacy.total_variance / privacy.threshold
+        return privacy.total_variance / (privacy.threshold - privacy.colluders)
     if mode is TrustMode.LOCAL:
         return privacy.total_variance
     return 0.0
@@ -208,7 +209,10 @@ def noise_schedule(privacy: PrivacySpec, *, clients: int) -> NoiseSchedule | Non
     # From the share, so that one function says how much noise a holder adds in every mode.
     share = noise_share_variance(privacy)
     return NoiseSchedule(
-        total_variance=share * privacy.threshold, threshold=privacy.threshold, clients=clients
+        total_variance=share * (privacy.threshold - privacy.colluders),
+        threshold=privacy.threshold,
+        clients=clients,
+        colluders=privacy.colluders,
     )
 
 

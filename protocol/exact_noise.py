@@ -18,6 +18,10 @@ remove more than that set allows. A survivor that leaves before revealing keeps 
 sum: more noise than the target, never less. Skellam variables add up to Skellam variables, so
 the kept noise is a Skellam of variance exactly v and the Skellam accountant applies unchanged.
 
+With c holders that may collude with the coordinator (and add no noise), the same ladder runs
+over the honest holders only: base v/(K − c), components t − c ≤ k < K − c, and s survivors
+reveal down to v/(s − c) each, so any s − c of them carry v: a share of v/(t − c) in all.
+
 This module is the arithmetic only (schedule, seeds, components); no messages.
 """
 
@@ -41,11 +45,16 @@ _COMPONENT_DOMAIN = b"fedsynth/exact-noise/component/v1"
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """How one holder's share v/t splits into a base part and K − t removable components."""
+    """How one holder's share v/(t − c) splits into a base part and K − t removable components.
+
+    ``colluders`` (c): holders that may side with the coordinator and add nothing; the
+    schedule is then sized for the s − c honest ones among any s survivors.
+    """
 
     total_variance: float
     threshold: int
     clients: int
+    colluders: int = 0
 
     def __post_init__(self) -> None:
         v, t, k = self.total_variance, self.threshold, self.clients
@@ -56,26 +65,30 @@ class NoiseSchedule:
                 raise ConfigError(f"{name}={value!r}: must be an integer")
         if not 1 <= t <= k:
             raise ConfigError(f"threshold t={t} and clients K={k}: need 1 <= t <= K")
+        c = self.colluders
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < t:
+            raise ConfigError(f"colluders={c!r}: must be an int with 0 <= c < t={t}")
 
     @property
     def base_variance(self) -> float:
-        """Variance of the part drawn from the OS, never removed: v/K."""
-        return self.total_variance / self.clients
+        """Variance of the part drawn from the OS, never removed: v/(K − c)."""
+        return self.total_variance / (self.clients - self.colluders)
 
     @property
     def share_variance(self) -> float:
-        """All a holder adds, base plus every component: v/t, as a plain share."""
-        return self.total_variance / self.threshold
+        """All a holder adds, base plus every component: v/(t − c), as a plain share."""
+        return self.total_variance / (self.threshold - self.colluders)
 
     @property
     def components(self) -> range:
-        """Indices k of the removable components, t ≤ k < K."""
-        return range(self.threshold, self.clients)
+        """Indices k of the removable components, t − c ≤ k < K − c."""
+        return range(self.threshold - self.colluders, self.clients - self.colluders)
 
     def component_variance(self, k: int) -> float:
         """Variance of component k: v/k − v/(k+1)."""
         if k not in self.components:
-            raise ConfigError(f"component {k}: must be in {self.threshold}..{self.clients - 1}")
+            first, last = self.components.start, self.components.stop - 1
+            raise ConfigError(f"component {k}: must be in {first}..{last}")
         v = self.total_variance
         return v / k - v / (k + 1)
 
@@ -91,14 +104,15 @@ class NoiseSchedule:
         return int(survivors)
 
     def removed(self, survivors: int) -> range:
-        """Components every survivor reveals when ``survivors`` inputs are in the sum: t..s−1."""
-        return range(self.threshold, self.check_survivors(survivors))
+        """Components every survivor reveals when s inputs are in the sum: t − c .. s − c − 1."""
+        honest = self.check_survivors(survivors) - self.colluders
+        return range(self.threshold - self.colluders, honest)
 
     def kept_variance(self, survivors: int) -> float:
-        """What stays of one survivor's noise after removal: v/s."""
-        s = self.check_survivors(survivors)
+        """What stays of one survivor's noise after removal: v/(s − c)."""
+        honest = self.check_survivors(survivors) - self.colluders
         return self.base_variance + sum(
-            self.component_variance(k) for k in self.components if k >= s
+            self.component_variance(k) for k in self.components if k >= honest
         )
 
 
@@ -188,7 +202,9 @@ def removable_noise(
 def aggregate_variance(schedule: NoiseSchedule, survivors: int, revealed: int) -> float:
     """Noise variance of the sum when ``revealed`` of the ``survivors`` holders revealed.
 
-    The target v when every survivor revealed; a survivor that did not keeps its whole share.
+    Counting every survivor's noise: the target v when every survivor revealed and c = 0
+    (s·v/(s − c) with c colluders, of which any s − c honest ones alone carry v); a survivor
+    that did not reveal keeps its whole share.
     """
     s = schedule.check_survivors(survivors)
     if isinstance(revealed, bool) or not isinstance(revealed, int) or not 0 <= revealed <= s:

@@ -64,8 +64,11 @@ class PrivacySpec:
     accountant: str
     adjacency: str = ADJACENCY
     # "exact": distributed shares with removable excess (protocol/exact_noise.py), so the sum
-    # carries the target variance whatever the number of survivors; "plain": v/t each.
+    # carries the target variance whatever the number of survivors; "plain": v/(t - c) each.
     noise_sharing: str = NOISE_PLAIN
+    # c, the holders that may side with the coordinator and add no noise: distributed shares
+    # are sized so that the survivors other than any c of them carry the target variance.
+    colluders: int = 0
 
     def __post_init__(self) -> None:
         # The accountant (dp-accounting, scipy) loads on first use, not on import.
@@ -80,6 +83,14 @@ class PrivacySpec:
             ) from None
         if self.threshold < 2:
             raise ConfigError(f"threshold t={self.threshold}: must be >= 2")
+        if (
+            isinstance(self.colluders, bool)
+            or not isinstance(self.colluders, int)
+            or not 0 <= self.colluders < self.threshold
+        ):
+            raise ConfigError(
+                f"colluders={self.colluders!r}: must be an int with 0 <= c < t={self.threshold}"
+            )
         if self.total_variance < 0 or not math.isfinite(self.total_variance):
             raise ConfigError(f"total_variance={self.total_variance}: must be finite and >= 0")
         if math.isfinite(self.epsilon) and self.total_variance == 0:

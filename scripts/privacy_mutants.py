@@ -195,8 +195,9 @@ MUTANTS: tuple[Mutant, ...] = (
         patches=(
             Patch(
                 "protocol/contribution.py",
-                "        return privacy.total_variance / privacy.threshold\n",
-                "        return 0.0 * privacy.total_variance / privacy.threshold\n",
+                "        return privacy.total_variance / (privacy.threshold - privacy.colluders)\n",
+                "        return 0.0 * privacy.total_variance"
+                " / (privacy.threshold - privacy.colluders)\n",
             ),
         ),
         tests=(
@@ -206,13 +207,57 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
     ),
     Mutant(
+        name="noise-share-ignores-colluders",
+        summary="distributed shares are sized for t holders even when c of them may add none",
+        patches=(
+            Patch(
+                "protocol/contribution.py",
+                "        return privacy.total_variance / (privacy.threshold - privacy.colluders)\n",
+                "        return privacy.total_variance / privacy.threshold\n",
+            ),
+        ),
+        tests=(f"{SECURE_ROUND}::test_noise_is_sized_for_the_colluders_a_holder_assumes",),
+    ),
+    Mutant(
+        name="policy-ignores-colluders",
+        summary="a holder takes a task whose noise is sized for fewer colluders than it assumes",
+        patches=(
+            Patch(
+                "client/policy.py",
+                '        if p.mode == "distributed" and noisy'
+                " and p.colluders < self.max_colluders:\n",
+                "        if False:\n",
+            ),
+        ),
+        tests=(
+            "tests/client/test_policy.py::test_policy_refusals_name_the_field",
+            f"{SECURE_ROUND}::test_noise_is_sized_for_the_colluders_a_holder_assumes",
+        ),
+    ),
+    Mutant(
+        name="split-manifests-unbound",
+        summary="the secure sum's signatures do not bind the task's manifest",
+        patches=(
+            Patch(
+                "protocol/secagg/config.py",
+                '            "terms": self.terms,\n',
+                '            "terms": "",\n',
+            ),
+        ),
+        tests=(
+            "tests/protocol/test_secagg.py::test_keys_signed_under_other_task_terms_are_refused",
+            f"{SECURE_ROUND}::test_holders_handed_different_manifests_under_one_task_refuse_each_other",
+        ),
+    ),
+    Mutant(
         name="excess-removed-one-too-many",
         summary="exact sharing removes one more excess component than the survivors allow",
         patches=(
             Patch(
                 "protocol/exact_noise.py",
-                "        return range(self.threshold, self.check_survivors(survivors))\n",
-                "        return range(self.threshold, min(survivors + 1, self.clients))\n",
+                "        return range(self.threshold - self.colluders, honest)\n",
+                "        return range(self.threshold - self.colluders,"
+                " min(honest + 1, self.clients))\n",
             ),
         ),
         tests=(

@@ -29,6 +29,7 @@ from fedsynth.protocol.manifest import (
     default_noise_sharing,
 )
 from fedsynth.protocol.models import LoadedModel, cache_root
+from fedsynth.protocol.secagg.stages import min_safe_threshold
 from fedsynth.protocol.verification import check_vector_scale
 from fedsynth.server.generation import GenerationConfig, generate_texts
 
@@ -44,6 +45,7 @@ class TaskConfig:
     delta: float = 1e-5
     mode: str = "distributed"
     threshold: int | None = None
+    colluders: int = 0
     scale: float = 1000.0  # rounding inflates a record's bound < 0.1 % (min ~430 for 4x640)
     bits: int = 64
     count_weight: float = 0.5
@@ -185,7 +187,11 @@ def build_manifest(
         ConfigError: On a threshold outside 2..K.
     """
     k = len(node_ids)
-    threshold = config.threshold if config.threshold is not None else max(2, k // 2 + 1)
+    threshold = (
+        config.threshold
+        if config.threshold is not None
+        else max(2, min_safe_threshold(k, config.colluders))
+    )
     if threshold > k:
         raise ConfigError(f"threshold t={threshold} exceeds K={k} clients")
     if threshold < 2:
@@ -217,6 +223,7 @@ def build_manifest(
         l1_sensitivity=calibration.l1_sensitivity,
         accountant=calibration.accountant,
         noise_sharing=default_noise_sharing(config.mode, calibration.total_variance),
+        colluders=config.colluders,
     )
     return TaskManifest(
         task_id=task_id or f"dv-{uuid.uuid4().hex[:12]}",

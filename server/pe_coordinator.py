@@ -54,6 +54,7 @@ from fedsynth.protocol.pe import (
     threshold_histogram,
 )
 from fedsynth.protocol.pe_manifest import PE_ADJACENCY, PERoundManifest, decode_histogram
+from fedsynth.protocol.secagg.stages import min_safe_threshold
 from fedsynth.server.ledger import PrivacyLedger
 from fedsynth.server.secure_round import (
     RoundResult,
@@ -80,6 +81,8 @@ class PEConfig:
         keep_selected: Carry the selected candidates into the next population unchanged.
         threshold_std: Counts at or below this many aggregate noise std are zeroed.
         epsilon, delta, mode, threshold: Guarantee of the whole task and secure-sum threshold t.
+        colluders: Holders that may side with the coordinator and add no noise; the noise
+            shares are sized without them and the default t is safe against them.
         output_per_label: Samples per label of the final population, grown from the last
             histogram by more variations of its selection (post-processing, free); default N.
             Lets a small voted population (enough votes per candidate at a small epsilon) still
@@ -104,6 +107,7 @@ class PEConfig:
     delta: float = 1e-5
     mode: str = "distributed"
     threshold: int | None = None
+    colluders: int = 0
     declared_records_per_label: int | None = None
     output_per_label: int | None = None
     bits: int = 32
@@ -392,7 +396,9 @@ def build_round_manifest(
     nodes: tuple[int, ...],
 ) -> PERoundManifest:
     """The manifest of one round (privacy terms identical in every round)."""
-    threshold = config.threshold or default_threshold(len(nodes))
+    threshold = config.threshold or max(
+        default_threshold(len(nodes)), min_safe_threshold(len(nodes), config.colluders)
+    )
     privacy = PrivacySpec(
         epsilon=config.epsilon,
         delta=config.delta,
@@ -405,6 +411,7 @@ def build_round_manifest(
         accountant=f"{calibration.accountant}, {config.rounds} rounds composed",
         adjacency=PE_ADJACENCY,
         noise_sharing=default_noise_sharing(config.mode, calibration.total_variance),
+        colluders=config.colluders,
     )
     return PERoundManifest(
         pe_task_id=pe_task_id,
@@ -452,7 +459,9 @@ def run_pe(
         top_k=config.top_k,
     )
     check_workable(config, calibration, clients=len(nodes))
-    threshold = config.threshold or default_threshold(len(nodes))
+    threshold = config.threshold or max(
+        default_threshold(len(nodes)), min_safe_threshold(len(nodes), config.colluders)
+    )
     if threshold > len(nodes):
         raise ConfigError(f"threshold t={threshold} exceeds the K={len(nodes)} clients")
 

@@ -94,7 +94,7 @@ def privacy_report(
             schedule, len(result.survivors), len(set(result.noise_removed))
         )
     elif p.mode == "distributed":
-        actual_variance = p.total_variance * len(result.survivors) / p.threshold
+        actual_variance = p.total_variance * len(result.survivors) / (p.threshold - p.colluders)
     elif p.mode == "local":
         actual_variance = p.total_variance * len(result.survivors)
     return {
@@ -114,6 +114,8 @@ def privacy_report(
             "aggregate_variance_target_scaled": p.total_variance,
             "aggregate_variance_actual_scaled": actual_variance,
             "noise_sharing": p.noise_sharing,
+            # The target stays in the sum even if this many survivors added no noise.
+            "colluders_tolerated": p.colluders,
             "excess_noise_removed_for": len(set(result.noise_removed)),
             "l2_sensitivity_scaled": p.l2_sensitivity,
             "l1_sensitivity_scaled": p.l1_sensitivity,

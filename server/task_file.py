@@ -126,7 +126,8 @@ class TaskSpec:
         threshold: t of the secure sum (at least the safe threshold for K and colluders).
         expected_holders: K, the holders the coordinator waits for.
         min_holders: The fewest holders a task starts with once ``holders_s`` has passed.
-        colluders: Holders assumed to side with the coordinator (raises the safe t).
+        colluders: Holders assumed to side with the coordinator (raises the safe t; the noise
+            shares are sized so that the other survivors alone carry the target).
         stage_s: Deadline of each secure-sum stage, seconds.
         holders_s: How long to wait for the expected holders to connect, seconds.
         store_dir: Where releases are written; ``ledger`` is the ledger file.

@@ -66,6 +66,15 @@ def test_default_policy_accepts_a_reasonable_task() -> None:
             "mode='central' is not among the allowed modes",
         ),
         (
+            ClientPolicy(max_colluders=1),
+            make_manifest(colluders=0),
+            0.0,
+            100,
+            PolicyViolationError,
+            "colluders=0: the task's noise shares assume fewer colluding holders than this "
+            "holder's max_colluders=1",
+        ),
+        (
             ClientPolicy(max_records=2000),
             make_manifest(max_records=1999),
             0.0,
@@ -216,6 +225,19 @@ def test_no_refusal_depends_on_the_holders_record_count(caplog: pytest.LogCaptur
         capped.check_records(101)
     for task_cap in (100, 10**6):
         capped.check(make_manifest(max_records=task_cap), spent=0.0, n_records=None)
+
+
+def test_noise_sized_for_enough_colluders_is_accepted() -> None:
+    policy = ClientPolicy(max_colluders=1)
+    policy.check(make_manifest(colluders=1), spent=0.0, n_records=10)
+    # No noise to size in a non-private task (consented to) or where each holder adds it all.
+    ClientPolicy(max_colluders=1, allow_non_private=True).check(
+        make_manifest(epsilon=math.inf), spent=0.0, n_records=10
+    )
+    policy.check(make_manifest(mode="local"), spent=0.0, n_records=10)
+    manifest = make_manifest(colluders=1)
+    assert TaskManifest.from_json(manifest.to_json()) == manifest
+    assert manifest.terms_sha256() != make_manifest(colluders=0).terms_sha256()
 
 
 def test_central_mode_only_where_the_holder_lists_it() -> None:

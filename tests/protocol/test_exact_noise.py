@@ -232,3 +232,47 @@ def test_edge_schedules_are_accepted() -> None:
         assert NoiseSchedule(total_variance=v, threshold=2, clients=3).share_variance == v / 2
     single = NoiseSchedule(total_variance=4.0, threshold=1, clients=3)
     assert list(single.components) == [1, 2] and single.kept_variance(1) == 4.0
+
+
+@pytest.mark.parametrize(("k", "t", "c"), [(5, 4, 1), (10, 7, 2), (20, 13, 4)])
+def test_with_colluders_any_honest_survivors_alone_keep_the_target(k: int, t: int, c: int) -> None:
+    """c holders may side with the coordinator and add nothing: every survivor count s keeps
+    v/(s − c) per survivor, so the s − c honest ones alone carry v; shares are v/(t − c)."""
+    schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k, colluders=c)
+    assert schedule.share_variance == pytest.approx(V / (t - c))
+    assert schedule.base_variance == pytest.approx(V / (k - c))
+    assert list(schedule.components) == list(range(t - c, k - c))
+    for s in range(t, k + 1):
+        assert (s - c) * schedule.kept_variance(s) == pytest.approx(V, rel=1e-12)
+        assert list(schedule.removed(s)) == list(range(t - c, s - c))
+
+
+@pytest.mark.parametrize(("k", "t", "c", "survivors"), [(10, 7, 2, 10), (10, 7, 2, 7)])
+def test_colluders_that_add_no_noise_leave_the_target_in_the_sum(
+    k: int, t: int, c: int, survivors: int
+) -> None:
+    """Empirically: s survivors of which c colluders add (and reveal) nothing; the honest ones'
+    noise less what they reveal has variance v. The negative control is the schedule that
+    ignores the colluders: it leaves (s − c)/s of v (0.8 v at s = 10), well outside the
+    sampling error."""
+    dim = 40_000
+    rng = np.random.default_rng([k, t, c, survivors])
+    tol = 5 * math.sqrt(2 / dim)
+    for colluders, expected in ((c, V), (0, V * (survivors - c) / survivors)):
+        schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k, colluders=colluders)
+        left = np.zeros(dim, dtype=np.int64)
+        for _ in range(survivors - c):  # only honest holders add noise
+            top = rng.bytes(SEED_BYTES)
+            left += holder_noise(schedule, dim, rng=rng, top=top)
+            revealed = revealed_seed(top, schedule, survivors)
+            if revealed is not None:
+                left -= removable_noise(revealed, schedule, survivors, dim)
+        assert np.var(left) == pytest.approx(expected, rel=tol)
+    assert (survivors - c) / survivors < 1 - 2 * tol  # the two cases are told apart
+
+
+def test_colluders_must_leave_an_honest_threshold() -> None:
+    with pytest.raises(ConfigError, match="colluders=3: must be an int with 0 <= c < t=3"):
+        NoiseSchedule(total_variance=V, threshold=3, clients=5, colluders=3)
+    with pytest.raises(ConfigError, match="colluders"):
+        NoiseSchedule(total_variance=V, threshold=3, clients=5, colluders=-1)

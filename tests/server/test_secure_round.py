@@ -133,6 +133,7 @@ def make_manifest(
     epsilon: float = math.inf,
     threshold: int | None = None,
     scale: float = 1000.0,
+    colluders: int = 0,
 ) -> TaskManifest:
     config = TaskConfig(
         template=TEMPLATE,
@@ -141,6 +142,7 @@ def make_manifest(
         epsilon=epsilon,
         delta=1e-5,
         threshold=threshold,
+        colluders=colluders,
         scale=scale,
         bits=64,
         prior_per_label=2,
@@ -1120,3 +1122,30 @@ def test_holders_handed_different_manifests_under_one_task_refuse_each_other(
     assert victim not in result.survivors
     assert victim not in transport.replies.get("masked_input", {})
     assert sorted(result.survivors) == sorted(NODES_3[1:])  # the others' sum goes on
+
+
+def test_noise_is_sized_for_the_colluders_a_holder_assumes(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    """A holder that assumes one colluder (who may add no noise) refuses shares sized for
+    none; with the task sized for one, every survivor keeps v/(s − 1), so the four honest of
+    five alone carry the target (the report states the larger total)."""
+    policy = ClientPolicy(max_colluders=1)
+    naive = make_manifest(tiny, reference, NODES_5, task_id="naive", epsilon=4.0, threshold=4)
+    (tmp_path / "naive").mkdir()
+    nodes = make_nodes(tmp_path / "naive", tiny, NODES_5, policy=policy, budgets=True)
+    with pytest.raises(TooFewParticipantsError, match="setup: policy"):
+        run_secure_round(LocalTransport(nodes), naive, reference.means)
+
+    sized = make_manifest(tiny, reference, NODES_5, task_id="sized", epsilon=4.0, colluders=1)
+    p = sized.privacy
+    assert (p.threshold, p.colluders) == (4, 1)
+    (tmp_path / "sized").mkdir()
+    nodes = make_nodes(tmp_path / "sized", tiny, NODES_5, policy=policy, budgets=True)
+    result = run_secure_round(LocalTransport(nodes), sized, reference.means)
+    assert sorted(result.survivors) == sorted(result.noise_removed) == sorted(NODES_5)
+    report = privacy_report(sized, result, model_name=tiny.name)
+    assert report["noise"]["colluders_tolerated"] == 1
+    assert report["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(
+        5 * p.total_variance / 4
+    )

@@ -214,7 +214,6 @@ def test_a_vector_task_file_becomes_a_release_and_one_ledger_row(
     assert len(PrivacyLedger(spec.ledger).rows()) == 1
 
 
-
 def test_holders_refuse_a_central_task_unless_their_policy_lists_it(
     tmp_path: Path, tiny: LoadedModel
 ) -> None:
@@ -225,6 +224,7 @@ def test_holders_refuse_a_central_task_unless_their_policy_lists_it(
         run_task(spec, transport, NODES, load=load_tiny(tiny))
     assert transport.stages == ["setup"]
     assert PrivacyLedger(spec.ledger).rows() == []
+
 
 def test_an_aborted_round_publishes_and_records_nothing(tmp_path: Path, tiny: LoadedModel) -> None:
     spec = spec_of(tmp_path, task_data())
