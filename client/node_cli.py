@@ -189,6 +189,7 @@ def status_command(
         _console.print(
             f"  caps: epsilon {p.max_epsilon_per_task:g} per task, {p.max_total_epsilon:g} in "
             f"total; delta {p.max_delta:g}; t >= {p.min_threshold}; K >= {p.min_holders}; "
+            f"records <= {p.max_records}; colluders assumed {p.max_colluders}; "
             f"modes {', '.join(p.allowed_modes)}; non-private "
             f"{'ALLOWED' if p.allow_non_private else 'refused'}"
         )
