@@ -45,3 +45,16 @@ def test_a_bad_file_is_refused_as_load_records_refuses_it(tmp_path: Path) -> Non
     broken.write_text('{"text": "x", "label": "a"}\nnot json\n')
     with pytest.raises(DataFileError):
         embed_data_file(broken, ("a", "b"), embedder, chunk=1)
+
+
+def test_a_voter_leaves_out_the_labels_its_round_omits(tmp_path: Path) -> None:
+    """A holder's vote skips records of labels the round does not list (refusing would tell
+    the coordinator the file holds one); with none left it votes nothing, without an error."""
+    embedder = load_embedder("hashing-64")
+    mixed = _write(tmp_path / "m.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": "c"}])
+    vectors, labels = embed_data_file(mixed, ("a", "b"), embedder, skip_unknown_labels=True)
+    np.testing.assert_allclose(vectors, np.asarray(embedder.embed(["x"])), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(labels, [0])
+    foreign = _write(tmp_path / "f.jsonl", [{"text": "y", "label": "c"}])
+    vectors, labels = embed_data_file(foreign, ("a", "b"), embedder, skip_unknown_labels=True)
+    assert vectors.shape == (0, embedder.dim) and labels.shape == (0,)

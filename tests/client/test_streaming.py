@@ -245,6 +245,19 @@ def test_a_foreign_label_after_many_chunks_is_left_out(
     np.testing.assert_array_equal(streamed(path, manifest()), without)
 
 
+def test_a_file_with_only_omitted_labels_contributes_only_noise(
+    tmp_path: Path, fake_extractor: list[int]
+) -> None:
+    """Every record left out: the holder still takes part (a refusal would tell the coordinator
+    its file holds none of the task's labels) and its vector is its noise share alone."""
+    path = write_records(tmp_path / "d.jsonl", 7, labels=("zzz",))
+    task = manifest()
+    assert holder(path).record_count(task.labels) == 0
+    noise_only = from_field(streamed(path, task), bits=task.bits)
+    assert noise_only.shape == (task.dim,)
+    assert np.any(noise_only != 0)  # the noise share is there
+
+
 def test_more_records_than_the_holders_cap_are_refused_at_contribution(
     tmp_path: Path, fake_extractor: list[int]
 ) -> None:
