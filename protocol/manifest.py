@@ -43,6 +43,24 @@ def array_sha256(array: np.ndarray) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def secagg_config_of(manifest: Any, *, domain: bytes) -> SecAggConfig:
+    """The secure sum a manifest fixes: its task id as session, its K, t, field and length.
+
+    Every signature of the session also binds the SHA-256 of the whole manifest, taken as the
+    holders parse it (serialized, parsed, serialized again, so that the coordinator's copy and
+    each holder's hash alike): holders handed different manifests refuse each other's keys.
+    """
+    text = type(manifest).from_json(manifest.to_json()).to_json()
+    return SecAggConfig(
+        session_id=manifest.task_id,
+        node_ids=manifest.node_ids,
+        threshold=manifest.privacy.threshold,
+        bits=manifest.bits,
+        dim=manifest.dim,
+        terms=hashlib.sha256(domain + b"\x00" + text.encode("utf-8")).hexdigest(),
+    )
+
+
 @dataclass(frozen=True)
 class PrivacySpec:
     """The target guarantee and how noise is shared, for one task (all classes in parallel).
@@ -203,23 +221,7 @@ class TaskManifest:
 
     def secagg_config(self) -> SecAggConfig:
         """The secure-sum parameters this task fixes (session bound to the task id)."""
-        return SecAggConfig(
-            session_id=self.task_id,
-            node_ids=self.node_ids,
-            threshold=self.privacy.threshold,
-            bits=self.bits,
-            dim=self.dim,
-            terms=self.terms_sha256(),
-        )
-
-    def terms_sha256(self) -> str:
-        """SHA-256 of the canonical manifest: what every participant's signatures bind.
-
-        Taken over the manifest as the holders parse it (serialized, parsed, serialized
-        again), so the coordinator's copy and each holder's hash alike.
-        """
-        text = type(self).from_json(self.to_json()).to_json()
-        return hashlib.sha256(b"fedsynth/task-terms\x00" + text.encode("utf-8")).hexdigest()
+        return secagg_config_of(self, domain=b"fedsynth/task-terms")
 
     def check_field_capacity(self) -> None:
         """Refuse parameters whose worst-case aggregate could wrap around the field.

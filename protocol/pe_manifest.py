@@ -8,7 +8,6 @@ spec states the guarantee of the WHOLE task (all T rounds) and the per-round noi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import numpy as np
 from fedsynth.protocol.codec import to_field, validate_bits
 from fedsynth.protocol.contribution import share_noise
 from fedsynth.protocol.errors import ConfigError, FieldRangeError, ShapeError
-from fedsynth.protocol.manifest import ADJACENCY, PrivacySpec, array_sha256
+from fedsynth.protocol.manifest import ADJACENCY, PrivacySpec, array_sha256, secagg_config_of
 from fedsynth.protocol.secagg import SecAggConfig
 
 PE_MANIFEST_VERSION = "pe-1"
@@ -125,23 +124,7 @@ class PERoundManifest:
 
     def secagg_config(self) -> SecAggConfig:
         """Secure-sum parameters of this round."""
-        return SecAggConfig(
-            session_id=self.task_id,
-            node_ids=self.node_ids,
-            threshold=self.privacy.threshold,
-            bits=self.bits,
-            dim=self.dim,
-            terms=self.terms_sha256(),
-        )
-
-    def terms_sha256(self) -> str:
-        """SHA-256 of the canonical manifest: what every participant's signatures bind.
-
-        Taken over the manifest as the holders parse it (serialized, parsed, serialized
-        again), so the coordinator's copy and each holder's hash alike.
-        """
-        text = type(self).from_json(self.to_json()).to_json()
-        return hashlib.sha256(b"fedsynth/pe-round-terms\x00" + text.encode("utf-8")).hexdigest()
+        return secagg_config_of(self, domain=b"fedsynth/pe-round-terms")
 
     def worst_case_sum(self) -> float:
         """Largest |coordinate| of an honest aggregate: all votes plus 40 noise std."""

@@ -237,7 +237,7 @@ def test_noise_sized_for_enough_colluders_is_accepted() -> None:
     policy.check(make_manifest(mode="local"), spent=0.0, n_records=10)
     manifest = make_manifest(colluders=1)
     assert TaskManifest.from_json(manifest.to_json()) == manifest
-    assert manifest.terms_sha256() != make_manifest(colluders=0).terms_sha256()
+    assert manifest.secagg_config().digest() != make_manifest(colluders=0).secagg_config().digest()
 
 
 def test_central_mode_only_where_the_holder_lists_it() -> None:
