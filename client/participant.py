@@ -22,7 +22,12 @@ from flwr.app import ConfigRecord, RecordDict
 from fedsynth.client.data import count_records
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.contribution import noise_schedule
-from fedsynth.protocol.errors import IdentityError, ProtocolError, StageOrderError
+from fedsynth.protocol.errors import (
+    IdentityError,
+    PolicyViolationError,
+    ProtocolError,
+    StageOrderError,
+)
 from fedsynth.protocol.exact_noise import NOISE_SEED_FIELD, SEED_BYTES, revealed_seed
 from fedsynth.protocol.identity import HolderIdentity, Roster
 from fedsynth.protocol.messages import (
@@ -37,6 +42,7 @@ from fedsynth.protocol.messages import (
     unpack,
 )
 from fedsynth.protocol.secagg import ROUND_STAGES, SecAggClient, SecureSumTask, Stage
+from fedsynth.protocol.secagg.stages import check_stage
 
 log = logging.getLogger(__name__)
 TaskT = TypeVar("TaskT", bound=SecureSumTask)
@@ -208,6 +214,15 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         task, payload, client = self._load(state)
         fields = unpack(content, task_id=task.task_id, stage=Stage.MASKED_INPUT.value)
         ciphertexts = blobs_from_fields("ct:", fields)
+        check_stage(client.stage, Stage.MASKED_INPUT, "masked_input")
+        # The holders that exchanged keys (each sender's share is authenticated below, or the
+        # stage fails): listing roster members who never take part does not make K.
+        exchanged = len(ciphertexts) + 1
+        if exchanged < self.settings.policy.min_holders:
+            raise PolicyViolationError(
+                f"{exchanged} holders exchanged keys, below min_holders="
+                f"{self.settings.policy.min_holders}"
+            )
         if noise_schedule(task.privacy, clients=len(task.node_ids)) is not None:
             state.config_records[self._noise_key] = ConfigRecord(
                 {"task_id": task.task_id, "seed": self._new_noise_seed()}

@@ -1149,3 +1149,16 @@ def test_noise_is_sized_for_the_colluders_a_holder_assumes(
     assert report["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(
         5 * p.total_variance / 4
     )
+
+
+def test_holders_listed_but_absent_do_not_count_toward_min_holders(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    """K = 3 listed, one never exchanges keys: holders whose policy wants 3 keep their input."""
+    manifest = make_manifest(tiny, reference, NODES_3, threshold=2)
+    policy = ClientPolicy(allow_non_private=True, min_holders=3)
+    nodes = make_nodes(tmp_path, tiny, NODES_3, policy=policy)
+    transport = LocalTransport(nodes, drop={"share_keys": {NODES_3[0]}})
+    with pytest.raises(TooFewParticipantsError, match="masked_input: policy"):
+        run_secure_round(transport, manifest, reference.means)
+    assert transport.replies.get("masked_input", {}) == {}
