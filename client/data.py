@@ -132,8 +132,9 @@ def count_records(
     """Validate a whole data file exactly as :func:`load_records` does and count its records.
 
     One streaming pass that keeps no record: a holder runs it before it takes a task (the
-    refusals of a malformed file, a foreign label or too many records come before any key is
-    exchanged) at a memory cost independent of the file's size.
+    refusal of a malformed file comes before any key is exchanged; records of a label the task
+    omits are left out with ``skip_unknown_labels``) at a memory cost independent of the
+    file's size.
 
     ``skip_unknown_labels`` and ``on_skipped``: as for :func:`iter_record_batches`.
 

@@ -39,9 +39,9 @@ ERROR_CODE_REFUSED = 4100
 
 
 RUN_CONFIG_REFUSED = ("allow-non-private",)
+"""Run-config keys a holder refuses outright: consent to non-private releases is the holder's."""
 SIMULATION_NODE_KEY = "num-partitions"
 """A node-config key Flower's simulation engine sets on every simulated node."""
-"""Run-config keys a holder refuses outright: consent to non-private releases is the holder's."""
 
 
 def settings_from_context(
