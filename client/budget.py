@@ -39,9 +39,10 @@ APPLICATION_ID = 0x66534267
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
 
-SpendCheck = Callable[[float], None]
-"""Called inside the charging transaction with the finite epsilon already spent on other
-tasks; raises (a policy or budget error) to refuse. The transaction then writes nothing."""
+SpendCheck = Callable[[float, float], None]
+"""Called inside the charging transaction with the epsilon and the delta already spent on other
+tasks of finite epsilon; raises (a policy or budget error) to refuse. The transaction then
+writes nothing."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -148,6 +149,13 @@ class ClientBudget:
         with self._transaction(self.path, write=False) as db:
             return self._spent(db, exclude)
 
+    def spent_delta(self, *, exclude: str | None = None) -> float:
+        """Total delta of the tasks of finite epsilon charged so far (basic composition)."""
+        if self.path is None:
+            return 0.0
+        with self._transaction(self.path, write=False) as db:
+            return self._spent_delta(db, exclude)
+
     def has(self, task_id: str) -> bool:
         """Whether this task was already charged."""
         return self.terms(task_id) is not None
@@ -201,7 +209,7 @@ class ClientBudget:
         wanted = dict(terms) if terms is not None else {"privacy": privacy_terms(privacy)}
         if self.path is None:
             if check is not None:
-                check(0.0)
+                check(0.0, 0.0)
             return False
         with self._transaction(self.path, write=True) as db:
             return self._charge(db, task_id, privacy, wanted, check, repeat=repeat)
@@ -218,7 +226,7 @@ class ClientBudget:
         """
         if self.path is None:
             if check is not None:
-                check(0.0)
+                check(0.0, 0.0)
             return
         with self._transaction(self.path, write=True) as db:
             last = self._last_round(db, manifest.pe_task_id)
@@ -273,7 +281,7 @@ class ClientBudget:
             return False
         spent = self._spent(db, task_id)  # reads (and so validates) every charge first
         if check is not None:
-            check(spent)
+            check(spent, self._spent_delta(db, task_id))
         db.execute(
             "INSERT INTO entries (kind, task_id, epsilon, delta, mode, terms, recorded_at) "
             "VALUES ('task', ?, ?, ?, ?, ?, ?)",
@@ -305,6 +313,16 @@ class ClientBudget:
             value = self._parse_epsilon(seq, epsilon)
             if math.isfinite(value):
                 total += value
+        return total
+
+    def _spent_delta(self, db: sqlite3.Connection, exclude: str | None) -> float:
+        total = 0.0
+        for seq, epsilon, delta in db.execute(
+            "SELECT seq, epsilon, delta FROM entries WHERE kind = 'task' AND task_id IS NOT ?",
+            (exclude,),
+        ):
+            if math.isfinite(self._parse_epsilon(seq, epsilon)):
+                total += float(delta)
         return total
 
     def _terms(self, db: sqlite3.Connection, task_id: str) -> dict[str, Any] | None:

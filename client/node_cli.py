@@ -188,7 +188,8 @@ def status_command(
         _console.print(f"  allowed model fingerprints: {prints}")
         _console.print(
             f"  caps: epsilon {p.max_epsilon_per_task:g} per task, {p.max_total_epsilon:g} in "
-            f"total; delta {p.max_delta:g}; t >= {p.min_threshold}; K >= {p.min_holders}; "
+            f"total; delta {p.max_delta:g} per task, {p.max_total_delta:g} in total; "
+            f"t >= {p.min_threshold}; K >= {p.min_holders}; "
             f"records <= {p.max_records}; colluders assumed {p.max_colluders}; "
             f"modes {', '.join(p.allowed_modes)}; non-private "
             f"{'ALLOWED' if p.allow_non_private else 'refused'}"
@@ -234,10 +235,15 @@ def _print_budget(budget_path: Path, loaded: PolicyFile | None) -> None:
     try:
         entries = budget.entries()
         spent = budget.spent()
+        spent_delta = budget.spent_delta()
     except FedSynthError as exc:
         _fail(str(exc))
     cap = f" of {loaded.policy.max_total_epsilon:g}" if loaded else ""
-    _console.print(f"budget store {escape(str(budget_path))}: epsilon spent {spent:.4g}{cap}")
+    delta_cap = f" of {loaded.policy.max_total_delta:g}" if loaded else ""
+    _console.print(
+        f"budget store {escape(str(budget_path))}: epsilon spent {spent:.4g}{cap}, "
+        f"delta spent {spent_delta:.4g}{delta_cap}"
+    )
     table = Table("task", "kind", "epsilon", "delta", "mode / round")
     for row in entries:
         if row.get("kind") == "pe-round":

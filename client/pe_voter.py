@@ -133,8 +133,13 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
         n_records = self.record_count(manifest.labels)
         self.settings.policy.check_records(n_records)
         # A task already charged (earlier rounds) is not counted twice against the cap.
-        spent = ClientBudget(self.settings.budget_path).spent(exclude=manifest.pe_task_id)
-        self.settings.policy.check(manifest, spent=spent, n_records=n_records)
+        budget = ClientBudget(self.settings.budget_path)
+        self.settings.policy.check(
+            manifest,
+            spent=budget.spent(exclude=manifest.pe_task_id),
+            spent_delta=budget.spent_delta(exclude=manifest.pe_task_id),
+            n_records=n_records,
+        )
         embedder_matches(self._embedder_loader(), manifest)
         log.info("node %s accepted PE round %s", self.node_id, manifest.task_id)
         return manifest, candidates.tobytes()
@@ -172,7 +177,9 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
         n_records = self.record_count(task.labels)
         ClientBudget(self.settings.budget_path).charge_pe_round(
             task,
-            check=lambda spent: self.settings.policy.check(task, spent=spent, n_records=n_records),
+            check=lambda spent, spent_delta: self.settings.policy.check(
+                task, spent=spent, spent_delta=spent_delta, n_records=n_records
+            ),
         )
         rounds = self._rounds_record(state)
         rounds[task.pe_task_id] = task.round

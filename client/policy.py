@@ -69,6 +69,8 @@ class ClientPolicy:
         max_epsilon_per_task: Largest epsilon one task may spend.
         max_total_epsilon: Lifetime budget over all tasks (basic composition).
         max_delta: Largest delta per task.
+        max_total_delta: Lifetime cap on the deltas of all tasks of finite epsilon (basic
+            composition adds them up as it adds the epsilons).
         min_threshold: Smallest reconstruction threshold t (fewest honest survivors) accepted.
         allowed_modes: Trust modes the holder accepts. ``central`` (the coordinator sees the
             noise-free sum and is trusted to add the noise) only when the holder lists it.
@@ -91,6 +93,7 @@ class ClientPolicy:
     max_epsilon_per_task: float = 8.0
     max_total_epsilon: float = 50.0
     max_delta: float = 1e-4
+    max_total_delta: float = 1e-3
     min_threshold: int = 2
     allowed_modes: tuple[str, ...] = ("distributed", "local")
     allowed_fingerprints: tuple[str, ...] = ()
@@ -108,6 +111,11 @@ class ClientPolicy:
             raise ConfigError(f"max_epsilon_per_task={self.max_epsilon_per_task}: must be > 0")
         if not self.max_total_epsilon >= self.max_epsilon_per_task:
             raise ConfigError("max_total_epsilon must be >= max_epsilon_per_task")
+        if not self.max_delta <= self.max_total_delta < 1:
+            raise ConfigError(
+                f"max_total_delta={self.max_total_delta}: must be >= max_delta="
+                f"{self.max_delta} and < 1"
+            )
         if self.min_threshold < 2:
             raise ConfigError(f"min_threshold={self.min_threshold}: must be >= 2")
         if (
@@ -141,7 +149,14 @@ class ClientPolicy:
                 f"{n_records} records exceed this holder's max_records={self.max_records}"
             )
 
-    def check(self, manifest: PolicySubject, *, spent: float, n_records: int | None) -> None:
+    def check(
+        self,
+        manifest: PolicySubject,
+        *,
+        spent: float,
+        n_records: int | None,
+        spent_delta: float = 0.0,
+    ) -> None:
         """Refuse a manifest outside this policy, with a reason an operator can read.
 
         Every refusal depends on the task's terms and this holder's own settings and spending
@@ -203,4 +218,9 @@ class ClientPolicy:
             raise BudgetExceededError(
                 f"epsilon={p.epsilon} would bring the total to {spent + p.epsilon:.4g} > "
                 f"max_total_epsilon={self.max_total_epsilon} (spent {spent:.4g})"
+            )
+        if not math.isinf(p.epsilon) and spent_delta + p.delta > self.max_total_delta:
+            raise BudgetExceededError(
+                f"delta={p.delta} would bring the total to {spent_delta + p.delta:.4g} > "
+                f"max_total_delta={self.max_total_delta} (spent {spent_delta:.4g})"
             )

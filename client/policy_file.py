@@ -5,6 +5,7 @@ Example (every key optional; an absent key keeps :class:`ClientPolicy`'s default
     max_epsilon_per_task = 4.0      # largest epsilon one task may spend
     max_total_epsilon = 20.0        # lifetime cap over all tasks (basic composition)
     max_delta = 1e-6                # largest delta per task
+    max_total_delta = 1e-4          # lifetime cap on the deltas (basic composition)
     allowed_fingerprints = ["sha256:..."]   # models accepted ([] = the local model's only)
     allowed_modes = ["distributed", "local"]
     min_threshold = 3               # smallest secure-sum threshold t
@@ -48,7 +49,7 @@ __all__ = [
 
 MAX_POLICY_BYTES: Final = 1024 * 1024
 _FINGERPRINT: Final = re.compile(r"sha256:[0-9a-f]{64}")
-_FLOATS: Final = ("max_epsilon_per_task", "max_total_epsilon", "max_delta")
+_FLOATS: Final = ("max_epsilon_per_task", "max_total_epsilon", "max_delta", "max_total_delta")
 _INTS: Final = ("min_threshold", "min_holders", "max_colluders", "max_records")
 _PATHS: Final = ("budget_path", "log_file")
 KNOWN_KEYS: Final = frozenset(
@@ -91,7 +92,7 @@ def _float(key: str, value: object) -> float:
     number = float(value)
     if not math.isfinite(number) or number <= 0:
         raise ConfigError(f"{key}={value!r}: must be a finite number > 0")
-    if key == "max_delta" and number >= 1:
+    if key in ("max_delta", "max_total_delta") and number >= 1:
         raise ConfigError(f"{key}={value!r}: must be below 1")
     return number
 

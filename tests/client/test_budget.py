@@ -25,6 +25,7 @@ from fedsynth.protocol.embedding import HashingEmbedder
 from fedsynth.protocol.errors import (
     BudgetExceededError,
     BudgetStoreError,
+    ConfigError,
     FedSynthError,
     PolicyViolationError,
     StageOrderError,
@@ -87,14 +88,41 @@ def test_the_charge_rechecks_the_policy_against_the_store(tmp_path: Path) -> Non
     policy.check(first, spent=ClientBudget(path).spent(), n_records=10)
     policy.check(second, spent=ClientBudget(path).spent(), n_records=10)
     ClientBudget(path).charge(
-        first, check=lambda spent: policy.check(first, spent=spent, n_records=10)
+        first, check=lambda spent, _: policy.check(first, spent=spent, n_records=10)
     )
     with pytest.raises(BudgetExceededError, match=r"max_total_epsilon=7.0"):
         ClientBudget(path).charge(
-            second, check=lambda spent: policy.check(second, spent=spent, n_records=10)
+            second, check=lambda spent, _: policy.check(second, spent=spent, n_records=10)
         )
     assert ClientBudget(path).spent() == 4.0
     assert not ClientBudget(path).has("second")  # the refused charge wrote nothing
+
+
+def test_deltas_compose_like_epsilons_against_their_own_lifetime_cap(tmp_path: Path) -> None:
+    """Basic composition adds the deltas too: a holder's store sums those of its tasks of
+    finite epsilon, and the charge refuses one that would pass max_total_delta."""
+    path = tmp_path / "budget.sqlite"
+    policy = ClientPolicy(max_delta=1e-5, max_total_delta=2.5e-5, allow_non_private=True)
+
+    def charge(manifest: Any) -> None:
+        ClientBudget(path).charge(
+            manifest,
+            check=lambda spent, spent_delta: policy.check(
+                manifest, spent=spent, spent_delta=spent_delta, n_records=10
+            ),
+        )
+
+    charge(make_manifest("one", epsilon=1.0, delta=1e-5))
+    charge(make_manifest("free", epsilon=math.inf, delta=1e-5))  # no guarantee: not counted
+    charge(make_manifest("two", epsilon=1.0, delta=1e-5))
+    assert ClientBudget(path).spent_delta() == pytest.approx(2e-5)
+    assert ClientBudget(path).spent_delta(exclude="two") == pytest.approx(1e-5)
+    with pytest.raises(BudgetExceededError, match=r"max_total_delta=2.5e-05 \(spent 2e-05\)"):
+        charge(make_manifest("three", epsilon=1.0, delta=1e-5))
+    assert not ClientBudget(path).has("three")
+    charge(make_manifest("small", epsilon=1.0, delta=5e-6))  # what still fits is charged
+    with pytest.raises(ConfigError, match="max_total_delta=1e-06: must be >= max_delta"):
+        ClientPolicy(max_delta=1e-5, max_total_delta=1e-6)
 
 
 def _charge_at_the_same_time(

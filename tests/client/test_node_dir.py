@@ -167,6 +167,7 @@ def test_status_reads_the_holder_s_own_store_and_policy(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "epsilon spent 1.5 of 20" in result.output
+    assert "delta spent 1e-06 of 0.001" in " ".join(result.output.split())
     assert "task-7" in result.output and "charged" in result.output
     assert FINGERPRINT in result.output
     assert "refusals: not recorded in the budget store" in result.output

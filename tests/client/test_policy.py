@@ -214,7 +214,7 @@ def test_policy_accepts_the_edges_of_its_own_settings() -> None:
 def test_no_refusal_depends_on_the_holders_record_count(caplog: pytest.LogCaptureFixture) -> None:
     """Whether a holder takes a task must not tell the coordinator how many records it has:
     delta against 1/n only warns in the holder's own log; max_delta is what refuses."""
-    policy = ClientPolicy(max_delta=0.9)
+    policy = ClientPolicy(max_delta=0.9, max_total_delta=0.99)
     for n_records in (1, 2, 10**9, None):
         policy.check(make_manifest(delta=0.5), spent=0.0, n_records=n_records)
     assert "delta=0.5 is not below 1/n=1/2" in caplog.text
