@@ -142,19 +142,23 @@ class ClientBudget:
             out.append(row)
         return out
 
+    def spending(self, *, exclude: str | None = None) -> tuple[float, float]:
+        """Epsilon and delta charged so far on tasks of finite epsilon, in one read of the store.
+
+        Basic composition adds each up; ``exclude`` leaves one task out.
+        """
+        if self.path is None:
+            return 0.0, 0.0
+        with self._transaction(self.path, write=False) as db:
+            return self._spending(db, exclude)
+
     def spent(self, *, exclude: str | None = None) -> float:
         """Total finite epsilon charged so far (basic composition), optionally without a task."""
-        if self.path is None:
-            return 0.0
-        with self._transaction(self.path, write=False) as db:
-            return self._spent(db, exclude)
+        return self.spending(exclude=exclude)[0]
 
     def spent_delta(self, *, exclude: str | None = None) -> float:
         """Total delta of the tasks of finite epsilon charged so far (basic composition)."""
-        if self.path is None:
-            return 0.0
-        with self._transaction(self.path, write=False) as db:
-            return self._spent_delta(db, exclude)
+        return self.spending(exclude=exclude)[1]
 
     def has(self, task_id: str) -> bool:
         """Whether this task was already charged."""
@@ -279,9 +283,9 @@ class ClientBudget:
                     "a second contribution would spend its epsilon again"
                 )
             return False
-        spent = self._spent(db, task_id)  # reads (and so validates) every charge first
+        spent, spent_delta = self._spending(db, task_id)  # reads (and validates) every charge
         if check is not None:
-            check(spent, self._spent_delta(db, task_id))
+            check(spent, spent_delta)
         db.execute(
             "INSERT INTO entries (kind, task_id, epsilon, delta, mode, terms, recorded_at) "
             "VALUES ('task', ?, ?, ?, ?, ?, ?)",
@@ -304,26 +308,17 @@ class ClientBudget:
             (task_id, round_number, time.time()),
         )
 
-    def _spent(self, db: sqlite3.Connection, exclude: str | None) -> float:
-        total = 0.0
-        for seq, epsilon in db.execute(
-            "SELECT seq, epsilon FROM entries WHERE kind = 'task' AND task_id IS NOT ?",
-            (exclude,),
-        ):
-            value = self._parse_epsilon(seq, epsilon)
-            if math.isfinite(value):
-                total += value
-        return total
-
-    def _spent_delta(self, db: sqlite3.Connection, exclude: str | None) -> float:
-        total = 0.0
+    def _spending(self, db: sqlite3.Connection, exclude: str | None) -> tuple[float, float]:
+        epsilon_total = delta_total = 0.0
         for seq, epsilon, delta in db.execute(
             "SELECT seq, epsilon, delta FROM entries WHERE kind = 'task' AND task_id IS NOT ?",
             (exclude,),
         ):
-            if math.isfinite(self._parse_epsilon(seq, epsilon)):
-                total += float(delta)
-        return total
+            value = self._parse_epsilon(seq, epsilon)
+            if math.isfinite(value):
+                epsilon_total += value
+                delta_total += float(delta)
+        return epsilon_total, delta_total
 
     def _terms(self, db: sqlite3.Connection, task_id: str) -> dict[str, Any] | None:
         row = db.execute(

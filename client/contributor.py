@@ -117,12 +117,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         self.settings.policy.check_records(n_records)
         budget = ClientBudget(self.settings.budget_path)
         refuse_repeated_task(budget, manifest)
-        self.settings.policy.check(
-            manifest,
-            spent=budget.spent(),
-            spent_delta=budget.spent_delta(),
-            n_records=n_records,
-        )
+        self.check_policy(manifest, n_records)
         manifest_model_matches(self._model_loader(), manifest)
         log.info("node %s accepted task %s", self.node_id, manifest.task_id)
         return manifest, vector_to_bytes(reference.reshape(-1))
@@ -189,9 +184,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
             n_records = self.record_count(task.labels)
         ClientBudget(self.settings.budget_path).charge(
             task,
-            check=lambda spent, spent_delta: self.settings.policy.check(
-                task, spent=spent, spent_delta=spent_delta, n_records=n_records
-            ),
+            check=self.spend_check(task, n_records),
         )
 
     def record_batches(self, labels: tuple[str, ...], *, size: int) -> Iterator[list[Record]]:

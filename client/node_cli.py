@@ -234,8 +234,7 @@ def _print_budget(budget_path: Path, loaded: PolicyFile | None) -> None:
     budget = ClientBudget(budget_path)
     try:
         entries = budget.entries()
-        spent = budget.spent()
-        spent_delta = budget.spent_delta()
+        spent, spent_delta = budget.spending()
     except FedSynthError as exc:
         _fail(str(exc))
     cap = f" of {loaded.policy.max_total_epsilon:g}" if loaded else ""

@@ -19,7 +19,9 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
+from fedsynth.client.budget import ClientBudget, SpendCheck
 from fedsynth.client.data import count_records
+from fedsynth.client.policy import PolicySubject
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.contribution import noise_schedule
 from fedsynth.protocol.errors import (
@@ -74,6 +76,23 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             on_skipped=self._log_skipped,
         )
         return self._counted
+
+    def check_policy(
+        self, task: PolicySubject, n_records: int, *, exclude: str | None = None
+    ) -> None:
+        """This holder's policy against ``task``, with its spending so far.
+
+        ``exclude``: a task whose charge must not count against itself (a PE task charged at an
+        earlier round).
+        """
+        spent, spent_delta = ClientBudget(self.settings.budget_path).spending(exclude=exclude)
+        self.settings.policy.check(task, spent=spent, spent_delta=spent_delta, n_records=n_records)
+
+    def spend_check(self, task: PolicySubject, n_records: int) -> SpendCheck:
+        """The policy re-check the budget store runs inside its charging transaction."""
+        return lambda spent, spent_delta: self.settings.policy.check(
+            task, spent=spent, spent_delta=spent_delta, n_records=n_records
+        )
 
     @staticmethod
     def _log_skipped(count: int) -> None:

@@ -133,13 +133,7 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
         n_records = self.record_count(manifest.labels)
         self.settings.policy.check_records(n_records)
         # A task already charged (earlier rounds) is not counted twice against the cap.
-        budget = ClientBudget(self.settings.budget_path)
-        self.settings.policy.check(
-            manifest,
-            spent=budget.spent(exclude=manifest.pe_task_id),
-            spent_delta=budget.spent_delta(exclude=manifest.pe_task_id),
-            n_records=n_records,
-        )
+        self.check_policy(manifest, n_records, exclude=manifest.pe_task_id)
         embedder_matches(self._embedder_loader(), manifest)
         log.info("node %s accepted PE round %s", self.node_id, manifest.task_id)
         return manifest, candidates.tobytes()
@@ -177,9 +171,7 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
         n_records = self.record_count(task.labels)
         ClientBudget(self.settings.budget_path).charge_pe_round(
             task,
-            check=lambda spent, spent_delta: self.settings.policy.check(
-                task, spent=spent, spent_delta=spent_delta, n_records=n_records
-            ),
+            check=self.spend_check(task, n_records),
         )
         rounds = self._rounds_record(state)
         rounds[task.pe_task_id] = task.round
