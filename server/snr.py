@@ -54,13 +54,15 @@ without giving up the layers that carry the class signal.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.stats import chi2
 
 from fedsynth.protocol.errors import ConfigError, NonPositiveCountError
+from fedsynth.server.public_basis import PublicBasis
 from fedsynth.server.release import Release
 
 DEFAULT_LEVEL = 1e-3  # chance that a pure-noise layer keeps a non-zero strength
@@ -78,6 +80,9 @@ class LayerSnr:
         snr: Estimated signal energy over noise energy,
             ``max(0, observed - noise) / noise`` (``inf`` without noise).
         factor: The shrink factor in [0, 1] that multiplies the user's strength.
+        rank: With a public basis, the number of its directions the added direction is
+            projected onto; None where the whole direction is kept (no basis, or the full
+            direction was estimated to be closer to the noise-free one).
     """
 
     layer: int
@@ -86,6 +91,7 @@ class LayerSnr:
     observed_energy: float
     snr: float
     factor: float
+    rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class SteeringSnr:
     contrast: float
     level: float
     classes: tuple[ClassSnr, ...]
+    basis: PublicBasis | None = field(default=None, compare=False, repr=False)
 
     def of(self, label: str) -> ClassSnr:
         """The figures of ``label``."""
@@ -126,6 +133,22 @@ class SteeringSnr:
         raise ConfigError(
             f"label={label!r} is not in this release's {[c.label for c in self.classes]}"
         )
+
+    def directions(self, release: Release, label: str) -> dict[int, torch.Tensor]:
+        """``label``'s directions as generation adds them: projected where a rank was chosen."""
+        if release.release_id != self.release_id:
+            raise ConfigError(
+                f"these figures are for release {self.release_id!r}, not {release.release_id!r}"
+            )
+        directions = release.directions(label, contrast=self.contrast)
+        entry = self.of(label)
+        for item in entry.layers:
+            if item.rank is None or self.basis is None:
+                continue
+            raw = directions[item.layer]
+            projected = self.basis.project(item.layer, raw.double().numpy(), item.rank)
+            directions[item.layer] = torch.from_numpy(projected).to(raw.dtype)
+        return directions
 
     def to_dict(self, *, strength: float, applied: bool = True) -> dict[str, Any]:
         """JSON-ready report: the rule, the noise used, and per class the SNR and strength.
@@ -146,6 +169,7 @@ class SteeringSnr:
                     "observed_energy": item.observed_energy,
                     "snr": _json_float(item.snr),
                     "factor": item.factor,
+                    "projected_rank": item.rank,
                     "effective_strength": strength * used,
                 }
             mean_used = entry.factor if applied else 1.0
@@ -158,13 +182,21 @@ class SteeringSnr:
             }
         return {
             "rule": "per class and layer: strength * sqrt(max(0, 1 - U / ||d||^2)), U the "
-            f"{1 - self.level:g} quantile of the noise energy of the added direction d",
+            f"{1 - self.level:g} quantile of the noise energy of the added direction d"
+            + (
+                ""
+                if self.basis is None
+                else "; or d projected onto the top k directions of the public basis "
+                "(projected_rank k) where that estimate of the cosine with the noise-free "
+                "direction is larger"
+            ),
             "applied": applied,
             "strength": strength,
             "contrast": self.contrast,
             "level": self.level,
             "noise_variance_scaled": self.noise_variance_scaled,
             "variance_source": self.variance_source,
+            "public_basis": None if self.basis is None else self.basis.source,
             "classes": classes,
         }
 
@@ -281,13 +313,55 @@ def shrink_factor(
     return math.sqrt(max(0.0, 1.0 - upper / observed_energy))
 
 
+PROJECTION_RANKS = (8, 16, 32, 64)
+"""Ranks of the public basis the rule tries per class and layer (up to the basis's rank)."""
+
+
+def projected_factor(
+    direction: np.ndarray, *, basis: np.ndarray, noise_sd: float, level: float = DEFAULT_LEVEL
+) -> float:
+    """Conservative cosine between ``direction`` projected onto ``basis`` and the noise-free one.
+
+    ``basis`` (k, H) has orthonormal rows fixed before the noise was drawn (public data), so
+    the noise inside it has energy ``k * noise_sd**2`` and outside ``(H - k) * noise_sd**2``.
+    The factor is the product of two estimates: how well the projected direction points along
+    the signal's projection (:func:`shrink_factor` in k dimensions, upper quantile), and the
+    square root of the share of the signal's energy that lies inside the basis (observed minus
+    expected noise energy, inside over inside plus outside). Without noise it is the cosine
+    between the projection and the direction itself.
+    """
+    rows, hidden = basis.shape
+    vector = np.asarray(direction, dtype=np.float64)
+    total = float(vector @ vector)
+    coefficients = basis @ vector
+    inside = float(coefficients @ coefficients)
+    if total <= 0.0 or inside <= 0.0:
+        return 0.0
+    if noise_sd == 0.0:
+        return math.sqrt(min(1.0, inside / total))
+    within = shrink_factor(inside, noise_sd=noise_sd, dim=rows, level=level)
+    signal_in = max(0.0, inside - rows * noise_sd**2)
+    signal_out = max(0.0, total - inside - (hidden - rows) * noise_sd**2)
+    if signal_in + signal_out == 0.0:
+        return 0.0
+    return within * math.sqrt(signal_in / (signal_in + signal_out))
+
+
 def steering_snr(
-    release: Release, *, contrast: float = 1.0, level: float = DEFAULT_LEVEL
+    release: Release,
+    *,
+    contrast: float = 1.0,
+    level: float = DEFAULT_LEVEL,
+    basis: PublicBasis | None = None,
 ) -> SteeringSnr:
     """Per class and layer: noise sd, noise energy, observed energy, SNR and shrink factor.
 
     Applied to what generation actually adds: :meth:`Release.directions` with ``contrast``.
-    Pure post-processing of public release content.
+    With a public ``basis`` (:mod:`fedsynth.server.public_basis`), each class and layer also
+    tries the projection of its direction onto the top 8, 16, 32 and 64 directions of the
+    basis and keeps whichever of those and the whole direction has the largest factor (the
+    conservative estimate of its cosine with the noise-free direction). Pure post-processing
+    of public release content and public text.
 
     Raises:
         NonPositiveCountError: if a class's noisy count is <= 0 (before anything is computed).
@@ -298,6 +372,8 @@ def steering_snr(
     variance, source = noise_variance_present(release)
     sd = coordinate_noise_sd(release, variance=variance)  # (C, L)
     manifest = release.manifest
+    if basis is not None:
+        basis.check_fits(manifest)
     hidden = manifest.hidden_size
     n_classes = len(release.labels)
     classes = []
@@ -321,6 +397,16 @@ def steering_snr(
                 if noise_energy == 0.0
                 else max(0.0, observed - noise_energy) / noise_energy
             )
+            factor = shrink_factor(observed, noise_sd=noise_sd, dim=hidden, level=level)
+            rank: int | None = None
+            for k in PROJECTION_RANKS if basis is not None else ():
+                if basis is None or k > basis.rank:
+                    break
+                projected = projected_factor(
+                    vector, basis=basis.of(layer, k), noise_sd=noise_sd, level=level
+                )
+                if projected > factor:
+                    factor, rank = projected, k
             entries.append(
                 LayerSnr(
                     layer=layer,
@@ -328,7 +414,8 @@ def steering_snr(
                     noise_energy=noise_energy,
                     observed_energy=observed,
                     snr=snr,
-                    factor=shrink_factor(observed, noise_sd=noise_sd, dim=hidden, level=level),
+                    factor=factor,
+                    rank=rank,
                 )
             )
         classes.append(ClassSnr(label=label, count=float(release.counts[c]), layers=tuple(entries)))
@@ -339,6 +426,7 @@ def steering_snr(
         contrast=contrast,
         level=level,
         classes=tuple(classes),
+        basis=basis,
     )
 
 
@@ -356,6 +444,11 @@ def steering_lines(report: dict[str, Any]) -> list[str]:
     for label, entry in report["classes"].items():
         per_layer = ", ".join(
             f"L{layer}: snr {_fmt(item['snr'])} -> {item['effective_strength']:.4g}"
+            + (
+                f" on {item['projected_rank']} public directions"
+                if item.get("projected_rank")
+                else ""
+            )
             for layer, item in entry["layers"].items()
         )
         lines.append(

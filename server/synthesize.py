@@ -16,6 +16,7 @@ from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.models import LoadedModel
 from fedsynth.server.backends import GenerationBackend, as_backend, check_release_backend
 from fedsynth.server.generation import GenerationConfig, steering_deltas
+from fedsynth.server.public_basis import PublicBasis
 from fedsynth.server.release import Release
 from fedsynth.server.selection import select_texts, selection_chunks
 from fedsynth.server.snr import SteeringSnr, check_release_counts, steering_snr
@@ -55,6 +56,7 @@ def label_deltas(
     contrast: float = 1.0,
     snr_shrink: bool = True,
     snr: SteeringSnr | None = None,
+    basis: PublicBasis | None = None,
 ) -> dict[int, torch.Tensor]:
     """The per-layer steering added to the residual stream when generating ``label``.
 
@@ -64,9 +66,13 @@ def label_deltas(
     what the unsteered prior generates. ``snr_shrink=False`` applies the strength as given (for
     experiments).
 
+    With a public ``basis`` the SNR rule may project a layer's direction onto part of it
+    (:func:`fedsynth.server.snr.steering_snr`); the opt-out never projects.
+
     Args:
         snr: Precomputed :func:`steering_snr` of this release at this ``contrast`` (avoids
-            recomputing it per label).
+            recomputing it per label; it carries its own basis).
+        basis: The public basis for computing ``snr`` when it is not given.
 
     Raises:
         NonPositiveCountError: a class's noisy count is <= 0.
@@ -77,20 +83,26 @@ def label_deltas(
     if not snr_shrink:
         return steering_deltas(directions, strength=strength, residual_norms=residual_norms)
     if snr is None:
-        snr = steering_snr(release, contrast=contrast)
+        snr = steering_snr(release, contrast=contrast, basis=basis)
     elif snr.release_id != release.release_id or snr.contrast != contrast:
         raise ConfigError(
             f"snr is for release {snr.release_id!r} at contrast={snr.contrast}, not "
             f"{release.release_id!r} at contrast={contrast}"
         )
     factors = snr.of(label).factors
+    directions = snr.directions(release, label)
     kept = {layer: d for layer, d in directions.items() if factors[layer] > 0.0}
     deltas = steering_deltas(kept, strength=strength, residual_norms=residual_norms)
     return {layer: delta * factors[layer] for layer, delta in deltas.items()}
 
 
 def steering_report(
-    release: Release, *, strength: float, contrast: float = 1.0, snr_shrink: bool = True
+    release: Release,
+    *,
+    strength: float,
+    contrast: float = 1.0,
+    snr_shrink: bool = True,
+    basis: PublicBasis | None = None,
 ) -> dict[str, Any]:
     """Per class the SNR, the shrink factor and the effective strength generation uses.
 
@@ -100,7 +112,7 @@ def steering_report(
     Raises:
         NonPositiveCountError: a class's noisy count is <= 0.
     """
-    snr = steering_snr(release, contrast=contrast)
+    snr = steering_snr(release, contrast=contrast, basis=basis if snr_shrink else None)
     return snr.to_dict(strength=strength, applied=snr_shrink)
 
 
@@ -275,6 +287,7 @@ def iter_release_samples(
     select: float = 1.0,
     scorer: LoadedModel | None = None,
     select_chunk: int | None = None,
+    basis: PublicBasis | None = None,
 ) -> Iterator[SyntheticSample]:
     """Yield ``n_per_label`` steered samples per label, label by label, chunk by chunk.
 
@@ -294,6 +307,8 @@ def iter_release_samples(
             are generated.
         scorer: the `transformers` model that reads the samples for ``select`` (default:
             ``loaded`` when it is one; needed with another backend).
+        basis: a public basis the SNR rule may project each direction onto
+            (:mod:`fedsynth.server.public_basis`); None keeps the whole directions.
 
     Raises:
         ModelMismatchError: the model is not the release's (or its layers or width differ).
@@ -317,7 +332,7 @@ def iter_release_samples(
             )
         check_release_backend(scorer, release)
     check_release_counts(release)
-    snr = steering_snr(release, contrast=contrast) if snr_shrink else None
+    snr = steering_snr(release, contrast=contrast, basis=basis) if snr_shrink else None
     pairs = iter_labelled_texts(
         backend,
         release.manifest.template,
@@ -337,7 +352,7 @@ def iter_release_samples(
         for label, text in pairs:
             yield SyntheticSample(text=text, label=label, release_id=release.release_id)
         return
-    selection_snr = snr or steering_snr(release, contrast=contrast)
+    selection_snr = snr or steering_snr(release, contrast=contrast, basis=basis)
     for label, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
         for keep, generated in chunks:
             texts = [text for _, text in itertools.islice(group, generated)]
@@ -370,6 +385,7 @@ def generate_from_release(
     pool_progress: Callable[[int, int], None] | None = None,
     select: float = 1.0,
     scorer: LoadedModel | None = None,
+    basis: PublicBasis | None = None,
 ) -> list[SyntheticSample]:
     """All samples of :func:`iter_release_samples` as a list."""
     return list(
@@ -388,5 +404,6 @@ def generate_from_release(
             pool_progress=pool_progress,
             select=select,
             scorer=scorer,
+            basis=basis,
         )
     )

@@ -306,7 +306,14 @@ def demo(
             timings["total"] = time.monotonic() - start
             judge = d.judge_records(data)[1]
             summary = d.write_outputs(
-                config, samples_by, scores, outcome.releases, timings, judge=judge, real=real
+                config,
+                samples_by,
+                scores,
+                outcome.releases,
+                timings,
+                judge=judge,
+                real=real,
+                basis_of=lambda rel: d.public_basis_for(config, loaded, reference, rel),
             )
             for line in steering_lines(summary["steering"][epsilon_label(config.epsilon)]):
                 console.print(line, highlight=False)
@@ -492,6 +499,13 @@ def simulate(
             "--yes", help="Run even when the estimated time exceeds the time_budget_minutes."
         ),
     ] = False,
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            "--report-only",
+            help="Write report.md and the plots from the cells finished so far; run nothing.",
+        ),
+    ] = False,
     rerun_changed: Annotated[
         bool,
         typer.Option(
@@ -510,6 +524,7 @@ def simulate(
     _offline_env()
     import dataclasses
 
+    from fedsynth.protocol.errors import ConfigError
     from fedsynth.simulations.study import StudyRunner, open_results_folder
     from fedsynth.simulations.study_config import load_study_config
 
@@ -535,6 +550,14 @@ def simulate(
                     str(c.seed),
                 )
             console.print(table)
+            return
+        if report_only:
+            if not (folder / "results.csv").exists():
+                raise ConfigError(f"{folder} holds no results.csv: nothing to report")
+            rows = StudyRunner(config, folder).report()
+            console.print(
+                f"{len(rows)} of {len(cells)} cells finished; report: {folder / 'report.md'}"
+            )
             return
         finished = open_results_folder(config, folder, rerun_changed=rerun_changed)
         console.print(
@@ -580,6 +603,14 @@ def generate(
         bool,
         typer.Option(help="Scale the strength by each class vector's signal-to-noise ratio."),
     ] = True,
+    denoise: Annotated[
+        bool,
+        typer.Option(
+            help="Let the SNR rule project each class direction onto the principal directions "
+            "of the model's own prior samples (public; computed once and cached) where the "
+            "release's noise says that is closer to the noise-free direction."
+        ),
+    ] = False,
     shots: Annotated[
         int,
         typer.Option(
@@ -613,17 +644,20 @@ def generate(
     from dataclasses import asdict
 
     from fedsynth.protocol.errors import ConfigError
+    from fedsynth.protocol.models import load_model
     from fedsynth.server.backends import check_backend_name, check_compiled_backend, open_backend
     from fedsynth.server.generation import GenerationConfig
+    from fedsynth.server.public_basis import release_basis
     from fedsynth.server.release import load_release
     from fedsynth.server.selection import check_select, scorer_for, select_caution
-    from fedsynth.server.snr import steering_lines
+    from fedsynth.server.snr import check_release_counts, steering_lines
     from fedsynth.server.synthesize import (
         SHOT_POOL,
         check_release_model,
         check_shots,
         iter_release_samples,
         steering_report,
+        transformers_model,
     )
     from fedsynth.simulations.datasets import json_line
 
@@ -656,9 +690,18 @@ def generate(
         )
         check_release_model(loaded, rel)
         scorer = scorer_for(backend, model or rel.manifest.model_name, select)
+        check_release_counts(rel)  # refuses a count <= 0 before anything is computed or written
+        basis = None
+        if denoise and snr_shrink:
+            reader = transformers_model(loaded) or scorer
+            if reader is None:
+                reader = load_model(model or rel.manifest.model_name)
+                check_release_model(reader, rel)
+            console.print("public basis: prior samples of the release's template", highlight=False)
+            basis = release_basis(reader, rel.manifest)
         steering = steering_report(
-            rel, strength=strength, contrast=contrast, snr_shrink=snr_shrink
-        )  # refuses a release with a count <= 0 before anything is written
+            rel, strength=strength, contrast=contrast, snr_shrink=snr_shrink, basis=basis
+        )
         report_path = out.with_name(out.name + ".report.json")
         if _same_file(report_path, release):
             raise ConfigError(f"{report_path} is the release file: writing would destroy it")
@@ -699,6 +742,7 @@ def generate(
                 ),
                 select=select,
                 scorer=scorer,
+                basis=basis,
             ):
                 handle.write(json_line(asdict(sample)) + "\n")
                 handle.flush()

@@ -50,6 +50,7 @@ from fedsynth.server.coordinator import (
 from fedsynth.server.flower_app import make_server_app
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.ledger import PrivacyLedger, ledger_path
+from fedsynth.server.public_basis import PublicBasis, basis_from_texts
 from fedsynth.server.release import Release
 from fedsynth.server.secure_round import Transport, default_threshold
 from fedsynth.server.selection import check_select, select_caution
@@ -110,6 +111,9 @@ class DemoConfig:
     strength: float = 0.03
     contrast: float = 1.0
     snr_shrink: bool = True  # strength follows each class vector's SNR; False: as given
+    denoise: bool = False
+    """Let the SNR rule project each class direction onto the public basis of the prior texts'
+    features (:mod:`fedsynth.server.public_basis`); post-processing, no privacy cost."""
     private_per_label: int | None = 2000
     synthetic_per_label: int = 150
     prior_per_label: int = 150
@@ -715,6 +719,7 @@ def generate_conditions(
     }
     for eps_name, path in releases.items():
         release: Release = load_release(path)
+        basis = public_basis_for(config, loaded, reference, release)
         caution = select_caution(config.select, release.labels)
         if caution:
             log.warning(caution)
@@ -732,8 +737,18 @@ def generate_conditions(
             pool_progress=_phase(report, f"shot pool eps={eps_name}"),
             select=config.select,
             scorer=loaded,
+            basis=basis,
         )
     return out
+
+
+def public_basis_for(
+    config: DemoConfig, loaded: LoadedModel, reference: PublicReference, release: Release
+) -> PublicBasis | None:
+    """The public basis of the reference's prior texts when ``config.denoise``, else None."""
+    if not config.denoise:
+        return None
+    return basis_from_texts(loaded, release.manifest.feature_spec, reference.texts)
 
 
 def prior_samples(
@@ -881,12 +896,15 @@ def write_outputs(
     *,
     judge: str | None = None,
     real: Mapping[str, float] | None = None,
+    basis_of: Callable[[Release], PublicBasis | None] | None = None,
 ) -> dict[str, Any]:
     """Write synthetic.jsonl, privacy_report.json, summary.json and a comparison plot.
 
     Args:
         judge: what the label-fidelity judge was trained on (:func:`judge_records`).
         real: the same-number real-text reference (:func:`real_reference`), if computed.
+        basis_of: the public basis generation used for a release (:func:`public_basis_for`),
+            so that the steering report states the projections.
     """
     from fedsynth.server.release import load_release
     from fedsynth.server.synthesize import steering_report
@@ -906,14 +924,16 @@ def write_outputs(
                 handle.write(json_line(asdict(sample)) + "\n")
     # Generation-time facts (per class SNR, effective strength): in the outputs, never in the
     # release file.
+    loaded_releases = {key: load_release(path) for key, path in releases.items()}
     steering = {
         key: steering_report(
-            load_release(path),
+            rel,
             strength=config.strength,
             contrast=config.contrast,
             snr_shrink=config.snr_shrink,
+            basis=basis_of(rel) if basis_of is not None else None,
         )
-        for key, path in releases.items()
+        for key, rel in loaded_releases.items()
     }
     report = dict(main.report)
     report["steering"] = steering[main_key]
@@ -1017,6 +1037,7 @@ def coordinator_job_from_run_config(
                 timings,
                 judge=judge_records(data)[1],
                 real=real_reference(data, config.synthetic_per_label),
+                basis_of=lambda rel: public_basis_for(config, loaded, reference, rel),
             )
         log.info("fedsynth demo finished; outputs in %s", config.out_dir)
 

@@ -44,6 +44,7 @@ from fedsynth.simulations.demo import (
     Reporter,
     generation_config,
     make_coordinator_job,
+    public_basis_for,
     simulated_dropouts,
     task_config,
 )
@@ -192,9 +193,10 @@ def make_pe_job(
             outcome.vector_release = vec_outcome.releases[epsilon_label(eps_vec)]
             outcome.epsilon_offset = eps_vec
             release = load_release(outcome.vector_release)
+            basis = public_basis_for(vec_config, loaded, reference, release)
             deltas_by_label = {
                 label: label_deltas(
-                    release, label, strength=config.strength, contrast=config.contrast
+                    release, label, strength=config.strength, contrast=config.contrast, basis=basis
                 )
                 for label in release.labels
             }

@@ -305,6 +305,7 @@ class StudyRunner:
             seed=cell.seed,
             shots=d.shots,
             top_p=d.top_p,
+            denoise=self.config.steering.denoise,
         )
 
     @property
@@ -409,8 +410,17 @@ class StudyRunner:
             append_result(self.out_dir, row)
             measured.append(float(row["cell_seconds"]))
         self.run_audits(cells)
+        return self.report()
+
+    def report(self) -> list[dict[str, str]]:
+        """Write report.md and the plots from the rows finished so far; return the rows.
+
+        Runs no cell and no audit, so a study that spans several sittings can be read (and a
+        partial table published, its seed counts shown) before it is complete.
+        """
+        open_results_folder(self.config, self.out_dir)
         rows = read_results(self.out_dir)
-        self.fill_holder_tables(cells)
+        self.fill_holder_tables(self.config.cells())
         from fedsynth.simulations.study_report import write_report
 
         write_report(self, rows)

@@ -221,6 +221,16 @@ class BaselineSettings:
 
 
 @dataclass(frozen=True)
+class SteeringSettings:
+    """How samples are generated from a dataset-vector release (post-processing only)."""
+
+    # Project each class direction onto the public basis where the release's SNR says that is
+    # closer to the noise-free direction (fedsynth.server.public_basis). Off by default here
+    # so that results of older studies stay comparable; the demo and `generate` use it.
+    denoise: bool = False
+
+
+@dataclass(frozen=True)
 class DPTrainingSettings:
     """DP fine-tuning baselines (dp-sgd pooled, dp-fedavg per holder)."""
 
@@ -292,6 +302,7 @@ class StudyConfig:
     pe: PESettings = field(default_factory=PESettings)
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
     dp_training: DPTrainingSettings = field(default_factory=DPTrainingSettings)
+    steering: SteeringSettings = field(default_factory=SteeringSettings)
 
     def cells(self) -> list[Cell]:
         """Every cell of every sweep, each once, in a stable order (seed-major)."""
@@ -332,6 +343,7 @@ SECTION_METHODS: dict[str, tuple[str, ...]] = {
     "pe": ("pe", "pe-steered"),
     "dp_training": ("dp-sgd", "dp-fedavg"),
     "baselines": ("rpsg", "noisy-icl", "icl-verbatim"),
+    "steering": ("vector", "vector-pooled", "vector-nonprivate", "pe-steered"),
 }
 
 
@@ -469,7 +481,11 @@ def _parse_table(cls: type[Any], raw: Any, where: str) -> Any:
     defaults = cls()
     for key, value in raw.items():
         default = getattr(defaults, key)
-        if isinstance(default, str):
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"[{where}] {key} must be true or false, got {value!r}")
+            values[key] = value
+        elif isinstance(default, str):
             if key == "icl_noise" and value not in ("gaussian", "laplace"):
                 raise ConfigError(f"[{where}] icl_noise must be 'gaussian' or 'laplace'")
             values[key] = str(value)
@@ -540,6 +556,7 @@ def parse_study(raw: Mapping[str, Any], *, source: str = "config") -> StudyConfi
         pe=_parse_table(PESettings, raw.get("pe"), "pe"),
         baselines=_parse_table(BaselineSettings, raw.get("baselines"), "baselines"),
         dp_training=_parse_table(DPTrainingSettings, raw.get("dp_training"), "dp_training"),
+        steering=_parse_table(SteeringSettings, raw.get("steering"), "steering"),
     )
     _check_sizes(config)
     return config

@@ -26,6 +26,7 @@ from fedsynth.simulations.demo import (
     DemoData,
     discard_partitions,
     generation_config,
+    public_basis_for,
     removed_on_failure,
     run_job_in_simulation,
     write_partitions,
@@ -184,6 +185,7 @@ def release_samples(
 ) -> CellOutput:
     """The cell's samples from a dataset-vector release, and the release as its generator."""
     config = ctx.demo_config(cell)
+    basis = public_basis_for(config, ctx.loaded, ctx.reference, release)
     start = time.monotonic()
     samples = generate_from_release(
         ctx.loaded,
@@ -194,11 +196,14 @@ def release_samples(
         config=generation_config(config),
         seed=cell.seed + 101,
         shots=config.shots,
+        basis=basis,
     )
     perf.update(generation_perf(ctx, samples, time.monotonic() - start))
     template = release.manifest.template
     deltas = {
-        label: label_deltas(release, label, strength=config.strength, contrast=config.contrast)
+        label: label_deltas(
+            release, label, strength=config.strength, contrast=config.contrast, basis=basis
+        )
         for label in release.labels
     }
     generator = Generator({lb: template.prefix(lb) for lb in template.labels}, deltas)

@@ -276,3 +276,35 @@ def test_cells_are_seeded(study: tuple[Path, Path]) -> None:
     a = StudyRunner(config, out).partitions(cell)
     b = StudyRunner(config, out).partitions(cell)
     assert a == b
+
+
+def test_report_only_writes_the_partial_report_and_runs_nothing(
+    study: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # A study spanning several sittings is read before it is complete: the report covers the
+    # finished rows only and no cell runs.
+    config_path, out = study
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "study.json").write_text((out / "study.json").read_text())
+    lines = (out / "results.csv").read_text().splitlines(keepends=True)
+    (partial / "results.csv").write_text("".join(lines[:4]))  # header and three rows
+    before = (partial / "results.csv").read_text()
+    result = CliRunner().invoke(
+        app, ["simulate", str(config_path), "--out", str(partial), "--report-only"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "3 of 16 cells finished" in result.output
+    assert (partial / "results.csv").read_text() == before
+    assert not (partial / "cells").exists()
+    report = (partial / "report.md").read_text()
+    assert "3 cells in `results.csv`" in report
+    assert "| prior | none |" in report
+    assert "| icl-verbatim |" not in report  # not finished in this folder
+    empty = tmp_path / "empty"
+    result = CliRunner().invoke(
+        app, ["simulate", str(config_path), "--out", str(empty), "--report-only"]
+    )
+    assert result.exit_code == 2
+    assert "nothing to report" in " ".join(result.output.split())
+    assert not empty.exists()

@@ -109,6 +109,8 @@ def test_good_config_expands_to_the_union_of_sweeps(tmp_path: Path) -> None:
         (_raw(pe={"init_fraction": 0}), r"\[pe\] init_fraction must be > 0"),
         (_raw(pe={"output": 0}), r"\[pe\] output must be an integer >= 1"),
         (_raw(pe={"output": 2.5}), r"\[pe\] output must be an integer"),
+        (_raw(steering={"denoise": 1}), r"\[steering\] denoise must be true or false"),
+        (_raw(steering={"rank": 8}), "unknown key"),
         (_raw(seeds=[1, 1]), "seeds repeat"),
         (_raw(delta=1.5), "delta"),
         (_raw(time_budget_minutes=0), "time_budget_minutes must be a number > 0"),
@@ -317,3 +319,22 @@ def test_shots_default_to_the_plain_prompt_and_enter_the_fingerprint() -> None:
     shot = parse_study(_raw(data={"shots": 2}))
     assert shot.data.shots == 2 and shot.fingerprint() != plain.fingerprint()
     assert load_study_config(Path(__file__).parents[2] / "studies" / "compare.toml").data.shots == 1
+
+
+def test_denoising_makes_only_the_release_methods_rows_stale(tmp_path: Path) -> None:
+    # Generation from a release changes; PE, the fine-tuned models and the baselines do not.
+    config = parse_study(_raw())
+    assert config.steering.denoise is False  # older studies' results stay comparable
+    out = tmp_path / "results"
+    open_results_folder(config, out)
+    _rows(out, ["vector", "vector-pooled", "pe", "pe-steered", "dp-sgd", "prior"])
+    denoised = parse_study(_raw(steering={"denoise": True}))
+    assert denoised.steering.denoise is True
+    assert denoised.fingerprints()["common"] == config.fingerprints()["common"]
+    with pytest.raises(ConfigError, match=r"\[steering\] changed since 3 rows"):
+        open_results_folder(denoised, out)
+    assert open_results_folder(denoised, out, rerun_changed=True) == {
+        "pe|seed=0",
+        "dp-sgd|seed=0",
+        "prior|seed=0",
+    }

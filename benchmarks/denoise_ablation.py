@@ -1,0 +1,151 @@
+"""Denoising by the public basis, paired on a study's own releases: what does it change?
+
+For every dataset-vector release a study kept (``cells/*/release*.safetensors``), the samples
+are generated again exactly as the study generated them (same release, same settings, same
+sampling seed) but with ``[steering] denoise`` on, and scored by the study's own scorer. Each
+pair differs only in the rule, so the paired differences isolate it from the DP noise and the
+sampling. Rows go to ``OUT/pairs.csv`` (appended as they finish: a stopped run resumes), and a
+summary (mean ± sd of each metric with and without, and of the paired difference, per ε) is
+printed and written to ``OUT/summary.md``.
+
+Run: python benchmarks/denoise_ablation.py studies/compare.toml studies/results/compare
+     --out denoise-ablation [--epsilon 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+METRICS = ("tstr_accuracy", "tstr_macro_f1", "label_fidelity", "mauve", "self_bleu", "distinct_2")
+METHODS = ("vector", "vector-pooled")
+
+
+def _summary(rows: list[dict[str, str]], metrics: list[str]) -> list[str]:
+    lines = [
+        "| ε | releases | metric | without | with denoise | paired difference |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def fmt(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+        return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+    for eps in sorted({r["epsilon"] for r in rows}, key=float):
+        group = [r for r in rows if r["epsilon"] == eps]
+        for metric in metrics:
+            before = [float(r[f"{metric}_before"]) for r in group]
+            after = [float(r[f"{metric}_after"]) for r in group]
+            diff = [a - b for a, b in zip(after, before, strict=True)]
+            lines.append(
+                f"| {eps} | {len(group)} | {metric} | {fmt(before)} | {fmt(after)} | {fmt(diff)} |"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config", type=Path, help="the study's config (TOML)")
+    parser.add_argument("results", type=Path, help="the study's results folder")
+    parser.add_argument("--out", type=Path, default=Path("denoise-ablation"))
+    parser.add_argument("--epsilon", type=float, action="append", help="only these ε")
+    args = parser.parse_args(argv)
+
+    from fedsynth.protocol.errors import ModelMismatchError
+    from fedsynth.server.backends import check_release_backend
+    from fedsynth.server.release import load_release
+    from fedsynth.simulations import scoring
+    from fedsynth.simulations.demo import public_basis_for
+    from fedsynth.simulations.methods.common import release_samples
+    from fedsynth.simulations.study import StudyRunner, _slug, read_results
+    from fedsynth.simulations.study_config import load_study_config
+
+    config = load_study_config(args.config)
+    if config.steering.denoise:
+        print("the study already denoises: nothing to compare", file=sys.stderr)
+        return 2
+    denoised = dataclasses.replace(
+        config, steering=dataclasses.replace(config.steering, denoise=True)
+    )
+    runner = StudyRunner(denoised, args.out / "study")
+    finished = {r["key"]: r for r in read_results(args.results) if r["status"] == "ok"}
+    cells = [
+        c
+        for c in denoised.cells()
+        if c.method in METHODS
+        and c.key in finished
+        and (args.epsilon is None or c.epsilon in args.epsilon)
+    ]
+    if not cells:
+        print("no release cells finished in the results folder", file=sys.stderr)
+        return 2
+    metrics = [m for m in METRICS if finished[cells[0].key].get(m)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "pairs.csv"
+    columns = ["key", "method", "mode", "epsilon", "seed", "ranks"] + [
+        f"{m}_{side}" for m in metrics for side in ("before", "after")
+    ]
+    done: dict[str, dict[str, str]] = {}
+    if path.exists():
+        with path.open(newline="", encoding="utf-8") as handle:
+            done = {r["key"]: r for r in csv.DictReader(handle)}
+    for cell in cells:
+        files = sorted((args.results / "cells" / _slug(cell.key)).glob("release*.safetensors"))
+        if cell.key in done or not files:
+            continue
+        release = load_release(files[0])
+        try:
+            check_release_backend(runner.loaded, release)
+        except ModelMismatchError as exc:
+            print(f"{cell.key}: skipped, {exc}", flush=True)
+            continue
+        print(f"{cell.key}: generating with the public basis", flush=True)
+        output = release_samples(runner, release, cell, {})
+        scores = scoring.score(runner, cell, output.samples)
+        basis = public_basis_for(runner.demo_config(cell), runner.loaded, runner.reference, release)
+        from fedsynth.server.snr import steering_snr
+
+        snr = steering_snr(release, basis=basis)
+        row: dict[str, object] = {
+            "key": cell.key,
+            "method": cell.method,
+            "mode": cell.mode,
+            "epsilon": f"{cell.epsilon:g}",
+            "seed": cell.seed,
+            "ranks": json.dumps({c.label: [item.rank for item in c.layers] for c in snr.classes}),
+        }
+        for metric in metrics:
+            row[f"{metric}_before"] = finished[cell.key][metric]
+            row[f"{metric}_after"] = f"{float(scores[metric]):.6g}"
+        new = not path.exists()
+        with path.open("a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        done[cell.key] = {k: str(v) for k, v in row.items()}
+        print(
+            "  "
+            + ", ".join(
+                f"{m} {float(row[f'{m}_before']):.3f} -> {float(row[f'{m}_after']):.3f}"
+                for m in metrics
+            ),
+            flush=True,
+        )
+    rows = [done[c.key] for c in cells if c.key in done]
+    if not rows:
+        print("no release cells with a release file in the results folder", file=sys.stderr)
+        return 2
+    summary = _summary(rows, metrics)
+    (args.out / "summary.md").write_text("\n".join(summary) + "\n", encoding="utf-8")
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
