@@ -109,8 +109,16 @@ def demo(
         "distributed"
     ),
     threshold: Annotated[
-        int | None, typer.Option(help="Secure-sum threshold t (default: majority).")
+        int | None,
+        typer.Option(help="Secure-sum threshold t (default: the smallest safe one, a majority)."),
     ] = None,
+    colluders: Annotated[
+        int,
+        typer.Option(
+            help="Holders assumed to side with the coordinator and add no noise: the noise "
+            "shares and the default t are sized for them (costs K/(K - C) times the noise)."
+        ),
+    ] = 0,
     corpus: Annotated[str, typer.Option(help="rotten_tomatoes or bbc_news.")] = ("rotten_tomatoes"),
     model: Annotated[str | None, typer.Option(help="Model name or path.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Small preset (< 3 min).")] = False,
@@ -233,6 +241,7 @@ def demo(
             clients=clients,
             mode=mode,
             threshold=threshold,
+            colluders=colluders,
             corpus=corpus,
             model=model,
             synthetic_per_label=samples,

@@ -34,7 +34,7 @@ from fedsynth.protocol.errors import ConfigError, DataFileError, TooFewParticipa
 from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.identity import write_simulated_consortium
 from fedsynth.protocol.models import DEFAULT_MODEL, LoadedModel, cache_root, load_model
-from fedsynth.protocol.secagg import Stage
+from fedsynth.protocol.secagg import Stage, min_safe_threshold
 from fedsynth.server.backends import (
     GenerationBackend,
     as_backend,
@@ -104,6 +104,10 @@ class DemoConfig:
     model: str = DEFAULT_MODEL
     clients: int = 3
     threshold: int | None = None
+    colluders: int = 0
+    """Holders that may side with the coordinator and add no noise (distributed mode): the
+    noise shares and the default threshold are sized for them, and the simulated holders
+    refuse a task sized for fewer."""
     epsilon: float = 4.0
     delta: float = 1e-5
     mode: str = "distributed"
@@ -186,10 +190,15 @@ class DemoConfig:
 
     @property
     def secure_sum_threshold(self) -> int:
-        """The threshold t of the secure sum: the configured one or a majority of K."""
+        """The threshold t of the secure sum: the configured one or the smallest safe one.
+
+        Safe: 2t - K > colluders (a strict majority without colluders), at least 2.
+        """
         if self.threshold is not None:
             return self.threshold
-        return default_threshold(self.clients)
+        return max(
+            default_threshold(self.clients), min_safe_threshold(self.clients, self.colluders)
+        )
 
     def check_federation(self) -> None:
         """Refuse a federation that could never release: K < 2, t outside 2..K, or drop > K - t.
@@ -199,9 +208,27 @@ class DemoConfig:
         """
         if self.clients < 2:
             raise ConfigError(f"clients K={self.clients}: need at least 2")
+        if isinstance(self.colluders, bool) or not isinstance(self.colluders, int):
+            raise ConfigError(f"colluders={self.colluders!r}: must be an integer >= 0")
+        if self.colluders < 0:
+            raise ConfigError(f"colluders={self.colluders}: must be >= 0")
         t = self.secure_sum_threshold
         if not 2 <= t <= self.clients:
-            raise ConfigError(f"threshold t={t}: must satisfy 2 <= t <= K={self.clients}")
+            raise ConfigError(
+                f"threshold t={t}: must satisfy 2 <= t <= K={self.clients}"
+                + (
+                    f" (the safe threshold for {self.colluders} colluders is "
+                    f"{min_safe_threshold(self.clients, self.colluders)})"
+                    if self.colluders
+                    else ""
+                )
+            )
+        if 2 * t - self.clients <= self.colluders:
+            raise ConfigError(
+                f"threshold t={t} with K={self.clients}: {self.colluders} colluders could unmask "
+                f"a holder (2t - K = {2 * t - self.clients} must exceed them); use t >= "
+                f"{min_safe_threshold(self.clients, self.colluders)} or fewer colluders"
+            )
         if self.clients - self.drop_clients < t:
             raise ConfigError(
                 f"drop={self.drop_clients} leaves {self.clients - self.drop_clients} holders, "
@@ -405,6 +432,7 @@ def task_config(config: DemoConfig, epsilon: float) -> TaskConfig:
         delta=config.delta,
         mode=config.mode,
         threshold=config.threshold,
+        colluders=config.colluders,
         prior_per_label=config.prior_per_label,
         prior_generation=generation_config(config),
         seed=config.seed,
@@ -639,6 +667,7 @@ def simulated_holder_policy(config: DemoConfig) -> ClientPolicy:
     return ClientPolicy(
         allow_non_private=config.include_nonprivate or math.isinf(config.epsilon),
         allowed_modes=modes,
+        max_colluders=config.colluders,
     )
 
 

@@ -126,6 +126,7 @@ def pe_config(config: DemoConfig, pe: PEDemoSettings) -> PEConfig:
         delta=delta_pe,
         mode=config.mode,
         threshold=config.threshold,
+        colluders=config.colluders,
         declared_records_per_label=per_label_records,
         output_per_label=pe.output_per_label,
         seed=config.seed,

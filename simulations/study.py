@@ -306,6 +306,7 @@ class StudyRunner:
             shots=d.shots,
             top_p=d.top_p,
             denoise=self.config.steering.denoise,
+            colluders=d.colluders,
         )
 
     @property

@@ -35,6 +35,7 @@ from typing import Any
 
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.mechanisms import TrustMode
+from fedsynth.protocol.secagg import min_safe_threshold
 from fedsynth.simulations.datasets import available_corpora
 from fedsynth.simulations.partitions import PartitionSpec
 
@@ -197,6 +198,7 @@ class DataSettings:
     audit_runs: int = 200  # releases per side of the empirical ε audit (0: no audit)
     canaries: int = 0  # copies of one canary record in the first holder's data (0: none)
     canary_candidates: int = 200  # other secrets the canary is ranked against
+    colluders: int = 0  # holders assumed to side with the coordinator (noise and t sized for them)
 
 
 @dataclass(frozen=True)
@@ -490,7 +492,7 @@ def _parse_table(cls: type[Any], raw: Any, where: str) -> Any:
                 raise ConfigError(f"[{where}] icl_noise must be 'gaussian' or 'laplace'")
             values[key] = str(value)
         elif isinstance(default, int) or key in _OPTIONAL_INTS:
-            may_be_zero = key in ("audit_runs", "canaries", "shots")
+            may_be_zero = key in ("audit_runs", "canaries", "shots", "colluders")
             values[key] = _int(value, f"[{where}] {key}", minimum=0 if may_be_zero else 1)
         else:
             values[key] = _number(value, f"[{where}] {key}")
@@ -578,6 +580,17 @@ def _check_sizes(config: StudyConfig) -> None:
                 )
     if config.data.mia_members > config.data.private_per_label * n_labels:
         raise ConfigError("[data] mia_members exceeds the private training records")
+    colluders = config.data.colluders
+    for cell in config.cells():
+        if not METHODS[cell.method].federated:
+            continue
+        t = max(2, min_safe_threshold(cell.clients, colluders))
+        if t > cell.clients - cell.dropped_clients:
+            raise ConfigError(
+                f"[data] colluders={colluders}: at K={cell.clients} with {cell.dropped_clients} "
+                f"dropped the safe threshold t={t} leaves no round that can finish "
+                f"({cell.key})"
+            )
     if ("canary" in config.metrics) != (config.data.canaries > 0):
         raise ConfigError(
             "the 'canary' metric and [data] canaries >= 1 go together: set both or neither"

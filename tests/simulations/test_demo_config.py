@@ -315,3 +315,26 @@ def test_top_p_is_checked_and_reaches_the_sampler(tmp_path: Path) -> None:
             DemoConfig(out_dir=tmp_path, top_p=bad)
     assert generation_config(DemoConfig(out_dir=tmp_path)).top_p == 0.95
     assert generation_config(DemoConfig(out_dir=tmp_path, top_p=1.0)).top_p == 1.0
+
+
+def test_colluders_raise_the_default_threshold_and_the_holders_demand(tmp_path: Path) -> None:
+    from fedsynth.simulations.demo import simulated_holder_policy, task_config
+
+    plain = DemoConfig(out_dir=tmp_path, clients=5)
+    assert plain.secure_sum_threshold == 3
+    sized = DemoConfig(out_dir=tmp_path, clients=5, colluders=1)
+    assert sized.secure_sum_threshold == 4  # 2t - K > 1
+    sized.check_federation()
+    assert task_config(sized, 4.0).colluders == 1
+    # The simulated holders demand it: a task sized for fewer colluders is refused by them.
+    assert simulated_holder_policy(sized).max_colluders == 1
+    with pytest.raises(ConfigError, match="3 colluders could unmask"):
+        DemoConfig(out_dir=tmp_path, clients=5, threshold=4, colluders=3).check_federation()
+    with pytest.raises(ConfigError, match="1 colluders could unmask a holder"):
+        DemoConfig(out_dir=tmp_path, clients=5, threshold=3, colluders=1).check_federation()
+    with pytest.raises(ConfigError, match="safe threshold for 4 colluders is 5"):
+        DemoConfig(out_dir=tmp_path, clients=4, colluders=4).check_federation()
+    with pytest.raises(ConfigError, match="colluders=-1"):
+        DemoConfig(out_dir=tmp_path, clients=5, colluders=-1).check_federation()
+    with pytest.raises(ConfigError, match="drop=2 leaves 3 holders, below the threshold t=4"):
+        DemoConfig(out_dir=tmp_path, clients=5, colluders=1, drop_clients=2).check_federation()

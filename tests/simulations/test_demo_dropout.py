@@ -117,3 +117,28 @@ def test_demo_drop_one_holder_names_it_in_the_report(tmp_path: Path) -> None:
     assert 0.0 <= real["tstr_accuracy"] <= 1.0
     assert "same number of real texts (2 per label, 3 draws)" in " ".join(proc.stdout.split())
     assert len(PrivacyLedger(out / "ledger.sqlite").rows()) == 1
+
+
+def test_demo_sized_for_a_colluder_keeps_the_target_with_one_silent_holder(tmp_path: Path) -> None:
+    # K = 4 holders, one may side with the coordinator: t = 3 (2t - K > 1), every share sized
+    # for t - 1 honest holders, so all four surviving carry 4/3 of the target (the report says
+    # so) and any three honest ones still the whole of it.
+    data = tmp_path / "mine.jsonl"
+    rows = [
+        {"text": f"{label} example text {i} {'x' * (i % 7)}", "label": label}
+        for label in ("alpha", "beta")
+        for i in range(24)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fedsynth.simulations", "demo", "--out", str(out)]
+    cmd += ["--data", str(data), "--model", "tiny-llama", "--layers", "1,2", "--quick"]
+    cmd += ["--clients", "4", "--colluders", "1", "--no-baseline", "--samples", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["K"] == 4 and report["threshold_t"] == 3 and report["survivors"] == 4
+    noise = report["noise"]
+    assert noise["colluders_tolerated"] == 1
+    target = noise["aggregate_variance_target_scaled"]
+    assert noise["aggregate_variance_actual_scaled"] == pytest.approx(target * 4 / 3, rel=1e-9)

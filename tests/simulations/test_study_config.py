@@ -110,6 +110,11 @@ def test_good_config_expands_to_the_union_of_sweeps(tmp_path: Path) -> None:
         (_raw(pe={"output": 0}), r"\[pe\] output must be an integer >= 1"),
         (_raw(pe={"output": 2.5}), r"\[pe\] output must be an integer"),
         (_raw(steering={"denoise": 1}), r"\[steering\] denoise must be true or false"),
+        (
+            _raw(data={"colluders": 3}, sweep=[{"methods": ["vector"], "clients": [3]}]),
+            r"\[data\] colluders=3: at K=3 with 0 dropped the safe threshold t=4",
+        ),
+        (_raw(data={"colluders": -1}), r"colluders must be an integer >= 0"),
         (_raw(steering={"rank": 8}), "unknown key"),
         (_raw(seeds=[1, 1]), "seeds repeat"),
         (_raw(delta=1.5), "delta"),
@@ -338,3 +343,19 @@ def test_denoising_makes_only_the_release_methods_rows_stale(tmp_path: Path) -> 
         "dp-sgd|seed=0",
         "prior|seed=0",
     }
+
+
+def test_colluders_reach_every_federated_cell(tmp_path: Path) -> None:
+    from fedsynth.simulations.study import StudyRunner
+
+    config = parse_study(
+        _raw(data={"colluders": 1}, sweep=[{"methods": ["vector", "prior"], "clients": [5]}])
+    )
+    assert parse_study(_raw()).data.colluders == 0
+    assert config.fingerprints()["common"] != parse_study(_raw()).fingerprints()["common"]
+    runner = StudyRunner(config, tmp_path / "out")
+    for cell in config.cells():
+        demo = runner.demo_config(cell)
+        assert demo.colluders == 1
+        if cell.method == "vector":
+            assert demo.secure_sum_threshold == 4
