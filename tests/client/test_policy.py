@@ -266,3 +266,50 @@ def test_min_holders_is_a_whole_number_and_its_limit_is_inclusive() -> None:
     ClientPolicy(min_holders=k).check(manifest, spent=0.0, n_records=10)  # exactly enough
     with pytest.raises(PolicyViolationError, match=rf"^K={k} participants is below min_holders"):
         ClientPolicy(min_holders=k + 1).check(manifest, spent=0.0, n_records=10)
+
+
+def test_delta_and_record_caps_validate_at_their_edges() -> None:
+    # max_total_delta may equal max_delta (one task's worth) and must stay below 1.
+    ClientPolicy(max_delta=1e-4, max_total_delta=1e-4)
+    ClientPolicy(max_delta=1e-4, max_total_delta=0.999)
+    for bad in (1.0, 1.5):
+        with pytest.raises(ConfigError, match=rf"^max_total_delta={bad}: must be >= max_delta"):
+            ClientPolicy(max_delta=1e-4, max_total_delta=bad)
+    with pytest.raises(ConfigError, match=r"max_total_delta=1e-05: must be >= max_delta=0\.0001"):
+        ClientPolicy(max_delta=1e-4, max_total_delta=1e-5)
+    # A holder may cap its records at one; zero, fractions and booleans are refused by name.
+    assert ClientPolicy(max_records=1).max_records == 1
+    for bad_records in (0, -3, 2.5, True, "10"):
+        with pytest.raises(
+            ConfigError, match=rf"^max_records={bad_records!r}: must be an int >= 1$"
+        ):
+            ClientPolicy(max_records=bad_records)  # type: ignore[arg-type]
+
+
+def test_the_delta_warning_states_its_bound_and_fires_only_at_or_above_1_over_n(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = ClientPolicy(max_delta=0.9, max_total_delta=0.99)
+    policy.check(make_manifest(delta=0.6), spent=0.0, n_records=1)  # 0.6 < 1/1
+    assert "1/n" not in caplog.text
+    policy.check(make_manifest(delta=0.5), spent=0.0, n_records=2)  # 0.5 = 1/2
+    assert (
+        "delta=0.5 is not below 1/n=1/2 for this holder's data; lower max_delta in the policy "
+        "to refuse such tasks"
+    ) in caplog.text
+
+
+def test_colluder_and_delta_budget_refusals_state_the_rule() -> None:
+    with pytest.raises(
+        PolicyViolationError,
+        match=r"colluders=0: the task's noise shares assume fewer colluding holders than this "
+        r"holder's max_colluders=1 \(their missing noise would leave the sum below the target\)$",
+    ):
+        ClientPolicy(max_colluders=1).check(make_manifest(colluders=0), spent=0.0, n_records=10)
+    policy = ClientPolicy(max_delta=1e-5, max_total_delta=2.5e-5)
+    with pytest.raises(
+        BudgetExceededError,
+        match=r"^delta=1e-05 would bring the total to 3e-05 > max_total_delta=2\.5e-05 "
+        r"\(spent 2e-05\)$",
+    ):
+        policy.check(make_manifest(delta=1e-5), spent=0.0, n_records=10, spent_delta=2e-5)
