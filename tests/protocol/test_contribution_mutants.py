@@ -19,6 +19,8 @@ from fedsynth.protocol.contribution import (
     decode_release,
     encode_contribution,
     integer_class_sums,
+    noise_schedule,
+    noise_share_variance,
     remove_excess_noise,
     share_noise,
 )
@@ -250,3 +252,23 @@ def test_exact_shares_need_the_holders_chain_seed() -> None:
         share_noise(
             _exact_privacy(), clients=4, dim=8, rng=np.random.default_rng(0), noise_seed=None
         )
+
+
+@pytest.mark.parametrize("sharing", ["plain", "exact"])
+def test_shares_are_sized_for_the_honest_holders_only(sharing: str) -> None:
+    # t = 3 with one colluder that may add nothing: the two honest holders of any t must carry
+    # the whole target, so each share is v / (t - c) = v / 2 (v / (t + c) would leave half of
+    # it), and the exact-sharing ladder runs over the honest holders with that total.
+    privacy = dataclasses.replace(_exact_privacy(threshold=3), colluders=1, noise_sharing=sharing)
+    assert noise_share_variance(privacy) == pytest.approx(400.0 / 2)
+    assert noise_share_variance(dataclasses.replace(privacy, colluders=0)) == pytest.approx(
+        400.0 / 3
+    )
+    schedule = noise_schedule(privacy, clients=5)
+    if sharing == "plain":
+        assert schedule is None
+        return
+    assert schedule is not None
+    assert schedule.colluders == 1
+    assert schedule.total_variance == pytest.approx(400.0)
+    assert schedule == NoiseSchedule(400.0, 3, 5, colluders=1)

@@ -276,3 +276,7 @@ def test_colluders_must_leave_an_honest_threshold() -> None:
         NoiseSchedule(total_variance=V, threshold=3, clients=5, colluders=3)
     with pytest.raises(ConfigError, match="colluders"):
         NoiseSchedule(total_variance=V, threshold=3, clients=5, colluders=-1)
+    # Only whole numbers: a boolean or a fraction would size the ladder for a count of nobody.
+    for bad in (True, 1.5):
+        with pytest.raises(ConfigError, match=rf"^colluders={bad!r}: must be an int"):
+            NoiseSchedule(total_variance=V, threshold=3, clients=5, colluders=bad)  # type: ignore[arg-type]
