@@ -120,7 +120,14 @@ def open_results_folder(
         elif old_parts.get("common") != parts["common"]:
             raise _other_settings(out_dir)
         else:
-            changed = [name for name in SECTION_METHODS if old_parts.get(name) != parts[name]]
+            # A section the folder's study.json does not name is older than it: the folder's
+            # rows were made with that section's defaults.
+            defaults = StudyConfig(name="", sweeps=()).fingerprints()
+            changed = [
+                name
+                for name in SECTION_METHODS
+                if old_parts.get(name, defaults[name]) != parts[name]
+            ]
             _drop_stale_rows(out_dir, changed, rerun_changed=rerun_changed)
         if old != meta:
             meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")

@@ -359,3 +359,20 @@ def test_colluders_reach_every_federated_cell(tmp_path: Path) -> None:
         assert demo.colluders == 1
         if cell.method == "vector":
             assert demo.secure_sum_threshold == 4
+
+
+def test_folder_from_before_a_new_section_keeps_its_rows(tmp_path: Path) -> None:
+    # A study.json written before [steering] existed names no fingerprint for it: its rows were
+    # made with the section's defaults, so they stay; a changed section still makes them stale.
+    config = parse_study(_raw())
+    out = tmp_path / "results"
+    open_results_folder(config, out)
+    meta = json.loads((out / "study.json").read_text())
+    del meta["fingerprints"]["steering"]
+    (out / "study.json").write_text(json.dumps(meta))
+    _rows(out, ["vector", "pe"])
+    assert open_results_folder(config, out) == {"vector|seed=0", "pe|seed=0"}
+    assert "steering" in json.loads((out / "study.json").read_text())["fingerprints"]
+    (out / "study.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"\[steering\] changed since 1 rows"):
+        open_results_folder(parse_study(_raw(steering={"denoise": True})), out)
