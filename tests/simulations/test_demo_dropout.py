@@ -75,8 +75,8 @@ def test_dropped_holders_answer_key_stages_then_go_offline(tmp_path: Path, actio
     assert note["partition"] == "partition-2.jsonl" and note["stage"] == "masked_input"
 
 
-@pytest.mark.slow
-def test_demo_drop_one_holder_names_it_in_the_report(tmp_path: Path) -> None:
+def _tiny_demo(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``fedsynth demo`` in a fresh process on a small data file and the tiny model."""
     data = tmp_path / "mine.jsonl"
     rows = [
         {"text": f"{label} example text {i} {'x' * (i % 7)}", "label": label}
@@ -87,9 +87,15 @@ def test_demo_drop_one_holder_names_it_in_the_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fedsynth.simulations", "demo", "--out", str(out)]
     cmd += ["--data", str(data), "--model", "tiny-llama", "--layers", "1,2", "--quick"]
-    cmd += ["--clients", "3", "--drop", "1", "--no-baseline", "--samples", "2"]
+    cmd += ["--no-baseline", "--samples", "2", *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc, out
+
+
+@pytest.mark.slow
+def test_demo_drop_one_holder_names_it_in_the_report(tmp_path: Path) -> None:
+    proc, out = _tiny_demo(tmp_path, "--clients", "3", "--drop", "1")
 
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["K"] == 3 and report["threshold_t"] == 2
@@ -119,23 +125,12 @@ def test_demo_drop_one_holder_names_it_in_the_report(tmp_path: Path) -> None:
     assert len(PrivacyLedger(out / "ledger.sqlite").rows()) == 1
 
 
+@pytest.mark.slow
 def test_demo_sized_for_a_colluder_keeps_the_target_with_one_silent_holder(tmp_path: Path) -> None:
     # K = 4 holders, one may side with the coordinator: t = 3 (2t - K > 1), every share sized
     # for t - 1 honest holders, so all four surviving carry 4/3 of the target (the report says
     # so) and any three honest ones still the whole of it.
-    data = tmp_path / "mine.jsonl"
-    rows = [
-        {"text": f"{label} example text {i} {'x' * (i % 7)}", "label": label}
-        for label in ("alpha", "beta")
-        for i in range(24)
-    ]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "fedsynth.simulations", "demo", "--out", str(out)]
-    cmd += ["--data", str(data), "--model", "tiny-llama", "--layers", "1,2", "--quick"]
-    cmd += ["--clients", "4", "--colluders", "1", "--no-baseline", "--samples", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    _, out = _tiny_demo(tmp_path, "--clients", "4", "--colluders", "1")
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["K"] == 4 and report["threshold_t"] == 3 and report["survivors"] == 4
     noise = report["noise"]
