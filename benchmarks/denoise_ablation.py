@@ -8,8 +8,11 @@ sampling. Rows go to ``OUT/pairs.csv`` (appended as they finish: a stopped run r
 summary (mean ± sd of each metric with and without, and of the paired difference, per ε) is
 printed and written to ``OUT/summary.md``.
 
+``--contrast C`` also generates at class contrast C (the study's is 1): the pairs then differ in
+two settings, which the summary's title says.
+
 Run: python benchmarks/denoise_ablation.py studies/compare.toml studies/results/compare
-     --out denoise-ablation [--epsilon 1]
+     --out denoise-ablation [--epsilon 1] [--contrast 2]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 METRICS = ("tstr_accuracy", "tstr_macro_f1", "label_fidelity", "mauve", "self_bleu", "distinct_2")
 METHODS = ("vector", "vector-pooled")
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="the study's results folder")
     parser.add_argument("--out", type=Path, default=Path("denoise-ablation"))
     parser.add_argument("--epsilon", type=float, action="append", help="only these ε")
+    parser.add_argument(
+        "--contrast", type=float, default=1.0, help="class contrast of the new samples"
+    )
     args = parser.parse_args(argv)
 
     from fedsynth.protocol.errors import ModelMismatchError
@@ -72,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     denoised = dataclasses.replace(
         config, steering=dataclasses.replace(config.steering, denoise=True)
     )
-    runner = StudyRunner(denoised, args.out / "study")
+    contrast = args.contrast
+
+    class _Runner(StudyRunner):
+        def demo_config(self, cell: Any) -> Any:
+            return dataclasses.replace(super().demo_config(cell), contrast=contrast)
+
+    runner = _Runner(denoised, args.out / "study")
     finished = {r["key"]: r for r in read_results(args.results) if r["status"] == "ok"}
     cells = [
         c
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         basis = public_basis_for(runner.demo_config(cell), runner.loaded, runner.reference, release)
         from fedsynth.server.snr import steering_snr
 
-        snr = steering_snr(release, basis=basis)
+        snr = steering_snr(release, basis=basis, contrast=contrast)
         row: dict[str, object] = {
             "key": cell.key,
             "method": cell.method,
@@ -141,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("no release cells with a release file in the results folder", file=sys.stderr)
         return 2
-    summary = _summary(rows, metrics)
+    title = [f"With --denoise and contrast {contrast:g} (the study's rows: neither)", ""]
+    summary = (title if contrast != 1.0 else []) + _summary(rows, metrics)
     (args.out / "summary.md").write_text("\n".join(summary) + "\n", encoding="utf-8")
     print("\n".join(summary))
     return 0

@@ -55,6 +55,10 @@ def test_ablation_regenerates_each_release_with_the_basis_and_resumes(tmp_path: 
     stamp = (out / "pairs.csv").stat().st_mtime_ns
     assert main([str(config_path), str(results), "--out", str(out)]) == 0
     assert (out / "pairs.csv").stat().st_mtime_ns == stamp
+    # At another contrast the pairs differ in two settings, and the summary says so.
+    other = tmp_path / "contrast"
+    assert main([str(config_path), str(results), "--out", str(other), "--contrast", "2"]) == 0
+    assert "contrast 2" in (other / "summary.md").read_text()
     # A study that already denoises has nothing to compare.
     config_path.write_text(CONFIG + "\n[steering]\ndenoise = true\n")
     assert main([str(config_path), str(results), "--out", str(out)]) == 2
