@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedsynth.protocol.errors import ModelMismatchError
     from fedsynth.server.backends import check_release_backend
     from fedsynth.server.release import load_release
+    from fedsynth.server.snr import steering_snr
     from fedsynth.simulations import scoring
     from fedsynth.simulations.demo import public_basis_for
     from fedsynth.simulations.methods.common import release_samples
@@ -121,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         output = release_samples(runner, release, cell, {})
         scores = scoring.score(runner, cell, output.samples)
         basis = public_basis_for(runner.demo_config(cell), runner.loaded, runner.reference, release)
-        from fedsynth.server.snr import steering_snr
-
         snr = steering_snr(release, basis=basis, contrast=contrast)
         row: dict[str, object] = {
             "key": cell.key,

@@ -399,14 +399,13 @@ def steering_snr(
             )
             factor = shrink_factor(observed, noise_sd=noise_sd, dim=hidden, level=level)
             rank: int | None = None
-            for k in PROJECTION_RANKS if basis is not None else ():
-                if basis is None or k > basis.rank:
-                    break
-                projected = projected_factor(
-                    vector, basis=basis.of(layer, k), noise_sd=noise_sd, level=level
-                )
-                if projected > factor:
-                    factor, rank = projected, k
+            if basis is not None:
+                for k in (k for k in PROJECTION_RANKS if k <= basis.rank):
+                    projected = projected_factor(
+                        vector, basis=basis.of(layer, k), noise_sd=noise_sd, level=level
+                    )
+                    if projected > factor:
+                        factor, rank = projected, k
             entries.append(
                 LayerSnr(
                     layer=layer,

@@ -52,7 +52,7 @@ from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.ledger import PrivacyLedger, ledger_path
 from fedsynth.server.public_basis import PublicBasis, basis_from_texts
 from fedsynth.server.release import Release
-from fedsynth.server.secure_round import Transport, default_threshold
+from fedsynth.server.secure_round import Transport
 from fedsynth.server.selection import check_select, select_caution
 from fedsynth.server.synthesize import (
     SHOT_POOL,
@@ -196,9 +196,7 @@ class DemoConfig:
         """
         if self.threshold is not None:
             return self.threshold
-        return max(
-            default_threshold(self.clients), min_safe_threshold(self.clients, self.colluders)
-        )
+        return min_safe_threshold(self.clients, self.colluders)
 
     def check_federation(self) -> None:
         """Refuse a federation that could never release: K < 2, t outside 2..K, or drop > K - t.
@@ -208,26 +206,22 @@ class DemoConfig:
         """
         if self.clients < 2:
             raise ConfigError(f"clients K={self.clients}: need at least 2")
-        if isinstance(self.colluders, bool) or not isinstance(self.colluders, int):
-            raise ConfigError(f"colluders={self.colluders!r}: must be an integer >= 0")
-        if self.colluders < 0:
-            raise ConfigError(f"colluders={self.colluders}: must be >= 0")
+        safe = min_safe_threshold(self.clients, self.colluders)  # refuses a bad colluder count
         t = self.secure_sum_threshold
         if not 2 <= t <= self.clients:
             raise ConfigError(
                 f"threshold t={t}: must satisfy 2 <= t <= K={self.clients}"
                 + (
-                    f" (the safe threshold for {self.colluders} colluders is "
-                    f"{min_safe_threshold(self.clients, self.colluders)})"
+                    f" (the safe threshold for {self.colluders} colluders is {safe})"
                     if self.colluders
                     else ""
                 )
             )
-        if 2 * t - self.clients <= self.colluders:
+        if t < safe:  # 2t - K must exceed the colluders
             raise ConfigError(
                 f"threshold t={t} with K={self.clients}: {self.colluders} colluders could unmask "
                 f"a holder (2t - K = {2 * t - self.clients} must exceed them); use t >= "
-                f"{min_safe_threshold(self.clients, self.colluders)} or fewer colluders"
+                f"{safe} or fewer colluders"
             )
         if self.clients - self.drop_clients < t:
             raise ConfigError(
@@ -939,7 +933,8 @@ def write_outputs(
     from fedsynth.server.synthesize import steering_report
 
     main_key = epsilon_label(config.epsilon)
-    main = load_release(releases[main_key])
+    loaded_releases = {key: load_release(path) for key, path in releases.items()}
+    main = loaded_releases[main_key]
     out = config.out_dir
     with (out / "synthetic.jsonl").open("w", encoding="utf-8") as handle:
         for sample in samples[f"eps={main_key}"]:
@@ -953,7 +948,6 @@ def write_outputs(
                 handle.write(json_line(asdict(sample)) + "\n")
     # Generation-time facts (per class SNR, effective strength): in the outputs, never in the
     # release file.
-    loaded_releases = {key: load_release(path) for key, path in releases.items()}
     steering = {
         key: steering_report(
             rel,

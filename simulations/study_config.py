@@ -227,8 +227,8 @@ class SteeringSettings:
     """How samples are generated from a dataset-vector release (post-processing only)."""
 
     # Project each class direction onto the public basis where the release's SNR says that is
-    # closer to the noise-free direction (fedsynth.server.public_basis). Off by default here
-    # so that results of older studies stay comparable; the demo and `generate` use it.
+    # closer to the noise-free direction (fedsynth.server.public_basis). Opt-in, as in the demo
+    # and `generate`: measured, it trades label fidelity for fluency (README, "Denoising").
     denoise: bool = False
 
 
@@ -584,7 +584,7 @@ def _check_sizes(config: StudyConfig) -> None:
     for cell in config.cells():
         if not METHODS[cell.method].federated:
             continue
-        t = max(2, min_safe_threshold(cell.clients, colluders))
+        t = min_safe_threshold(cell.clients, colluders)
         if t > cell.clients - cell.dropped_clients:
             raise ConfigError(
                 f"[data] colluders={colluders}: at K={cell.clients} with {cell.dropped_clients} "
