@@ -24,8 +24,8 @@ metrics = ["tstr", "fidelity"]
 [data]
 private_per_label = 30
 test_per_label = 20
-synthetic_per_label = 4
-max_new_tokens = 6
+synthetic_per_label = 6   # fewer or shorter random-model samples can hold no word for TF-IDF
+max_new_tokens = 10
 mia_members = 10
 audit_runs = 0
 
