@@ -30,7 +30,17 @@ from fedsynth.protocol.errors import (
     ProtocolError,
     StageOrderError,
 )
-from fedsynth.protocol.exact_noise import NOISE_SEED_FIELD, SEED_BYTES, revealed_seed
+from fedsynth.protocol.exact_noise import (
+    NOISE_EXCESS_FIELD,
+    NOISE_SEED_FIELD,
+    REMOVAL_FIELD,
+    REMOVAL_MODES,
+    REMOVAL_SEED,
+    REMOVAL_UPLOAD,
+    SEED_BYTES,
+    excess_noise,
+    revealed_seed,
+)
 from fedsynth.protocol.identity import HolderIdentity, Roster
 from fedsynth.protocol.messages import (
     Envelope,
@@ -39,6 +49,7 @@ from fedsynth.protocol.messages import (
     check_clock,
     field_to_bytes,
     ints_from_field,
+    ints_to_bytes,
     keys_from_fields,
     pack,
     unpack,
@@ -272,6 +283,12 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             if key not in fields:
                 raise ProtocolError(f"unmask request lacks {key!r}")
         survivors = ints_from_field(fields["survivors"], name="survivors")
+        removal = fields.get(REMOVAL_FIELD, REMOVAL_SEED)
+        if removal not in REMOVAL_MODES:
+            raise ProtocolError(
+                f"unmask request asks for noise removal {removal!r}; expected one of "
+                f"{list(REMOVAL_MODES)}"
+            )
         shares = client.unmask(
             survivors,
             ints_from_field(fields["dropped"], name="dropped"),
@@ -284,9 +301,16 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         schedule = noise_schedule(task.privacy, clients=len(task.node_ids))
         seed = self.noise_seed(task, state)
         if schedule is not None and seed is not None:
-            revealed = revealed_seed(seed, schedule, len(survivors))
-            if revealed is not None:
-                reply[NOISE_SEED_FIELD] = revealed
+            if removal == REMOVAL_UPLOAD:
+                # The sum of the same components the seed would give, drawn here: the
+                # coordinator learns their total only, and saves redrawing them.
+                excess = excess_noise(seed, schedule, len(survivors), task.dim)
+                if excess is not None:
+                    reply[NOISE_EXCESS_FIELD] = ints_to_bytes(excess)
+            else:
+                revealed = revealed_seed(seed, schedule, len(survivors))
+                if revealed is not None:
+                    reply[NOISE_SEED_FIELD] = revealed
         # The chain seed has done its work (unmask is answered once): keep no noise secret.
         if self._noise_key in state.config_records:
             del state.config_records[self._noise_key]

@@ -248,36 +248,51 @@ def remove_excess_noise(
     clients: int,
     survivors: Sequence[int],
     bits: int,
+    uploaded: Mapping[int, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[int]]:
-    """Subtract each survivor's revealed excess noise from the secure sum (exact sharing).
+    """Subtract each survivor's excess noise from the secure sum (exact sharing).
 
-    ``revealed`` maps a node to the seed its unmask reply carried. A seed from a node outside
-    ``survivors`` or not of the seed length is ignored, and that survivor's excess stays in the
-    sum (more noise, never less). Returns the new sum and the survivors whose excess was
+    ``revealed`` maps a node to the seed its unmask reply carried (the coordinator redraws the
+    components from it); ``uploaded`` maps a node to the sum of those components it drew and
+    sent itself (decoded; it takes the place of the seed). A seed or sum from a node outside
+    ``survivors``, or not of the right size, is ignored, and that survivor's excess stays in
+    the sum (more noise, never less). Returns the new sum and the survivors whose excess was
     removed, for the report. Plain sharing: the sum unchanged and no one.
     """
     schedule = noise_schedule(privacy, clients=clients)
     members = set(survivors)
     if schedule is None or len(schedule.removed(len(members))) == 0:
         return field_sum, []
+    dim = int(field_sum.shape[0])
+    sums = {
+        node: vector
+        for node, vector in sorted((uploaded or {}).items())
+        if node in members and vector.shape == (dim,)
+    }
     seeds = {
         node: seed
         for node, seed in sorted(revealed.items())
-        if node in members and isinstance(seed, bytes) and len(seed) == SEED_BYTES
+        if node in members
+        and node not in sums
+        and isinstance(seed, bytes)
+        and len(seed) == SEED_BYTES
     }
-    if not seeds:
+    if not seeds and not sums:
         return field_sum, []
-    dim = int(field_sum.shape[0])
+    excess = np.zeros(dim, dtype=np.int64)
+    for vector in sums.values():
+        excess += vector.astype(np.int64)
 
     def excess_of(seed: bytes) -> np.ndarray:
         return removable_noise(seed, schedule, len(members), dim)
 
-    # numpy's samplers release the GIL: one thread per core redraws the survivors' excess.
-    with ThreadPoolExecutor(max_workers=min(len(seeds), os.cpu_count() or 1)) as pool:
-        excess = np.zeros(dim, dtype=np.int64)
-        for part in pool.map(excess_of, seeds.values()):
-            excess += part
-    return field_sub(field_sum, to_field(excess, bits=bits), bits=bits), list(seeds)
+    if seeds:
+        # numpy's samplers release the GIL: one thread per core redraws the survivors' excess.
+        with ThreadPoolExecutor(max_workers=min(len(seeds), os.cpu_count() or 1)) as pool:
+            for part in pool.map(excess_of, seeds.values()):
+                excess += part
+    removed = sorted({*seeds, *sums})
+    return field_sub(field_sum, to_field(excess, bits=bits), bits=bits), removed
 
 
 def client_noise_share_variance(manifest: TaskManifest) -> float:

@@ -9,6 +9,7 @@ nothing else is trusted from the wire.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,46 @@ def vector_from_bytes(data: Any, *, dtype: str, length: int, name: str = "vector
             f"{name}: {len(data)} bytes != {length} x {item.itemsize} bytes (shape ({length},))"
         )
     return np.frombuffer(data, dtype=item).astype(np.dtype(dtype))
+
+
+_INT_WIDTHS = (1, 2, 4, 8)
+
+
+def ints_to_bytes(values: np.ndarray) -> bytes:
+    """Signed integers compactly, for vectors of small values such as a noise upload.
+
+    One byte naming the narrowest width that holds them all (1, 2, 4 or 8 bytes), then their
+    little-endian bytes, zlib-compressed (level 1, fast).
+    """
+    values = np.asarray(values, dtype=np.int64).reshape(-1)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    width = next(w for w in _INT_WIDTHS if -(2 ** (8 * w - 1)) <= low and high < 2 ** (8 * w - 1))
+    raw = values.astype(np.dtype(f"<i{width}")).tobytes()
+    return bytes([width]) + zlib.compress(raw, 1)
+
+
+def ints_from_bytes(data: Any, *, length: int, name: str = "integers") -> np.ndarray:
+    """Inverse of :func:`ints_to_bytes`: exactly ``length`` int64 values, or ShapeError.
+
+    Decompresses at most the bytes ``length`` values can take, so a crafted upload cannot
+    make the coordinator inflate more than that.
+    """
+    if not isinstance(data, bytes) or not data:
+        raise ShapeError(f"{name}: expected non-empty bytes, got {type(data).__name__}")
+    if len(data) > MAX_VECTOR_BYTES:
+        raise ShapeError(f"{name}: {len(data)} bytes exceeds the {MAX_VECTOR_BYTES}-byte limit")
+    width = data[0]
+    if width not in _INT_WIDTHS:
+        raise ShapeError(f"{name}: integer width {width} is not one of {list(_INT_WIDTHS)}")
+    expected = length * width
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(data[1:], max(expected, 1))  # 0 would mean no limit
+    except zlib.error as exc:
+        raise ShapeError(f"{name}: not a zlib stream ({exc})") from None
+    if len(raw) != expected or not inflater.eof or inflater.unused_data:
+        raise ShapeError(f"{name}: does not hold exactly {length} integers of {width} bytes")
+    return np.frombuffer(raw, dtype=np.dtype(f"<i{width}")).astype(np.int64)
 
 
 def field_dtype(bits: int) -> str:

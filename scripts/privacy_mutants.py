@@ -281,6 +281,19 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
     ),
     Mutant(
+        name="excess-uploaded-for-all-k",
+        summary="asked to upload, a holder sends its excess noise for all K, not the signed set",
+        patches=(
+            Patch(
+                "client/participant.py",
+                "                excess = excess_noise(seed, schedule, len(survivors), task.dim)\n",
+                "                excess = excess_noise("
+                "seed, schedule, len(task.node_ids), task.dim)\n",
+            ),
+        ),
+        tests=(f"{SECURE_ROUND}::test_uploaded_excess_removes_exactly_what_the_seeds_would",),
+    ),
+    Mutant(
         name="manifest-scale-half",
         summary="build_manifest calibrates noise and sensitivity for scale/2 (4x too little noise)",
         patches=(

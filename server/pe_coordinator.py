@@ -59,7 +59,6 @@ from fedsynth.server.ledger import PrivacyLedger
 from fedsynth.server.secure_round import (
     RoundResult,
     Transport,
-    default_threshold,
     run_secure_sum,
 )
 
@@ -385,6 +384,11 @@ def next_population(
     return new, [len(set(s)) for s in selected]
 
 
+def round_threshold(config: PEConfig, clients: int) -> int:
+    """The task's threshold: as configured, else the smallest safe for its colluders."""
+    return config.threshold or min_safe_threshold(clients, config.colluders)
+
+
 def build_round_manifest(
     config: PEConfig,
     calibration: PECalibration,
@@ -396,9 +400,7 @@ def build_round_manifest(
     nodes: tuple[int, ...],
 ) -> PERoundManifest:
     """The manifest of one round (privacy terms identical in every round)."""
-    threshold = config.threshold or max(
-        default_threshold(len(nodes)), min_safe_threshold(len(nodes), config.colluders)
-    )
+    threshold = round_threshold(config, len(nodes))
     privacy = PrivacySpec(
         epsilon=config.epsilon,
         delta=config.delta,
@@ -459,9 +461,7 @@ def run_pe(
         top_k=config.top_k,
     )
     check_workable(config, calibration, clients=len(nodes))
-    threshold = config.threshold or max(
-        default_threshold(len(nodes)), min_safe_threshold(len(nodes), config.colluders)
-    )
+    threshold = round_threshold(config, len(nodes))
     if threshold > len(nodes):
         raise ConfigError(f"threshold t={threshold} exceeds the K={len(nodes)} clients")
 
@@ -650,7 +650,7 @@ def pe_privacy_report(
         "top_k": config.top_k,
         "selection": config.selection,
         "K": len(nodes),
-        "threshold_t": config.threshold or default_threshold(len(nodes)),
+        "threshold_t": round_threshold(config, len(nodes)),
         "embedder": embedder.name,
         "embedder_fingerprint": embedder.fingerprint,
         "labels": list(config.labels),

@@ -20,9 +20,16 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 from flwr.app import RecordDict
 
-from fedsynth.protocol.contribution import remove_excess_noise
+from fedsynth.protocol.contribution import noise_schedule, remove_excess_noise
 from fedsynth.protocol.errors import FedSynthError, ProtocolError, TooFewParticipantsError
-from fedsynth.protocol.exact_noise import NOISE_SEED_FIELD
+from fedsynth.protocol.exact_noise import (
+    NOISE_EXCESS_FIELD,
+    NOISE_SEED_FIELD,
+    REMOVAL_AUTO,
+    REMOVAL_FIELD,
+    REMOVAL_UPLOAD,
+    removal_mode,
+)
 from fedsynth.protocol.identity import Roster
 from fedsynth.protocol.manifest import TaskManifest
 from fedsynth.protocol.messages import (
@@ -31,6 +38,7 @@ from fedsynth.protocol.messages import (
     blobs_to_fields,
     field_from_bytes,
     ints_field,
+    ints_from_bytes,
     keys_to_fields,
     pack,
     public_keys_from_reply,
@@ -86,6 +94,7 @@ def run_secure_round(
     *,
     progress: Callable[[str], None] | None = None,
     roster: Roster | None = None,
+    noise_removal: str = REMOVAL_AUTO,
 ) -> RoundResult:
     """Run the stages of a dataset-vector task and return the survivors' exact sum."""
     manifest.check_reference(reference)
@@ -93,7 +102,14 @@ def run_secure_round(
         "manifest": manifest.to_json(),
         "reference": vector_to_bytes(reference.astype(np.float32).reshape(-1)),
     }
-    return run_secure_sum(transport, manifest, setup_fields, progress=progress, roster=roster)
+    return run_secure_sum(
+        transport,
+        manifest,
+        setup_fields,
+        progress=progress,
+        roster=roster,
+        noise_removal=noise_removal,
+    )
 
 
 T = TypeVar("T")
@@ -106,14 +122,21 @@ def run_secure_sum(
     *,
     progress: Callable[[str], None] | None = None,
     roster: Roster | None = None,
+    noise_removal: str = REMOVAL_AUTO,
 ) -> RoundResult:
     """Run setup, share_keys, masked_input, consistency and unmask; return the exact sum.
 
     ``setup_fields`` (the manifest and its public arrays) go to every participant at setup.
     With ``roster``, keys signed by a holder outside it are dropped at setup; without it the
     coordinator still drops keys whose signature does not verify, and every holder checks
-    every key against the roster it pins.
+    every key against the roster it pins. ``noise_removal`` (exact noise sharing): whether
+    survivors reveal seeds of their excess noise (``seed``), send its sum (``upload``), or
+    whichever is cheaper for this round (``auto``; see
+    :func:`fedsynth.protocol.exact_noise.removal_mode`).
     """
+    schedule = noise_schedule(task.privacy, clients=len(task.node_ids))
+    if schedule is not None:
+        removal_mode(noise_removal, schedule, schedule.threshold, task.dim)  # a bad name fails now
     config = task.secagg_config()
     server = SecAggServer(config, roster=roster)
     task_id = task.task_id
@@ -223,21 +246,35 @@ def run_secure_sum(
     )
 
     # Stage 5: signers check t signatures over the same set, then reveal self-mask shares of
-    # survivors and key shares of the dropped.
-    request = pack(
-        envelope(Stage.UNMASK),
-        {
-            "survivors": ints_field(survivors),
-            "dropped": ints_field(dropped),
-            **blobs_to_fields("sg:", valid),
-        },
-    )
+    # survivors and key shares of the dropped (and, with exact sharing, their excess noise).
+    unmask_fields: dict[str, Any] = {
+        "survivors": ints_field(survivors),
+        "dropped": ints_field(dropped),
+        **blobs_to_fields("sg:", valid),
+    }
+    removal = None
+    if schedule is not None:
+        removal = removal_mode(noise_removal, schedule, len(survivors), task.dim)
+        unmask_fields[REMOVAL_FIELD] = removal
+    request = pack(envelope(Stage.UNMASK), unmask_fields)
     replies = exchange(Stage.UNMASK, {n: request for n in server.signers})
     responses = parse(Stage.UNMASK, replies, lambda f: blobs_from_fields("sh:", f))
     total = advance(Stage.UNMASK, len(responses), lambda: server.unmask(responses))
     # Exact noise sharing: each survivor's unmask reply also reveals the excess noise that
     # len(survivors) inputs do not need; what stays is the target variance.
     revealed = {node: replies[node].get(NOISE_SEED_FIELD) for node in responses if node in replies}
+    uploaded: dict[int, np.ndarray] = {}
+    if removal == REMOVAL_UPLOAD:
+        for node in responses:
+            data = replies[node].get(NOISE_EXCESS_FIELD)
+            if data is None:
+                continue
+            try:
+                uploaded[node] = ints_from_bytes(data, length=task.dim, name=NOISE_EXCESS_FIELD)
+            except FedSynthError as exc:
+                # Its excess stays in the sum: more noise than the target, never less.
+                refusals[node] = f"{Stage.UNMASK.value}: {exc}"
+                log.warning("node %s: excess noise upload rejected: %s", node, exc)
     total, noise_removed = remove_excess_noise(
         total,
         revealed,
@@ -245,6 +282,7 @@ def run_secure_sum(
         clients=participants,
         survivors=survivors,
         bits=config.bits,
+        uploaded=uploaded,
     )
     note(Stage.DONE.value)
     return RoundResult(

@@ -227,6 +227,31 @@ def test_excess_removal_takes_only_well_formed_seeds_of_survivors() -> None:
     np.testing.assert_array_equal(out, to_field(expected, bits=48))
 
 
+def test_uploaded_excess_replaces_the_seed_of_its_survivor_only() -> None:
+    # K = 4, t = 2, survivors 1-3. Survivor 1 uploads its excess (and a seed that must not be
+    # used as well), 2 reveals a seed, 3 uploads a vector of the wrong size (its excess stays);
+    # node 4, not a survivor, uploads one that is ignored.
+    privacy = _exact_privacy()
+    schedule = NoiseSchedule(privacy.total_variance, privacy.threshold, 4)
+    tops = {node: bytes([node]) * SEED_BYTES for node in range(1, 5)}
+    seeds = {node: revealed_seed(top, schedule, 3) for node, top in tops.items()}
+    dim = 16
+    excess = {node: removable_noise(seed, schedule, 3, dim) for node, seed in seeds.items()}
+    field_sum = to_field(np.arange(dim, dtype=np.int64) * 1000, bits=48)
+    out, removed = remove_excess_noise(
+        field_sum,
+        {1: seeds[1], 2: seeds[2]},
+        privacy=privacy,
+        clients=4,
+        survivors=[1, 2, 3],
+        bits=48,
+        uploaded={1: excess[1], 3: excess[3][:-1], 4: excess[4]},
+    )
+    assert removed == [1, 2]
+    expected = np.arange(dim, dtype=np.int64) * 1000 - excess[1] - excess[2]
+    np.testing.assert_array_equal(out, to_field(expected, bits=48))
+
+
 def test_plain_shares_and_threshold_survivors_remove_nothing() -> None:
     field_sum = to_field(np.arange(8, dtype=np.int64), bits=48)
     plain = dataclasses.replace(_exact_privacy(), noise_sharing="plain")

@@ -10,13 +10,16 @@ import pytest
 
 from fedsynth.protocol.errors import ConfigError, ProtocolError
 from fedsynth.protocol.exact_noise import (
+    AUTO_UPLOAD_SAMPLES,
     SEED_BYTES,
     NoiseSchedule,
     aggregate_variance,
     chain_seeds,
     component_noise,
+    excess_noise,
     holder_noise,
     removable_noise,
+    removal_mode,
     revealed_seed,
     seeds_from_revealed,
 )
@@ -280,3 +283,31 @@ def test_colluders_must_leave_an_honest_threshold() -> None:
     for bad in (True, 1.5):
         with pytest.raises(ConfigError, match=rf"^colluders={bad!r}: must be an int"):
             NoiseSchedule(total_variance=V, threshold=3, clients=5, colluders=bad)  # type: ignore[arg-type]
+
+
+def test_a_survivors_own_excess_sum_is_what_its_revealed_seed_gives() -> None:
+    k, t, dim = 7, 4, 300
+    schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k)
+    top = os.urandom(SEED_BYTES)
+    for s in range(t + 1, k + 1):
+        revealed = revealed_seed(top, schedule, s)
+        assert revealed is not None
+        np.testing.assert_array_equal(
+            excess_noise(top, schedule, s, dim), removable_noise(revealed, schedule, s, dim)
+        )
+    assert excess_noise(top, schedule, t, dim) is None
+    with pytest.raises(ProtocolError, match="survivors=8"):
+        excess_noise(top, schedule, k + 1, dim)
+
+
+def test_removal_mode_asks_for_uploads_only_where_redrawing_is_costly() -> None:
+    schedule = NoiseSchedule(total_variance=V, threshold=51, clients=100)
+    assert removal_mode("seed", schedule, 100, 65_537) == "seed"
+    assert removal_mode("upload", schedule, 52, 8) == "upload"
+    # auto: s survivors x (s - t) components x d draws against the limit.
+    just_below = AUTO_UPLOAD_SAMPLES // (100 * 49)
+    assert removal_mode("auto", schedule, 100, just_below) == "seed"
+    assert removal_mode("auto", schedule, 100, just_below + 1) == "upload"
+    assert removal_mode("auto", schedule, 51, 10**9) == "seed"  # s = t: nothing to redraw
+    with pytest.raises(ConfigError, match="noise removal 'both': must be one of seed, upload"):
+        removal_mode("both", schedule, 100, 8)

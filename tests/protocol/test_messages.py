@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,9 @@ from fedsynth.protocol.messages import (
     blobs_to_fields,
     check_clock,
     ints_field,
+    ints_from_bytes,
     ints_from_field,
+    ints_to_bytes,
     keys_from_fields,
     keys_to_fields,
     pack,
@@ -216,3 +219,41 @@ def test_malformed_entries_are_protocol_errors() -> None:
     # Other fields are ignored.
     assert keys_from_fields({"task_id": "t", "n": 3}) == {}
     assert blobs_from_fields("ct:", {"sh:1": b"x"}) == {}
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "width"),
+    [(-128, 127, 1), (-129, 5, 2), (0, 32_768, 4), (-(2**31), 2**31 - 1, 4), (0, 2**31, 8)],
+)
+def test_small_integers_round_trip_in_the_narrowest_width(low: int, high: int, width: int) -> None:
+    values = np.array([low, 0, high, -1, 1] * 50, dtype=np.int64)
+    data = ints_to_bytes(values)
+    assert data[0] == width
+    np.testing.assert_array_equal(ints_from_bytes(data, length=values.size), values)
+    extremes = np.array([-(2**63), 2**63 - 1], dtype=np.int64)
+    np.testing.assert_array_equal(ints_from_bytes(ints_to_bytes(extremes), length=2), extremes)
+
+
+def test_a_noise_sized_upload_is_a_fraction_of_the_field_vector() -> None:
+    noise = np.random.default_rng(0).normal(0, 250, 65_537).round().astype(np.int64)
+    data = ints_to_bytes(noise)
+    assert data[0] == 2 and len(data) < 0.25 * 8 * noise.size
+    np.testing.assert_array_equal(ints_from_bytes(data, length=noise.size), noise)
+
+
+def test_malformed_integer_uploads_are_refused() -> None:
+    good = ints_to_bytes(np.arange(10, dtype=np.int64))
+    bomb = bytes([8]) + zlib.compress(bytes(8 * 10**6), 9)  # 8 MB of zeros in ~8 kB
+    for data, why in [
+        ("text", "expected non-empty bytes"),
+        (b"", "expected non-empty bytes"),
+        (bytes([3]) + good[1:], "integer width 3"),
+        (bytes([1]) + b"\x00" * 5, "not a zlib stream"),
+        (good[:-2], "does not hold exactly 10 integers"),  # truncated stream
+        (good + b"tail", "does not hold exactly 10 integers"),
+        (bomb, "does not hold exactly 10 integers"),
+    ]:
+        with pytest.raises(ShapeError, match=why):
+            ints_from_bytes(data, length=10)
+    with pytest.raises(ShapeError, match="does not hold exactly 11 integers"):
+        ints_from_bytes(good, length=11)

@@ -342,6 +342,16 @@ def test_pe_with_noise_beats_round_zero(tmp_path: Path, embedder: HashingEmbedde
     assert budget.last_round(result.state.pe_task_id) == 4
 
 
+def test_the_report_states_the_threshold_the_colluders_raised(
+    tmp_path: Path, embedder: HashingEmbedder
+) -> None:
+    """K = 3 with one colluder needs t = 3 (2t − K > 1), not the majority 2: the report says
+    the threshold the rounds ran with."""
+    nodes = make_voters(tmp_path, embedder=embedder)
+    result = run_word_pe(nodes, pe_config(rounds=1, colluders=1), embedder, tmp_path / "ckpt")
+    assert result.report["threshold_t"] == 3
+
+
 def test_restart_resumes_without_spending_twice(tmp_path: Path, embedder: HashingEmbedder) -> None:
     nodes = make_voters(tmp_path, embedder=embedder)
     ckpt = tmp_path / "ckpt"

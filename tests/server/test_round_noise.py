@@ -209,6 +209,7 @@ def vector_residuals(
     dropped: set[int],
     rounds: int,
     tag: str,
+    removal: str = "auto",
 ) -> tuple[np.ndarray, float]:
     """Residuals of ``rounds`` independent seeded releases, and their expected variance."""
     residuals = []
@@ -225,7 +226,7 @@ def vector_residuals(
             ),
         )
         transport = InProcessTransport(holders, drop={"masked_input": dropped})
-        result = run_secure_round(transport, manifest, reference.means)
+        result = run_secure_round(transport, manifest, reference.means, noise_removal=removal)
         assert sorted(result.survivors) == sorted(set(NODES) - dropped)
         assert not result.refusals
         survivors = [holders[n] for n in result.survivors]
@@ -245,9 +246,9 @@ def vector_residuals(
 
 
 @pytest.mark.parametrize(
-    ("dropped", "factor"),
-    [(set(), 1.0), ({NODES[1]}, 1.0)],
-    ids=["all-K-survive", "exactly-t-survive"],
+    ("dropped", "factor", "removal"),
+    [(set(), 1.0, "auto"), ({NODES[1]}, 1.0, "auto"), (set(), 1.0, "upload")],
+    ids=["all-K-survive", "exactly-t-survive", "all-K-survive-excess-uploaded"],
 )
 def test_vector_release_carries_the_target_noise(
     tmp_path: Path,
@@ -255,9 +256,10 @@ def test_vector_release_carries_the_target_noise(
     reference: PublicReference,
     dropped: set[int],
     factor: float,
+    removal: str,
 ) -> None:
     residual, expected = vector_residuals(
-        tmp_path, tiny, reference, dropped=dropped, rounds=6, tag="honest"
+        tmp_path, tiny, reference, dropped=dropped, rounds=6, tag="honest", removal=removal
     )
     target = vector_manifest(tiny, reference, "target").privacy.total_variance
     assert expected == pytest.approx(factor * target)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ from fedsynth.protocol.contribution import (
 )
 from fedsynth.protocol.errors import (
     ClockSkewError,
+    ConfigError,
     FedSynthError,
     IdentityError,
     KeyAuthenticationError,
@@ -43,7 +45,13 @@ from fedsynth.protocol.errors import (
     TooFewParticipantsError,
     UnsafeThresholdError,
 )
-from fedsynth.protocol.exact_noise import NOISE_SEED_FIELD, revealed_seed
+from fedsynth.protocol.exact_noise import (
+    NOISE_EXCESS_FIELD,
+    NOISE_SEED_FIELD,
+    REMOVAL_FIELD,
+    removable_noise,
+    revealed_seed,
+)
 from fedsynth.protocol.features import (
     FeatureSpec,
     PromptTemplate,
@@ -56,6 +64,7 @@ from fedsynth.protocol.messages import (
     Envelope,
     blobs_from_fields,
     ints_field,
+    ints_from_bytes,
     pack,
     vector_from_bytes,
     vector_to_bytes,
@@ -1030,8 +1039,8 @@ def _noise_seed_fields(transport: LocalTransport) -> dict[str, dict[int, object]
 class _SeedWatchingTransport(LocalTransport):
     """Notes each holder's chain seed while its round is between masked_input and unmask."""
 
-    def __init__(self, nodes: Mapping[int, Node], manifest: TaskManifest) -> None:
-        super().__init__(nodes)
+    def __init__(self, nodes: Mapping[int, Node], manifest: TaskManifest, **options: Any) -> None:
+        super().__init__(nodes, **options)
         self.manifest = manifest
         self.chain_seeds: dict[int, bytes] = {}
 
@@ -1085,6 +1094,112 @@ def test_exact_noise_seeds_are_revealed_at_unmask_for_the_signed_survivors_only(
     assert report["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(
         manifest.privacy.total_variance
     )
+
+
+@pytest.mark.parametrize("dropped", [set(), {NODES_5[0]}], ids=["5-of-5", "4-of-5"])
+def test_uploaded_excess_removes_exactly_what_the_seeds_would(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference, dropped: set[int]
+) -> None:
+    """Asked to upload, each survivor sends the sum of exactly the components its seed_{s-1}
+    would give for the s it signed (K = 5, t = 3, s = 5 or 4), and no seed; the round's sum is
+    bit for bit the one that revealing seeds gives, and carries the target noise."""
+    sums = {}
+    for mode in ("seed", "upload"):
+        manifest = make_manifest(tiny, reference, NODES_5, task_id="exact-both", epsilon=4.0)
+        schedule = noise_schedule(manifest.privacy, clients=len(NODES_5))
+        assert schedule is not None and schedule.threshold == 3
+        (tmp_path / mode).mkdir()
+        nodes = make_nodes(tmp_path / mode, tiny, NODES_5, budgets=True)
+        transport = _SeedWatchingTransport(nodes, manifest, drop={"masked_input": dropped})
+        result = run_secure_round(transport, manifest, reference.means, noise_removal=mode)
+        s = len(result.survivors)
+        assert s == 5 - len(dropped) and sorted(result.noise_removed) == result.survivors
+        assert not result.refusals
+        assert {transport.requests["unmask"][n].config_records["fedsynth"][REMOVAL_FIELD]
+                for n in result.survivors} == {mode}  # fmt: skip
+        replies = {n: r.config_records["fedsynth"] for n, r in transport.replies["unmask"].items()}
+        sent = NOISE_EXCESS_FIELD if mode == "upload" else NOISE_SEED_FIELD
+        assert all(sent in f and len({NOISE_SEED_FIELD, NOISE_EXCESS_FIELD} & set(f)) == 1
+                   for f in replies.values())  # fmt: skip
+        if mode == "upload":
+            for node in result.survivors:
+                revealed = revealed_seed(transport.chain_seeds[node], schedule, s)
+                assert revealed is not None
+                np.testing.assert_array_equal(
+                    ints_from_bytes(replies[node][NOISE_EXCESS_FIELD], length=manifest.dim),
+                    removable_noise(revealed, schedule, s, manifest.dim),
+                )
+        report = privacy_report(manifest, result, model_name=tiny.name)
+        assert report["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(
+            manifest.privacy.total_variance
+        )
+        sums[mode] = result.field_sum
+    np.testing.assert_array_equal(sums["seed"], sums["upload"])
+
+
+class _ExcessTamperingTransport(LocalTransport):
+    """Replaces one survivor's uploaded excess with bytes that do not decode, or rewrites the
+    removal mode every holder is asked for."""
+
+    def __init__(
+        self, nodes: Mapping[int, Node], *, victim: int | None = None, mode: str | None = None
+    ) -> None:
+        super().__init__(nodes)
+        self.victim, self.mode = victim, mode
+        self.errors: dict[int, str] = {}
+
+    def exchange(
+        self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
+    ) -> dict[int, Reply]:
+        if stage == "unmask" and self.mode is not None:
+            requests = {n: _wire(r) for n, r in requests.items()}
+            for request in requests.values():
+                request.config_records["fedsynth"][REMOVAL_FIELD] = self.mode
+        replies = super().exchange(stage, requests, timeout=timeout)
+        self.errors.update({n: f"{stage}: {r.error}" for n, r in replies.items() if r.error})
+        if stage == "unmask" and self.victim in replies:
+            content = replies[self.victim].content
+            assert content is not None
+            content.config_records["fedsynth"][NOISE_EXCESS_FIELD] = b"\x02not zlib"
+        return replies
+
+
+def test_a_bad_excess_upload_leaves_that_survivors_noise_in_and_a_bad_mode_is_refused(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    """An upload that does not decode is refused and that survivor's excess stays (more noise
+    than the target, never less); holders refuse an unmask request naming an unknown removal,
+    before revealing any share; the coordinator refuses an unknown mode before any stage."""
+    manifest = make_manifest(tiny, reference, NODES_5, task_id="bad-upload", epsilon=4.0)
+    (tmp_path / "bad").mkdir()
+    nodes = make_nodes(tmp_path / "bad", tiny, NODES_5, budgets=True)
+    victim = NODES_5[2]
+    transport = _ExcessTamperingTransport(nodes, victim=victim)
+    result = run_secure_round(transport, manifest, reference.means, noise_removal="upload")
+    assert victim in result.survivors and victim not in result.noise_removed
+    assert len(result.noise_removed) == 4
+    assert "noise_excess: not a zlib stream" in result.refusals[victim]
+    schedule = noise_schedule(manifest.privacy, clients=5)
+    assert schedule is not None
+    report = privacy_report(manifest, result, model_name=tiny.name)
+    assert report["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(
+        4 * schedule.kept_variance(5) + schedule.share_variance
+    )
+    assert report["noise"]["aggregate_variance_actual_scaled"] > manifest.privacy.total_variance
+
+    manifest = make_manifest(tiny, reference, NODES_5, task_id="bad-mode", epsilon=4.0)
+    (tmp_path / "mode").mkdir()
+    nodes = make_nodes(tmp_path / "mode", tiny, NODES_5, budgets=True)
+    transport = _ExcessTamperingTransport(nodes, mode="everything")
+    with pytest.raises(TooFewParticipantsError, match="only 0 of 5 clients completed unmask"):
+        run_secure_round(transport, manifest, reference.means, noise_removal="seed")
+    assert all(reason == "unmask: protocol" for reason in transport.errors.values())
+    assert "unmask" not in transport.replies  # no share left any holder
+
+    transport = LocalTransport(nodes)
+    with pytest.raises(ConfigError, match="noise removal 'everything'"):
+        run_secure_round(transport, manifest, reference.means, noise_removal="everything")
+    assert transport.stages == []
 
 
 class _SplitManifestCoordinator(LocalTransport):
