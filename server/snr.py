@@ -45,6 +45,15 @@ upper quantile ``U`` instead of the mean makes the rule conservative (shrinking 
 side): a vector of pure noise gets factor exactly 0 except with probability ``level``, where the
 plain James-Stein factor would leave it a small positive strength half the time.
 
+Steer only where the signal dominates (``min_signal_share``, default 1/2): ``factor^2`` estimates
+the share of the direction's energy that is signal, and below one half the unit direction added
+is more noise than signal. The square-distance argument above treats a step along the noise like
+a step along the signal, but the model does not: measured on the comparison study's releases
+(Gemma 3 270M, Rotten Tomatoes), every release at ε = 1 had factors 0.46–0.72 and its samples
+drifted off the task's domain (MAUVE 0.04–0.15 against the prior's 0.13–0.35), while every release
+at ε = 4 had 0.92–0.97 and kept it. Such a layer gets factor 0, so a release that is mostly noise
+everywhere generates the prior; ``min_signal_share = 0`` restores the plain rule.
+
 Why per class and layer, not per class: each layer receives its own addition (its own unit
 direction times ``strength * r_l``), the layers carry independent noise of different size
 (``m_l`` differs) and different signal, so a layer whose direction is noise is switched off
@@ -66,6 +75,7 @@ from fedsynth.server.public_basis import PublicBasis
 from fedsynth.server.release import Release
 
 DEFAULT_LEVEL = 1e-3  # chance that a pure-noise layer keeps a non-zero strength
+DEFAULT_MIN_SIGNAL_SHARE = 0.5  # below it (factor^2, the signal's share) a layer is off
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,7 @@ class SteeringSnr:
     level: float
     classes: tuple[ClassSnr, ...]
     basis: PublicBasis | None = field(default=None, compare=False, repr=False)
+    min_signal_share: float = 0.0
 
     def of(self, label: str) -> ClassSnr:
         """The figures of ``label``."""
@@ -189,8 +200,15 @@ class SteeringSnr:
                 else "; or d projected onto the top k directions of the public basis "
                 "(projected_rank k) where that estimate of the cosine with the noise-free "
                 "direction is larger"
+            )
+            + (
+                f"; 0 where factor^2 (the signal's estimated share of d) is below "
+                f"{self.min_signal_share:g}"
+                if self.min_signal_share > 0.0
+                else ""
             ),
             "applied": applied,
+            "min_signal_share": self.min_signal_share,
             "strength": strength,
             "contrast": self.contrast,
             "level": self.level,
@@ -353,6 +371,7 @@ def steering_snr(
     contrast: float = 1.0,
     level: float = DEFAULT_LEVEL,
     basis: PublicBasis | None = None,
+    min_signal_share: float = DEFAULT_MIN_SIGNAL_SHARE,
 ) -> SteeringSnr:
     """Per class and layer: noise sd, noise energy, observed energy, SNR and shrink factor.
 
@@ -360,15 +379,18 @@ def steering_snr(
     With a public ``basis`` (:mod:`fedsynth.server.public_basis`), each class and layer also
     tries the projection of its direction onto the top 8, 16, 32 and 64 directions of the
     basis and keeps whichever of those and the whole direction has the largest factor (the
-    conservative estimate of its cosine with the noise-free direction). Pure post-processing
-    of public release content and public text.
+    conservative estimate of its cosine with the noise-free direction). A layer whose factor
+    squared is below ``min_signal_share`` gets 0 (the module's docstring says why). Pure
+    post-processing of public release content and public text.
 
     Raises:
         NonPositiveCountError: if a class's noisy count is <= 0 (before anything is computed).
-        ConfigError: if a class vector is not finite, or ``level`` is outside (0, 1).
+        ConfigError: if a class vector is not finite, ``level`` is outside (0, 1) or
+            ``min_signal_share`` outside [0, 1].
     """
     if not math.isfinite(contrast):
         raise ConfigError(f"contrast={contrast}: must be finite")
+    check_min_signal_share(min_signal_share)
     variance, source = noise_variance_present(release)
     sd = coordinate_noise_sd(release, variance=variance)  # (C, L)
     manifest = release.manifest
@@ -406,6 +428,8 @@ def steering_snr(
                     )
                     if projected > factor:
                         factor, rank = projected, k
+            if factor**2 < min_signal_share:
+                factor, rank = 0.0, None
             entries.append(
                 LayerSnr(
                     layer=layer,
@@ -426,7 +450,20 @@ def steering_snr(
         level=level,
         classes=tuple(classes),
         basis=basis,
+        min_signal_share=float(min_signal_share),
     )
+
+
+def check_min_signal_share(value: float) -> float:
+    """``value`` if it is a number in [0, 1], else a ConfigError naming it."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0.0 <= value <= 1.0
+    ):
+        raise ConfigError(f"min_signal_share={value!r}: must be a number in [0, 1]")
+    return float(value)
 
 
 def steering_lines(report: dict[str, Any]) -> list[str]:

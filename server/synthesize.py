@@ -19,7 +19,12 @@ from fedsynth.server.generation import GenerationConfig, steering_deltas
 from fedsynth.server.public_basis import PublicBasis
 from fedsynth.server.release import Release
 from fedsynth.server.selection import select_texts, selection_chunks
-from fedsynth.server.snr import SteeringSnr, check_release_counts, steering_snr
+from fedsynth.server.snr import (
+    DEFAULT_MIN_SIGNAL_SHARE,
+    SteeringSnr,
+    check_release_counts,
+    steering_snr,
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ def label_deltas(
     snr_shrink: bool = True,
     snr: SteeringSnr | None = None,
     basis: PublicBasis | None = None,
+    min_signal_share: float = DEFAULT_MIN_SIGNAL_SHARE,
 ) -> dict[int, torch.Tensor]:
     """The per-layer steering added to the residual stream when generating ``label``.
 
@@ -73,6 +79,8 @@ def label_deltas(
         snr: Precomputed :func:`steering_snr` of this release at this ``contrast`` (avoids
             recomputing it per label; it carries its own basis).
         basis: The public basis for computing ``snr`` when it is not given.
+        min_signal_share: For computing ``snr`` when it is not given: a layer whose signal
+            share is below it gets no steering (:func:`fedsynth.server.snr.steering_snr`).
 
     Raises:
         NonPositiveCountError: a class's noisy count is <= 0.
@@ -83,7 +91,9 @@ def label_deltas(
     if not snr_shrink:
         return steering_deltas(directions, strength=strength, residual_norms=residual_norms)
     if snr is None:
-        snr = steering_snr(release, contrast=contrast, basis=basis)
+        snr = steering_snr(
+            release, contrast=contrast, basis=basis, min_signal_share=min_signal_share
+        )
     elif snr.release_id != release.release_id or snr.contrast != contrast:
         raise ConfigError(
             f"snr is for release {snr.release_id!r} at contrast={snr.contrast}, not "
@@ -103,6 +113,7 @@ def steering_report(
     contrast: float = 1.0,
     snr_shrink: bool = True,
     basis: PublicBasis | None = None,
+    min_signal_share: float = DEFAULT_MIN_SIGNAL_SHARE,
 ) -> dict[str, Any]:
     """Per class the SNR, the shrink factor and the effective strength generation uses.
 
@@ -112,7 +123,12 @@ def steering_report(
     Raises:
         NonPositiveCountError: a class's noisy count is <= 0.
     """
-    snr = steering_snr(release, contrast=contrast, basis=basis if snr_shrink else None)
+    snr = steering_snr(
+        release,
+        contrast=contrast,
+        basis=basis if snr_shrink else None,
+        min_signal_share=min_signal_share,
+    )
     return snr.to_dict(strength=strength, applied=snr_shrink)
 
 
@@ -288,6 +304,7 @@ def iter_release_samples(
     scorer: LoadedModel | None = None,
     select_chunk: int | None = None,
     basis: PublicBasis | None = None,
+    min_signal_share: float = DEFAULT_MIN_SIGNAL_SHARE,
 ) -> Iterator[SyntheticSample]:
     """Yield ``n_per_label`` steered samples per label, label by label, chunk by chunk.
 
@@ -309,6 +326,8 @@ def iter_release_samples(
             ``loaded`` when it is one; needed with another backend).
         basis: a public basis the SNR rule may project each direction onto
             (:mod:`fedsynth.server.public_basis`); None keeps the whole directions.
+        min_signal_share: the SNR rule switches off a layer whose signal share is below it
+            (:func:`fedsynth.server.snr.steering_snr`; 0: the plain shrink rule).
 
     Raises:
         ModelMismatchError: the model is not the release's (or its layers or width differ).
@@ -332,7 +351,11 @@ def iter_release_samples(
             )
         check_release_backend(scorer, release)
     check_release_counts(release)
-    snr = steering_snr(release, contrast=contrast, basis=basis) if snr_shrink else None
+    snr = (
+        steering_snr(release, contrast=contrast, basis=basis, min_signal_share=min_signal_share)
+        if snr_shrink
+        else None
+    )
     pairs = iter_labelled_texts(
         backend,
         release.manifest.template,
@@ -352,7 +375,9 @@ def iter_release_samples(
         for label, text in pairs:
             yield SyntheticSample(text=text, label=label, release_id=release.release_id)
         return
-    selection_snr = snr or steering_snr(release, contrast=contrast, basis=basis)
+    selection_snr = snr or steering_snr(
+        release, contrast=contrast, basis=basis, min_signal_share=min_signal_share
+    )
     for label, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
         for keep, generated in chunks:
             texts = [text for _, text in itertools.islice(group, generated)]
@@ -386,6 +411,7 @@ def generate_from_release(
     select: float = 1.0,
     scorer: LoadedModel | None = None,
     basis: PublicBasis | None = None,
+    min_signal_share: float = DEFAULT_MIN_SIGNAL_SHARE,
 ) -> list[SyntheticSample]:
     """All samples of :func:`iter_release_samples` as a list."""
     return list(
@@ -405,5 +431,6 @@ def generate_from_release(
             select=select,
             scorer=scorer,
             basis=basis,
+            min_signal_share=min_signal_share,
         )
     )

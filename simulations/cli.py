@@ -620,6 +620,14 @@ def generate(
             "release's noise says that is closer to the noise-free direction."
         ),
     ] = False,
+    min_signal_share: Annotated[
+        float,
+        typer.Option(
+            help="Switch off steering at a layer whose estimated signal share (the SNR "
+            "factor squared) is below this: there the vector adds more noise than signal and "
+            "the samples drift off the task's domain. 0: the plain shrink rule.",
+        ),
+    ] = 0.5,
     shots: Annotated[
         int,
         typer.Option(
@@ -659,7 +667,7 @@ def generate(
     from fedsynth.server.public_basis import release_basis
     from fedsynth.server.release import load_release
     from fedsynth.server.selection import check_select, scorer_for, select_caution
-    from fedsynth.server.snr import check_release_counts, steering_lines
+    from fedsynth.server.snr import check_min_signal_share, check_release_counts, steering_lines
     from fedsynth.server.synthesize import (
         SHOT_POOL,
         check_release_model,
@@ -684,6 +692,7 @@ def generate(
         check_compiled_backend(backend, compile_steps)
         check_shots(shots)
         check_select(select)
+        check_min_signal_share(min_signal_share)
         # Bad sampling settings are refused before the release or the model is loaded.
         GenerationConfig(
             batch_size=batch_size,
@@ -709,7 +718,12 @@ def generate(
             console.print("public basis: prior samples of the release's template", highlight=False)
             basis = release_basis(reader, rel.manifest)
         steering = steering_report(
-            rel, strength=strength, contrast=contrast, snr_shrink=snr_shrink, basis=basis
+            rel,
+            strength=strength,
+            contrast=contrast,
+            snr_shrink=snr_shrink,
+            basis=basis,
+            min_signal_share=min_signal_share,
         )
         report_path = out.with_name(out.name + ".report.json")
         if _same_file(report_path, release):
@@ -752,6 +766,7 @@ def generate(
                 select=select,
                 scorer=scorer,
                 basis=basis,
+                min_signal_share=min_signal_share,
             ):
                 handle.write(json_line(asdict(sample)) + "\n")
                 handle.flush()

@@ -54,6 +54,7 @@ from fedsynth.server.public_basis import PublicBasis, basis_from_texts
 from fedsynth.server.release import Release
 from fedsynth.server.secure_round import Transport
 from fedsynth.server.selection import check_select, select_caution
+from fedsynth.server.snr import DEFAULT_MIN_SIGNAL_SHARE, check_min_signal_share
 from fedsynth.server.synthesize import (
     SHOT_POOL,
     SyntheticSample,
@@ -118,6 +119,9 @@ class DemoConfig:
     denoise: bool = False
     """Let the SNR rule project each class direction onto the public basis of the prior texts'
     features (:mod:`fedsynth.server.public_basis`); post-processing, no privacy cost."""
+    min_signal_share: float = DEFAULT_MIN_SIGNAL_SHARE
+    """The SNR rule switches off a layer whose estimated signal share is below this
+    (:func:`fedsynth.server.snr.steering_snr`; 0: the plain shrink rule)."""
     private_per_label: int | None = 2000
     synthetic_per_label: int = 150
     prior_per_label: int = 150
@@ -168,6 +172,7 @@ class DemoConfig:
             raise ConfigError(f"strength={self.strength}: must be a finite number >= 0")
         if not math.isfinite(self.contrast):
             raise ConfigError(f"contrast={self.contrast}: must be finite")
+        check_min_signal_share(self.min_signal_share)
         positive = {
             "synthetic_per_label (--samples)": self.synthetic_per_label,
             "prior_per_label (--prior-per-label)": self.prior_per_label,
@@ -756,6 +761,7 @@ def generate_conditions(
             seed=config.seed + 101,
             progress=_phase(report, f"generate eps={eps_name}"),
             snr_shrink=config.snr_shrink,
+            min_signal_share=config.min_signal_share,
             shots=config.shots,
             pool_progress=_phase(report, f"shot pool eps={eps_name}"),
             select=config.select,
@@ -955,6 +961,7 @@ def write_outputs(
             contrast=config.contrast,
             snr_shrink=config.snr_shrink,
             basis=basis_of(rel) if basis_of is not None else None,
+            min_signal_share=config.min_signal_share,
         )
         for key, rel in loaded_releases.items()
     }

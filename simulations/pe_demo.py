@@ -197,7 +197,12 @@ def make_pe_job(
             basis = public_basis_for(vec_config, loaded, reference, release)
             deltas_by_label = {
                 label: label_deltas(
-                    release, label, strength=config.strength, contrast=config.contrast, basis=basis
+                    release,
+                    label,
+                    strength=config.strength,
+                    contrast=config.contrast,
+                    basis=basis,
+                    min_signal_share=vec_config.min_signal_share,
                 )
                 for label in release.labels
             }

@@ -313,6 +313,7 @@ class StudyRunner:
             shots=d.shots,
             top_p=d.top_p,
             denoise=self.config.steering.denoise,
+            min_signal_share=self.config.steering.min_signal_share,
             colluders=d.colluders,
         )
 

@@ -36,6 +36,7 @@ from typing import Any
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.mechanisms import TrustMode
 from fedsynth.protocol.secagg import min_safe_threshold
+from fedsynth.server.snr import DEFAULT_MIN_SIGNAL_SHARE, check_min_signal_share
 from fedsynth.simulations.datasets import available_corpora
 from fedsynth.simulations.partitions import PartitionSpec
 
@@ -230,6 +231,12 @@ class SteeringSettings:
     # closer to the noise-free direction (fedsynth.server.public_basis). Opt-in, as in the demo
     # and `generate`: measured, it trades label fidelity for fluency (README, "Denoising").
     denoise: bool = False
+    # Switch off a layer whose estimated signal share (factor^2) is below this
+    # (fedsynth.server.snr); 0 is the plain shrink rule.
+    min_signal_share: float = DEFAULT_MIN_SIGNAL_SHARE
+
+    def __post_init__(self) -> None:
+        check_min_signal_share(self.min_signal_share)
 
 
 @dataclass(frozen=True)
@@ -496,7 +503,10 @@ def _parse_table(cls: type[Any], raw: Any, where: str) -> Any:
             values[key] = _int(value, f"[{where}] {key}", minimum=0 if may_be_zero else 1)
         else:
             values[key] = _number(value, f"[{where}] {key}")
-            if not values[key] > 0:
+            if key == "min_signal_share":
+                if not 0 <= values[key] <= 1:
+                    raise ConfigError(f"[{where}] {key} must be in [0, 1], got {value!r}")
+            elif not values[key] > 0:
                 raise ConfigError(f"[{where}] {key} must be > 0, got {value!r}")
             if key == "init_fraction" and not values[key] < 1:
                 raise ConfigError(f"[{where}] init_fraction must be < 1, got {value!r}")

@@ -197,12 +197,18 @@ def release_samples(
         seed=cell.seed + 101,
         shots=config.shots,
         basis=basis,
+        min_signal_share=config.min_signal_share,
     )
     perf.update(generation_perf(ctx, samples, time.monotonic() - start))
     template = release.manifest.template
     deltas = {
         label: label_deltas(
-            release, label, strength=config.strength, contrast=config.contrast, basis=basis
+            release,
+            label,
+            strength=config.strength,
+            contrast=config.contrast,
+            basis=basis,
+            min_signal_share=config.min_signal_share,
         )
         for label in release.labels
     }

@@ -10,6 +10,7 @@ larger variance actually present, fails here.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import json
 import math
@@ -27,13 +28,15 @@ from fedsynth.protocol.contribution import (
     encode_contribution,
     integer_class_sums,
 )
-from fedsynth.protocol.errors import NonPositiveCountError
+from fedsynth.protocol.errors import ConfigError, NonPositiveCountError
 from fedsynth.protocol.manifest import TaskManifest
 from fedsynth.protocol.models import LoadedModel, tiny_model
 from fedsynth.server.generation import GenerationConfig, steering_deltas
 from fedsynth.server.release import Release, make_release, save_release
 from fedsynth.server.secure_round import RoundResult
 from fedsynth.server.snr import (
+    DEFAULT_MIN_SIGNAL_SHARE,
+    check_min_signal_share,
     coordinate_noise_sd,
     direction_weights,
     noise_variance_present,
@@ -389,3 +392,51 @@ def test_steering_deltas_unchanged_without_shrink(llama: LoadedModel) -> None:
     )
     for layer in LAYERS:
         assert torch.equal(plain[layer], direct[layer])
+
+
+def test_a_layer_whose_signal_share_is_below_a_half_is_switched_off(llama: LoadedModel) -> None:
+    """The default rule keeps the plain factor where factor^2 >= 1/2 and is 0 below it (no
+    hook at that layer); ``min_signal_share = 0`` is the plain rule."""
+    base = make_test_release(llama)
+    kept = switched_off = 0
+    for variance in (1e4, 1e5, 3e5, 1e6, 3e6):
+        release = _release(_with_variance(base.manifest, variance), base.vectors, base.counts)
+        plain = steering_snr(release, min_signal_share=0.0)
+        rule = steering_snr(release)
+        assert rule.min_signal_share == DEFAULT_MIN_SIGNAL_SHARE == 0.5
+        for before, after in zip(plain.classes, rule.classes, strict=True):
+            deltas = label_deltas(release, after.label, strength=0.5)
+            for layer, factor in before.factors.items():
+                if factor**2 >= 0.5:
+                    assert after.factors[layer] == factor and layer in deltas
+                    kept += 1
+                else:
+                    assert after.factors[layer] == 0.0 and layer not in deltas
+                    switched_off += factor > 0.0
+        report = rule.to_dict(strength=0.5)
+        assert report["min_signal_share"] == 0.5 and "below 0.5" in report["rule"]
+        assert "below" not in plain.to_dict(strength=0.5)["rule"]
+    assert kept and switched_off  # the sweep reaches both sides of the cut
+    for bad in (-0.1, 1.5, math.nan, True, "half"):
+        with pytest.raises(ConfigError, match=r"min_signal_share=.*must be a number in"):
+            check_min_signal_share(bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="min_signal_share"):
+            steering_snr(base, min_signal_share=bad)  # type: ignore[arg-type]
+
+
+def test_generate_cli_takes_the_rules_default_and_refuses_a_bad_share(
+    tmp_path: Path, llama: LoadedModel
+) -> None:
+    from fedsynth.simulations.cli import generate
+
+    default = inspect.signature(generate).parameters["min_signal_share"].default
+    assert default == DEFAULT_MIN_SIGNAL_SHARE
+    path = save_release(make_test_release(llama), tmp_path / "r.safetensors")
+    result = _cli_generate(path, tmp_path / "out.jsonl", "--min-signal-share", "2")
+    output = " ".join(str(result.output).split())  # type: ignore[attr-defined]
+    assert result.exit_code == 2 and "min_signal_share=2.0" in output, output  # type: ignore[attr-defined]
+    assert not (tmp_path / "out.jsonl").exists()
+    result = _cli_generate(path, tmp_path / "ok.jsonl", "--min-signal-share", "0")
+    assert result.exit_code == 0  # type: ignore[attr-defined]
+    steering = json.loads((tmp_path / "ok.jsonl.report.json").read_text())["steering"]
+    assert steering["min_signal_share"] == 0.0

@@ -111,6 +111,10 @@ def test_good_config_expands_to_the_union_of_sweeps(tmp_path: Path) -> None:
         (_raw(pe={"output": 2.5}), r"\[pe\] output must be an integer"),
         (_raw(steering={"denoise": 1}), r"\[steering\] denoise must be true or false"),
         (
+            _raw(steering={"min_signal_share": 2}),
+            r"\[steering\] min_signal_share must be in \[0, 1\], got 2",
+        ),
+        (
             _raw(data={"colluders": 3}, sweep=[{"methods": ["vector"], "clients": [3]}]),
             r"\[data\] colluders=3: at K=3 with 0 dropped the safe threshold t=4",
         ),
@@ -343,6 +347,19 @@ def test_denoising_makes_only_the_release_methods_rows_stale(tmp_path: Path) -> 
         "dp-sgd|seed=0",
         "prior|seed=0",
     }
+
+
+def test_the_signal_share_cut_reaches_the_cells_and_only_a_changed_one_is_stale() -> None:
+    from fedsynth.simulations.study import StudyRunner
+
+    config = parse_study(_raw())
+    assert config.steering.min_signal_share == 0.5
+    plain = parse_study(_raw(steering={"min_signal_share": 0.0}))
+    assert plain.fingerprints()["common"] == config.fingerprints()["common"]
+    assert plain.fingerprints()["steering"] != config.fingerprints()["steering"]
+    cell = next(c for c in plain.cells() if c.method == "vector")
+    assert StudyRunner(plain, Path("unused")).demo_config(cell).min_signal_share == 0.0
+    assert StudyRunner(config, Path("unused")).demo_config(cell).min_signal_share == 0.5
 
 
 def test_colluders_reach_every_federated_cell(tmp_path: Path) -> None:

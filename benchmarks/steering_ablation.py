@@ -1,18 +1,28 @@
-"""Denoising by the public basis, paired on a study's own releases: what does it change?
+"""A steering rule changed, paired on a study's own releases: what does it change?
 
 For every dataset-vector release a study kept (``cells/*/release*.safetensors``), the samples
 are generated again exactly as the study generated them (same release, same settings, same
-sampling seed) but with ``[steering] denoise`` on, and scored by the study's own scorer. Each
-pair differs only in the rule, so the paired differences isolate it from the DP noise and the
+sampling seed) but with one rule changed, and scored by the study's own scorer. Each pair
+differs only in the rule, so the paired differences isolate it from the DP noise and the
 sampling. Rows go to ``OUT/pairs.csv`` (appended as they finish: a stopped run resumes), and a
 summary (mean ± sd of each metric with and without, and of the paired difference, per ε) is
 printed and written to ``OUT/summary.md``.
 
-``--contrast C`` also generates at class contrast C (the study's is 1): the pairs then differ in
-two settings, which the summary's title says.
+The change (one of):
 
-Run: python benchmarks/denoise_ablation.py studies/compare.toml studies/results/compare
+* default: ``[steering] denoise`` on (projection onto the public basis);
+* ``--min-signal-share S``: the SNR rule switches off layers whose signal share is below S.
+  A release whose factors are the same under both rules generates the same samples, so it is
+  not generated again (its row says ``regenerated = 0`` and repeats the study's scores).
+
+``--before-min-signal-share B`` says which cut the study's rows were made with (default: the
+config's; results made before the cut existed were made with 0). ``--contrast C`` also
+generates at class contrast C (the study's is 1): the pairs then differ in two settings, which
+the summary's title says.
+
+Run: python benchmarks/steering_ablation.py studies/compare.toml studies/results/compare
      --out denoise-ablation [--epsilon 1] [--contrast 2]
+     [--min-signal-share 0.5 --before-min-signal-share 0]
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ METHODS = ("vector", "vector-pooled")
 
 def _summary(rows: list[dict[str, str]], metrics: list[str]) -> list[str]:
     lines = [
-        "| ε | releases | metric | without | with denoise | paired difference |",
+        "| ε | releases | metric | the study's rule | the changed rule | paired difference |",
         "|---|---|---|---|---|---|",
     ]
 
@@ -61,12 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--contrast", type=float, default=1.0, help="class contrast of the new samples"
     )
+    parser.add_argument(
+        "--min-signal-share", type=float, default=None, help="the cut of the new samples"
+    )
+    parser.add_argument(
+        "--before-min-signal-share",
+        type=float,
+        default=None,
+        help="the cut the study's rows were made with (default: the config's)",
+    )
     args = parser.parse_args(argv)
 
     from fedsynth.protocol.errors import ModelMismatchError
     from fedsynth.server.backends import check_release_backend
     from fedsynth.server.release import load_release
-    from fedsynth.server.snr import steering_snr
+    from fedsynth.server.snr import check_min_signal_share, steering_snr
     from fedsynth.simulations import scoring
     from fedsynth.simulations.demo import public_basis_for
     from fedsynth.simulations.methods.common import release_samples
@@ -74,23 +93,36 @@ def main(argv: list[str] | None = None) -> int:
     from fedsynth.simulations.study_config import load_study_config
 
     config = load_study_config(args.config)
-    if config.steering.denoise:
-        print("the study already denoises: nothing to compare", file=sys.stderr)
-        return 2
-    denoised = dataclasses.replace(
-        config, steering=dataclasses.replace(config.steering, denoise=True)
+    before_cut = check_min_signal_share(
+        config.steering.min_signal_share
+        if args.before_min_signal_share is None
+        else args.before_min_signal_share
     )
+    if args.min_signal_share is None:
+        if config.steering.denoise:
+            print("the study already denoises: nothing to compare", file=sys.stderr)
+            return 2
+        after = dataclasses.replace(config.steering, denoise=True, min_signal_share=before_cut)
+        change = "--denoise"
+    else:
+        cut = check_min_signal_share(args.min_signal_share)
+        if cut == before_cut:
+            print(f"the study's rows already use min_signal_share={cut:g}", file=sys.stderr)
+            return 2
+        after = dataclasses.replace(config.steering, min_signal_share=cut)
+        change = f"min_signal_share {before_cut:g} -> {cut:g}"
+    changed = dataclasses.replace(config, steering=after)
     contrast = args.contrast
 
     class _Runner(StudyRunner):
         def demo_config(self, cell: Any) -> Any:
             return dataclasses.replace(super().demo_config(cell), contrast=contrast)
 
-    runner = _Runner(denoised, args.out / "study")
+    runner = _Runner(changed, args.out / "study")
     finished = {r["key"]: r for r in read_results(args.results) if r["status"] == "ok"}
     cells = [
         c
-        for c in denoised.cells()
+        for c in changed.cells()
         if c.method in METHODS
         and c.key in finished
         and (args.epsilon is None or c.epsilon in args.epsilon)
@@ -101,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = [m for m in METRICS if finished[cells[0].key].get(m)]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "pairs.csv"
-    columns = ["key", "method", "mode", "epsilon", "seed", "ranks"] + [
+    columns = ["key", "method", "mode", "epsilon", "seed", "ranks", "regenerated"] + [
         f"{m}_{side}" for m in metrics for side in ("before", "after")
     ]
     done: dict[str, dict[str, str]] = {}
@@ -118,11 +150,31 @@ def main(argv: list[str] | None = None) -> int:
         except ModelMismatchError as exc:
             print(f"{cell.key}: skipped, {exc}", flush=True)
             continue
-        print(f"{cell.key}: generating with the public basis", flush=True)
-        output = release_samples(runner, release, cell, {})
-        scores = scoring.score(runner, cell, output.samples)
         basis = public_basis_for(runner.demo_config(cell), runner.loaded, runner.reference, release)
-        snr = steering_snr(release, basis=basis, contrast=contrast)
+        snr = steering_snr(
+            release, basis=basis, contrast=contrast, min_signal_share=after.min_signal_share
+        )
+        old_snr = steering_snr(
+            release,
+            basis=basis if config.steering.denoise else None,
+            contrast=1.0,
+            min_signal_share=before_cut,
+        )
+        regenerate = (
+            contrast != 1.0
+            or after.denoise != config.steering.denoise
+            or any(
+                new.factors != old.factors
+                for new, old in zip(snr.classes, old_snr.classes, strict=True)
+            )
+        )
+        if regenerate:
+            print(f"{cell.key}: generating with {change}", flush=True)
+            output = release_samples(runner, release, cell, {})
+            scores = scoring.score(runner, cell, output.samples)
+        else:
+            print(f"{cell.key}: the same factors under both rules, the same samples", flush=True)
+            scores = {metric: float(finished[cell.key][metric]) for metric in metrics}
         row: dict[str, object] = {
             "key": cell.key,
             "method": cell.method,
@@ -130,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "epsilon": f"{cell.epsilon:g}",
             "seed": cell.seed,
             "ranks": json.dumps({c.label: [item.rank for item in c.layers] for c in snr.classes}),
+            "regenerated": int(regenerate),
         }
         for metric in metrics:
             row[f"{metric}_before"] = finished[cell.key][metric]
@@ -153,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("no release cells with a release file in the results folder", file=sys.stderr)
         return 2
-    title = [f"With --denoise and contrast {contrast:g} (the study's rows: neither)", ""]
-    summary = (title if contrast != 1.0 else []) + _summary(rows, metrics)
+    title = [f"With {change}" + (f" and contrast {contrast:g}" if contrast != 1.0 else ""), ""]
+    summary = title + _summary(rows, metrics)
     (args.out / "summary.md").write_text("\n".join(summary) + "\n", encoding="utf-8")
     print("\n".join(summary))
     return 0

@@ -1,4 +1,4 @@
-"""The paired denoising ablation on a tiny study: same releases, rule changed, rows resumable."""
+"""The paired steering-rule ablation on a tiny study: same releases, rule changed, resumable."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.denoise_ablation import main
+from benchmarks.steering_ablation import main
 from fedsynth.simulations.study import StudyRunner, read_results
 from fedsynth.simulations.study_config import load_study_config
 
@@ -62,3 +62,33 @@ def test_ablation_regenerates_each_release_with_the_basis_and_resumes(tmp_path: 
     # A study that already denoises has nothing to compare.
     config_path.write_text(CONFIG + "\n[steering]\ndenoise = true\n")
     assert main([str(config_path), str(results), "--out", str(out)]) == 2
+
+
+def test_ablation_of_the_signal_share_cut_regenerates_only_changed_releases(
+    tmp_path: Path,
+) -> None:
+    config_path = tmp_path / "study.toml"
+    config_path.write_text(CONFIG)
+    results = tmp_path / "results"
+    StudyRunner(load_study_config(config_path), results).run()
+    (study_row,) = [r for r in read_results(results) if r["method"] == "vector-pooled"]
+    # The rows were made with the default cut: asking for it again compares nothing.
+    assert main([str(config_path), str(results), "--out", str(tmp_path / "x"),
+                 "--min-signal-share", "0.5"]) == 2  # fmt: skip
+    for cut, before in (("1", "0.5"), ("0", "1")):
+        out = tmp_path / f"cut-{cut}"
+        args = ["--min-signal-share", cut, "--before-min-signal-share", before]
+        assert main([str(config_path), str(results), "--out", str(out), *args]) == 0
+        with (out / "pairs.csv").open(newline="") as handle:
+            (pair,) = list(csv.DictReader(handle))
+        assert pair["key"] == study_row["key"]
+        assert (
+            f"min_signal_share {float(before):g} -> {float(cut):g}"
+            in (out / "summary.md").read_text()
+        )
+        if pair["regenerated"] == "0":  # the same factors: the study's own scores
+            for metric in ("tstr_accuracy", "label_fidelity"):
+                assert float(pair[f"{metric}_after"]) == pytest.approx(float(study_row[metric]))
+    # A cut of 1 keeps only noiseless layers: this release (ε = 8) changes and is regenerated.
+    with (tmp_path / "cut-1" / "pairs.csv").open(newline="") as handle:
+        assert next(csv.DictReader(handle))["regenerated"] == "1"
