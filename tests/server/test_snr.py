@@ -22,6 +22,7 @@ import torch
 from releases import LAYERS, make_manifest, make_test_release
 from typer.testing import CliRunner
 
+from fedsynth.protocol.accounting import calibrate_vector_release
 from fedsynth.protocol.contribution import (
     DecodedRelease,
     decode_release,
@@ -440,3 +441,45 @@ def test_generate_cli_takes_the_rules_default_and_refuses_a_bad_share(
     assert result.exit_code == 0  # type: ignore[attr-defined]
     steering = json.loads((tmp_path / "ok.jsonl.report.json").read_text())["steering"]
     assert steering["min_signal_share"] == 0.0
+
+
+def test_records_needed_puts_the_expected_factor_exactly_at_the_cut(
+    tmp_path: Path, llama: LoadedModel
+) -> None:
+    """benchmarks/signal_share_records.py: at the records it reports, a vector whose energy is
+    the signal's plus the expected noise energy gets factor² equal to the cut; fewer records
+    fall below it. A noisy release is refused (its vectors are not the signal)."""
+    from benchmarks.signal_share_records import main, records_needed
+
+    release = make_test_release(llama, epsilon=math.inf)
+    manifest = release.manifest
+    hidden = manifest.hidden_size
+    for cut in (0.25, 0.5):
+        _, rows = records_needed(release, mode="central", epsilon=1.0, delta=1e-5, cut=cut)
+        assert len(rows) == len(release.labels) * len(manifest.layers)
+        sd = (
+            math.sqrt(
+                calibrate_vector_release(
+                    mode="central",
+                    epsilon=1.0,
+                    delta=1e-5,
+                    layers=len(manifest.layers),
+                    dim=len(manifest.layers) * hidden + 1,
+                    scale=manifest.scale,
+                    count_weight=manifest.count_weight,
+                ).total_variance
+            )
+            / manifest.scale
+        )
+        for _, layer, energy, records in rows:
+            for n, side in ((records, 0), (0.8 * records, -1)):
+                noise_sd = manifest.clip_norms[manifest.layers.index(layer)] * sd / n
+                factor = shrink_factor(energy + hidden * noise_sd**2, noise_sd=noise_sd, dim=hidden)
+                if side == 0:
+                    assert factor**2 == pytest.approx(cut, rel=1e-9)
+                else:
+                    assert factor**2 < cut
+    path = save_release(release, tmp_path / "inf.safetensors")
+    assert main([str(path), "--epsilon", "1"]) == 0
+    noisy = save_release(make_test_release(llama), tmp_path / "noisy.safetensors")
+    assert main([str(noisy)]) == 2
