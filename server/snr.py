@@ -50,9 +50,9 @@ the share of the direction's energy that is signal, and below one half the unit 
 is more noise than signal. The square-distance argument above treats a step along the noise like
 a step along the signal, but the model does not: measured on the comparison study's releases
 (Gemma 3 270M, Rotten Tomatoes), every release at ε = 1 had factors 0.46–0.72 and its samples
-drifted off the task's domain (MAUVE 0.04–0.15 against the prior's 0.13–0.35), while every release
-at ε = 4 had 0.92–0.97 and kept it. Such a layer gets factor 0, so a release that is mostly noise
-everywhere generates the prior; ``min_signal_share = 0`` restores the plain rule.
+drifted off the task's domain (MAUVE 0.04–0.19 against the prior's 0.13 and 0.35), while every
+release at ε = 4 had 0.92–0.97 and kept it. Such a layer gets factor 0, so a release that is
+mostly noise everywhere generates the prior; ``min_signal_share = 0`` restores the plain rule.
 
 Why per class and layer, not per class: each layer receives its own addition (its own unit
 direction times ``strength * r_l``), the layers carry independent noise of different size
@@ -473,6 +473,9 @@ def steering_lines(report: dict[str, Any]) -> list[str]:
         report: :meth:`SteeringSnr.to_dict` output.
     """
     applied = "applied" if report["applied"] else "not applied: opted out"
+    cut = report.get("min_signal_share", 0.0)
+    if report["applied"] and cut > 0.0:
+        applied += f"; off where the signal share is below {cut:g}"
     lines = [
         f"steering strength {report['strength']:g} x SNR shrink ({applied}), noise variance "
         f"{report['noise_variance_scaled']:.6g} ({report['variance_source']})"

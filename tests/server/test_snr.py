@@ -42,6 +42,7 @@ from fedsynth.server.snr import (
     direction_weights,
     noise_variance_present,
     shrink_factor,
+    steering_lines,
     steering_snr,
 )
 from fedsynth.server.synthesize import (
@@ -416,6 +417,7 @@ def test_a_layer_whose_signal_share_is_below_a_half_is_switched_off(llama: Loade
                     switched_off += factor > 0.0
         report = rule.to_dict(strength=0.5)
         assert report["min_signal_share"] == 0.5 and "below 0.5" in report["rule"]
+        assert "off where the signal share is below 0.5" in steering_lines(report)[0]
         assert "below" not in plain.to_dict(strength=0.5)["rule"]
     assert kept and switched_off  # the sweep reaches both sides of the cut
     for bad in (-0.1, 1.5, math.nan, True, "half"):
