@@ -151,6 +151,13 @@ def demo(
         bool,
         typer.Option(help="Scale the strength by each class vector's signal-to-noise ratio."),
     ] = True,
+    min_signal_share: Annotated[
+        float | None,
+        typer.Option(
+            help="Switch off steering at a layer whose estimated signal share is below this "
+            "(default 0.5; 0: the plain shrink rule)."
+        ),
+    ] = None,
     data_file: Annotated[
         Path | None,
         typer.Option(
@@ -253,6 +260,7 @@ def demo(
             strength=strength,
             contrast=contrast,
             snr_shrink=snr_shrink,
+            min_signal_share=min_signal_share,
             layers=_parse_layers(layers),
             max_text_tokens=max_text_tokens,
             data_path=data_file,

@@ -384,6 +384,12 @@ def test_demo_outputs_carry_the_steering_report(tmp_path: Path, llama: LoadedMod
     privacy = json.loads((tmp_path / "privacy_report.json").read_text())
     assert privacy["steering"]["classes"] == classes
     assert privacy["epsilon"] == 2.0
+    assert privacy["steering"]["min_signal_share"] == 0.5
+    # The demo's cut reaches its report: at 1 only a noiseless layer would keep its strength.
+    strict = demo_config("quick", out_dir=tmp_path, epsilon=2.0, min_signal_share=1.0)
+    summary = write_outputs(strict, samples, scores, {"2": release_path}, {"total": 1.0})
+    assert summary["steering"]["2"]["min_signal_share"] == 1.0
+    assert {c["factor"] for c in summary["steering"]["2"]["classes"].values()} == {0.0}
 
 
 def test_steering_deltas_unchanged_without_shrink(llama: LoadedModel) -> None:
