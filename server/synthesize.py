@@ -106,6 +106,22 @@ def label_deltas(
     return {layer: delta * factors[layer] for layer, delta in deltas.items()}
 
 
+def release_deltas(
+    release: Release,
+    *,
+    strength: float,
+    contrast: float = 1.0,
+    basis: PublicBasis | None = None,
+    min_signal_share: float = DEFAULT_MIN_SIGNAL_SHARE,
+) -> dict[str, dict[int, torch.Tensor]]:
+    """:func:`label_deltas` of every label, from one SNR computation (SNR shrink on)."""
+    snr = steering_snr(release, contrast=contrast, basis=basis, min_signal_share=min_signal_share)
+    return {
+        label: label_deltas(release, label, strength=strength, contrast=contrast, snr=snr)
+        for label in release.labels
+    }
+
+
 def steering_report(
     release: Release,
     *,

@@ -35,7 +35,7 @@ from fedsynth.server.ledger import PrivacyLedger, ledger_path
 from fedsynth.server.pe_coordinator import PEConfig, PEResult, RoundEvent, run_pe
 from fedsynth.server.pe_text import TextRandomAPI, TextVariationAPI, VariationConfig
 from fedsynth.server.secure_round import Transport
-from fedsynth.server.synthesize import SyntheticSample, label_deltas
+from fedsynth.server.synthesize import SyntheticSample, release_deltas
 from fedsynth.simulations.datasets import json_line
 from fedsynth.simulations.demo import (
     CoordinatorOutcome,
@@ -195,17 +195,13 @@ def make_pe_job(
             outcome.epsilon_offset = eps_vec
             release = load_release(outcome.vector_release)
             basis = public_basis_for(vec_config, loaded, reference, release)
-            deltas_by_label = {
-                label: label_deltas(
-                    release,
-                    label,
-                    strength=config.strength,
-                    contrast=config.contrast,
-                    basis=basis,
-                    min_signal_share=vec_config.min_signal_share,
-                )
-                for label in release.labels
-            }
+            deltas_by_label = release_deltas(
+                release,
+                strength=config.strength,
+                contrast=config.contrast,
+                basis=basis,
+                min_signal_share=vec_config.min_signal_share,
+            )
         random_api = TextRandomAPI(loaded, config.template, gen, deltas_by_label=deltas_by_label)
         variation_api = TextVariationAPI(
             loaded, config.template, variation, deltas_by_label=deltas_by_label

@@ -19,7 +19,7 @@ from fedsynth.server.synthesize import (
     SyntheticSample,
     generate_from_release,
     iter_labelled_texts,
-    label_deltas,
+    release_deltas,
 )
 from fedsynth.simulations.demo import (
     DemoConfig,
@@ -201,17 +201,13 @@ def release_samples(
     )
     perf.update(generation_perf(ctx, samples, time.monotonic() - start))
     template = release.manifest.template
-    deltas = {
-        label: label_deltas(
-            release,
-            label,
-            strength=config.strength,
-            contrast=config.contrast,
-            basis=basis,
-            min_signal_share=config.min_signal_share,
-        )
-        for label in release.labels
-    }
+    deltas = release_deltas(
+        release,
+        strength=config.strength,
+        contrast=config.contrast,
+        basis=basis,
+        min_signal_share=config.min_signal_share,
+    )
     generator = Generator({lb: template.prefix(lb) for lb in template.labels}, deltas)
     return CellOutput(samples, perf=perf, generator=generator)
 

@@ -49,6 +49,7 @@ from fedsynth.server.synthesize import (
     generate_from_release,
     iter_release_samples,
     label_deltas,
+    release_deltas,
     steering_report,
 )
 
@@ -491,3 +492,16 @@ def test_records_needed_puts_the_expected_factor_exactly_at_the_cut(
     assert main([str(path), "--epsilon", "1"]) == 0
     noisy = save_release(make_test_release(llama), tmp_path / "noisy.safetensors")
     assert main([str(noisy)]) == 2
+
+
+def test_release_deltas_are_each_labels_deltas_from_one_snr(llama: LoadedModel) -> None:
+    base = make_test_release(llama)
+    release = _release(_with_variance(base.manifest, 3e5), base.vectors, base.counts)
+    for cut in (0.0, 0.5):
+        every = release_deltas(release, strength=0.2, contrast=1.5, min_signal_share=cut)
+        assert set(every) == set(release.labels)
+        for label in release.labels:
+            one = label_deltas(release, label, strength=0.2, contrast=1.5, min_signal_share=cut)
+            assert every[label].keys() == one.keys()
+            for layer in one:
+                assert torch.equal(every[label][layer], one[layer])
