@@ -23,7 +23,7 @@ over the honest holders only: base v/(K − c), components t − c ≤ k < K −
 reveal down to v/(s − c) each, so any s − c of them carry v: a share of v/(t − c) in all.
 
 Removing the excess costs K·(s − t)·d Skellam draws if the coordinator redraws every survivor's
-components from the revealed seeds (about 13 s at K = 100, d = 65,537 on two cores). So the
+components from the revealed seeds (7–13 s at K = 100, d = 65,537 on two cores). So the
 coordinator may instead ask each survivor for the *sum* of its removed components, which the
 survivor draws itself: the coordinator then only subtracts s vectors. The sum tells the
 coordinator less than the seed it replaces (seed_{s-1} gives each component k < s, the sum only
