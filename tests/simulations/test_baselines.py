@@ -11,6 +11,7 @@ import torch
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.simulations.baselines import (
     classic_gaussian_sigma,
+    generate_after_embeddings,
     keep_highest,
     keep_lowest,
     noisy_argmax,
@@ -68,3 +69,27 @@ def test_perturb_embeddings_clips_and_adds_calibrated_noise(kind: str) -> None:
         assert float(noisy.abs().mean()) == pytest.approx(2.0, rel=0.03)
     with pytest.raises(ConfigError):
         perturb_embeddings(x, epsilon=1.0, delta=1e-5, kind="uniform", clip=1.0, generator=gen)
+
+
+def test_embedding_prompts_sampled_in_batches_match_one_at_a_time() -> None:
+    """Left padding changes nothing: with the nucleus cut to the top token, batches of three
+    prompts of different lengths give what one prompt at a time gives, row for row (on the
+    study's model: a random tiny one writes the same tokens whatever its prompt)."""
+    from fedsynth.protocol.models import load_model
+    from fedsynth.server.generation import GenerationConfig
+
+    loaded = load_model("gemma3-270m")
+    parts = [
+        ("Here is a review:", ["a fine film", "dull and long, far too long for anyone"], "Next:"),
+        ("Here is a review:", ["bad"], "Next:"),
+        ("Here is a review:", [], "Next:"),
+        ("Here is a long review of a film:", ["one", "two", "three"], "Next one:"),
+    ]
+    outputs = {}
+    for batch in (1, 3):
+        config = GenerationConfig(max_new_tokens=6, batch_size=batch, top_p=1e-6)
+        outputs[batch] = generate_after_embeddings(
+            loaded, parts, epsilon=8.0, delta=1e-5, kind="gaussian", config=config, seed=4
+        )
+    assert len(outputs[1]) == len(parts) and len(set(outputs[1])) > 1
+    assert outputs[1] == outputs[3]
