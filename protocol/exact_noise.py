@@ -246,16 +246,21 @@ def excess_noise(
     return _sum_components(seeds, schedule, np.zeros(dim, dtype=np.int64))
 
 
+def check_removal(requested: str) -> str:
+    """``requested`` if it names a removal mode (seed, upload or auto); else a ConfigError."""
+    if requested not in (*REMOVAL_MODES, REMOVAL_AUTO):
+        choices = ", ".join((*REMOVAL_MODES, REMOVAL_AUTO))
+        raise ConfigError(f"noise removal {requested!r}: must be one of {choices}")
+    return requested
+
+
 def removal_mode(requested: str, schedule: NoiseSchedule, survivors: int, dim: int) -> str:
     """How survivors hand over their excess: ``seed`` or ``upload``; ``auto`` picks by cost.
 
     ``auto`` asks for uploads when the coordinator would otherwise redraw more than
     :data:`AUTO_UPLOAD_SAMPLES` Skellam values (s survivors × (s − t) components × d).
     """
-    if requested in REMOVAL_MODES:
+    if check_removal(requested) in REMOVAL_MODES:
         return requested
-    if requested != REMOVAL_AUTO:
-        choices = ", ".join((*REMOVAL_MODES, REMOVAL_AUTO))
-        raise ConfigError(f"noise removal {requested!r}: must be one of {choices}")
     draws = survivors * len(schedule.removed(survivors)) * dim
     return REMOVAL_UPLOAD if draws > AUTO_UPLOAD_SAMPLES else REMOVAL_SEED

@@ -28,6 +28,7 @@ from fedsynth.protocol.exact_noise import (
     REMOVAL_AUTO,
     REMOVAL_FIELD,
     REMOVAL_UPLOAD,
+    check_removal,
     removal_mode,
 )
 from fedsynth.protocol.identity import Roster
@@ -134,9 +135,8 @@ def run_secure_sum(
     whichever is cheaper for this round (``auto``; see
     :func:`fedsynth.protocol.exact_noise.removal_mode`).
     """
+    check_removal(noise_removal)  # a bad name fails before any stage
     schedule = noise_schedule(task.privacy, clients=len(task.node_ids))
-    if schedule is not None:
-        removal_mode(noise_removal, schedule, schedule.threshold, task.dim)  # a bad name fails now
     config = task.secagg_config()
     server = SecAggServer(config, roster=roster)
     task_id = task.task_id
