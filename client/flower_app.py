@@ -104,8 +104,8 @@ def settings_from_context(
         data_path=data_path,
         text_field=str(node.get("text-field", "text")),
         label_field=str(node.get("label-field", "label")),
-        model=str(node.get("model", run.get("model", "gemma3-270m"))),
-        embedder=str(node.get("embedder", run.get("embedder", "all-minilm-l6-v2"))),
+        model=_named_by(node, run, "model", deployed="data-path" in node),
+        embedder=_named_by(node, run, "embedder", deployed="data-path" in node),
         policy=local_policy.policy,
         budget_path=budget_path,
         identity=identity,
@@ -113,6 +113,32 @@ def settings_from_context(
     )
     require_budget_store(settings)
     return settings
+
+
+def _named_by(node: Any, run: Any, key: str, *, deployed: bool) -> str:
+    """The model or embedder this node loads: its own config's, else the run's by name only.
+
+    A deployed node (one with its own data-path) takes from the coordinator's run config only
+    a name fedsynth registers (a packaged model or embedder), never a path on this machine or
+    a hub id: which files a holder loads is the holder's choice, as its data file is.
+    """
+    from fedsynth.protocol.embedding import DEFAULT_EMBEDDER, is_registered_embedder
+    from fedsynth.protocol.models import DEFAULT_MODEL, is_registered_model
+
+    if key in node:
+        return str(node[key])
+    default, registered = (
+        (DEFAULT_MODEL, is_registered_model)
+        if key == "model"
+        else (DEFAULT_EMBEDDER, is_registered_embedder)
+    )
+    value = str(run.get(key) or default)
+    if deployed and not registered(value):
+        raise PolicyViolationError(
+            f"run config {key}={value!r}: the coordinator's run config may name only a "
+            f"registered {key}; set {key}= in this node's config to load another"
+        )
+    return value
 
 
 def require_budget_store(settings: ClientSettings) -> None:

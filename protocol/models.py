@@ -300,6 +300,11 @@ _LOADED: dict[tuple[str, str], LoadedModel] = {}
 TINY_MODELS = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}  # shape-only models for tests
 
 
+def is_registered_model(name: str) -> bool:
+    """Whether ``name`` is a model fedsynth knows by name (packaged or tiny), not a path or id."""
+    return name in PACKAGED_MODELS or name in TINY_MODELS
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) -> LoadedModel:
     """Load (once per process) a decoder-only causal LM by packaged name, path or hub id.
 

@@ -161,6 +161,34 @@ def test_a_deployed_node_reads_no_file_the_run_config_names(tmp_path: Path) -> N
     assert refusal_of(make_client_app()(message(ACTION, "setup", {}), context({}, run))) != ""
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("model", "/srv/models/anything"), ("model", "org/hub-model"), ("embedder", "/srv/emb")],
+)
+def test_a_deployed_node_loads_no_model_path_the_run_config_names(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    """A run config may pick a registered model or embedder by name; a path or hub id is the
+    holder's own choice (its node config), as its data file is."""
+    node = {"data-path": "/data/private.jsonl", "budget-path": str(tmp_path / "b.sqlite")}
+    with pytest.raises(PolicyViolationError, match=rf"run config {key}='{value}'"):
+        settings_from_context(context(node, {key: value}))
+    reply = make_client_app()(message(ACTION, "setup", {}), context(node, {key: value}))
+    assert refusal_of(reply) == "policy"
+    # By name from the run, or any value from the node's own config, is taken.
+    named = settings_from_context(
+        context(node, {"model": "smollm2-135m", "embedder": "hashing-64"})
+    )
+    assert (named.model, named.embedder) == ("smollm2-135m", "hashing-64")
+    own = settings_from_context(context({**node, key: value}, {key: "other"}))
+    assert getattr(own, key) == value
+    # A simulated node's run config is its own operator's: paths are taken there.
+    simulated = settings_from_context(
+        context({"partition-id": 0, "num-partitions": 2}, {"data-dir": str(tmp_path), key: value})
+    )
+    assert getattr(simulated, key) == value
+
+
 # ---------------------------------------------------------------------------------------------
 # Non-private only by the holder's own word
 # ---------------------------------------------------------------------------------------------
