@@ -468,7 +468,7 @@ def _parse_sweep(raw: Any, index: int) -> Sweep:
     for k in clients:
         for rate in dropouts:
             survivors = k - round(rate * k)
-            needed = max(2, k // 2 + 1)
+            needed = min_safe_threshold(k)
             if survivors < needed:
                 raise ConfigError(
                     f"{where}: dropout {rate:g} at K={k} leaves {survivors} holders, below the "
@@ -504,13 +504,15 @@ def _parse_table(cls: type[Any], raw: Any, where: str) -> Any:
         else:
             values[key] = _number(value, f"[{where}] {key}")
             if key == "min_signal_share":
-                if not 0 <= values[key] <= 1:
-                    raise ConfigError(f"[{where}] {key} must be in [0, 1], got {value!r}")
-            elif not values[key] > 0:
+                continue  # its range is the setting's own check (SteeringSettings)
+            if not values[key] > 0:
                 raise ConfigError(f"[{where}] {key} must be > 0, got {value!r}")
             if key == "init_fraction" and not values[key] < 1:
                 raise ConfigError(f"[{where}] init_fraction must be < 1, got {value!r}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as err:  # a setting's own check (__post_init__) names the value
+        raise ConfigError(f"[{where}] {err}") from err
 
 
 def parse_study(raw: Mapping[str, Any], *, source: str = "config") -> StudyConfig:

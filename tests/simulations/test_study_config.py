@@ -112,7 +112,7 @@ def test_good_config_expands_to_the_union_of_sweeps(tmp_path: Path) -> None:
         (_raw(steering={"denoise": 1}), r"\[steering\] denoise must be true or false"),
         (
             _raw(steering={"min_signal_share": 2}),
-            r"\[steering\] min_signal_share must be in \[0, 1\], got 2",
+            r"\[steering\] min_signal_share=2.0: must be a number in \[0, 1\]",
         ),
         (
             _raw(data={"colluders": 3}, sweep=[{"methods": ["vector"], "clients": [3]}]),
