@@ -5,10 +5,12 @@ layers × 640 + 1 count) coordinates: d = 5,122) and at the secure-sum benchmark
 
 1. a holder's noise share under exact sharing (a base part plus K − t seeded components,
    :mod:`fedsynth.protocol.exact_noise`) against a plain share of the same variance v/t;
-2. the coordinator's excess removal when all K survive (the largest case) both ways: redrawn
-   from the revealed seeds (K survivors × (K − t) components) and from the sums the survivors
-   upload (decode and subtract K vectors), against the secure sum's own coordinator target
-   (2 s at K = 100, d = 65,537, which ``bench_secagg`` measures without noise); with the
+2. the coordinator's excess removal when all K survive (one whole-round component per
+   survivor) and when one holder dropped (the ladder's costliest case: K − 1 survivors ×
+   (K − 1 − t) components) both ways: redrawn from the revealed seeds and from the sums the
+   survivors upload (decode and subtract their vectors), against the secure sum's own
+   coordinator target (2 s at K = 100, d = 65,537, which ``bench_secagg`` measures without
+   noise); with the
    survivor's side of an upload (drawing and encoding its sum) and its size against the
    masked vector's;
 3. σ/Δ of the distributed release (exact sharing leaves exactly the target variance) against
@@ -86,6 +88,19 @@ def privacy(clients: int, *, epsilon: float = 4.0, sharing: str = NOISE_EXACT) -
 
 
 @dataclass(frozen=True)
+class Removal:
+    """The coordinator's excess removal for one survivor count, both ways, and an upload's cost."""
+
+    survivors: int
+    components: int  # removed per survivor (1 when all survive: the whole-round component)
+    seeds_s: float
+    upload_s: float
+    upload_holder_s: float
+    upload_bytes: int
+    auto: str
+
+
+@dataclass(frozen=True)
 class NoiseCost:
     """Seconds of one holder's share (exact and plain) and of the coordinator's removal."""
 
@@ -94,15 +109,54 @@ class NoiseCost:
     threshold: int
     exact_share_s: float
     plain_share_s: float
-    removal_s: float
-    upload_removal_s: float
-    upload_holder_s: float
-    upload_bytes: int
-    auto: str
+    removals: tuple[Removal, ...]  # all surviving, then one dropped (where t < K - 1)
 
 
 def _best(seconds: list[float]) -> float:
     return min(seconds)
+
+
+def measure_removal(spec: PrivacySpec, clients: int, survivors: int, dim: int) -> Removal:
+    """Remove every survivor's excess from seeds and from uploads; one survivor's upload."""
+    schedule = NoiseSchedule(spec.total_variance, spec.threshold, clients)
+    nodes = list(range(1, survivors + 1))
+    revealed = {
+        node: revealed_seed(secrets.token_bytes(SEED_BYTES), schedule, survivors) for node in nodes
+    }
+    field_sum = np.zeros(dim, dtype=np.uint64)
+    start = time.perf_counter()
+    _, removed = remove_excess_noise(
+        field_sum, revealed, privacy=spec, clients=clients, survivors=nodes, bits=64
+    )
+    seeds_s = time.perf_counter() - start
+    if survivors > spec.threshold and len(removed) != survivors:
+        raise RuntimeError(f"removed the excess of {len(removed)} of {survivors} survivors")
+    # Uploads: one survivor draws and encodes its sum; the coordinator decodes s of that size.
+    start = time.perf_counter()
+    own = excess_noise(secrets.token_bytes(SEED_BYTES), schedule, survivors, dim)
+    payload = ints_to_bytes(own if own is not None else np.zeros(dim, dtype=np.int64))
+    holder_s = time.perf_counter() - start
+    start = time.perf_counter()
+    uploaded = {node: ints_from_bytes(payload, length=dim) for node in nodes}
+    remove_excess_noise(
+        field_sum,
+        {},
+        privacy=spec,
+        clients=clients,
+        survivors=nodes,
+        bits=64,
+        uploaded=uploaded,
+    )
+    upload_s = time.perf_counter() - start
+    return Removal(
+        survivors,
+        len(schedule.removed(survivors)),
+        seeds_s,
+        upload_s,
+        holder_s,
+        len(payload),
+        removal_mode("auto", schedule, survivors, dim),
+    )
 
 
 def measure(clients: int, dim: int, *, repeats: int = 3) -> NoiseCost:
@@ -119,48 +173,14 @@ def measure(clients: int, dim: int, *, repeats: int = 3) -> NoiseCost:
         start = time.perf_counter()
         share_noise(plain, clients=clients, dim=dim, rng=rng, noise_seed=None)
         plain_s.append(time.perf_counter() - start)
-    schedule = NoiseSchedule(spec.total_variance, spec.threshold, clients)
-    survivors = list(range(1, clients + 1))
-    revealed = {
-        node: revealed_seed(secrets.token_bytes(SEED_BYTES), schedule, clients)
-        for node in survivors
-    }
-    field_sum = np.zeros(dim, dtype=np.uint64)
-    start = time.perf_counter()
-    _, removed = remove_excess_noise(
-        field_sum, revealed, privacy=spec, clients=clients, survivors=survivors, bits=64
-    )
-    removal_s = time.perf_counter() - start
-    if clients > spec.threshold and len(removed) != clients:
-        raise RuntimeError(f"removed the excess of {len(removed)} of {clients} survivors")
-    # Uploads: one survivor draws and encodes its sum; the coordinator decodes K of that size.
-    start = time.perf_counter()
-    own = excess_noise(secrets.token_bytes(SEED_BYTES), schedule, clients, dim)
-    payload = ints_to_bytes(own if own is not None else np.zeros(dim, dtype=np.int64))
-    holder_s = time.perf_counter() - start
-    start = time.perf_counter()
-    uploaded = {node: ints_from_bytes(payload, length=dim) for node in survivors}
-    remove_excess_noise(
-        field_sum,
-        {},
-        privacy=spec,
-        clients=clients,
-        survivors=survivors,
-        bits=64,
-        uploaded=uploaded,
-    )
-    upload_s = time.perf_counter() - start
+    counts = [clients] + ([clients - 1] if clients - 1 > spec.threshold else [])
     return NoiseCost(
         clients,
         dim,
         spec.threshold,
         _best(exact_s),
         _best(plain_s),
-        removal_s,
-        upload_s,
-        holder_s,
-        len(payload),
-        removal_mode("auto", schedule, clients, dim),
+        tuple(measure_removal(spec, clients, s, dim) for s in counts),
     )
 
 
@@ -191,33 +211,39 @@ def figures(quick: bool) -> list[Figure]:
                     note=f"{k - cost.threshold} seeded components plus the base part",
                 )
             )
-            out.append(
-                info(
-                    "noise",
-                    f"coordinator excess removal, all survive, from seeds ({where})",
-                    cost.removal_s,
-                    "s",
-                    target="part of the coordinator's round time (bench_secagg: < 2 s)",
-                    note=f"{k} survivors × {k - cost.threshold} components redrawn",
+            for removal in cost.removals:
+                s = removal.survivors
+                survive = "all survive" if s == k else f"{k - s} dropped"
+                out.append(
+                    info(
+                        "noise",
+                        f"coordinator excess removal, {survive}, from seeds ({where})",
+                        removal.seeds_s,
+                        "s",
+                        target="part of the coordinator's round time (bench_secagg: < 2 s)",
+                        note=f"{s} survivors × {removal.components} components redrawn"
+                        + (" (the whole-round one)" if s == k and removal.components == 1 else ""),
+                    )
                 )
-            )
-            out.append(
-                info(
-                    "noise",
-                    f"coordinator excess removal, all survive, from uploads ({where})",
-                    cost.upload_removal_s,
-                    "s",
-                    baseline=cost.removal_s,
-                    target="part of the coordinator's round time (bench_secagg: < 2 s)",
-                    note=f"{k} uploads decoded and subtracted; baseline: from seeds; "
-                    f"'auto' picks {cost.auto} here",
+                out.append(
+                    info(
+                        "noise",
+                        f"coordinator excess removal, {survive}, from uploads ({where})",
+                        removal.upload_s,
+                        "s",
+                        baseline=removal.seeds_s,
+                        target="part of the coordinator's round time (bench_secagg: < 2 s)",
+                        note=f"{s} uploads decoded and subtracted; baseline: from seeds; "
+                        f"'auto' picks {removal.auto} here",
+                    )
                 )
-            )
+            dropped = cost.removals[-1]  # the costliest case to redraw: one dropped
             out.append(
                 info(
                     "noise",
-                    f"survivor's excess upload: draw and encode ({where})",
-                    cost.upload_holder_s,
+                    f"survivor's excess upload: draw and encode ({where}, "
+                    f"{dropped.survivors} survive)",
+                    dropped.upload_holder_s,
                     "s",
                     baseline=cost.exact_share_s,
                     note="baseline: its whole exact share at masked input",
@@ -226,8 +252,8 @@ def figures(quick: bool) -> list[Figure]:
             out.append(
                 info(
                     "noise",
-                    f"survivor's excess upload, bytes ({where})",
-                    cost.upload_bytes,
+                    f"survivor's excess upload, bytes ({where}, {dropped.survivors} survive)",
+                    dropped.upload_bytes,
                     "B",
                     baseline=8 * dim,
                     note="baseline: the masked vector (64-bit field)",

@@ -22,8 +22,21 @@ With c holders that may collude with the coordinator (and add no noise), the sam
 over the honest holders only: base v/(K − c), components t − c ≤ k < K − c, and s survivors
 reveal down to v/(s − c) each, so any s − c of them carry v: a share of v/(t − c) in all.
 
-Removing the excess costs K·(s − t)·d Skellam draws if the coordinator redraws every survivor's
-components from the revealed seeds (7–13 s at K = 100, d = 65,537 on two cores). So the
+**The whole-round component.** Everyone surviving is the common case, and there the ladder
+makes each survivor reveal all K − t components (K·(K − t)·d draws to redraw). So where it fits,
+the ladder's last rung is replaced by one component W of variance v/t − v/K (writing t, K for
+t − c, K − c), removed exactly when all K survive, and the base grows to
+v/K + v/(K − 1) − v/t: all K survive → W is removed, base + rungs t..K − 2 = v/K stays; s < K
+survive → rungs t..s − 1 are removed as before and base + W + rungs s..K − 2 = v/s stays. Either
+way exactly the target, and all-surviving costs one component per survivor. W's seed is
+H(K, seed_{K-1}), beside the chain (seed_{K-1} itself is no component now and never revealed),
+so revealing it says nothing of the rungs, and a rung's seed nothing of W. The base is
+non-negative exactly when 1/K + 1/(K − 1) ≥ 1/t, which every threshold a holder accepts
+satisfies (2t > K + c, so t − c > (K − c)/2); a schedule below that keeps the plain ladder.
+
+Removing the excess costs s·(s − t)·d Skellam draws if the coordinator redraws every survivor's
+components from the revealed seeds when some holders dropped (about 7 s at K = 100, d = 65,537
+on two cores with a few dropped), K·d when all survive (W). So the
 coordinator may instead ask each survivor for the *sum* of its removed components, which the
 survivor draws itself: the coordinator then only subtracts s vectors. The sum tells the
 coordinator less than the seed it replaces (seed_{s-1} gives each component k < s, the sum only
@@ -89,9 +102,34 @@ class NoiseSchedule:
             raise ConfigError(f"colluders={c!r}: must be an int with 0 <= c < t={t}")
 
     @property
+    def whole(self) -> int | None:
+        """Index K − c of the whole-round component W, or None where the plain ladder runs.
+
+        W exists when there is something to remove (K > t) and the base it leaves,
+        v/K + v/(K − 1) − v/t (c subtracted from each), is not negative.
+        """
+        honest, floor = self.clients - self.colluders, self.threshold - self.colluders
+        # 1/K + 1/(K − 1) >= 1/t, in integers (K > t >= 1, so K − 1 >= 1)
+        if honest <= floor or floor * (2 * honest - 1) < honest * (honest - 1):
+            return None
+        return honest
+
+    @property
+    def rungs(self) -> range:
+        """Indices k of the ladder's components, t − c ≤ k < K − c (K − c − 1 with W)."""
+        top = self.clients - self.colluders
+        return range(self.threshold - self.colluders, top - 1 if self.whole else top)
+
+    @property
     def base_variance(self) -> float:
-        """Variance of the part drawn from the OS, never removed: v/(K − c)."""
-        return self.total_variance / (self.clients - self.colluders)
+        """Variance of the part drawn from the OS, never removed.
+
+        v/(K − c) on the plain ladder; v/(K − c) + v/(K − c − 1) − v/(t − c) with W.
+        """
+        v, honest = self.total_variance, self.clients - self.colluders
+        if self.whole is None:
+            return v / honest
+        return max(0.0, v / honest + v / (honest - 1) - v / (self.threshold - self.colluders))
 
     @property
     def share_variance(self) -> float:
@@ -99,16 +137,20 @@ class NoiseSchedule:
         return self.total_variance / (self.threshold - self.colluders)
 
     @property
-    def components(self) -> range:
-        """Indices k of the removable components, t − c ≤ k < K − c."""
-        return range(self.threshold - self.colluders, self.clients - self.colluders)
+    def components(self) -> tuple[int, ...]:
+        """Indices of the removable components: the rungs, then W's (K − c) if there is one."""
+        whole = self.whole
+        return (*self.rungs, *(() if whole is None else (whole,)))
 
     def component_variance(self, k: int) -> float:
-        """Variance of component k: v/k − v/(k+1)."""
-        if k not in self.components:
-            first, last = self.components.start, self.components.stop - 1
-            raise ConfigError(f"component {k}: must be in {first}..{last}")
+        """Variance of component k: v/k − v/(k+1) for a rung, v/(t − c) − v/(K − c) for W."""
         v = self.total_variance
+        if k == self.whole:
+            return v / (self.threshold - self.colluders) - v / k
+        if k not in self.rungs:
+            known = self.components
+            shown = f"{known[0]}..{known[-1]}" if known else "none"
+            raise ConfigError(f"component {k}: must be in {shown}")
         return v / k - v / (k + 1)
 
     def check_survivors(self, survivors: int) -> int:
@@ -123,15 +165,20 @@ class NoiseSchedule:
         return int(survivors)
 
     def removed(self, survivors: int) -> range:
-        """Components every survivor reveals when s inputs are in the sum: t − c .. s − c − 1."""
+        """Components every survivor reveals when s inputs are in the sum.
+
+        W alone when all K do (and W exists), else the rungs t − c .. s − c − 1.
+        """
         honest = self.check_survivors(survivors) - self.colluders
+        if honest == self.whole:
+            return range(honest, honest + 1)
         return range(self.threshold - self.colluders, honest)
 
     def kept_variance(self, survivors: int) -> float:
         """What stays of one survivor's noise after removal: v/(s − c)."""
-        honest = self.check_survivors(survivors) - self.colluders
+        removed = self.removed(survivors)
         return self.base_variance + sum(
-            self.component_variance(k) for k in self.components if k >= honest
+            self.component_variance(k) for k in self.components if k not in removed
         )
 
 
@@ -165,13 +212,25 @@ def _sum_components(
 
 
 def chain_seeds(top: bytes, schedule: NoiseSchedule) -> dict[int, bytes]:
-    """Every component's seed: seed_{K-1} = ``top``, seed_k = H(k, seed_{k+1}) down to t."""
+    """Every component's seed: seed_{K-1} = ``top``, seed_k = H(k, seed_{k+1}) down to t.
+
+    With the whole-round component W, its seed is H(K, ``top``) and ``top`` seeds no component.
+    """
     seed = _check_seed(top, "chain seed")
-    return _walk_down(seed, schedule.components) if schedule.components else {}
+    whole = schedule.whole
+    if whole is None:
+        return _walk_down(seed, schedule.rungs) if schedule.rungs else {}
+    chain = _walk_down(seed, range(schedule.rungs.start, whole))
+    del chain[whole - 1]  # the root: no component of its own
+    chain[whole] = _down(seed, whole)
+    return chain
 
 
 def revealed_seed(top: bytes, schedule: NoiseSchedule, survivors: int) -> bytes | None:
-    """The one seed a survivor reveals for ``survivors`` inputs: seed_{s-1}; None when s = t."""
+    """The one seed a survivor reveals for ``survivors`` inputs; None when s = t.
+
+    W's when all K survive and W exists, else seed_{s-1}.
+    """
     removed = schedule.removed(survivors)
     if not removed:
         return None
@@ -181,10 +240,15 @@ def revealed_seed(top: bytes, schedule: NoiseSchedule, survivors: int) -> bytes 
 def seeds_from_revealed(
     revealed: bytes, schedule: NoiseSchedule, survivors: int
 ) -> dict[int, bytes]:
-    """The coordinator's side: seed_{s-1} gives the seeds of components t..s−1, and no other."""
+    """The coordinator's side: the seeds of the removed components, and no other.
+
+    W's seed alone, or rungs t..s−1 from seed_{s-1}.
+    """
     removed = schedule.removed(survivors)
     if not removed:
         raise ProtocolError(f"survivors={survivors} = t: there is nothing to reveal")
+    if removed[-1] == schedule.whole:
+        return {removed[-1]: _check_seed(revealed, "revealed seed")}
     return _walk_down(_check_seed(revealed, "revealed seed"), removed)
 
 
@@ -213,7 +277,7 @@ def holder_noise(
 def removable_noise(
     revealed: bytes, schedule: NoiseSchedule, survivors: int, dim: int
 ) -> npt.NDArray[np.int64]:
-    """The sum of one survivor's components t..s−1, which the coordinator subtracts."""
+    """The sum of one survivor's removed components, which the coordinator subtracts."""
     seeds = seeds_from_revealed(revealed, schedule, survivors)
     return _sum_components(seeds, schedule, np.zeros(dim, dtype=np.int64))
 
@@ -234,7 +298,7 @@ def aggregate_variance(schedule: NoiseSchedule, survivors: int, revealed: int) -
 def excess_noise(
     top: bytes, schedule: NoiseSchedule, survivors: int, dim: int
 ) -> npt.NDArray[np.int64] | None:
-    """A survivor's own sum of its components t − c .. s − c − 1 (what it uploads when asked).
+    """A survivor's own sum of its removed components (what it uploads when asked).
 
     The same vector the coordinator would redraw from :func:`revealed_seed`; None when s = t
     (nothing to remove).
@@ -258,7 +322,8 @@ def removal_mode(requested: str, schedule: NoiseSchedule, survivors: int, dim: i
     """How survivors hand over their excess: ``seed`` or ``upload``; ``auto`` picks by cost.
 
     ``auto`` asks for uploads when the coordinator would otherwise redraw more than
-    :data:`AUTO_UPLOAD_SAMPLES` Skellam values (s survivors × (s − t) components × d).
+    :data:`AUTO_UPLOAD_SAMPLES` Skellam values (s survivors × their removed components × d:
+    one component each when all K survive and W exists, s − t otherwise).
     """
     if check_removal(requested) in REMOVAL_MODES:
         return requested

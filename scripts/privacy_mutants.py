@@ -266,6 +266,22 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
     ),
     Mutant(
+        name="whole-removed-despite-a-dropout",
+        summary="exact sharing removes the whole-round component when one holder dropped",
+        patches=(
+            Patch(
+                "protocol/exact_noise.py",
+                "        if honest == self.whole:\n            return range(honest, honest + 1)\n",
+                "        if self.whole and honest >= self.whole - 1:\n"
+                "            return range(self.whole, self.whole + 1)\n",
+            ),
+        ),
+        tests=(
+            f"{EXACT_NOISE}::test_every_survivor_count_keeps_exactly_the_target",
+            f"{EXACT_NOISE}::test_round_noise_after_removal_has_the_target_variance",
+        ),
+    ),
+    Mutant(
         name="excess-revealed-for-all-k",
         summary="a holder reveals its excess noise for all K, not for the survivor set it signed",
         patches=(

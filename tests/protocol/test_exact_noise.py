@@ -35,7 +35,10 @@ def _majority(k: int) -> int:
 def test_every_survivor_count_keeps_exactly_the_target(k: int) -> None:
     t = _majority(k)
     schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k)
-    assert schedule.base_variance == pytest.approx(V / k)
+    whole = schedule.whole
+    assert whole == (k if k > t else None)  # W wherever there is something to remove
+    base = V / k + V / (k - 1) - V / t if whole else V / k
+    assert schedule.base_variance == pytest.approx(base)
     assert schedule.base_variance + sum(
         schedule.component_variance(j) for j in schedule.components
     ) == pytest.approx(V / t)
@@ -44,10 +47,33 @@ def test_every_survivor_count_keeps_exactly_the_target(k: int) -> None:
         assert schedule.kept_variance(s) == pytest.approx(V / s, rel=1e-12)
         assert s * schedule.kept_variance(s) == pytest.approx(V, rel=1e-12)
         assert aggregate_variance(schedule, s, s) == pytest.approx(V, rel=1e-12)
-        assert list(schedule.removed(s)) == list(range(t, s))
+        # All surviving: W alone; otherwise the rungs t..s-1.
+        assert list(schedule.removed(s)) == ([k] if s == k and whole else list(range(t, s)))
         # The plain share scheme's excess, which this removes: s / t times the target.
         assert aggregate_variance(schedule, s, 0) == pytest.approx(s * V / t)
     assert all(schedule.component_variance(j) > 0 for j in schedule.components)
+    assert schedule.base_variance >= 0
+
+
+@pytest.mark.parametrize("k", [3, 4, 5, 7, 10, 20, 51, 100, 101])
+def test_every_threshold_a_holder_accepts_has_the_whole_round_component(k: int) -> None:
+    """W needs 1/K + 1/(K − 1) >= 1/t (c subtracted), which 2t > K + c gives: so for every
+    safe threshold below K, all surviving costs one component per survivor."""
+    from fedsynth.protocol.secagg import min_safe_threshold
+
+    for c in range(k):
+        t = min_safe_threshold(k, c)
+        if not c < t < k:
+            continue
+        for threshold in range(t, k):
+            schedule = NoiseSchedule(total_variance=V, threshold=threshold, clients=k, colluders=c)
+            assert schedule.whole == k - c
+            assert list(schedule.removed(k)) == [k - c]
+            assert schedule.base_variance > 0
+    # Below half, the base W would leave is negative: the plain ladder runs.
+    low = NoiseSchedule(total_variance=V, threshold=2, clients=5)
+    assert low.whole is None and list(low.components) == [2, 3, 4]
+    assert list(low.removed(5)) == [2, 3, 4] and low.base_variance == pytest.approx(V / 5)
 
 
 def test_a_survivor_that_does_not_reveal_keeps_its_whole_share() -> None:
@@ -61,15 +87,17 @@ def test_the_revealed_seed_regenerates_exactly_the_removed_components() -> None:
     schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k)
     top = os.urandom(SEED_BYTES)
     seeds = chain_seeds(top, schedule)
-    assert sorted(seeds) == list(range(t, k)) and seeds[k - 1] == top
+    # Rungs t..K-2 and W (index K); the root seed_{K-1} = top seeds nothing and never leaves.
+    assert sorted(seeds) == [*range(t, k - 1), k] and top not in seeds.values()
     assert len(set(seeds.values())) == k - t
     for s in range(t + 1, k + 1):
         revealed = revealed_seed(top, schedule, s)
-        assert revealed == seeds[s - 1]
+        removed = [k] if s == k else list(range(t, s))
+        assert revealed == seeds[removed[-1]]
         derived = seeds_from_revealed(revealed, schedule, s)
-        # Exactly the removable seeds: none of the components that must stay (k >= s).
-        assert derived == {j: seeds[j] for j in range(t, s)}
-        expected = sum(component_noise(seeds[j], j, schedule, dim) for j in range(t, s))
+        # Exactly the removable seeds: none of the components that must stay.
+        assert derived == {j: seeds[j] for j in removed}
+        expected = sum(component_noise(seeds[j], j, schedule, dim) for j in removed)
         np.testing.assert_array_equal(removable_noise(revealed, schedule, s, dim), expected)
     assert revealed_seed(top, schedule, t) is None
 
@@ -80,21 +108,21 @@ def test_holder_noise_minus_the_removed_components_is_the_kept_part() -> None:
     top = os.urandom(SEED_BYTES)
     seed = 1234
     noise = holder_noise(schedule, dim, rng=np.random.default_rng(seed), top=top)
-    base = holder_noise(
-        NoiseSchedule(total_variance=V * t / k, threshold=t, clients=t),
-        dim,
-        rng=np.random.default_rng(seed),
-        top=top,
-    )  # no components: the same OS draw of variance v/K, alone
+    # The same OS draw alone: a schedule with no components and the same base variance.
+    alone = NoiseSchedule(total_variance=schedule.base_variance * t, threshold=t, clients=t)
+    base = holder_noise(alone, dim, rng=np.random.default_rng(seed), top=top)
     seeds = chain_seeds(top, schedule)
-    kept = base + sum(component_noise(seeds[j], j, schedule, dim) for j in range(5, k))
-    np.testing.assert_array_equal(
-        noise - removable_noise(revealed_seed(top, schedule, 5) or b"", schedule, 5, dim), kept
-    )
+    assert sorted(seeds) == [4, 6]  # rung 4 and W
+    for s, kept in ((5, [6]), (6, [4])):  # one dropped: W stays; all surviving: rung 4 stays
+        want = base + sum(component_noise(seeds[j], j, schedule, dim) for j in kept)
+        revealed = revealed_seed(top, schedule, s) or b""
+        np.testing.assert_array_equal(
+            noise - removable_noise(revealed, schedule, s, dim), want, err_msg=f"s={s}"
+        )
 
 
 @pytest.mark.parametrize(
-    ("k", "survivors"), [(3, 2), (3, 3), (10, 6), (10, 10), (20, 11), (20, 20)]
+    ("k", "survivors"), [(3, 2), (3, 3), (10, 6), (10, 9), (10, 10), (20, 11), (20, 20)]
 )
 def test_round_noise_after_removal_has_the_target_variance(k: int, survivors: int) -> None:
     """The sum of ``survivors`` holders' noise, less what they reveal: variance v (and the
@@ -148,8 +176,8 @@ def test_bad_input_is_refused() -> None:
         seeds_from_revealed(top[:-1], schedule, 4)
     with pytest.raises(ProtocolError, match="32 bytes"):
         chain_seeds(b"", schedule)
-    with pytest.raises(ConfigError, match="component 5"):
-        schedule.component_variance(5)
+    with pytest.raises(ConfigError, match="component 4"):
+        schedule.component_variance(4)  # rungs 3 and W (5): seed_4 is the root, no component
     with pytest.raises(ProtocolError, match="revealed"):
         aggregate_variance(schedule, 4, 5)
 
@@ -207,6 +235,15 @@ def test_chain_and_component_derivation_match_their_specification() -> None:
         rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "big")))
         want = skellam_noise((64,), variance=schedule.component_variance(k), rng=rng)
         assert np.array_equal(component_noise(seed, k, schedule, 64), want)
+    # With the whole-round component (t = 3 of K = 5): rung 3's seed hashes down from the root
+    # seed_4 = top, and W's seed is SHA-256(chain domain ‖ K (4 bytes) ‖ top).
+    with_whole = NoiseSchedule(total_variance=90.0, threshold=3, clients=5)
+    chain = b"fedsynth/exact-noise/chain/v1"
+    assert chain_seeds(top, with_whole) == {
+        3: hashlib.sha256(chain + (3).to_bytes(4, "big") + top).digest(),
+        5: hashlib.sha256(chain + (5).to_bytes(4, "big") + top).digest(),
+    }
+    assert with_whole.component_variance(5) == pytest.approx(90.0 / 3 - 90.0 / 5)
 
 
 def test_refusals_name_what_was_wrong() -> None:
@@ -217,8 +254,8 @@ def test_refusals_name_what_was_wrong() -> None:
         seeds_from_revealed(b"short", schedule, 3)
     with pytest.raises(ProtocolError, match=r"^seed: must be 32 bytes"):
         component_noise(b"short", 2, schedule, 4)
-    with pytest.raises(ConfigError, match=r"^component 4: must be in 2\.\.3$"):
-        schedule.component_variance(4)
+    with pytest.raises(ConfigError, match=r"^component 3: must be in 2\.\.4$"):
+        schedule.component_variance(3)
     with pytest.raises(ConfigError, match=r"^threshold=2\.0: must be an integer"):
         NoiseSchedule(total_variance=6.0, threshold=2.0, clients=4)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^clients='4': must be an integer"):
@@ -243,11 +280,13 @@ def test_with_colluders_any_honest_survivors_alone_keep_the_target(k: int, t: in
     v/(s − c) per survivor, so the s − c honest ones alone carry v; shares are v/(t − c)."""
     schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k, colluders=c)
     assert schedule.share_variance == pytest.approx(V / (t - c))
-    assert schedule.base_variance == pytest.approx(V / (k - c))
-    assert list(schedule.components) == list(range(t - c, k - c))
+    honest = k - c
+    assert schedule.base_variance == pytest.approx(V / honest + V / (honest - 1) - V / (t - c))
+    assert list(schedule.components) == [*range(t - c, honest - 1), honest]
     for s in range(t, k + 1):
         assert (s - c) * schedule.kept_variance(s) == pytest.approx(V, rel=1e-12)
-        assert list(schedule.removed(s)) == list(range(t - c, s - c))
+        want = [honest] if s == k else list(range(t - c, s - c))
+        assert list(schedule.removed(s)) == want
 
 
 @pytest.mark.parametrize(("k", "t", "c", "survivors"), [(10, 7, 2, 10), (10, 7, 2, 7)])
@@ -304,10 +343,14 @@ def test_removal_mode_asks_for_uploads_only_where_redrawing_is_costly() -> None:
     schedule = NoiseSchedule(total_variance=V, threshold=51, clients=100)
     assert removal_mode("seed", schedule, 100, 65_537) == "seed"
     assert removal_mode("upload", schedule, 52, 8) == "upload"
-    # auto: s survivors x (s - t) components x d draws against the limit.
-    just_below = AUTO_UPLOAD_SAMPLES // (100 * 49)
-    assert removal_mode("auto", schedule, 100, just_below) == "seed"
-    assert removal_mode("auto", schedule, 100, just_below + 1) == "upload"
+    # auto: s survivors x their removed components x d draws against the limit: one
+    # component each when all survive (W), s - t with dropouts.
+    for s, components in ((100, 1), (99, 48), (60, 9)):
+        just_below = AUTO_UPLOAD_SAMPLES // (s * components)
+        assert removal_mode("auto", schedule, s, just_below) == "seed"
+        assert removal_mode("auto", schedule, s, just_below + 1) == "upload"
+    assert removal_mode("auto", schedule, 100, 65_537) == "seed"  # K = 100, all surviving
+    assert removal_mode("auto", schedule, 99, 65_537) == "upload"
     assert removal_mode("auto", schedule, 51, 10**9) == "seed"  # s = t: nothing to redraw
     with pytest.raises(ConfigError, match="noise removal 'both': must be one of seed, upload"):
         removal_mode("both", schedule, 100, 8)
