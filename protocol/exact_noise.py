@@ -148,9 +148,8 @@ class NoiseSchedule:
         if k == self.whole:
             return v / (self.threshold - self.colluders) - v / k
         if k not in self.rungs:
-            known = self.components
-            shown = f"{known[0]}..{known[-1]}" if known else "none"
-            raise ConfigError(f"component {k}: must be in {shown}")
+            shown = ", ".join(str(j) for j in self.components) or "none"
+            raise ConfigError(f"component {k}: must be one of {shown}")
         return v / k - v / (k + 1)
 
     def check_survivors(self, survivors: int) -> int:

@@ -254,7 +254,7 @@ def test_refusals_name_what_was_wrong() -> None:
         seeds_from_revealed(b"short", schedule, 3)
     with pytest.raises(ProtocolError, match=r"^seed: must be 32 bytes"):
         component_noise(b"short", 2, schedule, 4)
-    with pytest.raises(ConfigError, match=r"^component 3: must be in 2\.\.4$"):
+    with pytest.raises(ConfigError, match=r"^component 3: must be one of 2, 4$"):
         schedule.component_variance(3)
     with pytest.raises(ConfigError, match=r"^threshold=2\.0: must be an integer"):
         NoiseSchedule(total_variance=6.0, threshold=2.0, clients=4)  # type: ignore[arg-type]
