@@ -32,6 +32,7 @@ import numpy as np
 
 from fedsynth.protocol.codec import field_sum
 from fedsynth.protocol.contribution import (
+    DecodedRelease,
     decode_release,
     encode_contribution,
     integer_class_sums,
@@ -220,22 +221,18 @@ def canary_features(manifest: TaskManifest, reference: np.ndarray, label_index: 
     return record.astype(np.float32)
 
 
-def released_unit_rows(
+def simulate_release(
     holders: Sequence[tuple[np.ndarray, Sequence[str]]],
     *,
     manifest: TaskManifest,
     reference: np.ndarray,
     rng: np.random.Generator,
-) -> np.ndarray:
-    """Run the release once; return each class's released sum in the unit domain.
+) -> DecodedRelease:
+    """Run the release once, every holder a survivor, and decode it as the coordinator does.
 
     Every holder computes integer sums and adds its noise share; the field sum of all holders
-    (every one a survivor) is decoded (with central noise in central mode) exactly as the
-    coordinator does. The decoded mean vectors are multiplied back by their noisy counts.
-
-    Returns:
-        (C, L*H + 1) float64: per class, the unit-clipped layer sums and the count coordinate
-        (γ times the noisy count), as the records entered it.
+    is stripped of the survivors' excess noise (exact sharing) and decoded (with central noise
+    in central mode).
     """
     fields = []
     k = len(manifest.node_ids)
@@ -250,7 +247,6 @@ def released_unit_rows(
         shown = revealed_seed(seed, schedule, len(holders)) if schedule and seed else None
         if shown is not None:
             revealed[i] = shown
-    # Exact sharing: every holder survives and reveals its excess, as in a round.
     total, _ = remove_excess_noise(
         field_sum(fields, bits=manifest.bits),
         revealed,
@@ -259,13 +255,31 @@ def released_unit_rows(
         survivors=list(range(len(holders))),
         bits=manifest.bits,
     )
-    decoded = decode_release(
+    return decode_release(
         total,
         manifest=manifest,
         survivors=len(holders),
         rng=rng,
         min_count=1e-9,
     )
+
+
+def released_unit_rows(
+    holders: Sequence[tuple[np.ndarray, Sequence[str]]],
+    *,
+    manifest: TaskManifest,
+    reference: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Run the release once; return each class's released sum in the unit domain.
+
+    The decoded mean vectors of :func:`simulate_release` multiplied back by their noisy counts.
+
+    Returns:
+        (C, L*H + 1) float64: per class, the unit-clipped layer sums and the count coordinate
+        (γ times the noisy count), as the records entered it.
+    """
+    decoded = simulate_release(holders, manifest=manifest, reference=reference, rng=rng)
     clip = np.asarray(manifest.clip_norms, dtype=np.float64)[None, :, None]
     counts = decoded.counts.astype(np.float64)
     unit_sums = decoded.vectors.astype(np.float64) / clip * counts[:, None, None]  # (C, L, H)

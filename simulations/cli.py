@@ -527,8 +527,17 @@ def simulate(
         bool,
         typer.Option(
             "--rerun-changed",
-            help="Drop and rerun the rows whose method section ([pe], [dp_training], "
-            "[baselines]) changed since they ran.",
+            help="Drop and rerun the rows whose method section (\\[pe], \\[dp_training], "
+            "\\[baselines]) changed since they ran.",
+        ),
+    ] = False,
+    check_noise: Annotated[
+        bool,
+        typer.Option(
+            "--check-noise",
+            help="Measure the noise actually in the kept releases of the finished cells "
+            "against the noise their reports state (loads the model); a cell that fails is "
+            "marked invalid and runs again next time. Runs no cell.",
         ),
     ] = False,
 ) -> None:
@@ -542,7 +551,7 @@ def simulate(
     import dataclasses
 
     from fedsynth.protocol.errors import ConfigError
-    from fedsynth.simulations.study import StudyRunner, open_results_folder
+    from fedsynth.simulations.study import INVALID, StudyRunner, open_results_folder
     from fedsynth.simulations.study_config import load_study_config
 
     with _errors_at_the_edge():
@@ -572,8 +581,23 @@ def simulate(
             if not (folder / "results.csv").exists():
                 raise ConfigError(f"{folder} holds no results.csv: nothing to report")
             rows = StudyRunner(config, folder).report()
+            n_invalid = len([r for r in rows if r["status"].startswith(INVALID)])
             console.print(
-                f"{len(rows)} of {len(cells)} cells finished; report: {folder / 'report.md'}"
+                f"{len(rows) - n_invalid} of {len(cells)} cells finished"
+                + (f" ({n_invalid} more failed the noise check, left out)" if n_invalid else "")
+                + f"; report: {folder / 'report.md'}"
+            )
+            return
+        if check_noise:
+            if not (folder / "results.csv").exists():
+                raise ConfigError(f"{folder} holds no results.csv: nothing to check")
+            runner = StudyRunner(config, folder, progress=lambda m: console.print(m))
+            invalid = runner.check_stored_noise()
+            runner.report()
+            console.print(
+                f"{len(invalid)} cells failed the noise check"
+                + (f" (marked invalid, they run again): {', '.join(invalid)}" if invalid else "")
+                + f"; {folder / 'noise.csv'}, report: {folder / 'report.md'}"
             )
             return
         finished = open_results_folder(config, folder, rerun_changed=rerun_changed)

@@ -33,6 +33,7 @@ from fedsynth.simulations import scoring
 from fedsynth.simulations.datasets import json_line
 from fedsynth.simulations.demo import DemoConfig, task_config
 from fedsynth.simulations.methods import CellOutput, SeedState, runner_for
+from fedsynth.simulations.noise_check import NoiseCheck
 from fedsynth.simulations.partitions import partition_stats
 from fedsynth.simulations.scoring import CANARY_TEXT
 from fedsynth.simulations.splits import holder_partitions, split_records
@@ -74,6 +75,11 @@ AUDIT_COLUMNS = (
     "false_negative_rate",
     "attainable_bound",
 )
+
+NOISE_COLUMNS = ("key", "release", "ratio", "low", "high", "coordinates", "verdict")
+# Status prefix of a cell whose release failed the realized-noise check: its row is kept (and
+# shown in the report) but the cell counts as unfinished, so the next run measures it again.
+INVALID = "invalid"
 
 Progress = Callable[[str], None]
 
@@ -138,7 +144,11 @@ def open_results_folder(
                 "(nothing was changed); use a new results folder"
             )
         meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return {row["key"] for row in read_results(out_dir) if row["status"] != ""}
+    return {
+        row["key"]
+        for row in read_results(out_dir)
+        if row["status"] != "" and not row["status"].startswith(INVALID)
+    }
 
 
 def _other_settings(out_dir: Path) -> ConfigError:
@@ -208,8 +218,17 @@ def _rewrite_results(path: Path, rows: Sequence[Mapping[str, str]]) -> None:
 
 
 def append_result(out_dir: Path, row: Mapping[str, Any]) -> None:
-    """Append one row and flush it to disk (a crash after this keeps the cell)."""
+    """Append one row and flush it to disk (a crash after this keeps the cell).
+
+    A row of the same key (an invalid run of the cell, now run again) is replaced in place.
+    """
     path = out_dir / "results.csv"
+    if path.exists():
+        rows = read_results(out_dir)
+        if any(r["key"] == row["key"] for r in rows):
+            text = {c: _cell_text(row.get(c)) for c in RESULT_COLUMNS}
+            _rewrite_results(path, [text if r["key"] == row["key"] else r for r in rows])
+            return
     new = not path.exists()
     with path.open("a", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
@@ -535,6 +554,8 @@ class StudyRunner:
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         """Produce one cell's samples by its method, then score them."""
         start = time.monotonic()
+        for stale in self.cell_dir(cell).glob("release-*.safetensors"):  # an earlier run's
+            stale.unlink()
         try:
             output = runner_for(cell.method)(self, cell)
         except FedSynthError as exc:  # a refusal (ε too small for PE, ...) is a result too
@@ -542,8 +563,11 @@ class StudyRunner:
             output = CellOutput(samples=[], status=f"refused: {exc}")
         row: dict[str, Any] = {"key": cell.key, **dataclasses.asdict(cell)}
         row["status"] = output.status
+        failed = self.record_noise_checks(cell)
+        if failed:
+            row["status"] = failed
         row["n_synthetic"] = len(output.samples)
-        if output.samples:
+        if output.samples and not failed:
             row.update(scoring.score(self, cell, output.samples, members=output.members))
             if "canary" in self.config.metrics and output.generator is not None:
                 row["canary_exposure"] = scoring.canary_exposure(self, cell, output.generator)
@@ -560,6 +584,111 @@ class StudyRunner:
             )
         self._write_samples(cell, output.samples)
         return row
+
+    def noise_checks(self, cell: Cell) -> list[tuple[str, NoiseCheck]]:
+        """The realized-noise check of every release the cell kept (:mod:`.noise_check`).
+
+        Needs every record in the release: made for cells where every holder survives (the
+        pooled records of the seed are then exactly the release's), skipped for dropout cells
+        and for releases without noise.
+        """
+        from fedsynth.server.release import load_release
+        from fedsynth.simulations.noise_check import realized_noise
+
+        if cell.dropped_clients:
+            return []
+        checks = []
+        for path in sorted(self.cell_dir(cell).glob("release-*.safetensors")):
+            release = load_release(path)
+            if not release.manifest.privacy.total_variance:
+                continue
+            reference = self.reference_of(cell, release.manifest.reference_sha256)
+            if reference is None:
+                log.warning(
+                    "cell %s: %s: public reference not found, noise not checked",
+                    cell.key,
+                    path.name,
+                )
+                continue
+            state = self.seed_state(cell.seed)
+            check = realized_noise(
+                release,
+                self.pooled_features(state, release.manifest),
+                [r.label for r in state.pooled],
+                reference=reference,
+            )
+            if check is not None:
+                checks.append((path.name, check))
+        return checks
+
+    def reference_of(self, cell: Cell, sha256: str) -> np.ndarray | None:
+        """The public reference a release of ``cell`` was made with, found by its hash.
+
+        The study's own, or the one a cell computes for itself (pe-steered's vector half
+        uses the cell's seed); None where neither matches.
+        """
+        from fedsynth.protocol.manifest import array_sha256
+
+        if array_sha256(self.reference.means) == sha256:
+            return self.reference.means
+        own = compute_public_reference(self.loaded, task_config(self.demo_config(cell), 1.0))
+        return own.means if array_sha256(own.means) == sha256 else None
+
+    def record_noise_checks(self, cell: Cell) -> str:
+        """Check the cell's releases, append them to noise.csv; the invalid status, or ""."""
+        checks = self.noise_checks(cell)
+        path = self.out_dir / "noise.csv"
+        new = not path.exists()
+        with path.open("a", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(NOISE_COLUMNS)
+            for name, check in checks:
+                writer.writerow(
+                    [
+                        cell.key,
+                        name,
+                        f"{check.ratio:.6g}",
+                        f"{check.low:.6g}",
+                        f"{check.high:.6g}",
+                        check.coordinates,
+                        check.verdict,
+                    ]
+                )
+        failed = [f"{name}: {check.describe()}" for name, check in checks if not check.ok]
+        for line in failed:
+            log.warning("cell %s: %s", cell.key, line)
+        return f"{INVALID}: " + "; ".join(failed) if failed else ""
+
+    def check_stored_noise(self) -> list[str]:
+        """Check the kept releases of the finished cells not yet in noise.csv.
+
+        A cell whose release fails gets the invalid status (its row stays, the next run
+        measures the cell again). Returns the keys of those cells.
+        """
+        open_results_folder(self.config, self.out_dir)
+        rows = read_results(self.out_dir)
+        done = set()
+        path = self.out_dir / "noise.csv"
+        if path.exists():
+            with path.open(newline="", encoding="utf-8") as handle:
+                done = {r["key"] for r in csv.DictReader(handle)}
+        cells = {c.key: c for c in self.config.cells()}
+        invalid = []
+        for row in rows:
+            cell = cells.get(row["key"])
+            if cell is None or row["key"] in done or row["status"] != "ok":
+                continue
+            if not any(self.cell_dir(cell).glob("release-*.safetensors")):
+                continue
+            self.progress(f"noise check: {cell.key}")
+            status = self.record_noise_checks(cell)
+            if status:
+                row["status"] = status
+                invalid.append(cell.key)
+        if invalid:
+            _rewrite_results(self.out_dir / "results.csv", rows)
+        return invalid
 
     def _write_samples(self, cell: Cell, samples: Sequence[SyntheticSample]) -> None:
         folder = self.cell_dir(cell)

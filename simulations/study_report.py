@@ -556,6 +556,8 @@ def write_report(runner: StudyRunner, rows: Sequence[Mapping[str, str]]) -> Path
     """Write report.md (and the plots) for the study's current results."""
     config = runner.config
     out_dir = runner.out_dir
+    invalid = [r for r in rows if r["status"].startswith("invalid")]
+    rows = [r for r in rows if not r["status"].startswith("invalid")]
     groups = aggregate(rows)
     plots = write_plots(groups, out_dir, config.plot_metric)
     used = {r["method"] for r in rows}
@@ -593,6 +595,9 @@ def write_report(runner: StudyRunner, rows: Sequence[Mapping[str, str]]) -> Path
     audit = out_dir / "audit.csv"
     if audit.exists():
         parts += ["## Empirical privacy audit", "", _audit_table(audit), ""]
+    noise = out_dir / "noise.csv"
+    if noise.exists() or invalid:
+        parts += ["## Realized noise", "", noise_section(noise, invalid), ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
@@ -626,4 +631,39 @@ def _audit_table(path: Path) -> str:
             f"{shown} | {refute} | {r['runs']} | {float(r['false_positive_rate']):.3f} | "
             f"{float(r['false_negative_rate']):.3f} |"
         )
+    return "\n".join(lines)
+
+
+def noise_section(path: Path, invalid: Sequence[Mapping[str, str]]) -> str:
+    """The realized-noise checks (:mod:`fedsynth.simulations.noise_check`) in a few lines."""
+    import csv
+
+    checks: list[dict[str, str]] = []
+    if path.exists():
+        with path.open(newline="", encoding="utf-8") as handle:
+            checks = list(csv.DictReader(handle))
+    latest = {(c["key"], c["release"]): c for c in checks}  # a rerun's check replaces the old
+    passed = [c for c in latest.values() if c["verdict"] == "ok"]
+    lines = [
+        "Each noisy release of a cell without dropouts, measured against the records it was "
+        "computed from: the mean square of (released sum − noise-free sum) over the stated "
+        "per-coordinate variance, which must lie in the chi-square band of the stated noise. "
+        "Less noise than stated would break the guarantee; more makes the release's own "
+        "signal-to-noise figures (and the steering strength chosen from them) wrong.",
+        "",
+    ]
+    if passed:
+        ratios = [float(c["ratio"]) for c in passed]
+        lines.append(
+            f"{len(passed)} of {len(latest)} releases within their band (ratios "
+            f"{min(ratios):.3f}–{max(ratios):.3f})."
+        )
+    if invalid:
+        lines += [
+            "",
+            f"{len(invalid)} cells failed and are left out of every table above; the next run "
+            "measures them again:",
+            "",
+            *(f"* `{r['key']}`: {r['status'][len('invalid: ') :]}" for r in invalid),
+        ]
     return "\n".join(lines)

@@ -48,3 +48,10 @@ def test_commands_answer_dash_h(command: str) -> None:
     result = runner.invoke(app, [command, "-h"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+def test_help_keeps_bracketed_section_names() -> None:
+    """Rich markup must not swallow ``[pe]``-style names in option help (it printed "(, , )")."""
+    result = runner.invoke(app, ["simulate", "-h"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "[pe], [dp_training], [baselines]" in result.output

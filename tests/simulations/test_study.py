@@ -141,6 +141,79 @@ def test_one_row_per_cell_with_metrics_and_performance(study: tuple[Path, Path])
         assert len(lines) == int(row["n_synthetic"]) > 0
 
 
+def test_every_noisy_release_carries_its_stated_noise(study: tuple[Path, Path]) -> None:
+    _, out = study
+    rows = _rows(out)
+    with (out / "noise.csv").open(newline="") as handle:
+        checks = list(csv.DictReader(handle))
+    checked = {c["key"] for c in checks}
+    # Every noisy release whose records are all known: the vector cells without dropout, the
+    # pooled release and pe-steered's vector half; never a dropout cell or ε = ∞.
+    expected = {
+        r["key"]
+        for r in rows
+        if r["method"] in ("vector", "vector-pooled", "pe-steered")
+        and r["epsilon"] != "inf"
+        and r["dropout"] == "0"
+    }
+    assert checked == expected
+    for check in checks:
+        assert check["verdict"] == "ok", check
+        assert float(check["low"]) <= float(check["ratio"]) <= float(check["high"])
+
+
+def test_a_release_with_extra_noise_is_marked_invalid_and_run_again(
+    study: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Code that adds noise its release does not state (holders and coordinator out of step)."""
+    import dataclasses
+    import shutil
+
+    from fedsynth.server.release import save_release
+    from fedsynth.server.snr import coordinate_noise_sd
+
+    config_path, original = study
+    out = tmp_path / "out"
+    shutil.copytree(original, out)
+    key = "vector|distributed|eps=8|K=3|label-skew:0.5|drop=0|seed=0"
+    (path,) = (out / "cells" / _slug(key)).glob("release-*.safetensors")
+    release = load_release(path)
+    sd = coordinate_noise_sd(release)  # (C, L): the stated noise per coordinate
+    extra = np.random.default_rng(0).normal(size=release.vectors.shape) * sd[:, :, None]
+    save_release(dataclasses.replace(release, vectors=release.vectors + extra), path)
+    with (out / "noise.csv").open(newline="") as handle:
+        kept = [r for r in csv.DictReader(handle) if r["key"] != key]
+    with (out / "noise.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(kept[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+
+    runner = StudyRunner(load_study_config(config_path), out)
+    assert runner.check_stored_noise() == [key]
+    (row,) = [r for r in _rows(out) if r["key"] == key]
+    assert row["status"].startswith("invalid: ")
+    assert "more noise than stated" in row["status"]
+    runner.report()
+    report = (out / "report.md").read_text()
+    assert "## Realized noise" in report
+    assert "1 cells failed and are left out of every table above" in report
+    assert f"* `{key}`: release-" in report
+
+    ran: list[str] = []
+    original_run_cell = runner.run_cell
+
+    def counting(cell):  # type: ignore[no-untyped-def]
+        ran.append(cell.key)
+        return original_run_cell(cell)
+
+    runner.run_cell = counting  # type: ignore[method-assign]
+    again = runner.run()
+    assert ran == [key]
+    assert [r["key"] for r in again] == [r["key"] for r in _rows(original)]
+    (row,) = [r for r in again if r["key"] == key]
+    assert row["status"] == "ok"
+
+
 def test_federated_vector_equals_the_pooled_central_vector(study: tuple[Path, Path]) -> None:
     # Without noise the federation's release is the pooled curator's release: the same
     # clipping, rounding and decoding, summed across holders (rounding noise only).
