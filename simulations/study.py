@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
+import importlib
 import json
 import logging
 import math
@@ -82,6 +84,31 @@ NOISE_COLUMNS = ("key", "release", "ratio", "low", "high", "coordinates", "verdi
 INVALID = "invalid"
 
 Progress = Callable[[str], None]
+
+
+SOURCE_PACKAGES = ("client", "protocol", "server", "simulations")
+
+
+def source_fingerprint() -> str:
+    """SHA-256 over the Python source of every fedsynth package this process would import.
+
+    A study's holders run in fresh processes for every cell and import fedsynth anew, while
+    the coordinator's process keeps the code it started with; if the source changes under a
+    running study (an editable install being worked on), the two sides can follow different
+    protocols. The runner compares this before and after each cell and stops when it moved.
+    """
+    digest = hashlib.sha256()
+    for name in SOURCE_PACKAGES:
+        module = importlib.import_module(f"fedsynth.{name}")
+        for folder in sorted(str(p) for p in module.__path__):
+            for path in sorted(Path(folder).rglob("*.py")):
+                digest.update(str(path.relative_to(folder)).encode() + b"\0")
+                digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+class SourceChangedError(FedSynthError):
+    """fedsynth's source changed while a study ran: restart it so every process agrees."""
 
 
 # --------------------------------------------------------------------------- folder
@@ -429,12 +456,21 @@ class StudyRunner:
             if r["key"] in finished and r.get("cell_seconds")
         ]
         judged = over_budget_ok or self.config.time_budget_minutes is None
+        source = source_fingerprint()
         for i, cell in enumerate(todo, start=1):
             if not judged and measured:
                 check_time_budget(self.config, measured, remaining=len(todo) - i + 1)
                 judged = True
             self.progress(f"[{i}/{len(todo)}] {cell.key}")
             row = self.run_cell(cell)
+            if source_fingerprint() != source:
+                row["status"] = f"{INVALID}: fedsynth's source changed while the cell ran"
+                append_result(self.out_dir, row)
+                raise SourceChangedError(
+                    "fedsynth's source changed while the study ran, so this cell's holders and "
+                    "coordinator may have run different code; its row is marked invalid. Run "
+                    "the same command again: the study resumes, repeating that cell."
+                )
             append_result(self.out_dir, row)
             measured.append(float(row["cell_seconds"]))
         self.run_audits(cells)

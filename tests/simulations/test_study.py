@@ -320,6 +320,35 @@ def test_resume_recomputes_only_missing_cells(study: tuple[Path, Path]) -> None:
     assert [r["key"] for r in again] == [r["key"] for r in rows]
 
 
+def test_a_source_change_during_a_cell_marks_it_invalid_and_stops(
+    study: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Holders import fedsynth afresh for every cell; an edit mid-study must not go unseen."""
+    import shutil
+
+    from fedsynth.simulations import study as study_module
+
+    config_path, original = study
+    out = tmp_path / "out"
+    shutil.copytree(original, out)
+    rows = _rows(out)
+    with (out / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[:-1])
+    versions = iter(["before", "after"])
+    monkeypatch.setattr(study_module, "source_fingerprint", lambda: next(versions))
+    with pytest.raises(study_module.SourceChangedError, match="source changed"):
+        StudyRunner(load_study_config(config_path), out).run()
+    (row,) = [r for r in _rows(out) if r["key"] == rows[-1]["key"]]
+    assert row["status"] == "invalid: fedsynth's source changed while the cell ran"
+
+    monkeypatch.setattr(study_module, "source_fingerprint", lambda: "same")
+    again = StudyRunner(load_study_config(config_path), out).run()
+    assert {r["status"] for r in again} == {"ok"}
+    assert [r["key"] for r in again] == [r["key"] for r in rows]
+
+
 def test_cli_dry_run_and_bad_config(study: tuple[Path, Path], tmp_path: Path) -> None:
     config_path, _ = study
     result = CliRunner().invoke(app, ["simulate", str(config_path), "--dry-run"])
