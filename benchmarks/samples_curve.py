@@ -223,16 +223,7 @@ def _release_pairs(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from fedsynth.protocol.cli_common import PlainProgress, console
-    from fedsynth.server.backends import open_backend
-    from fedsynth.server.release import load_release
-    from fedsynth.server.selection import scorer_for
-    from fedsynth.simulations.demo import (
-        demo_config,
-        generation_config,
-        split_data,
-    )
-
+    """Parse the arguments and run the curve with its --out folder locked."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--release", type=Path, action="append", default=[])
     parser.add_argument("--seed", type=int, action="append", help="demo seed(s) of the split")
@@ -263,7 +254,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="combine the curve.csv of earlier runs (e.g. one per seed) into --out; no generation",
     )
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    from fedsynth.simulations.folder_lock import exclusive_folder
+
+    with exclusive_folder(args.out, "samples curve"):
+        _run(args, parser)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The curve (or the merge) into ``args.out``, which the caller holds locked."""
+    from fedsynth.protocol.cli_common import PlainProgress, console
+    from fedsynth.server.backends import open_backend
+    from fedsynth.server.release import load_release
+    from fedsynth.server.selection import scorer_for
+    from fedsynth.simulations.demo import (
+        demo_config,
+        generation_config,
+        split_data,
+    )
+
     if args.merge:
         merged: list[Point] = []
         for folder in args.merge:

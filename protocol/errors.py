@@ -167,6 +167,10 @@ class TimeBudgetError(ConfigError):
     """A study's estimated running time exceeds its configured time budget."""
 
 
+class FolderInUseError(ConfigError):
+    """Another run holds the results folder's lock (a study or curve resuming into it)."""
+
+
 class TaskFileError(ConfigError):
     """A coordinator's task file is malformed, incomplete, unsafe or names something private."""
 

@@ -121,6 +121,7 @@ CONTRIBUTION = "tests/protocol/test_contribution.py"
 ROUND_NOISE = "tests/server/test_round_noise.py"
 SECURE_ROUND = "tests/server/test_secure_round.py"
 EXACT_NOISE = "tests/protocol/test_exact_noise.py"
+NOISE_CHECK = "tests/simulations/test_noise_check.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -172,6 +173,7 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=(
             f"{CONTRIBUTION}::test_noise_variance_of_the_sum",
             f"{ROUND_NOISE}::test_vector_release_carries_the_target_noise",
+            f"{NOISE_CHECK}::test_a_release_with_its_stated_noise_passes[distributed]",
         ),
     ),
     Mutant(
@@ -204,6 +206,7 @@ MUTANTS: tuple[Mutant, ...] = (
             f"{VERIFICATION}::test_each_client_adds_the_verified_variance",
             f"{CONTRIBUTION}::test_noise_variance_of_the_sum",
             f"{ROUND_NOISE}::test_vector_release_carries_the_target_noise",
+            f"{NOISE_CHECK}::test_a_release_with_its_stated_noise_passes[distributed]",
         ),
     ),
     Mutant(
@@ -474,6 +477,7 @@ def check_mutants(root: Path, mutants: Sequence[Mutant] = MUTANTS) -> list[str]:
             problems.append(f"{mutant.name}: no tests selected")
         for node in mutant.tests:
             file, _, function = node.partition("::")
+            function = function.split("[", 1)[0]  # a parametrized case names its function
             path = root / file
             if not path.is_file() or f"def {function}(" not in path.read_text(encoding="utf-8"):
                 problems.append(f"{mutant.name}: test {node} does not exist")

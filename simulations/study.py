@@ -34,6 +34,7 @@ from fedsynth.server.synthesize import SyntheticSample
 from fedsynth.simulations import scoring
 from fedsynth.simulations.datasets import json_line
 from fedsynth.simulations.demo import DemoConfig, task_config
+from fedsynth.simulations.folder_lock import exclusive_folder
 from fedsynth.simulations.methods import CellOutput, SeedState, runner_for
 from fedsynth.simulations.noise_check import NoiseCheck
 from fedsynth.simulations.partitions import partition_stats
@@ -444,8 +445,13 @@ class StudyRunner:
         With the config's ``time_budget_minutes``, the time the unfinished cells will take is
         estimated from the cells measured so far (the finished ones, else the first cell run
         now, whose row is kept); above the budget the run stops with
-        :class:`TimeBudgetError` unless ``over_budget_ok``.
+        :class:`TimeBudgetError` unless ``over_budget_ok``. A second run on the same folder
+        is refused while this one holds it (:mod:`.folder_lock`).
         """
+        with exclusive_folder(self.out_dir, "fedsynth simulate"):
+            return self._run(over_budget_ok=over_budget_ok)
+
+    def _run(self, *, over_budget_ok: bool) -> list[dict[str, str]]:
         finished = open_results_folder(self.config, self.out_dir)
         cells = self.config.cells()
         todo = [c for c in cells if c.key not in finished]
@@ -673,8 +679,11 @@ class StudyRunner:
     def record_noise_checks(self, cell: Cell) -> str:
         """Check the cell's releases, append them to noise.csv; the invalid status, or ""."""
         checks = self.noise_checks(cell)
+        if not checks:
+            return ""
         path = self.out_dir / "noise.csv"
         new = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             if new:
@@ -702,6 +711,10 @@ class StudyRunner:
         A cell whose release fails gets the invalid status (its row stays, the next run
         measures the cell again). Returns the keys of those cells.
         """
+        with exclusive_folder(self.out_dir, "fedsynth simulate"):
+            return self._check_stored_noise()
+
+    def _check_stored_noise(self) -> list[str]:
         open_results_folder(self.config, self.out_dir)
         rows = read_results(self.out_dir)
         done = set()
