@@ -63,7 +63,8 @@ METHODS: dict[str, MethodInfo] = {
     for m in (
         MethodInfo(
             "prior",
-            "ε = 0: public prior only (class template, no private data touched); the floor",
+            "ε = 0: the release generator at strength 0 (class template, the same seeds and "
+            "own shot pools; no private data touched); the floor",
             formal_dp=True,
             uses_epsilon=False,
             fixed_epsilon=0.0,

@@ -1,26 +1,69 @@
-"""``prior``: the public prior's texts (ε = 0, no private data touched); the floor."""
+"""``prior``: the model without the release (ε = 0, no private data touched); the floor."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedsynth.server.synthesize import SyntheticSample
-from fedsynth.simulations.demo import prior_samples
+from fedsynth.server.backends import as_backend
+from fedsynth.server.synthesize import SyntheticSample, iter_labelled_texts
+from fedsynth.simulations.demo import generation_config
 from fedsynth.simulations.methods.base import CellOutput, Generator, StudyContext
 
 if TYPE_CHECKING:
+    from fedsynth.protocol.features import PromptTemplate
+    from fedsynth.protocol.models import LoadedModel
+    from fedsynth.server.backends import GenerationBackend
+    from fedsynth.server.generation import GenerationConfig
     from fedsynth.simulations.study_config import Cell
 
 
-def run(ctx: StudyContext, cell: Cell) -> CellOutput:
-    """The first ``synthetic_per_label`` prior generations of each label.
+def floor_samples(
+    loaded: LoadedModel | GenerationBackend,
+    template: PromptTemplate,
+    *,
+    n_per_label: int,
+    generation: GenerationConfig,
+    shots: int,
+    seed: int,
+) -> list[SyntheticSample]:
+    """Samples of the release generator at strength 0, label by label.
 
-    With the study's ``shots``, unsteered samples conditioned on shots from those public texts
-    instead (the demo's prior condition), so the floor gets what the other methods get.
+    Exactly what :func:`fedsynth.server.synthesize.generate_from_release` yields from a
+    release whose every layer the SNR rule switches off (same seeds, prompts and own
+    unsteered shot pools), so the floor and a switched-off release differ by nothing, and a
+    release's gain over the floor is not mixed with the draw of a different shot pool.
+    """
+    return [
+        SyntheticSample(text=text, label=label, release_id="prior")
+        for label, text in iter_labelled_texts(
+            as_backend(loaded),
+            template,
+            template.labels,
+            n_per_label=n_per_label,
+            deltas_of=lambda _label: None,
+            config=generation,
+            seed=seed,
+            shots=shots,
+        )
+    ]
+
+
+def run(ctx: StudyContext, cell: Cell) -> CellOutput:
+    """The floor of the study's methods, from the public side only.
+
+    With the study's ``shots``: :func:`floor_samples` with the seed the release cells use.
+    Without: the first public prior texts of each label.
     """
     config = ctx.demo_config(cell)
     if config.shots:
-        samples = prior_samples(config, ctx.loaded, ctx.reference)
+        samples = floor_samples(
+            ctx.loaded,
+            config.template,
+            n_per_label=config.synthetic_per_label,
+            generation=generation_config(config),
+            shots=config.shots,
+            seed=cell.seed + 101,  # the seed release_samples gives the release cells
+        )
     else:
         n = config.synthetic_per_label
         samples = [

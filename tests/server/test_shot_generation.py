@@ -261,3 +261,29 @@ def test_a_refilling_backend_gets_several_batches_per_call() -> None:
     plain = RecordingBackend()
     _texts(plain, n=2 * REFILL_BATCHES + 3)
     assert all(len(p) <= 2 for p, _, _ in plain.calls)
+
+
+def test_the_study_floor_is_a_release_switched_off(llama: LoadedModel) -> None:
+    """The study's prior cell draws exactly what a release at strength 0 draws (same seeds,
+    same own shot pools), so a release's gain over the floor is not a different pool's draw."""
+    from fedsynth.simulations.methods.prior import floor_samples
+
+    release = make_test_release(llama)
+    config = GenerationConfig(max_new_tokens=4, batch_size=4)
+    for shots in (0, 1):
+        off = generate_from_release(
+            llama, release, n_per_label=3, strength=0.0, config=config, seed=104, shots=shots
+        )
+        floor = floor_samples(
+            llama,
+            release.manifest.template,
+            n_per_label=3,
+            generation=config,
+            shots=shots,
+            seed=104,
+        )
+        assert [(s.label, s.text) for s in floor] == [(s.label, s.text) for s in off]
+        steered = generate_from_release(
+            llama, release, n_per_label=3, strength=0.5, config=config, seed=104, shots=shots
+        )
+        assert [s.text for s in steered] != [s.text for s in floor]  # the comparison can fail
