@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from fedsynth.simulations.demo import generation_config
 from fedsynth.simulations.methods import prior
 from fedsynth.simulations.methods.common import model_samples
 from fedsynth.simulations.study import StudyRunner
@@ -42,14 +43,36 @@ def test_without_shots_the_prior_is_the_public_prior_texts(tmp_path: Path) -> No
     assert backend.calls == []
 
 
-def test_the_prior_with_shots_is_conditioned_on_the_public_prior_texts(tmp_path: Path) -> None:
+def test_the_prior_with_shots_draws_its_own_pool_as_a_switched_off_release(
+    tmp_path: Path,
+) -> None:
     runner, backend, cell = _runner(tmp_path, shots=1)
     out = prior.run(runner, cell)
-    assert len(out.samples) == 6 and all(s.text.startswith("sample") for s in out.samples)
+    assert [s.label for s in out.samples] == ["positive"] * 3 + ["negative"] * 3
     assert all(deltas is None for _, deltas, _ in backend.calls)
+    # The release cells' sampling seed (release_samples: the cell's seed + 101).
+    again = RecordingBackend()
+    config = runner.demo_config(cell)
+    prior.floor_samples(
+        again,
+        config.template,
+        n_per_label=3,
+        generation=generation_config(config),
+        shots=1,
+        seed=cell.seed + 101,
+    )
+    assert again.calls == backend.calls
     prompts = [p for batch, _, _ in backend.calls for p in batch]
+    template = runner.demo_config(cell).template
+    # Each label samples its own pool from the plain prompt first (not the public texts),
+    # then every sample sees one of those pool texts, as a release's samples do.
+    plain = [p for p in prompts if p in (template.prefix("positive"), template.prefix("negative"))]
+    assert len(plain) == 6 and len(prompts) == 12
     public = TEXTS["positive"] + ["neg prior"]
-    assert len(prompts) == 6 and all(_shown(p) in public for p in prompts)
+    shot_prompts = [p for p in prompts if p not in plain]
+    assert shot_prompts and not any(_shown(p) in public for p in shot_prompts)
+    pooled = {s.text for s in out.samples}
+    assert all(_shown(p).startswith("sample") and _shown(p) not in pooled for p in shot_prompts)
 
 
 @pytest.mark.parametrize("shots", [0, 1])
