@@ -304,6 +304,51 @@ def compare_seeds(
     return out
 
 
+def compare_paired(
+    a: Mapping[int, float], b: Mapping[int, float], *, tolerance: float = EQUIVALENCE
+) -> dict[str, Any]:
+    """Paired comparison by seed: a − b on the seeds both have, with its t-interval.
+
+    The cells of one seed share the data split (and the holders' partition), so the per-seed
+    difference removes what the split moves in both; with few seeds this is the more powerful
+    test. Verdicts as in :func:`compare_seeds`, from the 1 − α interval ``(low, high)`` of the
+    mean difference: ``higher`` / ``lower`` if it excludes 0, ``equal`` if it lies within
+    ± ``tolerance``, else ``inconclusive``; ``not testable`` under two common seeds.
+    """
+    from scipy import stats
+
+    seeds = sorted(s for s in set(a) & set(b) if not (math.isnan(a[s]) or math.isnan(b[s])))
+    diffs = np.array([a[s] - b[s] for s in seeds], dtype=float)
+    out: dict[str, Any] = {
+        "seeds": len(seeds),
+        "differences": [float(d) for d in diffs],
+        "difference": float(diffs.mean()) if len(diffs) else math.nan,
+        "low": math.nan,
+        "high": math.nan,
+        "verdict": "not testable",
+    }
+    if len(diffs) < 2:
+        return out
+    half = float(stats.t.ppf(1 - ALPHA / 2, len(diffs) - 1)) * float(
+        diffs.std(ddof=1) / math.sqrt(len(diffs))
+    )
+    low, high = out["difference"] - half, out["difference"] + half
+    out.update(low=low, high=high)
+    if low > 0:
+        out["verdict"] = "higher"
+    elif high < 0:
+        out["verdict"] = "lower"
+    elif -tolerance <= low and high <= tolerance:
+        out["verdict"] = "equal"
+    else:
+        out["verdict"] = "inconclusive"
+    return out
+
+
+def _by_seed(rows: Sequence[Mapping[str, str]], column: str, match: Any) -> dict[int, float]:
+    return {int(r["seed"]): _float(r.get(column, "")) for r in rows if match(r)}
+
+
 def _column(rows: Sequence[Mapping[str, str]], column: str, match: Any) -> list[float]:
     return [_float(r.get(column, "")) for r in rows if match(r)]
 
@@ -377,16 +422,16 @@ def method_comparisons(
     )
     out = []
     for eps, partition in cells:
-        mine = _column(
-            usable,
-            column,
-            lambda r, e=eps, p=partition: (
+
+        def is_mine(r: Mapping[str, str], e: float = eps, p: str = partition) -> bool:
+            return (
                 (r["method"], r["mode"]) == REFERENCE
                 and float(r["epsilon"]) == e
                 and r["partition"] == p
                 and r["clients"] == clients
-            ),
-        )
+            )
+
+        mine = _column(usable, column, is_mine)
         for method, mode in others:
 
             def theirs(
@@ -408,6 +453,9 @@ def method_comparisons(
             if min(result["seeds"]) == 0:
                 continue
             result.update(epsilon=eps, partition=partition, method=method, mode=mode)
+            result["paired"] = compare_paired(
+                _by_seed(usable, column, is_mine), _by_seed(usable, column, theirs)
+            )
             out.append(result)
     return out
 
@@ -432,10 +480,19 @@ def headline(comparisons: Sequence[Mapping[str, Any]], *, epsilon: float = 1.0) 
     def said(c: Mapping[str, Any] | None, yes: str) -> str:
         if c is None:
             return "not in this study"
-        detail = (
-            f"difference {c['difference']:+.3f}, could detect ≥ {c['detectable']:.3f} "
-            f"with {c['seeds'][0]} and {c['seeds'][1]} seeds"
-        )
+        paired = c.get("paired")
+        if paired is not None and paired["verdict"] != "not testable":
+            # The seeds share their split: the paired test is the one to answer with.
+            c = paired
+            detail = (
+                f"paired by seed: difference {c['difference']:+.3f}, "
+                f"{1 - ALPHA:.0%} CI [{c['low']:+.3f}, {c['high']:+.3f}] over {c['seeds']} seeds"
+            )
+        else:
+            detail = (
+                f"difference {c['difference']:+.3f}, could detect ≥ {c['detectable']:.3f} "
+                f"with {c['seeds'][0]} and {c['seeds'][1]} seeds"
+            )
         if c["verdict"] == yes:
             return f"**yes** ({detail})"
         if c["verdict"] in ("inconclusive", "not testable"):
@@ -474,6 +531,15 @@ def attack_check(rows: Sequence[Mapping[str, str]], *, max_epsilon: float = 4.0)
         "control_aucs": control,
         "control_min": min(control) if control else math.nan,
     }
+
+
+def _paired_text(c: Mapping[str, Any]) -> str:
+    if c["verdict"] == "not testable":
+        return f"not testable ({c['seeds']} common seeds)"
+    return (
+        f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], {c['verdict']} "
+        f"({c['seeds']} seeds)"
+    )
 
 
 def _verdict(c: Mapping[str, Any]) -> str:
@@ -516,14 +582,15 @@ def _evidence_section(rows: Sequence[Mapping[str, str]], metric: str) -> list[st
             + ("" if comparison else power),
             "",
             *(line for answer in headline(methods) for line in (answer, "")),
-            "| ε | partition | other | vector | other's | difference | verdict |",
-            "|---|---|---|---|---|---|---|",
+            "| ε | partition | other | vector | other's | difference | verdict (Welch) | "
+            "paired by seed: difference [95 % CI], verdict |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for c in methods:
             parts.append(
                 f"| {c['epsilon']:g} | {c['partition']} | {c['method']} ({c['mode']}) | "
                 f"{c['mean_a']:.3f} | {c['mean_b']:.3f} | {c['difference']:+.3f} | "
-                f"{_verdict(c)} |"
+                f"{_verdict(c)} | {_paired_text(c['paired'])} |"
             )
         parts.append("")
     check = attack_check(rows)

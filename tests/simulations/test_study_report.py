@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from fedsynth.simulations.study_report import (
     aggregate,
     attack_check,
+    compare_paired,
     compare_seeds,
     federated_vs_pooled,
     headline,
@@ -106,7 +109,33 @@ def test_the_federated_vector_is_compared_with_each_method_and_answered_in_words
     assert "At ε = 1, label-skew:0.5" in words
     assert "Does it beat pe? **yes**" in words
     assert "Does it beat dp-fedavg? **not shown** (inconclusive" in words
-    assert "central EPSVec on the pooled data? **yes** (difference +0.000" in words
+    assert (
+        "central EPSVec on the pooled data? **yes** (paired by seed: difference +0.000, "
+        "95% CI [+0.000, +0.000] over 3 seeds)" in words
+    )
+    assert at[(1.0, skew, "dp-fedavg")]["paired"]["seeds"] == 3
+
+
+def test_paired_comparison_uses_the_common_seeds_and_states_its_interval() -> None:
+    a = {0: 0.524, 1: 0.559, 2: 0.521, 3: 0.9}
+    b = {0: 0.535, 1: 0.559, 2: 0.521, 4: 0.1}
+    c = compare_paired(a, b)
+    assert c["seeds"] == 3 and c["differences"] == pytest.approx([-0.011, 0.0, 0.0])
+    # mean -0.00367, sd 0.00635: t(0.975, 2) = 4.303 gives the half-width 0.0158
+    assert c["difference"] == pytest.approx(-0.011 / 3)
+    assert c["low"] == pytest.approx(-0.011 / 3 - 0.015776, abs=1e-5)
+    assert c["high"] == pytest.approx(-0.011 / 3 + 0.015776, abs=1e-5)
+    assert c["verdict"] == "inconclusive"
+    assert compare_paired(a, b, tolerance=0.02)["verdict"] == "equal"
+    shifted = {s: v + 0.05 for s, v in b.items()}
+    assert compare_paired(shifted, b)["verdict"] == "higher"  # every seed +0.05: sd 0
+    assert compare_paired(b, shifted)["verdict"] == "lower"
+    # A seed effect that Welch cannot see through is removed by pairing.
+    split = {0: 0.50, 1: 0.60, 2: 0.70}
+    better = {s: v + 0.02 + 0.001 * s for s, v in split.items()}
+    assert compare_seeds(list(better.values()), list(split.values()))["verdict"] == "inconclusive"
+    assert compare_paired(better, split)["verdict"] == "higher"
+    assert compare_paired({0: 0.5, 1: math.nan}, {0: 0.4, 1: 0.3})["verdict"] == "not testable"
 
 
 def test_attack_check_separates_dp_cells_and_control() -> None:
