@@ -91,6 +91,19 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return config_path, out
 
 
+def _run_counting(runner: StudyRunner) -> tuple[list[str], list[dict[str, str]]]:
+    """Run the study; return the keys of the cells it actually ran, and its rows."""
+    ran: list[str] = []
+    original = runner.run_cell
+
+    def counting(cell):  # type: ignore[no-untyped-def]
+        ran.append(cell.key)
+        return original(cell)
+
+    runner.run_cell = counting  # type: ignore[method-assign]
+    return ran, runner.run()
+
+
 def _rows(out: Path) -> list[dict[str, str]]:
     with (out / "results.csv").open(newline="") as handle:
         return list(csv.DictReader(handle))
@@ -199,15 +212,7 @@ def test_a_release_with_extra_noise_is_marked_invalid_and_run_again(
     assert "1 cells failed and are left out of every table above" in report
     assert f"* `{key}`: release-" in report
 
-    ran: list[str] = []
-    original_run_cell = runner.run_cell
-
-    def counting(cell):  # type: ignore[no-untyped-def]
-        ran.append(cell.key)
-        return original_run_cell(cell)
-
-    runner.run_cell = counting  # type: ignore[method-assign]
-    again = runner.run()
+    ran, again = _run_counting(runner)
     assert ran == [key]
     assert [r["key"] for r in again] == [r["key"] for r in _rows(original)]
     (row,) = [r for r in again if r["key"] == key]
@@ -306,16 +311,7 @@ def test_resume_recomputes_only_missing_cells(study: tuple[Path, Path]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows[:-1])
-    runner = StudyRunner(load_study_config(config_path), out)
-    ran: list[str] = []
-    original = runner.run_cell
-
-    def counting(cell):  # type: ignore[no-untyped-def]
-        ran.append(cell.key)
-        return original(cell)
-
-    runner.run_cell = counting  # type: ignore[method-assign]
-    again = runner.run()
+    ran, again = _run_counting(StudyRunner(load_study_config(config_path), out))
     assert ran == [rows[-1]["key"]]
     assert [r["key"] for r in again] == [r["key"] for r in rows]
 
