@@ -406,3 +406,32 @@ def test_report_only_writes_the_partial_report_and_runs_nothing(
     assert result.exit_code == 2
     assert "nothing to report" in " ".join(result.output.split())
     assert not empty.exists()
+
+
+def test_cli_check_noise_checks_the_kept_releases_and_runs_nothing(
+    study: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    config_path, original = study
+    out = tmp_path / "out"
+    shutil.copytree(original, out)
+    (out / "noise.csv").unlink()  # as in a folder made before the check existed
+    before = (out / "results.csv").read_text()
+    result = CliRunner().invoke(
+        app, ["simulate", str(config_path), "--out", str(out), "--check-noise"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "0 cells failed the noise check" in " ".join(result.output.split())
+    assert (out / "results.csv").read_text() == before  # nothing ran, nothing marked
+    with (out / "noise.csv").open(newline="") as handle:
+        checked = list(csv.DictReader(handle))
+    with (original / "noise.csv").open(newline="") as handle:
+        assert {c["key"] for c in checked} == {c["key"] for c in csv.DictReader(handle)}
+    assert all(c["verdict"] == "ok" for c in checked)
+    empty = tmp_path / "empty"
+    result = CliRunner().invoke(
+        app, ["simulate", str(config_path), "--out", str(empty), "--check-noise"]
+    )
+    assert result.exit_code == 2
+    assert "nothing to check" in " ".join(result.output.split())
