@@ -630,19 +630,31 @@ class StudyRunner:
     def noise_checks(self, cell: Cell) -> list[tuple[str, NoiseCheck]]:
         """The realized-noise check of every release the cell kept (:mod:`.noise_check`).
 
-        Needs every record in the release: made for cells where every holder survives (the
-        pooled records of the seed are then exactly the release's), skipped for dropout cells
-        and for releases without noise.
+        Needs every record in the release: the seed's pooled records, or in a dropout cell
+        those of the surviving holders (the simulation drops the last ``dropped_clients``
+        partitions before their masked input, so theirs are not in the sum). Skipped for
+        releases without noise and where the release names another number of dropouts.
         """
         from fedsynth.server.release import load_release
         from fedsynth.simulations.noise_check import realized_noise
 
+        state = self.seed_state(cell.seed)
+        survivors = list(range(len(state.pooled)))
         if cell.dropped_clients:
-            return []
+            index = {id(record): i for i, record in enumerate(state.pooled)}
+            kept = self.partitions(cell)[: cell.clients - cell.dropped_clients]
+            survivors = [index[id(record)] for part in kept for record in part]
         checks = []
         for path in sorted(self.cell_dir(cell).glob("release-*.safetensors")):
             release = load_release(path)
             if not release.manifest.privacy.total_variance:
+                continue
+            if len(release.report.get("dropped_clients", [])) != cell.dropped_clients:
+                log.warning(
+                    "cell %s: %s names another number of dropouts, noise not checked",
+                    cell.key,
+                    path.name,
+                )
                 continue
             reference = self.reference_of(cell, release.manifest.reference_sha256)
             if reference is None:
@@ -652,11 +664,10 @@ class StudyRunner:
                     path.name,
                 )
                 continue
-            state = self.seed_state(cell.seed)
             check = realized_noise(
                 release,
-                self.pooled_features(state, release.manifest),
-                [r.label for r in state.pooled],
+                self.pooled_features(state, release.manifest)[survivors],
+                [state.pooled[i].label for i in survivors],
                 reference=reference,
             )
             if check is not None:

@@ -712,9 +712,10 @@ def noise_section(path: Path, invalid: Sequence[Mapping[str, str]]) -> str:
     latest = {(c["key"], c["release"]): c for c in checks}  # a rerun's check replaces the old
     passed = [c for c in latest.values() if c["verdict"] == "ok"]
     lines = [
-        "Each noisy release of a cell without dropouts, measured against the records it was "
-        "computed from: the mean square of (released sum − noise-free sum) over the stated "
-        "per-coordinate variance, which must lie in the chi-square band of the stated noise. "
+        "Each noisy release, measured against the records it was computed from (in a "
+        "dropout cell, the survivors'): the mean square of (released sum − noise-free sum) "
+        "over the stated per-coordinate variance, which must lie in the chi-square band of "
+        "the stated noise. "
         "Less noise than stated would break the guarantee; more makes the release's own "
         "signal-to-noise figures (and the steering strength chosen from them) wrong.",
         "",

@@ -160,15 +160,14 @@ def test_every_noisy_release_carries_its_stated_noise(study: tuple[Path, Path]) 
     with (out / "noise.csv").open(newline="") as handle:
         checks = list(csv.DictReader(handle))
     checked = {c["key"] for c in checks}
-    # Every noisy release whose records are all known: the vector cells without dropout, the
-    # pooled release and pe-steered's vector half; never a dropout cell or ε = ∞.
+    # Every noisy release: the vector cells (a dropout cell against its survivors' records),
+    # the pooled release and pe-steered's vector half; never ε = ∞.
     expected = {
         r["key"]
         for r in rows
-        if r["method"] in ("vector", "vector-pooled", "pe-steered")
-        and r["epsilon"] != "inf"
-        and r["dropout"] == "0"
+        if r["method"] in ("vector", "vector-pooled", "pe-steered") and r["epsilon"] != "inf"
     }
+    assert any(r["dropout"] != "0" for r in rows if r["key"] in expected)
     assert checked == expected
     for check in checks:
         assert check["verdict"] == "ok", check
