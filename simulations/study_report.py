@@ -366,26 +366,26 @@ def federated_vs_pooled(
     for eps in epsilons:
         if not math.isfinite(eps):
             continue
-        fed = _column(
-            rows,
-            column,
-            lambda r, e=eps: (
+
+        def is_fed(r: Mapping[str, str], e: float = eps) -> bool:
+            return (
                 r["method"] == "vector"
                 and r["mode"] == "central"
                 and float(r["dropout"]) == 0
                 and r["partition"] == "iid"
                 and float(r["epsilon"]) == e
-            ),
-        )
-        pooled = _column(
-            rows,
-            column,
-            lambda r, e=eps: r["method"] == "vector-pooled" and float(r["epsilon"]) == e,
-        )
-        result = compare_seeds(fed, pooled)
+            )
+
+        def is_pooled(r: Mapping[str, str], e: float = eps) -> bool:
+            return r["method"] == "vector-pooled" and float(r["epsilon"]) == e
+
+        result = compare_seeds(_column(rows, column, is_fed), _column(rows, column, is_pooled))
         if min(result["seeds"]) == 0:
             continue
         result.update(epsilon=eps, federated=result["mean_a"], pooled=result["mean_b"])
+        result["paired"] = compare_paired(
+            _by_seed(rows, column, is_fed), _by_seed(rows, column, is_pooled)
+        )
         out.append(result)
     return out
 
@@ -564,13 +564,15 @@ def _evidence_section(rows: Sequence[Mapping[str, str]], metric: str) -> list[st
             "Same ε, same Gaussian noise (federated cells in central trust mode, IID, no "
             f"dropout); {metric}, mean over seeds. {power}",
             "",
-            "| ε | federated | pooled | difference | std. error | verdict |",
-            "|---|---|---|---|---|---|",
+            "| ε | federated | pooled | difference | std. error | verdict (Welch) | "
+            "paired by seed: difference [95 % CI], verdict |",
+            "|---|---|---|---|---|---|---|",
         ]
         for c in comparison:
             parts.append(
                 f"| {c['epsilon']:g} | {c['federated']:.3f} | {c['pooled']:.3f} | "
-                f"{c['difference']:+.3f} | {c['standard_error']:.3f} | {_verdict(c)} |"
+                f"{c['difference']:+.3f} | {c['standard_error']:.3f} | {_verdict(c)} | "
+                f"{_paired_text(c['paired'])} |"
             )
         parts.append("")
     methods = method_comparisons(rows, metric)

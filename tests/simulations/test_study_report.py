@@ -52,6 +52,10 @@ def test_federated_vs_pooled_states_what_the_seeds_can_tell() -> None:
     assert math.isclose(out[4.0]["difference"], -0.01, abs_tol=1e-9)
     assert out[4.0]["detectable"] > 0.1
     assert out[1.0]["verdict"] == "higher"  # 0.4 apart with tiny seed spread
+    # Paired by seed: both seeds exactly 0.01 apart, so the interval is that point.
+    assert out[4.0]["paired"]["seeds"] == 2
+    assert out[4.0]["paired"]["differences"] == pytest.approx([-0.01, -0.01])
+    assert out[4.0]["paired"]["verdict"] == "lower"
     # A single seed cannot say anything about seed noise.
     single = federated_vs_pooled([rows[0], rows[2]])
     assert single[0]["verdict"] == "not testable" and math.isnan(single[0]["standard_error"])
