@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -104,6 +105,13 @@ def _run_counting(runner: StudyRunner) -> tuple[list[str], list[dict[str, str]]]
     return ran, runner.run()
 
 
+def _copy(study_out: Path, tmp_path: Path) -> Path:
+    """A copy of the module's finished study folder that a test may change."""
+    out = tmp_path / "out"
+    shutil.copytree(study_out, out)
+    return out
+
+
 def _rows(out: Path) -> list[dict[str, str]]:
     with (out / "results.csv").open(newline="") as handle:
         return list(csv.DictReader(handle))
@@ -179,14 +187,12 @@ def test_a_release_with_extra_noise_is_marked_invalid_and_run_again(
 ) -> None:
     """Code that adds noise its release does not state (holders and coordinator out of step)."""
     import dataclasses
-    import shutil
 
     from fedsynth.server.release import save_release
     from fedsynth.server.snr import coordinate_noise_sd
 
     config_path, original = study
-    out = tmp_path / "out"
-    shutil.copytree(original, out)
+    out = _copy(original, tmp_path)
     key = "vector|distributed|eps=8|K=3|label-skew:0.5|drop=0|seed=0"
     (path,) = (out / "cells" / _slug(key)).glob("release-*.safetensors")
     release = load_release(path)
@@ -319,13 +325,10 @@ def test_a_source_change_during_a_cell_marks_it_invalid_and_stops(
     study: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Holders import fedsynth afresh for every cell; an edit mid-study must not go unseen."""
-    import shutil
-
     from fedsynth.simulations import study as study_module
 
     config_path, original = study
-    out = tmp_path / "out"
-    shutil.copytree(original, out)
+    out = _copy(original, tmp_path)
     rows = _rows(out)
     with (out / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -410,11 +413,8 @@ def test_report_only_writes_the_partial_report_and_runs_nothing(
 def test_cli_check_noise_checks_the_kept_releases_and_runs_nothing(
     study: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    import shutil
-
     config_path, original = study
-    out = tmp_path / "out"
-    shutil.copytree(original, out)
+    out = _copy(original, tmp_path)
     (out / "noise.csv").unlink()  # as in a folder made before the check existed
     before = (out / "results.csv").read_text()
     result = CliRunner().invoke(
