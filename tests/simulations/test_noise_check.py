@@ -19,10 +19,14 @@ from fedsynth.server.release import Release
 from fedsynth.simulations.audit import simulate_release
 from fedsynth.simulations.noise_check import realized_noise, released_scaled_sums
 
+LABELS = ("pos", "neg", "mix", "odd", "new", "old")
 TEMPLATE = PromptTemplate(
-    instruction="A {label} text: ",
-    label_names=(("pos", "positive"), ("neg", "negative"), ("mix", "mixed")),
+    instruction="A {label} text: ", label_names=tuple((lb, f"{lb} kind") for lb in LABELS)
 )
+# 6 classes x (2 layers x 32 + 1) = 390 coordinates: the ratio's sd is 0.072 per unit of
+# variance, and at this level an honest release leaves the band about once in 10^6 checks
+# (band about 0.65-1.35), while a quarter or 2.3x the noise is 5 sd or more outside it.
+LEVEL = 1e-6
 LAYERS = (1, 2)
 NODES = (1, 2, 3, 4)
 HOLDERS = 4
@@ -32,16 +36,16 @@ HOLDERS = 4
 def setting() -> tuple[PublicReference, list[tuple[np.ndarray, list[str]]], TaskConfig]:
     loaded = tiny_model()
     rng = np.random.default_rng(3)
-    means = rng.normal(size=(3, len(LAYERS), loaded.hidden_size)).astype(np.float32)
+    means = rng.normal(size=(len(LABELS), len(LAYERS), loaded.hidden_size)).astype(np.float32)
     reference = PublicReference(
-        texts={"pos": [], "neg": [], "mix": []},
+        texts={lb: [] for lb in LABELS},
         means=means,
         clip_norms=(1.0, 2.0),
         residual_norms=(5.0, 5.0),
     )
     holders = []
     for _ in range(HOLDERS):
-        labels = ["pos"] * 12 + ["neg"] * 10 + ["mix"] * 8
+        labels = [lb for i, lb in enumerate(LABELS) for _ in range(12 - i)]
         index = [TEMPLATE.labels.index(x) for x in labels]
         feats = means[index] + rng.normal(
             scale=0.4, size=(len(labels), len(LAYERS), means.shape[2])
@@ -87,7 +91,7 @@ def _check(setting, release: Release):  # type: ignore[no-untyped-def]
     reference, holders, _ = setting
     features = np.concatenate([f for f, _ in holders])
     labels = [label for _, ls in holders for label in ls]
-    return realized_noise(release, features, labels, reference=reference.means)
+    return realized_noise(release, features, labels, reference=reference.means, level=LEVEL)
 
 
 @pytest.mark.parametrize("mode", ["central", "distributed", "local"])
@@ -98,7 +102,7 @@ def test_a_release_with_its_stated_noise_passes(setting, mode: str) -> None:
         check = _check(setting, _release(setting, manifest, manifest, seed))
         assert check is not None and check.ok, check.describe()
         ratios.append(check.ratio)
-    assert abs(float(np.mean(ratios)) - 1.0) < 0.15
+    assert abs(float(np.mean(ratios)) - 1.0) < 0.2  # the mean of 3 has sd 0.042
 
 
 @pytest.mark.parametrize("mode", ["central", "distributed"])
@@ -117,7 +121,7 @@ def test_more_than_twice_the_noise_fails_as_more_than_stated(setting, mode: str)
     release = _release(setting, _scaled_variance(honest, 2.3), honest, seed=6)
     check = _check(setting, release)
     assert check is not None and check.verdict == "more noise than stated"
-    assert 1.8 < check.ratio < 2.8
+    assert 1.45 < check.ratio < 3.3  # 2.3 +- about 0.2 per sd
 
 
 def test_local_noise_fails_when_the_report_does_not_state_it(setting) -> None:
