@@ -280,12 +280,22 @@ def released_unit_rows(
         (γ times the noisy count), as the records entered it.
     """
     decoded = simulate_release(holders, manifest=manifest, reference=reference, rng=rng)
+    return unit_rows(decoded.vectors, decoded.counts, manifest=manifest)
+
+
+def unit_rows(vectors: np.ndarray, counts: np.ndarray, *, manifest: TaskManifest) -> np.ndarray:
+    """Invert the decoder: (C, L, H) mean vectors and noisy counts back to class sums.
+
+    Returns:
+        (C, L*H + 1) float64 in the unit domain: each layer's vector times its noisy count
+        over the layer's clip norm, and the count coordinate γ times the noisy count.
+    """
     clip = np.asarray(manifest.clip_norms, dtype=np.float64)[None, :, None]
-    counts = decoded.counts.astype(np.float64)
-    unit_sums = decoded.vectors.astype(np.float64) / clip * counts[:, None, None]  # (C, L, H)
+    n = np.asarray(counts, dtype=np.float64)
+    unit_sums = np.asarray(vectors, dtype=np.float64) / clip * n[:, None, None]  # (C, L, H)
     rows: np.ndarray = np.concatenate(
-        [unit_sums.reshape(len(counts), -1), manifest.count_weight * counts[:, None]], axis=1
-    )  # (C, L*H + 1)
+        [unit_sums.reshape(len(n), -1), manifest.count_weight * n[:, None]], axis=1
+    )
     return rows
 
 

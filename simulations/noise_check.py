@@ -35,6 +35,7 @@ from scipy.stats import chi2
 from fedsynth.protocol.contribution import integer_class_sums
 from fedsynth.server.release import Release
 from fedsynth.server.snr import noise_variance_present
+from fedsynth.simulations.audit import unit_rows
 
 DEFAULT_CHECK_LEVEL = 1e-4  # chance that a release with exactly its stated noise fails
 
@@ -85,14 +86,10 @@ def released_scaled_sums(release: Release) -> np.ndarray:
     Inverts the decoder: each vector coordinate times its noisy count over the layer's clip
     norm, times the scale; the count coordinate is the noisy count times γ and the scale.
     """
-    manifest = release.manifest
-    clip = np.asarray(manifest.clip_norms, dtype=np.float64)[None, :, None]
-    counts = np.asarray(release.counts, dtype=np.float64)
-    vectors = np.asarray(release.vectors, dtype=np.float64) / clip * counts[:, None, None]
-    rows = np.concatenate(
-        [vectors.reshape(len(counts), -1), (manifest.count_weight * counts)[:, None]], axis=1
+    result: np.ndarray = (
+        unit_rows(release.vectors, release.counts, manifest=release.manifest)
+        * release.manifest.scale
     )
-    result: np.ndarray = rows * manifest.scale
     return result
 
 
