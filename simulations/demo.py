@@ -438,6 +438,18 @@ def task_config(config: DemoConfig, epsilon: float) -> TaskConfig:
     )
 
 
+SAMPLING_SEED_OFFSET = 101
+
+
+def sampling_seed(seed: int) -> int:
+    """The sampling seed of every condition of a run with this seed.
+
+    One definition, so that the prior and a release whose layers the SNR rule switches off
+    draw the same texts, and a release's gain over the prior is not a different draw's.
+    """
+    return seed + SAMPLING_SEED_OFFSET
+
+
 def generation_config(config: DemoConfig) -> GenerationConfig:
     """Sampling settings shared by the prior and the steered generations."""
     return GenerationConfig(
@@ -758,7 +770,7 @@ def generate_conditions(
             strength=config.strength,
             contrast=config.contrast,
             config=generation_config(config),
-            seed=config.seed + 101,
+            seed=sampling_seed(config.seed),
             progress=_phase(report, f"generate eps={eps_name}"),
             snr_shrink=config.snr_shrink,
             min_signal_share=config.min_signal_share,
@@ -809,7 +821,7 @@ def prior_samples(
             n_per_label=n,
             deltas_of=lambda _label: None,
             config=generation_config(config),
-            seed=config.seed + 101,
+            seed=sampling_seed(config.seed),
             shots=config.shots,
             pools={label: reference.texts[label][:SHOT_POOL] for label in labels},
             progress=progress,

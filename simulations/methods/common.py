@@ -29,6 +29,7 @@ from fedsynth.simulations.demo import (
     public_basis_for,
     removed_on_failure,
     run_job_in_simulation,
+    sampling_seed,
     write_partitions,
 )
 from fedsynth.simulations.methods.base import CellOutput, Generator, StudyContext
@@ -194,7 +195,7 @@ def release_samples(
         strength=config.strength,
         contrast=config.contrast,
         config=generation_config(config),
-        seed=cell.seed + 101,
+        seed=sampling_seed(cell.seed),
         shots=config.shots,
         basis=basis,
         min_signal_share=config.min_signal_share,
@@ -232,7 +233,7 @@ def model_samples(
                 n_per_label=config.synthetic_per_label,
                 deltas_of=lambda _label: None,
                 config=generation_config(config),
-                seed=cell.seed + 101,
+                seed=sampling_seed(cell.seed),
                 shots=config.shots,
             )
         )
@@ -242,7 +243,7 @@ def model_samples(
             [template.prefix(lb) for lb in labels],
             config=generation_config(config),
             deltas=None,
-            seed=cell.seed + 101,
+            seed=sampling_seed(cell.seed),
         )
         pairs = list(zip(labels, texts, strict=True))
     samples = [SyntheticSample(text=t, label=lb, release_id=cell.method) for lb, t in pairs]

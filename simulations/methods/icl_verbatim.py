@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from fedsynth.server.generation import generate_from_prompts
 from fedsynth.server.synthesize import SyntheticSample
-from fedsynth.simulations.demo import generation_config
+from fedsynth.simulations.demo import generation_config, sampling_seed
 from fedsynth.simulations.methods.base import CellOutput, Generator, StudyContext
 from fedsynth.simulations.methods.common import generation_perf, icl_shots
 
@@ -37,7 +37,7 @@ def run(ctx: StudyContext, cell: Cell) -> CellOutput:
     labels = [label for label, _ in shots]
     start = time.monotonic()
     texts = generate_from_prompts(
-        ctx.loaded, prompts, config=generation_config(config), seed=cell.seed + 101
+        ctx.loaded, prompts, config=generation_config(config), seed=sampling_seed(cell.seed)
     )
     samples = [
         SyntheticSample(text=f"{head} {t}".strip(), label=label, release_id="icl-verbatim")

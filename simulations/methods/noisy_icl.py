@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from fedsynth.server.synthesize import SyntheticSample
-from fedsynth.simulations.demo import generation_config
+from fedsynth.simulations.demo import generation_config, sampling_seed
 from fedsynth.simulations.methods.base import CellOutput, StudyContext
 from fedsynth.simulations.methods.common import generation_perf, icl_shots
 
@@ -36,7 +36,7 @@ def run(ctx: StudyContext, cell: Cell) -> CellOutput:
         delta=ctx.config.delta,
         kind=ctx.config.baselines.icl_noise,
         config=generation_config(config),
-        seed=cell.seed + 101,
+        seed=sampling_seed(cell.seed),
     )
     samples = [
         SyntheticSample(text=t, label=label, release_id="noisy-icl")

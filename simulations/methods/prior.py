@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from fedsynth.server.backends import as_backend
 from fedsynth.server.synthesize import SyntheticSample, iter_labelled_texts
-from fedsynth.simulations.demo import generation_config
+from fedsynth.simulations.demo import generation_config, sampling_seed
 from fedsynth.simulations.methods.base import CellOutput, Generator, StudyContext
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def run(ctx: StudyContext, cell: Cell) -> CellOutput:
             n_per_label=config.synthetic_per_label,
             generation=generation_config(config),
             shots=config.shots,
-            seed=cell.seed + 101,  # the seed release_samples gives the release cells
+            seed=sampling_seed(cell.seed),
         )
     else:
         n = config.synthetic_per_label

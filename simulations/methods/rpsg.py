@@ -12,7 +12,7 @@ import numpy as np
 
 from fedsynth.server.generation import generate_from_prompts
 from fedsynth.server.synthesize import SyntheticSample
-from fedsynth.simulations.demo import generation_config
+from fedsynth.simulations.demo import generation_config, sampling_seed
 from fedsynth.simulations.methods.base import CellOutput, StudyContext
 from fedsynth.simulations.methods.common import generation_perf
 
@@ -44,7 +44,7 @@ def run(ctx: StudyContext, cell: Cell) -> CellOutput:
     ]
     start = time.monotonic()
     candidates = generate_from_prompts(
-        ctx.loaded, prompts, config=generation_config(config), seed=cell.seed + 101
+        ctx.loaded, prompts, config=generation_config(config), seed=sampling_seed(cell.seed)
     )
     perf = generation_perf(
         ctx, [SyntheticSample(t, "", "") for t in candidates], time.monotonic() - start

@@ -50,7 +50,7 @@ def test_the_prior_with_shots_draws_its_own_pool_as_a_switched_off_release(
     out = prior.run(runner, cell)
     assert [s.label for s in out.samples] == ["positive"] * 3 + ["negative"] * 3
     assert all(deltas is None for _, deltas, _ in backend.calls)
-    # The release cells' sampling seed (release_samples: the cell's seed + 101).
+    # The release cells' sampling seed (demo.sampling_seed: the cell's seed + 101).
     again = RecordingBackend()
     config = runner.demo_config(cell)
     prior.floor_samples(
