@@ -51,26 +51,19 @@ def floor_samples(
 def run(ctx: StudyContext, cell: Cell) -> CellOutput:
     """The floor of the study's methods, from the public side only.
 
-    With the study's ``shots``: :func:`floor_samples` with the seed the release cells use.
-    Without: the first public prior texts of each label.
+    :func:`floor_samples` with the seed the release cells use, with or without the study's
+    ``shots``: what a release switched off entirely would generate, not another draw of the
+    same distribution (the public prior texts are one, and differ by their sampling noise).
     """
     config = ctx.demo_config(cell)
-    if config.shots:
-        samples = floor_samples(
-            ctx.loaded,
-            config.template,
-            n_per_label=config.synthetic_per_label,
-            generation=generation_config(config),
-            shots=config.shots,
-            seed=sampling_seed(cell.seed),
-        )
-    else:
-        n = config.synthetic_per_label
-        samples = [
-            SyntheticSample(text=t, label=label, release_id="prior")
-            for label, texts in sorted(ctx.reference.texts.items())
-            for t in texts[:n]
-        ]
+    samples = floor_samples(
+        ctx.loaded,
+        config.template,
+        n_per_label=config.synthetic_per_label,
+        generation=generation_config(config),
+        shots=config.shots,
+        seed=sampling_seed(cell.seed),
+    )
     template = config.template
     return CellOutput(
         samples, generator=Generator({lb: template.prefix(lb) for lb in template.labels})

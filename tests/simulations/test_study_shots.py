@@ -36,11 +36,27 @@ def _shown(prompt: str) -> str:
     return prompt.split("\n")[1]
 
 
-def test_without_shots_the_prior_is_the_public_prior_texts(tmp_path: Path) -> None:
+def test_without_shots_the_prior_is_a_switched_off_release_too(tmp_path: Path) -> None:
     runner, backend, cell = _runner(tmp_path, shots=0)
     out = prior.run(runner, cell)
-    assert sorted(s.text for s in out.samples) == sorted(["neg prior"] * 3 + TEXTS["positive"][:3])
-    assert backend.calls == []
+    assert [s.label for s in out.samples] == ["positive"] * 3 + ["negative"] * 3
+    # Plain prompts, unsteered, at the release cells' sampling seed; no public text reused.
+    config = runner.demo_config(cell)
+    template = config.template
+    prompts = [p for batch, _, _ in backend.calls for p in batch]
+    assert set(prompts) == {template.prefix("positive"), template.prefix("negative")}
+    assert all(deltas is None for _, deltas, _ in backend.calls)
+    assert not {s.text for s in out.samples} & {t for ts in TEXTS.values() for t in ts}
+    again = RecordingBackend()
+    prior.floor_samples(
+        again,
+        template,
+        n_per_label=3,
+        generation=generation_config(config),
+        shots=0,
+        seed=cell.seed + 101,
+    )
+    assert again.calls == backend.calls
 
 
 def test_the_prior_with_shots_draws_its_own_pool_as_a_switched_off_release(
