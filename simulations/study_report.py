@@ -167,7 +167,9 @@ def _line_plot(
     """Plot one line per federated (method, mode) over ``axis``.
 
     The other axes stay at their most common value; methods that do not vary along the axis
-    (prior, pooled, controls) are flat lines.
+    (prior, pooled, controls) are flat lines. Along ε, each partition the study ran at that
+    K and dropout gets a panel of its own (an IID and a label-skewed federation differ), the
+    pooled methods repeated in each.
     """
     import matplotlib
 
@@ -178,6 +180,77 @@ def _line_plot(
     if not federated:
         return False
     fixed = _slice_along(federated, axis)
+    panels = [fixed]
+    if axis == "epsilon":
+        partitions = sorted(
+            {
+                g["partition"]
+                for g in federated
+                if all(g[c] == v for c, v in fixed.items() if c != "partition")
+            }
+        )
+        panels = [{**fixed, "partition": part} for part in partitions]
+    drawn = [_panel_lines(groups, axis=axis, column=column, fixed=f) for f in panels]
+    kept = [
+        (f, d)
+        for f, d in zip(panels, drawn, strict=True)
+        if any(len(v) >= 2 for v in d[0].values())
+    ]
+    if not kept:
+        return False
+    names = sorted({name for _, (lines, flat) in kept for name in [*lines, *flat]})
+    # tab20's dark shades first, then the light ones: 20 colours before one repeats.
+    palette = [matplotlib.colormaps["tab20"](i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]
+    colour = {name: palette[i % 20] for i, name in enumerate(names)}
+    marker = {name: "os^D"[i % 4] for i, name in enumerate(names)}
+    fig, axes = plt.subplots(
+        1, len(kept), figsize=(4.2 * len(kept) + 2.4, 4.2), sharey=True, squeeze=False
+    )
+    for ax, (f, (lines, flat)) in zip(axes[0], kept, strict=True):
+        for name, points in sorted(lines.items()):
+            points.sort()
+            xs, ys, sds = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=np.nan_to_num(sds),
+                marker=marker[name],
+                capsize=3,
+                color=colour[name],
+                label=name,
+            )
+        for name, value in sorted(flat.items()):
+            ax.axhline(value, ls="--", lw=1, color=colour[name], label=name)
+        if band is not None:
+            ax.axhspan(*band, color="grey", alpha=0.15, label="[0.45, 0.55]")
+        if axis == "epsilon":
+            ax.set_xscale("log")
+            ticks = sorted({x for points in lines.values() for x, _, _ in points})
+            ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+            ax.minorticks_off()
+            ax.set_xlabel("ε")
+        else:
+            ax.set_xlabel({"clients": "holders K", "dropout": "dropout rate"}[axis])
+        shown = ", ".join(f"{k}={v}" for k, v in f.items())
+        ax.set_title(f"federated cells at {shown}", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(column.replace("_", " "))
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="center right")
+    fig.suptitle(f"{title} (mean ± sd over seeds)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.1 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _panel_lines(
+    groups: Sequence[Mapping[str, Any]], *, axis: str, column: str, fixed: Mapping[str, str]
+) -> tuple[dict[str, list[tuple[float, float, float]]], dict[str, float]]:
+    """The lines (name -> (x, mean, sd) points) and flat levels of one panel of a plot."""
     lines: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     flat: dict[str, float] = {}
     for g in groups:
@@ -196,31 +269,7 @@ def _line_plot(
         elif not info.uses_epsilon or g["epsilon"] == fixed.get("epsilon"):
             label = g["method"] if not info.uses_epsilon else f"{g['method']} (ε={g['epsilon']})"
             flat[label] = g[column]
-    if not any(len(v) >= 2 for v in lines.values()):
-        return False
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for name, points in sorted(lines.items()):
-        points.sort()
-        xs, ys, sds = (np.array(v, dtype=float) for v in zip(*points, strict=True))
-        ax.errorbar(xs, ys, yerr=np.nan_to_num(sds), marker="o", capsize=3, label=name)
-    for i, (name, value) in enumerate(sorted(flat.items())):
-        ax.axhline(value, ls="--", lw=1, color=f"C{len(lines) + i}", label=name)
-    if band is not None:
-        ax.axhspan(*band, color="grey", alpha=0.15, label="[0.45, 0.55]")
-    if axis == "epsilon":
-        ax.set_xscale("log")
-        ax.set_xlabel("ε")
-    else:
-        ax.set_xlabel({"clients": "holders K", "dropout": "dropout rate"}[axis])
-    ax.set_ylabel(column.replace("_", " "))
-    shown = ", ".join(f"{k}={v}" for k, v in fixed.items())
-    ax.set_title(f"{title}\n(federated cells at {shown})", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return lines, flat
 
 
 def write_plots(groups: Sequence[Mapping[str, Any]], out_dir: Path, utility: str) -> list[str]:

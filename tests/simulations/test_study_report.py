@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -167,3 +168,25 @@ def test_aggregate_mean_and_sd_over_seeds() -> None:
     assert group["seeds"] == 2
     assert math.isclose(group["tstr_accuracy"], 0.62)
     assert math.isclose(group["tstr_accuracy_sd"], math.sqrt(0.0008))
+
+
+def test_utility_vs_epsilon_has_a_panel_per_partition(tmp_path: Any) -> None:
+    from fedsynth.simulations.study_report import _panel_lines, write_plots
+
+    rows = [_cell("prior", "none", "0", "pooled", s, 0.50) for s in range(2)]
+    for partition, base in (("iid", 0.60), ("label-skew:0.5", 0.70)):
+        for eps, gain in (("1", 0.0), ("4", 0.05)):
+            rows += [
+                _cell("vector", "distributed", eps, partition, s, base + gain) for s in range(2)
+            ]
+    groups = aggregate(rows)
+    fixed = {"clients": "10", "dropout": "0"}
+    for partition, base in (("iid", 0.60), ("label-skew:0.5", 0.70)):
+        lines, flat = _panel_lines(
+            groups, axis="epsilon", column="tstr_accuracy", fixed={**fixed, "partition": partition}
+        )
+        points = sorted(lines["vector (distributed)"])
+        assert [(x, round(y, 6)) for x, y, _ in points] == [(1.0, base), (4.0, base + 0.05)]
+        assert flat == {"prior": pytest.approx(0.50)}
+    assert "utility_vs_epsilon.png" in write_plots(groups, tmp_path, "tstr_accuracy")
+    assert (tmp_path / "utility_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
