@@ -794,7 +794,9 @@ def _vocab_rows(loaded: LoadedModel) -> int:
     """Rows of the model's output head (can exceed the tokenizer's vocabulary)."""
     embeddings = loaded.model.get_output_embeddings()
     if embeddings is not None and hasattr(embeddings, "weight"):
-        return int(embeddings.weight.shape[0])
+        weight = embeddings.weight
+        # A dynamically quantized head (torch.ao) exposes its weight through a method.
+        return int((weight() if callable(weight) else weight).shape[0])
     return int(len(loaded.tokenizer) if hasattr(loaded.tokenizer, "__len__") else 0)
 
 

@@ -108,3 +108,22 @@ def test_token_classes_of_the_char_tokenizer() -> None:
     assert set(range(TOK.vocab_size, TOK.vocab_size + 5)) <= control
     assert bool(classes.visible[LETTER]) and not bool(classes.visible[SPACE])
     assert not bool(classes.visible[PAD]) and not bool(classes.visible[NEWLINE])
+
+
+def test_a_dynamically_quantized_model_generates(llama: LoadedModel) -> None:
+    """torch.ao's int8 head exposes its weight through a method (benchmarks/quantized_generation)."""
+    import copy
+    import dataclasses
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    model = copy.deepcopy(llama.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(model, {torch.nn.Linear}, inplace=True)
+    quantized = dataclasses.replace(llama, model=model)
+    assert generation._vocab_rows(quantized) == generation._vocab_rows(llama)
+    config = GenerationConfig(max_new_tokens=4, batch_size=2)
+    texts = generate_texts(quantized, "Say: ", 2, config=config, seed=0)
+    assert len(texts) == 2
