@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from fedsynth.protocol.models import DEFAULT_MODEL, LoadedModel, load_model
-from fedsynth.server.generation import GenerationConfig, generate_from_prompts
+from fedsynth.server.generation import GenerationConfig, _left_padded, generate_from_prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
 from benchmarks.common import random_deltas
@@ -61,7 +61,8 @@ def speed(loaded: LoadedModel, *, batch: int, tokens: int, repeats: int) -> dict
     config = GenerationConfig(
         max_new_tokens=tokens, batch_size=batch, stop_at_eos=False, stop_at_newline=False
     )
-    deltas = random_deltas(loaded.hidden_size, LAYERS, strength=0.01)
+    layers = tuple(layer for layer in LAYERS if layer < loaded.num_layers) or (0,)
+    deltas = random_deltas(loaded.hidden_size, layers, strength=0.01)
     engines = {
         "fp32": loaded,
         "int8 per-tensor": int8_copy(loaded, per_channel=False),
@@ -87,10 +88,11 @@ def nucleus_run(
     """
     tok, model = loaded.tokenizer, loaded.model
     prompts = [TEMPLATE.format(label=lb) for lb in ("positive", "negative")] * (batch // 2)
-    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
-    mask = enc.attention_mask
+    encoded = [list(tok.encode(p, add_special_tokens=True)) for p in prompts]
+    pad = int(tok.eos_token_id if tok.eos_token_id is not None else 0)
+    ids, mask = _left_padded(encoded, pad, max(len(e) for e in encoded), loaded.device)
     generator = torch.Generator().manual_seed(seed)
-    out = model(input_ids=enc.input_ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
     vocab = out.logits.shape[-1]
     mass = torch.zeros(vocab, dtype=torch.float64)
     ids_per_step, probs_per_step = [], []
