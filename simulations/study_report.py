@@ -557,6 +557,11 @@ def headline(comparisons: Sequence[Mapping[str, Any]], *, epsilon: float = 1.0) 
     return lines
 
 
+def _skewed_epsilons(comparisons: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Each ε at which the federated vector was compared on label-skewed holders, ascending."""
+    return sorted({c["epsilon"] for c in comparisons if c["partition"].startswith("label-skew")})
+
+
 ATTACK_POWER_AUC = 0.6
 """A leaky control at or above this AUC shows the membership attack can see membership."""
 
@@ -632,7 +637,12 @@ def _evidence_section(rows: Sequence[Mapping[str, str]], metric: str) -> list[st
             f"Federated vector (distributed, no dropout) minus each other condition, {metric}. "
             + ("" if comparison else power),
             "",
-            *(line for answer in headline(methods) for line in (answer, "")),
+            *(
+                line
+                for eps in _skewed_epsilons(methods)
+                for answer in headline(methods, epsilon=eps)
+                for line in (answer, "")
+            ),
             "| ε | partition | other | vector | other's | difference | verdict (Welch) | "
             "paired by seed: difference [95 % CI], verdict |",
             "|---|---|---|---|---|---|---|---|",

@@ -111,7 +111,7 @@ def test_token_classes_of_the_char_tokenizer() -> None:
 
 
 def test_a_dynamically_quantized_model_generates(llama: LoadedModel) -> None:
-    """torch.ao's int8 head exposes its weight through a method (benchmarks/quantized_generation)."""
+    """torch.ao's int8 head exposes its weight through a method (quantized_generation.py)."""
     import copy
     import dataclasses
     import warnings

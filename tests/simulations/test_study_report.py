@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from fedsynth.simulations.study_report import (
+    _skewed_epsilons,
     aggregate,
     attack_check,
     compare_paired,
@@ -119,6 +120,9 @@ def test_the_federated_vector_is_compared_with_each_method_and_answered_in_words
         "95% CI [+0.000, +0.000] over 3 seeds)" in words
     )
     assert at[(1.0, skew, "dp-fedavg")]["paired"]["seeds"] == 3
+    at_four = "\n".join(headline(found, epsilon=4.0))
+    assert at_four.startswith("At ε = 4, label-skew:0.5") and "Does it beat pe? **yes**" in at_four
+    assert _skewed_epsilons(found) == [1.0, 4.0]
 
 
 def test_paired_comparison_uses_the_common_seeds_and_states_its_interval() -> None:
