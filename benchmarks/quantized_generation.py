@@ -30,7 +30,11 @@ from typing import Any
 import torch
 
 from fedsynth.protocol.models import DEFAULT_MODEL, LoadedModel, load_model
-from fedsynth.server.generation import GenerationConfig, _left_padded, generate_from_prompts
+from fedsynth.server.generation import (
+    GenerationConfig,
+    _FixedBatchDecoder,
+    generate_from_prompts,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
 from benchmarks.common import random_deltas
@@ -86,18 +90,16 @@ def nucleus_run(
     Returns the accumulated nucleus probability per token id, and per step the nucleus (ids,
     probabilities) of every row, for checking a vocabulary against.
     """
-    tok, model = loaded.tokenizer, loaded.model
     prompts = [TEMPLATE.format(label=lb) for lb in ("positive", "negative")] * (batch // 2)
-    encoded = [list(tok.encode(p, add_special_tokens=True)) for p in prompts]
-    pad = int(tok.eos_token_id if tok.eos_token_id is not None else 0)
-    ids, mask = _left_padded(encoded, pad, max(len(e) for e in encoded), loaded.device)
+    decoder = _FixedBatchDecoder(loaded)  # the sampling loop's own KV-cache decoder
+    logits = decoder.prefill(
+        [list(loaded.tokenizer.encode(p, add_special_tokens=True)) for p in prompts]
+    )
     generator = torch.Generator().manual_seed(seed)
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-    vocab = out.logits.shape[-1]
-    mass = torch.zeros(vocab, dtype=torch.float64)
+    mass = torch.zeros(logits.shape[-1], dtype=torch.float64)
     ids_per_step, probs_per_step = [], []
     for _ in range(steps):
-        probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
+        probs = torch.softmax(logits, dim=-1)
         sorted_p, sorted_i = torch.sort(probs, dim=-1, descending=True)
         keep = (sorted_p.cumsum(-1) - sorted_p) < top_p
         width = int(keep.sum(-1).max())
@@ -107,11 +109,7 @@ def nucleus_run(
         ids_per_step.append(kept_i)
         probs_per_step.append(kept_p)
         choice = torch.multinomial(kept_p, 1, generator=generator)
-        nxt = kept_i.gather(-1, choice)
-        mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype)], dim=1)
-        out = model(
-            input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True
-        )
+        logits = decoder.step(kept_i.gather(-1, choice).squeeze(-1))
     return mass, ids_per_step, probs_per_step
 
 
@@ -119,10 +117,11 @@ def vocab_coverage(
     loaded: LoadedModel, *, calibration: int, batch: int, steps: int
 ) -> list[dict[str, Any]]:
     """Held-out nucleus mass outside the working vocabularies that hold a share of the mass."""
-    mass = torch.zeros(0, dtype=torch.float64)
-    for seed in range(calibration):
-        run_mass, _, _ = nucleus_run(loaded, seed=seed, batch=batch, steps=steps)
-        mass = run_mass if not len(mass) else mass + run_mass
+    if calibration < 1:
+        raise ValueError(f"calibration={calibration}: at least one batch is needed")
+    mass = torch.stack(
+        [nucleus_run(loaded, seed=seed, batch=batch, steps=steps)[0] for seed in range(calibration)]
+    ).sum(0)
     _, held_ids, held_probs = nucleus_run(loaded, seed=10_000, batch=batch, steps=steps)
     order = torch.argsort(mass, descending=True)
     share = mass[order].cumsum(0) / mass.sum()
