@@ -301,6 +301,42 @@ def iter_labelled_texts(
             yield label, text
 
 
+def floor_samples(
+    loaded: LoadedModel | GenerationBackend,
+    template: PromptTemplate,
+    *,
+    n_per_label: int,
+    generation: GenerationConfig,
+    shots: int,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+    pool_progress: Callable[[int, int], None] | None = None,
+) -> list[SyntheticSample]:
+    """Samples of the release generator at strength 0, label by label: the prior (ε = 0).
+
+    Exactly what :func:`generate_from_release` yields from a release whose every layer the SNR
+    rule switches off (same seeds, prompts and own unsteered shot pools), so the floor and a
+    switched-off release differ by nothing, and a release's gain over the floor is not mixed
+    with the draw of a different shot pool. The demo's prior and the study's ``prior`` cells
+    are both this.
+    """
+    return [
+        SyntheticSample(text=text, label=label, release_id="prior")
+        for label, text in iter_labelled_texts(
+            as_backend(loaded),
+            template,
+            template.labels,
+            n_per_label=n_per_label,
+            deltas_of=lambda _label: None,
+            config=generation,
+            seed=seed,
+            shots=shots,
+            progress=progress,
+            pool_progress=pool_progress,
+        )
+    ]
+
+
 def iter_release_samples(
     loaded: LoadedModel | GenerationBackend,
     release: Release,

@@ -12,7 +12,6 @@ Fréchet distance).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -37,7 +36,6 @@ from fedsynth.protocol.models import DEFAULT_MODEL, LoadedModel, cache_root, loa
 from fedsynth.protocol.secagg import Stage, min_safe_threshold
 from fedsynth.server.backends import (
     GenerationBackend,
-    as_backend,
     check_backend_name,
     open_backend,
 )
@@ -56,11 +54,10 @@ from fedsynth.server.secure_round import Transport
 from fedsynth.server.selection import check_select, select_caution
 from fedsynth.server.snr import DEFAULT_MIN_SIGNAL_SHARE, check_min_signal_share
 from fedsynth.server.synthesize import (
-    SHOT_POOL,
     SyntheticSample,
     check_shots,
+    floor_samples,
     generate_from_release,
-    iter_labelled_texts,
 )
 from fedsynth.server.task_runner import run_vector_release
 from fedsynth.simulations.datasets import json_line, load_corpus, subsample_per_label, write_jsonl
@@ -142,7 +139,7 @@ class DemoConfig:
     """Generation backend for the steered samples (the federation always runs transformers)."""
     shots: int = 1
     """Same-label texts each sample is conditioned on, drawn from the condition's own
-    plain-prompt samples (the prior's: its public prior texts); 0 = the plain prompt only. One
+    plain-prompt samples (the prior's unsteered ones); 0 = the plain prompt only. One
     shot raised label fidelity, TSTR accuracy and MAUVE of epsilon = 4 releases (README)."""
     top_p: float = 0.95
     """Nucleus sampling of every generation (prior and releases): 1 samples the model's whole
@@ -266,7 +263,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "synthetic_per_label": 30,
         "prior_per_label": 30,
         "test_per_label": 200,
-        "shots": 0,  # a shot pool and a generated prior would double the quick run's generation
+        "shots": 0,  # a shot pool would double the quick run's generation
     },
     "default": {},
 }
@@ -277,11 +274,9 @@ def demo_config(preset: str, **overrides: Any) -> DemoConfig:
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: expected one of {list(PRESETS)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    config = DemoConfig(**values)
-    # The prior condition reuses the public prior texts: there must be enough of them.
-    if config.prior_per_label < config.synthetic_per_label:
-        config = dataclasses.replace(config, prior_per_label=config.synthetic_per_label)
-    return config
+    # The public prior texts only set the reference (clip norms, steering scale): the prior
+    # condition generates its own samples, so their number does not follow --samples.
+    return DemoConfig(**values)
 
 
 @dataclass
@@ -754,7 +749,10 @@ def generate_conditions(
     )
     out: dict[str, list[SyntheticSample]] = {
         "prior (eps=0)": prior_samples(
-            config, engine, reference, progress=_phase(report, "generate prior")
+            config,
+            engine,
+            progress=_phase(report, "generate prior"),
+            pool_progress=_phase(report, "shot pool prior"),
         )
     }
     for eps_name, path in releases.items():
@@ -795,38 +793,27 @@ def public_basis_for(
 def prior_samples(
     config: DemoConfig,
     engine: LoadedModel | GenerationBackend,
-    reference: PublicReference,
     *,
     progress: Callable[[int, int], None] | None = None,
+    pool_progress: Callable[[int, int], None] | None = None,
 ) -> list[SyntheticSample]:
-    """The prior condition (epsilon 0): the public prior texts, or shot-conditioned ones.
+    """The prior condition (epsilon 0): a release switched off entirely.
 
-    With ``config.shots`` the prior samples are unsteered ones conditioned on shots from the
-    public prior texts, as the releases' samples are on their own plain-prompt samples.
+    :func:`~fedsynth.server.synthesize.floor_samples` at the releases' sampling seed, with the
+    releases' number of shots drawn from its own unsteered pool, as the study's ``prior`` cells
+    do: the prior and a release then differ by the steering only, not also by which pool of
+    texts the shots come from.
     """
-    labels = config.template.labels
-    n = config.synthetic_per_label
-    if config.shots == 0:
-        return [
-            SyntheticSample(text=t, label=label, release_id="prior")
-            for label in labels
-            for t in reference.texts[label][:n]
-        ]
-    return [
-        SyntheticSample(text=t, label=label, release_id="prior")
-        for label, t in iter_labelled_texts(
-            as_backend(engine),
-            config.template,
-            labels,
-            n_per_label=n,
-            deltas_of=lambda _label: None,
-            config=generation_config(config),
-            seed=sampling_seed(config.seed),
-            shots=config.shots,
-            pools={label: reference.texts[label][:SHOT_POOL] for label in labels},
-            progress=progress,
-        )
-    ]
+    return floor_samples(
+        engine,
+        config.template,
+        n_per_label=config.synthetic_per_label,
+        generation=generation_config(config),
+        shots=config.shots,
+        seed=sampling_seed(config.seed),
+        progress=progress,
+        pool_progress=pool_progress,
+    )
 
 
 def _phase(report: Reporter | None, phase: str) -> Callable[[int, int], None] | None:

@@ -80,7 +80,7 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(SAMPLES_PER_LABEL),
         "--private-per-label",
         str(PRIVATE_PER_LABEL),
-        "--prior-per-label",  # the prior condition needs no more public texts than this
+        "--prior-per-label",  # public prior texts for the reference (clip norms, scale)
         str(SAMPLES_PER_LABEL),
         "--strength",
         "0.05",

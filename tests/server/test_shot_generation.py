@@ -16,6 +16,7 @@ from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.synthesize import (
     REFILL_BATCHES,
     check_shots,
+    floor_samples,
     generate_from_release,
     iter_label_texts,
     iter_labelled_texts,
@@ -214,29 +215,53 @@ def test_release_samples_with_shots_on_a_real_model(llama: LoadedModel) -> None:
         generate_from_release(llama, release, shots=-2, **kwargs)
 
 
-def test_the_demo_prior_draws_its_shots_from_the_public_prior_texts(tmp_path: Any) -> None:
-    from types import SimpleNamespace
+@pytest.mark.parametrize("shots", [0, 1])
+def test_the_demo_prior_is_a_switched_off_release(tmp_path: Any, shots: int) -> None:
+    """The demo's prior is the study's floor at the releases' sampling seed: unsteered, its
+    shots from its own plain-prompt pool, never the public prior texts (another draw)."""
+    from fedsynth.simulations.demo import (
+        DemoConfig,
+        generation_config,
+        prior_samples,
+        sampling_seed,
+    )
 
-    from fedsynth.simulations.demo import DemoConfig, prior_samples
-
-    texts = {"positive": [f"pos prior {i}" for i in range(5)], "negative": ["neg prior"] * 5}
-    reference: Any = SimpleNamespace(texts=texts)
-    without = DemoConfig(out_dir=tmp_path, synthetic_per_label=3, shots=0)
-    plain = prior_samples(without, None, reference)  # type: ignore[arg-type]
-    assert [s.text for s in plain] == [t for lab in without.template.labels for t in texts[lab][:3]]
+    config = DemoConfig(out_dir=tmp_path, synthetic_per_label=3, shots=shots, seed=4)
     backend = RecordingBackend()
-    config = DemoConfig(out_dir=tmp_path, synthetic_per_label=3, shots=1)
     ticks: list[tuple[int, int]] = []
-    shot = prior_samples(config, backend, reference, progress=lambda *a: ticks.append(a))  # type: ignore[arg-type]
-    assert len(shot) == 6 and all(s.release_id == "prior" for s in shot)
+    pool_ticks: list[tuple[int, int]] = []
+    samples = prior_samples(
+        config,
+        backend,  # type: ignore[arg-type]
+        progress=lambda *a: ticks.append(a),
+        pool_progress=lambda *a: pool_ticks.append(a),
+    )
+    assert len(samples) == 6 and all(s.release_id == "prior" for s in samples)
+    assert [s.label for s in samples] == ["positive"] * 3 + ["negative"] * 3
     assert ticks[-1] == (6, 6) and [done for done, _ in ticks] == sorted(done for done, _ in ticks)
-    assert all(deltas is None for _, deltas, _ in backend.calls)  # unsteered, no pool generated
-    assert sum(len(p) for p, _, _ in backend.calls) == 6
-    for prompts, _, _ in backend.calls:
+    assert all(deltas is None for _, deltas, _ in backend.calls)
+    again = RecordingBackend()
+    floor_samples(
+        again,  # type: ignore[arg-type]
+        config.template,
+        n_per_label=3,
+        generation=generation_config(config),
+        shots=shots,
+        seed=sampling_seed(4),
+    )
+    assert again.calls == backend.calls
+    prompts = [p for batch, _, _ in backend.calls for p in batch]
+    plain = {config.template.prefix("positive"), config.template.prefix("negative")}
+    if shots == 0:
+        assert set(prompts) == plain and not pool_ticks
+    else:
+        # Each label first samples its pool of 3 from the plain prompt, then shows one of them.
+        assert sum(p in plain for p in prompts) == 6 and len(prompts) == 12
+        assert pool_ticks[-1] == (6, 6)
+        pooled = {s.text for s in samples} | {f"sample {i}" for i in range(1, 13)}
         for prompt in prompts:
-            shown = prompt.split("\n")[1]
-            label = "positive" if shown.startswith("pos") else "negative"
-            assert shown in texts[label] and prompt.endswith(config.template.prefix(label))
+            if prompt not in plain:
+                assert prompt.split("\n")[1] in pooled
 
 
 class RefillingRecorder(RecordingBackend):
@@ -266,8 +291,6 @@ def test_a_refilling_backend_gets_several_batches_per_call() -> None:
 def test_the_study_floor_is_a_release_switched_off(llama: LoadedModel) -> None:
     """The study's prior cell draws exactly what a release at strength 0 draws (same seeds,
     same own shot pools), so a release's gain over the floor is not a different pool's draw."""
-    from fedsynth.simulations.methods.prior import floor_samples
-
     release = make_test_release(llama)
     config = GenerationConfig(max_new_tokens=4, batch_size=4)
     for shots in (0, 1):

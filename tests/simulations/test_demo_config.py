@@ -43,6 +43,10 @@ def test_presets_and_overrides(tmp_path: Path) -> None:
     assert release_epsilons(quick) == [2.0, float("inf")]
     with pytest.raises(ValueError, match="preset"):
         demo_config("huge", out_dir=tmp_path)
+    # The prior condition generates its own samples: the public prior texts (the reference)
+    # keep their own number however many samples are asked for.
+    many = demo_config("default", out_dir=tmp_path, synthetic_per_label=1000)
+    assert many.prior_per_label == 150 and many.synthetic_per_label == 1000
 
 
 def test_user_data_gets_template_and_partitions(tmp_path: Path) -> None:
