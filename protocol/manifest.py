@@ -249,6 +249,10 @@ class TaskManifest:
             raise ConfigError(
                 f"reference_sha256 mismatch: manifest {self.reference_sha256}, got {found}"
             )
+        if not np.all(np.isfinite(reference)):
+            # A NaN row would turn every record of its class into NaN: refused here, at setup,
+            # whatever the holder's data (clip_to_unit zeroes such rows as well).
+            raise ConfigError("reference holds non-finite values (NaN or inf)")
 
     def to_json(self) -> str:
         """Serialize to canonical JSON (infinite epsilon as the string "inf")."""
