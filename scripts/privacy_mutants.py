@@ -197,7 +197,7 @@ MUTANTS: tuple[Mutant, ...] = (
         summary="the distributed noise share variance is 0 (for vectors and votes)",
         patches=(
             Patch(
-                "protocol/contribution.py",
+                "protocol/manifest.py",
                 "        return privacy.total_variance / (privacy.threshold - privacy.colluders)\n",
                 "        return 0.0 * privacy.total_variance"
                 " / (privacy.threshold - privacy.colluders)\n",
@@ -215,7 +215,7 @@ MUTANTS: tuple[Mutant, ...] = (
         summary="distributed shares are sized for t holders even when c of them may add none",
         patches=(
             Patch(
-                "protocol/contribution.py",
+                "protocol/manifest.py",
                 "        return privacy.total_variance / (privacy.threshold - privacy.colluders)\n",
                 "        return privacy.total_variance / privacy.threshold\n",
             ),
