@@ -32,7 +32,7 @@ from fedsynth.protocol.errors import (
     ProtocolError,
     category_of,
 )
-from fedsynth.protocol.features import extract_features
+from fedsynth.protocol.features import check_fits_context, extract_features
 from fedsynth.protocol.manifest import TaskManifest
 from fedsynth.protocol.messages import (
     vector_from_bytes,
@@ -103,7 +103,6 @@ class Contributor(SecureSumParticipant[TaskManifest]):
     ) -> None:
         super().__init__(settings, node_id=node_id)
         self._model_loader = model_loader or (lambda: _load_model(settings.model, settings.device))
-        self._contributed: int | None = None  # records summed into this object's contribution
 
     def accept(self, fields: dict[str, Any], state: RecordDict) -> tuple[TaskManifest, bytes]:
         """Check the manifest, reference, data, policy, budget and model before any key."""
@@ -114,11 +113,13 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         if self.node_id not in manifest.node_ids:
             raise ProtocolError(f"node {self.node_id} is not a participant of {manifest.task_id}")
         n_records = self.record_count(manifest.labels)  # one pass; no record is kept
-        self.settings.policy.check_records(n_records)
+        self.check_file_size()
         budget = ClientBudget(self.settings.budget_path)
         refuse_repeated_task(budget, manifest)
         self.check_policy(manifest, n_records)
-        manifest_model_matches(self._model_loader(), manifest)
+        loaded = self._model_loader()
+        manifest_model_matches(loaded, manifest)
+        check_fits_context(loaded, manifest.feature_spec)
         log.info("node %s accepted task %s", self.node_id, manifest.task_id)
         return manifest, vector_to_bytes(reference.reshape(-1))
 
@@ -140,10 +141,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         """
         manifest = task
         reference = self._reference(manifest, payload)
-        budget = ClientBudget(self.settings.budget_path)
-        refuse_repeated_task(budget, manifest)
         loaded = self._model_loader()
-        manifest_model_matches(loaded, manifest)
         spec = manifest.feature_spec
         spec = type(spec)(
             spec.template, spec.layers, spec.max_text_tokens, self.settings.batch_size
@@ -162,7 +160,6 @@ class Contributor(SecureSumParticipant[TaskManifest]):
                 f"{self.settings.data_path}: the data file changed while this task ran: it "
                 f"held {self._counted} records at setup and {n_records} now"
             )
-        self._contributed = n_records
         sums = accumulator.sums
         del accumulator
         value = encode_contribution(
@@ -171,15 +168,21 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         del sums
         return value
 
+    def prepare(self, task: TaskManifest, payload: bytes, state: RecordDict) -> None:
+        """Before the charge: not a repeated task, the same model, its context long enough."""
+        refuse_repeated_task(ClientBudget(self.settings.budget_path), task)
+        loaded = self._model_loader()
+        manifest_model_matches(loaded, task)
+        check_fits_context(loaded, task.feature_spec)
+
     def committed(self, task: TaskManifest, state: RecordDict) -> None:
-        """Charge the budget before the masked input leaves (not if masking was refused).
+        """Charge the budget before the data file is read for this task.
 
         The point of no return: the policy (lifetime cap included) is re-checked inside the
-        store's charging transaction, with the number of records the contribution summed, so
-        of two tasks set up at once only what fits is charged, and a refused charge keeps the
-        masked input here.
+        store's charging transaction, with the number of records counted at setup, so of two
+        tasks set up at once only what fits is charged, and a refused charge reads no record.
         """
-        n_records = self._contributed
+        n_records = self._counted
         if n_records is None:
             n_records = self.record_count(task.labels)
         ClientBudget(self.settings.budget_path).charge(

@@ -70,6 +70,7 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         self.settings = settings
         self.node_id = node_id
         self._counted: int | None = None  # records found by this object's validation pass
+        self.file_records: int | None = None  # every record of the file, whatever its label
 
     def record_count(self, labels: tuple[str, ...]) -> int:
         """Validate the whole data file against the task's labels and count its records.
@@ -77,16 +78,35 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         One streaming pass that keeps no record (memory independent of the file's size).
         Records whose label the task does not list are left out, not refused (whether the
         file holds such a label is private); the holder's log says how many.
+        :attr:`file_records` keeps the count of every record, for :meth:`check_file_size`.
         """
+        skipped = 0
+
+        def on_skipped(count: int) -> None:
+            nonlocal skipped
+            skipped = count
+            self._log_skipped(count)
+
         self._counted = count_records(
             self.settings.data_path,
             text_field=self.settings.text_field,
             label_field=self.settings.label_field,
             labels=labels,
             skip_unknown_labels=True,
-            on_skipped=self._log_skipped,
+            on_skipped=on_skipped,
         )
+        self.file_records = self._counted + skipped
         return self._counted
+
+    def check_file_size(self) -> None:
+        """The holder's ``max_records`` against its whole file (after :meth:`record_count`).
+
+        Every record counts, whatever its label: compared with only the task's labels, a
+        coordinator could learn how many records each label set holds from free refusals.
+        """
+        if self.file_records is None:
+            raise RuntimeError("check_file_size before record_count")
+        self.settings.policy.check_records(self.file_records)
 
     def check_policy(
         self, task: PolicySubject, n_records: int, *, exclude: str | None = None
@@ -136,8 +156,15 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         seed = record.get("seed")
         return seed if isinstance(seed, bytes) else None
 
+    def prepare(self, task: TaskT, payload: bytes, state: RecordDict) -> None:
+        """Checks of the masked-input stage that read no record (the model, a repeated task).
+
+        Run before :meth:`committed`, so a refusal here charges nothing and depends on public
+        terms only.
+        """
+
     def committed(self, task: TaskT, state: RecordDict) -> None:
-        """Called after masking succeeded, before the masked vector leaves (charge budgets)."""
+        """Charge budgets; called before :meth:`contribution` reads the data file."""
 
     def setup_reply_fields(self, task: TaskT) -> dict[str, Any]:
         """Extra public fields of the setup reply."""
@@ -257,10 +284,14 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             state.config_records[self._noise_key] = ConfigRecord(
                 {"task_id": task.task_id, "seed": self._new_noise_seed()}
             )
+        self.prepare(task, payload, state)
+        # Charged before the data file is read for this task: whatever the computation on the
+        # records then does, a refusal included, it is paid for, so a coordinator cannot repeat
+        # a task under fresh ids to read a data-dependent failure for free.
+        self.committed(task, state)
         value = self.contribution(task, payload, state)
         masked = client.masked_input(ciphertexts, value)
         del value
-        self.committed(task, state)
         self._save(state, task, payload, client)
         return pack(
             Envelope(task.task_id, Stage.MASKED_INPUT.value),

@@ -131,7 +131,7 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
             raise ProtocolError(f"node {self.node_id} is not a participant of {manifest.task_id}")
         self._check_round(manifest, state)
         n_records = self.record_count(manifest.labels)
-        self.settings.policy.check_records(n_records)
+        self.check_file_size()
         # A task already charged (earlier rounds) is not counted twice against the cap.
         self.check_policy(manifest, n_records, exclude=manifest.pe_task_id)
         embedder_matches(self._embedder_loader(), manifest)
@@ -144,10 +144,8 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
 
     def contribution(self, task: PERoundManifest, payload: bytes, state: RecordDict) -> np.ndarray:
         """Votes of every private example for its nearest candidates, plus the noise share."""
-        self._check_round(task, state)
         candidates = self._candidates(task, payload)
         embedder = self._embedder_loader()
-        embedder_matches(embedder, task)
         private, label_ids = self.private_embeddings(task, embedder)
         votes = vote_histogram(
             private,
@@ -161,12 +159,18 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
             votes, manifest=task, rng=self.rng(), noise_seed=self.noise_seed(task, state)
         )
 
+    def prepare(self, task: PERoundManifest, payload: bytes, state: RecordDict) -> None:
+        """Before the charge: the round's order and terms, its candidates, the same embedder."""
+        self._check_round(task, state)
+        self._candidates(task, payload)
+        embedder_matches(self._embedder_loader(), task)
+
     def committed(self, task: PERoundManifest, state: RecordDict) -> None:
-        """Charge the task once and record the round before the votes leave.
+        """Charge the task once and record the round before the data file is read.
 
         One transaction of the holder's store: the task's terms (persisted at its first
         charge), the round order and, at the first round, the policy with the lifetime cap are
-        re-checked and the charge written together, so a refusal keeps the votes here.
+        re-checked and the charge written together, so a refusal reads no record.
         """
         n_records = self.record_count(task.labels)
         ClientBudget(self.settings.budget_path).charge_pe_round(

@@ -27,7 +27,12 @@ from fedsynth.protocol.codec import field_sub, from_field, to_field
 from fedsynth.protocol.errors import ConfigError, FieldRangeError, ShapeError
 from fedsynth.protocol.exact_noise import SEED_BYTES, NoiseSchedule, holder_noise, removable_noise
 from fedsynth.protocol.features import clip_to_unit
-from fedsynth.protocol.manifest import NOISE_EXACT, PrivacySpec, TaskManifest
+from fedsynth.protocol.manifest import (
+    NOISE_EXACT,
+    PrivacySpec,
+    TaskManifest,
+    noise_share_variance,
+)
 from fedsynth.protocol.mechanisms import TrustMode, gaussian_noise, skellam_noise
 
 
@@ -185,21 +190,6 @@ def _check_feature_shape(features: np.ndarray, manifest: TaskManifest) -> None:
             f"features shape {features.shape[1:]} != manifest's "
             f"{(len(manifest.layers), manifest.hidden_size)}"
         )
-
-
-def noise_share_variance(privacy: PrivacySpec) -> float:
-    """Skellam variance one client adds per coordinate, by trust mode.
-
-    distributed: total/(t − c), so any t surviving shares carry the target variance even when
-    c of them are colluders' that add nothing; local: the full total (the client's own sum is
-    DP on its own); central: none.
-    """
-    mode = TrustMode(privacy.mode)
-    if mode is TrustMode.DISTRIBUTED:
-        return privacy.total_variance / (privacy.threshold - privacy.colluders)
-    if mode is TrustMode.LOCAL:
-        return privacy.total_variance
-    return 0.0
 
 
 def noise_schedule(privacy: PrivacySpec, *, clients: int) -> NoiseSchedule | None:

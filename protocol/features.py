@@ -132,6 +132,31 @@ def encode_example(
     return prefix_ids + text_ids, len(prefix_ids)
 
 
+def check_fits_context(loaded: LoadedModel, spec: FeatureSpec) -> None:
+    """Refuse a feature spec whose longest input could outrun the model's context.
+
+    A label's prompt plus ``max_text_tokens`` bounds every record's input (longer texts are
+    cut), so this is decided from public terms before any record is read. Left unchecked, a
+    coordinator could lengthen the prompt until only long records overflow the positions and
+    learn from the holder's failure whether it holds one.
+
+    Raises:
+        ConfigError: naming the longest prompt, the text length and the context.
+    """
+    context = loaded.context
+    if context is None:
+        return
+    prompt = max(
+        len(loaded.tokenizer.encode(spec.template.prefix(label), add_special_tokens=True))
+        for label in spec.template.labels
+    )
+    if prompt + spec.max_text_tokens > context:
+        raise ConfigError(
+            f"max_text_tokens={spec.max_text_tokens}: a {prompt}-token prompt plus that many "
+            f"text tokens exceeds {loaded.name}'s context of {context} tokens"
+        )
+
+
 def extract_features(
     loaded: LoadedModel,
     texts: Sequence[str],
@@ -234,12 +259,17 @@ def clip_to_unit(diffs: np.ndarray, clip_norms: np.ndarray) -> np.ndarray:
         clip_norms: (L,) positive per-layer clip norms ``m_l``.
 
     Returns:
-        (n, L, H) float64 with every (example, layer) row of L2 norm <= 1.
+        (n, L, H) float64 with every (example, layer) row of L2 norm <= 1; a row with a
+        non-finite entry becomes 0.
     """
     if diffs.ndim != 3 or clip_norms.shape != (diffs.shape[1],):
         raise ShapeError(f"diffs {diffs.shape} and clip_norms {clip_norms.shape} do not match")
     if np.any(~np.isfinite(clip_norms)) or np.any(clip_norms <= 0):
         raise ConfigError(f"clip_norms={clip_norms.tolist()}: must be positive and finite")
+    # A non-finite row (a model overflow, a reference of NaN) counts as no direction at all:
+    # refusing it would tell whoever chose the reference whether such a record exists.
+    finite = np.isfinite(diffs).all(axis=-1, keepdims=True)
+    diffs = np.where(finite, diffs, 0.0)
     norms = np.linalg.norm(diffs, axis=-1, keepdims=True)  # (n, L, 1)
     denom = np.maximum(norms, clip_norms[None, :, None])
     unit: np.ndarray = diffs.astype(np.float64) / denom

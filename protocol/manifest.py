@@ -124,6 +124,35 @@ class PrivacySpec:
             )
 
 
+def noise_share_variance(privacy: PrivacySpec) -> float:
+    """Skellam variance one client adds per coordinate, by trust mode.
+
+    distributed: total/(t − c), so any t surviving shares carry the target variance even when
+    c of them are colluders' that add nothing; local: the full total (the client's own sum is
+    DP on its own); central: none.
+    """
+    mode = TrustMode(privacy.mode)
+    if mode is TrustMode.DISTRIBUTED:
+        return privacy.total_variance / (privacy.threshold - privacy.colluders)
+    if mode is TrustMode.LOCAL:
+        return privacy.total_variance
+    return 0.0
+
+
+def noise_margin(privacy: PrivacySpec, *, clients: int) -> float:
+    """Room for the noise in the field: 40 std of every holder's share, K times, plus 1.
+
+    A holder refuses a contribution beyond 2^(bits-1)/K (it could wrap), so each holder's own
+    share, not only the aggregate's, must keep 40 std of room; otherwise a share of the full
+    variance (local mode, or t - c = 1) would be refused a few std out, an answer that depends
+    on how close its sums come to the cap. Central mode's single draw is the aggregate's.
+    """
+    k = max(clients, 1)
+    share = math.sqrt(noise_share_variance(privacy))
+    central = 0.0 if share else math.sqrt(privacy.total_variance)
+    return 40.0 * (k * share + central) + 1.0
+
+
 @dataclass(frozen=True)
 class TaskManifest:
     """A dataset-vector task as published by the coordinator.
@@ -227,11 +256,11 @@ class TaskManifest:
         """Refuse parameters whose worst-case aggregate could wrap around the field.
 
         Worst case per coordinate: K clients, each with max_records records of magnitude scale
-        (plus rounding), plus noise up to 40 standard deviations.
+        (plus rounding) and its noise share up to 40 standard deviations (:func:`noise_margin`).
         """
         k = len(self.node_ids)
         per_record = self.scale * max(1.0, self.count_weight) + 1.0
-        noise = 40.0 * math.sqrt(self.privacy.total_variance * max(k, 1)) + 1.0
+        noise = noise_margin(self.privacy, clients=k)
         worst = k * self.max_records * per_record + noise
         if worst >= 2.0 ** (self.bits - 1):
             raise ConfigError(
@@ -249,6 +278,10 @@ class TaskManifest:
             raise ConfigError(
                 f"reference_sha256 mismatch: manifest {self.reference_sha256}, got {found}"
             )
+        if not np.all(np.isfinite(reference)):
+            # A NaN row would turn every record of its class into NaN: refused here, at setup,
+            # whatever the holder's data (clip_to_unit zeroes such rows as well).
+            raise ConfigError("reference holds non-finite values (NaN or inf)")
 
     def to_json(self) -> str:
         """Serialize to canonical JSON (infinite epsilon as the string "inf")."""

@@ -204,6 +204,16 @@ class LoadedModel:
         config = self.model.config
         return int(getattr(config, "hidden_size", None) or config.n_embd)
 
+    @property
+    def context(self) -> int | None:
+        """The model's context length in tokens (None when its config does not say)."""
+        config = getattr(self.model, "config", None)
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
 
 TOKENIZER_PROBES = (
     PROBE_TEXT,

@@ -18,7 +18,13 @@ import numpy as np
 from fedsynth.protocol.codec import to_field, validate_bits
 from fedsynth.protocol.contribution import share_noise
 from fedsynth.protocol.errors import ConfigError, FieldRangeError, ShapeError
-from fedsynth.protocol.manifest import ADJACENCY, PrivacySpec, array_sha256, secagg_config_of
+from fedsynth.protocol.manifest import (
+    ADJACENCY,
+    PrivacySpec,
+    array_sha256,
+    noise_margin,
+    secagg_config_of,
+)
 from fedsynth.protocol.secagg import SecAggConfig
 
 PE_MANIFEST_VERSION = "pe-1"
@@ -127,9 +133,9 @@ class PERoundManifest:
         return secagg_config_of(self, domain=b"fedsynth/pe-round-terms")
 
     def worst_case_sum(self) -> float:
-        """Largest |coordinate| of an honest aggregate: all votes plus 40 noise std."""
+        """Largest |coordinate| of an honest aggregate: all votes plus every share's 40 std."""
         k = len(self.node_ids)
-        noise = 40.0 * math.sqrt(self.privacy.total_variance * max(k, 1)) + 1.0
+        noise = noise_margin(self.privacy, clients=k)
         return k * self.max_records * self.top_k + noise
 
     def check_candidates(self, candidates: np.ndarray) -> None:

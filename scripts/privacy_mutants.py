@@ -122,6 +122,7 @@ ROUND_NOISE = "tests/server/test_round_noise.py"
 SECURE_ROUND = "tests/server/test_secure_round.py"
 EXACT_NOISE = "tests/protocol/test_exact_noise.py"
 NOISE_CHECK = "tests/simulations/test_noise_check.py"
+FLOWER_APP = "tests/client/test_flower_app.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -196,7 +197,7 @@ MUTANTS: tuple[Mutant, ...] = (
         summary="the distributed noise share variance is 0 (for vectors and votes)",
         patches=(
             Patch(
-                "protocol/contribution.py",
+                "protocol/manifest.py",
                 "        return privacy.total_variance / (privacy.threshold - privacy.colluders)\n",
                 "        return 0.0 * privacy.total_variance"
                 " / (privacy.threshold - privacy.colluders)\n",
@@ -214,7 +215,7 @@ MUTANTS: tuple[Mutant, ...] = (
         summary="distributed shares are sized for t holders even when c of them may add none",
         patches=(
             Patch(
-                "protocol/contribution.py",
+                "protocol/manifest.py",
                 "        return privacy.total_variance / (privacy.threshold - privacy.colluders)\n",
                 "        return privacy.total_variance / privacy.threshold\n",
             ),
@@ -415,6 +416,60 @@ MUTANTS: tuple[Mutant, ...] = (
             # still stops them (see consistency-signatures-skipped).
             f"{SECAGG_ACTIVE}::test_a_holder_reveals_only_the_survivor_set_it_signed",
         ),
+    ),
+    Mutant(
+        name="charge-after-read",
+        summary="a holder charges its budget only after computing on its records",
+        patches=(
+            Patch(
+                "client/participant.py",
+                "        self.committed(task, state)\n"
+                "        value = self.contribution(task, payload, state)\n",
+                "        value = self.contribution(task, payload, state)  # mutant: read first\n"
+                "        self.committed(task, state)\n",
+            ),
+        ),
+        tests=(
+            f"{SECURE_ROUND}::test_a_holder_pays_before_it_reads_its_data_so_a_failure_is_never_free",
+        ),
+    ),
+    Mutant(
+        name="record-cap-over-task-labels",
+        summary="the holder's max_records is compared with the task's labels' records only",
+        patches=(
+            Patch(
+                "client/participant.py",
+                "        self.settings.policy.check_records(self.file_records)\n",
+                "        self.settings.policy.check_records(self._counted or 0)  # mutant\n",
+            ),
+        ),
+        tests=(
+            f"{FLOWER_APP}::test_the_record_cap_counts_the_whole_file_whatever_the_task_labels",
+        ),
+    ),
+    Mutant(
+        name="non-finite-reference-accepted",
+        summary="a public reference holding NaN passes the holder's setup check",
+        patches=(
+            Patch(
+                "protocol/manifest.py",
+                "        if not np.all(np.isfinite(reference)):\n",
+                "        if False:  # mutant: a NaN reference is accepted\n",
+            ),
+        ),
+        tests=(f"{FLOWER_APP}::test_a_non_finite_reference_is_refused_at_setup_whatever_the_data",),
+    ),
+    Mutant(
+        name="context-unchecked",
+        summary="a prompt plus max_text_tokens beyond the model's context passes setup",
+        patches=(
+            Patch(
+                "protocol/features.py",
+                "    if prompt + spec.max_text_tokens > context:\n",
+                "    if False:  # mutant: no context check\n",
+            ),
+        ),
+        tests=(f"{FLOWER_APP}::test_a_text_length_beyond_the_model_context_is_refused_at_setup",),
     ),
 )
 

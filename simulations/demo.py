@@ -679,12 +679,7 @@ def simulated_holder_policy(config: DemoConfig) -> ClientPolicy:
 
 def model_context(loaded: LoadedModel) -> int | None:
     """The model's context length in tokens (None when its config does not say)."""
-    config = loaded.model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return loaded.context
 
 
 def check_text_length(config: DemoConfig, loaded: LoadedModel) -> None:

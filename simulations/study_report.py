@@ -511,7 +511,7 @@ def method_comparisons(
 
 def headline(comparisons: Sequence[Mapping[str, Any]], *, epsilon: float = 1.0) -> list[str]:
     """Plain-words answers for the lowest-ε label-skewed cell (ε = 1 where the study has it)."""
-    skewed = [c for c in comparisons if c["partition"].startswith("label-skew")]
+    skewed = _skewed(comparisons)
     if not skewed:
         return []
     eps = (
@@ -557,9 +557,14 @@ def headline(comparisons: Sequence[Mapping[str, Any]], *, epsilon: float = 1.0) 
     return lines
 
 
+def _skewed(comparisons: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The comparisons made on label-skewed holders (the headline's federation)."""
+    return [c for c in comparisons if c["partition"].startswith("label-skew")]
+
+
 def _skewed_epsilons(comparisons: Sequence[Mapping[str, Any]]) -> list[float]:
     """Each ε at which the federated vector was compared on label-skewed holders, ascending."""
-    return sorted({c["epsilon"] for c in comparisons if c["partition"].startswith("label-skew")})
+    return sorted({c["epsilon"] for c in _skewed(comparisons)})
 
 
 ATTACK_POWER_AUC = 0.6

@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from fedsynth.protocol.contribution import noise_share_variance
 from fedsynth.protocol.errors import ConfigError
-from fedsynth.protocol.manifest import PrivacySpec
+from fedsynth.protocol.manifest import PrivacySpec, noise_share_variance
 from fedsynth.server.backends import as_backend
 from fedsynth.server.release import Release
 from fedsynth.server.secure_round import Reply, Transport

@@ -54,12 +54,12 @@ def tiny() -> LoadedModel:
 
 
 def make_task(
-    tiny: LoadedModel, *, delta: float = 1e-5, **changes: Any
+    tiny: LoadedModel, *, delta: float = 1e-5, means: np.ndarray | None = None, **changes: Any
 ) -> tuple[TaskManifest, np.ndarray]:
     shape = (len(TEMPLATE.labels), len(LAYERS), tiny.hidden_size)
     reference = PublicReference(
         texts={},
-        means=np.zeros(shape, dtype=np.float32),
+        means=np.zeros(shape, dtype=np.float32) if means is None else means,
         clip_norms=(1.0, 1.0),
         residual_norms=(1.0, 1.0),
     )
@@ -260,6 +260,71 @@ def test_too_many_records_is_refused_without_the_count(
     (tmp_path / "second").mkdir()
     app = make_client_app(holder(tmp_path / "second", n_records=2))
     assert refusal_of(app(setup_message(small, means), context({}))) == "policy"
+
+
+def write_labelled(path: Path, labels: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": f"fine {i}", "label": label} for i, label in enumerate(labels)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_holder(folder: Path, labels: list[str], **policy: Any) -> ClientSettings:
+    folder.mkdir(parents=True)
+    settings = holder(folder, n_records=1, policy=ClientPolicy(**policy))
+    path = write_labelled(folder / "private.jsonl", labels)
+    return dataclasses.replace(settings, data_path=path, model="tiny-llama")
+
+
+def test_the_record_cap_counts_the_whole_file_whatever_the_task_labels(
+    tmp_path: Path, tiny: LoadedModel
+) -> None:
+    """Counted over the task's labels only, the cap would answer "do labels L hold more than
+    max_records?" for any L the coordinator names, at a free setup."""
+    file = ["pos", "pos", "pos", "neg", "neg"]
+    manifest, means = make_task(tiny)
+    one_label = dataclasses.replace(
+        manifest, template=dataclasses.replace(TEMPLATE, label_names=(("pos", "p"), ("x", "x")))
+    )
+    for n, task in enumerate((manifest, one_label)):
+        app = make_client_app(tiny_holder(tmp_path / f"cap4-{n}", file, max_records=4))
+        assert refusal_of(app(setup_message(task, means), context({}))) == "policy"
+        app = make_client_app(tiny_holder(tmp_path / f"cap5-{n}", file, max_records=5))
+        assert not app(setup_message(task, means), context({})).has_error()
+
+
+def test_a_non_finite_reference_is_refused_at_setup_whatever_the_data(
+    tmp_path: Path, tiny: LoadedModel
+) -> None:
+    """A NaN in one label's reference row would turn that label's records into NaN and fail
+    only a holder that has one: refused at setup instead, alike for every file."""
+    shape = (len(TEMPLATE.labels), len(LAYERS), tiny.hidden_size)
+    poisoned = np.zeros(shape, dtype=np.float32)
+    poisoned[1, 0, 0] = np.nan
+    manifest, means = make_task(tiny, means=poisoned)
+    for name, labels in (("both", ["pos", "neg"]), ("pos-only", ["pos", "pos"])):
+        app = make_client_app(tiny_holder(tmp_path / name, labels))
+        assert refusal_of(app(setup_message(manifest, means), context({}))) == "protocol"
+    clean, zeros = make_task(tiny)
+    app = make_client_app(tiny_holder(tmp_path / "clean", ["pos", "neg"]))
+    assert not app(setup_message(clean, zeros), context({})).has_error()
+
+
+def test_a_text_length_beyond_the_model_context_is_refused_at_setup(
+    tmp_path: Path, tiny: LoadedModel
+) -> None:
+    """The prompt plus max_text_tokens bounds every record's input: a task whose bound outruns
+    the positions (256 for the tiny model) is refused before a record is read, so a long
+    prompt cannot make only the long records fail."""
+    assert tiny.context == 256
+    prompt = len(tiny.tokenizer.encode(TEMPLATE.prefix("pos"), add_special_tokens=True))
+    fits, means = make_task(tiny, max_text_tokens=256 - prompt - 8)
+    too_long, _ = make_task(tiny, max_text_tokens=256)
+    for n, labels in enumerate((["pos", "neg"], ["neg"])):
+        app = make_client_app(tiny_holder(tmp_path / f"long-{n}", labels))
+        assert refusal_of(app(setup_message(too_long, means), context({}))) == "protocol"
+        app = make_client_app(tiny_holder(tmp_path / f"fits-{n}", labels))
+        assert not app(setup_message(fits, means), context({})).has_error()
 
 
 def test_delta_above_one_over_n_is_not_a_refusal_but_a_local_warning(

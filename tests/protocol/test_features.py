@@ -341,3 +341,16 @@ def test_class_unit_sums_sensitivity_bound_is_tight() -> None:
         big, ["x"], label_order=("x",), reference=reference, clip_norms=clip, count_weight=0.7
     )
     assert np.linalg.norm(one[0]) == pytest.approx(math.sqrt(3 + 0.7**2))
+
+
+def test_a_non_finite_row_clips_to_no_direction() -> None:
+    """A record whose difference holds NaN or inf (a poisoned reference row, an overflow) adds
+    no direction instead of making the class sum NaN, which would fail only its holder."""
+    diffs = np.ones((3, 2, 4))
+    diffs[1, 0, 2] = np.nan
+    diffs[2, 1, 0] = np.inf
+    unit = clip_to_unit(diffs, np.array([1.0, 1.0]))
+    assert np.isfinite(unit).all()
+    assert np.all(unit[1, 0] == 0) and np.all(unit[2, 1] == 0)
+    assert np.allclose(np.linalg.norm(unit[0], axis=-1), 1.0)
+    assert np.allclose(np.linalg.norm(unit[1, 1]), 1.0)

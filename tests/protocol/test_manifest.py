@@ -17,6 +17,7 @@ from fedsynth.protocol.manifest import (
     PrivacySpec,
     TaskManifest,
     array_sha256,
+    noise_share_variance,
 )
 
 TEMPLATE = PromptTemplate(
@@ -235,3 +236,34 @@ def test_manifest_is_frozen() -> None:
     m = manifest()
     with pytest.raises(dataclasses.FrozenInstanceError):
         m.task_id = "other"  # type: ignore[misc]
+
+
+def _smallest_bits(**overrides: Any) -> int:
+    """The fewest field bits a manifest with these terms is accepted with."""
+    for bits in range(8, 65):
+        try:
+            manifest(bits=bits, **overrides)
+        except ConfigError:
+            continue
+        return bits
+    raise AssertionError("no field size holds these terms")
+
+
+@pytest.mark.parametrize("mode", ["distributed", "local", "central"])
+@pytest.mark.parametrize("k", [3, 100])
+def test_each_holder_keeps_forty_std_of_its_own_share_in_the_field(mode: str, k: int) -> None:
+    """A holder refuses a value beyond 2^(bits-1)/K: the smallest accepted field must leave
+    each holder 40 std of its own share beyond its largest sums, or the refusal would come a
+    few std out for a holder whose counts near the cap (local mode at K = 100: 4 std before)."""
+    terms = {
+        "node_ids": tuple(range(1, k + 1)),
+        "privacy": privacy(mode=mode, total_variance=1e12, threshold=2),
+        "max_records": 10,
+    }
+    bits = _smallest_bits(**terms)
+    task = manifest(bits=bits, **terms)
+    records = task.max_records * (task.scale * max(1.0, task.count_weight) + 1.0)
+    share_std = math.sqrt(noise_share_variance(task.privacy))
+    assert 2.0 ** (bits - 1) / k >= records + 40.0 * share_std
+    if mode == "central":  # the coordinator's one draw: 40 std of the whole variance
+        assert 2.0 ** (bits - 1) >= k * records + 40.0 * math.sqrt(1e12)

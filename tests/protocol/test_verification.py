@@ -31,7 +31,7 @@ from fedsynth.protocol.accounting import (
     rounded_l1_sensitivity,
     skellam_epsilon,
 )
-from fedsynth.protocol.contribution import noise_share_variance, record_l2_bound
+from fedsynth.protocol.contribution import record_l2_bound
 from fedsynth.protocol.errors import (
     ConfigError,
     InconsistentNoiseError,
@@ -41,7 +41,7 @@ from fedsynth.protocol.errors import (
     SensitivityUnderstatedError,
 )
 from fedsynth.protocol.features import PromptTemplate
-from fedsynth.protocol.manifest import PrivacySpec, TaskManifest
+from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, noise_share_variance
 from fedsynth.protocol.messages import vector_to_bytes
 from fedsynth.protocol.pe_manifest import PERoundManifest
 from fedsynth.protocol.verification import (

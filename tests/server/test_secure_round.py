@@ -1277,3 +1277,32 @@ def test_holders_listed_but_absent_do_not_count_toward_min_holders(
     with pytest.raises(TooFewParticipantsError, match="masked_input: policy"):
         run_secure_round(transport, manifest, reference.means)
     assert transport.replies.get("masked_input", {}) == {}
+
+
+def test_a_holder_pays_before_it_reads_its_data_so_a_failure_is_never_free(
+    tmp_path: Path,
+    tiny: LoadedModel,
+    reference: PublicReference,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever fails once a holder computes on its records (a refusal that might depend on
+    them) comes after the charge: a coordinator cannot repeat a task under fresh ids to read
+    such a failure for nothing. The same task id is then refused as already charged."""
+    nodes = make_nodes(tmp_path, tiny, NODES_3, budgets=True)
+    manifest = make_manifest(tiny, reference, NODES_3, task_id="task-probe", epsilon=4.0)
+    charged_when_read: list[list[str]] = []
+
+    def failing(self: Contributor, task: TaskManifest, payload: bytes, state: RecordDict) -> Any:
+        budget = ClientBudget(self.settings.budget_path)
+        charged_when_read.append([str(e["task_id"]) for e in budget.entries()])
+        raise ConfigError("a failure while the records were being read")
+
+    monkeypatch.setattr(Contributor, "contribution", failing)
+    with pytest.raises(FedSynthError):
+        run_secure_round(LocalTransport(nodes), manifest, reference.means)
+    assert charged_when_read == [["task-probe"]] * len(NODES_3)
+    for node in nodes.values():
+        assert ClientBudget(node.settings.budget_path).spent() == 4.0
+    fresh = {n: dataclasses.replace(node, state=RecordDict()) for n, node in nodes.items()}
+    with pytest.raises(TooFewParticipantsError, match="setup: policy"):  # already charged
+        run_secure_round(LocalTransport(fresh), manifest, reference.means)
