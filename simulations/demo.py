@@ -677,11 +677,6 @@ def simulated_holder_policy(config: DemoConfig) -> ClientPolicy:
     )
 
 
-def model_context(loaded: LoadedModel) -> int | None:
-    """The model's context length in tokens (None when its config does not say)."""
-    return loaded.context
-
-
 def check_text_length(config: DemoConfig, loaded: LoadedModel) -> None:
     """Refuse a declared record or sample length that the model's context cannot hold.
 
@@ -692,7 +687,7 @@ def check_text_length(config: DemoConfig, loaded: LoadedModel) -> None:
     Raises:
         ConfigError: naming the length, the longest prompt and the model's context.
     """
-    context = model_context(loaded)
+    context = loaded.context
     if context is None:
         return
     prompt = max(
