@@ -129,8 +129,8 @@ def demo(
     prior_per_label: Annotated[
         int | None,
         typer.Option(
-            help="Public prior texts per label: the reference the vectors are measured from, "
-            "and the prior condition (at least --samples; default 150, --quick 30)."
+            help="Public prior texts per label: the reference the vectors are measured from "
+            "(default 150, --quick 30)."
         ),
     ] = None,
     drop: Annotated[int, typer.Option(help="Holders that drop out after key sharing.")] = 0,
