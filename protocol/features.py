@@ -132,6 +132,14 @@ def encode_example(
     return prefix_ids + text_ids, len(prefix_ids)
 
 
+def longest_prompt_tokens(loaded: LoadedModel, template: PromptTemplate) -> int:
+    """Tokens of the template's longest label prompt (with BOS), as every input starts."""
+    return max(
+        len(loaded.tokenizer.encode(template.prefix(label), add_special_tokens=True))
+        for label in template.labels
+    )
+
+
 def check_fits_context(loaded: LoadedModel, spec: FeatureSpec) -> None:
     """Refuse a feature spec whose longest input could outrun the model's context.
 
@@ -146,10 +154,7 @@ def check_fits_context(loaded: LoadedModel, spec: FeatureSpec) -> None:
     context = loaded.context
     if context is None:
         return
-    prompt = max(
-        len(loaded.tokenizer.encode(spec.template.prefix(label), add_special_tokens=True))
-        for label in spec.template.labels
-    )
+    prompt = longest_prompt_tokens(loaded, spec.template)
     if prompt + spec.max_text_tokens > context:
         raise ConfigError(
             f"max_text_tokens={spec.max_text_tokens}: a {prompt}-token prompt plus that many "

@@ -30,7 +30,7 @@ from fedsynth.client.data import MAX_CHARS, Record, load_records
 from fedsynth.client.policy import ClientPolicy
 from fedsynth.protocol.cli_common import library_log_level
 from fedsynth.protocol.errors import ConfigError, DataFileError, TooFewParticipantsError
-from fedsynth.protocol.features import PromptTemplate
+from fedsynth.protocol.features import PromptTemplate, longest_prompt_tokens
 from fedsynth.protocol.identity import write_simulated_consortium
 from fedsynth.protocol.models import DEFAULT_MODEL, LoadedModel, cache_root, load_model
 from fedsynth.protocol.secagg import Stage, min_safe_threshold
@@ -690,10 +690,7 @@ def check_text_length(config: DemoConfig, loaded: LoadedModel) -> None:
     context = loaded.context
     if context is None:
         return
-    prompt = max(
-        len(loaded.tokenizer.encode(config.template.prefix(label), add_special_tokens=True))
-        for label in config.template.labels
-    )
+    prompt = longest_prompt_tokens(loaded, config.template)
     longest = max(config.text_tokens, config.new_tokens)
     if prompt + longest > context:
         raise ConfigError(
