@@ -117,9 +117,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         budget = ClientBudget(self.settings.budget_path)
         refuse_repeated_task(budget, manifest)
         self.check_policy(manifest, n_records)
-        loaded = self._model_loader()
-        manifest_model_matches(loaded, manifest)
-        check_fits_context(loaded, manifest.feature_spec)
+        self._checked_model(manifest)
         log.info("node %s accepted task %s", self.node_id, manifest.task_id)
         return manifest, vector_to_bytes(reference.reshape(-1))
 
@@ -171,9 +169,14 @@ class Contributor(SecureSumParticipant[TaskManifest]):
     def prepare(self, task: TaskManifest, payload: bytes, state: RecordDict) -> None:
         """Before the charge: not a repeated task, the same model, its context long enough."""
         refuse_repeated_task(ClientBudget(self.settings.budget_path), task)
+        self._checked_model(task)
+
+    def _checked_model(self, manifest: TaskManifest) -> LoadedModel:
+        """The local model, refused unless it is the manifest's and its context fits the task."""
         loaded = self._model_loader()
-        manifest_model_matches(loaded, task)
-        check_fits_context(loaded, task.feature_spec)
+        manifest_model_matches(loaded, manifest)
+        check_fits_context(loaded, manifest.feature_spec)
+        return loaded
 
     def committed(self, task: TaskManifest, state: RecordDict) -> None:
         """Charge the budget before the data file is read for this task.
