@@ -120,15 +120,16 @@ def _named_by(node: Any, run: Any, key: str, *, deployed: bool) -> str:
 
     A deployed node (one with its own data-path) takes from the coordinator's run config only
     a name fedsynth registers (a packaged model or embedder), never a path on this machine or
-    a hub id: which files a holder loads is the holder's choice, as its data file is.
+    a hub id: which files a holder loads is the holder's choice, as its data file is. Nor a
+    random-weight test model (``tiny-llama``): its budget would buy a release no one can use.
     """
     from fedsynth.protocol.embedding import DEFAULT_EMBEDDER, is_registered_embedder
-    from fedsynth.protocol.models import DEFAULT_MODEL, is_registered_model
+    from fedsynth.protocol.models import DEFAULT_MODEL, is_packaged_model
 
     if key in node:
         return str(node[key])
     default, registered = (
-        (DEFAULT_MODEL, is_registered_model)
+        (DEFAULT_MODEL, is_packaged_model)
         if key == "model"
         else (DEFAULT_EMBEDDER, is_registered_embedder)
     )
@@ -136,7 +137,8 @@ def _named_by(node: Any, run: Any, key: str, *, deployed: bool) -> str:
     if deployed and not registered(value):
         raise PolicyViolationError(
             f"run config {key}={value!r}: the coordinator's run config may name only a "
-            f"registered {key}; set {key}= in this node's config to load another"
+            f"{'packaged' if key == 'model' else 'registered'} {key}; set {key}= in this "
+            "node's config to load another"
         )
     return value
 

@@ -315,6 +315,11 @@ def is_registered_model(name: str) -> bool:
     return name in PACKAGED_MODELS or name in TINY_MODELS
 
 
+def is_packaged_model(name: str) -> bool:
+    """Whether ``name`` is a packaged model with real weights (not a path, id or test model)."""
+    return name in PACKAGED_MODELS
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) -> LoadedModel:
     """Load (once per process) a decoder-only causal LM by packaged name, path or hub id.
 

@@ -163,13 +163,20 @@ def test_a_deployed_node_reads_no_file_the_run_config_names(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("model", "/srv/models/anything"), ("model", "org/hub-model"), ("embedder", "/srv/emb")],
+    [
+        ("model", "/srv/models/anything"),
+        ("model", "org/hub-model"),
+        ("model", "tiny-llama"),
+        ("model", "tiny-gpt2"),
+        ("embedder", "/srv/emb"),
+    ],
 )
 def test_a_deployed_node_loads_no_model_path_the_run_config_names(
     tmp_path: Path, key: str, value: str
 ) -> None:
-    """A run config may pick a registered model or embedder by name; a path or hub id is the
-    holder's own choice (its node config), as its data file is."""
+    """A run config may pick a packaged model or a registered embedder by name; a path, a hub
+    id or a random-weight test model is the holder's own choice (its node config), as its data
+    file is."""
     node = {"data-path": "/data/private.jsonl", "budget-path": str(tmp_path / "b.sqlite")}
     with pytest.raises(PolicyViolationError, match=rf"run config {key}='{value}'"):
         settings_from_context(context(node, {key: value}))
