@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -271,9 +272,11 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         task, payload, client = self._load(state)
         fields = unpack(content, task_id=task.task_id, stage=Stage.MASKED_INPUT.value)
         ciphertexts = blobs_from_fields("ct:", fields)
-        check_stage(client.stage, Stage.MASKED_INPUT, "masked_input")
-        # The holders that exchanged keys (each sender's share is authenticated below, or the
-        # stage fails): listing roster members who never take part does not make K.
+        # Every sender's share authenticated before anything is paid: a coordinator sending
+        # garbage is refused for free (no record is read), not after the budget is charged.
+        client.check_ciphertexts(ciphertexts)
+        # The holders that exchanged keys (each sender's share authenticated above): listing
+        # roster members who never take part does not make K.
         exchanged = len(ciphertexts) + 1
         if exchanged < self.settings.policy.min_holders:
             raise PolicyViolationError(
@@ -298,12 +301,27 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             {"masked": field_to_bytes(masked, bits=task.secagg_config().bits)},
         )
 
+    def _check_survivor_count(self, survivors: Sequence[int]) -> None:
+        """Refuse a sum over fewer holders than ``min_holders``, dropouts included.
+
+        The policy's floor on K would mean little if the coordinator could declare holders
+        dropped after their masked input and release a sum over fewer (still at least t).
+        """
+        floor = self.settings.policy.min_holders
+        if len(set(survivors)) < floor:
+            raise PolicyViolationError(
+                f"{len(set(survivors))} survivors would make the sum, below min_holders={floor}"
+            )
+
     def _consistency(self, content: RecordDict, state: RecordDict) -> RecordDict:
         task, payload, client = self._load(state)
         fields = unpack(content, task_id=task.task_id, stage=Stage.CONSISTENCY.value)
         if "survivors" not in fields:
             raise ProtocolError("consistency request lacks 'survivors'")
-        signature = client.consistency(ints_from_field(fields["survivors"], name="survivors"))
+        survivors = ints_from_field(fields["survivors"], name="survivors")
+        check_stage(client.stage, Stage.CONSISTENCY, "consistency")
+        self._check_survivor_count(survivors)
+        signature = client.consistency(survivors)
         self._save(state, task, payload, client)
         return pack(Envelope(task.task_id, Stage.CONSISTENCY.value), {"signature": signature})
 
@@ -314,6 +332,8 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             if key not in fields:
                 raise ProtocolError(f"unmask request lacks {key!r}")
         survivors = ints_from_field(fields["survivors"], name="survivors")
+        check_stage(client.stage, Stage.UNMASK, "unmask")
+        self._check_survivor_count(survivors)
         removal = fields.get(REMOVAL_FIELD, REMOVAL_SEED)
         if removal not in REMOVAL_MODES:
             raise ProtocolError(

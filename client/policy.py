@@ -81,8 +81,9 @@ class ClientPolicy:
             and a distributed task's noise must be sized for at least as many colluders
             (their shares may be missing).
         min_holders: Fewest participants K a task may have (a sum over few holders reveals
-            more about each one's data to the others), and fewest holders that must have
-            exchanged keys before this holder's masked input leaves.
+            more about each one's data to the others), fewest holders that must have
+            exchanged keys before this holder's masked input leaves, and fewest survivors
+            whose sum it signs and unmasks.
         max_records: Most records this holder contributes to any task, a public cap of its
             own. A task must allow at least as many (its field range must hold a full
             contribution); a data file with more is refused for every task alike. Comparing

@@ -9,7 +9,7 @@ Example (every key optional; an absent key keeps :class:`ClientPolicy`'s default
     allowed_fingerprints = ["sha256:..."]   # models accepted ([] = the local model's only)
     allowed_modes = ["distributed", "local"]
     min_threshold = 3               # smallest secure-sum threshold t
-    min_holders = 3                 # fewest participants K (and holders that exchanged keys)
+    min_holders = 3                 # fewest participants K, key exchangers and survivors
     max_colluders = 0               # holders assumed to collude with the coordinator
     max_records = 1000000           # most records contributed to any task (a public cap)
     allow_non_private = false       # epsilon = inf tasks; never true unless meant

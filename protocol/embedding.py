@@ -137,11 +137,6 @@ class HashingEmbedder(_NamedEmbedder):
         return out
 
 
-def is_registered_embedder(name: str) -> bool:
-    """Whether ``name`` is an embedder fedsynth knows by name, not a directory."""
-    return name == DEFAULT_EMBEDDER or name.startswith("hashing-")
-
-
 @functools.lru_cache(maxsize=4)
 def load_embedder(name: str = DEFAULT_EMBEDDER, device: str | None = None) -> Any:
     """Load an embedder by name (``all-minilm-l6-v2``, ``hashing-<dim>``) or local directory.

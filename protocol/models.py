@@ -310,11 +310,6 @@ _LOADED: dict[tuple[str, str], LoadedModel] = {}
 TINY_MODELS = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}  # shape-only models for tests
 
 
-def is_registered_model(name: str) -> bool:
-    """Whether ``name`` is a model fedsynth knows by name (packaged or tiny), not a path or id."""
-    return name in PACKAGED_MODELS or name in TINY_MODELS
-
-
 def is_packaged_model(name: str) -> bool:
     """Whether ``name`` is a packaged model with real weights (not a path, id or test model)."""
     return name in PACKAGED_MODELS

@@ -471,6 +471,33 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         tests=(f"{FLOWER_APP}::test_a_text_length_beyond_the_model_context_is_refused_at_setup",),
     ),
+    Mutant(
+        name="survivors-below-min-holders",
+        summary="a holder signs and unmasks a survivor set smaller than its min_holders",
+        patches=(
+            Patch(
+                "client/participant.py",
+                "        if len(set(survivors)) < floor:\n",
+                "        if False:  # mutant: any survivor set of at least t\n",
+            ),
+        ),
+        tests=(f"{SECURE_ROUND}::test_min_holders_bounds_the_survivors_not_only_the_key_exchange",),
+    ),
+    Mutant(
+        name="charge-before-authentication",
+        summary="a holder pays for its input before the peers' shares are authenticated",
+        patches=(
+            Patch(
+                "client/participant.py",
+                "        client.check_ciphertexts(ciphertexts)\n",
+                "        pass  # mutant: shares checked only after the charge\n",
+            ),
+        ),
+        tests=(
+            f"{SECURE_ROUND}::"
+            "test_shares_that_fail_authentication_are_refused_before_the_budget_is_charged",
+        ),
+    ),
 )
 
 

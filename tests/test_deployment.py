@@ -114,7 +114,7 @@ def test_flwr_run_on_real_superlink_and_supernodes(
                 f'budget-path="{tmp_path / f"budget-{i}.sqlite"}" '
                 f'identity-path="{simulated_identity_path(keys, i)}" '
                 f'roster-path="{keys / ROSTER_FILE}" '
-                'model="tiny-llama"'
+                'model="tiny-llama" embedder="hashing-64"'
             )
             procs.append(
                 _start(

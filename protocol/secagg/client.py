@@ -347,6 +347,42 @@ class SecAggClient:
             expected_index=self._share_index_of(self._node_id),
         )
 
+    def check_ciphertexts(self, ciphertexts: Mapping[int, bytes]) -> None:
+        """Check the masked-input stage's ciphertexts (senders, authentication, count) only.
+
+        The same checks :meth:`masked_input` starts with, with no change of state: a holder
+        runs them before it pays for its input, so shares that fail to authenticate are
+        refused before the budget is charged, not after.
+
+        Raises:
+            StageOrderError, ProtocolError, TooFewParticipantsError: as :meth:`masked_input`.
+        """
+        self._received(ciphertexts)
+
+    def _received(self, ciphertexts: Mapping[int, bytes]) -> dict[int, tuple[bytes, bytes]]:
+        """The decrypted, authenticated ``{sender: share pair}`` of the masked-input stage."""
+        check_stage(self._stage, Stage.MASKED_INPUT, "masked_input")
+        if not isinstance(ciphertexts, Mapping):
+            raise ProtocolError(f"ciphertexts must be a mapping, got {type(ciphertexts).__name__}")
+        received: dict[int, tuple[bytes, bytes]] = {}
+        for raw_sender, ciphertext in ciphertexts.items():
+            sender = check_node_id(raw_sender, "ciphertext sender")
+            if sender == self._node_id:
+                raise ProtocolError(f"node {self._node_id} received a ciphertext from itself")
+            if sender not in self._u1:
+                raise ProtocolError(
+                    f"ciphertext from node {sender}, which did not announce keys (not in U1)"
+                )
+            if sender in received:
+                raise DuplicateSubmissionError(f"two ciphertexts from node {sender}")
+            received[sender] = self._decrypt_from(sender, ciphertext)
+        if len(received) + 1 < self._config.threshold:
+            raise TooFewParticipantsError(
+                f"node {self._node_id}: {len(received)} other nodes shared keys, U2 has "
+                f"{len(received) + 1} members, threshold t={self._config.threshold}"
+            )
+        return received
+
     def masked_input(
         self, ciphertexts: Mapping[int, bytes], value: npt.NDArray[np.uint64]
     ) -> npt.NDArray[np.uint64]:
@@ -368,27 +404,8 @@ class SecAggClient:
             ShapeError: If ``value`` is not uint64 of shape ``(dim,)``.
             FieldRangeError: If an element of ``value`` is ``>= 2^bits``.
         """
-        check_stage(self._stage, Stage.MASKED_INPUT, "masked_input")
+        received = self._received(ciphertexts)
         cfg = self._config
-        if not isinstance(ciphertexts, Mapping):
-            raise ProtocolError(f"ciphertexts must be a mapping, got {type(ciphertexts).__name__}")
-        received: dict[int, tuple[bytes, bytes]] = {}
-        for raw_sender, ciphertext in ciphertexts.items():
-            sender = check_node_id(raw_sender, "ciphertext sender")
-            if sender == self._node_id:
-                raise ProtocolError(f"node {self._node_id} received a ciphertext from itself")
-            if sender not in self._u1:
-                raise ProtocolError(
-                    f"ciphertext from node {sender}, which did not announce keys (not in U1)"
-                )
-            if sender in received:
-                raise DuplicateSubmissionError(f"two ciphertexts from node {sender}")
-            received[sender] = self._decrypt_from(sender, ciphertext)
-        if len(received) + 1 < cfg.threshold:
-            raise TooFewParticipantsError(
-                f"node {self._node_id}: {len(received)} other nodes shared keys, U2 has "
-                f"{len(received) + 1} members, threshold t={cfg.threshold}"
-            )
         codec.check_field_elements(value, bits=cfg.bits, expected_shape=(cfg.dim,), name="value")
         _, mask_sk, b_seed = self._secrets()
 

@@ -169,14 +169,15 @@ def test_a_deployed_node_reads_no_file_the_run_config_names(tmp_path: Path) -> N
         ("model", "tiny-llama"),
         ("model", "tiny-gpt2"),
         ("embedder", "/srv/emb"),
+        ("embedder", "hashing-67108864"),
     ],
 )
 def test_a_deployed_node_loads_no_model_path_the_run_config_names(
     tmp_path: Path, key: str, value: str
 ) -> None:
-    """A run config may pick a packaged model or a registered embedder by name; a path, a hub
-    id or a random-weight test model is the holder's own choice (its node config), as its data
-    file is."""
+    """A run config may pick a packaged model or embedder by name; a path, a hub id, a
+    random-weight test model or a hashing embedder (whose width the coordinator would pick) is
+    the holder's own choice (its node config), as its data file is."""
     node = {"data-path": "/data/private.jsonl", "budget-path": str(tmp_path / "b.sqlite")}
     with pytest.raises(PolicyViolationError, match=rf"run config {key}='{value}'"):
         settings_from_context(context(node, {key: value}))
@@ -184,9 +185,9 @@ def test_a_deployed_node_loads_no_model_path_the_run_config_names(
     assert refusal_of(reply) == "policy"
     # By name from the run, or any value from the node's own config, is taken.
     named = settings_from_context(
-        context(node, {"model": "smollm2-135m", "embedder": "hashing-64"})
+        context(node, {"model": "smollm2-135m", "embedder": "all-minilm-l6-v2"})
     )
-    assert (named.model, named.embedder) == ("smollm2-135m", "hashing-64")
+    assert (named.model, named.embedder) == ("smollm2-135m", "all-minilm-l6-v2")
     own = settings_from_context(context({**node, key: value}, {key: "other"}))
     assert getattr(own, key) == value
     # A simulated node's run config is its own operator's: paths are taken there.

@@ -1306,3 +1306,58 @@ def test_a_holder_pays_before_it_reads_its_data_so_a_failure_is_never_free(
     fresh = {n: dataclasses.replace(node, state=RecordDict()) for n, node in nodes.items()}
     with pytest.raises(TooFewParticipantsError, match="setup: policy"):  # already charged
         run_secure_round(LocalTransport(fresh), manifest, reference.means)
+
+
+def test_min_holders_bounds_the_survivors_not_only_the_key_exchange(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    """A coordinator that discards two masked inputs (or says those holders dropped) would
+    release a sum over t = 3 of 5 holders; holders whose policy wants 5 refuse to sign or
+    unmask such a survivor set, so no share is revealed. Wanting 3, they finish the round."""
+    manifest = make_manifest(tiny, reference, NODES_5, threshold=3)
+    discarded = {"masked_input": {NODES_5[1], NODES_5[3]}}
+    strict = ClientPolicy(allow_non_private=True, min_holders=5)
+    (tmp_path / "strict").mkdir()
+    (tmp_path / "loose").mkdir()
+    transport = LocalTransport(
+        make_nodes(tmp_path / "strict", tiny, NODES_5, policy=strict), drop=discarded
+    )
+    with pytest.raises(TooFewParticipantsError, match="consistency: policy"):
+        run_secure_round(transport, manifest, reference.means)
+    assert transport.replies.get("consistency", {}) == {}
+    assert transport.replies.get("unmask", {}) == {}
+    loose = ClientPolicy(allow_non_private=True, min_holders=3)
+    nodes = make_nodes(tmp_path / "loose", tiny, NODES_5, policy=loose)
+    result = run_secure_round(LocalTransport(nodes, drop=discarded), manifest, reference.means)
+    assert len(result.survivors) == 3
+
+
+class _GarbageCiphertexts(LocalTransport):
+    """Hands every holder unauthenticated shares at the masked-input stage."""
+
+    def exchange(
+        self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
+    ) -> dict[int, Reply]:
+        if stage == "masked_input":
+            for content in requests.values():
+                record = content.config_records["fedsynth"]
+                for key in [k for k in record if k.startswith("ct:")]:
+                    record[key] = _flip(record[key])  # type: ignore[arg-type]
+        return super().exchange(stage, requests, timeout=timeout)
+
+
+def test_shares_that_fail_authentication_are_refused_before_the_budget_is_charged(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    """Garbage at the masked-input stage is refused for nothing (no record is read), so a
+    coordinator cannot drain a holder's budget by sending it; the task can then run."""
+    nodes = make_nodes(tmp_path, tiny, NODES_3, budgets=True)
+    manifest = make_manifest(tiny, reference, NODES_3, task_id="task-garbage", epsilon=4.0)
+    with pytest.raises(TooFewParticipantsError, match="masked_input: protocol"):
+        run_secure_round(_GarbageCiphertexts(nodes), manifest, reference.means)
+    for node in nodes.values():
+        assert ClientBudget(node.settings.budget_path).spent() == 0.0
+    fresh = {n: dataclasses.replace(node, state=RecordDict()) for n, node in nodes.items()}
+    run_secure_round(LocalTransport(fresh), manifest, reference.means)
+    for node in fresh.values():
+        assert ClientBudget(node.settings.budget_path).spent() == 4.0
