@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_prior import demo_overrides, main
+from benchmarks.prior_only import demo_overrides, main
 
 
 def test_demo_options_become_config_fields() -> None:

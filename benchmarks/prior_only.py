@@ -4,7 +4,7 @@ The prior is what the releases are measured against: the same model, template, s
 and shots, only without steering. Rerunning it alone, per seed, scores it on the seed's own
 split (the split the full demo run of that seed used) without repeating the federation:
 
-    python benchmarks/bench_prior.py --seeds 0 1 2 --out bench-prior-bbc \
+    python benchmarks/prior_only.py --seeds 0 1 2 --out bench-prior-bbc \
         -- --corpus bbc_news --samples 80 --backend llamacpp
 
 Everything after ``--`` is a ``fedsynth demo`` option that sets the data or the sampling
