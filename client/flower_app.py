@@ -119,24 +119,24 @@ def _named_by(node: Any, run: Any, key: str, *, deployed: bool) -> str:
     """The model or embedder this node loads: its own config's, else the run's by name only.
 
     A deployed node (one with its own data-path) takes from the coordinator's run config only
-    a name fedsynth registers (a packaged model or embedder), never a path on this machine or
-    a hub id: which files a holder loads is the holder's choice, as its data file is. Nor a
-    random-weight test model (``tiny-llama``) or a hashing embedder of any width
-    (``hashing-<dim>``): its budget would buy a release no one can use, and a width the
-    coordinator picks sizes the holder's memory.
+    a packaged model or embedder by name, never a path on this machine or a hub id: which
+    files a holder loads is the holder's choice, as its data file is. Nor a random-weight test
+    model (``tiny-llama``) or a hashing embedder of any width (``hashing-<dim>``): its budget
+    would buy a release no one can use, and a width the coordinator picks sizes the holder's
+    memory.
     """
     from fedsynth.protocol.embedding import DEFAULT_EMBEDDER
     from fedsynth.protocol.models import DEFAULT_MODEL, is_packaged_model
 
     if key in node:
         return str(node[key])
-    default, registered = (
+    default, packaged = (
         (DEFAULT_MODEL, is_packaged_model)
         if key == "model"
         else (DEFAULT_EMBEDDER, lambda name: name == DEFAULT_EMBEDDER)
     )
     value = str(run.get(key) or default)
-    if deployed and not registered(value):
+    if deployed and not packaged(value):
         raise PolicyViolationError(
             f"run config {key}={value!r}: the coordinator's run config may name only a "
             f"packaged {key}; set {key}= in this node's config to load another"

@@ -302,15 +302,17 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         )
 
     def _check_survivor_count(self, survivors: Sequence[int]) -> None:
-        """Refuse a sum over fewer holders than ``min_holders``, dropouts included.
+        """Refuse to sign a sum over fewer holders than ``min_holders``, dropouts included.
 
         The policy's floor on K would mean little if the coordinator could declare holders
         dropped after their masked input and release a sum over fewer (still at least t).
+        Checked at consistency only: unmask releases shares only for the set signed there.
         """
         floor = self.settings.policy.min_holders
-        if len(set(survivors)) < floor:
+        count = len(set(survivors))
+        if count < floor:
             raise PolicyViolationError(
-                f"{len(set(survivors))} survivors would make the sum, below min_holders={floor}"
+                f"{count} survivors would make the sum, below min_holders={floor}"
             )
 
     def _consistency(self, content: RecordDict, state: RecordDict) -> RecordDict:
@@ -332,8 +334,6 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             if key not in fields:
                 raise ProtocolError(f"unmask request lacks {key!r}")
         survivors = ints_from_field(fields["survivors"], name="survivors")
-        check_stage(client.stage, Stage.UNMASK, "unmask")
-        self._check_survivor_count(survivors)
         removal = fields.get(REMOVAL_FIELD, REMOVAL_SEED)
         if removal not in REMOVAL_MODES:
             raise ProtocolError(

@@ -477,7 +477,7 @@ MUTANTS: tuple[Mutant, ...] = (
         patches=(
             Patch(
                 "client/participant.py",
-                "        if len(set(survivors)) < floor:\n",
+                "        if count < floor:\n",
                 "        if False:  # mutant: any survivor set of at least t\n",
             ),
         ),
