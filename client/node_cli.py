@@ -184,6 +184,11 @@ def status_command(
     else:
         p = loaded.policy
         prints = ", ".join(p.allowed_fingerprints) or "none listed (the local model's only)"
+        reply = (
+            f"{p.masked_input_reply_s:g} s after it arrives"
+            if p.masked_input_reply_s
+            else "at once (its time tells the task's record count)"
+        )
         _console.print(f"policy ({escape(str(policy_path))}):")
         _console.print(f"  allowed model fingerprints: {prints}")
         _console.print(
@@ -191,6 +196,7 @@ def status_command(
             f"total; delta {p.max_delta:g} per task, {p.max_total_delta:g} in total; "
             f"t >= {p.min_threshold}; K >= {p.min_holders}; "
             f"records <= {p.max_records}; colluders assumed {p.max_colluders}; "
+            f"masked input answered {reply}; "
             f"modes {', '.join(p.allowed_modes)}; non-private "
             f"{'ALLOWED' if p.allow_non_private else 'refused'}"
         )

@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsynth.client.budget import ClientBudget, SpendCheck
-from fedsynth.client.data import count_records
+from fedsynth.client.data_index import DataIndex, index_path_for
 from fedsynth.client.policy import PolicySubject
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.contribution import noise_schedule
@@ -59,6 +59,8 @@ from fedsynth.protocol.secagg import ROUND_STAGES, SecAggClient, SecureSumTask, 
 from fedsynth.protocol.secagg.stages import check_stage
 
 log = logging.getLogger(__name__)
+_clock = time.monotonic  # replaced in tests
+_sleep = time.sleep
 TaskT = TypeVar("TaskT", bound=SecureSumTask)
 
 
@@ -74,29 +76,23 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         self.file_records: int | None = None  # every record of the file, whatever its label
 
     def record_count(self, labels: tuple[str, ...]) -> int:
-        """Validate the whole data file against the task's labels and count its records.
+        """The data file's records with the task's labels, the whole file validated.
 
-        One streaming pass that keeps no record (memory independent of the file's size).
-        Records whose label the task does not list are left out, not refused (whether the
-        file holds such a label is private); the holder's log says how many.
-        :attr:`file_records` keeps the count of every record, for :meth:`check_file_size`.
+        Read from the holder's :class:`~fedsynth.client.data_index.DataIndex`: the file is
+        validated and counted once per version (one streaming pass that keeps no record), so
+        how long a setup takes does not grow with the file for a coordinator to time. Records
+        whose label the task does not list are left out, not refused (whether the file holds
+        such a label is private); the holder's log says how many. :attr:`file_records` keeps
+        the count of every record, for :meth:`check_file_size`.
         """
-        skipped = 0
-
-        def on_skipped(count: int) -> None:
-            nonlocal skipped
-            skipped = count
-            self._log_skipped(count)
-
-        self._counted = count_records(
+        counts = DataIndex(index_path_for(self.settings.budget_path)).counts(
             self.settings.data_path,
             text_field=self.settings.text_field,
             label_field=self.settings.label_field,
-            labels=labels,
-            skip_unknown_labels=True,
-            on_skipped=on_skipped,
         )
-        self.file_records = self._counted + skipped
+        self._counted = counts.of(labels)
+        self.file_records = counts.total
+        self._log_skipped(counts.total - self._counted)
         return self._counted
 
     def check_file_size(self) -> None:
@@ -224,8 +220,40 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             raise ProtocolError(
                 f"unknown stage {stage!r}; expected one of {[s.value for s in ROUND_STAGES]}"
             )
-        check_clock(content, now=time.time())  # before anything is read, computed or charged
-        return handlers[Stage(stage)](content, state)
+        if stage != Stage.MASKED_INPUT.value:
+            check_clock(content, now=time.time())  # before anything is read, computed or charged
+            return handlers[Stage(stage)](content, state)
+        # The one stage whose work grows with the records: its answer, a refusal included,
+        # leaves at the holder's fixed time, not when the work is done.
+        arrived = _clock()
+        try:
+            check_clock(content, now=time.time())
+            reply = self._masked_input(content, state)
+        except Exception:
+            self._hold_reply(arrived)
+            raise
+        self._hold_reply(arrived)
+        return reply
+
+    def _hold_reply(self, arrived: float) -> None:
+        """Wait until ``masked_input_reply_s`` after the request arrived (the policy's term).
+
+        Past it already, the reply goes at once and the holder's log says that its time now
+        depends on the data (the term is too short for this file).
+        """
+        reply_s = self.settings.policy.masked_input_reply_s
+        if not reply_s:
+            return
+        elapsed = _clock() - arrived
+        if elapsed < reply_s:
+            _sleep(reply_s - elapsed)
+        else:
+            log.warning(
+                "the masked input took %.1f s, beyond masked_input_reply_s=%g: this reply's "
+                "time depends on the data; raise masked_input_reply_s in the policy",
+                elapsed,
+                reply_s,
+            )
 
     def _colluders(self, task: TaskT) -> int:
         """Colluding holders the threshold floor guards against: this holder's or the task's."""

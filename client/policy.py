@@ -13,6 +13,10 @@ from fedsynth.protocol.manifest import PrivacySpec
 
 log = logging.getLogger(__name__)
 
+REPLY_MARGIN_S = 10.0
+"""Room a stage deadline must leave beyond a holder's fixed masked-input reply time (transport,
+clock skew): a tighter deadline would drop the holder at every round."""
+
 
 def parse_bool(key: str, value: object) -> bool:
     """A boolean setting, strictly: a bool, or "true"/"false" in any case; nothing else.
@@ -60,6 +64,11 @@ class PolicySubject(Protocol):
         """The most records per holder the task's field range holds."""
         ...
 
+    @property
+    def deadline_s(self) -> float:
+        """The secure sum's per-stage deadline."""
+        ...
+
 
 @dataclass(frozen=True)
 class ClientPolicy:
@@ -89,6 +98,11 @@ class ClientPolicy:
             contribution); a data file with more is refused for every task alike. Comparing
             the file with the task's cap instead would let a coordinator find the file's exact
             size by moving that cap over a few free setups.
+        masked_input_reply_s: Seconds after a masked-input request arrives before this holder
+            answers it, whatever it computed (0: at once). Set above the holder's longest
+            computation on its records, the reply's time no longer tells a coordinator how
+            many records carry the task's labels; a task whose stage deadline leaves less than
+            :data:`REPLY_MARGIN_S` beyond it is refused.
     """
 
     max_epsilon_per_task: float = 8.0
@@ -102,6 +116,7 @@ class ClientPolicy:
     max_colluders: int = 0
     min_holders: int = 2
     max_records: int = 1_000_000
+    masked_input_reply_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.allow_non_private, bool):
@@ -137,6 +152,16 @@ class ClientPolicy:
             or self.max_records < 1
         ):
             raise ConfigError(f"max_records={self.max_records!r}: must be an int >= 1")
+        reply = self.masked_input_reply_s
+        if (
+            isinstance(reply, bool)
+            or not isinstance(reply, int | float)
+            or not math.isfinite(reply)
+            or reply < 0
+        ):
+            raise ConfigError(
+                f"masked_input_reply_s={reply!r}: must be a finite number of seconds >= 0"
+            )
 
     def check_records(self, n_records: int) -> None:
         """Refuse a data file with more records than this holder's own ``max_records``.
@@ -207,6 +232,13 @@ class ClientPolicy:
         if len(manifest.node_ids) < self.min_holders:
             raise PolicyViolationError(
                 f"K={len(manifest.node_ids)} participants is below min_holders={self.min_holders}"
+            )
+        if self.masked_input_reply_s and (
+            manifest.deadline_s < self.masked_input_reply_s + REPLY_MARGIN_S
+        ):
+            raise PolicyViolationError(
+                f"deadline_s={manifest.deadline_s:g} leaves less than {REPLY_MARGIN_S:g} s beyond "
+                f"this holder's masked_input_reply_s={self.masked_input_reply_s:g}"
             )
         if (
             self.allowed_fingerprints

@@ -12,6 +12,7 @@ Example (every key optional; an absent key keeps :class:`ClientPolicy`'s default
     min_holders = 3                 # fewest participants K, key exchangers and survivors
     max_colluders = 0               # holders assumed to collude with the coordinator
     max_records = 1000000           # most records contributed to any task (a public cap)
+    masked_input_reply_s = 600.0    # answer a masked input this long after it arrives
     allow_non_private = false       # epsilon = inf tasks; never true unless meant
     budget_path = "budget.sqlite"   # relative paths: beside this file
     log_file = "node.log"           # refusal details go here (never records)
@@ -52,8 +53,17 @@ _FINGERPRINT: Final = re.compile(r"sha256:[0-9a-f]{64}")
 _FLOATS: Final = ("max_epsilon_per_task", "max_total_epsilon", "max_delta", "max_total_delta")
 _INTS: Final = ("min_threshold", "min_holders", "max_colluders", "max_records")
 _PATHS: Final = ("budget_path", "log_file")
+_SECONDS: Final = ("masked_input_reply_s",)
 KNOWN_KEYS: Final = frozenset(
-    {*_FLOATS, *_INTS, *_PATHS, "allowed_fingerprints", "allowed_modes", "allow_non_private"}
+    {
+        *_FLOATS,
+        *_INTS,
+        *_PATHS,
+        *_SECONDS,
+        "allowed_fingerprints",
+        "allowed_modes",
+        "allow_non_private",
+    }
 )
 """Every key a policy file may hold."""
 
@@ -135,6 +145,12 @@ def parse_policy(data: Mapping[str, object], *, base_dir: Path) -> PolicyFile:
     for key in _INTS:
         if key in data:
             terms[key] = _int(key, data[key])
+    for key in _SECONDS:
+        if key in data:
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise _wrong(key, value, "a number of seconds")
+            terms[key] = float(value)
     if "allow_non_private" in data:
         value = data["allow_non_private"]
         if not isinstance(value, bool):  # TOML true/false only; "false" is a string here

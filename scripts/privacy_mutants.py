@@ -498,6 +498,36 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_shares_that_fail_authentication_are_refused_before_the_budget_is_charged",
         ),
     ),
+    Mutant(
+        name="data-index-ignored",
+        summary="a holder reads its whole data file again at every setup (timing grows with it)",
+        patches=(
+            Patch(
+                "client/data_index.py",
+                "            if cached is not None:\n",
+                "            if False:  # mutant: the index is never consulted\n",
+            ),
+        ),
+        tests=(
+            "tests/client/test_data_index.py::test_a_setup_does_not_read_a_settled_file_again",
+            "tests/client/test_data_index.py::test_a_settled_file_is_read_once_then_looked_up",
+        ),
+    ),
+    Mutant(
+        name="masked-input-reply-not-held",
+        summary="a holder answers its masked input when done, not at its masked_input_reply_s",
+        patches=(
+            Patch(
+                "client/participant.py",
+                "        if elapsed < reply_s:\n",
+                "        if False:  # mutant: the reply leaves when the work is done\n",
+            ),
+        ),
+        tests=(
+            f"{SECURE_ROUND}::"
+            "test_a_masked_input_leaves_at_the_holders_fixed_time_whatever_its_records",
+        ),
+    ),
 )
 
 

@@ -313,3 +313,15 @@ def test_colluder_and_delta_budget_refusals_state_the_rule() -> None:
         r"\(spent 2e-05\)$",
     ):
         policy.check(make_manifest(delta=1e-5), spent=0.0, n_records=10, spent_delta=2e-5)
+
+
+def test_a_fixed_reply_time_needs_room_before_the_stage_deadline() -> None:
+    """The check reads public terms only (the deadline and the holder's own setting)."""
+    policy = ClientPolicy(masked_input_reply_s=590.0)
+    policy.check(make_manifest(), spent=0.0, n_records=None)  # deadline 600: 10 s of room
+    with pytest.raises(PolicyViolationError, match="deadline_s=600 leaves less than 10 s"):
+        ClientPolicy(masked_input_reply_s=590.5).check(make_manifest(), spent=0.0, n_records=1)
+    ClientPolicy(masked_input_reply_s=0.0).check(make_manifest(), spent=0.0, n_records=1)
+    for bad in (-1.0, math.inf, math.nan, True, "5"):
+        with pytest.raises(ConfigError, match="masked_input_reply_s"):
+            ClientPolicy(masked_input_reply_s=bad)  # type: ignore[arg-type]

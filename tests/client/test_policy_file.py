@@ -30,6 +30,7 @@ allowed_modes = ["distributed", "local"]
 min_threshold = 3
 min_holders = 4
 max_colluders = 1
+masked_input_reply_s = 900
 allow_non_private = false
 budget_path = "store/budget.sqlite"
 log_file = "/var/log/fedsynth-node.log"
@@ -53,6 +54,7 @@ def test_every_term_is_read(tmp_path: Path) -> None:
         min_threshold=3,
         min_holders=4,
         max_colluders=1,
+        masked_input_reply_s=900.0,
         allow_non_private=False,
     )
     assert loaded.budget_path == tmp_path / "store" / "budget.sqlite"  # beside the file
@@ -105,6 +107,9 @@ def test_a_value_of_the_wrong_type_names_key_value_and_type(
         ("min_threshold = 1", "min_threshold=1: must be >= 2"),
         ("min_holders = 1", "min_holders=1: must be an int >= 2"),
         ("max_colluders = -1", "max_colluders=-1"),
+        ("masked_input_reply_s = -1", "masked_input_reply_s=-1.0: must be a finite number"),
+        ("masked_input_reply_s = inf", "masked_input_reply_s=inf: must be a finite number"),
+        ('masked_input_reply_s = "600"', "masked_input_reply_s='600' is a string"),
         ('allowed_modes = ["trusted"]', "'trusted' is not a trust mode"),
         ("allowed_modes = []", "at least one trust mode"),
         ('allowed_modes = ["local", "local"]', "lists an entry twice"),
@@ -226,3 +231,25 @@ def test_the_log_file_is_owner_only_and_attached_once(tmp_path: Path) -> None:
         for handler in list(logger.handlers):
             handler.close()
             logger.removeHandler(handler)
+
+
+def test_node_status_says_when_a_masked_input_reply_tells_the_record_count(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedsynth.simulations.cli import app
+
+    runner = CliRunner()
+    node = tmp_path / "node"
+    assert runner.invoke(app, ["node", "init", str(node)]).exit_code == 0
+    for text, expected in (
+        ("", "masked input answered at once (its time tells the task's record count)"),
+        ("masked_input_reply_s = 300\n", "masked input answered 300 s after it arrives"),
+    ):
+        policy = write(tmp_path, text)
+        result = runner.invoke(
+            app, ["node", "status", str(node), "--policy", str(policy)], env={"COLUMNS": "400"}
+        )
+        assert result.exit_code == 0, result.output
+        assert expected in " ".join(result.output.split())

@@ -1361,3 +1361,126 @@ def test_shares_that_fail_authentication_are_refused_before_the_budget_is_charge
     run_secure_round(LocalTransport(fresh), manifest, reference.means)
     for node in fresh.values():
         assert ClientBudget(node.settings.budget_path).spent() == 4.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The masked input's reply time: fixed by the holder, not by its records
+# ---------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """A clock that moves only when the work or a sleep moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+
+
+class _TimedTransport(LocalTransport):
+    """Notes how long (on the test clock) each holder took to answer its masked input."""
+
+    def __init__(self, nodes: Mapping[int, Node], clock: _Clock) -> None:
+        super().__init__(nodes)
+        self.clock = clock
+        self.took: dict[int, float] = {}
+
+    def exchange(
+        self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
+    ) -> dict[int, Reply]:
+        if stage != "masked_input":
+            return super().exchange(stage, requests, timeout=timeout)
+        out: dict[int, Reply] = {}
+        for node_id, content in requests.items():
+            start = self.clock.now
+            out.update(super().exchange(stage, {node_id: content}, timeout=timeout))
+            self.took[node_id] = self.clock.now - start
+        return out
+
+
+def _timed_federation(
+    tmp_path: Path,
+    tiny: LoadedModel,
+    monkeypatch: pytest.MonkeyPatch,
+    policy: ClientPolicy,
+) -> tuple[dict[int, Node], _Clock]:
+    """Holders whose contribution takes 0.1 s of the test clock per record they hold."""
+    from fedsynth.client import participant
+
+    clock = _Clock()
+    tmp_path.mkdir(exist_ok=True)
+    monkeypatch.setattr(participant, "_clock", lambda: clock.now)
+    monkeypatch.setattr(participant, "_sleep", clock.sleep)
+    nodes = make_nodes(tmp_path, tiny, NODES_3, policy=policy)
+    for node in nodes.values():
+        real = node.contributor.contribution
+
+        def working(*args: Any, real: Any = real, node: Node = node) -> np.ndarray:
+            clock.now += 0.1 * len(load_records(node.settings.data_path))
+            return real(*args)
+
+        monkeypatch.setattr(node.contributor, "contribution", working)
+    return nodes, clock
+
+
+def test_a_masked_input_leaves_at_the_holders_fixed_time_whatever_its_records(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Holders of 3, 4 and 5 records take 0.3, 0.4 and 0.5 s to compute; with
+    ``masked_input_reply_s = 2`` every reply (and a refusal after the charge) leaves at 2 s,
+    so its time says nothing about the count. Without the term, it says the count."""
+    manifest = make_manifest(tiny, reference, NODES_3)
+    nodes, clock = _timed_federation(
+        tmp_path / "held", tiny, monkeypatch, ClientPolicy(allow_non_private=True)
+    )
+    transport = _TimedTransport(nodes, clock)
+    run_secure_round(transport, manifest, reference.means)
+    assert sorted(round(t, 6) for t in transport.took.values()) == [0.3, 0.4, 0.5]
+
+    policy = ClientPolicy(allow_non_private=True, masked_input_reply_s=2.0)
+    nodes, clock = _timed_federation(tmp_path / "fixed", tiny, monkeypatch, policy)
+    # One holder's file changes after setup: its refusal comes after the charge, also at 2 s.
+    late = nodes[NODES_3[0]]
+    original = late.settings.data_path.read_text()
+    transport = _TimedTransport(nodes, clock)
+    real_exchange = transport.exchange
+
+    def exchange(
+        stage: str, requests: Mapping[int, RecordDict], *, timeout: float
+    ) -> dict[int, Reply]:
+        if stage == "masked_input":
+            late.settings.data_path.write_text(original + original)
+        return real_exchange(stage, requests, timeout=timeout)
+
+    transport.exchange = exchange  # type: ignore[method-assign]
+    result = run_secure_round(transport, manifest, reference.means)
+    assert late.node_id not in result.survivors
+    assert transport.took == pytest.approx({n: 2.0 for n in NODES_3}, abs=1e-9)
+
+
+def test_a_masked_input_past_its_reply_time_goes_at_once_and_says_so(
+    tmp_path: Path,
+    tiny: LoadedModel,
+    reference: PublicReference,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = ClientPolicy(allow_non_private=True, masked_input_reply_s=0.35)
+    nodes, clock = _timed_federation(tmp_path, tiny, monkeypatch, policy)
+    transport = _TimedTransport(nodes, clock)
+    with caplog.at_level("WARNING", logger="fedsynth.client.participant"):
+        run_secure_round(transport, make_manifest(tiny, reference, NODES_3), reference.means)
+    assert sorted(round(t, 6) for t in transport.took.values()) == [0.35, 0.4, 0.5]
+    assert sum("beyond masked_input_reply_s=0.35" in r.message for r in caplog.records) == 2
+
+
+def test_a_deadline_without_room_for_the_reply_time_is_refused_at_setup(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    manifest = dataclasses.replace(make_manifest(tiny, reference, NODES_3), deadline_s=60.0)
+    policy = ClientPolicy(allow_non_private=True, masked_input_reply_s=55.0)
+    nodes = make_nodes(tmp_path, tiny, NODES_3, policy=policy)
+    with pytest.raises(TooFewParticipantsError, match="setup: policy"):
+        run_secure_round(LocalTransport(nodes), manifest, reference.means)
