@@ -3,17 +3,18 @@
 Measured side by side in one process, at the default model's release size (2 classes × (4
 layers × 640 + 1 count) coordinates: d = 5,122) and at the secure-sum benchmark's d = 65,537:
 
-1. a holder's noise share under exact sharing (a base part plus K − t seeded components,
-   :mod:`fedsynth.protocol.exact_noise`) against a plain share of the same variance v/t;
-2. the coordinator's excess removal when all K survive (one whole-round component per
-   survivor) and when one holder dropped (the ladder's costliest case: K − 1 survivors ×
-   (K − 1 − t) components) both ways: redrawn from the revealed seeds and from the sums the
-   survivors upload (decode and subtract their vectors), against the secure sum's own
-   coordinator target (2 s at K = 100, d = 65,537, which ``bench_secagg`` measures without
-   noise); with the
-   survivor's side of an upload (drawing and encoding its sum) and its size against the
-   masked vector's;
-3. σ/Δ of the distributed release (exact sharing leaves exactly the target variance) against
+1. a holder's noise share under exact sharing (a base part plus seeded components: K − t on
+   the ladder, six binary blocks beyond K = 26, :mod:`fedsynth.protocol.exact_noise`) against
+   a plain share of the same variance v/t;
+2. the coordinator's excess removal when all K survive, when one holder dropped (the
+   ladder's costliest case: K − 1 survivors × (K − 1 − t) components) and, with blocks, at the
+   survivor count that removes the most draws, both ways: redrawn from the revealed seeds and
+   from the sums the survivors upload (decode and subtract their vectors), against the secure
+   sum's own coordinator target (2 s at K = 100, d = 65,537, which ``bench_secagg`` measures
+   without noise); with the survivor's side of an upload (drawing and encoding its sum) and
+   its size against the masked vector's;
+3. σ/Δ of the distributed release (exact sharing leaves the target variance: exactly on the
+   ladder, within 1 + 1/50 with blocks, whose worst case per K is printed) against
    central EPSVec's Gaussian at the same ε, δ: the gap left is the accountant's (RDP for the
    Skellam mechanism, PLD for the Gaussian). Target ≤ 1.02×.
 
@@ -23,6 +24,7 @@ Run: python benchmarks/bench_noise.py [--quick]
 from __future__ import annotations
 
 import argparse
+import math
 import secrets
 import sys
 import time
@@ -109,7 +111,9 @@ class NoiseCost:
     threshold: int
     exact_share_s: float
     plain_share_s: float
-    removals: tuple[Removal, ...]  # all surviving, then one dropped (where t < K - 1)
+    removals: tuple[Removal, ...]  # all surviving, one dropped (where t < K - 1), costliest
+    components: int = 0  # seeded components per holder
+    worst_kept_sigma: float = 1.0  # max over survivor counts of sqrt(kept / target)
 
 
 def _best(seconds: list[float]) -> float:
@@ -174,6 +178,12 @@ def measure(clients: int, dim: int, *, repeats: int = 3) -> NoiseCost:
         share_noise(plain, clients=clients, dim=dim, rng=rng, noise_seed=None)
         plain_s.append(time.perf_counter() - start)
     counts = [clients] + ([clients - 1] if clients - 1 > spec.threshold else [])
+    schedule = NoiseSchedule(spec.total_variance, spec.threshold, clients)
+    costliest = max(
+        range(spec.threshold + 1, clients + 1), key=lambda s: s * len(schedule.removed(s))
+    )
+    if schedule.uses_blocks and costliest not in counts:
+        counts.append(costliest)  # with blocks, the most draws may be at another count
     return NoiseCost(
         clients,
         dim,
@@ -181,6 +191,11 @@ def measure(clients: int, dim: int, *, repeats: int = 3) -> NoiseCost:
         _best(exact_s),
         _best(plain_s),
         tuple(measure_removal(spec, clients, s, dim) for s in counts),
+        len(schedule.components),
+        max(
+            math.sqrt(s * schedule.kept_variance(s) / spec.total_variance)
+            for s in range(spec.threshold, clients + 1)
+        ),
     )
 
 
@@ -208,7 +223,17 @@ def figures(quick: bool) -> list[Figure]:
                     cost.exact_share_s,
                     "s",
                     baseline=cost.plain_share_s,
-                    note=f"{k - cost.threshold} seeded components plus the base part",
+                    note=f"{cost.components} seeded components plus the base part",
+                )
+            )
+            out.append(
+                info(
+                    "noise",
+                    f"noise kept per survivor count, worst σ over the target ({where})",
+                    cost.worst_kept_sigma,
+                    "×",
+                    note="binary blocks (K > 26) keep up to 1 + 1/50 of the target variance "
+                    "between the ends; the ladder exactly the target",
                 )
             )
             for removal in cost.removals:
@@ -237,7 +262,11 @@ def figures(quick: bool) -> list[Figure]:
                         f"'auto' picks {removal.auto} here",
                     )
                 )
-            dropped = cost.removals[-1]  # the costliest case to redraw: one dropped
+            # the costliest case to redraw: one dropped on the ladder, a count chosen above
+            # with blocks
+            dropped = max(
+                cost.removals[1:] or cost.removals, key=lambda r: r.survivors * r.components
+            )
             out.append(
                 info(
                     "noise",

@@ -25,7 +25,7 @@ import numpy as np
 from fedsynth.protocol.accounting import vector_record_sensitivity
 from fedsynth.protocol.codec import field_sub, from_field, to_field
 from fedsynth.protocol.errors import ConfigError, FieldRangeError, ShapeError
-from fedsynth.protocol.exact_noise import SEED_BYTES, NoiseSchedule, holder_noise, removable_noise
+from fedsynth.protocol.exact_noise import NoiseSchedule, holder_noise, removable_noise
 from fedsynth.protocol.features import clip_to_unit
 from fedsynth.protocol.manifest import (
     NOISE_EXACT,
@@ -265,7 +265,7 @@ def remove_excess_noise(
         if node in members
         and node not in sums
         and isinstance(seed, bytes)
-        and len(seed) == SEED_BYTES
+        and len(seed) == schedule.revealed_length(len(members))
     }
     if not seeds and not sums:
         return field_sum, []

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,10 +70,14 @@ REMOVAL_SEED = "seed"
 REMOVAL_UPLOAD = "upload"
 REMOVAL_AUTO = "auto"
 REMOVAL_MODES = (REMOVAL_SEED, REMOVAL_UPLOAD)
-AUTO_UPLOAD_SAMPLES = 2**24
-"""``auto`` asks for uploads when redrawing would take more Skellam draws than this (~0.3 s)."""
+AUTO_UPLOAD_SAMPLES = 2**26
+"""``auto`` asks for uploads when redrawing would take more Skellam draws than this (~1.5 s on
+two cores)."""
+TOLERANCE = 50
+"""Binary blocks keep at most 1 + 1/TOLERANCE times the target variance (σ within 1 %)."""
 _CHAIN_DOMAIN = b"fedsynth/exact-noise/chain/v1"
 _COMPONENT_DOMAIN = b"fedsynth/exact-noise/component/v1"
+_BLOCK_DOMAIN = b"fedsynth/exact-noise/block/v1"
 
 
 @dataclass(frozen=True)
@@ -110,14 +115,53 @@ class NoiseSchedule:
         """
         honest, floor = self.clients - self.colluders, self.threshold - self.colluders
         # 1/K + 1/(K − 1) >= 1/t, in integers (K > t >= 1, so K − 1 >= 1)
-        if honest <= floor or floor * (2 * honest - 1) < honest * (honest - 1):
+        if self.uses_blocks or honest <= floor or floor * (2 * honest - 1) < honest * (honest - 1):
             return None
         return honest
+
+    @property
+    def units(self) -> int:
+        """The excess v/(t − c) − v/(K − c) in units of at most 1/TOLERANCE of v/(K − c).
+
+        ⌈TOLERANCE·(K − t)/(t − c)⌉ (c subtracted from K and t); 0 when nothing is removable.
+        """
+        honest, floor = self.clients - self.colluders, self.threshold - self.colluders
+        if honest <= floor:
+            return 0
+        return -(-TOLERANCE * (honest - floor) // floor)
+
+    @property
+    def block_units(self) -> tuple[int, ...]:
+        """Sizes, in units, of the binary blocks: 1, 2, 4, …, 2^(m−2), then the rest.
+
+        Their sums over subsets reach every whole number of units from 0 to :attr:`units`,
+        each with at most m = ``units.bit_length()`` blocks.
+        """
+        total = self.units
+        if total == 0:
+            return ()
+        m = total.bit_length()
+        powers = tuple(1 << j for j in range(m - 1))
+        return (*powers, total - ((1 << (m - 1)) - 1))
+
+    @property
+    def uses_blocks(self) -> bool:
+        """Binary blocks instead of the ladder: where they remove at most half as many.
+
+        The ladder removes up to K − t − 1 rungs per survivor (c subtracted) and keeps exactly
+        the target; the blocks remove at most m = ``units.bit_length()`` (6 at TOLERANCE 50)
+        and keep up to 1/TOLERANCE more than the target between the two ends. So the ladder
+        runs up to about K = 27 (t a majority), the blocks beyond.
+        """
+        honest, floor = self.clients - self.colluders, self.threshold - self.colluders
+        return 2 * self.units.bit_length() <= honest - floor - 1
 
     @property
     def rungs(self) -> range:
         """Indices k of the ladder's components, t − c ≤ k < K − c (K − c − 1 with W)."""
         top = self.clients - self.colluders
+        if self.uses_blocks:
+            return range(0)
         return range(self.threshold - self.colluders, top - 1 if self.whole else top)
 
     @property
@@ -127,7 +171,7 @@ class NoiseSchedule:
         v/(K − c) on the plain ladder; v/(K − c) + v/(K − c − 1) − v/(t − c) with W.
         """
         v, honest = self.total_variance, self.clients - self.colluders
-        if self.whole is None:
+        if self.whole is None:  # the plain ladder, and the blocks (all of them remove to v/K)
             return v / honest
         return max(0.0, v / honest + v / (honest - 1) - v / (self.threshold - self.colluders))
 
@@ -138,13 +182,36 @@ class NoiseSchedule:
 
     @property
     def components(self) -> tuple[int, ...]:
-        """Indices of the removable components: the rungs, then W's (K − c) if there is one."""
+        """Indices of the removable components.
+
+        The rungs, then W's (K − c) if there is one; with blocks, 0 .. m − 1.
+        """
+        if self.uses_blocks:
+            return tuple(range(len(self.block_units)))
         whole = self.whole
         return (*self.rungs, *(() if whole is None else (whole,)))
 
-    def component_variance(self, k: int) -> float:
-        """Variance of component k: v/k − v/(k+1) for a rung, v/(t − c) − v/(K − c) for W."""
+    @property
+    def unit_variance(self) -> float:
+        """One unit of the blocks: (v/(t − c) − v/(K − c)) / :attr:`units` (0 without any)."""
+        units = self.units
+        if units == 0:
+            return 0.0
         v = self.total_variance
+        honest, floor = self.clients - self.colluders, self.threshold - self.colluders
+        return (v / floor - v / honest) / units
+
+    def component_variance(self, k: int) -> float:
+        """Variance of component k.
+
+        v/k − v/(k+1) for a rung, v/(t − c) − v/(K − c) for W, and for a block its units times
+        :attr:`unit_variance`.
+        """
+        v = self.total_variance
+        if self.uses_blocks:
+            if k not in self.components:
+                raise ConfigError(f"block {k}: must be one of 0..{len(self.block_units) - 1}")
+            return self.block_units[k] * self.unit_variance
         if k == self.whole:
             return v / (self.threshold - self.colluders) - v / k
         if k not in self.rungs:
@@ -163,15 +230,57 @@ class NoiseSchedule:
             )
         return int(survivors)
 
-    def removed(self, survivors: int) -> range:
+    def removed(self, survivors: int) -> Sequence[int]:
         """Components every survivor reveals when s inputs are in the sum.
 
-        W alone when all K do (and W exists), else the rungs t − c .. s − c − 1.
+        W alone when all K do (and W exists), else the rungs t − c .. s − c − 1. With blocks,
+        those whose units add up to :meth:`units_removed` (the last, largest block first where
+        the smaller ones cannot reach it).
         """
         honest = self.check_survivors(survivors) - self.colluders
+        if self.uses_blocks:
+            return self._blocks_for(self.units_removed(survivors))
         if honest == self.whole:
             return range(honest, honest + 1)
         return range(self.threshold - self.colluders, honest)
+
+    def units_removed(self, survivors: int) -> int:
+        """Units of excess a survivor's blocks remove when s inputs are in the sum.
+
+        The most whole units r with v/(t − c) − r·u ≥ v/(s − c), u the unit variance, in
+        integers: ⌊units · (s − t) · (K − c) / ((K − t) · (s − c))⌋. Exactly 0 at s = t and
+        all units at s = K, so both ends keep exactly the target; in between the kept part
+        exceeds v/(s − c) by less than one unit, at most 1/TOLERANCE of it.
+        """
+        s = self.check_survivors(survivors)
+        honest, floor = self.clients - self.colluders, self.threshold - self.colluders
+        if honest == floor:
+            return 0
+        return (self.units * (s - self.threshold) * honest) // (
+            (honest - floor) * (s - self.colluders)
+        )
+
+    def _blocks_for(self, units: int) -> tuple[int, ...]:
+        """Block indices whose units add up to ``units`` (0 .. :attr:`units`), ascending."""
+        sizes = self.block_units
+        chosen: list[int] = []
+        if sizes and units > (1 << (len(sizes) - 1)) - 1:
+            chosen.append(len(sizes) - 1)
+            units -= sizes[-1]
+        bits = [j for j in range(len(sizes) - 1) if units >> j & 1]
+        if units < 0 or units >> max(len(sizes) - 1, 0):
+            raise ProtocolError(f"{units} units cannot be removed with blocks {sizes}")
+        return tuple(sorted([*bits, *chosen]))
+
+    def revealed_length(self, survivors: int) -> int:
+        """Bytes a survivor reveals for ``survivors`` inputs (0 when nothing is removed).
+
+        One seed on the ladder (the chain gives the rest), one per removed block.
+        """
+        removed = self.removed(survivors)
+        if not removed:
+            return 0
+        return SEED_BYTES * (len(removed) if self.uses_blocks else 1)
 
     def kept_variance(self, survivors: int) -> float:
         """What stays of one survivor's noise after removal: v/(s − c)."""
@@ -192,7 +301,7 @@ def _down(seed: bytes, k: int) -> bytes:
     return hashlib.sha256(_CHAIN_DOMAIN + k.to_bytes(4, "big") + seed).digest()
 
 
-def _walk_down(seed: bytes, indices: range) -> dict[int, bytes]:
+def _walk_down(seed: bytes, indices: Sequence[int]) -> dict[int, bytes]:
     """``seed`` is seed_{indices[-1]}; hash down the chain to seed_{indices[0]}."""
     seeds = {indices[-1]: seed}
     for k in reversed(indices[:-1]):
@@ -216,6 +325,8 @@ def chain_seeds(top: bytes, schedule: NoiseSchedule) -> dict[int, bytes]:
     With the whole-round component W, its seed is H(K, ``top``) and ``top`` seeds no component.
     """
     seed = _check_seed(top, "chain seed")
+    if schedule.uses_blocks:  # independent seeds: any subset can be revealed alone
+        return {j: _block_seed(seed, j) for j in schedule.components}
     whole = schedule.whole
     if whole is None:
         return _walk_down(seed, schedule.rungs) if schedule.rungs else {}
@@ -225,15 +336,24 @@ def chain_seeds(top: bytes, schedule: NoiseSchedule) -> dict[int, bytes]:
     return chain
 
 
-def revealed_seed(top: bytes, schedule: NoiseSchedule, survivors: int) -> bytes | None:
-    """The one seed a survivor reveals for ``survivors`` inputs; None when s = t.
+def _block_seed(top: bytes, j: int) -> bytes:
+    """Block j's seed: H(j, top), one-way, so no block's seed tells another's."""
+    return hashlib.sha256(_BLOCK_DOMAIN + j.to_bytes(4, "big") + top).digest()
 
-    W's when all K survive and W exists, else seed_{s-1}.
+
+def revealed_seed(top: bytes, schedule: NoiseSchedule, survivors: int) -> bytes | None:
+    """What a survivor reveals for ``survivors`` inputs; None when nothing is removed.
+
+    On the ladder one seed: W's when all K survive and W exists, else seed_{s-1}. With blocks,
+    the removed blocks' seeds in ascending order, concatenated.
     """
     removed = schedule.removed(survivors)
     if not removed:
         return None
-    return chain_seeds(top, schedule)[removed[-1]]
+    seeds = chain_seeds(top, schedule)
+    if schedule.uses_blocks:
+        return b"".join(seeds[j] for j in removed)
+    return seeds[removed[-1]]
 
 
 def seeds_from_revealed(
@@ -245,7 +365,12 @@ def seeds_from_revealed(
     """
     removed = schedule.removed(survivors)
     if not removed:
-        raise ProtocolError(f"survivors={survivors} = t: there is nothing to reveal")
+        raise ProtocolError(f"survivors={survivors}: there is nothing to reveal")
+    if schedule.uses_blocks:
+        want = schedule.revealed_length(survivors)
+        if not isinstance(revealed, bytes) or len(revealed) != want:
+            raise ProtocolError(f"revealed seeds: must be {want} bytes")
+        return {j: revealed[i * SEED_BYTES : (i + 1) * SEED_BYTES] for i, j in enumerate(removed)}
     if removed[-1] == schedule.whole:
         return {removed[-1]: _check_seed(revealed, "revealed seed")}
     return _walk_down(_check_seed(revealed, "revealed seed"), removed)
@@ -299,8 +424,8 @@ def excess_noise(
 ) -> npt.NDArray[np.int64] | None:
     """A survivor's own sum of its removed components (what it uploads when asked).
 
-    The same vector the coordinator would redraw from :func:`revealed_seed`; None when s = t
-    (nothing to remove).
+    The same vector the coordinator would redraw from :func:`revealed_seed`; None when nothing
+    is removed.
     """
     removed = schedule.removed(survivors)
     if not removed:

@@ -286,6 +286,23 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
     ),
     Mutant(
+        name="blocks-remove-one-unit-too-many",
+        summary="binary blocks remove one unit of excess more than leaves the target (K > 26)",
+        patches=(
+            Patch(
+                "protocol/exact_noise.py",
+                "            return self._blocks_for(self.units_removed(survivors))\n",
+                "            return self._blocks_for(\n"
+                "                min(self.units_removed(survivors) + 1, self.units)\n"
+                "            )  # mutant\n",
+            ),
+        ),
+        tests=(
+            f"{EXACT_NOISE}::"
+            "test_blocks_keep_the_target_within_the_tolerance_and_exactly_at_both_ends",
+        ),
+    ),
+    Mutant(
         name="excess-revealed-for-all-k",
         summary="a holder reveals its excess noise for all K, not for the survivor set it signed",
         patches=(

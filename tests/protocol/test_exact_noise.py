@@ -12,6 +12,7 @@ from fedsynth.protocol.errors import ConfigError, ProtocolError
 from fedsynth.protocol.exact_noise import (
     AUTO_UPLOAD_SAMPLES,
     SEED_BYTES,
+    TOLERANCE,
     NoiseSchedule,
     aggregate_variance,
     chain_seeds,
@@ -31,10 +32,11 @@ def _majority(k: int) -> int:
     return k // 2 + 1
 
 
-@pytest.mark.parametrize("k", [2, 3, 5, 10, 20, 50, 100])
+@pytest.mark.parametrize("k", [2, 3, 5, 10, 20, 26])
 def test_every_survivor_count_keeps_exactly_the_target(k: int) -> None:
     t = _majority(k)
     schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k)
+    assert not schedule.uses_blocks  # the exact ladder up to K = 26
     whole = schedule.whole
     assert whole == (k if k > t else None)  # W wherever there is something to remove
     base = V / k + V / (k - 1) - V / t if whole else V / k
@@ -67,6 +69,9 @@ def test_every_threshold_a_holder_accepts_has_the_whole_round_component(k: int) 
             continue
         for threshold in range(t, k):
             schedule = NoiseSchedule(total_variance=V, threshold=threshold, clients=k, colluders=c)
+            if schedule.uses_blocks:  # no W there: every block schedule is tested below
+                assert schedule.whole is None
+                continue
             assert schedule.whole == k - c
             assert list(schedule.removed(k)) == [k - c]
             assert schedule.base_variance > 0
@@ -343,14 +348,120 @@ def test_removal_mode_asks_for_uploads_only_where_redrawing_is_costly() -> None:
     schedule = NoiseSchedule(total_variance=V, threshold=51, clients=100)
     assert removal_mode("seed", schedule, 100, 65_537) == "seed"
     assert removal_mode("upload", schedule, 52, 8) == "upload"
-    # auto: s survivors x their removed components x d draws against the limit: one
-    # component each when all survive (W), s - t with dropouts.
-    for s, components in ((100, 1), (99, 48), (60, 9)):
+    # auto: s survivors x their removed components x d draws against the limit: at K = 100
+    # the blocks of the units removed (all 49: six blocks; 48 = 18 + 2 + 4 + 8 + 16: five;
+    # at s = 60, 15 = 1 + 2 + 4 + 8: four).
+    for s, components in ((100, 6), (99, 5), (60, 4)):
+        assert len(schedule.removed(s)) == components
         just_below = AUTO_UPLOAD_SAMPLES // (s * components)
         assert removal_mode("auto", schedule, s, just_below) == "seed"
         assert removal_mode("auto", schedule, s, just_below + 1) == "upload"
-    assert removal_mode("auto", schedule, 100, 65_537) == "seed"  # K = 100, all surviving
-    assert removal_mode("auto", schedule, 99, 65_537) == "upload"
+    # K = 100, d = 65,537: seeds whatever the dropouts (at most 6 components per survivor).
+    for s in range(51, 101):
+        assert removal_mode("auto", schedule, s, 65_537) == "seed"
+    assert removal_mode("auto", schedule, 99, 2**20) == "upload"  # d of a million: uploads
+    ladder = NoiseSchedule(total_variance=V, threshold=14, clients=26)
+    assert removal_mode("auto", ladder, 25, AUTO_UPLOAD_SAMPLES // (25 * 11) + 1) == "upload"
     assert removal_mode("auto", schedule, 51, 10**9) == "seed"  # s = t: nothing to redraw
     with pytest.raises(ConfigError, match="noise removal 'both': must be one of seed, upload"):
         removal_mode("both", schedule, 100, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary blocks (K beyond 26): at most 6 components removed, the target within 1/TOLERANCE
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("k", "t", "c"), [(27, 14, 0), (50, 26, 0), (100, 51, 0), (100, 60, 5)])
+def test_blocks_keep_the_target_within_the_tolerance_and_exactly_at_both_ends(
+    k: int, t: int, c: int
+) -> None:
+    schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k, colluders=c)
+    assert schedule.uses_blocks and schedule.whole is None
+    honest, floor = k - c, t - c
+    sizes = schedule.block_units
+    assert sum(sizes) == schedule.units >= TOLERANCE * (honest - floor) / floor
+    assert len(sizes) == schedule.units.bit_length() <= 6
+    assert schedule.base_variance == pytest.approx(V / honest)
+    assert schedule.base_variance + sum(
+        schedule.component_variance(j) for j in schedule.components
+    ) == pytest.approx(schedule.share_variance, rel=1e-12)
+    assert schedule.share_variance == pytest.approx(V / floor)
+    for s in range(t, k + 1):
+        removed = schedule.removed(s)
+        assert len(removed) <= 6 and list(removed) == sorted(set(removed))
+        assert sum(sizes[j] for j in removed) == schedule.units_removed(s)
+        kept = (s - c) * schedule.kept_variance(s) / V  # the honest survivors' noise / target
+        assert 1 - 1e-12 <= kept <= 1 + 1 / TOLERANCE
+        # one unit more removed would leave less than the target: the most that may go
+        assert (s - c) * (schedule.kept_variance(s) - schedule.unit_variance) < V * (1 - 1e-12)
+    assert schedule.units_removed(t) == 0 and list(schedule.removed(t)) == []
+    assert schedule.units_removed(k) == schedule.units
+    assert (k - c) * schedule.kept_variance(k) == pytest.approx(V, rel=1e-12)
+
+
+def test_every_number_of_units_is_some_blocks_and_nothing_else_is() -> None:
+    schedule = NoiseSchedule(total_variance=V, threshold=51, clients=100)
+    sizes = schedule.block_units
+    assert sizes == (1, 2, 4, 8, 16, 18)
+    for units in range(schedule.units + 1):
+        blocks = schedule._blocks_for(units)
+        assert sum(sizes[j] for j in blocks) == units
+    with pytest.raises(ProtocolError, match="cannot be removed"):
+        schedule._blocks_for(schedule.units + 1)
+
+
+def test_block_seeds_regenerate_exactly_the_removed_blocks_and_no_other() -> None:
+    k, t, dim = 40, 21, 400
+    schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k)
+    assert schedule.uses_blocks
+    top = os.urandom(SEED_BYTES)
+    seeds = chain_seeds(top, schedule)
+    assert sorted(seeds) == list(schedule.components) and top not in seeds.values()
+    assert len(set(seeds.values())) == len(seeds)
+    noise = holder_noise(schedule, dim, rng=np.random.default_rng(3), top=top)
+    for s in range(t + 1, k + 1):
+        removed = schedule.removed(s)
+        revealed = revealed_seed(top, schedule, s)
+        assert revealed == b"".join(seeds[j] for j in removed)
+        assert len(revealed) == schedule.revealed_length(s) == SEED_BYTES * len(removed)
+        # Exactly the removed blocks' seeds: a kept block's seed is nowhere in the reveal.
+        assert seeds_from_revealed(revealed, schedule, s) == {j: seeds[j] for j in removed}
+        for j in set(schedule.components) - set(removed):
+            assert seeds[j] not in revealed
+        expected = sum(component_noise(seeds[j], j, schedule, dim) for j in removed)
+        np.testing.assert_array_equal(removable_noise(revealed, schedule, s, dim), expected)
+        np.testing.assert_array_equal(excess_noise(top, schedule, s, dim), expected)
+        kept = [j for j in schedule.components if j not in removed]
+        base = noise - sum(component_noise(seeds[j], j, schedule, dim) for j in seeds)
+        np.testing.assert_array_equal(
+            noise - expected,
+            base + sum((component_noise(seeds[j], j, schedule, dim) for j in kept), 0),
+        )
+        for bad in (revealed[:-1], revealed + bytes(SEED_BYTES), b""):
+            with pytest.raises(ProtocolError, match="revealed seeds: must be"):
+                seeds_from_revealed(bad, schedule, s)
+    assert revealed_seed(top, schedule, t) is None
+
+
+@pytest.mark.parametrize(("k", "survivors"), [(50, 26), (50, 38), (50, 50), (100, 99)])
+def test_round_noise_after_block_removal_has_the_kept_variance(k: int, survivors: int) -> None:
+    """Empirically, with blocks: the sum less the revealed blocks has the schedule's kept
+    variance (within 1/TOLERANCE above v), and without removal s/t times v."""
+    t = _majority(k)
+    dim = 40_000
+    schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k)
+    rng = np.random.default_rng([k, survivors, 1])
+    total = np.zeros(dim, dtype=np.int64)
+    removed = np.zeros(dim, dtype=np.int64)
+    for _ in range(survivors):
+        top = rng.bytes(SEED_BYTES)
+        total += holder_noise(schedule, dim, rng=rng, top=top)
+        revealed = revealed_seed(top, schedule, survivors)
+        if revealed is not None:
+            removed += removable_noise(revealed, schedule, survivors, dim)
+    tol = 5 * math.sqrt(2 / dim)
+    kept = aggregate_variance(schedule, survivors, survivors)
+    assert V <= kept <= V * (1 + 1 / TOLERANCE)
+    assert np.var(total - removed) == pytest.approx(kept, rel=tol)
+    assert np.var(total) == pytest.approx(survivors * V / t, rel=tol)

@@ -49,6 +49,9 @@ from fedsynth.protocol.exact_noise import (
     NOISE_EXCESS_FIELD,
     NOISE_SEED_FIELD,
     REMOVAL_FIELD,
+    SEED_BYTES,
+    TOLERANCE,
+    aggregate_variance,
     removable_noise,
     revealed_seed,
 )
@@ -1094,6 +1097,35 @@ def test_exact_noise_seeds_are_revealed_at_unmask_for_the_signed_survivors_only(
     assert report["noise"]["aggregate_variance_actual_scaled"] == pytest.approx(
         manifest.privacy.total_variance
     )
+
+
+def test_beyond_26_holders_reveal_the_seeds_of_binary_blocks_for_the_signed_survivors(
+    tmp_path: Path, tiny: LoadedModel, reference: PublicReference
+) -> None:
+    """K = 28, t = 15, two holders dropped: each survivor reveals the seeds of the blocks its
+    schedule removes for 26 inputs (four of six), the coordinator removes them for every
+    survivor, and the sum keeps between the target and 1 + 1/TOLERANCE times it."""
+    node_ids = tuple(range(101, 129))
+    manifest = make_manifest(tiny, reference, node_ids, task_id="exact-blocks", epsilon=4.0)
+    schedule = noise_schedule(manifest.privacy, clients=len(node_ids))
+    assert schedule is not None and schedule.uses_blocks
+    dropped = {node_ids[0], node_ids[5]}
+    nodes = make_nodes(tmp_path, tiny, node_ids)
+    transport = _SeedWatchingTransport(nodes, manifest, drop={"masked_input": dropped})
+    result = run_secure_round(transport, manifest, reference.means)
+    survivors = sorted(set(node_ids) - dropped)
+    assert sorted(result.survivors) == sorted(result.noise_removed) == survivors
+    removed = schedule.removed(len(survivors))
+    assert 0 < len(removed) < len(schedule.components)
+    revealed = _noise_seed_fields(transport)["unmask"]
+    for node in survivors:
+        assert revealed[node] == revealed_seed(transport.chain_seeds[node], schedule, 26)
+        assert len(revealed[node]) == SEED_BYTES * len(removed)  # type: ignore[arg-type]
+    report = privacy_report(manifest, result, model_name=tiny.name)
+    target = manifest.privacy.total_variance
+    actual = report["noise"]["aggregate_variance_actual_scaled"]
+    assert target <= actual <= target * (1 + 1 / TOLERANCE)
+    assert actual == pytest.approx(aggregate_variance(schedule, 26, 26))
 
 
 @pytest.mark.parametrize("dropped", [set(), {NODES_5[0]}], ids=["5-of-5", "4-of-5"])
