@@ -217,7 +217,7 @@ def demo(
         typer.Option(
             help="Condition each sample on this many same-label samples drawn from a pool of "
             "plain-prompt ones (the prior: its prior texts); 0: the plain prompt only "
-            "(default 1; --quick 0)."
+            "(default: rotten_tomatoes and --data 1, bbc_news 0; --quick 0)."
         ),
     ] = None,
     select: SelectOption = 1.0,

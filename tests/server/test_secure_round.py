@@ -1121,6 +1121,14 @@ def test_beyond_26_holders_reveal_the_seeds_of_binary_blocks_for_the_signed_surv
     for node in survivors:
         assert revealed[node] == revealed_seed(transport.chain_seeds[node], schedule, 26)
         assert len(revealed[node]) == SEED_BYTES * len(removed)  # type: ignore[arg-type]
+    # Block subsets of different survivor counts are not nested (15 units = blocks 0-3, 16 =
+    # block 4), so a second reveal must never happen: a repeated unmask is refused.
+    again = survivors[0]
+    with pytest.raises(FedSynthError):
+        nodes[again].contributor.handle(
+            "unmask", _wire(transport.requests["unmask"][again]), nodes[again].state
+        )
+    assert nodes[again].contributor.noise_seed(manifest, nodes[again].state) is None
     report = privacy_report(manifest, result, model_name=tiny.name)
     target = manifest.privacy.total_variance
     actual = report["noise"]["aggregate_variance_actual_scaled"]

@@ -246,6 +246,11 @@ def test_shots_are_checked_before_anything_runs(tmp_path: Path) -> None:
     assert demo_config("default", out_dir=tmp_path).shots == 1
     assert demo_config("quick", out_dir=tmp_path).shots == 0  # the quick preset stays quick
     assert demo_config("quick", out_dir=tmp_path, shots=2).shots == 2
+    # Per corpus: BBC News articles without a shot (measured), a user's data with one.
+    assert demo_config("default", out_dir=tmp_path, corpus="bbc_news").shots == 0
+    assert demo_config("default", out_dir=tmp_path, corpus="bbc_news", shots=1).shots == 1
+    assert demo_config("default", out_dir=tmp_path, corpus="rotten_tomatoes").shots == 1
+    assert demo_config("default", out_dir=tmp_path, data_path=tmp_path / "d.jsonl").shots == 1
     loaded = tiny_model(seed=0)  # 256 positions
     check_text_length(DemoConfig(out_dir=tmp_path, max_text_tokens=40, shots=2), loaded)
     # Each shot adds a prompt and a whole sample: 5 shots of 40 tokens no longer fit.
