@@ -46,6 +46,19 @@ is untouched. The upload costs a vector of small integers (about a fifth of the 
 compression), so the coordinator asks for it only where redrawing would be slow
 (:func:`removal_mode`).
 
+**Binary blocks beyond K = 26.** With holders dropped the ladder has each survivor reveal up to
+K − t − 1 rungs, all redrawn by the coordinator (99 × 48 draws of d at K = 100 with one
+dropped). Exactness needs that many independent components, one per survivor count; allowing
+the kept part to exceed the target by at most 1/TOLERANCE of it needs only a logarithm. Beside
+W, the excess for up to T = K − 1 survivors (K where W cannot exist), v/t − v/T, is cut into
+U = ⌈TOLERANCE·(T − t)/t⌉ units and drawn as blocks of 1, 2, 4, … units and the rest; s
+survivors remove the most whole units that keep v/s (a subset of at most bit-length(U) blocks,
+six at K = 100), so what stays is within one unit, at most 1/TOLERANCE, above v/s, and exactly
+v/s at s = t, T and K. Each block has its own seed H(j, seed); a survivor reveals exactly its
+removed blocks' seeds, concatenated. Subsets for different s are not nested, so a holder must
+reveal once only (it answers unmask once). :attr:`NoiseSchedule.uses_blocks` takes blocks
+where they remove at most half as many components as the ladder would.
+
 This module is the arithmetic only (schedule, seeds, components); no messages.
 """
 
@@ -108,27 +121,35 @@ class NoiseSchedule:
 
     @property
     def whole(self) -> int | None:
-        """Index K − c of the whole-round component W, or None where the plain ladder runs.
+        """Index K − c of the whole-round component W, or None where it cannot exist.
 
         W exists when there is something to remove (K > t) and the base it leaves,
-        v/K + v/(K − 1) − v/t (c subtracted from each), is not negative.
+        v/K + v/(K − 1) − v/t (c subtracted from each), is not negative; on the ladder and
+        with blocks alike.
         """
         honest, floor = self.clients - self.colluders, self.threshold - self.colluders
         # 1/K + 1/(K − 1) >= 1/t, in integers (K > t >= 1, so K − 1 >= 1)
-        if self.uses_blocks or honest <= floor or floor * (2 * honest - 1) < honest * (honest - 1):
+        if honest <= floor or floor * (2 * honest - 1) < honest * (honest - 1):
             return None
         return honest
 
     @property
-    def units(self) -> int:
-        """The excess v/(t − c) − v/(K − c) in units of at most 1/TOLERANCE of v/(K − c).
+    def _block_top(self) -> int:
+        """The most honest survivors whose excess the blocks remove: K − c − 1 beside W."""
+        honest = self.clients - self.colluders
+        return honest - 1 if self.whole is not None else honest
 
-        ⌈TOLERANCE·(K − t)/(t − c)⌉ (c subtracted from K and t); 0 when nothing is removable.
+    @property
+    def units(self) -> int:
+        """The blocks' excess in units of at most 1/TOLERANCE of the smallest kept share.
+
+        The blocks remove up to v/(t − c) − v/T for T = K − c − 1 (beside W) or K − c:
+        ⌈TOLERANCE·(T − (t − c))/(t − c)⌉ units; 0 when nothing is removable.
         """
-        honest, floor = self.clients - self.colluders, self.threshold - self.colluders
-        if honest <= floor:
+        top, floor = self._block_top, self.threshold - self.colluders
+        if top <= floor:
             return 0
-        return -(-TOLERANCE * (honest - floor) // floor)
+        return -(-TOLERANCE * (top - floor) // floor)
 
     @property
     def block_units(self) -> tuple[int, ...]:
@@ -151,10 +172,11 @@ class NoiseSchedule:
         The ladder removes up to K − t − 1 rungs per survivor (c subtracted) and keeps exactly
         the target; the blocks remove at most m = ``units.bit_length()`` (6 at TOLERANCE 50)
         and keep up to 1/TOLERANCE more than the target between the two ends. So the ladder
-        runs up to about K = 27 (t a majority), the blocks beyond.
+        runs up to K = 26 (t a majority), the blocks beyond; W stays where it exists.
         """
         honest, floor = self.clients - self.colluders, self.threshold - self.colluders
-        return 2 * self.units.bit_length() <= honest - floor - 1
+        units = self.units
+        return units > 0 and 2 * units.bit_length() <= honest - floor - 1
 
     @property
     def rungs(self) -> range:
@@ -171,7 +193,7 @@ class NoiseSchedule:
         v/(K − c) on the plain ladder; v/(K − c) + v/(K − c − 1) − v/(t − c) with W.
         """
         v, honest = self.total_variance, self.clients - self.colluders
-        if self.whole is None:  # the plain ladder, and the blocks (all of them remove to v/K)
+        if self.whole is None:  # no W: removing every component leaves v/(K − c)
             return v / honest
         return max(0.0, v / honest + v / (honest - 1) - v / (self.threshold - self.colluders))
 
@@ -186,10 +208,11 @@ class NoiseSchedule:
 
         The rungs, then W's (K − c) if there is one; with blocks, 0 .. m − 1.
         """
-        if self.uses_blocks:
-            return tuple(range(len(self.block_units)))
         whole = self.whole
-        return (*self.rungs, *(() if whole is None else (whole,)))
+        with_whole = () if whole is None else (whole,)
+        if self.uses_blocks:
+            return (*range(len(self.block_units)), *with_whole)
+        return (*self.rungs, *with_whole)
 
     @property
     def unit_variance(self) -> float:
@@ -198,8 +221,7 @@ class NoiseSchedule:
         if units == 0:
             return 0.0
         v = self.total_variance
-        honest, floor = self.clients - self.colluders, self.threshold - self.colluders
-        return (v / floor - v / honest) / units
+        return (v / (self.threshold - self.colluders) - v / self._block_top) / units
 
     def component_variance(self, k: int) -> float:
         """Variance of component k.
@@ -208,12 +230,13 @@ class NoiseSchedule:
         :attr:`unit_variance`.
         """
         v = self.total_variance
-        if self.uses_blocks:
-            if k not in self.components:
-                raise ConfigError(f"block {k}: must be one of 0..{len(self.block_units) - 1}")
-            return self.block_units[k] * self.unit_variance
         if k == self.whole:
             return v / (self.threshold - self.colluders) - v / k
+        if self.uses_blocks:
+            if k not in range(len(self.block_units)):
+                shown = ", ".join(str(j) for j in self.components)
+                raise ConfigError(f"component {k}: must be one of {shown}")
+            return self.block_units[k] * self.unit_variance
         if k not in self.rungs:
             shown = ", ".join(str(j) for j in self.components) or "none"
             raise ConfigError(f"component {k}: must be one of {shown}")
@@ -238,27 +261,26 @@ class NoiseSchedule:
         the smaller ones cannot reach it).
         """
         honest = self.check_survivors(survivors) - self.colluders
-        if self.uses_blocks:
-            return self._blocks_for(self.units_removed(survivors))
         if honest == self.whole:
             return range(honest, honest + 1)
+        if self.uses_blocks:
+            return self._blocks_for(self.units_removed(survivors))
         return range(self.threshold - self.colluders, honest)
 
     def units_removed(self, survivors: int) -> int:
         """Units of excess a survivor's blocks remove when s inputs are in the sum.
 
         The most whole units r with v/(t − c) − r·u ≥ v/(s − c), u the unit variance, in
-        integers: ⌊units · (s − t) · (K − c) / ((K − t) · (s − c))⌋. Exactly 0 at s = t and
-        all units at s = K, so both ends keep exactly the target; in between the kept part
-        exceeds v/(s − c) by less than one unit, at most 1/TOLERANCE of it.
+        integers: ⌊units · (s − t) · T / ((T − (t − c)) · (s − c))⌋, T the blocks' top
+        (:attr:`units`). Exactly 0 at s = t and all units at s − c = T, so those keep exactly
+        the target (and all K, where W alone is removed); in between the kept part exceeds
+        v/(s − c) by less than one unit, at most 1/TOLERANCE of it. 0 where W is removed.
         """
         s = self.check_survivors(survivors)
-        honest, floor = self.clients - self.colluders, self.threshold - self.colluders
-        if honest == floor:
+        top, floor = self._block_top, self.threshold - self.colluders
+        if top <= floor or s - self.colluders > top:  # nothing, or all K: W instead
             return 0
-        return (self.units * (s - self.threshold) * honest) // (
-            (honest - floor) * (s - self.colluders)
-        )
+        return (self.units * (s - self.threshold) * top) // ((top - floor) * (s - self.colluders))
 
     def _blocks_for(self, units: int) -> tuple[int, ...]:
         """Block indices whose units add up to ``units`` (0 .. :attr:`units`), ascending."""

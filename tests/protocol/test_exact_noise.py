@@ -69,10 +69,7 @@ def test_every_threshold_a_holder_accepts_has_the_whole_round_component(k: int) 
             continue
         for threshold in range(t, k):
             schedule = NoiseSchedule(total_variance=V, threshold=threshold, clients=k, colluders=c)
-            if schedule.uses_blocks:  # no W there: every block schedule is tested below
-                assert schedule.whole is None
-                continue
-            assert schedule.whole == k - c
+            assert schedule.whole == k - c  # on the ladder and beside binary blocks alike
             assert list(schedule.removed(k)) == [k - c]
             assert schedule.base_variance > 0
     # Below half, the base W would leave is negative: the plain ladder runs.
@@ -349,9 +346,9 @@ def test_removal_mode_asks_for_uploads_only_where_redrawing_is_costly() -> None:
     assert removal_mode("seed", schedule, 100, 65_537) == "seed"
     assert removal_mode("upload", schedule, 52, 8) == "upload"
     # auto: s survivors x their removed components x d draws against the limit: at K = 100
-    # the blocks of the units removed (all 49: six blocks; 48 = 18 + 2 + 4 + 8 + 16: five;
-    # at s = 60, 15 = 1 + 2 + 4 + 8: four).
-    for s, components in ((100, 6), (99, 5), (60, 4)):
+    # W alone when all survive, else the blocks of the units removed (all 48 at s = 99: six;
+    # at s = 60, 14 = 2 + 4 + 8: three).
+    for s, components in ((100, 1), (99, 6), (60, 3)):
         assert len(schedule.removed(s)) == components
         just_below = AUTO_UPLOAD_SAMPLES // (s * components)
         assert removal_mode("auto", schedule, s, just_below) == "seed"
@@ -376,34 +373,42 @@ def test_removal_mode_asks_for_uploads_only_where_redrawing_is_costly() -> None:
 def test_blocks_keep_the_target_within_the_tolerance_and_exactly_at_both_ends(
     k: int, t: int, c: int
 ) -> None:
+    """Binary blocks remove the excess of K − c − 1 or fewer honest survivors (at most six
+    components, kept noise within 1/TOLERANCE above the target), W alone that of all K."""
     schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k, colluders=c)
-    assert schedule.uses_blocks and schedule.whole is None
     honest, floor = k - c, t - c
+    assert schedule.uses_blocks and schedule.whole == honest
     sizes = schedule.block_units
-    assert sum(sizes) == schedule.units >= TOLERANCE * (honest - floor) / floor
+    top = honest - 1  # the blocks serve up to K − c − 1; W all K
+    assert sum(sizes) == schedule.units >= TOLERANCE * (top - floor) / floor
     assert len(sizes) == schedule.units.bit_length() <= 6
-    assert schedule.base_variance == pytest.approx(V / honest)
+    assert list(schedule.components) == [*range(len(sizes)), honest]
+    assert schedule.base_variance == pytest.approx(V / honest + V / top - V / floor)
+    assert schedule.base_variance > 0
     assert schedule.base_variance + sum(
         schedule.component_variance(j) for j in schedule.components
     ) == pytest.approx(schedule.share_variance, rel=1e-12)
     assert schedule.share_variance == pytest.approx(V / floor)
-    for s in range(t, k + 1):
+    for s in range(t, k):
         removed = schedule.removed(s)
         assert len(removed) <= 6 and list(removed) == sorted(set(removed))
+        assert honest not in removed  # W only when all K survive
         assert sum(sizes[j] for j in removed) == schedule.units_removed(s)
         kept = (s - c) * schedule.kept_variance(s) / V  # the honest survivors' noise / target
         assert 1 - 1e-12 <= kept <= 1 + 1 / TOLERANCE
         # one unit more removed would leave less than the target: the most that may go
         assert (s - c) * (schedule.kept_variance(s) - schedule.unit_variance) < V * (1 - 1e-12)
     assert schedule.units_removed(t) == 0 and list(schedule.removed(t)) == []
-    assert schedule.units_removed(k) == schedule.units
+    assert schedule.units_removed(k - 1) == schedule.units  # all blocks, exactly v/(K − c − 1)
+    assert (k - 1 - c) * schedule.kept_variance(k - 1) == pytest.approx(V, rel=1e-12)
+    assert list(schedule.removed(k)) == [honest] and schedule.units_removed(k) == 0
     assert (k - c) * schedule.kept_variance(k) == pytest.approx(V, rel=1e-12)
 
 
 def test_every_number_of_units_is_some_blocks_and_nothing_else_is() -> None:
     schedule = NoiseSchedule(total_variance=V, threshold=51, clients=100)
     sizes = schedule.block_units
-    assert sizes == (1, 2, 4, 8, 16, 18)
+    assert sizes == (1, 2, 4, 8, 16, 17)
     for units in range(schedule.units + 1):
         blocks = schedule._blocks_for(units)
         assert sum(sizes[j] for j in blocks) == units
