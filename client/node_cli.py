@@ -69,6 +69,13 @@ def init_command(
         "send node.pub and signing.pub to the operator and read both fingerprints to them "
         "over a second channel; put the roster.json they send back into this directory"
     )
+    _console.print(
+        "then write POLICY.toml (README, deployment): two terms have defaults worth a second "
+        "look: max_colluders = 0 assumes no holder sides with the coordinator (one that does "
+        "leaves (t − 1)/t of the noise), and masked_input_reply_s = 0 answers a masked input "
+        "when it is computed, so its time tells your record count (set it above your longest "
+        "contribution, which your node's log reports)"
+    )
 
 
 def _print_keys(keys: node_dir.NodePublicKeys) -> None:

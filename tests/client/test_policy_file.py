@@ -242,7 +242,11 @@ def test_node_status_says_when_a_masked_input_reply_tells_the_record_count(
 
     runner = CliRunner()
     node = tmp_path / "node"
-    assert runner.invoke(app, ["node", "init", str(node)]).exit_code == 0
+    init = runner.invoke(app, ["node", "init", str(node)], env={"COLUMNS": "400"})
+    assert init.exit_code == 0
+    said = " ".join(init.output.split())
+    assert "max_colluders = 0 assumes no holder sides with the coordinator" in said
+    assert "masked_input_reply_s = 0 answers a masked input when it is computed" in said
     for text, expected in (
         ("", "masked input answered at once (its time tells the task's record count)"),
         ("masked_input_reply_s = 300\n", "masked input answered 300 s after it arrives"),
