@@ -23,7 +23,6 @@ Run: python benchmarks/bench_noise.py [--quick]
 
 from __future__ import annotations
 
-import argparse
 import math
 import secrets
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
-from benchmarks.common import Figure, compared, info
+from benchmarks.common import Figure, compared, info, run_script
 from fedsynth.protocol.accounting import VectorReleaseCalibration, calibrate_vector_release
 from fedsynth.protocol.contribution import remove_excess_noise, share_noise
 from fedsynth.protocol.exact_noise import (
@@ -306,14 +305,7 @@ def figures(quick: bool) -> list[Figure]:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the figures (``--quick``: small sizes)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    for row in figures(args.quick):
-        ratio = "" if row.ratio is None else f"  ratio {row.ratio:.3f}"
-        baseline = "" if row.baseline is None else f"  baseline {row.baseline:.4g}"
-        print(f"{row.figure}: {row.value:.4g} {row.unit}{baseline}{ratio}  {row.note}")
-    return 0
+    return run_script(__doc__ or "", figures, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Run: python benchmarks/bench_timing.py [--quick]
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
-from benchmarks.common import Figure, compared, info
+from benchmarks.common import Figure, compared, info, run_script
 from fedsynth.client.contributor import Contributor
 from fedsynth.client.data_index import SETTLED_NS
 from fedsynth.client.settings import ClientSettings
@@ -106,14 +105,7 @@ def figures(quick: bool) -> list[Figure]:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the figures (``--quick``: small sizes)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    for row in figures(args.quick):
-        ratio = "" if row.ratio is None else f"  ratio {row.ratio:.3f}"
-        baseline = "" if row.baseline is None else f"  baseline {row.baseline:.4g}"
-        print(f"{row.figure}: {row.value:.4g} {row.unit}{baseline}{ratio}  {row.note}")
-    return 0
+    return run_script(__doc__ or "", figures, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ as text and whether it was met (None: informational, or not judged at these size
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -147,3 +149,22 @@ def random_deltas(hidden_size: int, layers: tuple[int, ...], *, strength: float)
         strength=strength,
         residual_norms=dict.fromkeys(layers, 8000.0),
     )
+
+
+def run_script(
+    doc: str, figures: Callable[[bool], list[Figure]], argv: list[str] | None = None
+) -> int:
+    """A benchmark script's own command line: ``--quick``, then one line per figure."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    print_figures(figures(args.quick))
+    return 0
+
+
+def print_figures(rows: list[Figure]) -> None:
+    """One line per figure, for a benchmark script run on its own."""
+    for row in rows:
+        ratio = "" if row.ratio is None else f"  ratio {row.ratio:.3f}"
+        baseline = "" if row.baseline is None else f"  baseline {row.baseline:.4g}"
+        print(f"{row.figure}: {row.value:.4g} {row.unit}{baseline}{ratio}  {row.note}")

@@ -123,6 +123,21 @@ def test_holder_noise_minus_the_removed_components_is_the_kept_part() -> None:
         )
 
 
+def _round_noise(
+    schedule: NoiseSchedule, survivors: int, dim: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The summed noise of ``survivors`` holders, and the sum of what they reveal for removal."""
+    total = np.zeros(dim, dtype=np.int64)
+    removed = np.zeros(dim, dtype=np.int64)
+    for _ in range(survivors):
+        top = rng.bytes(SEED_BYTES)
+        total += holder_noise(schedule, dim, rng=rng, top=top)
+        revealed = revealed_seed(top, schedule, survivors)
+        if revealed is not None:
+            removed += removable_noise(revealed, schedule, survivors, dim)
+    return total, removed
+
+
 @pytest.mark.parametrize(
     ("k", "survivors"), [(3, 2), (3, 3), (10, 6), (10, 9), (10, 10), (20, 11), (20, 20)]
 )
@@ -132,15 +147,7 @@ def test_round_noise_after_removal_has_the_target_variance(k: int, survivors: in
     t = _majority(k)
     dim = 40_000
     schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k)
-    rng = np.random.default_rng([k, survivors])
-    total = np.zeros(dim, dtype=np.int64)
-    removed = np.zeros(dim, dtype=np.int64)
-    for _ in range(survivors):
-        top = rng.bytes(SEED_BYTES)
-        total += holder_noise(schedule, dim, rng=rng, top=top)
-        revealed = revealed_seed(top, schedule, survivors)
-        if revealed is not None:
-            removed += removable_noise(revealed, schedule, survivors, dim)
+    total, removed = _round_noise(schedule, survivors, dim, np.random.default_rng([k, survivors]))
     # Sample variance of n draws: relative sd sqrt(2 / n) (Skellam is near-Gaussian here).
     tol = 5 * math.sqrt(2 / dim)
     assert np.var(total - removed) == pytest.approx(V, rel=tol)
@@ -457,14 +464,7 @@ def test_round_noise_after_block_removal_has_the_kept_variance(k: int, survivors
     dim = 40_000
     schedule = NoiseSchedule(total_variance=V, threshold=t, clients=k)
     rng = np.random.default_rng([k, survivors, 1])
-    total = np.zeros(dim, dtype=np.int64)
-    removed = np.zeros(dim, dtype=np.int64)
-    for _ in range(survivors):
-        top = rng.bytes(SEED_BYTES)
-        total += holder_noise(schedule, dim, rng=rng, top=top)
-        revealed = revealed_seed(top, schedule, survivors)
-        if revealed is not None:
-            removed += removable_noise(revealed, schedule, survivors, dim)
+    total, removed = _round_noise(schedule, survivors, dim, rng)
     tol = 5 * math.sqrt(2 / dim)
     kept = aggregate_variance(schedule, survivors, survivors)
     assert V <= kept <= V * (1 + 1 / TOLERANCE)
