@@ -12,7 +12,7 @@ Example (every key optional; an absent key keeps :class:`ClientPolicy`'s default
     min_holders = 3                 # fewest participants K, key exchangers and survivors
     max_colluders = 0               # holders assumed to collude with the coordinator
     max_records = 1000000           # most records contributed to any task (a public cap)
-    masked_input_reply_s = 600.0    # answer a masked input this long after it arrives
+    masked_input_reply_s = 300.0    # answer a masked input this long after it arrives
     allow_non_private = false       # epsilon = inf tasks; never true unless meant
     budget_path = "budget.sqlite"   # relative paths: beside this file
     log_file = "node.log"           # refusal details go here (never records)
