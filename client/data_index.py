@@ -11,8 +11,8 @@ time that does not depend on the file. A changed file is read again at its next 
 
 The store is the holder's own (0600, beside its budget store: a fresh ClientApp process answers
 every message of a deployed node, so an in-memory cache alone would never be hit). It holds
-counts, never text. A file that fails validation is not indexed: it is read, and refused, again
-at every setup, which is the holder's own misconfiguration to fix.
+counts, never text. A file that fails validation is indexed with its refusal's message, so its
+refusal is no slower to time than an answer; a missing file is never indexed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import TypeVar
 
 from fedsynth.client.data import MAX_CHARS, iter_record_batches
 from fedsynth.protocol import sqlite_store
-from fedsynth.protocol.errors import BudgetStoreError
+from fedsynth.protocol.errors import BudgetStoreError, DataFileError
 
 __all__ = ["DataIndex", "FileIdentity", "LabelCounts", "index_path_for", "label_counts"]
 
@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS counts (
 )
 
 # In-process entries, for holders without a budget store (simulations, tests): path -> entry.
-_MEMORY: dict[str, tuple[str, dict[str, int]]] = {}
+_MEMORY: dict[str, tuple[str, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -187,38 +187,52 @@ class DataIndex:
             cached = self._lookup(before)
             if cached is not None:
                 return cached
-        counted = label_counts(
-            data_path, text_field=text_field, label_field=label_field, max_chars=max_chars
-        )
+        try:
+            counted: LabelCounts | DataFileError = label_counts(
+                data_path, text_field=text_field, label_field=label_field, max_chars=max_chars
+            )
+        except DataFileError as exc:
+            counted = exc  # a malformed file's refusal is kept too, so it is no slower to time
         if before is None or before != identity():
             log.warning("%s changed while it was read; not indexed", data_path)
         elif before.settled(time.time_ns()):
             self._store(before, counted)
+        if isinstance(counted, DataFileError):
+            raise counted
         return counted
 
     # -- storage ---------------------------------------------------------------------------------
 
     def _lookup(self, identity: FileIdentity) -> LabelCounts | None:
+        """The counts kept for this version of the file; raises the refusal kept for it."""
         if self.path is None:
             entry = _MEMORY.get(identity.path)
-            return LabelCounts(entry[1]) if entry and entry[0] == identity.key() else None
-        if not self.path.exists():
+            text = entry[1] if entry and entry[0] == identity.key() else None
+        elif not self.path.exists():
+            text = None
+        else:
+            row = self._run(
+                lambda db: db.execute(
+                    "SELECT identity, counts FROM counts WHERE path = ?", (identity.path,)
+                ).fetchone(),
+                write=False,
+            )
+            text = row[1] if row is not None and row[0] == identity.key() else None
+        if text is None:
             return None
-        row = self._run(
-            lambda db: db.execute(
-                "SELECT identity, counts FROM counts WHERE path = ?", (identity.path,)
-            ).fetchone(),
-            write=False,
-        )
-        if row is None or row[0] != identity.key():
-            return None
-        return LabelCounts(_parse_counts(self.path, row[1]))
+        value = _parse_entry(self.path, text)
+        if isinstance(value, str):
+            raise DataFileError(value)
+        return LabelCounts(value)
 
-    def _store(self, identity: FileIdentity, counted: LabelCounts) -> None:
+    def _store(self, identity: FileIdentity, counted: LabelCounts | DataFileError) -> None:
+        if isinstance(counted, DataFileError):
+            text = json.dumps({"error": str(counted)})
+        else:
+            text = json.dumps({"counts": dict(counted.counts)}, sort_keys=True)
         if self.path is None:
-            _MEMORY[identity.path] = (identity.key(), dict(counted.counts))
+            _MEMORY[identity.path] = (identity.key(), text)
             return
-        text = json.dumps(dict(counted.counts), sort_keys=True)
         self._run(
             lambda db: db.execute(
                 "INSERT OR REPLACE INTO counts (path, identity, counts) VALUES (?, ?, ?)",
@@ -242,18 +256,24 @@ class DataIndex:
             ) from None
 
 
-def _parse_counts(path: Path, text: str) -> dict[str, int]:
-    """A stored count map, checked: a damaged entry is an error, never a guess."""
+def _parse_entry(path: Path | None, text: str) -> dict[str, int] | str:
+    """A stored entry, checked: per-label counts, or a malformed file's refusal message.
+
+    A damaged entry is an error, never a guess.
+    """
     try:
-        value = json.loads(text)
+        entry = json.loads(text)
     except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict) or not all(
+        entry = None
+    if isinstance(entry, dict) and set(entry) == {"error"} and isinstance(entry["error"], str):
+        return entry["error"]
+    counts = entry.get("counts") if isinstance(entry, dict) and set(entry) == {"counts"} else None
+    if not isinstance(counts, dict) or not all(
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        for k, v in value.items()
+        for k, v in counts.items()
     ):
         raise BudgetStoreError(
             f"data index {path}: a damaged entry; remove the file (it is rebuilt from the data "
             "file)"
         )
-    return value
+    return counts

@@ -123,17 +123,24 @@ def test_a_file_changed_while_it_was_read_is_not_indexed(
     assert counts(DataIndex(None), path).total == 3  # read again, not the stale 2
 
 
-def test_a_malformed_file_is_refused_at_every_setup_and_never_indexed(
+def test_a_malformed_file_is_refused_alike_at_every_setup_and_read_once(
     tmp_path: Path, reads: list[Path]
 ) -> None:
+    """The refusal is kept with the file's version, so a coordinator timing it learns no more
+    than from an answer; a fixed file is read again (a new version)."""
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "fine", "label": "a"}\n{"text": "", "label": "a"}\n')
     store = tmp_path / "idx.sqlite"
-    for _ in range(2):
-        with pytest.raises(DataFileError, match="empty or whitespace-only"):
+    messages = []
+    for _ in range(3):
+        with pytest.raises(DataFileError, match="empty or whitespace-only") as info:
             counts(DataIndex(store), path)
+        messages.append(str(info.value))
+    assert len(reads) == 1 and len(set(messages)) == 1
+    path.write_text('{"text": "fine", "label": "a"}\n{"text": "also fine", "label": "b"}\n')
+    assert counts(DataIndex(store), path).total == 2
     assert len(reads) == 2
-    with pytest.raises(DataFileError, match="not found"):
+    with pytest.raises(DataFileError, match="not found"):  # a missing file is never indexed
         counts(DataIndex(store), tmp_path / "missing.jsonl")
 
 
@@ -144,7 +151,7 @@ def test_a_damaged_or_foreign_index_is_refused_not_guessed(
     store = tmp_path / "idx.sqlite"
     counts(DataIndex(store), path)
     with sqlite3.connect(store) as db:
-        db.execute("UPDATE counts SET counts = '{\"a\": -5}'")
+        db.execute("""UPDATE counts SET counts = '{"counts": {"a": -5}}'""")
     with pytest.raises(BudgetStoreError, match="damaged entry"):
         counts(DataIndex(store), path)
     foreign = tmp_path / "foreign.sqlite"
