@@ -220,15 +220,16 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             raise ProtocolError(
                 f"unknown stage {stage!r}; expected one of {[s.value for s in ROUND_STAGES]}"
             )
+        handler = handlers[Stage(stage)]
         if stage != Stage.MASKED_INPUT.value:
             check_clock(content, now=time.time())  # before anything is read, computed or charged
-            return handlers[Stage(stage)](content, state)
+            return handler(content, state)
         # The one stage whose work grows with the records: its answer, a refusal included,
         # leaves at the holder's fixed time, not when the work is done.
         arrived = _clock()
         try:
             check_clock(content, now=time.time())
-            reply = self._masked_input(content, state)
+            reply = handler(content, state)
         except Exception:
             self._hold_reply(arrived)
             raise

@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedsynth.client.budget import ClientBudget, canonical_terms, pe_task_terms
 from fedsynth.client.data import iter_record_batches
+from fedsynth.client.data_index import FileIdentity
 from fedsynth.client.participant import SecureSumParticipant
 from fedsynth.client.settings import ClientSettings
 from fedsynth.protocol.embedding import load_embedder
@@ -189,16 +190,10 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
     ) -> tuple[np.ndarray, np.ndarray]:
         """(n, D) embeddings and (n,) label indices of the private records (cached in memory)."""
         path = self.settings.data_path
-        stat = path.stat()
-        key = (
-            str(path.resolve()),
-            stat.st_mtime_ns,
-            stat.st_size,
-            self.settings.text_field,
-            self.settings.label_field,
-            tuple(manifest.labels),
-            embedder.fingerprint,
+        version = FileIdentity.of(
+            path, text_field=self.settings.text_field, label_field=self.settings.label_field
         )
+        key = (version, tuple(manifest.labels), embedder.fingerprint)
         if key not in _EMBEDDINGS:
             _EMBEDDINGS[key] = embed_data_file(
                 path,

@@ -251,7 +251,9 @@ def remove_excess_noise(
     """
     schedule = noise_schedule(privacy, clients=clients)
     members = set(survivors)
-    if schedule is None or len(schedule.removed(len(members))) == 0:
+    # The bytes a survivor's reveal must hold; 0 exactly when nothing is removed.
+    seed_bytes = 0 if schedule is None else schedule.revealed_length(len(members))
+    if schedule is None or seed_bytes == 0:
         return field_sum, []
     dim = int(field_sum.shape[0])
     sums = {
@@ -265,7 +267,7 @@ def remove_excess_noise(
         if node in members
         and node not in sums
         and isinstance(seed, bytes)
-        and len(seed) == schedule.revealed_length(len(members))
+        and len(seed) == seed_bytes
     }
     if not seeds and not sums:
         return field_sum, []

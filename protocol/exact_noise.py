@@ -120,6 +120,16 @@ class NoiseSchedule:
             raise ConfigError(f"colluders={c!r}: must be an int with 0 <= c < t={t}")
 
     @property
+    def _honest(self) -> int:
+        """K − c: the holders that add noise however many collude."""
+        return self.clients - self.colluders
+
+    @property
+    def _floor(self) -> int:
+        """The fewest honest holders among any t survivors: t − c."""
+        return self.threshold - self.colluders
+
+    @property
     def whole(self) -> int | None:
         """Index K − c of the whole-round component W, or None where it cannot exist.
 
@@ -127,7 +137,7 @@ class NoiseSchedule:
         v/K + v/(K − 1) − v/t (c subtracted from each), is not negative; on the ladder and
         with blocks alike.
         """
-        honest, floor = self.clients - self.colluders, self.threshold - self.colluders
+        honest, floor = self._honest, self._floor
         # 1/K + 1/(K − 1) >= 1/t, in integers (K > t >= 1, so K − 1 >= 1)
         if honest <= floor or floor * (2 * honest - 1) < honest * (honest - 1):
             return None
@@ -136,7 +146,7 @@ class NoiseSchedule:
     @property
     def _block_top(self) -> int:
         """The most honest survivors whose excess the blocks remove: K − c − 1 beside W."""
-        honest = self.clients - self.colluders
+        honest = self._honest
         return honest - 1 if self.whole is not None else honest
 
     @property
@@ -146,7 +156,7 @@ class NoiseSchedule:
         The blocks remove up to v/(t − c) − v/T for T = K − c − 1 (beside W) or K − c:
         ⌈TOLERANCE·(T − (t − c))/(t − c)⌉ units; 0 when nothing is removable.
         """
-        top, floor = self._block_top, self.threshold - self.colluders
+        top, floor = self._block_top, self._floor
         if top <= floor:
             return 0
         return -(-TOLERANCE * (top - floor) // floor)
@@ -174,17 +184,17 @@ class NoiseSchedule:
         and keep up to 1/TOLERANCE more than the target between the two ends. So the ladder
         runs up to K = 26 (t a majority), the blocks beyond; W stays where it exists.
         """
-        honest, floor = self.clients - self.colluders, self.threshold - self.colluders
+        honest, floor = self._honest, self._floor
         units = self.units
         return units > 0 and 2 * units.bit_length() <= honest - floor - 1
 
     @property
     def rungs(self) -> range:
         """Indices k of the ladder's components, t − c ≤ k < K − c (K − c − 1 with W)."""
-        top = self.clients - self.colluders
+        top = self._honest
         if self.uses_blocks:
             return range(0)
-        return range(self.threshold - self.colluders, top - 1 if self.whole else top)
+        return range(self._floor, top - 1 if self.whole else top)
 
     @property
     def base_variance(self) -> float:
@@ -192,15 +202,15 @@ class NoiseSchedule:
 
         v/(K − c) on the plain ladder; v/(K − c) + v/(K − c − 1) − v/(t − c) with W.
         """
-        v, honest = self.total_variance, self.clients - self.colluders
+        v, honest = self.total_variance, self._honest
         if self.whole is None:  # no W: removing every component leaves v/(K − c)
             return v / honest
-        return max(0.0, v / honest + v / (honest - 1) - v / (self.threshold - self.colluders))
+        return max(0.0, v / honest + v / (honest - 1) - v / self._floor)
 
     @property
     def share_variance(self) -> float:
         """All a holder adds, base plus every component: v/(t − c), as a plain share."""
-        return self.total_variance / (self.threshold - self.colluders)
+        return self.total_variance / self._floor
 
     @property
     def components(self) -> tuple[int, ...]:
@@ -221,7 +231,7 @@ class NoiseSchedule:
         if units == 0:
             return 0.0
         v = self.total_variance
-        return (v / (self.threshold - self.colluders) - v / self._block_top) / units
+        return (v / self._floor - v / self._block_top) / units
 
     def component_variance(self, k: int) -> float:
         """Variance of component k.
@@ -231,7 +241,7 @@ class NoiseSchedule:
         """
         v = self.total_variance
         if k == self.whole:
-            return v / (self.threshold - self.colluders) - v / k
+            return v / self._floor - v / k
         if self.uses_blocks:
             if k not in range(len(self.block_units)):
                 shown = ", ".join(str(j) for j in self.components)
@@ -265,7 +275,7 @@ class NoiseSchedule:
             return range(honest, honest + 1)
         if self.uses_blocks:
             return self._blocks_for(self.units_removed(survivors))
-        return range(self.threshold - self.colluders, honest)
+        return range(self._floor, honest)
 
     def units_removed(self, survivors: int) -> int:
         """Units of excess a survivor's blocks remove when s inputs are in the sum.
@@ -277,7 +287,7 @@ class NoiseSchedule:
         v/(s − c) by less than one unit, at most 1/TOLERANCE of it. 0 where W is removed.
         """
         s = self.check_survivors(survivors)
-        top, floor = self._block_top, self.threshold - self.colluders
+        top, floor = self._block_top, self._floor
         if top <= floor or s - self.colluders > top:  # nothing, or all K: W instead
             return 0
         return (self.units * (s - self.threshold) * top) // ((top - floor) * (s - self.colluders))

@@ -259,9 +259,8 @@ MUTANTS: tuple[Mutant, ...] = (
         patches=(
             Patch(
                 "protocol/exact_noise.py",
-                "        return range(self.threshold - self.colluders, honest)\n",
-                "        return range(self.threshold - self.colluders,"
-                " min(honest + 1, self.clients))\n",
+                "        return range(self._floor, honest)\n",
+                "        return range(self._floor, min(honest + 1, self.clients))\n",
             ),
         ),
         tests=(
