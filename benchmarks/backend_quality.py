@@ -1,11 +1,12 @@
 """Same release, both generation backends: label fidelity, TSTR and tokens/s over several seeds.
 
 Generates ``--per-label`` samples per label from one saved release on the `transformers` and
-the llama.cpp backend (the demo's generation settings), once per seed, and scores each set as
-the demo does (fidelity judged by a classifier of other real texts; TSTR on the held-out
-texts). The data split is the demo's for the given ``--private-per-label`` and ``--clients``
-(the settings the release was made with), so the held-out and judge texts are texts no holder
-held. Prints mean +- sd per backend; needs the ``llamacpp`` extra.
+the llama.cpp backend (the demo's generation settings; on llama.cpp with the output head where
+``auto`` puts it and, as ``llamacpp-own-head``, computed by llama.cpp), once per seed, and
+scores each set as the demo does (fidelity judged by a classifier of other real texts; TSTR
+on the held-out texts). The data split is the demo's for the given ``--private-per-label`` and
+``--clients`` (the settings the release was made with), so the held-out and judge texts are
+texts no holder held. Prints mean +- sd per backend; needs the ``llamacpp`` extra.
 
 Run: python benchmarks/backend_quality.py --release OUT/release-eps4.safetensors
 """
@@ -39,6 +40,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--private-per-label", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--engines",
+        default="transformers,llamacpp,llamacpp-own-head",
+        help="comma-separated: transformers, llamacpp (output head placed by 'auto'), "
+        "llamacpp-own-head (llama.cpp computes the head too)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,10 +58,17 @@ def main() -> None:
         synthetic_per_label=args.per_label,
     )
     data = split_data(config)
-    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=64)
+    generation = GenerationConfig(
+        max_new_tokens=config.new_tokens, batch_size=64, top_p=config.top_p
+    )
     rows: dict[str, dict[str, list[float]]] = {}
-    for backend_name in ("transformers", "llamacpp"):
-        backend = open_backend(backend_name, release.manifest.model_name, threads=args.threads)
+    for backend_name in args.engines.split(","):
+        backend = open_backend(
+            backend_name.removesuffix("-own-head"),
+            release.manifest.model_name,
+            threads=args.threads,
+            head="llamacpp" if backend_name.endswith("-own-head") else "auto",
+        )
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             samples = generate_from_release(

@@ -54,10 +54,14 @@ def measure(
     layers: tuple[int, ...] = DEFAULT_LAYERS,
     threads: int | None = None,
     equal_work: bool = True,
+    head: str = "auto",
 ) -> Throughput:
-    """Alternate unsteered and steered runs ``repeats`` times; keep the best of each."""
+    """Alternate unsteered and steered runs ``repeats`` times; keep the best of each.
+
+    ``head``: llama.cpp's output-head placement (``llamacpp``: llama.cpp computes it too).
+    """
     name = model or DEFAULT_MODEL
-    engine = open_backend(backend, name, threads=threads)
+    engine = open_backend(backend, name, threads=threads, head=head)
     config = GenerationConfig(
         max_new_tokens=tokens, batch_size=batch, stop_at_newline=False, stop_at_eos=not equal_work
     )
@@ -147,8 +151,10 @@ def figures(quick: bool) -> list[Figure]:
             )
         ]
     runs = [measure()]
+    own_head = None
     if _llama_cpp_installed():
         runs.append(measure(backend="llamacpp"))
+        own_head = measure(backend="llamacpp", head="llamacpp")
     out = []
     for r in runs:
         where = (
@@ -164,6 +170,19 @@ def figures(quick: bool) -> list[Figure]:
                 baseline=r.unsteered,
                 at_least=0.97,
                 note=where,
+            )
+        )
+    if own_head is not None:
+        out.append(
+            compared(
+                "generation",
+                "steered llama.cpp, output head in torch bf16 vs in llama.cpp",
+                runs[1].steered,
+                "tokens/s",
+                baseline=own_head.steered,
+                judge=False,
+                note=f"same batch {own_head.batch}; 'auto' puts the head in torch where the CPU "
+                "has native bf16 products and the head is most of the model (Gemma 3 270M)",
             )
         )
     if len(runs) == 2:

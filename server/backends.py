@@ -166,6 +166,7 @@ def open_backend(
     threads: int | None = None,
     device: str | None = None,
     compiled: bool = False,
+    head: str = "auto",
 ) -> GenerationBackend:
     """Load ``model`` on the named backend; refuse an unknown name before loading anything.
 
@@ -173,13 +174,15 @@ def open_backend(
         threads: CPU threads for llama.cpp (default: torch's thread count).
         device: device for `transformers` (default: CUDA when present, else CPU).
         compiled: `transformers` only: see :attr:`TransformersBackend.compiled`.
+        head: llama.cpp only: where generation's output head runs
+            (:data:`~fedsynth.server.llamacpp_head.HEADS`).
     """
     check_backend_name(backend)
     check_compiled_backend(backend, compiled)
     if backend == "llamacpp":
         from fedsynth.server.llamacpp import LlamaCppBackend
 
-        return LlamaCppBackend(model, threads=threads)
+        return LlamaCppBackend(model, threads=threads, head=head)
     return TransformersBackend(load_model(model, device=device), compiled=compiled)
 
 

@@ -34,6 +34,7 @@ from fedsynth.server.generation import (
     steering_deltas,
 )
 from fedsynth.server.llamacpp import LlamaCppBackend, _LlamaDecoder, control_vector
+from fedsynth.server.llamacpp_head import HiddenCapture, native_bf16
 from fedsynth.simulations.datasets import load_rotten_tomatoes
 from fedsynth.simulations.demo import TEMPLATES
 from tests.server.releases import make_test_release
@@ -100,6 +101,17 @@ def test_only_packaged_models_run_on_llama_cpp() -> None:
         LlamaCppBackend("tiny-llama")
     with pytest.raises(ConfigError, match="threads=0"):
         LlamaCppBackend("gemma3-270m", threads=0)
+    with pytest.raises(ConfigError, match="head='gpu': expected one of auto, torch, llamacpp"):
+        LlamaCppBackend("gemma3-270m", head="gpu")
+
+
+def test_hidden_states_of_another_row_count_are_refused() -> None:
+    import llama_cpp
+
+    capture = HiddenCapture(llama_cpp, n_embd=8)
+    with pytest.raises(RuntimeError, match="0 hidden-state rows for 2 outputs"):
+        capture.hidden(lambda: None, 2)
+    assert not capture.on
 
 
 def test_release_shape_is_checked_before_generation() -> None:
@@ -167,6 +179,87 @@ def test_same_model_same_tokens_same_fingerprint(
     hf, ll = _next_logits(pair, ids, {}, {})
     # Quantized weights and activations: close, not equal.
     assert np.corrcoef(hf, ll)[0, 1] > 0.99
+
+
+def test_the_output_head_runs_in_torch_where_it_is_most_of_the_model(
+    pair: tuple[LoadedModel, LlamaCppBackend],
+) -> None:
+    loaded, backend = pair
+    expected = "torch-bf16" if loaded.name == "gemma3-270m" and native_bf16() else "llama.cpp"
+    assert backend.output_head == expected
+
+
+@pytest.fixture(scope="module")
+def torch_head() -> Iterator[LlamaCppBackend]:
+    backend = LlamaCppBackend("gemma3-270m", threads=1, head="torch")
+    yield backend
+    backend.close()
+
+
+def test_the_torch_head_gives_each_row_llama_cpps_logits(torch_head: LlamaCppBackend) -> None:
+    """Three different rows, prefilled and stepped, steered: each row's torch-head logits are
+    at least as close to the exact product of its hidden state with the head as llama.cpp's
+    own head's, and closest to llama.cpp's logits of the same row (no rows swapped)."""
+    from safetensors import safe_open
+
+    backend = torch_head
+    assert backend.output_head == "torch-bf16" and backend.head_check is not None
+    with safe_open(str(backend._fp32_dir / "model.safetensors"), framework="pt") as f:
+        weight = f.get_tensor("model.embed_tokens.weight").double()
+    texts = [PROMPT, "Prices rose sharply in", "The weather today"]
+    prompts = [backend.tokenizer.encode(t, add_special_tokens=True) for t in texts]
+    backend._ensure_context(3, max(len(p) for p in prompts) + 4)
+    push = {6: torch.ones(backend.hidden_size) * 2.0}
+    torch_head = backend._head
+    assert torch_head is not None
+    hidden: list[np.ndarray] = []
+
+    def keeping(states: np.ndarray) -> torch.Tensor:
+        hidden.append(states.copy())
+        return torch_head(states)
+
+    runs = []
+    for head in (keeping, None):
+        saved, backend._head = backend._head, head  # type: ignore[assignment]
+        try:
+            with backend._steered(push):
+                decoder = _LlamaDecoder(backend)
+                first = decoder.prefill(prompts).numpy().copy()
+                step = decoder.step(torch.tensor([11, 12, 13])).numpy().copy()
+        finally:
+            backend._head = saved
+        runs.append([first, step])
+    assert [len(h) for h in hidden] == [3, 3]  # one head product per decoder call
+    exact = [torch.from_numpy(h).double() @ weight.T for h in hidden]
+    for mine, llama, truth in zip(runs[0], runs[1], exact, strict=True):
+        ours_error = (torch.from_numpy(mine).double() - truth).abs().mean(-1)
+        their_error = (torch.from_numpy(llama).double() - truth).abs().mean(-1)
+        assert torch.all(ours_error <= their_error * 1.25), (ours_error, their_error)
+        gaps = np.abs(mine[:, None, :] - llama[None, :, :]).mean(-1)  # (ours, theirs)
+        off = gaps + np.eye(3) * 1e9
+        assert np.all(np.diag(gaps) * 5 < off.min(axis=1)), gaps
+        assert (mine.argmax(-1) == llama.argmax(-1)).all()
+
+
+def test_a_torch_head_that_disagrees_is_refused_or_left_to_llama_cpp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A head that does not reproduce llama.cpp's logits (here: scaled weights, as a missing
+    soft-cap or the wrong tensor would be) is refused when asked for and skipped on ``auto``."""
+    real = llamacpp.head_weight
+    monkeypatch.setattr(llamacpp, "head_weight", lambda *a, **k: real(*a, **k) * 1.5)
+    with pytest.raises(ConfigError, match=r"differ from llama\.cpp's on a probe"):
+        LlamaCppBackend("smollm2-135m", threads=1, head="torch")
+    monkeypatch.setattr(llamacpp, "native_bf16", lambda: True)
+    monkeypatch.setattr(LlamaCppBackend, "_head_dominates", lambda self: True)
+    backend = LlamaCppBackend("smollm2-135m", threads=1, head="auto")
+    try:
+        assert backend.output_head == "llama.cpp" and backend.head_check is not None
+        assert backend.head_check[0] > 0.25
+        config = GenerationConfig(max_new_tokens=6, batch_size=2)
+        assert len(backend.generate([PROMPT] * 2, config=config, deltas=None, seed=0)) == 2
+    finally:
+        backend.close()
 
 
 def test_each_layer_is_steered_where_the_transformers_hook_steers(
