@@ -204,6 +204,14 @@ class LlamaCppBackend:
         Raises:
             ConfigError: ``required`` and the head cannot be read or disagrees.
         """
+        if _offloads_to_gpu(self._lib):
+            # The hidden states would be in device memory, and a GPU computes the head itself.
+            if required:
+                raise ConfigError(
+                    "head='torch': this llama.cpp build offloads to a GPU, which computes the "
+                    "output head itself; use head='llamacpp'"
+                )
+            return
         try:
             weight = head_weight(self._fp32_dir, n_vocab=self._n_vocab, n_embd=self._n_embd)
             self._capture = HiddenCapture(_llama_module(), self._n_embd)
@@ -551,6 +559,12 @@ class _LlamaDecoder:
             lib.llama_memory_seq_rm(memory, seq, -1, -1)
         pieces.append(self._start(prompts, seqs))
         return b._logits_of(np.concatenate(pieces))  # one head product for old and new rows
+
+
+def _offloads_to_gpu(lib: Any) -> bool:
+    """Whether this llama.cpp build can put the model on a GPU (a CUDA or Metal build)."""
+    supports = getattr(lib, "llama_supports_gpu_offload", None)
+    return bool(supports()) if callable(supports) else False
 
 
 def _llama_module() -> Any:

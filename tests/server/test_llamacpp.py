@@ -241,6 +241,21 @@ def test_the_torch_head_gives_each_row_llama_cpps_logits(torch_head: LlamaCppBac
         assert (mine.argmax(-1) == llama.argmax(-1)).all()
 
 
+def test_a_gpu_build_keeps_llama_cpps_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a build that offloads to a GPU the hidden states are not in host memory: ``torch``
+    is refused, ``auto`` keeps llama.cpp's head."""
+    monkeypatch.setattr(llamacpp, "_offloads_to_gpu", lambda lib: True)
+    with pytest.raises(ConfigError, match="offloads to a GPU"):
+        LlamaCppBackend("smollm2-135m", threads=1, head="torch")
+    monkeypatch.setattr(llamacpp, "native_bf16", lambda: True)
+    monkeypatch.setattr(LlamaCppBackend, "_head_dominates", lambda self: True)
+    backend = LlamaCppBackend("smollm2-135m", threads=1, head="auto")
+    try:
+        assert backend.output_head == "llama.cpp" and backend.head_check is None
+    finally:
+        backend.close()
+
+
 def test_a_torch_head_that_disagrees_is_refused_or_left_to_llama_cpp(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
