@@ -75,6 +75,16 @@ ThreadsOption = Annotated[
     int | None, typer.Option(help="CPU threads for llamacpp (default: torch's).", min=1)
 ]
 """``--threads`` beside ``--backend``."""
+LlamaHeadOption = Annotated[
+    str,
+    typer.Option(
+        "--llama-head",
+        help="llamacpp: where the output head runs: auto (torch bf16 where the CPU has native "
+        "bf16 products and the head is most of the model), torch, or llamacpp (llama.cpp's "
+        "own). The samples of one seed differ slightly between the two.",
+    ),
+]
+"""``--llama-head`` beside ``--backend`` (see ``fedsynth.server.llamacpp_head``)."""
 SelectOption = Annotated[
     float,
     typer.Option(

@@ -192,6 +192,15 @@ def check_backend_name(backend: str) -> None:
         raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
+def check_head_backend(backend: str, head: str) -> None:
+    """Refuse an unknown head placement, or one asked of a backend other than llama.cpp."""
+    from fedsynth.server.llamacpp_head import check_head
+
+    check_head(head)
+    if head != "auto" and backend != "llamacpp":
+        raise ConfigError(f"--llama-head {head}: a llamacpp-backend option; backend={backend!r}")
+
+
 def check_compiled_backend(backend: str, compiled: bool) -> None:
     """Refuse compiled decoding on a backend other than `transformers`, which alone has it."""
     if compiled and backend != "transformers":

@@ -37,7 +37,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fedsynth.protocol.cli_common import BackendOption, ThreadsOption, console, errors_at_the_edge
+from fedsynth.protocol.cli_common import (
+    BackendOption,
+    LlamaHeadOption,
+    ThreadsOption,
+    console,
+    errors_at_the_edge,
+)
 from fedsynth.protocol.cli_common import fail as _fail
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.wire import synthesis_pb2 as pb
@@ -434,6 +440,7 @@ def serve_command(
     ] = False,
     backend: BackendOption = "transformers",
     threads: ThreadsOption = None,
+    llama_head: LlamaHeadOption = "auto",
 ) -> None:
     """Serve the releases in --releases over gRPC until interrupted (Ctrl-C or SIGTERM).
 
@@ -441,11 +448,12 @@ def serve_command(
     block it cannot steer) are logged and not offered.
     """
     from fedsynth.protocol.models import load_model
-    from fedsynth.server.backends import check_backend_name, open_backend
+    from fedsynth.server.backends import check_backend_name, check_head_backend, open_backend
     from fedsynth.server.synthesis_service import SynthesisLimits, serve
 
     with _errors_at_the_edge():
         check_backend_name(backend)  # before any model is loaded
+        check_head_backend(backend, llama_head)
         if insecure:
             console.print("[yellow]warning:[/yellow] --insecure: no TLS, tokens travel in clear")
         limits = SynthesisLimits(
@@ -455,7 +463,7 @@ def serve_command(
             max_shots=max_shots,
             min_select=min_select,
         )
-        loaded = open_backend(backend, model, threads=threads)
+        loaded = open_backend(backend, model, threads=threads, head=llama_head)
         reader = None if backend == "transformers" else functools.partial(load_model, model)
         running = serve(
             releases=releases,

@@ -16,6 +16,7 @@ from rich.table import Table
 from fedsynth.client.node_cli import node_app
 from fedsynth.protocol.cli_common import (
     BackendOption,
+    LlamaHeadOption,
     SelectOption,
     ThreadsOption,
     TopPOption,
@@ -671,6 +672,7 @@ def generate(
     top_p: TopPOption = 0.95,
     backend: BackendOption = "transformers",
     threads: ThreadsOption = None,
+    llama_head: LlamaHeadOption = "auto",
     compile_steps: Annotated[
         bool,
         typer.Option(
@@ -694,7 +696,12 @@ def generate(
 
     from fedsynth.protocol.errors import ConfigError
     from fedsynth.protocol.models import load_model
-    from fedsynth.server.backends import check_backend_name, check_compiled_backend, open_backend
+    from fedsynth.server.backends import (
+        check_backend_name,
+        check_compiled_backend,
+        check_head_backend,
+        open_backend,
+    )
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.public_basis import release_basis
     from fedsynth.server.release import load_release
@@ -722,6 +729,7 @@ def generate(
             )
         check_backend_name(backend)
         check_compiled_backend(backend, compile_steps)
+        check_head_backend(backend, llama_head)
         check_shots(shots)
         check_select(select)
         check_min_signal_share(min_signal_share)
@@ -736,7 +744,11 @@ def generate(
         length = rel.manifest.max_text_tokens if max_new_tokens is None else max_new_tokens
         config = GenerationConfig(batch_size=batch_size, max_new_tokens=length, top_p=top_p)
         loaded = open_backend(
-            backend, model or rel.manifest.model_name, threads=threads, compiled=compile_steps
+            backend,
+            model or rel.manifest.model_name,
+            threads=threads,
+            compiled=compile_steps,
+            head=llama_head,
         )
         check_release_model(loaded, rel)
         scorer = scorer_for(backend, model or rel.manifest.model_name, select)
@@ -772,6 +784,8 @@ def generate(
             "steering": steering,
             "generation": {
                 **asdict(config),
+                "backend": backend,
+                "output_head": getattr(loaded, "output_head", None),
                 "shots": shots,
                 "shot_pool": min(SHOT_POOL, n),
                 "select": select,

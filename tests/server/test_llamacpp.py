@@ -457,6 +457,10 @@ def test_cli_generate_on_llama_cpp_refuses_a_release_it_cannot_steer(tmp_path: P
     assert result.exit_code == 2 and "backend='vllm'" in result.output
     result = runner.invoke(app, [*args, "--backend", "llamacpp"])
     assert result.exit_code == 2 and "packaged GGUF models" in result.output
+    result = runner.invoke(app, [*args, "--backend", "llamacpp", "--llama-head", "gpu"])
+    assert result.exit_code == 2 and "head='gpu': expected one of auto" in result.output
+    result = runner.invoke(app, [*args, "--llama-head", "torch"])
+    assert result.exit_code == 2 and "a llamacpp-backend option" in result.output
     assert not out.exists()
 
 
@@ -546,3 +550,7 @@ def test_serve_refuses_an_unknown_backend_before_loading_a_model(tmp_path: Path)
         synthesis_app, [*args, "--token-file", str(tmp_path / "t"), "--backend", "vllm"]
     )
     assert result.exit_code == 2 and "backend='vllm'" in result.output
+    result = CliRunner().invoke(
+        synthesis_app, [*args, "--token-file", str(tmp_path / "t"), "--llama-head", "torch"]
+    )
+    assert result.exit_code == 2 and "a llamacpp-backend option" in result.output
