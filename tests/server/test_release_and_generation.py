@@ -29,6 +29,7 @@ from fedsynth.server.generation import (
     steering,
     steering_deltas,
     text_logprobs,
+    topk_by_blocks,
 )
 from fedsynth.server.ledger import PrivacyLedger, file_digest
 from fedsynth.server.release import (
@@ -423,6 +424,36 @@ def _nucleus(p: np.ndarray) -> dict[int, float]:
     keep = order[before < TOP_P]
     mass = p[keep].sum()
     return {int(i): float(p[i] / mass) for i in keep}
+
+
+@pytest.mark.parametrize(
+    ("rows", "vocab", "k", "ties"),
+    [
+        (8, 262_144, 256, False),  # Gemma's vocabulary: blocks of 64
+        (4, 262_144, 2000, False),  # the wider pass: blocks of 16
+        (6, 50_257, 256, False),  # GPT-2's: a tail after the last whole block
+        (6, 50_257, 256, True),  # few distinct values: many ties at the k-th
+        (3, 300, 8, False),  # too short for blocks: torch.topk itself
+    ],
+)
+def test_topk_by_blocks_finds_the_k_largest_values(
+    rows: int, vocab: int, k: int, ties: bool
+) -> None:
+    gen = torch.Generator().manual_seed(rows * vocab + k)
+    x = torch.randn(rows, vocab, generator=gen) * 3
+    if ties:
+        x = torch.round(x)  # about 20 distinct values
+    x[0, : vocab // 2] = float("-inf")  # masked tokens, as control tokens are
+    x[1, -5:] = x[1].max() + 1 + torch.arange(5.0)  # the largest values in the last columns
+    values, ids = topk_by_blocks(x, k)
+    expected = torch.topk(x, k, dim=-1)
+    assert torch.equal(values, expected.values)
+    assert torch.equal(x.gather(1, ids), values)  # each index holds its value
+    assert all(len(set(row.tolist())) == k for row in ids)  # no index twice
+    # The same indices wherever the value is not shared (random floats tie now and then).
+    unique = values != torch.roll(values, 1, dims=1)
+    unique &= values != torch.roll(values, -1, dims=1)
+    assert torch.equal(ids[unique], expected.indices[unique])
 
 
 @pytest.mark.parametrize("candidate_k", [8, 2000])
