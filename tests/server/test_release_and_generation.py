@@ -25,6 +25,7 @@ from fedsynth.protocol.models import LoadedModel, decoder_layers, tiny_model
 from fedsynth.server.generation import (
     GenerationConfig,
     generate_texts,
+    row_logsumexp,
     sample_top_p,
     steering,
     steering_deltas,
@@ -454,6 +455,15 @@ def test_topk_by_blocks_finds_the_k_largest_values(
     unique = values != torch.roll(values, 1, dims=1)
     unique &= values != torch.roll(values, -1, dims=1)
     assert torch.equal(ids[unique], expected.indices[unique])
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(64, 262_144), (3, 262_144), (70, 300), (1, 5)])
+def test_row_logsumexp_is_torchs_logsumexp(rows: int, vocab: int) -> None:
+    x = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab)) * 4
+    x[0, 1:] = float("-inf")  # a row with one finite logit
+    if rows > 1:
+        x[1, 0] = 80.0  # a dominant one
+    assert torch.equal(row_logsumexp(x), torch.logsumexp(x, dim=-1, keepdim=True))
 
 
 @pytest.mark.parametrize("candidate_k", [8, 2000])
