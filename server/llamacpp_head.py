@@ -137,23 +137,15 @@ class HiddenCapture:
     """A llama.cpp graph-evaluation callback that keeps the final-norm rows and stops there.
 
     Off by default (every node computed, nothing kept: scoring needs llama.cpp's own logits);
-    :meth:`armed` turns it on for one decode.
+    :meth:`hidden` turns it on for one decode.
     """
 
     def __init__(self, llama_module: Any, n_embd: int) -> None:
         ggml = ctypes.CDLL(llama_module.llama_cpp._lib._name)
-        self._name = ggml.ggml_get_name
-        self._name.restype = ctypes.c_char_p
-        self._name.argtypes = [ctypes.c_void_p]
-        self._count = ggml.ggml_nelements
-        self._count.restype = ctypes.c_int64
-        self._count.argtypes = [ctypes.c_void_p]
-        self._data = ggml.ggml_get_data_f32
-        self._data.restype = ctypes.c_void_p
-        self._data.argtypes = [ctypes.c_void_p]
-        self._contiguous = ggml.ggml_is_contiguous
-        self._contiguous.restype = ctypes.c_bool
-        self._contiguous.argtypes = [ctypes.c_void_p]
+        self._name = _tensor_function(ggml, "ggml_get_name", ctypes.c_char_p)
+        self._count = _tensor_function(ggml, "ggml_nelements", ctypes.c_int64)
+        self._data = _tensor_function(ggml, "ggml_get_data_f32", ctypes.c_void_p)
+        self._contiguous = _tensor_function(ggml, "ggml_is_contiguous", ctypes.c_bool)
         self.n_embd = n_embd
         self.on = False
         self.rows: list[np.ndarray] = []
@@ -197,3 +189,11 @@ class HiddenCapture:
                 f"llama.cpp gave {len(hidden)} hidden-state rows for {expected_rows} outputs"
             )
         return hidden
+
+
+def _tensor_function(library: ctypes.CDLL, name: str, restype: Any) -> Any:
+    """The ggml function ``name(const struct ggml_tensor *)``, returning ``restype``."""
+    function = getattr(library, name)
+    function.restype = restype
+    function.argtypes = [ctypes.c_void_p]
+    return function
