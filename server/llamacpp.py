@@ -14,8 +14,9 @@ ones (8-bit activations, f16 KV cache), so its logits differ slightly from the f
 backend checks that its GGUF is the very file the fp32 model was converted from.
 
 While generating, the output head runs in torch (bf16, on CPUs with native bf16 products) from
-the final-norm hidden states llama.cpp hands over, which is about 2.5x faster per step than
-llama.cpp's own head (:mod:`fedsynth.server.llamacpp_head`); scoring keeps llama.cpp's logits.
+the final-norm hidden states llama.cpp hands over: about 30 instead of 130 ms per step of 64
+rows for Gemma 3 270M, 1.6-2x steered tokens/s (:mod:`fedsynth.server.llamacpp_head`); scoring
+keeps llama.cpp's logits.
 """
 
 from __future__ import annotations
@@ -225,11 +226,19 @@ class LlamaCppBackend:
         lib = self._lib
         lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
         self._fill([(t, i, 0, i == len(probe) - 1) for i, t in enumerate(probe)])
-        hidden = self._capture.hidden(self._decode, 1)
-        ours = head(hidden)
+        try:
+            ours = head(self._capture.hidden(self._decode, 1))
+        except RuntimeError as exc:  # the graph had no final-norm node, or not one row of it
+            ours, failure = None, exc
         lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
         self._decode()
         theirs = torch.from_numpy(self._logits(1))
+        if ours is None:
+            if required:
+                raise ConfigError(f"head='torch': {failure}") from failure
+            self.close_context()
+            self._capture = None
+            return
         self.head_check = compare_heads(ours, theirs)
         if heads_agree(ours, theirs):
             self._head = head

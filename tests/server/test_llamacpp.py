@@ -256,6 +256,27 @@ def test_a_gpu_build_keeps_llama_cpps_head(monkeypatch: pytest.MonkeyPatch) -> N
         backend.close()
 
 
+def test_a_graph_without_the_final_norm_node_keeps_llama_cpps_head(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A llama.cpp whose graph names its final norm otherwise (a new version, another
+    architecture) hands no hidden states over: ``torch`` is refused, ``auto`` falls back."""
+    from fedsynth.server import llamacpp_head
+
+    monkeypatch.setattr(llamacpp_head, "HIDDEN_NODE", b"no_such_node")
+    with pytest.raises(ConfigError, match="0 hidden-state rows for 1 outputs"):
+        LlamaCppBackend("smollm2-135m", threads=1, head="torch")
+    monkeypatch.setattr(llamacpp, "native_bf16", lambda: True)
+    monkeypatch.setattr(LlamaCppBackend, "_head_dominates", lambda self: True)
+    backend = LlamaCppBackend("smollm2-135m", threads=1, head="auto")
+    try:
+        assert backend.output_head == "llama.cpp"
+        config = GenerationConfig(max_new_tokens=6, batch_size=2)
+        assert len(backend.generate([PROMPT] * 2, config=config, deltas=None, seed=0)) == 2
+    finally:
+        backend.close()
+
+
 def test_a_torch_head_that_disagrees_is_refused_or_left_to_llama_cpp(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
