@@ -203,24 +203,28 @@ class LlamaCppBackend:
         """Switch generation to the torch head if it reproduces llama.cpp's logits on a probe.
 
         Raises:
-            ConfigError: ``required`` and the head cannot be read or disagrees.
+            ConfigError: ``required`` and the head cannot be used (the reason named).
         """
+        refusal = self._torch_head_refusal()
+        if refusal is None:
+            return
+        if required:
+            raise ConfigError(f"head='torch': {refusal}; use head='llamacpp'")
+        self.close_context()  # a probe's context carries the callback of the capture dropped here
+        self._capture = None
+
+    def _torch_head_refusal(self) -> str | None:
+        """Set up and probe the torch head: why it cannot be used, or None once it is in use."""
         if _offloads_to_gpu(self._lib):
             # The hidden states would be in device memory, and a GPU computes the head itself.
-            if required:
-                raise ConfigError(
-                    "head='torch': this llama.cpp build offloads to a GPU, which computes the "
-                    "output head itself; use head='llamacpp'"
-                )
-            return
+            return "this llama.cpp build offloads to a GPU, which computes the output head itself"
         try:
-            weight = head_weight(self._fp32_dir, n_vocab=self._n_vocab, n_embd=self._n_embd)
+            head = TorchHead(
+                head_weight(self._fp32_dir, n_vocab=self._n_vocab, n_embd=self._n_embd)
+            )
             self._capture = HiddenCapture(_llama_module(), self._n_embd)
         except (ConfigError, AttributeError, OSError) as exc:
-            if required:
-                raise ConfigError(f"head='torch': {exc}") from exc
-            return
-        head = TorchHead(weight)
+            return str(exc)
         probe = self.tokenizer.encode("A short probe of the output head:", add_special_tokens=True)
         self._ensure_context(1, len(probe) + 1)
         lib = self._lib
@@ -229,28 +233,18 @@ class LlamaCppBackend:
         try:
             ours = head(self._capture.hidden(self._decode, 1))
         except RuntimeError as exc:  # the graph had no final-norm node, or not one row of it
-            ours, failure = None, exc
+            return str(exc)
         lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
         self._decode()
-        theirs = torch.from_numpy(self._logits(1))
-        if ours is None:
-            if required:
-                raise ConfigError(f"head='torch': {failure}") from failure
-            self.close_context()
-            self._capture = None
-            return
-        self.head_check = compare_heads(ours, theirs)
-        if heads_agree(ours, theirs):
-            self._head = head
-        elif required:
+        self.head_check = compare_heads(ours, torch.from_numpy(self._logits(1)))
+        if not heads_agree(self.head_check):
             mean, worst = self.head_check
-            raise ConfigError(
-                f"head='torch': its logits differ from llama.cpp's on a probe by {mean:.3f} on "
-                f"average, {worst:.3f} at most; use head='llamacpp'"
+            return (
+                f"its logits differ from llama.cpp's on a probe by {mean:.3f} on average, "
+                f"{worst:.3f} at most"
             )
-        else:
-            self.close_context()  # its graph callback belongs to the capture dropped here
-            self._capture = None
+        self._head = head
+        return None
 
     # -- GenerationBackend ------------------------------------------------------------------
 

@@ -127,9 +127,9 @@ def compare_heads(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, floa
     return float(diff.mean()), float(diff.max())
 
 
-def heads_agree(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
-    """Whether the probe's logits say both heads compute the same function."""
-    mean, worst = compare_heads(ours, theirs)
+def heads_agree(difference: tuple[float, float]) -> bool:
+    """Whether the probe's (mean, max) difference says both heads compute the same function."""
+    mean, worst = difference
     return mean <= PROBE_MEAN_TOLERANCE and worst <= PROBE_MAX_TOLERANCE
 
 

@@ -8,6 +8,7 @@ install (``bash scripts/install.sh llamacpp``): these tests do not skip without 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 from collections.abc import Iterator
@@ -241,19 +242,32 @@ def test_the_torch_head_gives_each_row_llama_cpps_logits(torch_head: LlamaCppBac
         assert (mine.argmax(-1) == llama.argmax(-1)).all()
 
 
-def test_a_gpu_build_keeps_llama_cpps_head(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a build that offloads to a GPU the hidden states are not in host memory: ``torch``
-    is refused, ``auto`` keeps llama.cpp's head."""
-    monkeypatch.setattr(llamacpp, "_offloads_to_gpu", lambda lib: True)
-    with pytest.raises(ConfigError, match="offloads to a GPU"):
+@contextlib.contextmanager
+def _refused_then_left_to_llama_cpp(
+    monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> Iterator[LlamaCppBackend]:
+    """``head='torch'`` is refused with ``refusal``; ``auto`` (made to want the torch head)
+    keeps llama.cpp's head and still generates. Yields that backend for further checks."""
+    with pytest.raises(ConfigError, match=refusal):
         LlamaCppBackend("smollm2-135m", threads=1, head="torch")
     monkeypatch.setattr(llamacpp, "native_bf16", lambda: True)
     monkeypatch.setattr(LlamaCppBackend, "_head_dominates", lambda self: True)
     backend = LlamaCppBackend("smollm2-135m", threads=1, head="auto")
     try:
-        assert backend.output_head == "llama.cpp" and backend.head_check is None
+        assert backend.output_head == "llama.cpp"
+        config = GenerationConfig(max_new_tokens=6, batch_size=2)
+        assert len(backend.generate([PROMPT] * 2, config=config, deltas=None, seed=0)) == 2
+        yield backend
     finally:
         backend.close()
+
+
+def test_a_gpu_build_keeps_llama_cpps_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a build that offloads to a GPU the hidden states are not in host memory: ``torch``
+    is refused, ``auto`` keeps llama.cpp's head."""
+    monkeypatch.setattr(llamacpp, "_offloads_to_gpu", lambda lib: True)
+    with _refused_then_left_to_llama_cpp(monkeypatch, "offloads to a GPU") as backend:
+        assert backend.head_check is None  # not even probed
 
 
 def test_a_graph_without_the_final_norm_node_keeps_llama_cpps_head(
@@ -264,17 +278,8 @@ def test_a_graph_without_the_final_norm_node_keeps_llama_cpps_head(
     from fedsynth.server import llamacpp_head
 
     monkeypatch.setattr(llamacpp_head, "HIDDEN_NODE", b"no_such_node")
-    with pytest.raises(ConfigError, match="0 hidden-state rows for 1 outputs"):
-        LlamaCppBackend("smollm2-135m", threads=1, head="torch")
-    monkeypatch.setattr(llamacpp, "native_bf16", lambda: True)
-    monkeypatch.setattr(LlamaCppBackend, "_head_dominates", lambda self: True)
-    backend = LlamaCppBackend("smollm2-135m", threads=1, head="auto")
-    try:
-        assert backend.output_head == "llama.cpp"
-        config = GenerationConfig(max_new_tokens=6, batch_size=2)
-        assert len(backend.generate([PROMPT] * 2, config=config, deltas=None, seed=0)) == 2
-    finally:
-        backend.close()
+    with _refused_then_left_to_llama_cpp(monkeypatch, "0 hidden-state rows for 1 outputs"):
+        pass
 
 
 def test_a_torch_head_that_disagrees_is_refused_or_left_to_llama_cpp(
@@ -284,18 +289,10 @@ def test_a_torch_head_that_disagrees_is_refused_or_left_to_llama_cpp(
     soft-cap or the wrong tensor would be) is refused when asked for and skipped on ``auto``."""
     real = llamacpp.head_weight
     monkeypatch.setattr(llamacpp, "head_weight", lambda *a, **k: real(*a, **k) * 1.5)
-    with pytest.raises(ConfigError, match=r"differ from llama\.cpp's on a probe"):
-        LlamaCppBackend("smollm2-135m", threads=1, head="torch")
-    monkeypatch.setattr(llamacpp, "native_bf16", lambda: True)
-    monkeypatch.setattr(LlamaCppBackend, "_head_dominates", lambda self: True)
-    backend = LlamaCppBackend("smollm2-135m", threads=1, head="auto")
-    try:
-        assert backend.output_head == "llama.cpp" and backend.head_check is not None
-        assert backend.head_check[0] > 0.25
-        config = GenerationConfig(max_new_tokens=6, batch_size=2)
-        assert len(backend.generate([PROMPT] * 2, config=config, deltas=None, seed=0)) == 2
-    finally:
-        backend.close()
+    with _refused_then_left_to_llama_cpp(
+        monkeypatch, r"differ from llama\.cpp's on a probe"
+    ) as backend:
+        assert backend.head_check is not None and backend.head_check[0] > 0.25
 
 
 def test_each_layer_is_steered_where_the_transformers_hook_steers(
