@@ -1,4 +1,4 @@
-"""Same release, both generation backends: label fidelity, TSTR and tokens/s over several seeds.
+"""Same release, every generation backend: label fidelity, TSTR and tokens/s over several seeds.
 
 Generates ``--per-label`` samples per label from one saved release on the `transformers` and
 the llama.cpp backend (the demo's generation settings; on llama.cpp with the output head where
@@ -43,8 +43,8 @@ def main() -> None:
     parser.add_argument(
         "--engines",
         default="transformers,llamacpp,llamacpp-own-head",
-        help="comma-separated: transformers, llamacpp (output head placed by 'auto'), "
-        "llamacpp-own-head (llama.cpp computes the head too)",
+        help="comma-separated: transformers, transformers-bf16 (bf16 on the CPU), llamacpp "
+        "(output head placed by 'auto'), llamacpp-own-head (llama.cpp computes the head too)",
     )
     args = parser.parse_args()
     if args.threads:
@@ -64,10 +64,11 @@ def main() -> None:
     rows: dict[str, dict[str, list[float]]] = {}
     for backend_name in args.engines.split(","):
         backend = open_backend(
-            backend_name.removesuffix("-own-head"),
+            backend_name.removesuffix("-own-head").removesuffix("-bf16"),
             release.manifest.model_name,
             threads=args.threads,
             head="llamacpp" if backend_name.endswith("-own-head") else "auto",
+            precision="bf16" if backend_name.endswith("-bf16") else "auto",
         )
         for seed in range(args.seeds):
             t0 = time.perf_counter()

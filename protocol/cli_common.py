@@ -85,6 +85,15 @@ LlamaHeadOption = Annotated[
     ),
 ]
 """``--llama-head`` beside ``--backend`` (see ``fedsynth.server.llamacpp_head``)."""
+PrecisionOption = Annotated[
+    str,
+    typer.Option(
+        help="transformers: auto (bf16 on a GPU, fp32 on a CPU), fp32, or bf16 (on a CPU with "
+        "native bf16 products, AMX or AVX512-BF16: about 2x the tokens/s of fp32). The "
+        "samples of one seed differ slightly between the two.",
+    ),
+]
+"""``--precision`` beside ``--backend`` (see ``fedsynth.server.backends.PRECISIONS``)."""
 SelectOption = Annotated[
     float,
     typer.Option(

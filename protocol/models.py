@@ -315,26 +315,38 @@ def is_packaged_model(name: str) -> bool:
     return name in PACKAGED_MODELS
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) -> LoadedModel:
-    """Load (once per process) a decoder-only causal LM by packaged name, path or hub id.
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadedModel:
+    """Load (once per process and dtype) a decoder-only causal LM by packaged name, path or id.
 
-    bf16 on CUDA, fp32 on CPU; eval mode; the tokenizer gets a pad token if it has none.
+    ``dtype``: default bf16 on CUDA, fp32 on CPU. A bf16 model on the CPU is converted from the
+    fp32 one after its fingerprint is taken (the holders' fp32 weights, as on CUDA). Eval mode;
+    the tokenizer gets a pad token if it has none.
     """
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
-    key = (name_or_path, str(dev))
+    default = model_dtype(dev)
+    dtype = default if dtype is None else dtype
+    key = (name_or_path, str(dev) if dtype == default else f"{dev}/{dtype}")
     if key in _LOADED:
         return _LOADED[key]
     if name_or_path in TINY_MODELS:
         # Deterministic random weights (seed 0): every process gets the same fingerprint.
-        _LOADED[key] = tiny_model(seed=0, arch=TINY_MODELS[name_or_path])
-        return _LOADED[key]
+        tiny = tiny_model(seed=0, arch=TINY_MODELS[name_or_path])
+        tiny.model.to(dtype)
+        _LOADED[key] = tiny
+        return tiny
     path = resolve_model_dir(name_or_path)
-    dtype = model_dtype(dev)
     try:
         tokenizer = load_tokenizer(name_or_path, path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32 if dev.type == "cpu" else dtype
+        )
     except OSError as exc:
         raise ConfigError(
             f"model={name_or_path!r}: not a packaged model ({', '.join(PACKAGED_MODELS)}), "
@@ -347,9 +359,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None) 
     # fingerprint, so a release made on CPUs is applied on a GPU (as llama.cpp's quantized copy).
     fingerprint = (
         loaded_fingerprint(model, tokenizer)
-        if dtype == torch.float32
+        if next(model.parameters()).dtype == torch.float32
         else model_fingerprint(name_or_path)
     )
+    model.to(dtype)
     loaded = LoadedModel(
         name=name_or_path,
         model=model,

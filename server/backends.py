@@ -6,7 +6,7 @@ the privacy. Every backend applies a release the same way (block ``l``'s output 
 :func:`fedsynth.server.generation.sample_continuations`):
 
 * ``transformers`` (default): forward hooks on any Hugging Face decoder, fp32 on CPU, bf16 on
-  CUDA.
+  CUDA; ``precision="bf16"`` on a CPU with native bf16 products (AMX, AVX512-BF16).
 * ``llamacpp``: the packaged GGUF model, quantized as shipped, through ``llama-cpp-python``
   (``pip install "fedsynth[llamacpp]"``); the release is applied as a llama.cpp control vector.
 """
@@ -20,12 +20,16 @@ from typing import Protocol
 import torch
 
 from fedsynth.protocol.errors import ConfigError, ModelMismatchError
-from fedsynth.protocol.models import LoadedModel, load_model
+from fedsynth.protocol.models import LoadedModel, load_model, pick_device
 from fedsynth.server.generation import GenerationConfig, generate_from_prompts, text_logprobs
 from fedsynth.server.release import Release
 
 BACKENDS = ("transformers", "llamacpp")
 """Backend names accepted by :func:`open_backend` (and the CLI's ``--backend``)."""
+
+PRECISIONS = ("auto", "fp32", "bf16")
+"""`transformers` weights and activations: ``auto`` (bf16 on CUDA, fp32 on a CPU), ``fp32`` or
+``bf16`` (on a CPU only where it has native bf16 products: emulated, it is slower than fp32)."""
 
 
 class GenerationBackend(Protocol):
@@ -90,6 +94,12 @@ class TransformersBackend:
     2-4x the tokens/s at batches of 256-64 on an H200, after a 25-40 s capture per batch shape
     (a short last batch or a longer prompt is another shape), so it pays off for thousands of
     samples (README, "GPU"). Each batch then runs to its end (no refilling)."""
+
+    @property
+    def precision(self) -> str:
+        """The dtype the model computes in: ``fp32`` or ``bf16``."""
+        dtype = next(self.loaded.model.parameters()).dtype
+        return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
     @property
     def refills_batch(self) -> bool:
@@ -167,6 +177,7 @@ def open_backend(
     device: str | None = None,
     compiled: bool = False,
     head: str = "auto",
+    precision: str = "auto",
 ) -> GenerationBackend:
     """Load ``model`` on the named backend; refuse an unknown name before loading anything.
 
@@ -176,14 +187,50 @@ def open_backend(
         compiled: `transformers` only: see :attr:`TransformersBackend.compiled`.
         head: llama.cpp only: where generation's output head runs
             (:data:`~fedsynth.server.llamacpp_head.HEADS`).
+        precision: `transformers` only (:data:`PRECISIONS`).
     """
     check_backend_name(backend)
     check_compiled_backend(backend, compiled)
+    check_precision_backend(backend, precision)
     if backend == "llamacpp":
         from fedsynth.server.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(model, threads=threads, head=head)
-    return TransformersBackend(load_model(model, device=device), compiled=compiled)
+    dtype = precision_dtype(precision, pick_device(device))
+    return TransformersBackend(load_model(model, device=device, dtype=dtype), compiled=compiled)
+
+
+def check_precision_backend(backend: str, precision: str) -> None:
+    """Refuse an unknown precision, or one asked of a backend other than `transformers`."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision != "auto" and backend != "transformers":
+        raise ConfigError(
+            f"--precision {precision}: a transformers-backend option; backend={backend!r} "
+            "runs the GGUF model as quantized"
+        )
+
+
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype ``precision`` asks for on ``device`` (None: the device's default).
+
+    Raises:
+        ConfigError: bf16 on a CPU without native bf16 products (it would run emulated, slower
+            than fp32), naming what the CPU lacks.
+    """
+    if precision == "auto":
+        return None
+    if precision == "fp32":
+        return torch.float32
+    if device.type == "cpu":
+        from fedsynth.server.llamacpp_head import native_bf16
+
+        if not native_bf16():
+            raise ConfigError(
+                "precision='bf16': this CPU has no native bf16 products (AMX or AVX512-BF16); "
+                "emulated bf16 is slower than fp32: use --precision fp32"
+            )
+    return torch.bfloat16
 
 
 def check_backend_name(backend: str) -> None:

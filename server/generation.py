@@ -20,6 +20,7 @@ import torch
 
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.models import LoadedModel, decoder_layers
+from fedsynth.server.output_head import BlockedHead, output_head
 
 _MARKUP = re.compile(r"<[^<>\s]+>")
 """Added tokens that are markup, e.g. ``<start_of_image>``: never part of a sample's text."""
@@ -460,6 +461,9 @@ class _TransformersDecoder:
         self._loaded = loaded
         tok = loaded.tokenizer
         self._pad_id = int(tok.eos_token_id if tok.eos_token_id is not None else 0)
+        shared = output_head(loaded)
+        # The model's head weights, this decoder's own logits buffer.
+        self._head = None if shared is None else BlockedHead(shared.weight)
 
     admit_fraction = 0.25
     """Rows join a running batch once a quarter of it has ended: each admission is a prefill
@@ -483,30 +487,40 @@ class _TransformersDecoder:
         ids, mask = _left_padded(prompts, self._pad_id, width, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self._padded = bool((mask == 0).any())
-        out = self._loaded.model(
-            input_ids=ids,
-            attention_mask=mask if self._padded else None,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,  # the head over a 262k vocabulary at every prompt position is waste
+        logits = self._forward(
+            input_ids=ids, attention_mask=mask if self._padded else None, position_ids=positions
         )
-        self._past = out.past_key_values
         self._mask = mask
         self._next_pos = positions[:, -1] + 1
-        return cast(torch.Tensor, out.logits[:, -1, :].float())
+        return logits
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        out = self._loaded.model(
+        logits = self._forward(
             input_ids=next_ids.unsqueeze(1),
             attention_mask=self._mask if self._padded else None,
             position_ids=self._next_pos.unsqueeze(1),
             past_key_values=self._past,
-            use_cache=True,
         )
         self._next_pos = self._next_pos + 1
+        return logits
+
+    def _forward(self, **inputs: Any) -> torch.Tensor:
+        """Run the model on ``inputs`` (KV cache kept); the last position's fp32 logits.
+
+        On a CPU with a plain head (:func:`~fedsynth.server.output_head.output_head`) the base
+        model runs and the head writes into this decoder's reused buffer: the logits are valid
+        until this decoder's next call.
+        """
+        head = self._head
+        if head is None:
+            # logits_to_keep: the head over a 262k vocabulary at every prompt position is waste
+            out = self._loaded.model(**inputs, use_cache=True, logits_to_keep=1)
+            self._past = out.past_key_values
+            return cast(torch.Tensor, out.logits[:, -1, :].float())
+        out = self._loaded.model.base_model(**inputs, use_cache=True)
         self._past = out.past_key_values
-        return cast(torch.Tensor, out.logits[:, -1, :].float())
+        return head(out.last_hidden_state[:, -1, :])
 
     def step_admit(self, next_ids: torch.Tensor, prompts: list[list[int]]) -> torch.Tensor:
         """Step the live rows, prefill ``prompts`` on their own and join the two KV caches.

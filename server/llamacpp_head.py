@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from fedsynth.protocol.errors import ConfigError
+from fedsynth.server.output_head import BlockedHead
 
 HEADS = ("auto", "torch", "llamacpp")
 """Where the output head runs: ``auto`` (torch where the CPU has native bf16 products and the
@@ -46,10 +47,6 @@ PROBE_MAX_TOLERANCE = 2.0
 """Largest single |logit difference| on the probe (measured: under 1)."""
 
 _CHUNK_ROWS = 16_384
-
-_PRODUCT_COLUMNS = 65_536
-"""Vocabulary block of one product (measured at batch 64: 28 ms in blocks of 64k against 51 ms
-for one product and its conversion)."""
 
 HEAD_TENSORS = ("lm_head.weight", "model.embed_tokens.weight")
 """Where a `transformers` checkpoint keeps the output head (untied, then tied)."""
@@ -95,30 +92,16 @@ def head_weight(fp32_dir: Path, *, n_vocab: int, n_embd: int) -> torch.Tensor:
     return out
 
 
-class TorchHead:
-    """Logits from final-norm hidden states: bf16 products with the head, fp32 out.
+class TorchHead(BlockedHead):
+    """Logits from llama.cpp's final-norm hidden states: bf16 products with the head, fp32 out.
 
-    The product runs in blocks of the vocabulary, each written as fp32 into one buffer that
-    the next call reuses (a separate bf16 result and its conversion cost half as much again).
-    The logits returned are valid until the next call: a decoding step's, sampled from before
-    the next step runs.
+    A :class:`~fedsynth.server.output_head.BlockedHead` fed the rows llama.cpp copied out.
     """
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight
-        self._out = torch.empty((0, weight.shape[0]), dtype=torch.float32)
-
-    def __call__(self, hidden: np.ndarray) -> torch.Tensor:
+    def __call__(self, hidden: np.ndarray | torch.Tensor) -> torch.Tensor:
         """The (rows, vocab) fp32 logits of (rows, n_embd) final-norm hidden states."""
-        states = torch.from_numpy(hidden).to(torch.bfloat16)
-        rows = len(states)
-        if rows > len(self._out):
-            self._out = torch.empty((rows, self.weight.shape[0]), dtype=torch.float32)
-        out = self._out[:rows]
-        for start in range(0, self.weight.shape[0], _PRODUCT_COLUMNS):
-            block = self.weight[start : start + _PRODUCT_COLUMNS]
-            out[:, start : start + len(block)].copy_(states @ block.T)
-        return out
+        states = torch.from_numpy(hidden) if isinstance(hidden, np.ndarray) else hidden
+        return super().__call__(states)
 
 
 def compare_heads(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:

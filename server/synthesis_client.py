@@ -40,6 +40,7 @@ from rich.progress import (
 from fedsynth.protocol.cli_common import (
     BackendOption,
     LlamaHeadOption,
+    PrecisionOption,
     ThreadsOption,
     console,
     errors_at_the_edge,
@@ -441,6 +442,7 @@ def serve_command(
     backend: BackendOption = "transformers",
     threads: ThreadsOption = None,
     llama_head: LlamaHeadOption = "auto",
+    precision: PrecisionOption = "auto",
 ) -> None:
     """Serve the releases in --releases over gRPC until interrupted (Ctrl-C or SIGTERM).
 
@@ -448,12 +450,18 @@ def serve_command(
     block it cannot steer) are logged and not offered.
     """
     from fedsynth.protocol.models import load_model
-    from fedsynth.server.backends import check_backend_name, check_head_backend, open_backend
+    from fedsynth.server.backends import (
+        check_backend_name,
+        check_head_backend,
+        check_precision_backend,
+        open_backend,
+    )
     from fedsynth.server.synthesis_service import SynthesisLimits, serve
 
     with _errors_at_the_edge():
         check_backend_name(backend)  # before any model is loaded
         check_head_backend(backend, llama_head)
+        check_precision_backend(backend, precision)
         if insecure:
             console.print("[yellow]warning:[/yellow] --insecure: no TLS, tokens travel in clear")
         limits = SynthesisLimits(
@@ -463,7 +471,7 @@ def serve_command(
             max_shots=max_shots,
             min_select=min_select,
         )
-        loaded = open_backend(backend, model, threads=threads, head=llama_head)
+        loaded = open_backend(backend, model, threads=threads, head=llama_head, precision=precision)
         reader = None if backend == "transformers" else functools.partial(load_model, model)
         running = serve(
             releases=releases,

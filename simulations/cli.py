@@ -17,6 +17,7 @@ from fedsynth.client.node_cli import node_app
 from fedsynth.protocol.cli_common import (
     BackendOption,
     LlamaHeadOption,
+    PrecisionOption,
     SelectOption,
     ThreadsOption,
     TopPOption,
@@ -673,6 +674,7 @@ def generate(
     backend: BackendOption = "transformers",
     threads: ThreadsOption = None,
     llama_head: LlamaHeadOption = "auto",
+    precision: PrecisionOption = "auto",
     compile_steps: Annotated[
         bool,
         typer.Option(
@@ -700,6 +702,7 @@ def generate(
         check_backend_name,
         check_compiled_backend,
         check_head_backend,
+        check_precision_backend,
         open_backend,
     )
     from fedsynth.server.generation import GenerationConfig
@@ -730,6 +733,7 @@ def generate(
         check_backend_name(backend)
         check_compiled_backend(backend, compile_steps)
         check_head_backend(backend, llama_head)
+        check_precision_backend(backend, precision)
         check_shots(shots)
         check_select(select)
         check_min_signal_share(min_signal_share)
@@ -749,6 +753,7 @@ def generate(
             threads=threads,
             compiled=compile_steps,
             head=llama_head,
+            precision=precision,
         )
         check_release_model(loaded, rel)
         scorer = scorer_for(backend, model or rel.manifest.model_name, select)
@@ -786,6 +791,7 @@ def generate(
                 **asdict(config),
                 "backend": backend,
                 "output_head": getattr(loaded, "output_head", None),
+                "precision": getattr(loaded, "precision", None),
                 "shots": shots,
                 "shot_pool": min(SHOT_POOL, n),
                 "select": select,

@@ -33,13 +33,14 @@ MODELS = {
 def _run(decoder: object, loaded: LoadedModel, steps: int) -> list[torch.Tensor]:
     """Prefill, then ``steps`` tokens; rows 1 and 3 end after the second step."""
     assert isinstance(decoder, (_StaticCacheDecoder, _TransformersDecoder))
-    out = [decoder.prefill([list(p) for p in PROMPTS])]
+    # Logits may live in the decoder's buffer until its next call: keep copies.
+    out = [decoder.prefill([list(p) for p in PROMPTS]).clone()]
     live = torch.arange(len(PROMPTS))
     for t in range(steps):
         if t == 2:
             decoder.keep(torch.tensor([2, 0]))  # reordered, as the sampling loop may
             live = live[torch.tensor([2, 0])]
-        out.append(decoder.step(30 + t + live))
+        out.append(decoder.step(30 + t + live).clone())
     return out
 
 
