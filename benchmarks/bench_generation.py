@@ -6,8 +6,9 @@ the same work, as vLLM's ignore_eos; ``--as-sampled`` lets rows end at EOS, wher
 ends rows earlier leaves ragged batches) and their ratio (target >= 0.97),
 on the `transformers` backend and, at full size, on llama.cpp (the packaged GGUF model; needs
 the ``llamacpp`` extra): steered llama.cpp against steered `transformers` (target >= 3x), at
-equal work and in samples/s made as the demo makes them (rows end at a newline or EOS).
-Run: python benchmarks/bench_generation.py [--backend llamacpp]
+equal work and in samples/s made as the demo makes them (rows end at a newline or EOS); on a
+CPU with native bf16 products also `transformers` in bf16 against fp32 (target >= 3x).
+Run: python benchmarks/bench_generation.py [--backend llamacpp] [--precision bf16]
 (``figures(quick)`` gives the same numbers to ``python -m benchmarks``.)
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from fedsynth.protocol.models import DEFAULT_MODEL
 from fedsynth.server.backends import open_backend
 from fedsynth.server.generation import GenerationConfig
+from fedsynth.server.llamacpp_head import native_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
 from benchmarks.common import QUICK_MODEL, QUICK_NOTE, Figure, compared, random_deltas
@@ -55,13 +57,17 @@ def measure(
     threads: int | None = None,
     equal_work: bool = True,
     head: str = "auto",
+    precision: str = "auto",
 ) -> Throughput:
     """Alternate unsteered and steered runs ``repeats`` times; keep the best of each.
 
     ``head``: llama.cpp's output-head placement (``llamacpp``: llama.cpp computes it too).
+    ``precision``: the `transformers` dtype (``bf16`` on a CPU with native bf16 products).
     """
     name = model or DEFAULT_MODEL
-    engine = open_backend(backend, name, threads=threads, head=head)
+    engine = open_backend(backend, name, threads=threads, head=head, precision=precision)
+    if precision != "auto":
+        backend = f"{backend} {precision}"
     config = GenerationConfig(
         max_new_tokens=tokens, batch_size=batch, stop_at_newline=False, stop_at_eos=not equal_work
     )
@@ -99,6 +105,7 @@ def samples_per_s(
     per_label: int = 256,
     repeats: int = 2,
     layers: tuple[int, ...] = DEFAULT_LAYERS,
+    precision: str = "auto",
 ) -> float:
     """Best steered samples/s generated as the demo generates (rows end at a newline or EOS,
     48-token budget; prompts of a label go through :func:`iter_label_texts`, which gives a
@@ -106,7 +113,7 @@ def samples_per_s(
     from fedsynth.protocol.features import PromptTemplate
     from fedsynth.server.synthesize import iter_label_texts
 
-    engine = open_backend(backend, model or DEFAULT_MODEL)
+    engine = open_backend(backend, model or DEFAULT_MODEL, precision=precision)
     config = GenerationConfig(max_new_tokens=48, batch_size=batch)
     template = PromptTemplate(
         instruction="Here is a {label} movie review snippet:\n",
@@ -155,8 +162,17 @@ def figures(quick: bool) -> list[Figure]:
     if _llama_cpp_installed():
         runs.append(measure(backend="llamacpp"))
         own_head = measure(backend="llamacpp", head="llamacpp")
+    low = measure(precision="bf16") if native_bf16() else None
+    as_demo: dict[str, float] = {}  # samples/s made as the demo makes them, per engine
+
+    def demo_rate(engine: str) -> float:
+        if engine not in as_demo:
+            backend, _, precision = engine.partition(" ")
+            as_demo[engine] = samples_per_s(backend=backend, precision=precision or "auto")
+        return as_demo[engine]
+
     out = []
-    for r in runs:
+    for r in [*runs, *([low] if low else [])]:
         where = (
             f"{r.model}, batch {r.batch}, every row {r.tokens} new tokens (no EOS stop), "
             f"best of {r.repeats}"
@@ -185,15 +201,39 @@ def figures(quick: bool) -> list[Figure]:
                 "has native bf16 products and the head is most of the model (Gemma 3 270M)",
             )
         )
+    if low is not None:
+        out.append(
+            compared(
+                "generation",
+                "steered transformers bf16 vs fp32 (CPU)",
+                low.steered,
+                "tokens/s",
+                baseline=runs[0].steered,
+                at_least=3.0,
+                note=f"same batch {low.batch}; --precision bf16 on a CPU with native bf16 "
+                "products (AMX / AVX512-BF16)",
+            )
+        )
+        out.append(
+            compared(
+                "generation",
+                "steered transformers bf16 vs fp32, samples as the demo makes them",
+                demo_rate("transformers bf16"),
+                "samples/s",
+                baseline=demo_rate("transformers"),
+                at_least=3.0,
+                note="rows end at a newline or EOS (48-token budget), 256 per label, 2 labels, "
+                "batch 64",
+            )
+        )
     if len(runs) == 2:
-        as_demo = {b: samples_per_s(backend=b) for b in ("transformers", "llamacpp")}
         out.append(
             compared(
                 "generation",
                 "steered llama.cpp vs transformers, samples as the demo makes them",
-                as_demo["llamacpp"],
+                demo_rate("llamacpp"),
                 "samples/s",
-                baseline=as_demo["transformers"],
+                baseline=demo_rate("transformers"),
                 at_least=3.0,
                 note="rows end at a newline or EOS (48-token budget), 256 per label, 2 labels, "
                 "batch 64; llama.cpp refills its batch as rows end",
@@ -233,6 +273,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="transformers")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--precision", default="auto", help="transformers: auto, fp32 or bf16")
     parser.add_argument(
         "--as-sampled", action="store_true", help="let rows end at EOS (ragged batches)"
     )
@@ -244,6 +285,7 @@ def main() -> None:
         repeats=args.repeats,
         threads=args.threads,
         equal_work=not args.as_sampled,
+        precision=args.precision,
     )
     work = "rows may end at EOS" if args.as_sampled else "every row decodes all of them"
     print(f"{r.backend}: model {r.model}, batch {r.batch}, {r.tokens} new tokens ({work})")

@@ -9,7 +9,8 @@ split (the split the full demo run of that seed used) without repeating the fede
 
 Everything after ``--`` is a ``fedsynth demo`` option that sets the data or the sampling
 (``--corpus``, ``--model``, ``--data``, ``--instruction``, ``--samples``,
-``--private-per-label``, ``--max-text-tokens``, ``--shots``, ``--backend``, ``--top-p``);
+``--private-per-label``, ``--max-text-tokens``, ``--shots``, ``--backend``, ``--precision``,
+``--top-p``);
 ``--preset quick`` starts from the demo's quick preset instead of its defaults. Per seed it writes
 ``seed-N/prior_scores.json`` (the demo's scores of the prior and the TSTR accuracy of as many
 real texts) and prints mean ± sd over the seeds; a seed whose file exists is not rerun.
@@ -35,6 +36,7 @@ OPTIONS = {
     "--max-text-tokens": ("max_text_tokens", int),
     "--shots": ("shots", int),
     "--backend": ("backend", str),
+    "--precision": ("precision", str),
     "--top-p": ("top_p", float),
 }
 
@@ -61,16 +63,13 @@ def prior_scores(
         scores: dict[str, Any] = json.loads(path.read_text())
         return scores
     from fedsynth.protocol.models import load_model
-    from fedsynth.server.backends import open_backend
     from fedsynth.simulations import demo as d
 
     config = d.demo_config(preset, out_dir=out, seed=seed, **overrides)
     data = d.split_data(config)
     loaded = load_model(config.model)
     d.check_text_length(config, loaded)
-    engine = (
-        loaded if config.backend == "transformers" else open_backend(config.backend, config.model)
-    )
+    engine = d.generation_engine(config, loaded)
 
     def progress(done: int, total: int) -> None:
         if done == total or done % 50 == 0:

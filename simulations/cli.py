@@ -214,6 +214,7 @@ def demo(
             'GGUF model; pip install "fedsynth[llamacpp]").'
         ),
     ] = "transformers",
+    precision: PrecisionOption = "auto",
     shots: Annotated[
         int | None,
         typer.Option(
@@ -270,6 +271,7 @@ def demo(
             label_field=label_field,
             instruction=instruction.replace("\\n", "\n") if instruction else None,
             backend=backend,
+            precision=precision,
             shots=shots,
             select=select,
             top_p=top_p,

@@ -37,6 +37,7 @@ from fedsynth.protocol.secagg import Stage, min_safe_threshold
 from fedsynth.server.backends import (
     GenerationBackend,
     check_backend_name,
+    check_precision_backend,
     open_backend,
 )
 from fedsynth.server.coordinator import (
@@ -142,6 +143,9 @@ class DemoConfig:
     instruction: str | None = None
     backend: str = "transformers"
     """Generation backend for the steered samples (the federation always runs transformers)."""
+    precision: str = "auto"
+    """The `transformers` generation's dtype (:data:`~fedsynth.server.backends.PRECISIONS`);
+    the holders always compute in fp32."""
     shots: int = 1
     """Same-label texts each sample is conditioned on, drawn from the condition's own
     plain-prompt samples (the prior's unsteered ones); 0 = the plain prompt only. One
@@ -157,6 +161,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         """Refuse every bad setting at construction: nothing has run, nothing is charged yet."""
         check_backend_name(self.backend)
+        check_precision_backend(self.backend, self.precision)
         if self.backend == "llamacpp":
             from fedsynth.server.llamacpp import check_available
 
@@ -728,6 +733,16 @@ def load_coordinator(
     return loaded, reference
 
 
+def generation_engine(config: DemoConfig, loaded: LoadedModel) -> LoadedModel | GenerationBackend:
+    """What generates the demo's samples: the holders' fp32 model itself, or another backend.
+
+    The federation always runs on ``loaded``; another backend or precision is loaded beside it.
+    """
+    if config.backend == "transformers" and config.precision == "auto":
+        return loaded
+    return open_backend(config.backend, config.model, precision=config.precision)
+
+
 def generate_conditions(
     config: DemoConfig,
     loaded: LoadedModel,
@@ -739,9 +754,7 @@ def generate_conditions(
     """Synthetic samples per condition: the prior (epsilon 0) and each release."""
     from fedsynth.server.release import load_release
 
-    engine = (
-        loaded if config.backend == "transformers" else open_backend(config.backend, config.model)
-    )
+    engine = generation_engine(config, loaded)
     out: dict[str, list[SyntheticSample]] = {
         "prior (eps=0)": prior_samples(
             config,

@@ -8,6 +8,7 @@ overwritten by another's.
 
 from __future__ import annotations
 
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -146,3 +147,63 @@ def test_precision_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_default_precision_is_the_devices() -> None:
     assert load_model("tiny-llama", device="cpu").model.dtype == torch.float32
+
+
+def test_demo_generates_in_the_precision_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holders' fp32 model generates unless the demo asks for bf16 (loaded beside it)."""
+    from fedsynth.server import llamacpp_head
+    from fedsynth.simulations.demo import demo_config, generation_engine
+
+    monkeypatch.setattr(llamacpp_head, "native_bf16", lambda: True)
+    loaded = load_model("tiny-llama", device="cpu")
+    auto = demo_config("quick", out_dir=tmp_path, model="tiny-llama")
+    assert generation_engine(auto, loaded) is loaded
+    low = demo_config("quick", out_dir=tmp_path, model="tiny-llama", precision="bf16")
+    engine = generation_engine(low, loaded)
+    assert engine.precision == "bf16"  # type: ignore[union-attr]
+    assert engine.fingerprint == loaded.fingerprint
+    assert loaded.model.dtype == torch.float32  # the holders' copy is untouched
+    with pytest.raises(ConfigError, match="transformers-backend option"):
+        demo_config("quick", out_dir=tmp_path, backend="llamacpp", precision="bf16")
+    with pytest.raises(ConfigError, match="precision='half'"):
+        demo_config("quick", out_dir=tmp_path, precision="half")
+
+
+def test_cli_generate_in_bf16_and_its_refusals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedsynth.server import llamacpp_head
+    from fedsynth.server.release import save_release
+    from fedsynth.server.synthesis_client import synthesis_app
+    from fedsynth.simulations.cli import app
+    from tests.server.releases import make_test_release
+
+    release = make_test_release(load_model("tiny-llama"))
+    path = save_release(release, tmp_path / "r.safetensors")
+    out = tmp_path / "out.jsonl"
+    runner = CliRunner()
+    args = ["generate", "--release", str(path), "--n", "2", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--precision", "half"])
+    assert result.exit_code == 2 and "precision='half': expected one of auto" in result.output
+    result = runner.invoke(app, [*args, "--backend", "llamacpp", "--precision", "bf16"])
+    assert result.exit_code == 2 and "a transformers-backend option" in result.output
+    assert not out.exists()
+    serve = ["serve", "--releases", str(tmp_path), "--model", "no-such-model"]
+    result = runner.invoke(
+        synthesis_app,
+        [*serve, "--token-file", str(tmp_path / "t"), "--backend", "llamacpp", "--precision",
+         "bf16"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "a transformers-backend option" in result.output
+    monkeypatch.setattr(llamacpp_head, "native_bf16", lambda: True)
+    result = runner.invoke(app, [*args, "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 2 * len(release.labels)
+    report = json.loads(out.with_name(out.name + ".report.json").read_text())
+    assert report["generation"]["precision"] == "bf16"
