@@ -1,12 +1,14 @@
 """Same release, every generation backend: label fidelity, TSTR and tokens/s over several seeds.
 
-Generates ``--per-label`` samples per label from one saved release on the `transformers` and
-the llama.cpp backend (the demo's generation settings; on llama.cpp with the output head where
-``auto`` puts it and, as ``llamacpp-own-head``, computed by llama.cpp), once per seed, and
+Generates ``--per-label`` samples per label from one saved release on each engine of
+``--engines`` (the demo's generation settings): `transformers` in fp32 and, as
+``transformers-bf16``, in bf16 on the CPU; llama.cpp with the output head where ``auto`` puts
+it and, as ``llamacpp-own-head``, computed by llama.cpp; once per seed, and
 scores each set as the demo does (fidelity judged by a classifier of other real texts; TSTR
 on the held-out texts). The data split is the demo's for the given ``--private-per-label`` and
 ``--clients`` (the settings the release was made with), so the held-out and judge texts are
-texts no holder held. Prints mean +- sd per backend; needs the ``llamacpp`` extra.
+texts no holder held. Prints mean +- sd per engine; the llama.cpp ones need the ``llamacpp``
+extra.
 
 Run: python benchmarks/backend_quality.py --release OUT/release-eps4.safetensors
 """
