@@ -33,8 +33,9 @@ _ATTRIBUTE = "_fedsynth_output_head"
 class BlockedHead:
     """(rows, hidden) final hidden states → (rows, vocab) fp32 logits, in the weights' dtype.
 
-    bf16 weights multiply bf16 states (accumulating in fp32, as oneDNN does) and each block is
-    written to the fp32 buffer; fp32 weights write their product into it directly.
+    bf16 weights multiply bf16 states (oneDNN accumulates in fp32 and rounds the product to
+    bf16, as the model's own head does) and each block is copied into the fp32 buffer; fp32
+    weights write their product into it directly.
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
