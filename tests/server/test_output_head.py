@@ -207,3 +207,8 @@ def test_cli_generate_in_bf16_and_its_refusals(
     assert len(out.read_text().splitlines()) == 2 * len(release.labels)
     report = json.loads(out.with_name(out.name + ".report.json").read_text())
     assert report["generation"]["precision"] == "bf16"
+    # The bf16 model also reads the samples it keeps (--select) and the public basis (--denoise).
+    for extra in (["--select", "0.5"], ["--denoise"]):
+        result = runner.invoke(app, [*args, "--precision", "bf16", *extra])
+        assert result.exit_code == 0, result.output
+        assert len(out.read_text().splitlines()) == 2 * len(release.labels)
