@@ -23,7 +23,7 @@ from pathlib import Path
 from fedsynth.protocol.models import DEFAULT_MODEL
 from fedsynth.server.backends import open_backend
 from fedsynth.server.generation import GenerationConfig
-from fedsynth.server.llamacpp_head import native_bf16
+from fedsynth.server.output_head import native_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
 from benchmarks.common import QUICK_MODEL, QUICK_NOTE, Figure, compared, random_deltas

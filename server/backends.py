@@ -223,7 +223,7 @@ def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32":
         return torch.float32
     if device.type == "cpu":
-        from fedsynth.server.llamacpp_head import native_bf16
+        from fedsynth.server.output_head import native_bf16
 
         if not native_bf16():
             raise ConfigError(

@@ -48,13 +48,12 @@ from fedsynth.server.generation import (
 )
 from fedsynth.server.llamacpp_head import (
     HiddenCapture,
-    TorchHead,
     check_head,
     compare_heads,
     head_weight,
     heads_agree,
-    native_bf16,
 )
+from fedsynth.server.output_head import BlockedHead, native_bf16
 
 INSTALL = 'pip install "fedsynth[llamacpp]"'
 """How to get the backend (llama-cpp-python compiles llama.cpp: minutes, once per machine)."""
@@ -180,7 +179,7 @@ class LlamaCppBackend:
         self._batch: Any = None
         self._batch_size = 0
         self._capture: HiddenCapture | None = None
-        self._head: TorchHead | None = None
+        self._head: BlockedHead | None = None
         self.head_check: tuple[float, float] | None = None
         """(mean, max) |logit difference| of the torch head against llama.cpp's on the probe."""
         if head == "torch" or (head == "auto" and native_bf16() and self._head_dominates()):
@@ -219,7 +218,7 @@ class LlamaCppBackend:
             # The hidden states would be in device memory, and a GPU computes the head itself.
             return "this llama.cpp build offloads to a GPU, which computes the output head itself"
         try:
-            head = TorchHead(
+            head = BlockedHead(
                 head_weight(self._fp32_dir, n_vocab=self._n_vocab, n_embd=self._n_embd)
             )
             self._capture = HiddenCapture(_llama_module(), self._n_embd)
@@ -231,7 +230,7 @@ class LlamaCppBackend:
         lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
         self._fill([(t, i, 0, i == len(probe) - 1) for i, t in enumerate(probe)])
         try:
-            ours = head(self._capture.hidden(self._decode, 1))
+            ours = head(torch.from_numpy(self._capture.hidden(self._decode, 1)))
         except RuntimeError as exc:  # the graph had no final-norm node, or not one row of it
             return str(exc)
         lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
@@ -429,9 +428,8 @@ class LlamaCppBackend:
 
     def _logits_of(self, rows: np.ndarray) -> torch.Tensor:
         """The logits of rows :meth:`_decode_rows` returned (stacked from one or more decodes)."""
-        if self._head is None:
-            return torch.from_numpy(rows)
-        return self._head(rows)
+        values = torch.from_numpy(rows)  # logits, or hidden states for the torch head
+        return values if self._head is None else self._head(values)
 
     def _logits(self, rows: int) -> np.ndarray:
         """The (rows, vocab) logits of the last decode's outputs, copied out of llama.cpp."""

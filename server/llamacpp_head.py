@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from fedsynth.protocol.errors import ConfigError
-from fedsynth.server.output_head import BlockedHead
 
 HEADS = ("auto", "torch", "llamacpp")
 """Where the output head runs: ``auto`` (torch where the CPU has native bf16 products and the
@@ -58,13 +57,6 @@ def check_head(head: str) -> None:
         raise ConfigError(f"head={head!r}: expected one of {', '.join(HEADS)}")
 
 
-def native_bf16() -> bool:
-    """Whether torch has native bf16 matrix products on this CPU (AVX512-BF16 or AMX)."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
 def head_weight(fp32_dir: Path, *, n_vocab: int, n_embd: int) -> torch.Tensor:
     """The output-head weights of the GGUF file's fp32 conversion, (n_vocab, n_embd) in bf16.
 
@@ -90,18 +82,6 @@ def head_weight(fp32_dir: Path, *, n_vocab: int, n_embd: int) -> torch.Tensor:
             block = rows[start : start + _CHUNK_ROWS]
             out[start : start + len(block)] = block
     return out
-
-
-class TorchHead(BlockedHead):
-    """Logits from llama.cpp's final-norm hidden states: bf16 products with the head, fp32 out.
-
-    A :class:`~fedsynth.server.output_head.BlockedHead` fed the rows llama.cpp copied out.
-    """
-
-    def __call__(self, hidden: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """The (rows, vocab) fp32 logits of (rows, n_embd) final-norm hidden states."""
-        states = torch.from_numpy(hidden) if isinstance(hidden, np.ndarray) else hidden
-        return super().__call__(states)
 
 
 def compare_heads(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:

@@ -30,6 +30,13 @@ mantissa, 0.4 % at most; a soft-cap or a bias left out gives whole units)."""
 _ATTRIBUTE = "_fedsynth_output_head"
 
 
+def native_bf16() -> bool:
+    """Whether torch has native bf16 matrix products on this CPU (AVX512-BF16 or AMX)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 class BlockedHead:
     """(rows, hidden) final hidden states → (rows, vocab) fp32 logits, in the weights' dtype.
 

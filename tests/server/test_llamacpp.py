@@ -35,7 +35,8 @@ from fedsynth.server.generation import (
     steering_deltas,
 )
 from fedsynth.server.llamacpp import LlamaCppBackend, _LlamaDecoder, control_vector
-from fedsynth.server.llamacpp_head import HiddenCapture, native_bf16
+from fedsynth.server.llamacpp_head import HiddenCapture
+from fedsynth.server.output_head import native_bf16
 from fedsynth.simulations.datasets import load_rotten_tomatoes
 from fedsynth.simulations.demo import TEMPLATES
 from tests.server.releases import make_test_release
@@ -215,8 +216,8 @@ def test_the_torch_head_gives_each_row_llama_cpps_logits(torch_head: LlamaCppBac
     assert torch_head is not None
     hidden: list[np.ndarray] = []
 
-    def keeping(states: np.ndarray) -> torch.Tensor:
-        hidden.append(states.copy())
+    def keeping(states: torch.Tensor) -> torch.Tensor:
+        hidden.append(states.numpy().copy())
         return torch_head(states)
 
     runs = []

@@ -114,9 +114,7 @@ def test_the_decision_follows_the_head_weights() -> None:
 def test_bf16_backend_keeps_the_fp32_fingerprint_and_steers_alike(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from fedsynth.server import llamacpp_head
-
-    monkeypatch.setattr(llamacpp_head, "native_bf16", lambda: True)
+    monkeypatch.setattr(output_head, "native_bf16", lambda: True)
     fp32 = open_backend("transformers", "tiny-llama", device="cpu")
     bf16 = open_backend("transformers", "tiny-llama", device="cpu", precision="bf16")
     assert (fp32.precision, bf16.precision) == ("fp32", "bf16")  # type: ignore[attr-defined]
@@ -130,13 +128,11 @@ def test_bf16_backend_keeps_the_fp32_fingerprint_and_steers_alike(
 
 
 def test_precision_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedsynth.server import llamacpp_head
-
     with pytest.raises(ConfigError, match="precision='fp16'"):
         open_backend("transformers", "tiny-llama", precision="fp16")
     with pytest.raises(ConfigError, match="transformers-backend option; backend='llamacpp'"):
         open_backend("llamacpp", "gemma3-270m", precision="bf16")
-    monkeypatch.setattr(llamacpp_head, "native_bf16", lambda: False)
+    monkeypatch.setattr(output_head, "native_bf16", lambda: False)
     with pytest.raises(ConfigError, match="no native bf16 products"):
         open_backend("transformers", "tiny-llama", device="cpu", precision="bf16")
     assert precision_dtype("bf16", torch.device("cuda")) == torch.bfloat16
@@ -153,10 +149,9 @@ def test_demo_generates_in_the_precision_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The holders' fp32 model generates unless the demo asks for bf16 (loaded beside it)."""
-    from fedsynth.server import llamacpp_head
     from fedsynth.simulations.demo import demo_config, generation_engine
 
-    monkeypatch.setattr(llamacpp_head, "native_bf16", lambda: True)
+    monkeypatch.setattr(output_head, "native_bf16", lambda: True)
     loaded = load_model("tiny-llama", device="cpu")
     auto = demo_config("quick", out_dir=tmp_path, model="tiny-llama")
     assert generation_engine(auto, loaded) is loaded
@@ -178,7 +173,6 @@ def test_cli_generate_in_bf16_and_its_refusals(
 
     from typer.testing import CliRunner
 
-    from fedsynth.server import llamacpp_head
     from fedsynth.server.release import save_release
     from fedsynth.server.synthesis_client import synthesis_app
     from fedsynth.simulations.cli import app
@@ -201,7 +195,7 @@ def test_cli_generate_in_bf16_and_its_refusals(
          "bf16"],
     )  # fmt: skip
     assert result.exit_code == 2 and "a transformers-backend option" in result.output
-    monkeypatch.setattr(llamacpp_head, "native_bf16", lambda: True)
+    monkeypatch.setattr(output_head, "native_bf16", lambda: True)
     result = runner.invoke(app, [*args, "--precision", "bf16"])
     assert result.exit_code == 0, result.output
     assert len(out.read_text().splitlines()) == 2 * len(release.labels)
