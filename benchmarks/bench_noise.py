@@ -15,8 +15,9 @@ layers × 640 + 1 count) coordinates: d = 5,122) and at the secure-sum benchmark
    its size against the masked vector's;
 3. σ/Δ of the distributed release (exact sharing leaves the target variance: exactly on the
    ladder, within 1 + 1/50 with blocks, whose worst case per K is printed) against
-   central EPSVec's Gaussian at the same ε, δ: the gap left is the accountant's (RDP for the
-   Skellam mechanism, PLD for the Gaussian). Target ≤ 1.02×.
+   central EPSVec's Gaussian at the same ε, δ: the gap left is the accountant's (the Skellam
+   mechanism's GDP certificate, :mod:`fedsynth.protocol.skellam_gdp`, against PLD for the
+   Gaussian) and, with blocks, the kept variance's excess. Target ≤ 1.02×.
 
 Run: python benchmarks/bench_noise.py [--quick]
 """
@@ -297,7 +298,7 @@ def figures(quick: bool) -> list[Figure]:
                 "",
                 baseline=central,
                 at_most=1.02,
-                note="Skellam accounted with RDP, the central Gaussian with PLD",
+                note="Skellam: GDP certificate (or RDP if tighter); central Gaussian: PLD",
             )
         )
     return out

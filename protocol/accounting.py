@@ -4,9 +4,12 @@ Adjacency throughout is add/remove one record (``NeighboringRelation.ADD_OR_REMO
 Mechanisms and the papers implemented:
 
 * Skellam (Agarwal, Kairouz, Liu, "The Skellam Mechanism for Differentially Private Federated
-  Learning", NeurIPS 2021, arXiv 2110.04995): the multi-dimensional RDP bound for integer
-  orders, with the L2 bound inflated by randomized rounding, converted to (epsilon, delta)
-  with ``dp_accounting.rdp.compute_epsilon`` (Canonne, Kamath, Steinke 2020, Prop. 12).
+  Learning", NeurIPS 2021, arXiv 2110.04995), with the L2 bound inflated by randomized
+  rounding, accounted by the tighter of two valid bounds: the multi-dimensional RDP bound
+  for integer orders converted with ``dp_accounting.rdp.compute_epsilon`` (Canonne, Kamath,
+  Steinke 2020, Prop. 12), and the Gaussian-DP certificate of
+  :mod:`fedsynth.protocol.skellam_gdp` (trade-off functions, Dong, Roth, Su 2022), which
+  matches the Gaussian mechanism's PLD accounting to about 1e-4 at fedsynth's variances.
 * Gaussian (Mironov 2017 RDP; the PLD accountant of ``dp_accounting``, Koskela et al. /
   Doroshenko et al. 2022), composed with ``SelfComposedDpEvent``.
 * Private Evolution (Lin et al. 2024, arXiv 2305.15560; Xie et al., Aug-PE, 2024): T rounds of a
@@ -60,6 +63,7 @@ __all__ = [
     "rounding_inflation",
     "skellam_epsilon",
     "skellam_rdp",
+    "skellam_rdp_epsilon",
     "validate_epsilon_delta",
     "vector_record_sensitivity",
 ]
@@ -67,7 +71,10 @@ __all__ = [
 RDP_ORDERS: tuple[int, ...] = (*range(2, 129), 256)
 """Integer RDP orders 2..128 and 256 (the Skellam bound holds for integer orders only)."""
 
-_RDP_ACCOUNTANT_NAME = "dp-accounting RDP (integer orders 2..128, 256)"
+_SKELLAM_ACCOUNTANT_NAME = (
+    "Skellam: the tighter of dp-accounting RDP (integer orders 2..128, 256) and the lattice GDP "
+    "certificate (fedsynth.protocol.skellam_gdp)"
+)
 _PLD_ACCOUNTANT_NAME = "dp-accounting PLD"
 _ACCOUNTANTS = ("rdp", "pld")
 _SKELLAM_REL_TOL = 1e-6
@@ -201,9 +208,11 @@ def skellam_epsilon(
     """Epsilon of ``compositions`` Skellam releases at ``delta``.
 
     Skellam mechanism (Agarwal, Kairouz, Liu 2021, arXiv 2110.04995); add/remove adjacency of
-    one record whose rounded scaled contribution has L1/L2 norm at most ``l1``/``l2``. The RDP
-    curve of :func:`skellam_rdp` on :data:`RDP_ORDERS` is multiplied by ``compositions`` and
-    converted with ``dp_accounting.rdp.compute_epsilon``.
+    one record whose rounded scaled contribution has L1/L2 norm at most ``l1``/``l2``. The
+    smaller of two valid bounds: the RDP curve of :func:`skellam_rdp` on :data:`RDP_ORDERS`,
+    multiplied by ``compositions`` and converted with ``dp_accounting.rdp.compute_epsilon``,
+    and the GDP certificate :func:`fedsynth.protocol.skellam_gdp.skellam_gdp_epsilon` (where
+    it applies: variance up to 1e9, epsilon up to 50).
 
     Args:
         l1: L1 sensitivity (scaled integer domain).
@@ -225,10 +234,35 @@ def skellam_epsilon(
     d2 = _finite_nonneg("l2", l2)
     if v == 0.0:
         return 0.0 if d2 == 0.0 and d1 == 0.0 else math.inf
-    curve = k * skellam_rdp(l1=d1, l2=d2, variance=v)
+    rdp_eps = skellam_rdp_epsilon(l1=d1, l2=d2, variance=v, delta=d, compositions=k)
+    from fedsynth.protocol.skellam_gdp import skellam_gdp_epsilon
+
+    gdp_eps = skellam_gdp_epsilon(l2=d2, variance=v, delta=d, compositions=k)
+    return rdp_eps if gdp_eps is None else min(rdp_eps, gdp_eps)
+
+
+def skellam_rdp_epsilon(
+    *, l1: float, l2: float, variance: float, delta: float, compositions: int = 1
+) -> float:
+    """Epsilon of ``compositions`` Skellam releases from the RDP bound alone.
+
+    The RDP curve of :func:`skellam_rdp` (Agarwal, Kairouz, Liu 2021; add/remove one record of
+    rounded scaled sensitivities ``l1``/``l2``) on :data:`RDP_ORDERS`, multiplied by
+    ``compositions`` and converted with ``dp_accounting.rdp.compute_epsilon``. One of the two
+    bounds :func:`skellam_epsilon` takes the smaller of.
+
+    Raises:
+        ConfigError: On an invalid argument (``variance`` must be > 0).
+    """
+    delta = _check_delta(delta)
+    compositions = _positive_int("compositions", compositions)
+    variance = _finite_pos("variance", variance)
+    l1 = _finite_nonneg("l1", l1)
+    l2 = _finite_nonneg("l2", l2)
+    curve = compositions * skellam_rdp(l1=l1, l2=l2, variance=variance)
     from dp_accounting import rdp as dp_rdp
 
-    eps, _ = dp_rdp.compute_epsilon(RDP_ORDERS, curve, d)
+    eps, _ = dp_rdp.compute_epsilon(RDP_ORDERS, curve, delta)
     return max(float(eps), 0.0)
 
 
@@ -393,10 +427,12 @@ def calibrate_skellam_variance(
 
     Skellam mechanism (Agarwal, Kairouz, Liu 2021, arXiv 2110.04995), add/remove adjacency of
     one record with rounded scaled sensitivities ``l1``/``l2``, accounted as in
-    :func:`skellam_epsilon`. Bisection in log space to a relative tolerance of 1e-6; the
-    returned variance always satisfies ``skellam_epsilon(...) <= epsilon``. With orders up to
-    256 the conversion cannot express epsilon below about 0.02 (at delta = 1e-5) except through
-    its epsilon-0 KL bound, so a smaller target yields a very large (but valid) variance.
+    :func:`skellam_epsilon`: the smaller of the RDP bound's variance (bisection in log space to
+    a relative tolerance of 1e-6) and the GDP certificate's
+    (:func:`fedsynth.protocol.skellam_gdp.skellam_gdp_variance`). The returned variance always
+    satisfies ``skellam_epsilon(...) <= epsilon``. With orders up to 256 the RDP conversion
+    cannot express epsilon below about 0.02 (at delta = 1e-5) except through its epsilon-0 KL
+    bound, so a smaller target yields a very large (but valid) variance.
 
     Args:
         epsilon: Target epsilon (> 0; ``math.inf`` returns 0.0, i.e. no noise).
@@ -418,9 +454,26 @@ def calibrate_skellam_variance(
     d2 = _finite_pos("l2", l2)
     if math.isinf(eps):
         return 0.0
+    from fedsynth.protocol.skellam_gdp import skellam_gdp_variance
+
+    gdp_variance = skellam_gdp_variance(epsilon=eps, delta=d, l2=d2, compositions=k)
+    try:
+        rdp_variance = _calibrate_skellam_rdp(epsilon=eps, delta=d, l1=d1, l2=d2, compositions=k)
+    except ConfigError:
+        if gdp_variance is None:
+            raise
+        return gdp_variance
+    return rdp_variance if gdp_variance is None else min(rdp_variance, gdp_variance)
+
+
+def _calibrate_skellam_rdp(
+    *, epsilon: float, delta: float, l1: float, l2: float, compositions: int
+) -> float:
+    """Smallest variance the RDP bound alone accepts (validated arguments, finite epsilon)."""
+    eps, d, d1, d2, k = epsilon, delta, l1, l2, compositions
 
     def eps_at(log_v: float) -> float:
-        return skellam_epsilon(l1=d1, l2=d2, variance=math.exp(log_v), delta=d, compositions=k)
+        return skellam_rdp_epsilon(l1=d1, l2=d2, variance=math.exp(log_v), delta=d, compositions=k)
 
     # Gaussian-like starting point: sigma = 1 per unit of L2 sensitivity.
     hi = 2.0 * math.log(d2)
@@ -827,7 +880,8 @@ def calibrate_vector_release(
     * distributed / local: Skellam mechanism (Agarwal, Kairouz, Liu 2021, arXiv 2110.04995)
       with the rounding-inflated ``l2 = rounded_l2_sensitivity(scaled_clip=scale * sqrt(layers
       + gamma^2), dim=dim)`` and ``l1 = rounded_l1_sensitivity(l2=l2, dim=dim)``; the aggregate
-      variance comes from :func:`calibrate_skellam_variance` (RDP accountant). In distributed
+      variance comes from :func:`calibrate_skellam_variance` (RDP or the GDP certificate,
+      whichever needs less). In distributed
       mode it is split among clients with :func:`~fedsynth.protocol.mechanisms.share_variance`;
       in local mode every client adds all of it to its own sum. Each record must be rounded on
       its own (conditionally, see :func:`rounded_l2_sensitivity`) before the integer sums.
@@ -883,7 +937,7 @@ def calibrate_vector_release(
         variance = calibrate_skellam_variance(epsilon=eps, delta=d, l1=l1, l2=l2)
         sigma = math.sqrt(variance) / l2
         achieved = skellam_epsilon(l1=l1, l2=l2, variance=variance, delta=d)
-        accountant = _RDP_ACCOUNTANT_NAME
+        accountant = _SKELLAM_ACCOUNTANT_NAME
     return VectorReleaseCalibration(
         mode=trust.value,
         epsilon=eps,
@@ -993,7 +1047,8 @@ def calibrate_pe(
       PLD accountant (matches the closed-form mu-GDP composition mu = sqrt(T)/sigma used by PE
       and Aug-PE to 8 digits; reported as ``gdp_epsilon``).
     * distributed / local: Skellam noise (Agarwal, Kairouz, Liu 2021) on the integer votes, T-fold
-      RDP composition converted with dp-accounting. Distributed: the aggregate variance is split
+      composition accounted as in :func:`skellam_epsilon` (RDP converted with dp-accounting, or
+      the GDP certificate where it is tighter). Distributed: the aggregate variance is split
       among the t clients a round needs; local: every client adds all of it.
 
     ``epsilon = math.inf`` gives no noise.
@@ -1025,7 +1080,7 @@ def calibrate_pe(
             epsilon=eps, delta=d, l1=l1, l2=l2, compositions=t_rounds
         )
         achieved = skellam_epsilon(l1=l1, l2=l2, variance=variance, delta=d, compositions=t_rounds)
-        accountant = _RDP_ACCOUNTANT_NAME
+        accountant = _SKELLAM_ACCOUNTANT_NAME
     return PECalibration(
         mode=trust.value,
         epsilon=eps,

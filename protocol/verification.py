@@ -10,8 +10,9 @@ or computes anything from its records, it recomputes with its own accountant
   arXiv 2110.04995) and its L1 bound; for a Private Evolution round, ``sqrt(top_k)`` and
   ``top_k`` votes;
 * the epsilon that the manifest's stated noise variance gives at that sensitivity, for the
-  manifest's mode, delta and (PE) number of rounds T: Skellam RDP for distributed and local
-  mode, the Gaussian PLD accountant for central mode;
+  manifest's mode, delta and (PE) number of rounds T: Skellam (the tighter of RDP and the
+  GDP certificate) for distributed and local mode, the Gaussian PLD accountant for central
+  mode;
 
 and refuses the manifest if a stated sensitivity is below the recomputed one, if the stated
 variance gives an epsilon above the stated epsilon, if the noise multiplier does not match the
@@ -146,7 +147,8 @@ def stated_noise_epsilon(
 
     distributed / local: Skellam (Agarwal, Kairouz, Liu 2021) with aggregate variance
     ``total_variance`` (distributed: the sum of any t shares of ``total_variance / t``; local:
-    each client's own noise), RDP accountant. central: Gaussian with noise multiplier
+    each client's own noise), accounted as :func:`skellam_epsilon` does (RDP or the GDP
+    certificate, whichever is tighter). central: Gaussian with noise multiplier
     ``sqrt(total_variance) / l2``, PLD accountant. Add/remove adjacency of one record;
     ``compositions`` identical releases (PE rounds).
 

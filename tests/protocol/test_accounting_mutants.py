@@ -35,6 +35,7 @@ from fedsynth.protocol.accounting import (
     rounding_inflation,
     skellam_epsilon,
     skellam_rdp,
+    skellam_rdp_epsilon,
     validate_epsilon_delta,
     vector_record_sensitivity,
 )
@@ -116,9 +117,13 @@ def test_skellam_epsilon_below_one_tends_to_the_gaussian() -> None:
     rdp = dp_accounting.rdp.RdpAccountant(orders=list(RDP_ORDERS))
     rdp.compose(dp_accounting.GaussianDpEvent(20.0))
     reference = rdp.get_epsilon(DELTA)
-    eps = skellam_epsilon(l1=l2, l2=l2, variance=(20.0 * l2) ** 2, delta=DELTA)
+    eps = skellam_rdp_epsilon(l1=l2, l2=l2, variance=(20.0 * l2) ** 2, delta=DELTA)
     assert reference <= eps < 1.0
     assert eps == pytest.approx(reference, rel=1e-3)
+    # The accountant's GDP certificate reaches the Gaussian's PLD epsilon, never below it.
+    tight = gaussian_epsilon(noise_multiplier=20.0, delta=DELTA, accountant="pld")
+    accounted = skellam_epsilon(l1=l2, l2=l2, variance=(20.0 * l2) ** 2, delta=DELTA)
+    assert tight <= accounted < min(eps, tight * 1.005)
 
 
 def test_calibrated_skellam_variance_is_the_smallest_within_the_tolerance() -> None:
@@ -313,8 +318,9 @@ def test_vector_release_event_states_the_calibrated_noise(mode: str) -> None:
     assert event.compositions == 1
     assert (event.epsilon, event.delta) == (cal.epsilon_achieved, DELTA)
     assert event.accountant == cal.accountant
-    assert event.accountant.startswith("dp-accounting")
+    assert "dp-accounting" in event.accountant
     assert ("PLD" in event.accountant) == (mode == "central")
+    assert ("GDP certificate" in event.accountant) == (mode != "central")
     assert event.noise == {
         "variance": cal.total_variance,
         "noise_multiplier": cal.noise_multiplier,
@@ -346,7 +352,7 @@ def test_pe_event_states_the_calibrated_noise_of_all_rounds() -> None:
     assert event.adjacency == "add/remove"
     assert (event.epsilon, event.delta, event.compositions) == (cal.epsilon_achieved, DELTA, 3)
     assert event.accountant == cal.accountant
-    assert event.accountant.startswith("dp-accounting RDP")
+    assert "dp-accounting RDP" in event.accountant and "GDP certificate" in event.accountant
     assert event.noise == {
         "variance": cal.total_variance,
         "noise_multiplier": cal.noise_multiplier,
@@ -582,7 +588,7 @@ def test_a_vector_calibration_reports_the_terms_it_was_given(mode: str) -> None:
         800.0,
         0.5,
     )
-    expected = "dp-accounting PLD" if mode == "central" else "dp-accounting RDP"
+    expected = "dp-accounting PLD" if mode == "central" else "Skellam: the tighter of"
     assert c.accountant.startswith(expected)
 
 
@@ -590,7 +596,7 @@ def test_a_vector_calibration_reports_the_terms_it_was_given(mode: str) -> None:
 def test_a_pe_calibration_reports_the_terms_it_was_given(mode: str) -> None:
     c = calibrate_pe(mode=mode, epsilon=3.0, delta=DELTA, rounds=4, top_k=2)
     assert (c.mode, c.epsilon, c.delta, c.rounds, c.top_k) == (mode, 3.0, DELTA, 4, 2)
-    expected = "dp-accounting PLD" if mode == "central" else "dp-accounting RDP"
+    expected = "dp-accounting PLD" if mode == "central" else "Skellam: the tighter of"
     assert c.accountant.startswith(expected)
     free = calibrate_pe(mode=mode, epsilon=math.inf, delta=DELTA, rounds=4)
     assert free.accountant == "none (epsilon = inf)" and free.total_variance == 0.0
