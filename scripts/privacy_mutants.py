@@ -123,6 +123,7 @@ SECURE_ROUND = "tests/server/test_secure_round.py"
 EXACT_NOISE = "tests/protocol/test_exact_noise.py"
 NOISE_CHECK = "tests/simulations/test_noise_check.py"
 FLOWER_APP = "tests/client/test_flower_app.py"
+SKELLAM_GDP = "tests/protocol/test_skellam_gdp.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -543,6 +544,33 @@ MUTANTS: tuple[Mutant, ...] = (
             f"{SECURE_ROUND}::"
             "test_a_masked_input_leaves_at_the_holders_fixed_time_whatever_its_records",
         ),
+    ),
+    Mutant(
+        name="gdp-factor-understated",
+        summary="the Skellam GDP certificate's factor 1 % too small (less noise than needed)",
+        patches=(
+            Patch(
+                "protocol/skellam_gdp.py",
+                "factor = sigma * max(centre, tail) * (1.0 + FLOAT_MARGIN)",
+                "factor = sigma * max(centre, tail) * (1.0 + FLOAT_MARGIN) * 0.99",
+            ),
+        ),
+        tests=(
+            f"{SKELLAM_GDP}::test_certificate_is_never_below_the_exact_loss_and_tight_with_enough_noise",
+            f"{SKELLAM_GDP}::test_calibrated_variance_is_the_smallest_the_certificate_proves",
+        ),
+    ),
+    Mutant(
+        name="gdp-ignores-compositions",
+        summary="the Skellam GDP certificate counts k releases (PE rounds) as one",
+        patches=(
+            Patch(
+                "protocol/skellam_gdp.py",
+                "return factor * float(l2) * math.sqrt(compositions) / math.sqrt(float(variance))",
+                "return factor * float(l2) / math.sqrt(float(variance))",
+            ),
+        ),
+        tests=(f"{SKELLAM_GDP}::test_certificate_bounds_a_spread_shift_and_composed_releases",),
     ),
 )
 
