@@ -71,9 +71,9 @@ __all__ = [
 RDP_ORDERS: tuple[int, ...] = (*range(2, 129), 256)
 """Integer RDP orders 2..128 and 256 (the Skellam bound holds for integer orders only)."""
 
-_SKELLAM_ACCOUNTANT_NAME = (
-    "Skellam: the tighter of dp-accounting RDP (integer orders 2..128, 256) and the lattice GDP "
-    "certificate (fedsynth.protocol.skellam_gdp)"
+_SKELLAM_RDP_NAME = "Skellam: dp-accounting RDP (integer orders 2..128, 256), tighter here"
+_SKELLAM_GDP_NAME = (
+    "Skellam: lattice GDP certificate (fedsynth.protocol.skellam_gdp), tighter than RDP here"
 )
 _PLD_ACCOUNTANT_NAME = "dp-accounting PLD"
 _ACCOUNTANTS = ("rdp", "pld")
@@ -234,11 +234,25 @@ def skellam_epsilon(
     d2 = _finite_nonneg("l2", l2)
     if v == 0.0:
         return 0.0 if d2 == 0.0 and d1 == 0.0 else math.inf
-    rdp_eps = skellam_rdp_epsilon(l1=d1, l2=d2, variance=v, delta=d, compositions=k)
+    eps, _ = _skellam_accounted(l1=d1, l2=d2, variance=v, delta=d, compositions=k)
+    return eps
+
+
+def _skellam_accounted(
+    *, l1: float, l2: float, variance: float, delta: float, compositions: int
+) -> tuple[float, str]:
+    """:func:`skellam_epsilon` and the name of the bound that gave it (none without noise)."""
+    if variance <= 0.0:
+        return (0.0 if l2 == 0.0 and l1 == 0.0 else math.inf), "none (epsilon = inf)"
+    rdp_eps = skellam_rdp_epsilon(
+        l1=l1, l2=l2, variance=variance, delta=delta, compositions=compositions
+    )
     from fedsynth.protocol.skellam_gdp import skellam_gdp_epsilon
 
-    gdp_eps = skellam_gdp_epsilon(l2=d2, variance=v, delta=d, compositions=k)
-    return rdp_eps if gdp_eps is None else min(rdp_eps, gdp_eps)
+    gdp_eps = skellam_gdp_epsilon(l2=l2, variance=variance, delta=delta, compositions=compositions)
+    if gdp_eps is not None and gdp_eps <= rdp_eps:
+        return gdp_eps, _SKELLAM_GDP_NAME
+    return rdp_eps, _SKELLAM_RDP_NAME
 
 
 def skellam_rdp_epsilon(
@@ -936,8 +950,9 @@ def calibrate_vector_release(
     else:
         variance = calibrate_skellam_variance(epsilon=eps, delta=d, l1=l1, l2=l2)
         sigma = math.sqrt(variance) / l2
-        achieved = skellam_epsilon(l1=l1, l2=l2, variance=variance, delta=d)
-        accountant = _SKELLAM_ACCOUNTANT_NAME
+        achieved, accountant = _skellam_accounted(
+            l1=l1, l2=l2, variance=variance, delta=d, compositions=1
+        )
     return VectorReleaseCalibration(
         mode=trust.value,
         epsilon=eps,
@@ -1079,8 +1094,9 @@ def calibrate_pe(
         variance = calibrate_skellam_variance(
             epsilon=eps, delta=d, l1=l1, l2=l2, compositions=t_rounds
         )
-        achieved = skellam_epsilon(l1=l1, l2=l2, variance=variance, delta=d, compositions=t_rounds)
-        accountant = _SKELLAM_ACCOUNTANT_NAME
+        achieved, accountant = _skellam_accounted(
+            l1=l1, l2=l2, variance=variance, delta=d, compositions=t_rounds
+        )
     return PECalibration(
         mode=trust.value,
         epsilon=eps,

@@ -318,8 +318,8 @@ def test_vector_release_event_states_the_calibrated_noise(mode: str) -> None:
     assert event.compositions == 1
     assert (event.epsilon, event.delta) == (cal.epsilon_achieved, DELTA)
     assert event.accountant == cal.accountant
-    assert "dp-accounting" in event.accountant
     assert ("PLD" in event.accountant) == (mode == "central")
+    # Skellam at this large variance: the GDP certificate is the tighter bound, and says so.
     assert ("GDP certificate" in event.accountant) == (mode != "central")
     assert event.noise == {
         "variance": cal.total_variance,
@@ -352,7 +352,16 @@ def test_pe_event_states_the_calibrated_noise_of_all_rounds() -> None:
     assert event.adjacency == "add/remove"
     assert (event.epsilon, event.delta, event.compositions) == (cal.epsilon_achieved, DELTA, 3)
     assert event.accountant == cal.accountant
-    assert "dp-accounting RDP" in event.accountant and "GDP certificate" in event.accountant
+    # Small vote variances: whichever bound was tighter is named.
+    rdp = skellam_rdp_epsilon(
+        l1=cal.l1_sensitivity,
+        l2=cal.l2_sensitivity,
+        variance=cal.total_variance,
+        delta=DELTA,
+        compositions=3,
+    )
+    tighter = "dp-accounting RDP" if rdp == cal.epsilon_achieved else "GDP certificate"
+    assert tighter in event.accountant
     assert event.noise == {
         "variance": cal.total_variance,
         "noise_multiplier": cal.noise_multiplier,
@@ -588,7 +597,7 @@ def test_a_vector_calibration_reports_the_terms_it_was_given(mode: str) -> None:
         800.0,
         0.5,
     )
-    expected = "dp-accounting PLD" if mode == "central" else "Skellam: the tighter of"
+    expected = "dp-accounting PLD" if mode == "central" else "Skellam: "
     assert c.accountant.startswith(expected)
 
 
@@ -596,7 +605,7 @@ def test_a_vector_calibration_reports_the_terms_it_was_given(mode: str) -> None:
 def test_a_pe_calibration_reports_the_terms_it_was_given(mode: str) -> None:
     c = calibrate_pe(mode=mode, epsilon=3.0, delta=DELTA, rounds=4, top_k=2)
     assert (c.mode, c.epsilon, c.delta, c.rounds, c.top_k) == (mode, 3.0, DELTA, 4, 2)
-    expected = "dp-accounting PLD" if mode == "central" else "Skellam: the tighter of"
+    expected = "dp-accounting PLD" if mode == "central" else "Skellam: "
     assert c.accountant.startswith(expected)
     free = calibrate_pe(mode=mode, epsilon=math.inf, delta=DELTA, rounds=4)
     assert free.accountant == "none (epsilon = inf)" and free.total_variance == 0.0
