@@ -216,29 +216,27 @@ def skellam_gdp_variance(
     unit = float(l2) * math.sqrt(compositions) / mu
 
     def proven(variance: float) -> bool:
+        # A relative pad of 1e-12 absorbs the rounding of the square and the square root.
         factor = skellam_gdp_factor(variance)
-        return factor is not None and (factor * unit) ** 2 <= variance
+        return factor is not None and (factor * unit) ** 2 * (1.0 + 1e-12) <= variance
 
-    lo = unit**2  # no mechanism does better than the Gaussian's c = 1
-    if proven(lo):
-        hi = lo
+    lo = unit**2  # never proven: the factor is at least 1, and the pad asks for more
+    factor = skellam_gdp_factor(lo)
+    if factor is None:
+        return None
+    hi = (factor * unit) ** 2 * (1.0 + 1e-9)
+    for _ in range(60):
+        if proven(hi):
+            break
+        lo, hi = hi, hi * 1.5
     else:
-        factor = skellam_gdp_factor(lo)
-        if factor is None:
-            return None
-        hi = (factor * unit) ** 2 * (1.0 + 1e-9)
-        for _ in range(60):
-            if proven(hi):
-                break
-            lo, hi = hi, hi * 1.5
+        return None
+    while hi / lo - 1.0 > _VARIANCE_REL_TOL:
+        mid = math.sqrt(lo * hi)
+        if proven(mid):
+            hi = mid
         else:
-            return None
-        while hi / lo - 1.0 > _VARIANCE_REL_TOL:
-            mid = math.sqrt(lo * hi)
-            if proven(mid):
-                hi = mid
-            else:
-                lo = mid
+            lo = mid
     achieved = skellam_gdp_epsilon(l2=l2, variance=hi, delta=d, compositions=compositions)
     if achieved is None or achieved > eps:  # pragma: no cover - mu is monotone in the conversion
         return None

@@ -13,13 +13,16 @@ from scipy import special
 from fedsynth.protocol.accounting import (
     calibrate_gaussian,
     calibrate_skellam_variance,
+    gdp_delta,
     skellam_epsilon,
     skellam_rdp_epsilon,
 )
 from fedsynth.protocol.skellam_gdp import (
+    DELTA_SLACK,
     MAX_VARIANCE,
     skellam_gdp_epsilon,
     skellam_gdp_factor,
+    skellam_gdp_mu,
     skellam_gdp_variance,
 )
 
@@ -140,3 +143,45 @@ def test_calibrated_variance_is_the_smallest_the_certificate_proves(
     # Never less noise than the Gaussian mechanism accounted exactly would need.
     assert math.sqrt(variance) / l2 >= calibrate_gaussian(epsilon=epsilon, delta=DELTA)
     assert calibrate_skellam_variance(epsilon=epsilon, delta=DELTA, l1=l2 * l2, l2=l2) <= variance
+
+
+def test_the_conversion_meets_delta_and_is_tight() -> None:
+    """The epsilon returned is never below the GDP curve's root at delta, and not far above it."""
+    for variance in (50.0, 400.0, 3e3, 7.7e4, 8.8e5):
+        mu = skellam_gdp_mu(l2=30.0, variance=variance, compositions=2)
+        eps = skellam_gdp_epsilon(l2=30.0, variance=variance, delta=DELTA, compositions=2)
+        assert mu is not None and eps is not None
+        assert gdp_delta(epsilon=eps, mu=mu) <= DELTA - DELTA_SLACK
+        assert gdp_delta(epsilon=max(eps - 1e-9, 0.0), mu=mu) > DELTA - DELTA_SLACK
+
+
+def test_epsilon_zero_and_beyond_the_certified_range() -> None:
+    # delta = 0.1 is met at epsilon 0 by mu = 0.1: the certificate says 0, not more.
+    assert skellam_gdp_epsilon(l2=1.0, variance=100.0, delta=0.1) == 0.0
+    # A shift of 100 under unit variance is far beyond epsilon 50: no certificate.
+    assert skellam_gdp_epsilon(l2=100.0, variance=1.0, delta=DELTA) is None
+
+
+@pytest.mark.parametrize("compositions", [3, 10])
+def test_calibrated_variance_covers_composed_releases(compositions: int) -> None:
+    variance = skellam_gdp_variance(epsilon=2.0, delta=DELTA, l2=20.0, compositions=compositions)
+    assert variance is not None
+    achieved = skellam_gdp_epsilon(
+        l2=20.0, variance=variance, delta=DELTA, compositions=compositions
+    )
+    assert achieved is not None and achieved <= 2.0
+    below = skellam_gdp_epsilon(
+        l2=20.0, variance=variance * (1.0 - 1e-5), delta=DELTA, compositions=compositions
+    )
+    assert below is not None and below > 2.0
+    sigma = calibrate_gaussian(epsilon=2.0, delta=DELTA, compositions=compositions)
+    assert sigma <= math.sqrt(variance) / 20.0 < 1.01 * sigma
+
+
+def test_where_the_factor_is_one_the_calibration_is_the_gaussians() -> None:
+    """A tiny variance (sensitivity below one unit) certifies c = 1: exactly the Gaussian's."""
+    variance = skellam_gdp_variance(epsilon=8.0, delta=DELTA, l2=0.05)
+    assert variance is not None
+    assert skellam_gdp_factor(variance) == 1.0
+    sigma = calibrate_gaussian(epsilon=8.0, delta=DELTA)
+    assert math.sqrt(variance) / 0.05 == pytest.approx(sigma, rel=1e-6)
