@@ -53,6 +53,8 @@ __all__ = [
     "calibrate_vector_release",
     "gaussian_epsilon",
     "gdp_delta",
+    "gdp_epsilon",
+    "gdp_mu",
     "min_vector_scale",
     "pe_aggregate_noise_std",
     "pe_epsilon",
@@ -232,8 +234,6 @@ def skellam_epsilon(
     v = _finite_nonneg("variance", variance)
     d1 = _finite_nonneg("l1", l1)
     d2 = _finite_nonneg("l2", l2)
-    if v == 0.0:
-        return 0.0 if d2 == 0.0 and d1 == 0.0 else math.inf
     eps, _ = _skellam_accounted(l1=d1, l2=d2, variance=v, delta=d, compositions=k)
     return eps
 
@@ -677,8 +677,12 @@ def gdp_delta(*, epsilon: float, mu: float) -> float:
     return min(max(first - second, 0.0), 1.0)
 
 
-def _pe_mu(*, epsilon: float, delta: float) -> float:
-    """The GDP mu with ``gdp_delta(epsilon, mu) == delta`` (delta grows with mu)."""
+def gdp_mu(*, epsilon: float, delta: float) -> float:
+    """The largest GDP mu (to about 1e-14) whose :func:`gdp_delta` at ``epsilon`` is <= ``delta``.
+
+    Brentq on ``gdp_delta(epsilon, mu) - delta`` (delta grows with mu), then moved down until
+    the root is on the private side: a calibration from it never exceeds ``delta``.
+    """
 
     def gap(mu: float) -> float:
         return gdp_delta(epsilon=epsilon, mu=mu) - delta
@@ -694,7 +698,35 @@ def _pe_mu(*, epsilon: float, delta: float) -> float:
         hi, lo = lo, lo / 2.0
     from scipy import optimize
 
-    return float(optimize.brentq(gap, lo, hi, xtol=1e-14, rtol=1e-14, maxiter=500))
+    mu = float(optimize.brentq(gap, lo, hi, xtol=1e-14, rtol=1e-14, maxiter=500))
+    while gap(mu) > 0.0:
+        mu *= 1.0 - 1e-12
+    return mu
+
+
+def gdp_epsilon(*, mu: float, delta: float) -> float:
+    """The smallest epsilon (to about 1e-12) at which a mu-GDP mechanism meets ``delta``.
+
+    0.0 if epsilon 0 already does; otherwise brentq on ``gdp_delta(eps, mu) - delta``, moved up
+    until the root is on the private side: never below the exact epsilon.
+    """
+
+    def gap(eps: float) -> float:
+        return gdp_delta(epsilon=eps, mu=mu) - delta
+
+    if gap(0.0) <= 0.0:
+        return 0.0
+    hi = 1.0
+    for _ in range(200):
+        if gap(hi) <= 0.0:
+            break
+        hi *= 2.0
+    from scipy import optimize
+
+    eps = float(optimize.brentq(gap, 0.0, hi, xtol=1e-12, rtol=1e-14, maxiter=500))
+    while gap(eps) > 0.0:
+        eps = math.nextafter(eps, math.inf) * (1.0 + 1e-12)
+    return eps
 
 
 def pe_noise_multiplier(*, epsilon: float, delta: float, rounds: int) -> float:
@@ -703,8 +735,8 @@ def pe_noise_multiplier(*, epsilon: float, delta: float, rounds: int) -> float:
     Private Evolution (Lin et al. 2024, arXiv 2305.15560; Aug-PE, Xie et al. 2024): each round
     releases a nearest-neighbour vote histogram in which one private record casts one vote, so
     its add/remove L2 sensitivity is 1. T rounds with noise multiplier sigma are mu-GDP with
-    ``mu = sqrt(T) / sigma``; this solves :func:`gdp_delta` ``= delta`` for mu with brentq and
-    returns ``sqrt(T) / mu``.
+    ``mu = sqrt(T) / sigma``; this takes :func:`gdp_mu` at (epsilon, delta) and returns
+    ``sqrt(T) / mu``.
 
     Args:
         epsilon: Target epsilon (> 0; ``math.inf`` returns 0.0, i.e. no noise).
@@ -722,15 +754,14 @@ def pe_noise_multiplier(*, epsilon: float, delta: float, rounds: int) -> float:
     t = _positive_int("rounds", rounds)
     if math.isinf(eps):
         return 0.0
-    return math.sqrt(t) / _pe_mu(epsilon=eps, delta=d)
+    return math.sqrt(t) / gdp_mu(epsilon=eps, delta=d)
 
 
 def pe_epsilon(*, noise_multiplier: float, delta: float, rounds: int) -> float:
     """Epsilon of ``rounds`` Private Evolution histograms with noise multiplier sigma.
 
     Same model as :func:`pe_noise_multiplier` (add/remove one record, L2 sensitivity 1 per
-    round, mu-GDP with ``mu = sqrt(T) / sigma``); solves :func:`gdp_delta` ``= delta`` for
-    epsilon with brentq.
+    round, mu-GDP with ``mu = sqrt(T) / sigma``); :func:`gdp_epsilon` of that mu.
 
     Args:
         noise_multiplier: Per-round noise multiplier sigma (>= 0; 0 gives inf).
@@ -748,21 +779,7 @@ def pe_epsilon(*, noise_multiplier: float, delta: float, rounds: int) -> float:
     t = _positive_int("rounds", rounds)
     if sigma == 0.0:
         return math.inf
-    mu = math.sqrt(t) / sigma
-
-    def gap(eps: float) -> float:
-        return gdp_delta(epsilon=eps, mu=mu) - d
-
-    if gap(0.0) <= 0.0:
-        return 0.0
-    hi = 1.0
-    for _ in range(200):
-        if gap(hi) <= 0.0:
-            break
-        hi *= 2.0
-    from scipy import optimize
-
-    return float(optimize.brentq(gap, 0.0, hi, xtol=1e-12, rtol=1e-14, maxiter=500))
+    return gdp_epsilon(mu=math.sqrt(t) / sigma, delta=d)
 
 
 # --------------------------------------------------------------------------- reports

@@ -157,10 +157,10 @@ def skellam_gdp_epsilon(
     """Epsilon at ``delta`` that the certificate gives, or ``None`` where it does not apply.
 
     The GDP curve of :func:`skellam_gdp_mu` is converted exactly (Dong, Roth, Su 2022,
-    Corollary 2.13) at ``delta - DELTA_SLACK``; the root is moved up until it meets delta, so
-    the answer is never below the root.
+    Corollary 2.13) at ``delta - DELTA_SLACK`` by
+    :func:`~fedsynth.protocol.accounting.gdp_epsilon`, which never answers below the root.
     """
-    from fedsynth.protocol.accounting import gdp_delta
+    from fedsynth.protocol.accounting import gdp_epsilon
 
     d = float(delta)
     if d < MIN_DELTA:
@@ -168,21 +168,8 @@ def skellam_gdp_epsilon(
     mu = skellam_gdp_mu(l2=l2, variance=variance, compositions=compositions)
     if mu is None:
         return None
-    target = d - DELTA_SLACK
-
-    def gap(eps: float) -> float:
-        return gdp_delta(epsilon=eps, mu=mu) - target
-
-    if gap(0.0) <= 0.0:
-        return 0.0
-    if gap(MAX_EPSILON) > 0.0:
-        return None
-    from scipy import optimize
-
-    eps = float(optimize.brentq(gap, 0.0, MAX_EPSILON, xtol=1e-12, rtol=1e-14, maxiter=500))
-    while gap(eps) > 0.0:
-        eps = math.nextafter(eps, math.inf) * (1.0 + 1e-12)
-    return eps
+    eps = gdp_epsilon(mu=mu, delta=d - DELTA_SLACK)
+    return eps if eps <= MAX_EPSILON else None
 
 
 def skellam_gdp_variance(
@@ -190,29 +177,17 @@ def skellam_gdp_variance(
 ) -> float | None:
     """Smallest variance (to 1e-6 relative) the certificate proves (epsilon, delta)-DP, or ``None``.
 
-    Solves the GDP conversion for the largest ``mu`` meeting ``delta - DELTA_SLACK`` at
-    ``epsilon``, then bisects (in log space) for the smallest variance ``v`` with
-    ``c(v) * l2 * sqrt(k) / sqrt(v) <= mu``; the result is checked with
-    :func:`skellam_gdp_epsilon` before it is returned.
+    Takes the largest ``mu`` meeting ``delta - DELTA_SLACK`` at ``epsilon``
+    (:func:`~fedsynth.protocol.accounting.gdp_mu`), then bisects (in log space) for the
+    smallest variance ``v`` with ``c(v) * l2 * sqrt(k) / sqrt(v) <= mu``; the result is checked
+    with :func:`skellam_gdp_epsilon` before it is returned.
     """
-    from fedsynth.protocol.accounting import gdp_delta
+    from fedsynth.protocol.accounting import gdp_mu
 
     eps, d = float(epsilon), float(delta)
     if not (0.0 < eps <= MAX_EPSILON) or d < MIN_DELTA:
         return None
-    target = d - DELTA_SLACK
-
-    def gap(mu: float) -> float:
-        return gdp_delta(epsilon=eps, mu=mu) - target
-
-    lo_mu, hi_mu = 1e-6, 1.0
-    while gap(hi_mu) < 0.0:
-        lo_mu, hi_mu = hi_mu, 2.0 * hi_mu
-    from scipy import optimize
-
-    mu = float(optimize.brentq(gap, lo_mu, hi_mu, xtol=1e-15, rtol=1e-14, maxiter=500))
-    while gap(mu) > 0.0:
-        mu *= 1.0 - 1e-12
+    mu = gdp_mu(epsilon=eps, delta=d - DELTA_SLACK)
     unit = float(l2) * math.sqrt(compositions) / mu
 
     def proven(variance: float) -> bool:
