@@ -2,8 +2,9 @@
 
 Generates ``--per-label`` samples per label from one saved release on each engine of
 ``--engines`` (the demo's generation settings): `transformers` in fp32 and, as
-``transformers-bf16``, in bf16 on the CPU; llama.cpp with the output head where ``auto`` puts
-it and, as ``llamacpp-own-head``, computed by llama.cpp; once per seed, and
+``transformers-bf16``, in bf16 on the CPU (``-latin``: from the Latin vocabulary); llama.cpp
+with the output head where ``auto`` puts it and, as ``llamacpp-own-head``, computed by
+llama.cpp; once per seed, and
 scores each set as the demo does (fidelity judged by a classifier of other real texts; TSTR
 on the held-out texts). The data split is the demo's for the given ``--private-per-label`` and
 ``--clients`` (the settings the release was made with), so the held-out and judge texts are
@@ -46,7 +47,8 @@ def main() -> None:
         "--engines",
         default="transformers,llamacpp,llamacpp-own-head",
         help="comma-separated: transformers, transformers-bf16 (bf16 on the CPU), llamacpp "
-        "(output head placed by 'auto'), llamacpp-own-head (llama.cpp computes the head too)",
+        "(output head placed by 'auto'), llamacpp-own-head (llama.cpp computes the head too); "
+        "a '-latin' suffix samples from the Latin vocabulary (e.g. transformers-bf16-latin)",
     )
     args = parser.parse_args()
     if args.threads:
@@ -60,17 +62,22 @@ def main() -> None:
         synthetic_per_label=args.per_label,
     )
     data = split_data(config)
-    generation = GenerationConfig(
-        max_new_tokens=config.new_tokens, batch_size=64, top_p=config.top_p
-    )
     rows: dict[str, dict[str, list[float]]] = {}
     for backend_name in args.engines.split(","):
+        latin = backend_name.endswith("-latin")
+        engine = backend_name.removesuffix("-latin")
+        generation = GenerationConfig(
+            max_new_tokens=config.new_tokens,
+            batch_size=64,
+            top_p=config.top_p,
+            vocabulary="latin" if latin else "full",
+        )
         backend = open_backend(
-            backend_name.removesuffix("-own-head").removesuffix("-bf16"),
+            engine.removesuffix("-own-head").removesuffix("-bf16"),
             release.manifest.model_name,
             threads=args.threads,
-            head="llamacpp" if backend_name.endswith("-own-head") else "auto",
-            precision="bf16" if backend_name.endswith("-bf16") else "auto",
+            head="llamacpp" if engine.endswith("-own-head") else "auto",
+            precision="bf16" if engine.endswith("-bf16") else "auto",
         )
         for seed in range(args.seeds):
             t0 = time.perf_counter()

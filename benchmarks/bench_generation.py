@@ -7,7 +7,9 @@ ends rows earlier leaves ragged batches) and their ratio (target >= 0.97),
 on the `transformers` backend and, at full size, on llama.cpp (the packaged GGUF model; needs
 the ``llamacpp`` extra): steered llama.cpp against steered `transformers` (target >= 3x), at
 equal work and in samples/s made as the demo makes them (rows end at a newline or EOS); on a
-CPU with native bf16 products also `transformers` in bf16 against fp32 (target >= 3x).
+CPU with native bf16 products also `transformers` in bf16 against fp32 (target >= 3x), and
+bf16 with the Latin vocabulary against the fp32 path as it decoded before single-query
+attention and the in-place KV cache (``previous_decoding``; target >= 3x).
 Run: python benchmarks/bench_generation.py [--backend llamacpp] [--precision bf16]
 (``figures(quick)`` gives the same numbers to ``python -m benchmarks``.)
 """
@@ -15,10 +17,13 @@ Run: python benchmarks/bench_generation.py [--backend llamacpp] [--precision bf1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from fedsynth.protocol.models import DEFAULT_MODEL
 from fedsynth.server.backends import open_backend
@@ -58,33 +63,47 @@ def measure(
     equal_work: bool = True,
     head: str = "auto",
     precision: str = "auto",
+    vocabulary: str = "full",
+    previous: bool = False,
 ) -> Throughput:
     """Alternate unsteered and steered runs ``repeats`` times; keep the best of each.
 
     ``head``: llama.cpp's output-head placement (``llamacpp``: llama.cpp computes it too).
     ``precision``: the `transformers` dtype (``bf16`` on a CPU with native bf16 products).
+    ``vocabulary``: the tokens that may be sampled (``latin``: the head computes only those).
+    ``previous``: decode as `transformers` did before single-query attention and the in-place
+    KV cache (:func:`previous_decoding`), the baseline those are measured against.
     """
     name = model or DEFAULT_MODEL
     engine = open_backend(backend, name, threads=threads, head=head, precision=precision)
     if precision != "auto":
         backend = f"{backend} {precision}"
+    if vocabulary != "full":
+        backend = f"{backend} {vocabulary}"
+    if previous:
+        backend = f"{backend} (previous decoding)"
     config = GenerationConfig(
-        max_new_tokens=tokens, batch_size=batch, stop_at_newline=False, stop_at_eos=not equal_work
+        max_new_tokens=tokens,
+        batch_size=batch,
+        stop_at_newline=False,
+        stop_at_eos=not equal_work,
+        vocabulary=vocabulary,
     )
     deltas = random_deltas(engine.hidden_size, layers, strength=0.05)
     prompt = "Here is a positive movie review snippet:\n"
     results: dict[str, list[float]] = {"unsteered": [], "steered": []}
-    engine.generate([prompt] * 4, config=config, deltas=None, seed=0)  # warm-up
-    for r in range(repeats):
-        for side, d in (("unsteered", None), ("steered", deltas)):
-            counted = [0]
+    with previous_decoding() if previous else contextlib.nullcontext():
+        engine.generate([prompt] * 4, config=config, deltas=None, seed=0)  # warm-up
+        for r in range(repeats):
+            for side, d in (("unsteered", None), ("steered", deltas)):
+                counted = [0]
 
-            def count(_n: int, t: int, counted: list[int] = counted) -> None:
-                counted[0] += t
+                def count(_n: int, t: int, counted: list[int] = counted) -> None:
+                    counted[0] += t
 
-            t0 = time.perf_counter()
-            engine.generate([prompt] * batch, config=config, deltas=d, seed=r, progress=count)
-            results[side].append(counted[0] / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                engine.generate([prompt] * batch, config=config, deltas=d, seed=r, progress=count)
+                results[side].append(counted[0] / (time.perf_counter() - t0))
     return Throughput(
         model=name,
         backend=backend,
@@ -106,32 +125,51 @@ def samples_per_s(
     repeats: int = 2,
     layers: tuple[int, ...] = DEFAULT_LAYERS,
     precision: str = "auto",
+    vocabulary: str = "full",
+    previous: bool = False,
 ) -> float:
     """Best steered samples/s generated as the demo generates (rows end at a newline or EOS,
     48-token budget; prompts of a label go through :func:`iter_label_texts`, which gives a
-    refilling backend several batches per call)."""
+    refilling backend several batches per call). ``vocabulary``, ``previous``: as in
+    :func:`measure`."""
     from fedsynth.protocol.features import PromptTemplate
     from fedsynth.server.synthesize import iter_label_texts
 
     engine = open_backend(backend, model or DEFAULT_MODEL, precision=precision)
-    config = GenerationConfig(max_new_tokens=48, batch_size=batch)
+    config = GenerationConfig(max_new_tokens=48, batch_size=batch, vocabulary=vocabulary)
     template = PromptTemplate(
         instruction="Here is a {label} movie review snippet:\n",
         label_names=(("pos", "positive"), ("neg", "negative")),
     )
     deltas = random_deltas(engine.hidden_size, layers, strength=0.01)
-    engine.generate(["warm-up"] * 4, config=config, deltas=None, seed=0)
     best = 0.0
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        made = 0
-        for label in ("pos", "neg"):
-            for _ in iter_label_texts(
-                engine, template, label, n=per_label, deltas=deltas, config=config, seed=r
-            ):
-                made += 1
-        best = max(best, made / (time.perf_counter() - t0))
+    with previous_decoding() if previous else contextlib.nullcontext():
+        engine.generate(["warm-up"] * 4, config=config, deltas=None, seed=0)
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            made = 0
+            for label in ("pos", "neg"):
+                for _ in iter_label_texts(
+                    engine, template, label, n=per_label, deltas=deltas, config=config, seed=r
+                ):
+                    made += 1
+            best = max(best, made / (time.perf_counter() - t0))
     return best
+
+
+@contextlib.contextmanager
+def previous_decoding() -> Iterator[None]:
+    """Decode on the CPU as before 2026-12-06: `transformers`' sdpa attention for every step
+    and its concatenating dynamic KV cache (the baseline of the issue's "today's path")."""
+    from transformers import DynamicCache
+
+    from fedsynth.server import generation, kv_cache
+
+    with (
+        mock.patch.object(generation, "use_for_decoding", lambda _model: False),
+        mock.patch.object(kv_cache, "growing_cache", lambda config: DynamicCache(config=config)),
+    ):
+        yield
 
 
 def _llama_cpp_installed() -> bool:
@@ -163,12 +201,23 @@ def figures(quick: bool) -> list[Figure]:
         runs.append(measure(backend="llamacpp"))
         own_head = measure(backend="llamacpp", head="llamacpp")
     low = measure(precision="bf16") if native_bf16() else None
+    fastest = measure(precision="bf16", vocabulary="latin") if native_bf16() else None
+    before = measure(previous=True)  # fp32, as transformers decoded before 2026-12-06
     as_demo: dict[str, float] = {}  # samples/s made as the demo makes them, per engine
 
     def demo_rate(engine: str) -> float:
+        """``engine``: "backend[ precision[ vocabulary]]", "previous" for the old decoding."""
         if engine not in as_demo:
-            backend, _, precision = engine.partition(" ")
-            as_demo[engine] = samples_per_s(backend=backend, precision=precision or "auto")
+            parts = engine.split(" ")
+            backend = parts[0]
+            precision = parts[1] if len(parts) > 1 else "auto"
+            vocabulary = parts[2] if len(parts) > 2 else "full"
+            as_demo[engine] = samples_per_s(
+                backend=backend,
+                precision="auto" if precision == "previous" else precision,
+                vocabulary=vocabulary,
+                previous=precision == "previous",
+            )
         return as_demo[engine]
 
     out = []
@@ -221,6 +270,42 @@ def figures(quick: bool) -> list[Figure]:
                 demo_rate("transformers bf16"),
                 "samples/s",
                 baseline=demo_rate("transformers"),
+                at_least=3.0,
+                note="rows end at a newline or EOS (48-token budget), 256 per label, 2 labels, "
+                "batch 64",
+            )
+        )
+    out.append(
+        compared(
+            "generation",
+            "steered transformers fp32, single-query attention and in-place KV cache vs before",
+            runs[0].steered,
+            "tokens/s",
+            baseline=before.steered,
+            judge=False,
+            note=f"same batch {before.batch}; exact changes (same samples up to float rounding)",
+        )
+    )
+    if fastest is not None:
+        out.append(
+            compared(
+                "generation",
+                "steered transformers bf16 + latin vocabulary vs the fp32 path before 2026-12-06",
+                fastest.steered,
+                "tokens/s",
+                baseline=before.steered,
+                at_least=3.0,
+                note=f"same batch {before.batch}; --precision bf16 --vocabulary latin against "
+                "fp32 with sdpa decoding steps and a concatenating KV cache",
+            )
+        )
+        out.append(
+            compared(
+                "generation",
+                "same, samples as the demo makes them",
+                demo_rate("transformers bf16 latin"),
+                "samples/s",
+                baseline=demo_rate("transformers previous"),
                 at_least=3.0,
                 note="rows end at a newline or EOS (48-token budget), 256 per label, 2 labels, "
                 "batch 64",

@@ -20,7 +20,9 @@ import torch
 
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.models import LoadedModel, decoder_layers
+from fedsynth.server.decode_attention import use_for_decoding
 from fedsynth.server.output_head import BlockedHead, output_head
+from fedsynth.server.vocabulary import check_vocabulary, vocabulary_ids
 
 _MARKUP = re.compile(r"<[^<>\s]+>")
 """Added tokens that are markup, e.g. ``<start_of_image>``: never part of a sample's text."""
@@ -42,8 +44,12 @@ class GenerationConfig:
     # False: the end-of-sequence token is never sampled, so every row decodes max_new_tokens
     # (equal work on both sides of a throughput comparison, as vLLM's ignore_eos).
     stop_at_eos: bool = True
+    # The tokens that may be sampled (fedsynth.server.vocabulary.VOCABULARIES): "full" or
+    # "latin" (Latin-script tokens only; the output head computes only those rows).
+    vocabulary: str = "full"
 
     def __post_init__(self) -> None:
+        check_vocabulary(self.vocabulary)
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
         if not self.temperature > 0:
@@ -392,6 +398,7 @@ def sample_continuations(
     eos = {tok.eos_token_id} if tok.eos_token_id is not None and config.stop_at_eos else set()
     stops = torch.tensor(sorted(newline_ids | eos), dtype=torch.long, device=device)
     tokens = _token_classes(tok, vocab_size=vocab_rows, stops=newline_ids | eos)
+    space = _sampling_space(tok, config, vocab_rows=vocab_rows, tokens=tokens, stops=stops)
 
     def text_of(row: list[int]) -> str:
         kept = []
@@ -403,7 +410,15 @@ def sample_continuations(
 
     if not encoded:
         return []
-    decoder = new_decoder()
+
+    def restricted() -> Decoder:
+        decoder = new_decoder()
+        restrict = getattr(decoder, "restrict_vocabulary", None)
+        if space.kept is not None and restrict is not None:
+            restrict(space.kept)
+        return decoder
+
+    decoder = restricted()
     longest = max(len(e) for e in encoded) + config.max_new_tokens
     if (
         len(encoded) > config.batch_size
@@ -418,18 +433,20 @@ def sample_continuations(
             stops=stops,
             tokens=tokens,
             progress=progress,
+            space=space,
         )
         return [text_of(row) for row in rows]
     texts: list[str] = []
     for start in range(0, len(encoded), config.batch_size):
         chunk = encoded[start : start + config.batch_size]
         batch_rows, n_tokens = _sample_batch(
-            decoder if start == 0 else new_decoder(),
+            decoder if start == 0 else restricted(),
             chunk,
             config,
             generator=generator,
             stops=stops,
             tokens=tokens,
+            space=space,
         )
         texts += [text_of(row) for row in batch_rows]
         if progress is not None:
@@ -461,9 +478,24 @@ class _TransformersDecoder:
         self._loaded = loaded
         tok = loaded.tokenizer
         self._pad_id = int(tok.eos_token_id if tok.eos_token_id is not None else 0)
+        if loaded.device.type == "cpu":
+            use_for_decoding(loaded.model)
         shared = output_head(loaded)
         # The model's head weights, this decoder's own logits buffer.
         self._head = None if shared is None else BlockedHead(shared.weight)
+        self._rows: torch.Tensor | None = None
+
+    def restrict_vocabulary(self, rows: torch.Tensor) -> None:
+        """Compute only the logits of token ids ``rows`` (sorted), in that order.
+
+        With the blocked head only those rows of the head are multiplied (the gathered weights
+        are kept on the model's shared head, once per vocabulary); without it the model's
+        logits are narrowed to them.
+        """
+        self._rows = rows
+        shared = output_head(self._loaded)
+        if shared is not None:
+            self._head = BlockedHead(shared.rows(rows))
 
     admit_fraction = 0.25
     """Rows join a running batch once a quarter of it has ended: each admission is a prefill
@@ -487,8 +519,16 @@ class _TransformersDecoder:
         ids, mask = _left_padded(prompts, self._pad_id, width, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self._padded = bool((mask == 0).any())
+        extra: dict[str, Any] = {}
+        if device.type == "cpu":
+            from fedsynth.server.kv_cache import growing_cache
+
+            extra["past_key_values"] = growing_cache(self._loaded.model.config)
         logits = self._forward(
-            input_ids=ids, attention_mask=mask if self._padded else None, position_ids=positions
+            input_ids=ids,
+            attention_mask=mask if self._padded else None,
+            position_ids=positions,
+            **extra,
         )
         self._mask = mask
         self._next_pos = positions[:, -1] + 1
@@ -517,7 +557,10 @@ class _TransformersDecoder:
             # logits_to_keep: the head over a 262k vocabulary at every prompt position is waste
             out = self._loaded.model(**inputs, use_cache=True, logits_to_keep=1)
             self._past = out.past_key_values
-            return cast(torch.Tensor, out.logits[:, -1, :].float())
+            logits = out.logits[:, -1, :]
+            if self._rows is not None:
+                logits = logits.index_select(1, self._rows)
+            return cast(torch.Tensor, logits.float())
         out = self._loaded.model.base_model(**inputs, use_cache=True)
         self._past = out.past_key_values
         return head(out.last_hidden_state[:, -1, :])
@@ -536,6 +579,8 @@ class _TransformersDecoder:
                 raise ConfigError("step_admit: no live rows and no prompts to admit")
             return live
         new = _TransformersDecoder(self._loaded)
+        if self._rows is not None:
+            new.restrict_vocabulary(self._rows)
         admitted = new.prefill(prompts)
         if live is None:  # every row had ended: the new batch replaces the old
             self._past, self._mask, self._next_pos = new._past, new._mask, new._next_pos
@@ -600,6 +645,9 @@ class _FixedBatchDecoder:
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         return self._inner.step(next_ids)
+
+    def restrict_vocabulary(self, rows: torch.Tensor) -> None:
+        self._inner.restrict_vocabulary(rows)
 
 
 STATIC_COLUMNS = 64
@@ -713,6 +761,7 @@ def _sample_batch(
     generator: torch.Generator,
     stops: torch.Tensor,
     tokens: _TokenClasses | None = None,
+    space: _SamplingSpace | None = None,
 ) -> tuple[list[list[int]], int]:
     """Token ids sampled for each prompt, and the number of tokens generated.
 
@@ -723,14 +772,13 @@ def _sample_batch(
     batch = len(prompts)
     logits = decoder.prefill(prompts)
     device = logits.device
+    space = space or _SamplingSpace.whole(tokens, stops)
     rows: list[list[int]] = [[] for _ in range(batch)]
     active = list(range(batch))  # original row of each live batch entry
     started = torch.zeros(batch, dtype=torch.bool, device=device)  # visible text produced yet
-    control = tokens.control.to(device) if tokens is not None else None
     visible = tokens.visible.to(device) if tokens is not None else None
     for step in range(config.max_new_tokens):
-        _mask_logits(logits, started=started, stops=stops, control=control)
-        next_ids = _draw(logits, config, generator)
+        next_ids = space.draw(logits, started=started, config=config, generator=generator)
         finished = torch.isin(next_ids, stops)
         # Without vocabulary classes only the first token is kept from stopping.
         started = started | visible[next_ids] if visible is not None else torch.ones_like(finished)
@@ -785,6 +833,7 @@ def _sample_refilling(
     stops: torch.Tensor,
     tokens: _TokenClasses,
     progress: Callable[[int, int], None] | None = None,
+    space: _SamplingSpace | None = None,
 ) -> list[list[int]]:
     """Token ids sampled for each prompt, the batch refilled with the next prompt as rows end.
 
@@ -802,12 +851,11 @@ def _sample_refilling(
     waiting = len(live)  # the next prompt to admit
     rows: list[list[int]] = [[] for _ in prompts]
     started = torch.zeros(len(live), dtype=torch.bool, device=device)
-    control = tokens.control.to(device)
+    space = space or _SamplingSpace.whole(tokens, stops)
     visible = tokens.visible.to(device)
     sampled = 0
     while live:
-        _mask_logits(logits, started=started, stops=stops, control=control)
-        next_ids = _draw(logits, config, generator)
+        next_ids = space.draw(logits, started=started, config=config, generator=generator)
         started = started | visible[next_ids]
         ended = torch.isin(next_ids, stops)
         for slot, token in enumerate(next_ids.tolist()):
@@ -839,6 +887,72 @@ def _sample_refilling(
             [started[keep], torch.zeros(len(admitted), dtype=torch.bool, device=device)]
         )
     return rows
+
+
+@dataclass(frozen=True)
+class _SamplingSpace:
+    """The logit columns a step samples from, and the token id of each column.
+
+    With the full vocabulary a column is its token id. With a restricted one
+    (:mod:`fedsynth.server.vocabulary`) column i is token ``kept[i]``: a decoder that can
+    (:meth:`_TransformersDecoder.restrict_vocabulary`) computes only those logits, any other
+    decoder's full rows are narrowed to them here.
+    """
+
+    kept: torch.Tensor | None
+    """Token id of each column (sorted), or None: every token, column = id."""
+    control: torch.Tensor | None
+    """Columns never sampled (control tokens)."""
+    stops: torch.Tensor
+    """Columns of the stop tokens (no stop before a row shows visible text)."""
+
+    @staticmethod
+    def whole(tokens: _TokenClasses | None, stops: torch.Tensor) -> _SamplingSpace:
+        """Every token of the head, column = token id."""
+        control = tokens.control.to(stops.device) if tokens is not None else None
+        return _SamplingSpace(kept=None, control=control, stops=stops)
+
+    def draw(
+        self,
+        logits: torch.Tensor,
+        *,
+        started: torch.Tensor,
+        config: GenerationConfig,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """One token id per row: the rules of :func:`_mask_logits`, then top-p (:func:`_draw`)."""
+        kept = self.kept
+        if kept is not None and logits.shape[-1] != len(kept):
+            logits = logits.index_select(1, kept)  # a decoder that computed every row
+        _mask_logits(logits, started=started, stops=self.stops, control=self.control)
+        columns = _draw(logits, config, generator)
+        return columns if kept is None else kept[columns]
+
+
+def _sampling_space(
+    tokenizer: Any,
+    config: GenerationConfig,
+    *,
+    vocab_rows: int,
+    tokens: _TokenClasses,
+    stops: torch.Tensor,
+) -> _SamplingSpace:
+    """The sampling space of ``config.vocabulary`` (stop tokens always in it)."""
+    kept = vocabulary_ids(tokenizer, vocab_rows=vocab_rows, name=config.vocabulary)
+    if kept is None:
+        return _SamplingSpace.whole(tokens, stops)
+    device = stops.device
+    kept = torch.unique(torch.cat([kept, stops.cpu()]))  # sorted
+    column = torch.full((vocab_rows,), -1, dtype=torch.long)
+    column[kept] = torch.arange(len(kept))
+
+    def columns_of(ids: torch.Tensor) -> torch.Tensor:
+        found = column[ids.cpu()]
+        return found[found >= 0].to(device)
+
+    return _SamplingSpace(
+        kept=kept.to(device), control=columns_of(tokens.control), stops=columns_of(stops)
+    )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ The logits returned live in the buffer: valid (and writable) until the head's ne
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -26,6 +27,9 @@ PROBE_RELATIVE_TOLERANCE = 0.01
 """Largest |logit difference| between the model's own logits and the blocked head's on the
 probe, relative to the largest |logit| (fp32: about 1e-6; bf16 rounds its logits to 8 bits of
 mantissa, 0.4 % at most; a soft-cap or a bias left out gives whole units)."""
+
+KEPT_SUBSETS = 2
+"""Restricted vocabularies whose gathered head weights a shared head keeps (oldest dropped)."""
 
 _ATTRIBUTE = "_fedsynth_output_head"
 
@@ -48,6 +52,16 @@ class BlockedHead:
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
         self._out = torch.empty((0, weight.shape[0]), dtype=torch.float32, device=weight.device)
+        self._subsets: dict[str, torch.Tensor] = {}
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The head's weights of token ids ``ids``, gathered once per set of ids and kept."""
+        key = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
+        if key not in self._subsets:
+            if len(self._subsets) >= KEPT_SUBSETS:
+                self._subsets.pop(next(iter(self._subsets)))
+            self._subsets[key] = self.weight.index_select(0, ids.to(self.weight.device))
+        return self._subsets[key]
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """The (rows, vocab) fp32 logits of (rows, hidden) final hidden states."""

@@ -21,6 +21,7 @@ from fedsynth.protocol.cli_common import (
     SelectOption,
     ThreadsOption,
     TopPOption,
+    VocabularyOption,
     configure_library_output,
     console,
     progress_display,
@@ -215,6 +216,7 @@ def demo(
         ),
     ] = "transformers",
     precision: PrecisionOption = "auto",
+    vocabulary: VocabularyOption = "full",
     shots: Annotated[
         int | None,
         typer.Option(
@@ -272,6 +274,7 @@ def demo(
             instruction=instruction.replace("\\n", "\n") if instruction else None,
             backend=backend,
             precision=precision,
+            vocabulary=vocabulary,
             shots=shots,
             select=select,
             top_p=top_p,
@@ -677,6 +680,7 @@ def generate(
     threads: ThreadsOption = None,
     llama_head: LlamaHeadOption = "auto",
     precision: PrecisionOption = "auto",
+    vocabulary: VocabularyOption = "full",
     compile_steps: Annotated[
         bool,
         typer.Option(
@@ -744,11 +748,14 @@ def generate(
             batch_size=batch_size,
             max_new_tokens=1 if max_new_tokens is None else max_new_tokens,
             top_p=top_p,
+            vocabulary=vocabulary,
         )
         rel = load_release(release)
         # Samples as long as the records the release describes, unless told otherwise.
         length = rel.manifest.max_text_tokens if max_new_tokens is None else max_new_tokens
-        config = GenerationConfig(batch_size=batch_size, max_new_tokens=length, top_p=top_p)
+        config = GenerationConfig(
+            batch_size=batch_size, max_new_tokens=length, top_p=top_p, vocabulary=vocabulary
+        )
         loaded = open_backend(
             backend,
             model or rel.manifest.model_name,

@@ -61,6 +61,7 @@ from fedsynth.server.synthesize import (
     generate_from_release,
 )
 from fedsynth.server.task_runner import run_vector_release
+from fedsynth.server.vocabulary import check_vocabulary
 from fedsynth.simulations.datasets import json_line, load_corpus, subsample_per_label, write_jsonl
 from fedsynth.simulations.splits import DataSplit, holder_partitions, judge_set, split_records
 
@@ -146,6 +147,8 @@ class DemoConfig:
     precision: str = "auto"
     """The `transformers` generation's dtype (:data:`~fedsynth.server.backends.PRECISIONS`);
     the holders always compute in fp32."""
+    vocabulary: str = "full"
+    """Tokens every generation may sample (:data:`~fedsynth.server.vocabulary.VOCABULARIES`)."""
     shots: int = 1
     """Same-label texts each sample is conditioned on, drawn from the condition's own
     plain-prompt samples (the prior's unsteered ones); 0 = the plain prompt only. One
@@ -162,6 +165,7 @@ class DemoConfig:
         """Refuse every bad setting at construction: nothing has run, nothing is charged yet."""
         check_backend_name(self.backend)
         check_precision_backend(self.backend, self.precision)
+        check_vocabulary(self.vocabulary)
         if self.backend == "llamacpp":
             from fedsynth.server.llamacpp import check_available
 
@@ -461,7 +465,10 @@ def sampling_seed(seed: int) -> int:
 def generation_config(config: DemoConfig) -> GenerationConfig:
     """Sampling settings shared by the prior and the steered generations."""
     return GenerationConfig(
-        max_new_tokens=config.new_tokens, batch_size=config.generation_batch, top_p=config.top_p
+        max_new_tokens=config.new_tokens,
+        batch_size=config.generation_batch,
+        top_p=config.top_p,
+        vocabulary=config.vocabulary,
     )
 
 

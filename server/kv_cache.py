@@ -1,0 +1,103 @@
+"""A `transformers` KV cache whose layers append in place, into room reserved ahead.
+
+`transformers`' dynamic cache appends each step's keys and values with ``torch.cat``, which
+copies the whole cache into a fresh tensor at every step of every layer: at 64 rows of Gemma
+3 270M on 2 CPU cores that was about 20 ms of a 150 ms bf16 step, most of it the allocator
+mapping new pages. Here each layer keeps its keys and values as the leading columns of a
+larger buffer and writes new columns into it; the buffer is reallocated (with room to double)
+only when it is full or when the decoder has replaced the layer's tensors (rows dropped,
+batches joined, padding added). The cached values are the same, bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MIN_ROOM = 32
+"""Columns reserved beyond the current length at a reallocation (at least the length again)."""
+
+
+def growing_cache(config: Any) -> Any:
+    """A ``DynamicCache`` for ``config`` whose full and sliding-window layers append in place."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config)
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = _GrowingLayer
+        elif type(layer) is DynamicSlidingWindowLayer:
+            layer.__class__ = _GrowingSlidingLayer
+    return cache
+
+
+def _append(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Set ``layer.keys``/``values`` to themselves followed by ``keys``/``values`` (dim -2)."""
+    old_k, old_v = layer.keys, layer.values
+    length = old_k.shape[-2] if old_k.dim() == 4 else 0
+    total = length + keys.shape[-2]
+    buffers = getattr(layer, "_buffers_kv", None)
+    if buffers is None or not _is_prefix(old_k, buffers[0], total) or length == 0:
+        room = total + max(MIN_ROOM, total)
+        shape = (*keys.shape[:2], room, keys.shape[-1])
+        buffers = (keys.new_empty(shape), values.new_empty((*shape[:3], values.shape[-1])))
+        if length:
+            buffers[0][:, :, :length] = old_k
+            buffers[1][:, :, :length] = old_v
+        layer._buffers_kv = buffers
+    buffers[0][:, :, length:total] = keys
+    buffers[1][:, :, length:total] = values
+    layer.keys = buffers[0][:, :, :total]
+    layer.values = buffers[1][:, :, :total]
+
+
+def _is_prefix(tensor: torch.Tensor, buffer: torch.Tensor, total: int) -> bool:
+    """Whether ``tensor`` is the leading columns of ``buffer``, with room up to ``total``."""
+    return (
+        tensor.dim() == 4
+        and tensor.data_ptr() == buffer.data_ptr()
+        and tensor.shape[:2] == buffer.shape[:2]
+        and tensor.shape[-1] == buffer.shape[-1]
+        and tensor.stride() == buffer.stride()
+        and tensor.dtype == buffer.dtype
+        and tensor.device == buffer.device
+        and total <= buffer.shape[-2]
+    )
+
+
+def _layer_classes() -> tuple[type, type]:
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+        """A full-attention layer that appends in place."""
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> Any:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            _append(self, key_states, value_states)
+            return self.keys, self.values
+
+    class GrowingSlidingLayer(DynamicSlidingWindowLayer):  # type: ignore[no-untyped-call]
+        """A sliding-window layer that appends in place until its window is full."""
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> Any:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            keys = self.keys
+            length = keys.shape[-2] if keys is not None and keys.dim() == 4 else 0
+            if self.record_past or length + key_states.shape[-2] > self.sliding_window - 1:
+                return super().update(key_states, value_states, *args, **kwargs)
+            self.cumulative_length += key_states.shape[-2]
+            _append(self, key_states, value_states)
+            return self.keys, self.values
+
+    return GrowingLayer, GrowingSlidingLayer
+
+
+_GrowingLayer, _GrowingSlidingLayer = _layer_classes()

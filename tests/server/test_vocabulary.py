@@ -1,0 +1,124 @@
+"""Sampling vocabularies: which tokens are Latin, and sampling that is exact for the vocabulary.
+
+A restricted vocabulary must never let a token outside it be drawn, must draw the tokens in it
+with their renormalized top-p probabilities (whether the decoder computed only those logits or
+all of them), and must be refused by name before anything loads.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from unittest import mock
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedsynth.protocol.errors import ConfigError
+from fedsynth.protocol.models import LoadedModel, load_model, tiny_model
+from fedsynth.server import generation
+from fedsynth.server.generation import GenerationConfig, _SamplingSpace
+from fedsynth.server.vocabulary import latin_text, piece_texts, vocabulary_ids
+
+
+def test_latin_text() -> None:
+    for text in (" movie", "café", "“quoted” — yes…", "€5", "Ærø", "\n"):
+        assert latin_text(text), text
+    for text in ("", " дет", "歆", "्तर", "🙂", "\ufffd"):
+        assert not latin_text(text), text
+
+
+def test_unknown_vocabulary_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"vocabulary='greek'.*full, latin"):
+        GenerationConfig(vocabulary="greek")
+
+
+@pytest.fixture(scope="module", params=["gemma3-270m", "smollm2-135m"])
+def packaged(request: pytest.FixtureRequest) -> Iterator[LoadedModel]:
+    yield load_model(str(request.param))
+
+
+def test_latin_tokens_of_the_packaged_tokenizers(packaged: LoadedModel) -> None:
+    tok = packaged.tokenizer
+    kept = set(vocabulary_ids(tok, vocab_rows=len(tok), name="latin").tolist())  # type: ignore[union-attr]
+    texts = piece_texts(tok, len(tok))
+    # SentencePiece (Gemma) and byte-level BPE (SmolLM2) both read as the text they stand for.
+    for word in (" movie", " review", " café", "."):
+        ids = tok.encode(word, add_special_tokens=False)
+        assert set(ids) <= kept, (word, ids)
+        assert "".join(texts[i] or "" for i in ids) == word
+    for foreign in ("фильм", "电影", "फ़िल्म"):
+        ids = tok.encode(foreign, add_special_tokens=False)
+        assert not set(ids) & kept, (foreign, ids)
+    assert tok.eos_token_id in kept
+    share = len(kept) / len(tok)
+    assert (0.5 < share < 0.7) if packaged.name == "gemma3-270m" else share > 0.9
+
+
+@torch.inference_mode()
+def test_latin_samples_of_the_packaged_models_are_latin(packaged: LoadedModel) -> None:
+    config = GenerationConfig(max_new_tokens=24, batch_size=32, vocabulary="latin")
+    prompts = ["Here is a negative movie review snippet:\n", "Écris une critique de film:\n"] * 16
+    texts = generation.generate_from_prompts(packaged, prompts, config=config, seed=4)
+    assert all(text and latin_text(text) for text in texts), texts
+
+
+@pytest.mark.parametrize("refill", [False, True])
+@torch.inference_mode()
+def test_only_the_vocabulary_is_sampled_whatever_computes_the_logits(refill: bool) -> None:
+    loaded = tiny_model(arch="llama")  # byte tokens: ids of bytes >= 0x80 are not Latin
+    prompts = ["ab", "c", "hello", "xy", "zz"] * 3
+    latin = GenerationConfig(
+        max_new_tokens=10, batch_size=4, stop_at_newline=False, vocabulary="latin"
+    )
+    ours = generation.generate_from_prompts(loaded, prompts, config=latin, seed=3, refill=refill)
+    assert all(text.isascii() for text in ours), ours
+    full = generation.generate_from_prompts(
+        loaded,
+        prompts,
+        config=GenerationConfig(max_new_tokens=10, batch_size=4, stop_at_newline=False),
+        seed=3,
+        refill=refill,
+    )
+    assert not all(text.isascii() for text in full), "the random model does sample other bytes"
+    # Without the blocked head the model's own logits are narrowed: the same samples.
+    with mock.patch.object(generation, "output_head", return_value=None):
+        narrowed = generation.generate_from_prompts(
+            loaded, prompts, config=latin, seed=3, refill=refill
+        )
+    assert narrowed == ours
+
+
+def test_sampling_is_the_renormalized_top_p_of_the_vocabulary() -> None:
+    vocab = 6
+    logits = torch.log(torch.tensor([[0.05, 0.40, 0.10, 0.30, 0.05, 0.10]]))
+    kept = torch.tensor([0, 2, 3, 5])  # drops the most likely token (1) and token 4
+    space = _SamplingSpace(
+        kept=kept,
+        control=torch.tensor([], dtype=torch.long),
+        stops=torch.tensor([], dtype=torch.long),
+    )
+    config = GenerationConfig(top_p=0.8)
+    generator = torch.Generator().manual_seed(0)
+    n = 20_000
+    draws: Counter[int] = Counter()
+    for _ in range(n // 500):
+        full = logits.expand(500, vocab).clone()  # a decoder that computed every row
+        got = space.draw(
+            full, started=torch.ones(500, dtype=torch.bool), config=config, generator=generator
+        )
+        draws.update(got.tolist())
+    # Within the vocabulary: 0.3/0.55, 0.1/0.55, 0.1/0.55, 0.05/0.55; top-p 0.8 keeps 3, 2, 5
+    # (0.545 + 0.182 < 0.8 <= + 0.182), renormalized to 0.6 / 0.2 / 0.2.
+    assert set(draws) == {2, 3, 5}
+    for token, p in ((3, 0.6), (2, 0.2), (5, 0.2)):
+        assert abs(draws[token] / n - p) < 0.015, (token, draws[token] / n)
+
+
+def test_cli_refuses_an_unknown_vocabulary() -> None:
+    from fedsynth.simulations.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--quick", "--vocabulary", "klingon"])
+    assert result.exit_code != 0
+    assert "klingon" in result.output and "latin" in result.output
