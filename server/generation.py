@@ -482,6 +482,7 @@ class _TransformersDecoder:
             use_for_decoding(loaded.model)
         shared = output_head(loaded)
         # The model's head weights, this decoder's own logits buffer.
+        self._shared = shared
         self._head = None if shared is None else BlockedHead(shared.weight)
         self._rows: torch.Tensor | None = None
 
@@ -493,9 +494,8 @@ class _TransformersDecoder:
         logits are narrowed to them.
         """
         self._rows = rows
-        shared = output_head(self._loaded)
-        if shared is not None:
-            self._head = BlockedHead(shared.rows(rows))
+        if self._shared is not None:
+            self._head = BlockedHead(self._shared.rows(rows))
 
     admit_fraction = 0.25
     """Rows join a running batch once a quarter of it has ended: each admission is a prefill
@@ -579,8 +579,9 @@ class _TransformersDecoder:
                 raise ConfigError("step_admit: no live rows and no prompts to admit")
             return live
         new = _TransformersDecoder(self._loaded)
-        if self._rows is not None:
-            new.restrict_vocabulary(self._rows)
+        # The same vocabulary and head rows as this decoder, a logits buffer of its own.
+        new._rows = self._rows
+        new._head = None if self._head is None else BlockedHead(self._head.weight)
         admitted = new.prefill(prompts)
         if live is None:  # every row had ended: the new batch replaces the old
             self._past, self._mask, self._next_pos = new._past, new._mask, new._next_pos

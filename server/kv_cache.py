@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 MIN_ROOM = 32
 """Columns reserved beyond the current length at a reallocation (at least the length again)."""
@@ -21,22 +23,27 @@ MIN_ROOM = 32
 
 def growing_cache(config: Any) -> Any:
     """A ``DynamicCache`` for ``config`` whose full and sliding-window layers append in place."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
     cache = DynamicCache(config=config)
     for layer in cache.layers:
         if type(layer) is DynamicLayer:
-            layer.__class__ = _GrowingLayer
+            layer.__class__ = GrowingLayer
         elif type(layer) is DynamicSlidingWindowLayer:
-            layer.__class__ = _GrowingSlidingLayer
+            layer.__class__ = GrowingSlidingLayer
     return cache
 
 
-def _append(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Set ``layer.keys``/``values`` to themselves followed by ``keys``/``values`` (dim -2)."""
+def _stored(tensor: torch.Tensor | None) -> int:
+    """Columns (keys) a layer holds: 0 before its first update (an empty 1-d placeholder)."""
+    return tensor.shape[-2] if tensor is not None and tensor.dim() == 4 else 0
+
+
+def _append(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Set ``layer.keys``/``values`` to themselves followed by ``keys``/``values`` (dim -2).
+
+    Returns the layer's new keys and values (what a cache layer's ``update`` returns).
+    """
     old_k, old_v = layer.keys, layer.values
-    length = old_k.shape[-2] if old_k.dim() == 4 else 0
+    length = _stored(old_k)
     total = length + keys.shape[-2]
     buffers = getattr(layer, "_buffers_kv", None)
     if buffers is None or not _is_prefix(old_k, buffers[0], total) or length == 0:
@@ -51,6 +58,7 @@ def _append(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
     buffers[1][:, :, length:total] = values
     layer.keys = buffers[0][:, :, :total]
     layer.values = buffers[1][:, :, :total]
+    return layer.keys, layer.values
 
 
 def _is_prefix(tensor: torch.Tensor, buffer: torch.Tensor, total: int) -> bool:
@@ -67,37 +75,29 @@ def _is_prefix(tensor: torch.Tensor, buffer: torch.Tensor, total: int) -> bool:
     )
 
 
-def _layer_classes() -> tuple[type, type]:
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+    """A full-attention layer that appends in place."""
 
-    class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
-        """A full-attention layer that appends in place."""
-
-        def update(
-            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-        ) -> Any:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            _append(self, key_states, value_states)
-            return self.keys, self.values
-
-    class GrowingSlidingLayer(DynamicSlidingWindowLayer):  # type: ignore[no-untyped-call]
-        """A sliding-window layer that appends in place until its window is full."""
-
-        def update(
-            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-        ) -> Any:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            keys = self.keys
-            length = keys.shape[-2] if keys is not None and keys.dim() == 4 else 0
-            if self.record_past or length + key_states.shape[-2] > self.sliding_window - 1:
-                return super().update(key_states, value_states, *args, **kwargs)
-            self.cumulative_length += key_states.shape[-2]
-            _append(self, key_states, value_states)
-            return self.keys, self.values
-
-    return GrowingLayer, GrowingSlidingLayer
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        """Append ``key_states``/``value_states``; the layer's keys and values after it."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return _append(self, key_states, value_states)
 
 
-_GrowingLayer, _GrowingSlidingLayer = _layer_classes()
+class GrowingSlidingLayer(DynamicSlidingWindowLayer):  # type: ignore[no-untyped-call]
+    """A sliding-window layer that appends in place until its window is full."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        """Append in place while the window holds every key; beyond it, slide as before."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        total = _stored(self.keys) + key_states.shape[-2]
+        if self.record_past or total > self.sliding_window - 1:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.cumulative_length += key_states.shape[-2]
+        return _append(self, key_states, value_states)
