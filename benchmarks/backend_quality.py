@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--release", type=Path, required=True)
     parser.add_argument("--per-label", type=int, default=150)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds run from here (more seeds later)"
+    )
     parser.add_argument("--strength", type=float, default=0.03)
     parser.add_argument("--contrast", type=float, default=1.0)
     parser.add_argument("--clients", type=int, default=3)
@@ -79,7 +82,7 @@ def main() -> None:
             head="llamacpp" if engine.endswith("-own-head") else "auto",
             precision="bf16" if engine.endswith("-bf16") else "auto",
         )
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             t0 = time.perf_counter()
             samples = generate_from_release(
                 backend,
@@ -108,7 +111,8 @@ def main() -> None:
                 f"{scores['tstr_accuracy']:.3f}, {len(samples) / seconds:.2f} samples/s",
                 flush=True,
             )
-    print(f"\nrelease {release.release_id}, {args.per_label} per label, {args.seeds} seeds")
+    seeds = f"{args.seeds} seeds from {args.first_seed}"
+    print(f"\nrelease {release.release_id}, {args.per_label} per label, {seeds}")
     for backend_name, got in rows.items():
         parts = [
             f"{key} {statistics.mean(v):.3f} +- {statistics.stdev(v) if len(v) > 1 else 0:.3f}"

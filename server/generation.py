@@ -148,11 +148,14 @@ def sample_top_p(
 ) -> torch.Tensor:
     """Sample one token per row from the top-p nucleus of ``softmax(logits / temperature)``.
 
-    Exact: the nucleus is searched among the top ``FIRST_WIDTH`` tokens, then ``candidate_k``,
-    then ``8 * candidate_k``, then the whole vocabulary, each row going wider only while its
-    candidates hold less than ``top_p`` of the mass. Probabilities come from one log-sum-exp
-    over the vocabulary and the candidates' logits: no full-vocabulary softmax, division or
-    row copy, which were most of the sampling time at Gemma's 262k-token vocabulary.
+    Exact: the nucleus is searched among the top ``FIRST_WIDTH`` tokens, then among about
+    ``candidate_k`` and ``8 * candidate_k`` (:func:`top_set`: every token above a threshold
+    estimated from a sample of the row), then the whole vocabulary, each row going wider only
+    while its candidates hold less than ``top_p`` of the mass. Every candidate set is closed
+    upward (all tokens at least as likely as any in it), so one with mass >= ``top_p`` holds
+    the whole nucleus. Probabilities come from one log-sum-exp over the vocabulary and the
+    candidates' logits: no full-vocabulary softmax, division or row copy, which were most of
+    the sampling time at Gemma's 262k-token vocabulary.
 
     Args:
         logits: (batch, vocab) logits, float32 (not modified).
@@ -170,10 +173,13 @@ def sample_top_p(
     choice_ids = torch.empty(scaled.shape[0], dtype=torch.long, device=scaled.device)
     pending: torch.Tensor | None = None  # None: every row
     widths = sorted({min(w, vocab) for w in (FIRST_WIDTH, candidate_k, 8 * candidate_k)})
-    for width in widths:
+    for tier, width in enumerate(widths):
         rows = scaled if pending is None else scaled[pending]
         norms = log_norm if pending is None else log_norm[pending]
-        top_logits, top_ids = topk_by_blocks(rows, width)  # sorted descending
+        if tier == 0 or width == vocab:
+            top_logits, top_ids = topk_by_blocks(rows, width)  # sorted descending
+        else:  # about `width` tokens, without a top-k over the whole row
+            top_logits, top_ids = top_set(rows, count_threshold(rows, width))
         top_probs = torch.exp(top_logits - norms)
         fits = top_probs.sum(-1) >= top_p
         if width == vocab:
@@ -237,6 +243,52 @@ def topk_by_blocks(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
         ids = torch.cat([ids, rest], dim=1)
     values, where = torch.topk(candidates, k, dim=-1)
     return values, ids.gather(1, where)
+
+
+SAMPLE_BLOCK = 64
+"""Columns per block of :func:`count_threshold`'s sample (every ``SAMPLE_EVERY``-th block)."""
+SAMPLE_EVERY = 8
+
+
+def count_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(rows, 1): a value with about ``k`` values of its row at or above it (an estimate).
+
+    Read from every ``SAMPLE_EVERY``-th block of ``SAMPLE_BLOCK`` columns, so it costs an
+    eighth of a pass over the row; the count is only estimated (token ids are spread over the
+    vocabulary's frequency ranks), which :func:`sample_top_p` does not rely on: it checks the
+    mass of what it finds and goes wider when short.
+    """
+    rows, vocab = x.shape
+    if x.stride(-1) == 1 and vocab >= SAMPLE_BLOCK * SAMPLE_EVERY * 4:
+        n = vocab // (SAMPLE_BLOCK * SAMPLE_EVERY)
+        blocks = x.as_strided(
+            (rows, n, SAMPLE_BLOCK), (x.stride(0), SAMPLE_BLOCK * SAMPLE_EVERY, 1)
+        ).reshape(rows, -1)
+        share = n * SAMPLE_BLOCK / vocab
+    else:
+        blocks, share = x, 1.0
+    wanted = min(blocks.shape[1], max(1, math.ceil(k * share)))
+    return torch.topk(blocks, wanted, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+
+
+def top_set(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every value of each row at or above its ``threshold``, sorted descending, and its column.
+
+    Rows hold different numbers of values: the shorter ones are padded with ``-inf`` (column
+    0), which has probability 0 wherever the result is used. The set is closed upward: every
+    value above one in it is in it too.
+    """
+    where = (x >= threshold).nonzero()  # (row, column) pairs, row by row
+    row, column = where[:, 0], where[:, 1]
+    counts = torch.bincount(row, minlength=x.shape[0])  # a bool tensor's sum is 3x slower
+    slot = torch.arange(len(row), device=x.device) - (counts.cumsum(0) - counts)[row]
+    width = max(1, int(counts.max())) if len(counts) else 1
+    values = torch.full((x.shape[0], width), float("-inf"), dtype=x.dtype, device=x.device)
+    columns = torch.zeros((x.shape[0], width), dtype=torch.long, device=x.device)
+    values[row, slot] = x[row, column]
+    columns[row, slot] = column
+    values, order = torch.sort(values, dim=-1, descending=True)
+    return values, columns.gather(1, order)
 
 
 def _nucleus_draw(

@@ -42,6 +42,7 @@ from fedsynth.protocol.cli_common import (
     LlamaHeadOption,
     PrecisionOption,
     ThreadsOption,
+    VocabularyOption,
     console,
     errors_at_the_edge,
 )
@@ -443,6 +444,7 @@ def serve_command(
     threads: ThreadsOption = None,
     llama_head: LlamaHeadOption = "auto",
     precision: PrecisionOption = "auto",
+    vocabulary: VocabularyOption = "full",
 ) -> None:
     """Serve the releases in --releases over gRPC until interrupted (Ctrl-C or SIGTERM).
 
@@ -456,9 +458,11 @@ def serve_command(
         check_precision_backend,
         open_backend,
     )
-    from fedsynth.server.synthesis_service import SynthesisLimits, serve
+    from fedsynth.server.generation import GenerationConfig
+    from fedsynth.server.synthesis_service import DEFAULT_BATCH_SIZE, SynthesisLimits, serve
 
     with _errors_at_the_edge():
+        generation = GenerationConfig(batch_size=DEFAULT_BATCH_SIZE, vocabulary=vocabulary)
         check_backend_name(backend)  # before any model is loaded
         check_head_backend(backend, llama_head)
         check_precision_backend(backend, precision)
@@ -483,6 +487,7 @@ def serve_command(
             tls_key=tls_key,
             insecure=insecure,
             limits=limits,
+            generation=generation,
             reader=reader,
         )
     offered = running.servicer.store.scan()

@@ -24,12 +24,14 @@ from fedsynth.protocol.mechanisms import trust_statement
 from fedsynth.protocol.models import LoadedModel, decoder_layers, tiny_model
 from fedsynth.server.generation import (
     GenerationConfig,
+    count_threshold,
     generate_texts,
     row_logsumexp,
     sample_top_p,
     steering,
     steering_deltas,
     text_logprobs,
+    top_set,
     topk_by_blocks,
 )
 from fedsynth.server.ledger import PrivacyLedger, file_digest
@@ -416,12 +418,12 @@ def _distributions() -> list[np.ndarray]:
     return rows
 
 
-def _nucleus(p: np.ndarray) -> dict[int, float]:
+def _nucleus(p: np.ndarray, margin: float = 1e-4) -> dict[int, float]:
     order = np.argsort(-p, kind="stable")
     cumulative = np.cumsum(p[order])
     before = cumulative - p[order]
     # Keep the test away from float32 ties at the boundary.
-    assert np.min(np.abs(before - TOP_P)) > 1e-4
+    assert np.min(np.abs(before - TOP_P)) > margin
     keep = order[before < TOP_P]
     mass = p[keep].sum()
     return {int(i): float(p[i] / mass) for i in keep}
@@ -511,6 +513,74 @@ def test_sample_top_p_wide_nucleus_goes_past_every_candidate_width(temperature: 
     keys = sorted(nucleus)
     observed = np.array([(draws == k).sum() for k in keys])
     assert chisquare(observed, np.array([nucleus[k] for k in keys]) * reps).pvalue > 1e-3
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(5, 262_144), (4, 50_257), (3, 300)])
+def test_top_set_is_every_value_at_or_above_the_threshold(rows: int, vocab: int) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(rows, vocab, generator=gen) * 3
+    x[0, : vocab // 2] = float("-inf")  # masked tokens
+    x[1] = torch.round(x[1])  # ties at the threshold
+    threshold = (
+        torch.stack(
+            [
+                torch.kthvalue(-row, k).values
+                for row, k in zip(x, [5, 40, 1] + [7] * (rows - 3), strict=True)
+            ]
+        )
+        .neg()
+        .unsqueeze(1)
+    )
+    values, columns = top_set(x, threshold)
+    for r in range(rows):
+        expected = torch.sort(x[r][x[r] >= threshold[r]], descending=True).values
+        n = len(expected)
+        assert torch.equal(values[r, :n], expected)
+        assert torch.equal(x[r, columns[r, :n]], expected)  # each column holds its value
+        assert len(set(columns[r, :n].tolist())) == n
+        assert bool((values[r, n:] == float("-inf")).all())  # the padding
+    assert values.shape[1] == max(int((x[r] >= threshold[r]).sum()) for r in range(rows))
+
+
+@pytest.mark.parametrize("k", [2000, 16_000])
+def test_count_threshold_keeps_about_k_values(k: int) -> None:
+    # Gemma-sized rows whose logits fall with the token id (ids follow frequency ranks).
+    gen = torch.Generator().manual_seed(k)
+    vocab = 262_144
+    x = torch.randn(6, vocab, generator=gen) * 2 - torch.log1p(torch.arange(float(vocab)))
+    counts = (x >= count_threshold(x, k)).sum(-1)
+    assert bool((counts >= k // 2).all()) and bool((counts <= 2 * k).all()), counts
+
+
+@pytest.mark.parametrize(("nucleus_size", "seed"), [(1_500, 1), (12_000, 0)])
+def test_sample_top_p_wide_nucleus_at_gemmas_vocabulary(nucleus_size: int, seed: int) -> None:
+    # A nucleus of about 1,460 or 10,500 of 262,144 tokens: past the first width, found by the
+    # sampled thresholds of about candidate_k and 8 * candidate_k tokens. Checked per rank
+    # group of the nucleus, and nothing drawn outside it. (Seeds whose nucleus boundary is
+    # clear of float32 rounding.)
+    rng = np.random.default_rng(seed)
+    vocab = 262_144
+    p = 1e-12 * (1.0 + rng.random(vocab))  # a tail without ties
+    heads = rng.choice(vocab, size=nucleus_size + 200, replace=False)
+    p[heads] = 1.0 + rng.random(len(heads))  # distinct, spread over the vocabulary
+    p /= p.sum()
+    nucleus = _nucleus(p, margin=2e-5)
+    assert 0.8 * nucleus_size < len(nucleus) < nucleus_size  # past FIRST_WIDTH (and 2,000)
+    logits = torch.from_numpy(np.log(p)).float().unsqueeze(0).expand(64, -1).contiguous()
+    generator = torch.Generator().manual_seed(nucleus_size)
+    draws = np.concatenate(
+        [
+            sample_top_p(logits, top_p=TOP_P, candidate_k=2000, generator=generator).numpy()
+            for _ in range(20)
+        ]
+    )
+    assert set(draws.tolist()) <= set(nucleus), "sampled outside the nucleus"
+    ranked = sorted(nucleus, key=lambda i: -nucleus[i])
+    groups = np.array_split(np.array(ranked), 8)
+    group_of = {int(i): g for g, members in enumerate(groups) for i in members}
+    observed = np.bincount([group_of[int(d)] for d in draws], minlength=len(groups))
+    expected = np.array([sum(nucleus[int(i)] for i in members) for members in groups])
+    assert chisquare(observed, expected * len(draws)).pvalue > 1e-3
 
 
 def test_sample_top_p_one_keeps_every_token() -> None:

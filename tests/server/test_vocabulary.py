@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -122,3 +123,36 @@ def test_cli_refuses_an_unknown_vocabulary() -> None:
     result = CliRunner().invoke(app, ["demo", "--quick", "--vocabulary", "klingon"])
     assert result.exit_code != 0
     assert "klingon" in result.output and "latin" in result.output
+
+
+def test_synthesis_serve_refuses_an_unknown_vocabulary_before_loading(tmp_path: Path) -> None:
+    from fedsynth.server.synthesis_client import synthesis_app
+
+    serve = ["serve", "--releases", str(tmp_path), "--model", "no-such-model"]
+    serve += ["--token-file", str(tmp_path / "t"), "--vocabulary", "klingon"]
+    result = CliRunner().invoke(synthesis_app, serve)
+    assert result.exit_code == 2
+    assert "klingon" in result.output and "latin" in result.output
+    assert "no-such-model" not in result.output  # refused before any model was looked up
+
+
+def test_synthesis_serve_generates_from_the_vocabulary_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsynth.server import synthesis_service
+    from fedsynth.server.synthesis_client import synthesis_app
+
+    seen: list[GenerationConfig] = []
+
+    def fake_serve(**kwargs: object) -> None:
+        seen.append(kwargs["generation"])  # type: ignore[arg-type]
+        raise ConfigError("stopped before serving")
+
+    monkeypatch.setattr(synthesis_service, "serve", fake_serve)
+    serve = ["serve", "--releases", str(tmp_path), "--model", "tiny-llama"]
+    serve += ["--token-file", str(tmp_path / "t"), "--insecure"]
+    for asked in ([], ["--vocabulary", "latin"]):
+        result = CliRunner().invoke(synthesis_app, serve + asked)
+        assert result.exit_code == 2 and "stopped before serving" in result.output
+    assert [g.vocabulary for g in seen] == ["full", "latin"]
+    assert seen[1].batch_size == synthesis_service.DEFAULT_BATCH_SIZE
