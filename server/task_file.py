@@ -40,6 +40,7 @@ from fedsynth.protocol.errors import TaskFileError
 from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.secagg.stages import min_safe_threshold
 from fedsynth.server.generation import GenerationConfig
+from fedsynth.server.vocabulary import VOCABULARIES
 
 METHODS = ("vector", "pe")
 MODES = ("distributed", "central", "local")
@@ -74,7 +75,7 @@ SECTIONS: dict[str, frozenset[str]] = {
     "labels": frozenset({"name", "instruction", "shots"}),
     "model": frozenset(
         {"name", "layers", "strength", "max_text_tokens", "prior_per_label", "max_new_tokens"}
-        | {"generation_batch"}
+        | {"generation_batch", "vocabulary"}
     ),
     "privacy": frozenset({"epsilon", "delta", "mode", "lifetime_epsilon"}),
     "federation": frozenset({"expected_holders", "min_holders", "threshold", "colluders"}),
@@ -132,6 +133,8 @@ class TaskSpec:
         holders_s: How long to wait for the expected holders to connect, seconds.
         store_dir: Where releases are written; ``ledger`` is the ledger file.
         task_id: The release id (None: a fresh one per run).
+        vocabulary: The tokens the coordinator's generations (prior texts, PE variations) may
+            use (:data:`~fedsynth.server.vocabulary.VOCABULARIES`).
     """
 
     method: str
@@ -152,6 +155,7 @@ class TaskSpec:
     prior_per_label: int = 100
     max_new_tokens: int = 48
     generation_batch: int = 16
+    vocabulary: str = "full"
     lifetime_epsilon: float = math.inf
     stage_s: float = 1800.0
     holders_s: float = 300.0
@@ -177,7 +181,9 @@ class TaskSpec:
     def generation(self) -> GenerationConfig:
         """Sampling settings of the coordinator's generations (prior texts, PE variations)."""
         return GenerationConfig(
-            max_new_tokens=self.max_new_tokens, batch_size=self.generation_batch
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.generation_batch,
+            vocabulary=self.vocabulary,
         )
 
     def to_run_config(self, path: Path) -> dict[str, str]:
@@ -312,6 +318,7 @@ def parse_task(data: Mapping[str, Any], *, base_dir: Path, source: str = "task")
             model, "model.max_new_tokens", default=max_text_tokens, minimum=1
         ),
         generation_batch=reader.integer(model, "model.generation_batch", default=16, minimum=1),
+        vocabulary=reader.choice(model, "model.vocabulary", VOCABULARIES, default="full"),
         stage_s=reader.number(deadlines, "deadlines.stage_s", default=1800.0, positive=True),
         holders_s=reader.number(deadlines, "deadlines.holders_s", default=300.0, positive=True),
         pe=pe,
@@ -508,6 +515,7 @@ def describe(spec: TaskSpec) -> list[tuple[str, str]]:
         ("model", spec.model),
         ("layers", ",".join(str(x) for x in spec.layers)),
         ("strength", f"{spec.strength:g}"),
+        ("vocabulary", spec.vocabulary),
         ("epsilon", eps),
         ("delta", f"{spec.delta:g}"),
         ("trust mode", spec.mode),

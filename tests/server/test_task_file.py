@@ -67,13 +67,16 @@ def test_a_valid_task_gets_the_safe_threshold_and_its_defaults(tmp_path: Path) -
     template = spec.template
     assert template.labels == ("pos", "neg")
     assert template.prefix("neg") == "A positive review: fine film\n\nA negative review: "
-    assert ("epsilon", "4") in describe(spec)
+    assert ("epsilon", "4") in describe(spec) and ("vocabulary", "full") in describe(spec)
     # Samples are as long as the declared records unless the task says otherwise.
     assert spec.max_text_tokens == 64 and spec.generation.max_new_tokens == 64
     longer = parse(edited("model.max_text_tokens", 96), tmp_path)
     assert longer.generation.max_new_tokens == 96
     shorter = parse(edited("model.max_new_tokens", 20), tmp_path)
     assert (shorter.max_text_tokens, shorter.generation.max_new_tokens) == (64, 20)
+    # The coordinator's generations sample the full vocabulary unless the task names another.
+    assert spec.generation.vocabulary == "full"
+    assert parse(edited("model.vocabulary", "latin"), tmp_path).generation.vocabulary == "latin"
 
 
 def test_the_example_task_files_are_valid() -> None:
@@ -130,6 +133,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("model.layers", [1, 1], r"model\.layers=\[1, 1\]: layer indices must be distinct"),
     ("model.name", ..., r"model\.name=None: missing \(required\)"),
     ("model.strength", -0.1, r"model\.strength=-0\.1: must be >= 0\.0"),
+    ("model.vocabulary", "cyrillic", r"model\.vocabulary='cyrillic': expected one of \['full'"),
     ("deadlines.stage_s", 0, r"deadlines\.stage_s=0: must be > 0"),
     ("method", "fedavg", r"method='fedavg': expected one of \['vector', 'pe'\]"),
     ("task_id", "../escape", r"task_id='\.\./escape': must be 1-64 letters"),
