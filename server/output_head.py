@@ -130,4 +130,4 @@ def _plain_head(loaded: LoadedModel) -> BlockedHead | None:
     scale = float(own.abs().max()) + 1e-6
     if float((ours - own).abs().max()) > PROBE_RELATIVE_TOLERANCE * scale:
         return None
-    return head
+    return BlockedHead(head.weight)  # kept on the model: without the probe's logits buffer

@@ -41,6 +41,8 @@ def test_blocked_head_gives_the_models_own_logits(arch: str) -> None:
     stepped = decoder.step(torch.tensor([20, 21, 22])).clone()
     rows = [[*p, t] for p, t in zip(PROMPTS, (20, 21, 22), strict=True)]
     torch.testing.assert_close(stepped, _own_logits(loaded, rows), atol=1e-5, rtol=1e-5)
+    kept = output_head.output_head(loaded)  # the head kept on the model for every decoder
+    assert kept is not None and kept._out.numel() == 0, "the probe's logits were kept with it"
 
 
 def test_blocks_cover_the_vocabulary_and_reuse_one_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
