@@ -22,11 +22,10 @@ from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.models import LoadedModel, decoder_layers
 from fedsynth.server.decode_attention import use_for_decoding
 from fedsynth.server.output_head import BlockedHead, output_head
-from fedsynth.server.vocabulary import check_vocabulary, vocabulary_ids
+from fedsynth.server.vocabulary import BYTE_PIECE, check_vocabulary, vocabulary_ids
 
 _MARKUP = re.compile(r"<[^<>\s]+>")
 """Added tokens that are markup, e.g. ``<start_of_image>``: never part of a sample's text."""
-_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _WHITESPACE = " \t\n\r\u2581\u0120\u010a\u0109\u010d"
 """Whitespace, SentencePiece's word marker and byte-level BPE's space/newline/tab/CR stand-ins."""
 
@@ -1073,7 +1072,7 @@ def _token_shows_text(tokenizer: Any, count: int) -> list[bool]:
     shows = [False] * count
     for piece, index in vocab.items():
         if 0 <= index < count:
-            shows[index] = bool(piece.strip(_WHITESPACE)) and not _BYTE_PIECE.fullmatch(piece)
+            shows[index] = bool(piece.strip(_WHITESPACE)) and not BYTE_PIECE.fullmatch(piece)
     return shows
 
 

@@ -40,8 +40,11 @@ def _stored(tensor: torch.Tensor | None) -> int:
 def _append(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Set ``layer.keys``/``values`` to themselves followed by ``keys``/``values`` (dim -2).
 
-    Returns the layer's new keys and values (what a cache layer's ``update`` returns).
+    Initializes the layer on its first update. Returns the layer's new keys and values (what a
+    cache layer's ``update`` returns).
     """
+    if not layer.is_initialized:
+        layer.lazy_initialization(keys, values)
     old_k, old_v = layer.keys, layer.values
     length = _stored(old_k)
     total = length + keys.shape[-2]
@@ -82,8 +85,6 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> Any:
         """Append ``key_states``/``value_states``; the layer's keys and values after it."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         return _append(self, key_states, value_states)
 
 
@@ -94,8 +95,6 @@ class GrowingSlidingLayer(DynamicSlidingWindowLayer):  # type: ignore[no-untyped
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> Any:
         """Append in place while the window holds every key; beyond it, slide as before."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         total = _stored(self.keys) + key_states.shape[-2]
         if self.record_past or total > self.sliding_window - 1:
             return super().update(key_states, value_states, *args, **kwargs)

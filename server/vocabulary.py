@@ -26,7 +26,8 @@ from fedsynth.protocol.errors import ConfigError
 VOCABULARIES = ("full", "latin")
 """The vocabularies a generation job may name (``full``: every token, the default)."""
 
-_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+"""A SentencePiece byte-fallback entry (one byte of a character the vocabulary lacks)."""
 _LATIN_RANGES = (
     (0x00, 0x7F),  # ASCII
     (0xA0, 0x24F),  # Latin-1 Supplement, Latin Extended-A and -B
@@ -74,7 +75,7 @@ def piece_texts(tokenizer: Any, vocab_rows: int) -> dict[int, str | None]:
     for piece, index in vocab.items():
         if not 0 <= index < vocab_rows:
             continue
-        if _BYTE_PIECE.fullmatch(piece):
+        if BYTE_PIECE.fullmatch(piece):
             texts[index] = None
         elif byte_level and all(c in byte_of for c in piece):
             try:

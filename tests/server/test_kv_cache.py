@@ -54,9 +54,10 @@ def test_steps_write_into_the_reserved_room() -> None:
 
 def test_append_equals_concatenation_through_reallocations() -> None:
     torch.manual_seed(0)
-    layer = mock.Mock(spec=["keys", "values"])
-    layer.keys = torch.tensor([])
+    layer = mock.Mock(spec=["keys", "values", "is_initialized"])
+    layer.keys = torch.tensor([])  # as a layer's lazy initialization leaves them
     layer.values = torch.tensor([])
+    layer.is_initialized = True
     chunks = [torch.randn(2, 1, n, 4) for n in (3, 1, 1, 40, 1, 1)]
     expected_k = torch.cat(chunks, dim=-2)
     for chunk in chunks:
