@@ -18,7 +18,7 @@ import numpy as np
 from fedsynth.protocol.codec import validate_bits
 from fedsynth.protocol.errors import ConfigError, ShapeError
 from fedsynth.protocol.features import FeatureSpec, PromptTemplate
-from fedsynth.protocol.mechanisms import TrustMode
+from fedsynth.protocol.mechanisms import MAX_SKELLAM_VARIANCE, TrustMode
 from fedsynth.protocol.secagg import SecAggConfig
 
 MANIFEST_VERSION = "1"
@@ -121,6 +121,14 @@ class PrivacySpec:
             raise ConfigError(
                 f"noise_sharing={NOISE_EXACT!r} applies to distributed mode only, not "
                 f"mode={self.mode!r}"
+            )
+        share = noise_share_variance(self)
+        if share > MAX_SKELLAM_VARIANCE:
+            # More noise is never less private, so verification would accept it, the budget
+            # would be charged, and only the draw would fail: refuse the terms themselves.
+            raise ConfigError(
+                f"total_variance={self.total_variance:g}: a holder's noise share {share:g} "
+                f"exceeds the Skellam sampler's limit {MAX_SKELLAM_VARIANCE:g}"
             )
 
 

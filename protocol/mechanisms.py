@@ -27,6 +27,7 @@ import numpy.typing as npt
 from fedsynth.protocol.errors import ConfigError
 
 __all__ = [
+    "MAX_SKELLAM_VARIANCE",
     "TrustMode",
     "client_noise_variance",
     "gaussian_noise",
@@ -37,6 +38,9 @@ __all__ = [
 
 # numpy's Poisson sampler refuses rates above about int64 max - 10*sqrt(int64 max).
 _MAX_POISSON_RATE = float(np.iinfo(np.int64).max) - 10.0 * math.sqrt(float(np.iinfo(np.int64).max))
+MAX_SKELLAM_VARIANCE = 2.0 * _MAX_POISSON_RATE
+"""The largest Skellam variance :func:`skellam_noise` can draw (two Poisson draws of half of
+it): a task whose noise share is larger is refused at setup, before any budget is charged."""
 
 
 class TrustMode(StrEnum):

@@ -19,6 +19,7 @@ from fedsynth.protocol.manifest import (
     array_sha256,
     noise_share_variance,
 )
+from fedsynth.protocol.mechanisms import MAX_SKELLAM_VARIANCE, skellam_noise
 
 TEMPLATE = PromptTemplate(
     instruction="A {label} text: ",
@@ -267,3 +268,32 @@ def test_each_holder_keeps_forty_std_of_its_own_share_in_the_field(mode: str, k:
     assert 2.0 ** (bits - 1) / k >= records + 40.0 * share_std
     if mode == "central":  # the coordinator's one draw: 40 std of the whole variance
         assert 2.0 ** (bits - 1) >= k * records + 40.0 * math.sqrt(1e12)
+
+
+@pytest.mark.parametrize(
+    ("mode", "threshold", "colluders", "per_share"),
+    [("distributed", 2, 0, 2), ("distributed", 3, 1, 2), ("local", 2, 0, 1)],
+)
+def test_a_noise_share_the_sampler_cannot_draw_is_refused_at_setup(
+    mode: str, threshold: int, colluders: int, per_share: int
+) -> None:
+    """A share above the Skellam sampler's limit would pass verification (more noise is never
+    less private), be charged, and only then fail to sample: refused with the terms instead."""
+    limit = MAX_SKELLAM_VARIANCE
+    at_limit = privacy(
+        mode=mode, threshold=threshold, colluders=colluders, total_variance=limit * per_share
+    )
+    share = noise_share_variance(at_limit)
+    assert share == pytest.approx(limit)
+    # The largest share the terms may ask for is one the sampler draws.
+    noise = skellam_noise((4,), variance=share, rng=np.random.default_rng(0))
+    assert noise.dtype == np.int64 and noise.shape == (4,)
+    with pytest.raises(ConfigError, match=r"total_variance=.*sampler"):
+        privacy(
+            mode=mode,
+            threshold=threshold,
+            colluders=colluders,
+            total_variance=limit * per_share * (1 + 1e-9),
+        )
+    # Central mode: the holders add nothing, the coordinator's Gaussian has no such limit.
+    privacy(mode="central", total_variance=limit * 10)
