@@ -12,6 +12,7 @@ This module imports no model code (the ``serve`` command loads it lazily), so a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -50,6 +51,8 @@ from fedsynth.protocol.cli_common import fail as _fail
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.wire import synthesis_pb2 as pb
 from fedsynth.protocol.wire import synthesis_pb2_grpc as pb_grpc
+
+INT64_MAX = 2**63 - 1  # GenerateRequest's n and shots are int64 on the wire
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +300,7 @@ InsecureOption = Annotated[
 
 def pull_command(
     release: Annotated[str, typer.Option(help="Release id (see `list`).")],
-    n: Annotated[int, typer.Option(help="Number of samples to pull.")],
+    n: Annotated[int, typer.Option(help="Number of samples to pull.", max=INT64_MAX)],
     out: Annotated[Path, typer.Option(help="Output JSON Lines file (text, label, release_id).")],
     server: ServerOption,
     token_file: TokenOption,
@@ -310,7 +313,8 @@ def pull_command(
     shots: Annotated[
         int | None,
         typer.Option(
-            help="Own samples shown to each sample (0: the plain prompt; default: the server's)."
+            help="Own samples shown to each sample (0: the plain prompt; default: the server's).",
+            max=INT64_MAX,
         ),
     ] = None,
     select: Annotated[
@@ -468,12 +472,16 @@ def serve_command(
         check_precision_backend(backend, precision)
         if insecure:
             console.print("[yellow]warning:[/yellow] --insecure: no TLS, tokens travel in clear")
-        limits = SynthesisLimits(
+        limits = SynthesisLimits(  # validates min_select before it divides below
             max_samples=max_samples,
-            sample_burst=max(50_000, math.ceil(max_samples / min_select)),
+            sample_burst=max(50_000, max_samples),
             default_shots=shots,
             max_shots=max_shots,
             min_select=min_select,
+        )
+        # A request may generate up to 1 / min_select times its samples.
+        limits = dataclasses.replace(
+            limits, sample_burst=max(50_000, math.ceil(max_samples / min_select))
         )
         loaded = open_backend(backend, model, threads=threads, head=llama_head, precision=precision)
         reader = None if backend == "transformers" else functools.partial(load_model, model)

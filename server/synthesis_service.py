@@ -52,9 +52,9 @@ from fedsynth.server.backends import GenerationBackend, as_backend, check_releas
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.release import Release, load_release
 from fedsynth.server.selection import selection_chunks
-from fedsynth.server.snr import steering_snr
+from fedsynth.server.snr import check_release_counts, steering_snr
 from fedsynth.server.synthesis_client import read_token_file, token_id
-from fedsynth.server.synthesize import iter_release_samples, transformers_model
+from fedsynth.server.synthesize import SHOT_POOL, iter_release_samples, transformers_model
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +91,17 @@ class SynthesisLimits:
     sample_burst: int = 50_000  # samples a token may request at once (>= max_samples) ...
     samples_per_second: float = 500.0  # ... and refilled at this rate
     max_concurrent_rpcs: int = 64  # beyond this, gRPC answers RESOURCE_EXHAUSTED
+    max_calls_per_token: int = 16  # calls one token may have open at once (a stalled reader
+    # keeps its call open): one consumer cannot hold every one of max_concurrent_rpcs
 
     def __post_init__(self) -> None:
-        for name in ("max_samples", "max_request_bytes", "request_burst", "max_concurrent_rpcs"):
+        for name in (
+            "max_samples",
+            "max_request_bytes",
+            "request_burst",
+            "max_concurrent_rpcs",
+            "max_calls_per_token",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         for name in ("requests_per_second", "samples_per_second", "max_strength"):
@@ -210,23 +218,26 @@ def validate_generate_request(
     generated = generated_samples(params, batch=batch_size)
     if generated > limits.sample_burst:
         raise ConfigError(
-            f"n={params.n} with select={select}: {generated} samples to generate, more than a "
-            f"token's allowance of {limits.sample_burst}; ask for fewer or keep a larger fraction"
+            f"n={params.n} with select={select}, shots={shots}: {generated} samples to generate "
+            f"(shot pools included), more than a token's allowance of {limits.sample_burst}; ask "
+            "for fewer, keep a larger fraction or ask for shots=0"
         )
     return params
 
 
-def generated_samples(params: GenerateParams, *, batch: int) -> int:
-    """Samples the server generates for ``params``: n, or more where ``select`` < 1.
+def generated_samples(params: GenerateParams, *, batch: int, pool_size: int = SHOT_POOL) -> int:
+    """Samples the server generates for ``params``, all charged to the token.
 
-    Each label's samples are selected a ``batch`` at a time, so that a stream holds back at most
-    one batch (:func:`fedsynth.server.selection.selection_chunks`).
+    n, more where ``select`` < 1 (each label's samples are selected a ``batch`` at a time, so
+    that a stream holds back at most one batch: :func:`fedsynth.server.selection.
+    selection_chunks`), and with ``shots`` each label's shot pool: as many plain samples as the
+    label generates, at most ``pool_size`` (:func:`fedsynth.server.synthesize.iter_label_texts`).
     """
-    return sum(
-        generated
-        for count in split_counts(params.n, len(params.labels))
-        for _, generated in selection_chunks(count, params.select, batch)
-    )
+    total = 0
+    for count in split_counts(params.n, len(params.labels)):
+        made = sum(generated for _, generated in selection_chunks(count, params.select, batch))
+        total += made + (min(pool_size, made) if params.shots > 0 else 0)
+    return total
 
 
 def split_counts(n: int, parts: int) -> list[int]:
@@ -293,6 +304,33 @@ class RateLimiter:
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
+        self._open: collections.Counter[str] = collections.Counter()
+
+    def open_call(self, who: str) -> None:
+        """Count one more open call of token ``who``; :meth:`close_call` when it ends.
+
+        Raises:
+            RateLimitError: the token already has ``max_calls_per_token`` calls open.
+        """
+        with self._lock:
+            if self._open[who] >= self._limits.max_calls_per_token:
+                raise RateLimitError(
+                    f"calls: token {who} has {self._open[who]} calls open, at most "
+                    f"{self._limits.max_calls_per_token} at once; finish or cancel one first"
+                )
+            self._open[who] += 1
+
+    def close_call(self, who: str) -> None:
+        """One call of token ``who`` ended (completed, cancelled or failed)."""
+        with self._lock:
+            self._open[who] -= 1
+            if self._open[who] <= 0:
+                del self._open[who]
+
+    def open_calls(self, who: str) -> int:
+        """Calls of token ``who`` open now."""
+        with self._lock:
+            return self._open[who]
 
     def _pair(self, who: str, now: float) -> tuple[TokenBucket, TokenBucket]:
         pair = self._buckets.get(who)
@@ -463,12 +501,15 @@ class ReleaseStore:
                 self.model_fingerprint,
             )
             return None
-        if self.accepts is not None:
-            try:
+        try:
+            # A count <= 0 (a file not decoded by fedsynth, or altered) would fail only once a
+            # consumer's stream had started and been charged.
+            check_release_counts(release)
+            if self.accepts is not None:
                 self.accepts(release)
-            except FedSynthError as exc:
-                logger.warning("release store: not offering %s: %s", path.name, exc)
-                return None
+        except FedSynthError as exc:
+            logger.warning("release store: not offering %s: %s", path.name, exc)
+            return None
         return StoredRelease(release, path, digest, before.st_mtime_ns)
 
     def scan(self) -> dict[str, StoredRelease]:
@@ -616,25 +657,45 @@ class SynthesisServicer:
             return self._reader
 
     def handler(self) -> grpc.GenericRpcHandler:
-        """Raw-bytes method handlers: requests are parsed (and refused clearly) here."""
+        """Raw-bytes method handlers: requests are parsed (and refused clearly) here.
+
+        Clients call every method with one request message (unary requests); the server reads
+        it as a stream so that it checks the caller's token from the headers *before* it waits
+        for that message: a caller without a token cannot hold a call, and a worker thread,
+        open by never sending it.
+        """
         methods = {
-            "ListReleases": grpc.unary_unary_rpc_method_handler(
+            "ListReleases": grpc.stream_unary_rpc_method_handler(
                 self.list_releases, response_serializer=pb.ListReleasesResponse.SerializeToString
             ),
-            "GetPrivacyReport": grpc.unary_unary_rpc_method_handler(
+            "GetPrivacyReport": grpc.stream_unary_rpc_method_handler(
                 self.get_privacy_report, response_serializer=pb.PrivacyReport.SerializeToString
             ),
-            "Generate": grpc.unary_stream_rpc_method_handler(
+            "Generate": grpc.stream_stream_rpc_method_handler(
                 self.generate, response_serializer=pb.Sample.SerializeToString
             ),
         }
         return grpc.method_handlers_generic_handler(SERVICE.full_name, methods)
 
     def _admit(self, context: grpc.ServicerContext) -> str:
-        """Authenticate and charge one request; the token's id (never the token) is returned."""
+        """Authenticate and charge one call, counted open until it ends; its token's id.
+
+        The id is returned, never the token.
+        """
         who = check_bearer(context.invocation_metadata(), self._tokens)
         self._limiter.take_request(who)
+        self._limiter.open_call(who)
+        if not context.add_callback(lambda: self._limiter.close_call(who)):
+            self._limiter.close_call(who)  # the call is already over
         return who
+
+    @classmethod
+    def _read(cls, kind: type[M], requests: Iterator[bytes]) -> M:
+        """The call's one request message, parsed (read only once the caller was admitted)."""
+        raw = next(requests, None)
+        if raw is None:
+            raise ConfigError(f"request: the call ended before its {kind.DESCRIPTOR.name} message")
+        return cls._parse(kind, raw)
 
     @staticmethod
     def _parse(kind: type[M], raw: bytes) -> M:
@@ -652,21 +713,25 @@ class SynthesisServicer:
         context.abort(status_code_for(exc), str(exc))
         raise RuntimeError("grpc's context.abort returned instead of raising")
 
-    def list_releases(self, raw: bytes, context: grpc.ServicerContext) -> pb.ListReleasesResponse:
+    def list_releases(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> pb.ListReleasesResponse:
         """ListReleases: every verified release this service can generate from."""
         try:
             self._admit(context)
-            self._parse(pb.ListReleasesRequest, raw)
+            self._read(pb.ListReleasesRequest, requests)
         except FedSynthError as exc:
             self._refuse(context, exc)
         offered = self.store.scan()
         return pb.ListReleasesResponse(releases=[offered[k].info() for k in sorted(offered)])
 
-    def get_privacy_report(self, raw: bytes, context: grpc.ServicerContext) -> pb.PrivacyReport:
+    def get_privacy_report(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> pb.PrivacyReport:
         """GetPrivacyReport: a release's summary and its full report as JSON text."""
         try:
             self._admit(context)
-            request = self._parse(pb.GetPrivacyReportRequest, raw)
+            request = self._read(pb.GetPrivacyReportRequest, requests)
             offered = self.store.scan()
             if request.release_id not in offered:
                 raise UnknownReleaseError(
@@ -684,11 +749,13 @@ class SynthesisServicer:
             ),
         )
 
-    def generate(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.Sample]:
+    def generate(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[pb.Sample]:
         """Generate: validate now, then return a stream that generates as it is read."""
         try:
             who = self._admit(context)
-            request = self._parse(pb.GenerateRequest, raw)
+            request = self._read(pb.GenerateRequest, requests)
             offered = self.store.scan()
             params = validate_generate_request(
                 request,
@@ -723,7 +790,23 @@ class SynthesisServicer:
 
         if not context.add_callback(ended):
             ended()  # the RPC is already over
-        return self._stream(offered[params.release_id].release, params, stream, reader)
+        return self._refusing(
+            self._stream(offered[params.release_id].release, params, stream, reader), context
+        )
+
+    def _refusing(
+        self, samples: Iterator[pb.Sample], context: grpc.ServicerContext
+    ) -> Iterator[pb.Sample]:
+        """``samples``, ended with the error's own status if generating them fails.
+
+        A :class:`FedSynthError` then reaches the consumer with its status and message, not as
+        gRPC's UNKNOWN with a traceback in the server's log.
+        """
+        try:
+            yield from samples
+        except FedSynthError as exc:
+            logger.warning("generate: stream stopped: %s", exc)
+            self._refuse(context, exc)
 
     def _stream(
         self,
@@ -925,6 +1008,10 @@ def serve(
             ("grpc.max_receive_message_length", limits.max_request_bytes),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
+            # Ping a connection with open calls every minute; a peer that does not answer in
+            # 20 s is gone, and its calls end (a dead reader no longer holds a call open).
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
         ],
     )
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

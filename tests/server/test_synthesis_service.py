@@ -65,11 +65,13 @@ from fedsynth.server.synthesis_service import (
     status_code_for,
     validate_generate_request,
 )
-from fedsynth.server.synthesize import iter_release_samples
+from fedsynth.server.synthesize import SHOT_POOL, iter_release_samples
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-LIMITS = SynthesisLimits(max_samples=50, sample_burst=10_000, request_burst=10_000)
+LIMITS = SynthesisLimits(
+    max_samples=50, sample_burst=10_000, request_burst=10_000, max_calls_per_token=64
+)
 GENERATION = GenerationConfig(max_new_tokens=4, batch_size=4)
 
 
@@ -229,6 +231,39 @@ def test_a_release_the_backend_cannot_apply_is_not_offered(
     assert "not offering b.safetensors: this backend cannot steer block 0" in caplog.text
 
 
+def test_a_release_with_a_class_count_of_zero_is_not_offered(
+    tmp_path: Path, llama: LoadedModel, pki: Pki, tokens: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = make_test_release(llama, release_id="good")
+    zero = make_test_release(llama, release_id="zero")
+    counts = good.counts.copy()
+    counts[1] = 0.0
+    save_release(good, tmp_path / "good.safetensors")
+    save_release(dataclasses.replace(zero, counts=counts), tmp_path / "zero.safetensors")
+    with start(tmp_path, llama, pki, tokens) as running, caplog.at_level("WARNING"):
+        # Refused when the store loads it, not after a consumer's stream was charged.
+        assert list(running.servicer.store.scan()) == ["good"]
+        assert "not offering zero.safetensors" in caplog.text and "noisy count" in caplog.text
+        with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=30) as c:
+            code, _ = status_of(lambda: c.generate("zero", 2))
+            assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_error_while_generating_ends_the_stream_with_its_status(
+    server: SynthesisServer, client: SynthesisClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsynth.server import synthesis_service
+
+    def failing(*_args: Any, **_kwargs: Any) -> Iterator[Any]:
+        raise ConfigError("generation: the model refused this release")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(synthesis_service, "iter_release_samples", failing)
+    code, details = status_of(lambda: client.generate("release-1", 2))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == "generation: the model refused this release"
+
+
 def _expected(
     llama: LoadedModel, release: Any, label: str, count: int, *, seed: int, **kwargs: Any
 ) -> list[str]:
@@ -341,16 +376,35 @@ def test_selection_without_a_reader_is_refused_and_a_reader_loads_once(
 def test_selection_is_charged_for_what_it_generates() -> None:
     limits = SynthesisLimits(max_samples=50, sample_burst=60, request_burst=100)
     params = validate_generate_request(
-        request(n=30, select=0.5), release_labels=LABELS, limits=limits, batch_size=4
+        request(n=30, select=0.5, shots=0), release_labels=LABELS, limits=limits, batch_size=4
     )
     assert generated_samples(params, batch=4) == 60  # 10 per label, in batches of 4, 4, 2
-    with pytest.raises(ConfigError, match=r"n=31 with select=0\.5: 62 samples to generate"):
+    with pytest.raises(
+        ConfigError, match=r"n=31 with select=0\.5, shots=0: 62 samples to generate"
+    ):
         validate_generate_request(
-            request(n=31, select=0.5), release_labels=LABELS, limits=limits, batch_size=4
+            request(n=31, select=0.5, shots=0), release_labels=LABELS, limits=limits, batch_size=4
         )
     assert generated_samples(dataclasses.replace(params, select=1.0), batch=4) == 30
     with pytest.raises(ConfigError, match="min_select=0"):
         SynthesisLimits(min_select=0)
+
+
+def test_shot_pools_are_charged_too() -> None:
+    # With shots each label first generates its pool: as many as the label, at most 64.
+    params = validate_generate_request(
+        request(n=30, shots=1), release_labels=LABELS, limits=LIMITS, batch_size=4
+    )
+    assert generated_samples(params, batch=4) == 30 + 3 * 10
+    assert generated_samples(dataclasses.replace(params, select=0.5), batch=4) == 60 + 3 * 20
+    big = dataclasses.replace(params, n=600)
+    assert generated_samples(big, batch=4) == 600 + 3 * SHOT_POOL
+    assert generated_samples(dataclasses.replace(big, shots=0), batch=4) == 600
+    limits = SynthesisLimits(max_samples=50, sample_burst=60, request_burst=100)
+    with pytest.raises(ConfigError, match=r"n=40 with select=1\.0, shots=1: 80 samples"):
+        validate_generate_request(
+            request(n=40, shots=1), release_labels=LABELS, limits=limits, batch_size=4
+        )
 
 
 def test_wrong_or_missing_token_is_unauthenticated(server: SynthesisServer, pki: Pki) -> None:
@@ -372,6 +426,77 @@ def test_wrong_or_missing_token_is_unauthenticated(server: SynthesisServer, pki:
     code, _ = status_of(lambda: stub(b"", metadata=basic, timeout=10))
     assert code == grpc.StatusCode.UNAUTHENTICATED
     channel.close()
+
+
+def _silent_calls(
+    address: str, ca: Path, count: int, *, token: str | None = None
+) -> tuple[grpc.Channel, threading.Event, list[Any]]:
+    """``count`` Generate calls that send their headers and then never their request."""
+    channel = secure_channel(address, ca)
+    release = threading.Event()
+
+    def never() -> Iterator[bytes]:
+        release.wait(30)
+        return
+        yield b""  # a generator that sends nothing until released
+
+    method = channel.stream_stream("/fedsynth.synthesis.v1.Synthesis/Generate")
+    metadata = None if token is None else (("authorization", f"Bearer {token}"),)
+    calls = [method(never(), metadata=metadata, timeout=30) for _ in range(count)]
+    return channel, release, calls
+
+
+def test_calls_without_a_token_cannot_hold_the_servers_slots(
+    store: Path, llama: LoadedModel, pki: Pki, tokens: Path
+) -> None:
+    # Every slot taken by a caller that sends headers without a token, then nothing: each is
+    # refused from its headers at once, not left waiting for a request message.
+    limits = dataclasses.replace(LIMITS, max_concurrent_rpcs=4)
+    with start(store, llama, pki, tokens, limits=limits) as running:
+        channel, release, calls = _silent_calls(running.address, pki.ca, 4)
+        try:
+            began = time.monotonic()
+            assert [c.code() for c in calls] == [grpc.StatusCode.UNAUTHENTICATED] * 4
+            assert time.monotonic() - began < 10
+            with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=10) as c:
+                assert [r.release_id for r in c.list_releases()] == ["release-1"]
+        finally:
+            release.set()
+            channel.close()
+
+
+def test_one_token_cannot_hold_every_slot(
+    store: Path, llama: LoadedModel, pki: Pki, tokens: Path
+) -> None:
+    limits = dataclasses.replace(LIMITS, max_concurrent_rpcs=4, max_calls_per_token=2)
+    with start(store, llama, pki, tokens, limits=limits) as running:
+        # Two calls of TOKEN stay open (a reader that never sends or reads on): its limit.
+        channel, release, _calls = _silent_calls(running.address, pki.ca, 2, token=TOKEN)
+        try:
+            limiter = running.servicer._limiter
+            deadline = time.monotonic() + 10
+            while limiter.open_calls(token_id(TOKEN)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert limiter.open_calls(token_id(TOKEN)) == 2
+            with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=10) as c:
+                code, details = status_of(c.list_releases)
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert details.startswith(f"calls: token {token_id(TOKEN)} has 2 calls open")
+            with SynthesisClient(
+                running.address, token=OTHER_TOKEN, ca_cert=pki.ca, timeout=10
+            ) as other:
+                assert [r.release_id for r in other.list_releases()] == ["release-1"]
+                assert len(list(other.generate("release-1", 2))) == 2
+        finally:
+            release.set()
+            channel.close()
+        # Once its calls end the token may call again.
+        deadline = time.monotonic() + 10
+        while limiter.open_calls(token_id(TOKEN)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert limiter.open_calls(token_id(TOKEN)) == 0
+        with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=10) as c:
+            assert [r.release_id for r in c.list_releases()] == ["release-1"]
 
 
 def test_tls_is_required_and_checked(server: SynthesisServer, pki: Pki) -> None:
@@ -552,8 +677,9 @@ def test_rate_limits_are_per_token(store: Path, llama: LoadedModel, pki: Pki, to
     )
     with start(store, llama, pki, tokens, limits=limits) as running:
         with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=60) as first:
-            assert len(list(first.generate("release-1", 10))) == 10  # request 1, all samples
-            code, details = status_of(lambda: first.generate("release-1", 1))  # request 2
+            # Request 1 takes every sample (no shots: no shot pool to charge as well).
+            assert len(list(first.generate("release-1", 10, shots=0))) == 10
+            code, details = status_of(lambda: first.generate("release-1", 1, shots=0))  # 2
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert details.startswith("samples: n=1 asked, 0 left")
             first.list_releases()  # request 3
@@ -854,6 +980,12 @@ def test_pull_errors_leave_no_file(server: SynthesisServer, pki: Pki, tmp_path: 
         (["--n", "0", "--ca", str(pki.ca), "--token-file", str(wrong)], "n=0"),
         (["--n", "2", "--token-file", str(wrong)], "ca_cert"),
         (["--n", "2", "--ca", str(pki.other_ca), "--token-file", str(wrong)], "UNAVAILABLE"),
+        # Beyond the wire's int64: refused by the option, not a traceback from protobuf.
+        (["--n", str(2**63), "--ca", str(pki.ca), "--token-file", str(wrong)], "--n"),
+        (
+            ["--n", "2", "--shots", str(2**63), "--ca", str(pki.ca), "--token-file", str(wrong)],
+            "--shots",
+        ),
     ]
     for extra, words in cases:
         result = CliRunner().invoke(synthesis_app, [*base, *extra])
@@ -861,6 +993,16 @@ def test_pull_errors_leave_no_file(server: SynthesisServer, pki: Pki, tmp_path: 
         assert words in result.output
         assert not out.exists()
     assert list(tmp_path.iterdir()) == [wrong]
+
+
+@pytest.mark.parametrize("min_select", ["0", "nan", "1.5"])
+def test_serve_refuses_a_bad_min_select_by_name(tmp_path: Path, min_select: str) -> None:
+    serve = ["serve", "--releases", str(tmp_path), "--model", "no-such-model"]
+    serve += ["--token-file", str(tmp_path / "t"), "--insecure", "--min-select", min_select]
+    result = CliRunner().invoke(synthesis_app, serve)
+    assert result.exit_code == 2, result.output
+    assert f"min_select={min_select}" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 def test_serve_command_runs_a_real_server_process(
