@@ -112,6 +112,7 @@ def measure(
             sample_burst=10**9,
             request_burst=10**6,
             max_concurrent_rpcs=max(64, 2 * streams),
+            max_calls_per_token=max(64, 2 * streams),  # every stream uses the one token
         )
         generation = GenerationConfig(max_new_tokens=tokens, batch_size=batch)
         with serve(
