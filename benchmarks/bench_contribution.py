@@ -149,10 +149,10 @@ COMPARATORS = (
         STUDIES / "results" / "compare" / "results.csv",
     ),
     Comparator(
-        "DP-SGD",
+        "DP-SGD (pooled)",
         "dp-sgd",
-        STUDIES / "dp-epochs.toml",
-        STUDIES / "results" / "dp-epochs" / "results.csv",
+        COMPARISON_STUDY,
+        STUDIES / "results" / "compare" / "results.csv",
     ),
 )
 
@@ -421,10 +421,11 @@ def to_equal_utility(r: Rates, *, quick: bool, note: str) -> list[Figure]:
         if not c.results.exists():
             continue
         epochs = c.epochs()
+        spent = f"{epochs} epoch" + ("s" if epochs != 1 else "")
         leads = vector_lead(c.results, c.method, vector_results=COMPARATORS[0].results)
         below = all(lead.low > 0 for lead in leads)
         premise = (
-            f"{c.name} as {c.study.relative_to(STUDIES.parent)} ran it: {epochs} LoRA epoch(s) "
+            f"{c.name} as {c.study.relative_to(STUDIES.parent)} ran it: {spent} of LoRA "
             f"over each record at epsilon {UTILITY_EPSILON:g}; the federated vector minus it, "
             f"{leads[0].pairs} cells paired by seed (mean [95 % interval]): "
             + "; ".join(f"{x.metric} {x.mean:+.3f} [{x.low:+.3f}, {x.high:+.3f}]" for x in leads)
@@ -439,7 +440,7 @@ def to_equal_utility(r: Rates, *, quick: bool, note: str) -> list[Figure]:
         rows += [
             compared(
                 "contribution",
-                f"client seconds to reach the vector's utility: {c.name} ({epochs} epochs) "
+                f"client seconds to reach the vector's utility: {c.name} ({spent}) "
                 "vs the contribution",
                 r.contribution,
                 "examples/s",
@@ -450,7 +451,7 @@ def to_equal_utility(r: Rates, *, quick: bool, note: str) -> list[Figure]:
             ),
             compared(
                 "contribution",
-                f"client FLOP to reach the vector's utility: {c.name} ({epochs} epochs) vs "
+                f"client FLOP to reach the vector's utility: {c.name} ({spent}) vs "
                 "the contribution",
                 r.flops.dp_epoch * epochs,
                 "FLOP/record",
