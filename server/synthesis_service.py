@@ -678,9 +678,9 @@ class SynthesisServicer:
         return grpc.method_handlers_generic_handler(SERVICE.full_name, methods)
 
     def _admit(self, context: grpc.ServicerContext) -> str:
-        """Authenticate and charge one call, counted open until it ends; its token's id.
+        """Authenticate a call, charge it and count it open until it ends.
 
-        The id is returned, never the token.
+        Returns the token's id (never the token itself), for logs and error messages.
         """
         who = check_bearer(context.invocation_metadata(), self._tokens)
         self._limiter.take_request(who)
