@@ -441,6 +441,13 @@ def serve_command(
             "transformers the first such request loads the model on transformers to read them.",
         ),
     ] = 0.25,
+    max_calls_per_token: Annotated[
+        int,
+        typer.Option(
+            help="Most calls one consumer token may have open at once (of the server's 64).",
+            min=1,
+        ),
+    ] = 16,
     insecure: Annotated[
         bool, typer.Option(help="No TLS: tokens and samples in clear text (loopback tests only).")
     ] = False,
@@ -478,6 +485,7 @@ def serve_command(
             default_shots=shots,
             max_shots=max_shots,
             min_select=min_select,
+            max_calls_per_token=max_calls_per_token,
         )
         # A request may generate up to 1 / min_select times its samples.
         limits = dataclasses.replace(

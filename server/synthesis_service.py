@@ -67,6 +67,7 @@ DEFAULT_BATCH_SIZE = 8  # samples generated per model call: the most a slow read
 DEFAULT_SHOTS = 1  # own samples shown per sample, as `fedsynth generate`'s default
 DEFAULT_MAX_SHOTS = 8  # each shot lengthens every prompt by about one sample
 DEFAULT_MIN_SELECT = 0.25  # a request may make the server generate at most 4x what it streams
+DEFAULT_MAX_CALLS_PER_TOKEN = 16  # calls one consumer may have open at once
 MAX_ID_CHARS = 256  # release ids and labels are short names
 TRUST_MODES = {
     "distributed": pb.TRUST_MODE_DISTRIBUTED,
@@ -91,8 +92,9 @@ class SynthesisLimits:
     sample_burst: int = 50_000  # samples a token may request at once (>= max_samples) ...
     samples_per_second: float = 500.0  # ... and refilled at this rate
     max_concurrent_rpcs: int = 64  # beyond this, gRPC answers RESOURCE_EXHAUSTED
-    max_calls_per_token: int = 16  # calls one token may have open at once (a stalled reader
-    # keeps its call open): one consumer cannot hold every one of max_concurrent_rpcs
+    # Calls one token may have open at once (a stalled reader keeps its call open): one
+    # consumer cannot hold every one of max_concurrent_rpcs.
+    max_calls_per_token: int = DEFAULT_MAX_CALLS_PER_TOKEN
 
     def __post_init__(self) -> None:
         for name in (

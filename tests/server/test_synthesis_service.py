@@ -1005,6 +1005,29 @@ def test_serve_refuses_a_bad_min_select_by_name(tmp_path: Path, min_select: str)
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+def test_serve_passes_its_limits_to_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsynth.server import synthesis_service
+
+    seen: list[SynthesisLimits] = []
+
+    def fake_serve(**kwargs: Any) -> None:
+        seen.append(kwargs["limits"])
+        raise ConfigError("stopped before serving")
+
+    monkeypatch.setattr(synthesis_service, "serve", fake_serve)
+    serve = ["serve", "--releases", str(tmp_path), "--model", "tiny-llama", "--insecure"]
+    serve += ["--token-file", str(tmp_path / "t"), "--max-calls-per-token", "3"]
+    serve += ["--min-select", "0.5", "--max-samples", "40000"]
+    result = CliRunner().invoke(synthesis_app, serve)
+    assert result.exit_code == 2 and "stopped before serving" in result.output
+    (limits,) = seen
+    assert limits.max_calls_per_token == 3
+    assert limits.min_select == 0.5 and limits.max_samples == 40_000
+    assert limits.sample_burst == 80_000  # a request may generate 1 / min_select its samples
+
+
 def test_serve_command_runs_a_real_server_process(
     store: Path, pki: Pki, tokens: Path, client_token: Path, tmp_path: Path
 ) -> None:
@@ -1103,3 +1126,7 @@ def test_serve_defaults_are_the_services() -> None:
     assert defaults["max_shots"] == synthesis_service.DEFAULT_MAX_SHOTS
     assert defaults["max_samples"] == synthesis_service.DEFAULT_MAX_SAMPLES
     assert defaults["min_select"] == synthesis_service.DEFAULT_MIN_SELECT
+    assert defaults["max_calls_per_token"] == synthesis_service.DEFAULT_MAX_CALLS_PER_TOKEN
+    assert (
+        synthesis_service.SynthesisLimits().max_calls_per_token == defaults["max_calls_per_token"]
+    )
