@@ -51,6 +51,7 @@ from fedsynth.simulations.dp_finetune import (
     lora_model,
 )
 from fedsynth.simulations.study_config import load_study_config
+from fedsynth.simulations.study_report import compare_paired
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks.common
 from benchmarks.common import QUICK_MODEL, QUICK_NOTE, Figure, compared, info
@@ -95,10 +96,12 @@ def vector_lead(
     twice). Where each interval lies above 0 the method did not reach the vector's utility
     with the compute it spent.
     """
-    from scipy import stats
 
     def at_eps(rows: list[dict[str, str]]) -> list[dict[str, str]]:
         return [r for r in rows if float(r["epsilon"]) == epsilon]
+
+    def number(text: str) -> float:
+        return float(text) if text else math.nan
 
     vector = [
         r
@@ -108,21 +111,23 @@ def vector_lead(
     other = [r for r in at_eps(_rows(method_results)) if r["method"] == method]
     leads = []
     for metric in UTILITY_METRICS:
-        diffs = []
+        mine: dict[tuple[str, str], float] = {}
+        theirs: dict[tuple[str, str], float] = {}
         for o in other:
-            mine = [
-                float(v[metric])
+            matched = [
+                number(v[metric])
                 for v in vector
                 if v["seed"] == o["seed"] and o["partition"] in (v["partition"], "pooled")
             ]
-            if mine and o[metric]:
-                diffs.append(statistics.fmean(mine) - float(o[metric]))
-        if len(diffs) < 2:
+            key = (o["seed"], o["partition"])
+            mine[key] = statistics.fmean(matched) if matched else math.nan
+            theirs[key] = number(o[metric])
+        paired = compare_paired(mine, theirs)
+        if paired["seeds"] < 2:
             raise ValueError(f"{method_results}: fewer than 2 {method} cells pair with the vector")
-        mean = statistics.fmean(diffs)
-        half = float(stats.t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs)
-        half /= math.sqrt(len(diffs))
-        leads.append(Lead(metric, len(diffs), mean, mean - half, mean + half))
+        leads.append(
+            Lead(metric, paired["seeds"], paired["difference"], paired["low"], paired["high"])
+        )
     return leads
 
 

@@ -354,9 +354,11 @@ def compare_seeds(
 
 
 def compare_paired(
-    a: Mapping[int, float], b: Mapping[int, float], *, tolerance: float = EQUIVALENCE
+    a: Mapping[Any, float], b: Mapping[Any, float], *, tolerance: float = EQUIVALENCE
 ) -> dict[str, Any]:
     """Paired comparison by seed: a − b on the seeds both have, with its t-interval.
+
+    Keys are seeds, or any sortable key that pairs two cells (e.g. seed and partition).
 
     The cells of one seed share the data split (and the holders' partition), so the per-seed
     difference removes what the split moves in both; with few seeds this is the more powerful
