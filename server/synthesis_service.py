@@ -54,7 +54,12 @@ from fedsynth.server.release import Release, load_release
 from fedsynth.server.selection import selection_chunks
 from fedsynth.server.snr import check_release_counts, steering_snr
 from fedsynth.server.synthesis_client import read_token_file, token_id
-from fedsynth.server.synthesize import SHOT_POOL, iter_release_samples, transformers_model
+from fedsynth.server.synthesize import (
+    SHOT_POOL,
+    iter_release_samples,
+    shot_pool_size,
+    transformers_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +243,7 @@ def generated_samples(params: GenerateParams, *, batch: int, pool_size: int = SH
     total = 0
     for count in split_counts(params.n, len(params.labels)):
         made = sum(generated for _, generated in selection_chunks(count, params.select, batch))
-        total += made + (min(pool_size, made) if params.shots > 0 else 0)
+        total += made + shot_pool_size(made, params.shots, pool_size)
     return total
 
 

@@ -155,6 +155,15 @@ _POOL_SEED_OFFSET = 5_003
 """Seeds of the shot pool's batches: after any chunk index a run of samples reaches."""
 
 
+def shot_pool_size(n: int, shots: int, pool_size: int = SHOT_POOL) -> int:
+    """Plain samples generated for a label's shot pool of ``n`` samples with ``shots``.
+
+    ``n``, at most ``pool_size``, so the pool never costs more than the label's own samples;
+    none without shots.
+    """
+    return min(pool_size, n) if shots > 0 else 0
+
+
 def check_shots(shots: int, pool_size: int = SHOT_POOL) -> None:
     """Refuse a shot count below 0 or a pool that cannot hold one sample.
 
@@ -213,7 +222,7 @@ def iter_label_texts(
     if shots > 0:
         if pool is None:
             pool = []
-            wanted = min(pool_size, n)
+            wanted = shot_pool_size(n, shots, pool_size)
             for j, start in enumerate(range(0, wanted, config.batch_size)):
                 size = min(config.batch_size, wanted - start)
                 pool += backend.generate(
