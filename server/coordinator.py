@@ -32,6 +32,7 @@ from fedsynth.protocol.models import LoadedModel, cache_root
 from fedsynth.protocol.secagg.stages import min_safe_threshold
 from fedsynth.protocol.verification import check_vector_scale
 from fedsynth.server.generation import GenerationConfig, generate_texts
+from fedsynth.server.vocabulary import PRIOR_VOCABULARY_KEY
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,22 @@ def build_manifest(
         reference_sha256=array_sha256(reference.means),
         deadline_s=config.deadline_s,
         max_records=config.max_records,
+        extra=prior_record(config.prior_generation),
     )
+
+
+def prior_record(generation: GenerationConfig) -> dict[str, str]:
+    """How the prior texts were sampled, as a manifest's ``extra`` (public; read by users).
+
+    The class vectors are measured against these texts, so whoever applies a release can
+    sample the same way (:func:`~fedsynth.server.vocabulary.release_vocabulary`).
+    """
+    return {
+        PRIOR_VOCABULARY_KEY: generation.vocabulary,
+        "prior_top_p": repr(generation.top_p),
+        "prior_temperature": repr(generation.temperature),
+        "prior_max_new_tokens": str(generation.max_new_tokens),
+    }
 
 
 def epsilon_label(epsilon: float) -> str:

@@ -36,6 +36,7 @@ from fedsynth.protocol.exact_noise import aggregate_variance
 from fedsynth.protocol.manifest import TaskManifest
 from fedsynth.protocol.mechanisms import trust_statement
 from fedsynth.server.secure_round import RoundResult
+from fedsynth.server.vocabulary import PRIOR_VOCABULARY_KEY
 
 RELEASE_FORMAT = "fedsynth.release.v2"  # v2: digest and report/manifest check
 
@@ -74,6 +75,11 @@ class Release:
     def residual_norms(self) -> dict[int, float]:
         """Public typical residual norm per layer."""
         return dict(zip(self.manifest.layers, self.manifest.residual_norms, strict=True))
+
+    @property
+    def prior_vocabulary(self) -> str | None:
+        """The vocabulary the task's prior texts were sampled from (None: not recorded)."""
+        return self.manifest.extra.get(PRIOR_VOCABULARY_KEY)
 
 
 def privacy_report(

@@ -42,8 +42,8 @@ from fedsynth.protocol.cli_common import (
     BackendOption,
     LlamaHeadOption,
     PrecisionOption,
+    ReleaseVocabularyOption,
     ThreadsOption,
-    VocabularyOption,
     console,
     errors_at_the_edge,
 )
@@ -455,7 +455,7 @@ def serve_command(
     threads: ThreadsOption = None,
     llama_head: LlamaHeadOption = "auto",
     precision: PrecisionOption = "auto",
-    vocabulary: VocabularyOption = "full",
+    vocabulary: ReleaseVocabularyOption = "release",
 ) -> None:
     """Serve the releases in --releases over gRPC until interrupted (Ctrl-C or SIGTERM).
 
@@ -471,9 +471,11 @@ def serve_command(
     )
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.synthesis_service import DEFAULT_BATCH_SIZE, SynthesisLimits, serve
+    from fedsynth.server.vocabulary import check_vocabulary_choice
 
     with _errors_at_the_edge():
-        generation = GenerationConfig(batch_size=DEFAULT_BATCH_SIZE, vocabulary=vocabulary)
+        check_vocabulary_choice(vocabulary)
+        generation = GenerationConfig(batch_size=DEFAULT_BATCH_SIZE)
         check_backend_name(backend)  # before any model is loaded
         check_head_backend(backend, llama_head)
         check_precision_backend(backend, precision)
@@ -505,6 +507,7 @@ def serve_command(
             limits=limits,
             generation=generation,
             reader=reader,
+            vocabulary=vocabulary,
         )
     offered = running.servicer.store.scan()
     console.print(f"listening on {running.address} ({len(offered)} releases)", highlight=False)

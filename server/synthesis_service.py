@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
@@ -59,6 +60,11 @@ from fedsynth.server.synthesize import (
     iter_release_samples,
     shot_pool_size,
     transformers_model,
+)
+from fedsynth.server.vocabulary import (
+    FOLLOW_RELEASE,
+    check_vocabulary_choice,
+    release_vocabulary,
 )
 
 logger = logging.getLogger(__name__)
@@ -624,18 +630,25 @@ class SynthesisServicer:
         generation: GenerationConfig,
         clock: Callable[[], float] = time.monotonic,
         reader: Callable[[], LoadedModel] | None = None,
+        vocabulary: str = FOLLOW_RELEASE,
     ) -> None:
         """Serve ``store``'s releases with ``loaded``.
 
         ``reader`` loads the `transformers` model that reads samples for ``select`` when the
         backend is another one; it is called at the first such request, not before.
+        ``vocabulary`` (:data:`~fedsynth.server.vocabulary.FOLLOW_RELEASE`: each release's
+        prior's) replaces ``generation.vocabulary``; a fixed one that is not a release's
+        prior's is logged once for that release.
         """
         if not tokens:
             raise ConfigError("tokens: at least one bearer token is required")
+        check_vocabulary_choice(vocabulary)
         self.store = store
         self.loaded = loaded
         self.limits = limits
         self.generation = generation
+        self.vocabulary = vocabulary
+        self._cautioned: set[str] = set()
         self.stats = ServiceStats()
         self._tokens = tuple(tokens)
         self._limiter = RateLimiter(limits, clock)
@@ -815,6 +828,16 @@ class SynthesisServicer:
             logger.warning("generate: stream stopped: %s", exc)
             self._refuse(context, exc)
 
+    def _generation_for(self, release: Release) -> GenerationConfig:
+        """The sampling settings for ``release``: the service's, in the vocabulary it asks for."""
+        name, caution = release_vocabulary(self.vocabulary, release.prior_vocabulary)
+        if caution is not None and release.release_id not in self._cautioned:
+            self._cautioned.add(release.release_id)
+            logger.warning("release %s: %s", release.release_id, caution)
+        if name == self.generation.vocabulary:
+            return self.generation
+        return dataclasses.replace(self.generation, vocabulary=name)
+
     def _stream(
         self,
         release: Release,
@@ -831,6 +854,7 @@ class SynthesisServicer:
         ``reader`` in the same turn at the model.
         """
         batch = self.generation.batch_size
+        generation = self._generation_for(release)
         for label, count in zip(
             params.labels, split_counts(params.n, len(params.labels)), strict=True
         ):
@@ -839,7 +863,7 @@ class SynthesisServicer:
                 release,
                 n_per_label=count,
                 strength=params.strength,
-                config=self.generation,
+                config=generation,
                 seed=label_seed(params.seed, label),
                 labels=(label,),
                 shots=params.shots,
@@ -951,6 +975,12 @@ class SynthesisServer:
         self.stop()
 
 
+def _check_release_applies(backend: GenerationBackend, vocabulary: str, release: Release) -> None:
+    """Raise a FedSynthError for a release this service could not generate from."""
+    check_release_backend(backend, release)
+    release_vocabulary(vocabulary, release.prior_vocabulary)  # a prior vocabulary it cannot use
+
+
 def serve(
     *,
     releases: Path,
@@ -964,12 +994,14 @@ def serve(
     limits: SynthesisLimits | None = None,
     generation: GenerationConfig | None = None,
     reader: Callable[[], LoadedModel] | None = None,
+    vocabulary: str = FOLLOW_RELEASE,
 ) -> SynthesisServer:
     """Start the Synthesis service on ``host:port`` (0: a free port) and return its handle.
 
     TLS is required unless ``insecure=True`` is passed explicitly (tests on loopback only); the
     bearer token is always required. ``reader`` loads the model that reads samples for requests
     with ``select`` when ``loaded`` is not a `transformers` model (see :class:`SynthesisServicer`).
+    ``vocabulary`` is what samples may use: each release's prior's, or one for all.
 
     Raises:
         ConfigError: a missing TLS file, a bad token file, a bad releases directory, or the port
@@ -997,13 +1029,14 @@ def serve(
         store=ReleaseStore(
             releases,
             model_fingerprint=backend.fingerprint,
-            accepts=lambda release: check_release_backend(backend, release),
+            accepts=functools.partial(_check_release_applies, backend, vocabulary),
         ),
         loaded=backend,
         tokens=read_token_file(token_file),
         limits=limits,
         generation=generation,
         reader=reader,
+        vocabulary=vocabulary,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(

@@ -18,6 +18,7 @@ from fedsynth.protocol.cli_common import (
     BackendOption,
     LlamaHeadOption,
     PrecisionOption,
+    ReleaseVocabularyOption,
     SelectOption,
     ThreadsOption,
     TopPOption,
@@ -680,7 +681,7 @@ def generate(
     threads: ThreadsOption = None,
     llama_head: LlamaHeadOption = "auto",
     precision: PrecisionOption = "auto",
-    vocabulary: VocabularyOption = "full",
+    vocabulary: ReleaseVocabularyOption = "release",
     compile_steps: Annotated[
         bool,
         typer.Option(
@@ -724,6 +725,7 @@ def generate(
         steering_report,
         transformers_model,
     )
+    from fedsynth.server.vocabulary import check_vocabulary_choice, release_vocabulary
     from fedsynth.simulations.datasets import json_line
 
     written = 0
@@ -744,17 +746,18 @@ def generate(
         check_select(select)
         check_min_signal_share(min_signal_share)
         # Bad sampling settings are refused before the release or the model is loaded.
+        check_vocabulary_choice(vocabulary)
         GenerationConfig(
             batch_size=batch_size,
             max_new_tokens=1 if max_new_tokens is None else max_new_tokens,
             top_p=top_p,
-            vocabulary=vocabulary,
         )
         rel = load_release(release)
+        sampled_from, vocabulary_caution = release_vocabulary(vocabulary, rel.prior_vocabulary)
         # Samples as long as the records the release describes, unless told otherwise.
         length = rel.manifest.max_text_tokens if max_new_tokens is None else max_new_tokens
         config = GenerationConfig(
-            batch_size=batch_size, max_new_tokens=length, top_p=top_p, vocabulary=vocabulary
+            batch_size=batch_size, max_new_tokens=length, top_p=top_p, vocabulary=sampled_from
         )
         loaded = open_backend(
             backend,
@@ -788,9 +791,9 @@ def generate(
             raise ConfigError(f"{report_path} is the release file: writing would destroy it")
         for line in steering_lines(steering):
             console.print(line, highlight=False)
-        caution = select_caution(select, rel.labels)
-        if caution:
-            console.print(f"[yellow]warning:[/yellow] {caution}", highlight=False)
+        for caution in (vocabulary_caution, select_caution(select, rel.labels)):
+            if caution:
+                console.print(f"[yellow]warning:[/yellow] {caution}", highlight=False)
         out.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "release_id": rel.release_id,

@@ -109,6 +109,7 @@ def start(
     limits: SynthesisLimits = LIMITS,
     generation: GenerationConfig = GENERATION,
     reader: Callable[[], LoadedModel] | None = None,
+    vocabulary: str = "release",
 ) -> SynthesisServer:
     return serve(
         releases=store,
@@ -119,6 +120,7 @@ def start(
         limits=limits,
         generation=generation,
         reader=reader,
+        vocabulary=vocabulary,
     )
 
 
@@ -247,6 +249,51 @@ def test_a_release_with_a_class_count_of_zero_is_not_offered(
         with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=30) as c:
             code, _ = status_of(lambda: c.generate("zero", 2))
             assert code == grpc.StatusCode.NOT_FOUND
+
+
+def _with_prior_vocabulary(release: Any, vocabulary: str) -> Any:
+    manifest = dataclasses.replace(release.manifest, extra={"prior_vocabulary": vocabulary})
+    return dataclasses.replace(release, manifest=manifest)
+
+
+def test_each_release_is_sampled_from_its_prior_vocabulary_unless_told(
+    tmp_path: Path, llama: LoadedModel, pki: Pki, tokens: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    latin = _with_prior_vocabulary(make_test_release(llama, release_id="latin"), "latin")
+    unknown = _with_prior_vocabulary(make_test_release(llama, release_id="odd"), "cuneiform")
+    save_release(latin, tmp_path / "latin.safetensors")
+    save_release(unknown, tmp_path / "odd.safetensors")
+    save_release(make_test_release(llama, release_id="old"), tmp_path / "old.safetensors")
+
+    def local(release: Any, vocabulary: str) -> list[str]:
+        config = dataclasses.replace(GENERATION, vocabulary=vocabulary)
+        samples = iter_release_samples(
+            llama, release, n_per_label=3, strength=0.5, config=config, seed=label_seed(3, "pos"),
+            labels=("pos",), shots=0,
+        )  # fmt: skip
+        return [s.text for s in samples]
+
+    def served(address: str, release_id: str) -> list[str]:
+        with SynthesisClient(address, token=TOKEN, ca_cert=pki.ca, timeout=60) as c:
+            got = c.generate(release_id, 3, label="pos", seed=3, strength=0.5, shots=0)
+            return [s.text for s in got]
+
+    assert local(latin, "latin") != local(latin, "full")
+    with caplog.at_level("WARNING"), start(tmp_path, llama, pki, tokens) as running:
+        # A prior vocabulary this version does not know is refused when loaded, not mid-stream.
+        assert sorted(running.servicer.store.scan()) == ["latin", "old"]
+        assert "not offering odd.safetensors" in caplog.text and "'cuneiform'" in caplog.text
+        assert served(running.address, "latin") == local(latin, "latin")
+        assert served(running.address, "old") == local(latin, "full")  # recorded nothing: full
+        assert "steering is slightly off" not in caplog.text
+    caplog.clear()
+    fixed = start(tmp_path, llama, pki, tokens, vocabulary="full")
+    with caplog.at_level("WARNING"), fixed as running:
+        assert sorted(running.servicer.store.scan()) == ["latin", "odd", "old"]
+        for _ in range(2):
+            assert served(running.address, "latin") == local(latin, "full")
+        cautions = [r.getMessage() for r in caplog.records if "slightly off" in r.getMessage()]
+        assert len(cautions) == 1 and "latin" in cautions[0]  # once per release
 
 
 def test_an_error_while_generating_ends_the_stream_with_its_status(

@@ -7,20 +7,34 @@ all of them), and must be refused by name before anything loads.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
+from releases import make_test_release
 from typer.testing import CliRunner
 
+from fedsynth.protocol.contribution import DecodedRelease
 from fedsynth.protocol.errors import ConfigError
+from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.models import LoadedModel, load_model, tiny_model
 from fedsynth.server import generation
+from fedsynth.server.coordinator import PublicReference, TaskConfig, build_manifest
 from fedsynth.server.generation import GenerationConfig, _SamplingSpace
-from fedsynth.server.vocabulary import latin_text, piece_texts, vocabulary_ids
+from fedsynth.server.release import load_release, make_release, save_release
+from fedsynth.server.secure_round import RoundResult
+from fedsynth.server.vocabulary import (
+    latin_text,
+    piece_texts,
+    release_vocabulary,
+    vocabulary_ids,
+)
 
 
 def test_latin_text() -> None:
@@ -142,10 +156,10 @@ def test_synthesis_serve_generates_from_the_vocabulary_asked_for(
     from fedsynth.server import synthesis_service
     from fedsynth.server.synthesis_client import synthesis_app
 
-    seen: list[GenerationConfig] = []
+    seen: list[tuple[GenerationConfig, str]] = []
 
     def fake_serve(**kwargs: object) -> None:
-        seen.append(kwargs["generation"])  # type: ignore[arg-type]
+        seen.append((kwargs["generation"], kwargs["vocabulary"]))  # type: ignore[arg-type]
         raise ConfigError("stopped before serving")
 
     monkeypatch.setattr(synthesis_service, "serve", fake_serve)
@@ -154,5 +168,81 @@ def test_synthesis_serve_generates_from_the_vocabulary_asked_for(
     for asked in ([], ["--vocabulary", "latin"]):
         result = CliRunner().invoke(synthesis_app, serve + asked)
         assert result.exit_code == 2 and "stopped before serving" in result.output
-    assert [g.vocabulary for g in seen] == ["full", "latin"]
-    assert seen[1].batch_size == synthesis_service.DEFAULT_BATCH_SIZE
+    assert [vocabulary for _, vocabulary in seen] == ["release", "latin"]
+    assert seen[1][0].batch_size == synthesis_service.DEFAULT_BATCH_SIZE
+
+
+def test_release_vocabulary_follows_the_prior_and_warns_on_another() -> None:
+    assert release_vocabulary("release", "latin") == ("latin", None)
+    assert release_vocabulary("release", None) == ("full", None)  # recorded nothing: full
+    assert release_vocabulary("latin", "latin") == ("latin", None)
+    name, caution = release_vocabulary("full", "latin")
+    assert name == "full" and caution is not None
+    assert "vocabulary='latin'" in caution and "--vocabulary release" in caution
+    name, caution = release_vocabulary("latin", None)
+    assert name == "latin" and caution is not None and "vocabulary='full'" in caution
+    with pytest.raises(ConfigError, match=r"'cuneiform'.*full, latin"):
+        release_vocabulary("release", "cuneiform")
+    assert release_vocabulary("full", "cuneiform")[0] == "full"  # named: used, with a caution
+    with pytest.raises(ConfigError, match="klingon"):
+        release_vocabulary("klingon", "latin")
+
+
+def test_the_manifest_records_how_the_prior_was_sampled(tmp_path: Path) -> None:
+    tiny = tiny_model(seed=0, arch="llama")
+    template = PromptTemplate(
+        instruction="A {label} review: ", label_names=(("pos", "positive"), ("neg", "negative"))
+    )
+    reference = PublicReference(
+        texts={},
+        means=np.zeros((2, 1, tiny.hidden_size), dtype=np.float32),
+        clip_norms=(1.0,),
+        residual_norms=(1.0,),
+    )
+    prior = GenerationConfig(vocabulary="latin", top_p=0.9, max_new_tokens=40)
+    config = TaskConfig(template=template, layers=(1,), prior_per_label=2, prior_generation=prior)
+    manifest = build_manifest(config, tiny, reference, (1, 2, 3))
+    assert manifest.extra["prior_vocabulary"] == "latin"
+    assert manifest.extra["prior_top_p"] == "0.9"
+    assert manifest.extra["prior_max_new_tokens"] == "40"
+    release = make_release(
+        manifest,
+        DecodedRelease(
+            vectors=np.ones((2, 1, tiny.hidden_size), dtype=np.float32),
+            counts=np.array([5.0, 6.0]),
+        ),
+        RoundResult(
+            field_sum=np.zeros(manifest.dim, dtype=np.uint64), survivors=[1, 2, 3], dropped=[]
+        ),
+        model_name=tiny.name,
+    )
+    loaded = load_release(save_release(release, tmp_path / "r.safetensors"))
+    assert loaded.prior_vocabulary == "latin"
+    plain = dataclasses.replace(config, prior_generation=GenerationConfig())
+    assert build_manifest(plain, tiny, reference, (1, 2, 3)).extra["prior_vocabulary"] == "full"
+
+
+def test_generate_samples_from_the_release_prior_vocabulary_by_default(tmp_path: Path) -> None:
+    from fedsynth.simulations.cli import app
+
+    llama = load_model("tiny-llama")
+    release = make_test_release(llama)
+    latin = dataclasses.replace(
+        release, manifest=dataclasses.replace(release.manifest, extra={"prior_vocabulary": "latin"})
+    )
+    path = save_release(latin, tmp_path / "r.safetensors")
+
+    def run(*extra: str) -> tuple[str, str]:
+        out = tmp_path / f"out{len(extra)}.jsonl"
+        args = ["generate", "--release", str(path), "--out", str(out), "--n", "2"]
+        result = CliRunner().invoke(app, [*args, "--max-new-tokens", "4", *extra])
+        output = " ".join(result.output.split())
+        assert result.exit_code == 0, output
+        report = json.loads(out.with_name(out.name + ".report.json").read_text())
+        return report["generation"]["vocabulary"], output
+
+    vocabulary, output = run()
+    assert vocabulary == "latin" and "slightly off" not in output
+    vocabulary, output = run("--vocabulary", "full")
+    assert vocabulary == "full"
+    assert "warning: vocabulary='full', but this release's class vectors" in output
