@@ -11,6 +11,7 @@ curve goes to ``curve.csv`` and ``curve.png`` (mean and sd over seeds, log x).
 
 Run: python benchmarks/samples_curve.py --release OUT/release-eps4.safetensors
      --release OUT/release-epsinf.safetensors --seed 0 --out curve
+(``--data FILE --instruction TEXT`` or ``--corpus NAME``: releases the demo made on that data.)
 """
 
 from __future__ import annotations
@@ -236,6 +237,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (1: all)")
     parser.add_argument("--preset", default="default")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="the demo's --data file the releases were made on"
+    )
+    parser.add_argument("--instruction", default=None, help="the demo's --instruction with --data")
+    parser.add_argument("--corpus", default=None, help="the demo's --corpus (bundled data)")
+    parser.add_argument("--private-per-label", type=int, default=None)
     parser.add_argument("--model", default=None, help="for the prior (default: the release's)")
     parser.add_argument("--backend", default="transformers")
     parser.add_argument(
@@ -300,7 +307,15 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     points: list[Point] = []
     for seed in seeds:
         config = demo_config(
-            args.preset, out_dir=args.out, seed=seed, model=model, top_p=args.top_p
+            args.preset,
+            out_dir=args.out,
+            seed=seed,
+            model=model,
+            top_p=args.top_p,
+            data_path=args.data,
+            instruction=args.instruction,
+            corpus=args.corpus,
+            private_per_label=args.private_per_label,
         )
         data = split_data(config)
         scoring = evaluation(data)

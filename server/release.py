@@ -82,6 +82,21 @@ class Release:
         return self.manifest.extra.get(PRIOR_VOCABULARY_KEY)
 
 
+def check_contrast(contrast: float) -> float:
+    """``contrast`` as a float if it is a finite number, else a ConfigError naming it.
+
+    Any finite contrast is post-processing of the release (no privacy cost): 1 steers with the
+    class vectors, above 1 amplifies what separates the classes, 0 steers every class alike.
+    """
+    if (
+        isinstance(contrast, bool)
+        or not isinstance(contrast, int | float)
+        or not math.isfinite(contrast)
+    ):
+        raise ConfigError(f"contrast={contrast!r}: must be a finite number")
+    return float(contrast)
+
+
 def privacy_report(
     manifest: TaskManifest, result: RoundResult, *, model_name: str
 ) -> dict[str, Any]:

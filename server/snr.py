@@ -454,6 +454,59 @@ def steering_snr(
     )
 
 
+@dataclass(frozen=True)
+class ClassPart:
+    """How far a class stands apart from the mean of the classes, and how clearly.
+
+    Attributes:
+        label: The class.
+        share: The class part's length over the mean's, ``||v_c - mean|| / ||mean||`` per
+            layer with each energy's expected noise taken off (0 where nothing is left),
+            averaged over the layers: what ``contrast`` multiplies, against what it keeps.
+        snr: The class part's signal energy over its noise energy, summed over the layers
+            (``inf`` without noise).
+    """
+
+    label: str
+    share: float
+    snr: float
+
+
+def class_parts(release: Release) -> tuple[ClassPart, ...]:
+    """Per class the share and SNR of its class part (post-processing of the public release).
+
+    The class part ``v_c - mean`` weighs the classes by ``direction_weights(contrast=1) -
+    direction_weights(contrast=0)`` and the mean by ``1 / C`` each, so their noise energies
+    follow from :func:`coordinate_noise_sd` as in :func:`steering_snr`.
+
+    Raises:
+        NonPositiveCountError: if a class's noisy count is <= 0.
+    """
+    sd = coordinate_noise_sd(release)  # (C, L)
+    hidden = release.manifest.hidden_size
+    n_classes = len(release.labels)
+    mean_weights = direction_weights(n_classes, 0, contrast=0.0)
+    mean_noise = hidden * (mean_weights[:, None] ** 2 * sd**2).sum(axis=0)  # (L,)
+    means = release.directions(release.labels[0], contrast=0.0)
+    parts = []
+    for c, label in enumerate(release.labels):
+        weights = direction_weights(n_classes, c, contrast=1.0) - mean_weights
+        part_noise = hidden * (weights[:, None] ** 2 * sd**2).sum(axis=0)  # (L,)
+        vectors = release.directions(label, contrast=1.0)
+        shares, signal, noise = [], 0.0, 0.0
+        for j, layer in enumerate(release.manifest.layers):
+            part = (vectors[layer] - means[layer]).double().numpy()
+            mean = means[layer].double().numpy()
+            part_energy = max(0.0, float(part @ part) - float(part_noise[j]))
+            mean_energy = max(0.0, float(mean @ mean) - float(mean_noise[j]))
+            shares.append(math.sqrt(part_energy / mean_energy) if mean_energy > 0 else 0.0)
+            signal += part_energy
+            noise += float(part_noise[j])
+        snr = math.inf if noise == 0.0 else signal / noise
+        parts.append(ClassPart(label=label, share=float(np.mean(shares)), snr=snr))
+    return tuple(parts)
+
+
 def check_min_signal_share(value: float) -> float:
     """``value`` if it is a number in [0, 1], else a ConfigError naming it."""
     if (

@@ -51,7 +51,7 @@ from fedsynth.protocol.models import LoadedModel
 from fedsynth.protocol.wire import synthesis_pb2 as pb
 from fedsynth.server.backends import GenerationBackend, as_backend, check_release_backend
 from fedsynth.server.generation import GenerationConfig
-from fedsynth.server.release import Release, load_release
+from fedsynth.server.release import Release, check_contrast, load_release
 from fedsynth.server.selection import selection_chunks
 from fedsynth.server.snr import check_release_counts, steering_snr
 from fedsynth.server.synthesis_client import read_token_file, token_id
@@ -261,14 +261,16 @@ def split_counts(n: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def steering_report(release: Release, *, strength: float) -> dict[str, object]:
-    """How Generate steers with ``release`` at ``strength``.
+def steering_report(
+    release: Release, *, strength: float, contrast: float = 1.0
+) -> dict[str, object]:
+    """How Generate steers with ``release`` at ``strength`` and the service's ``contrast``.
 
     Per label and layer the SNR and the shrink factor (the rule generation applies), or why
     the release cannot steer.
     """
     try:
-        return steering_snr(release).to_dict(strength=strength)
+        return steering_snr(release, contrast=contrast).to_dict(strength=strength)
     except FedSynthError as exc:
         return {"unavailable": str(exc)}
 
@@ -631,6 +633,7 @@ class SynthesisServicer:
         clock: Callable[[], float] = time.monotonic,
         reader: Callable[[], LoadedModel] | None = None,
         vocabulary: str = FOLLOW_RELEASE,
+        contrast: float = 1.0,
     ) -> None:
         """Serve ``store``'s releases with ``loaded``.
 
@@ -638,11 +641,13 @@ class SynthesisServicer:
         backend is another one; it is called at the first such request, not before.
         ``vocabulary`` (:data:`~fedsynth.server.vocabulary.FOLLOW_RELEASE`: each release's
         prior's) replaces ``generation.vocabulary``; a fixed one that is not a release's
-        prior's is logged once for that release.
+        prior's is logged once for that release. ``contrast`` is the class contrast every
+        release is steered with (:meth:`Release.directions`; 1: the class vectors themselves).
         """
         if not tokens:
             raise ConfigError("tokens: at least one bearer token is required")
         check_vocabulary_choice(vocabulary)
+        self.contrast = check_contrast(contrast)
         self.store = store
         self.loaded = loaded
         self.limits = limits
@@ -764,7 +769,11 @@ class SynthesisServicer:
             release=stored.info(),
             report_json=json.dumps(stored.release.report, sort_keys=True),
             steering_json=json.dumps(
-                steering_report(stored.release, strength=self.limits.default_strength),
+                steering_report(
+                    stored.release,
+                    strength=self.limits.default_strength,
+                    contrast=self.contrast,
+                ),
                 sort_keys=True,
             ),
         )
@@ -863,6 +872,7 @@ class SynthesisServicer:
                 release,
                 n_per_label=count,
                 strength=params.strength,
+                contrast=self.contrast,
                 config=generation,
                 seed=label_seed(params.seed, label),
                 labels=(label,),
@@ -995,13 +1005,15 @@ def serve(
     generation: GenerationConfig | None = None,
     reader: Callable[[], LoadedModel] | None = None,
     vocabulary: str = FOLLOW_RELEASE,
+    contrast: float = 1.0,
 ) -> SynthesisServer:
     """Start the Synthesis service on ``host:port`` (0: a free port) and return its handle.
 
     TLS is required unless ``insecure=True`` is passed explicitly (tests on loopback only); the
     bearer token is always required. ``reader`` loads the model that reads samples for requests
     with ``select`` when ``loaded`` is not a `transformers` model (see :class:`SynthesisServicer`).
-    ``vocabulary`` is what samples may use: each release's prior's, or one for all.
+    ``vocabulary`` is what samples may use: each release's prior's, or one for all;
+    ``contrast`` the class contrast of every release's steering.
 
     Raises:
         ConfigError: a missing TLS file, a bad token file, a bad releases directory, or the port
@@ -1037,6 +1049,7 @@ def serve(
         generation=generation,
         reader=reader,
         vocabulary=vocabulary,
+        contrast=contrast,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(

@@ -714,7 +714,7 @@ def generate(
     )
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.public_basis import release_basis
-    from fedsynth.server.release import load_release
+    from fedsynth.server.release import check_contrast, load_release
     from fedsynth.server.selection import check_select, scorer_for, select_caution
     from fedsynth.server.snr import check_min_signal_share, check_release_counts, steering_lines
     from fedsynth.server.synthesize import (
@@ -734,6 +734,7 @@ def generate(
             raise ConfigError(f"n={n}: samples per label must be >= 1")
         if not (math.isfinite(strength) and strength >= 0):
             raise ConfigError(f"strength={strength}: must be a finite number >= 0")
+        check_contrast(contrast)
         if _same_file(out, release):
             raise ConfigError(
                 f"out={out} is the release file {release}: writing would destroy the release"
@@ -849,13 +850,37 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 @app.command()
-def inspect(release: Annotated[Path, typer.Argument(help="Release file.")]) -> None:
-    """Print a release's privacy report (after verifying the file's digest)."""
-    from fedsynth.server.release import load_release
+def inspect(
+    release: Annotated[Path, typer.Argument(help="Release file.")],
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print everything as JSON (the full privacy report included)."),
+    ] = False,
+    strength: Annotated[
+        float, typer.Option(help="Steering strength to state the effective strength for.")
+    ] = 0.03,
+    contrast: Annotated[float, typer.Option(help="Class contrast generation would use.")] = 1.0,
+) -> None:
+    """Summarize a release after verifying its digest: model, classes, guarantee, steering.
+
+    The steering lines are the SNR rule's figures as ``fedsynth generate`` applies them by
+    default (without --denoise); all of it is read from the file, no model is loaded.
+    """
+    from fedsynth.protocol.errors import ConfigError
+    from fedsynth.server.release import check_contrast, load_release
+    from fedsynth.server.release_summary import release_summary, summary_lines
 
     with _errors_at_the_edge():
+        if not (math.isfinite(strength) and strength >= 0):
+            raise ConfigError(f"strength={strength}: must be a finite number >= 0")
+        check_contrast(contrast)
         rel = load_release(release)
-    console.print_json(json.dumps(rel.report))
+        summary = release_summary(rel, strength=strength, contrast=contrast)
+    if as_json:
+        console.print_json(json.dumps(summary))
+        return
+    for line in summary_lines(summary):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -38,6 +38,7 @@ from fedsynth.server.secure_round import RoundResult
 from fedsynth.server.snr import (
     DEFAULT_MIN_SIGNAL_SHARE,
     check_min_signal_share,
+    class_parts,
     coordinate_noise_sd,
     direction_weights,
     noise_variance_present,
@@ -227,6 +228,40 @@ def test_contrast_that_amplifies_noise_is_shrunk(llama: LoadedModel) -> None:
     assert all(f > 0.95 for c in steering_snr(release).classes for f in c.factors.values())
     sharp = steering_snr(release, contrast=30.0)
     assert all(f == 0.0 for c in sharp.classes for f in c.factors.values())
+
+
+def test_class_parts_of_a_noiseless_release_are_exact(llama: LoadedModel) -> None:
+    manifest = make_manifest(llama, epsilon=math.inf)
+    rng = np.random.default_rng(2)
+    mean = rng.normal(size=(1, len(LAYERS), llama.hidden_size))
+    offsets = rng.normal(size=(3, len(LAYERS), llama.hidden_size))
+    offsets -= offsets.mean(axis=0, keepdims=True)  # the classes' mean is `mean` itself
+    # Scale each class's offset to a known share of the mean's length at every layer.
+    wanted = np.array([0.1, 0.2, 0.4])
+    lengths = np.linalg.norm(offsets, axis=2) / np.linalg.norm(mean, axis=2)
+    scaled = offsets * (wanted[:, None] / lengths)[:, :, None]
+    scaled -= scaled.mean(axis=0, keepdims=True)  # still centred (changes the shares a bit)
+    release = _release(manifest, mean + scaled, np.array([5.0, 5.0, 5.0]))
+    expected = (np.linalg.norm(scaled, axis=2) / np.linalg.norm(mean, axis=2)).mean(axis=1)
+    parts = class_parts(release)
+    assert [p.label for p in parts] == list(release.labels)
+    np.testing.assert_allclose([p.share for p in parts], expected, rtol=1e-4)
+    assert all(math.isinf(p.snr) for p in parts)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_class_parts_of_pure_noise_have_no_signal(llama: LoadedModel, seed: int) -> None:
+    # Decoded from the real mechanism's noise alone: the class parts are all noise, so their
+    # noise-corrected share and SNR are near 0 (the expected noise energy is taken off).
+    release = _noise_only_release(make_manifest(llama), seed)
+    for part in class_parts(release):
+        assert part.snr < 0.5 and part.share < 0.5, part
+
+
+def test_class_parts_refuse_a_non_positive_count(llama: LoadedModel) -> None:
+    broken = dataclasses.replace(make_test_release(llama), counts=np.array([1.0, 0.0, 2.0]))
+    with pytest.raises(NonPositiveCountError, match="'neg'"):
+        class_parts(broken)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,6 +110,7 @@ def start(
     generation: GenerationConfig = GENERATION,
     reader: Callable[[], LoadedModel] | None = None,
     vocabulary: str = "release",
+    contrast: float = 1.0,
 ) -> SynthesisServer:
     return serve(
         releases=store,
@@ -121,6 +122,7 @@ def start(
         generation=generation,
         reader=reader,
         vocabulary=vocabulary,
+        contrast=contrast,
     )
 
 
@@ -294,6 +296,30 @@ def test_each_release_is_sampled_from_its_prior_vocabulary_unless_told(
             assert served(running.address, "latin") == local(latin, "full")
         cautions = [r.getMessage() for r in caplog.records if "slightly off" in r.getMessage()]
         assert len(cautions) == 1 and "latin" in cautions[0]  # once per release
+
+
+def test_the_service_steers_with_its_class_contrast(
+    tmp_path: Path, llama: LoadedModel, pki: Pki, tokens: Path
+) -> None:
+    release = make_test_release(llama, release_id="c")
+    save_release(release, tmp_path / "c.safetensors")
+
+    def local(contrast: float) -> list[str]:
+        samples = iter_release_samples(
+            llama, release, n_per_label=3, strength=0.5, contrast=contrast, config=GENERATION,
+            seed=label_seed(5, "neg"), labels=("neg",), shots=0,
+        )  # fmt: skip
+        return [s.text for s in samples]
+
+    assert local(3.0) != local(1.0)
+    running = start(tmp_path, llama, pki, tokens, contrast=3.0)
+    with running, SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=60) as c:
+        got = c.generate("c", 3, label="neg", seed=5, strength=0.5, shots=0)
+        assert [s.text for s in got] == local(3.0)
+        expected = steering_snr(release, contrast=3.0).to_dict(strength=DEFAULT_STRENGTH)
+        assert c.steering("c") == json.loads(json.dumps(expected))
+    with pytest.raises(ConfigError, match="contrast=nan"):
+        start(tmp_path, llama, pki, tokens, contrast=math.nan)
 
 
 def test_an_error_while_generating_ends_the_stream_with_its_status(
