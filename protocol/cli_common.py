@@ -94,12 +94,15 @@ PrecisionOption = Annotated[
     ),
 ]
 """``--precision`` beside ``--backend`` (see ``fedsynth.server.backends.PRECISIONS``)."""
+_FULL_OR_LATIN = (
+    "full (every token) or latin (Latin-script tokens only: no other scripts, emoji or byte "
+    "pieces; the output head computes only those rows, 1.2x the tokens/s of Gemma 3 270M on a "
+    "CPU)"
+)
 VocabularyOption = Annotated[
     str,
     typer.Option(
-        help="Tokens the samples may use: full (every token) or latin (Latin-script tokens "
-        "only: no other scripts, emoji or byte pieces; the output head computes only those "
-        "rows, 1.2x the tokens/s of Gemma 3 270M on a CPU). Public knowledge of the task's "
+        help=f"Tokens the samples may use: {_FULL_OR_LATIN}. Public knowledge of the task's "
         "language: no privacy cost.",
     ),
 ]
@@ -108,10 +111,9 @@ ReleaseVocabularyOption = Annotated[
     str,
     typer.Option(
         help="Tokens the samples may use: release (the vocabulary the release's prior texts "
-        "were sampled from, which its class vectors are measured against), full (every "
-        "token) or latin (Latin-script tokens only; the output head computes only those "
-        "rows, 1.2x the tokens/s of Gemma 3 270M on a CPU). Another than the release's "
-        "is allowed with a warning: its steering is slightly off. No privacy cost.",
+        f"were sampled from, which its class vectors are measured against), {_FULL_OR_LATIN}. "
+        "Another than the release's is allowed with a warning: its steering is slightly off. "
+        "No privacy cost.",
     ),
 ]
 """``--vocabulary`` where a release is applied (``fedsynth.server.vocabulary.FOLLOW_RELEASE``)."""

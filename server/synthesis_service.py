@@ -79,6 +79,7 @@ DEFAULT_SHOTS = 1  # own samples shown per sample, as `fedsynth generate`'s defa
 DEFAULT_MAX_SHOTS = 8  # each shot lengthens every prompt by about one sample
 DEFAULT_MIN_SELECT = 0.25  # a request may make the server generate at most 4x what it streams
 DEFAULT_MAX_CALLS_PER_TOKEN = 16  # calls one consumer may have open at once
+DEFAULT_REQUEST_TIMEOUT_S = 30.0  # an admitted call sends its request message within this
 MAX_ID_CHARS = 256  # release ids and labels are short names
 TRUST_MODES = {
     "distributed": pb.TRUST_MODE_DISTRIBUTED,
@@ -106,6 +107,9 @@ class SynthesisLimits:
     # Calls one token may have open at once (a stalled reader keeps its call open): one
     # consumer cannot hold every one of max_concurrent_rpcs.
     max_calls_per_token: int = DEFAULT_MAX_CALLS_PER_TOKEN
+    # Seconds an admitted call may take to send its one request message: a consumer that sends
+    # its headers and then nothing holds one of its calls this long, not until keepalive.
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
 
     def __post_init__(self) -> None:
         for name in (
@@ -117,7 +121,12 @@ class SynthesisLimits:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("requests_per_second", "samples_per_second", "max_strength"):
+        for name in (
+            "requests_per_second",
+            "samples_per_second",
+            "max_strength",
+            "request_timeout_s",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name}={value}: must be a finite number > 0")
@@ -714,13 +723,37 @@ class SynthesisServicer:
             self._limiter.close_call(who)  # the call is already over
         return who
 
-    @classmethod
-    def _read(cls, kind: type[M], requests: Iterator[bytes]) -> M:
-        """The call's one request message, parsed (read only once the caller was admitted)."""
-        raw = next(requests, None)
+    def _read(self, kind: type[M], requests: Iterator[bytes], context: grpc.ServicerContext) -> M:
+        """The call's one request message, parsed (read only once the caller was admitted).
+
+        A call whose message does not arrive within ``limits.request_timeout_s`` is cancelled,
+        which ends the wait: an authenticated consumer cannot keep a call (one of its
+        ``max_calls_per_token``) open by sending nothing.
+        """
+        waited = self.limits.request_timeout_s
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            context.cancel()
+
+        timer = threading.Timer(waited, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            raw = next(requests, None)
+        except grpc.RpcError:  # the call was cancelled while it waited
+            raw = None
+        finally:
+            timer.cancel()
         if raw is None:
+            if expired.is_set():
+                raise ConfigError(
+                    f"request: no {kind.DESCRIPTOR.name} message within {waited:g} s: call "
+                    "cancelled"
+                )
             raise ConfigError(f"request: the call ended before its {kind.DESCRIPTOR.name} message")
-        return cls._parse(kind, raw)
+        return self._parse(kind, raw)
 
     @staticmethod
     def _parse(kind: type[M], raw: bytes) -> M:
@@ -744,7 +777,7 @@ class SynthesisServicer:
         """ListReleases: every verified release this service can generate from."""
         try:
             self._admit(context)
-            self._read(pb.ListReleasesRequest, requests)
+            self._read(pb.ListReleasesRequest, requests, context)
         except FedSynthError as exc:
             self._refuse(context, exc)
         offered = self.store.scan()
@@ -756,7 +789,7 @@ class SynthesisServicer:
         """GetPrivacyReport: a release's summary and its full report as JSON text."""
         try:
             self._admit(context)
-            request = self._read(pb.GetPrivacyReportRequest, requests)
+            request = self._read(pb.GetPrivacyReportRequest, requests, context)
             offered = self.store.scan()
             if request.release_id not in offered:
                 raise UnknownReleaseError(
@@ -784,7 +817,7 @@ class SynthesisServicer:
         """Generate: validate now, then return a stream that generates as it is read."""
         try:
             who = self._admit(context)
-            request = self._read(pb.GenerateRequest, requests)
+            request = self._read(pb.GenerateRequest, requests, context)
             offered = self.store.scan()
             params = validate_generate_request(
                 request,

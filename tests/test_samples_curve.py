@@ -99,3 +99,22 @@ def test_a_run_writes_the_curve_and_resumes_from_its_samples(tmp_path: Path) -> 
     with (merged / "curve.csv").open() as handle:
         both = list(csv.DictReader(handle))
     assert len(both) == 2 + 2 and (merged / "curve.png").exists()  # prior 2, 4; prior, real 2
+
+
+def test_a_run_on_the_users_data_uses_its_labels(tmp_path: Path) -> None:
+    import json
+
+    data = tmp_path / "mine.jsonl"
+    rows = [
+        {"text": f"{label} text number {i} about {label}", "label": label}
+        for label in ("alpha", "beta", "gamma")
+        for i in range(40)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "curve"
+    argv = ["--model", "tiny-llama", "--preset", "quick", "--sizes", "2", "--out", str(out)]
+    main([*argv, "--data", str(data), "--instruction", "A note on {label}:\n", "--no-real"])
+    samples = [json.loads(line) for line in (out / "samples-prior-seed0.jsonl").open()]
+    assert sorted({s["label"] for s in samples}) == ["alpha", "beta", "gamma"]
+    with (out / "curve.csv").open() as handle:
+        assert {r["condition"] for r in csv.DictReader(handle)} == {"prior"}

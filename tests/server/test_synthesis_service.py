@@ -572,6 +572,32 @@ def test_one_token_cannot_hold_every_slot(
             assert [r.release_id for r in c.list_releases()] == ["release-1"]
 
 
+def test_a_token_holder_that_never_sends_its_request_is_cut_off(
+    store: Path, llama: LoadedModel, pki: Pki, tokens: Path
+) -> None:
+    # A consumer with a valid token sends its headers and then nothing: the call is cancelled
+    # after request_timeout_s, which frees the token's call for its next request.
+    limits = dataclasses.replace(LIMITS, max_calls_per_token=1, request_timeout_s=1.0)
+    with start(store, llama, pki, tokens, limits=limits) as running:
+        channel, release, calls = _silent_calls(running.address, pki.ca, 1, token=TOKEN)
+        try:
+            began = time.monotonic()
+            assert calls[0].code() == grpc.StatusCode.CANCELLED
+            assert time.monotonic() - began < 10  # not the call's own 30 s deadline
+            limiter = running.servicer._limiter
+            deadline = time.monotonic() + 10
+            while limiter.open_calls(token_id(TOKEN)) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=10) as c:
+                assert [r.release_id for r in c.list_releases()] == ["release-1"]
+                assert len(list(c.generate("release-1", 2))) == 2  # in time: served as before
+        finally:
+            release.set()
+            channel.close()
+    with pytest.raises(ConfigError, match="request_timeout_s=0"):
+        SynthesisLimits(request_timeout_s=0)
+
+
 def test_tls_is_required_and_checked(server: SynthesisServer, pki: Pki) -> None:
     with SynthesisClient(server.address, token=TOKEN, ca_cert=pki.other_ca, timeout=10) as c:
         code, _ = status_of(c.list_releases)
