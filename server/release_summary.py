@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fedsynth.protocol.errors import NonPositiveCountError
 from fedsynth.server.release import Release
 from fedsynth.server.snr import DEFAULT_MIN_SIGNAL_SHARE, class_parts, steering_lines
 from fedsynth.server.synthesize import steering_report
@@ -48,8 +49,8 @@ def release_summary(
         contrast: The class contrast generation would use.
         min_signal_share: As :func:`~fedsynth.server.snr.steering_snr`.
 
-    Raises:
-        NonPositiveCountError: a class's noisy count is <= 0 (the steering cannot be weighed).
+    A class count <= 0 (a file fedsynth did not decode, or altered) leaves the steering and
+    class-part figures ``{"unavailable": reason}``: the rest is still what the file states.
     """
     manifest = release.manifest
     privacy = manifest.privacy
@@ -85,15 +86,29 @@ def release_summary(
             **recorded,
             PRIOR_VOCABULARY_KEY: recorded[PRIOR_VOCABULARY_KEY] or "full (not recorded)",
         },
-        "class_parts": {
-            part.label: {"share": part.share, "snr": _json_float(part.snr)}
-            for part in class_parts(release)
-        },
-        "steering": steering_report(
+        **_steering_figures(
             release, strength=strength, contrast=contrast, min_signal_share=min_signal_share
         ),
         "report": report,
     }
+
+
+def _steering_figures(
+    release: Release, *, strength: float, contrast: float, min_signal_share: float
+) -> dict[str, Any]:
+    """``class_parts`` and ``steering``, or why the release cannot be weighed."""
+    try:
+        return {
+            "class_parts": {
+                part.label: {"share": part.share, "snr": _json_float(part.snr)}
+                for part in class_parts(release)
+            },
+            "steering": steering_report(
+                release, strength=strength, contrast=contrast, min_signal_share=min_signal_share
+            ),
+        }
+    except NonPositiveCountError as exc:
+        return {"class_parts": {"unavailable": str(exc)}, "steering": {"unavailable": str(exc)}}
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -130,6 +145,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"{prior['prior_top_p'] or '?'}, temperature {prior['prior_temperature'] or '?'}, up to "
         f"{prior['prior_max_new_tokens'] or '?'} new tokens"
     )
+    if "unavailable" in summary["steering"]:
+        lines.append(f"steering: unavailable: {summary['steering']['unavailable']}")
+        return lines
     lines.append(
         "class parts (class vector - mean of the classes; what --contrast scales): "
         + ", ".join(

@@ -85,11 +85,23 @@ def test_lines_name_guarantee_holders_and_steering(llama: LoadedModel) -> None:
     assert "guarantee: none (epsilon = inf" in text and "-DP" not in text
 
 
-def test_a_non_positive_count_is_refused(llama: LoadedModel) -> None:
+def test_a_non_positive_count_leaves_the_steering_unavailable(
+    tmp_path: Path, llama: LoadedModel
+) -> None:
     release = make_test_release(llama)
     broken = dataclasses.replace(release, counts=np.array([12.5, -1.0, 3.0]))
     with pytest.raises(NonPositiveCountError, match="'neg'"):
-        release_summary(broken, strength=0.03)
+        steering_snr(broken)
+    summary = release_summary(broken, strength=0.03)
+    assert "class 'neg' is -1" in summary["steering"]["unavailable"]
+    assert "class 'neg' is -1" in summary["class_parts"]["unavailable"]
+    assert summary["privacy"]["epsilon"] == 2.0  # the rest is still what the file states
+    text = "\n".join(summary_lines(summary))
+    assert "steering: unavailable:" in text and "class parts" not in text
+    path = save_release(broken, tmp_path / "broken.safetensors")
+    result = runner.invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "steering: unavailable:" in _said(result) and "(2, 1e-05)-DP" in _said(result)
 
 
 def test_inspect_prints_the_summary_or_json(tmp_path: Path, llama: LoadedModel) -> None:
