@@ -538,6 +538,15 @@ def test_calls_without_a_token_cannot_hold_the_servers_slots(
             channel.close()
 
 
+def _await_open_calls(limiter: Any, token: str, count: int) -> int:
+    """The token's open calls once they reach ``count`` (or after 10 s, whatever they are)."""
+    deadline = time.monotonic() + 10
+    while limiter.open_calls(token_id(token)) != count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    opened: int = limiter.open_calls(token_id(token))
+    return opened
+
+
 def test_one_token_cannot_hold_every_slot(
     store: Path, llama: LoadedModel, pki: Pki, tokens: Path
 ) -> None:
@@ -547,10 +556,7 @@ def test_one_token_cannot_hold_every_slot(
         channel, release, _calls = _silent_calls(running.address, pki.ca, 2, token=TOKEN)
         try:
             limiter = running.servicer._limiter
-            deadline = time.monotonic() + 10
-            while limiter.open_calls(token_id(TOKEN)) < 2 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert limiter.open_calls(token_id(TOKEN)) == 2
+            assert _await_open_calls(limiter, TOKEN, 2) == 2
             with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=10) as c:
                 code, details = status_of(c.list_releases)
                 assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -564,10 +570,7 @@ def test_one_token_cannot_hold_every_slot(
             release.set()
             channel.close()
         # Once its calls end the token may call again.
-        deadline = time.monotonic() + 10
-        while limiter.open_calls(token_id(TOKEN)) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert limiter.open_calls(token_id(TOKEN)) == 0
+        assert _await_open_calls(limiter, TOKEN, 0) == 0
         with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=10) as c:
             assert [r.release_id for r in c.list_releases()] == ["release-1"]
 
@@ -584,10 +587,7 @@ def test_a_token_holder_that_never_sends_its_request_is_cut_off(
             began = time.monotonic()
             assert calls[0].code() == grpc.StatusCode.CANCELLED
             assert time.monotonic() - began < 10  # not the call's own 30 s deadline
-            limiter = running.servicer._limiter
-            deadline = time.monotonic() + 10
-            while limiter.open_calls(token_id(TOKEN)) and time.monotonic() < deadline:
-                time.sleep(0.02)
+            assert _await_open_calls(running.servicer._limiter, TOKEN, 0) == 0
             with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=10) as c:
                 assert [r.release_id for r in c.list_releases()] == ["release-1"]
                 assert len(list(c.generate("release-1", 2))) == 2  # in time: served as before
