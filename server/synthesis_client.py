@@ -448,6 +448,13 @@ def serve_command(
             min=1,
         ),
     ] = 16,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a call may take to send its request after its headers; then it is "
+            "cancelled (a consumer cannot hold its calls by sending nothing).",
+        ),
+    ] = 30.0,
     insecure: Annotated[
         bool, typer.Option(help="No TLS: tokens and samples in clear text (loopback tests only).")
     ] = False,
@@ -499,6 +506,7 @@ def serve_command(
             max_shots=max_shots,
             min_select=min_select,
             max_calls_per_token=max_calls_per_token,
+            request_timeout_s=request_timeout,
         )
         # A request may generate up to 1 / min_select times its samples.
         limits = dataclasses.replace(

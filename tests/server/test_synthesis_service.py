@@ -1094,6 +1094,18 @@ def test_pull_errors_leave_no_file(server: SynthesisServer, pki: Pki, tmp_path: 
     assert list(tmp_path.iterdir()) == [wrong]
 
 
+def test_serve_refuses_a_bad_contrast_or_request_timeout(tmp_path: Path) -> None:
+    serve = ["serve", "--releases", str(tmp_path), "--model", "no-such-model"]
+    serve += ["--token-file", str(tmp_path / "t"), "--insecure"]
+    for option, value, said in (
+        ("--contrast", "nan", "contrast=nan"),
+        ("--request-timeout", "0", "request_timeout_s=0"),
+    ):
+        result = CliRunner().invoke(synthesis_app, [*serve, option, value])
+        assert result.exit_code == 2, result.output
+        assert said in result.output
+
+
 @pytest.mark.parametrize("min_select", ["0", "nan", "1.5"])
 def test_serve_refuses_a_bad_min_select_by_name(tmp_path: Path, min_select: str) -> None:
     serve = ["serve", "--releases", str(tmp_path), "--model", "no-such-model"]
@@ -1110,19 +1122,22 @@ def test_serve_passes_its_limits_to_the_service(
     from fedsynth.server import synthesis_service
 
     seen: list[SynthesisLimits] = []
+    contrasts: list[float] = []
 
     def fake_serve(**kwargs: Any) -> None:
         seen.append(kwargs["limits"])
+        contrasts.append(kwargs["contrast"])
         raise ConfigError("stopped before serving")
 
     monkeypatch.setattr(synthesis_service, "serve", fake_serve)
     serve = ["serve", "--releases", str(tmp_path), "--model", "tiny-llama", "--insecure"]
     serve += ["--token-file", str(tmp_path / "t"), "--max-calls-per-token", "3"]
-    serve += ["--min-select", "0.5", "--max-samples", "40000"]
-    result = CliRunner().invoke(synthesis_app, serve)
+    serve += ["--min-select", "0.5", "--max-samples", "40000", "--request-timeout", "5"]
+    result = CliRunner().invoke(synthesis_app, [*serve, "--contrast", "2"])
     assert result.exit_code == 2 and "stopped before serving" in result.output
     (limits,) = seen
-    assert limits.max_calls_per_token == 3
+    assert contrasts == [2.0]
+    assert limits.max_calls_per_token == 3 and limits.request_timeout_s == 5.0
     assert limits.min_select == 0.5 and limits.max_samples == 40_000
     assert limits.sample_burst == 80_000  # a request may generate 1 / min_select its samples
 
@@ -1226,6 +1241,8 @@ def test_serve_defaults_are_the_services() -> None:
     assert defaults["max_samples"] == synthesis_service.DEFAULT_MAX_SAMPLES
     assert defaults["min_select"] == synthesis_service.DEFAULT_MIN_SELECT
     assert defaults["max_calls_per_token"] == synthesis_service.DEFAULT_MAX_CALLS_PER_TOKEN
+    assert defaults["request_timeout"] == synthesis_service.DEFAULT_REQUEST_TIMEOUT_S
+    assert defaults["contrast"] == 1.0
     assert (
         synthesis_service.SynthesisLimits().max_calls_per_token == defaults["max_calls_per_token"]
     )
