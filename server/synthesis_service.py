@@ -748,6 +748,11 @@ class SynthesisServicer:
             timer.cancel()
         if raw is None:
             if expired.is_set():
+                logger.info(
+                    "%s: no request message within %g s after the headers; call cancelled",
+                    kind.DESCRIPTOR.name,
+                    waited,
+                )
                 raise ConfigError(
                     f"request: no {kind.DESCRIPTOR.name} message within {waited:g} s: call "
                     "cancelled"

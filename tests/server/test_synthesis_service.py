@@ -576,17 +576,22 @@ def test_one_token_cannot_hold_every_slot(
 
 
 def test_a_token_holder_that_never_sends_its_request_is_cut_off(
-    store: Path, llama: LoadedModel, pki: Pki, tokens: Path
+    store: Path, llama: LoadedModel, pki: Pki, tokens: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A consumer with a valid token sends its headers and then nothing: the call is cancelled
     # after request_timeout_s, which frees the token's call for its next request.
     limits = dataclasses.replace(LIMITS, max_calls_per_token=1, request_timeout_s=1.0)
-    with start(store, llama, pki, tokens, limits=limits) as running:
+    with caplog.at_level("INFO"), start(store, llama, pki, tokens, limits=limits) as running:
         channel, release, calls = _silent_calls(running.address, pki.ca, 1, token=TOKEN)
         try:
             began = time.monotonic()
             assert calls[0].code() == grpc.StatusCode.CANCELLED
             assert time.monotonic() - began < 10  # not the call's own 30 s deadline
+            said = "GenerateRequest: no request message within 1 s"
+            deadline = time.monotonic() + 10  # the handler logs once its wait has ended
+            while said not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert said in caplog.text
             assert _await_open_calls(running.servicer._limiter, TOKEN, 0) == 0
             with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=10) as c:
                 assert [r.release_id for r in c.list_releases()] == ["release-1"]
