@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout
 
 from fedsynth.server.release import load_release
-from fedsynth.server.snr import class_parts
+from fedsynth.server.snr import class_parts, json_float
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "release": str(path),
                     "release_id": release.release_id,
-                    "epsilon": "inf" if math.isinf(epsilon) else epsilon,
+                    "epsilon": json_float(epsilon),
                     "label": part.label,
                     "share": part.share,
-                    "snr": "inf" if math.isinf(part.snr) else part.snr,
+                    "snr": json_float(part.snr),
                 }
             )
             snr = "inf" if math.isinf(part.snr) else f"{part.snr:.2f}"

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,17 @@ class Release:
         return self.manifest.extra.get(PRIOR_VOCABULARY_KEY)
 
 
+def check_strength(strength: float) -> float:
+    """``strength`` as a float if it is a finite number >= 0, else a ConfigError naming it."""
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, numbers.Real)
+        or not (math.isfinite(strength) and strength >= 0)
+    ):
+        raise ConfigError(f"strength={strength}: must be a finite number >= 0")
+    return float(strength)
+
+
 def check_contrast(contrast: float) -> float:
     """``contrast`` as a float if it is a finite number, else a ConfigError naming it.
 
@@ -90,7 +102,7 @@ def check_contrast(contrast: float) -> float:
     """
     if (
         isinstance(contrast, bool)
-        or not isinstance(contrast, int | float)
+        or not isinstance(contrast, numbers.Real)
         or not math.isfinite(contrast)
     ):
         raise ConfigError(f"contrast={contrast!r}: must be a finite number")

@@ -9,12 +9,16 @@ the digest, and the steering figures that are post-processing of the public rele
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from fedsynth.protocol.errors import NonPositiveCountError
 from fedsynth.server.release import Release
-from fedsynth.server.snr import DEFAULT_MIN_SIGNAL_SHARE, class_parts, steering_lines
+from fedsynth.server.snr import (
+    DEFAULT_MIN_SIGNAL_SHARE,
+    class_parts,
+    json_float,
+    steering_lines,
+)
 from fedsynth.server.synthesize import steering_report
 from fedsynth.server.vocabulary import PRIOR_VOCABULARY_KEY
 
@@ -73,9 +77,9 @@ def release_summary(
             label: float(count) for label, count in zip(release.labels, release.counts, strict=True)
         },
         "privacy": {
-            "epsilon": _json_float(privacy.epsilon),
+            "epsilon": json_float(privacy.epsilon),
             "delta": privacy.delta,
-            "noise_multiplier": _json_float(privacy.noise_multiplier),
+            "noise_multiplier": json_float(privacy.noise_multiplier),
             "noise_sharing": privacy.noise_sharing,
             "colluders_tolerated": privacy.colluders,
             "noise_variance_target_scaled": privacy.total_variance,
@@ -100,7 +104,7 @@ def _steering_figures(
     try:
         return {
             "class_parts": {
-                part.label: {"share": part.share, "snr": _json_float(part.snr)}
+                part.label: {"share": part.share, "snr": json_float(part.snr)}
                 for part in class_parts(release)
             },
             "steering": steering_report(
@@ -157,11 +161,6 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     )
     lines.extend(steering_lines(summary["steering"]))
     return lines
-
-
-def _json_float(value: float) -> float | str:
-    """``inf`` as the string "inf" (JSON has no infinity)."""
-    return "inf" if math.isinf(value) else value
 
 
 def _fmt(value: float | str) -> str:

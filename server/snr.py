@@ -72,7 +72,7 @@ from scipy.stats import chi2
 
 from fedsynth.protocol.errors import ConfigError, NonPositiveCountError
 from fedsynth.server.public_basis import PublicBasis
-from fedsynth.server.release import Release
+from fedsynth.server.release import Release, check_contrast
 
 DEFAULT_LEVEL = 1e-3  # chance that a pure-noise layer keeps a non-zero strength
 DEFAULT_MIN_SIGNAL_SHARE = 0.5  # below it (factor^2, the signal's share) a layer is off
@@ -178,7 +178,7 @@ class SteeringSnr:
                     "noise_sd": item.noise_sd,
                     "noise_energy": item.noise_energy,
                     "observed_energy": item.observed_energy,
-                    "snr": _json_float(item.snr),
+                    "snr": json_float(item.snr),
                     "factor": item.factor,
                     "projected_rank": item.rank,
                     "effective_strength": strength * used,
@@ -186,7 +186,7 @@ class SteeringSnr:
             mean_used = entry.factor if applied else 1.0
             classes[entry.label] = {
                 "count": entry.count,
-                "snr": _json_float(_class_snr(entry)),
+                "snr": json_float(_class_snr(entry)),
                 "factor": entry.factor,
                 "effective_strength": strength * mean_used,
                 "layers": layers,
@@ -219,7 +219,7 @@ class SteeringSnr:
         }
 
 
-def _json_float(value: float) -> float | str:
+def json_float(value: float) -> float | str:
     """``inf`` as the string "inf" (JSON has no infinity)."""
     return "inf" if math.isinf(value) else value
 
@@ -388,8 +388,7 @@ def steering_snr(
         ConfigError: if a class vector is not finite, ``level`` is outside (0, 1) or
             ``min_signal_share`` outside [0, 1].
     """
-    if not math.isfinite(contrast):
-        raise ConfigError(f"contrast={contrast}: must be finite")
+    check_contrast(contrast)
     check_min_signal_share(min_signal_share)
     variance, source = noise_variance_present(release)
     sd = coordinate_noise_sd(release, variance=variance)  # (C, L)

@@ -714,7 +714,7 @@ def generate(
     )
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.public_basis import release_basis
-    from fedsynth.server.release import check_contrast, load_release
+    from fedsynth.server.release import check_contrast, check_strength, load_release
     from fedsynth.server.selection import check_select, scorer_for, select_caution
     from fedsynth.server.snr import check_min_signal_share, check_release_counts, steering_lines
     from fedsynth.server.synthesize import (
@@ -732,8 +732,7 @@ def generate(
     with _errors_at_the_edge():
         if n < 1:
             raise ConfigError(f"n={n}: samples per label must be >= 1")
-        if not (math.isfinite(strength) and strength >= 0):
-            raise ConfigError(f"strength={strength}: must be a finite number >= 0")
+        check_strength(strength)
         check_contrast(contrast)
         if _same_file(out, release):
             raise ConfigError(
@@ -866,13 +865,11 @@ def inspect(
     The steering lines are the SNR rule's figures as ``fedsynth generate`` applies them by
     default (without --denoise); all of it is read from the file, no model is loaded.
     """
-    from fedsynth.protocol.errors import ConfigError
-    from fedsynth.server.release import check_contrast, load_release
+    from fedsynth.server.release import check_contrast, check_strength, load_release
     from fedsynth.server.release_summary import release_summary, summary_lines
 
     with _errors_at_the_edge():
-        if not (math.isfinite(strength) and strength >= 0):
-            raise ConfigError(f"strength={strength}: must be a finite number >= 0")
+        check_strength(strength)
         check_contrast(contrast)
         rel = load_release(release)
         summary = release_summary(rel, strength=strength, contrast=contrast)

@@ -50,7 +50,7 @@ from fedsynth.server.flower_app import make_server_app
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.ledger import PrivacyLedger, ledger_path
 from fedsynth.server.public_basis import PublicBasis, basis_from_texts
-from fedsynth.server.release import Release
+from fedsynth.server.release import Release, check_contrast, check_strength
 from fedsynth.server.secure_round import Transport
 from fedsynth.server.selection import check_select, select_caution
 from fedsynth.server.snr import DEFAULT_MIN_SIGNAL_SHARE, check_min_signal_share
@@ -180,10 +180,8 @@ class DemoConfig:
             raise ConfigError(f"mode={self.mode!r}: expected one of {MODES}")
         if not self.layers or min(self.layers) < 0:
             raise ConfigError(f"layers={self.layers}: need at least one layer index >= 0")
-        if not (math.isfinite(self.strength) and self.strength >= 0.0):
-            raise ConfigError(f"strength={self.strength}: must be a finite number >= 0")
-        if not math.isfinite(self.contrast):
-            raise ConfigError(f"contrast={self.contrast}: must be finite")
+        check_strength(self.strength)
+        check_contrast(self.contrast)
         check_min_signal_share(self.min_signal_share)
         positive = {
             "synthetic_per_label (--samples)": self.synthetic_per_label,
