@@ -17,8 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout
 
+from fedsynth.protocol.manifest import json_float
 from fedsynth.server.release import load_release
-from fedsynth.server.snr import class_parts, json_float
+from fedsynth.server.snr import class_parts
 
 
 def main(argv: list[str] | None = None) -> int:

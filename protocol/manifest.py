@@ -310,7 +310,7 @@ class TaskManifest:
             "node_ids": [str(n) for n in self.node_ids],
             "privacy": {
                 **self.privacy.__dict__,
-                "epsilon": _float_out(self.privacy.epsilon),
+                "epsilon": json_float(self.privacy.epsilon),
             },
             "reference_sha256": self.reference_sha256,
             "deadline_s": self.deadline_s,
@@ -353,6 +353,6 @@ class TaskManifest:
             raise ConfigError(f"malformed task manifest: {exc!r}") from exc
 
 
-def _float_out(value: float) -> float | str:
-    """JSON-safe float: infinity becomes the string "inf"."""
+def json_float(value: float) -> float | str:
+    """JSON-safe float: infinity becomes the string "inf" (JSON has no infinity)."""
     return "inf" if math.isinf(value) else value

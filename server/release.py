@@ -291,6 +291,8 @@ def load_release(path: Path) -> Release:
     """
     if not path.exists():
         raise ConfigError(f"release file {path} does not exist")
+    if path.is_dir():  # an empty path argument arrives as "." too
+        raise ConfigError(f"{path} is a directory, not a release file (give the .safetensors file)")
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}

@@ -12,13 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from fedsynth.protocol.errors import NonPositiveCountError
+from fedsynth.protocol.manifest import json_float
 from fedsynth.server.release import Release
-from fedsynth.server.snr import (
-    DEFAULT_MIN_SIGNAL_SHARE,
-    class_parts,
-    json_float,
-    steering_lines,
-)
+from fedsynth.server.snr import DEFAULT_MIN_SIGNAL_SHARE, class_parts, steering_lines
 from fedsynth.server.synthesize import steering_report
 from fedsynth.server.vocabulary import PRIOR_VOCABULARY_KEY
 

@@ -71,6 +71,7 @@ import torch
 from scipy.stats import chi2
 
 from fedsynth.protocol.errors import ConfigError, NonPositiveCountError
+from fedsynth.protocol.manifest import json_float
 from fedsynth.server.public_basis import PublicBasis
 from fedsynth.server.release import Release, check_contrast
 
@@ -217,11 +218,6 @@ class SteeringSnr:
             "public_basis": None if self.basis is None else self.basis.source,
             "classes": classes,
         }
-
-
-def json_float(value: float) -> float | str:
-    """``inf`` as the string "inf" (JSON has no infinity)."""
-    return "inf" if math.isinf(value) else value
 
 
 def _class_snr(entry: ClassSnr) -> float:

@@ -12,12 +12,10 @@ This module imports no model code (the ``serve`` command loads it lazily), so a 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import signal
 import tempfile
@@ -487,7 +485,12 @@ def serve_command(
     )
     from fedsynth.server.generation import GenerationConfig
     from fedsynth.server.release import check_contrast
-    from fedsynth.server.synthesis_service import DEFAULT_BATCH_SIZE, SynthesisLimits, serve
+    from fedsynth.server.synthesis_service import (
+        DEFAULT_BATCH_SIZE,
+        SynthesisLimits,
+        serve,
+        serving_sample_burst,
+    )
     from fedsynth.server.vocabulary import check_vocabulary_choice
 
     with _errors_at_the_edge():
@@ -499,18 +502,14 @@ def serve_command(
         check_precision_backend(backend, precision)
         if insecure:
             console.print("[yellow]warning:[/yellow] --insecure: no TLS, tokens travel in clear")
-        limits = SynthesisLimits(  # validates min_select before it divides below
+        limits = SynthesisLimits(
             max_samples=max_samples,
-            sample_burst=max(50_000, max_samples),
+            sample_burst=serving_sample_burst(max_samples, min_select),
             default_shots=shots,
             max_shots=max_shots,
             min_select=min_select,
             max_calls_per_token=max_calls_per_token,
             request_timeout_s=request_timeout,
-        )
-        # A request may generate up to 1 / min_select times its samples.
-        limits = dataclasses.replace(
-            limits, sample_burst=max(50_000, math.ceil(max_samples / min_select))
         )
         loaded = open_backend(backend, model, threads=threads, head=llama_head, precision=precision)
         reader = None if backend == "transformers" else functools.partial(load_model, model)

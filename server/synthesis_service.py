@@ -80,6 +80,7 @@ DEFAULT_MAX_SHOTS = 8  # each shot lengthens every prompt by about one sample
 DEFAULT_MIN_SELECT = 0.25  # a request may make the server generate at most 4x what it streams
 DEFAULT_MAX_CALLS_PER_TOKEN = 16  # calls one consumer may have open at once
 DEFAULT_REQUEST_TIMEOUT_S = 30.0  # an admitted call sends its request message within this
+DEFAULT_SAMPLE_BURST = 50_000  # samples a token may request at once, refilled over time
 MAX_ID_CHARS = 256  # release ids and labels are short names
 TRUST_MODES = {
     "distributed": pb.TRUST_MODE_DISTRIBUTED,
@@ -101,7 +102,7 @@ class SynthesisLimits:
     min_select: float = DEFAULT_MIN_SELECT  # 1: requests cannot ask for selection
     request_burst: int = 60  # requests a token may make at once ...
     requests_per_second: float = 2.0  # ... and refilled at this rate
-    sample_burst: int = 50_000  # samples a token may request at once (>= max_samples) ...
+    sample_burst: int = DEFAULT_SAMPLE_BURST  # samples a token may request at once ...
     samples_per_second: float = 500.0  # ... and refilled at this rate
     max_concurrent_rpcs: int = 64  # beyond this, gRPC answers RESOURCE_EXHAUSTED
     # Calls one token may have open at once (a stalled reader keeps its call open): one
@@ -139,13 +140,28 @@ class SynthesisLimits:
             raise ConfigError(
                 f"default_shots={self.default_shots}: must be in [0, max_shots={self.max_shots}]"
             )
-        if not (math.isfinite(self.min_select) and 0 < self.min_select <= 1):
-            raise ConfigError(f"min_select={self.min_select}: must be a fraction in (0, 1]")
+        check_min_select(self.min_select)
         if self.sample_burst < self.max_samples:
             raise ConfigError(
                 f"sample_burst={self.sample_burst}: must be >= max_samples={self.max_samples}, "
                 "or a request of max_samples could never be served"
             )
+
+
+def check_min_select(min_select: float) -> None:
+    """Refuse a least kept fraction outside (0, 1], naming it."""
+    if not (math.isfinite(min_select) and 0 < min_select <= 1):
+        raise ConfigError(f"min_select={min_select}: must be a fraction in (0, 1]")
+
+
+def serving_sample_burst(max_samples: int, min_select: float) -> int:
+    """The samples a token may request at once for a server with these limits.
+
+    A request may generate up to 1 / ``min_select`` times its samples, so the burst covers
+    that, and never falls below the default.
+    """
+    check_min_select(min_select)  # before it divides
+    return max(DEFAULT_SAMPLE_BURST, math.ceil(max_samples / min_select))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,6 +99,8 @@ def test_privacy_report_counts_the_actual_noise(llama: LoadedModel) -> None:
 def test_load_refuses_missing_and_corrupt_files(tmp_path: Path, llama: LoadedModel) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_release(tmp_path / "absent.safetensors")
+    with pytest.raises(ConfigError, match=r"is a directory, not a release file"):
+        load_release(tmp_path)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01not a safetensors file at all" * 10)
     with pytest.raises(ConfigError, match="not a readable release"):

@@ -61,6 +61,7 @@ from fedsynth.server.synthesis_service import (
     label_seed,
     serve,
     server_credentials,
+    serving_sample_burst,
     split_counts,
     status_code_for,
     validate_generate_request,
@@ -461,6 +462,15 @@ def test_selection_is_charged_for_what_it_generates() -> None:
     assert generated_samples(dataclasses.replace(params, select=1.0), batch=4) == 30
     with pytest.raises(ConfigError, match="min_select=0"):
         SynthesisLimits(min_select=0)
+
+
+def test_serving_burst_covers_what_selection_generates() -> None:
+    assert serving_sample_burst(10_000, 1.0) == 50_000  # never below the default burst
+    assert serving_sample_burst(40_000, 0.5) == 80_000
+    assert serving_sample_burst(40_000, 0.3) == 133_334  # rounded up, not down
+    for bad in (0.0, 1.5, math.nan):
+        with pytest.raises(ConfigError, match=r"min_select=.*must be a fraction"):
+            serving_sample_burst(10, bad)
 
 
 def test_shot_pools_are_charged_too() -> None:

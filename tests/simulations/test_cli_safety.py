@@ -320,6 +320,13 @@ def test_inspect_and_generate_refuse_a_tampered_release(tmp_path: Path, release_
     assert not target.exists()
 
 
+def test_inspect_names_a_directory_or_empty_path(tmp_path: Path) -> None:
+    for given in (str(tmp_path), ""):  # typer turns an empty path into "."
+        result = runner.invoke(app, ["inspect", given])
+        assert result.exit_code == 2
+        assert "is a directory, not a release file" in _said(result)
+
+
 def test_generate_samples_as_long_as_the_release_declares(
     tmp_path: Path, release_file: Path
 ) -> None:
