@@ -546,6 +546,39 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
     ),
     Mutant(
+        name="charge-outside-one-transaction",
+        summary="a holder's cap check and charge run in a deferred transaction (two set-ups at "
+        "once both pass the lifetime cap)",
+        patches=(
+            Patch(
+                "client/budget.py",
+                "        with self._transaction(self.path, write=True) as db:\n"
+                "            return self._charge(db, task_id, privacy, wanted, check, "
+                "repeat=repeat)\n",
+                "        with self._transaction(self.path, write=False) as db:  # mutant: BEGIN\n"
+                "            return self._charge(db, task_id, privacy, wanted, check, "
+                "repeat=repeat)\n",
+            ),
+        ),
+        tests=("tests/client/test_budget_mutants.py::test_two_charges_at_once_see_each_other",),
+    ),
+    Mutant(
+        name="commit-charges-no-store",
+        summary="a dataset-vector holder's commit charges a budget that keeps nothing",
+        patches=(
+            Patch(
+                "client/contributor.py",
+                "        ClientBudget(self.settings.budget_path).charge(\n",
+                "        ClientBudget(None).charge(  # mutant: nothing is recorded\n",
+            ),
+        ),
+        tests=(
+            "tests/client/test_contributor_setup.py::test_the_commit_charges_this_holders_store",
+            "tests/client/test_budget.py::"
+            "test_two_processes_setting_up_two_tasks_at_once_cannot_overspend",
+        ),
+    ),
+    Mutant(
         name="gdp-factor-understated",
         summary="the Skellam GDP certificate's factor 1 % too small (less noise than needed)",
         patches=(
