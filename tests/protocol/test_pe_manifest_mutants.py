@@ -19,24 +19,12 @@ import pytest
 from fedsynth.protocol.codec import to_field
 from fedsynth.protocol.errors import ConfigError, FieldRangeError
 from fedsynth.protocol.manifest import PrivacySpec, noise_margin
-from fedsynth.protocol.pe_manifest import PE_ADJACENCY, decode_histogram, encode_votes
-from tests.protocol.test_pe_manifest import DELTA, LABELS, _calibration, _manifest
+from fedsynth.protocol.pe_manifest import decode_histogram, encode_votes
+from tests.protocol.test_pe_manifest import LABELS, _manifest, _privacy
 
 
-def _no_noise(top_k: int = 1) -> PrivacySpec:
-    cal = _calibration("distributed", math.inf, top_k)
-    return PrivacySpec(
-        epsilon=math.inf,
-        delta=DELTA,
-        mode="distributed",
-        threshold=2,
-        total_variance=0.0,
-        noise_multiplier=cal.noise_multiplier,
-        l2_sensitivity=cal.l2_sensitivity,
-        l1_sensitivity=cal.l1_sensitivity,
-        accountant=cal.accountant,
-        adjacency=PE_ADJACENCY,
-    )
+def _no_noise() -> PrivacySpec:
+    return _privacy(epsilon=math.inf, top_k=1, threshold=2)
 
 
 def test_the_smallest_sizes_are_accepted() -> None:
@@ -100,19 +88,7 @@ def test_a_holder_refuses_votes_at_its_share_of_the_field() -> None:
 
 
 def test_central_decoding_needs_the_coordinators_rng() -> None:
-    cal = _calibration("central", 4.0, 2)
-    privacy = PrivacySpec(
-        epsilon=4.0,
-        delta=DELTA,
-        mode="central",
-        threshold=3,
-        total_variance=cal.total_variance,
-        noise_multiplier=cal.noise_multiplier,
-        l2_sensitivity=cal.l2_sensitivity,
-        l1_sensitivity=cal.l1_sensitivity,
-        accountant=cal.accountant,
-        adjacency=PE_ADJACENCY,
-    )
+    privacy = _privacy(mode="central")
     manifest = _manifest(privacy=privacy)
     field_sum = to_field(np.zeros(manifest.dim, dtype=np.int64), bits=manifest.bits)
     with pytest.raises(ConfigError) as caught:
