@@ -17,6 +17,7 @@ import math
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from manifests import FINGERPRINT, TEMPLATE, make_manifest
 
 from fedsynth.client.budget import (
     ClientBudget,
+    SpendCheck,
     canonical_terms,
     pe_task_terms,
     privacy_terms,
@@ -178,15 +180,15 @@ def _refuse(_epsilon: float, _delta: float) -> None:
 # -- one transaction per charge ----------------------------------------------------------------
 
 
-def _race(path: Path, charges: list[object]) -> list[str]:
+def _race(*charges: Callable[[], object]) -> list[str]:
     """Run two charges at once, each holding its transaction open inside its check."""
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(len(charges))
     outcome: list[str] = []
 
-    def run(charge: object) -> None:
+    def run(charge: Callable[[], object]) -> None:
         barrier.wait(timeout=30)
         try:
-            charge()  # type: ignore[operator]
+            charge()
         except (PolicyViolationError, BudgetStoreError) as exc:
             outcome.append(type(exc).__name__)
         else:
@@ -200,7 +202,7 @@ def _race(path: Path, charges: list[object]) -> list[str]:
     return sorted(outcome)
 
 
-def _slow_cap(cap: float, epsilon: float) -> object:
+def _slow_cap(cap: float, epsilon: float) -> SpendCheck:
     def check(spent: float, _delta: float) -> None:
         time.sleep(0.3)  # the other charge reaches its own check meanwhile, unless it waits
         if spent + epsilon > cap:
@@ -214,11 +216,8 @@ def test_two_charges_at_once_see_each_other(tmp_path: Path) -> None:
     ClientBudget(path).spent()  # the store exists before the race
     check = _slow_cap(6.0, 4.0)
     outcome = _race(
-        path,
-        [
-            lambda: ClientBudget(path).charge(make_manifest("a", epsilon=4.0), check=check),  # type: ignore[arg-type]
-            lambda: ClientBudget(path).charge(make_manifest("b", epsilon=4.0), check=check),  # type: ignore[arg-type]
-        ],
+        lambda: ClientBudget(path).charge(make_manifest("a", epsilon=4.0), check=check),
+        lambda: ClientBudget(path).charge(make_manifest("b", epsilon=4.0), check=check),
     )
     # The second waits for the first's transaction, then its check sees 4.0 spent: a refusal
     # by the cap, not a store error after both passed a check on nothing spent.
@@ -231,11 +230,8 @@ def test_two_pe_first_rounds_at_once_see_each_other(tmp_path: Path) -> None:
     ClientBudget(path).spent()
     check = _slow_cap(3.0, 2.0)
     outcome = _race(
-        path,
-        [
-            lambda: ClientBudget(path).charge_pe_round(pe_round("pe-a"), check=check),  # type: ignore[arg-type]
-            lambda: ClientBudget(path).charge_pe_round(pe_round("pe-b"), check=check),  # type: ignore[arg-type]
-        ],
+        lambda: ClientBudget(path).charge_pe_round(pe_round("pe-a"), check=check),
+        lambda: ClientBudget(path).charge_pe_round(pe_round("pe-b"), check=check),
     )
     assert outcome == ["BudgetExceededError", "charged"]
     assert ClientBudget(path).spent() == 2.0

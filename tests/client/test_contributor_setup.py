@@ -63,11 +63,18 @@ def test_setup_refuses_a_task_this_holder_already_contributed_to(tmp_path: Path)
     assert not list(state.keys())
 
 
-def test_setup_checks_the_lifetime_cap_against_what_the_store_spent(tmp_path: Path) -> None:
-    policy = ClientPolicy(max_epsilon_per_task=4.0, max_total_epsilon=6.0)
-    contributor = _contributor(tmp_path, policy)
+def _after_an_earlier_task(tmp_path: Path) -> Contributor:
+    """A holder with a lifetime cap of 6 whose store already holds 4 spent on another task."""
+    contributor = _contributor(
+        tmp_path, ClientPolicy(max_epsilon_per_task=4.0, max_total_epsilon=6.0)
+    )
     earlier = dataclasses.replace(vector_manifest("distributed", 4.0), task_id="earlier")
     ClientBudget(tmp_path / "budget.sqlite").charge(earlier)
+    return contributor
+
+
+def test_setup_checks_the_lifetime_cap_against_what_the_store_spent(tmp_path: Path) -> None:
+    contributor = _after_an_earlier_task(tmp_path)
     with pytest.raises(BudgetExceededError, match=r"max_total_epsilon=6.0"):
         contributor.accept(_fields(vector_manifest("distributed", 4.0)), RecordDict())
 
@@ -100,17 +107,15 @@ def test_the_commit_charges_this_holders_store(tmp_path: Path) -> None:
 
 
 def test_the_commit_rechecks_the_cap_and_the_record_limit(tmp_path: Path) -> None:
-    policy = ClientPolicy(max_epsilon_per_task=4.0, max_total_epsilon=6.0)
-    contributor = _contributor(tmp_path, policy)
-    earlier = dataclasses.replace(vector_manifest("distributed", 4.0), task_id="earlier")
-    ClientBudget(tmp_path / "budget.sqlite").charge(earlier)
+    contributor = _after_an_earlier_task(tmp_path)
     with pytest.raises(BudgetExceededError, match=r"max_total_epsilon=6.0"):
         contributor.committed(vector_manifest("distributed", 4.0), RecordDict())
-    # Two records in the file, a task that allows one: refused at commit too, counted there.
+    # A task whose record bound is below this holder's own cap: the policy's terms are
+    # re-checked inside the charge too, and nothing is charged.
     one = dataclasses.replace(vector_manifest("distributed", 4.0), task_id="one", max_records=1)
     (tmp_path / "fresh").mkdir()
     fresh = _contributor(tmp_path / "fresh", ClientPolicy(max_epsilon_per_task=4.0))
-    with pytest.raises(PolicyViolationError, match="max_records=1"):
+    with pytest.raises(PolicyViolationError, match="the task's max_records=1 is below"):
         fresh.committed(one, RecordDict())
     assert not ClientBudget(tmp_path / "fresh" / "budget.sqlite").has("one")
 
