@@ -125,7 +125,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         """The number of labels (a public fact of the manifest, echoed as a sanity check)."""
         return {"n_labels": len(task.labels)}
 
-    def restore(self, manifest_json: str, payload: bytes) -> TaskManifest:
+    def restore(self, manifest_json: str) -> TaskManifest:
         """The manifest saved at setup (its reference travels as the payload)."""
         return TaskManifest.from_json(manifest_json)
 

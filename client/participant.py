@@ -138,8 +138,8 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         """Validate a setup request against local policy; return the task and its payload."""
 
     @abstractmethod
-    def restore(self, manifest_json: str, payload: bytes) -> TaskT:
-        """Rebuild the task saved at setup."""
+    def restore(self, manifest_json: str) -> TaskT:
+        """Rebuild the task saved at setup (its payload is kept beside it, not inside)."""
 
     @abstractmethod
     def contribution(self, task: TaskT, payload: bytes, state: RecordDict) -> np.ndarray:
@@ -413,7 +413,7 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         payload = record["payload"]
         if not isinstance(payload, bytes):
             raise StageOrderError("corrupt node state: payload is not bytes")
-        task = self.restore(str(record["manifest"]), payload)
+        task = self.restore(str(record["manifest"]))
         secagg: dict[str, Any] = {
             k[len("secagg.") :]: record[k] for k in record if k.startswith("secagg.")
         }

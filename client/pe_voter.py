@@ -139,7 +139,7 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
         log.info("node %s accepted PE round %s", self.node_id, manifest.task_id)
         return manifest, candidates.tobytes()
 
-    def restore(self, manifest_json: str, payload: bytes) -> PERoundManifest:
+    def restore(self, manifest_json: str) -> PERoundManifest:
         """The round manifest saved at setup."""
         return PERoundManifest.from_json(manifest_json)
 

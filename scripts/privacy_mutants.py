@@ -579,6 +579,23 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
     ),
     Mutant(
+        name="reload-forgets-colluders",
+        summary="a holder reloading its round state checks the threshold for no colluders",
+        patches=(
+            Patch(
+                "client/participant.py",
+                "            roster=roster,\n            max_colluders=self._colluders(task),\n"
+                "        )\n        return task, payload, client\n",
+                "            roster=roster,  # mutant: the colluder bound is dropped\n"
+                "        )\n        return task, payload, client\n",
+            ),
+        ),
+        tests=(
+            "tests/client/test_participant_mutants.py::"
+            "test_a_stricter_colluder_bound_holds_at_every_later_stage",
+        ),
+    ),
+    Mutant(
         name="gdp-factor-understated",
         summary="the Skellam GDP certificate's factor 1 % too small (less noise than needed)",
         patches=(

@@ -245,6 +245,7 @@ class LocalTransport:
         self.timeouts: list[float] = []
         self.requests: dict[str, dict[int, RecordDict]] = {}
         self.replies: dict[str, dict[int, RecordDict]] = {}
+        self.refusals: dict[str, dict[int, FedSynthError]] = {}  # what each holder raised
 
     def exchange(
         self, stage: str, requests: Mapping[int, RecordDict], *, timeout: float
@@ -260,6 +261,7 @@ class LocalTransport:
             try:
                 reply = node.contributor.handle(stage, _wire(content), node.state)
             except FedSynthError as exc:
+                self.refusals.setdefault(stage, {})[node_id] = exc
                 out[node_id] = Reply(content=None, error=refusal_reason(exc))
                 continue
             reply = _wire(reply)
@@ -1317,6 +1319,9 @@ def test_holders_listed_but_absent_do_not_count_toward_min_holders(
     with pytest.raises(TooFewParticipantsError, match="masked_input: policy"):
         run_secure_round(transport, manifest, reference.means)
     assert transport.replies.get("masked_input", {}) == {}
+    assert {str(e) for e in transport.refusals["masked_input"].values()} == {
+        "2 holders exchanged keys, below min_holders=3"
+    }
 
 
 def test_a_holder_pays_before_it_reads_its_data_so_a_failure_is_never_free(
@@ -1366,6 +1371,9 @@ def test_min_holders_bounds_the_survivors_not_only_the_key_exchange(
         run_secure_round(transport, manifest, reference.means)
     assert transport.replies.get("consistency", {}) == {}
     assert transport.replies.get("unmask", {}) == {}
+    assert {str(e) for e in transport.refusals["consistency"].values()} == {
+        "3 survivors would make the sum, below min_holders=5"
+    }
     loose = ClientPolicy(allow_non_private=True, min_holders=3)
     nodes = make_nodes(tmp_path / "loose", tiny, NODES_5, policy=loose)
     result = run_secure_round(LocalTransport(nodes, drop=discarded), manifest, reference.means)
@@ -1510,10 +1518,23 @@ def test_a_masked_input_past_its_reply_time_goes_at_once_and_says_so(
     policy = ClientPolicy(allow_non_private=True, masked_input_reply_s=0.35)
     nodes, clock = _timed_federation(tmp_path, tiny, monkeypatch, policy)
     transport = _TimedTransport(nodes, clock)
-    with caplog.at_level("WARNING", logger="fedsynth.client.participant"):
+    with caplog.at_level("INFO", logger="fedsynth.client.participant"):
         run_secure_round(transport, make_manifest(tiny, reference, NODES_3), reference.means)
     assert sorted(round(t, 6) for t in transport.took.values()) == [0.35, 0.4, 0.5]
-    assert sum("beyond masked_input_reply_s=0.35" in r.message for r in caplog.records) == 2
+    # The holder's own log: how long the work took, and what to do where it took too long.
+    logged = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name == "fedsynth.client.participant"
+    ]
+    assert sorted(m for level, m in logged if level == "INFO") == [
+        f"masked input computed in {t} s (masked_input_reply_s=0.35)" for t in (0.3, 0.4, 0.5)
+    ]
+    assert sorted(m for level, m in logged if level == "WARNING") == [
+        f"the masked input took {t} s, beyond masked_input_reply_s=0.35: this reply's time "
+        "depends on the data; raise masked_input_reply_s in the policy"
+        for t in (0.4, 0.5)
+    ]
 
 
 def test_a_deadline_without_room_for_the_reply_time_is_refused_at_setup(
