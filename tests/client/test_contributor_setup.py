@@ -63,10 +63,11 @@ def test_setup_refuses_a_task_this_holder_already_contributed_to(tmp_path: Path)
     assert not list(state.keys())
 
 
-def _after_an_earlier_task(tmp_path: Path) -> Contributor:
-    """A holder with a lifetime cap of 6 whose store already holds 4 spent on another task."""
+def _after_an_earlier_task(tmp_path: Path, policy: ClientPolicy | None = None) -> Contributor:
+    """A holder whose store already holds another task (epsilon 4): by default its lifetime
+    cap is 6, so a second such task does not fit."""
     contributor = _contributor(
-        tmp_path, ClientPolicy(max_epsilon_per_task=4.0, max_total_epsilon=6.0)
+        tmp_path, policy or ClientPolicy(max_epsilon_per_task=4.0, max_total_epsilon=6.0)
     )
     earlier = dataclasses.replace(vector_manifest("distributed", 4.0), task_id="earlier")
     ClientBudget(tmp_path / "budget.sqlite").charge(earlier)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import RecordDict
+from flwr.app import Message, RecordDict
 
 from fedsynth.client import flower_app
 from fedsynth.client.flower_app import ERROR_CODE_REFUSED, make_client_app, settings_from_context
@@ -100,19 +100,28 @@ def test_a_simulated_app_gives_each_partition_its_files_and_identity(
     assert settings.roster == roster
 
 
+def _answer(
+    tmp_path: Path,
+    capture: type[_Capture],
+    caplog: pytest.LogCaptureFixture,
+    failure: BaseException,
+    stage: str,
+) -> tuple[Message, list[logging.LogRecord]]:
+    """A simulated node's reply to ``stage`` when its holder raises ``failure``, and its log."""
+    write_simulated_consortium(tmp_path, 3)
+    app = make_client_app(partition_dir=tmp_path)
+    capture.fail = failure
+    with caplog.at_level(logging.WARNING, logger="fedsynth.client.flower_app"):
+        reply = app(message(ACTION, stage, {}), context({"partition-id": 1, "num-partitions": 3}))
+    assert reply.has_error() and reply.error.code == ERROR_CODE_REFUSED
+    return reply, caplog.records
+
+
 def test_an_unexpected_failure_is_refused_as_protocol_and_stays_in_the_holders_log(
     tmp_path: Path, capture: type[_Capture], caplog: pytest.LogCaptureFixture
 ) -> None:
-    write_simulated_consortium(tmp_path, 3)
-    app = make_client_app(partition_dir=tmp_path)
-    capture.fail = RuntimeError(SECRET)
-    with caplog.at_level(logging.WARNING, logger="fedsynth.client.flower_app"):
-        reply = app(
-            message(ACTION, "masked_input", {}), context({"partition-id": 1, "num-partitions": 3})
-        )
-    assert reply.has_error()
-    assert reply.error.code == ERROR_CODE_REFUSED and reply.error.reason == "protocol"
-    (record,) = caplog.records
+    reply, (record,) = _answer(tmp_path, capture, caplog, RuntimeError(SECRET), "masked_input")
+    assert reply.error.reason == "protocol"
     assert record.getMessage() == "node 7 failed stage masked_input"
     assert record.exc_info is not None and SECRET in str(record.exc_info[1])
 
@@ -120,17 +129,10 @@ def test_an_unexpected_failure_is_refused_as_protocol_and_stays_in_the_holders_l
 def test_a_refusal_is_logged_in_full_and_answered_with_its_category(
     tmp_path: Path, capture: type[_Capture], caplog: pytest.LogCaptureFixture
 ) -> None:
-    write_simulated_consortium(tmp_path, 3)
-    app = make_client_app(partition_dir=tmp_path)
-    capture.fail = PolicyViolationError(SECRET)
-    with caplog.at_level(logging.WARNING, logger="fedsynth.client.flower_app"):
-        reply = app(
-            message(ACTION, "consistency", {}), context({"partition-id": 1, "num-partitions": 3})
-        )
-    assert reply.error.code == ERROR_CODE_REFUSED and reply.error.reason == "policy"
-    assert [r.getMessage() for r in caplog.records] == [
-        f"node 7 refused stage consistency: {SECRET}"
-    ]
+    failure = PolicyViolationError(SECRET)
+    reply, records = _answer(tmp_path, capture, caplog, failure, "consistency")
+    assert reply.error.reason == "policy"
+    assert [r.getMessage() for r in records] == [f"node 7 refused stage consistency: {SECRET}"]
 
 
 def test_a_node_that_cannot_build_its_settings_logs_why(

@@ -41,7 +41,7 @@ from fedsynth.protocol.messages import Envelope, ints_field, pack, vector_to_byt
 from fedsynth.protocol.models import LoadedModel
 from fedsynth.server.coordinator import PublicReference
 from fedsynth.server.secure_round import Reply, run_secure_round
-from tests.client.test_contributor_setup import _contributor, _fields
+from tests.client.test_contributor_setup import _after_an_earlier_task, _contributor, _fields
 from tests.protocol.test_verification import DELTA, vector_manifest
 from tests.server.test_secure_round import (
     NODES_3,
@@ -271,10 +271,7 @@ def test_an_unseeded_holder_draws_from_the_os(tmp_path: Path) -> None:
 def _after_spending_delta(tmp_path: Path) -> Contributor:
     """A holder whose lifetime delta cap (1.5 tasks' worth) already holds one task's delta."""
     policy = ClientPolicy(max_epsilon_per_task=8.0, max_delta=DELTA, max_total_delta=1.5e-5)
-    contributor = _contributor(tmp_path, policy)
-    earlier = dataclasses.replace(vector_manifest("distributed", 4.0), task_id="earlier")
-    ClientBudget(tmp_path / "budget.sqlite").charge(earlier)
-    return contributor
+    return _after_an_earlier_task(tmp_path, policy)
 
 
 def test_setup_checks_the_lifetime_delta_cap_against_what_the_store_spent(tmp_path: Path) -> None:
