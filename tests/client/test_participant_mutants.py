@@ -102,7 +102,7 @@ def test_a_later_stage_of_another_task_is_refused_as_stale(
 def test_stage_requests_that_lack_a_field_or_carry_a_bad_one_are_refused_by_name(
     tmp_path: Path, tiny: LoadedModel, reference: PublicReference
 ) -> None:
-    """What the coordinator reads back as the refusal reason names the field at fault."""
+    """The holder's own log names the field at fault (the coordinator reads the category)."""
     node, manifest = _after_setup(tmp_path, tiny, reference)
     task, members = manifest.task_id, ints_field(list(NODES_3))
     with pytest.raises(ProtocolError) as caught:
