@@ -86,14 +86,16 @@ class PolicyFile:
     log_file: Path | None = None
 
 
-def _type_name(value: object) -> str:
-    return {bool: "boolean", int: "integer", float: "float", str: "string"}.get(
+def _a_type(value: object) -> str:
+    """The value's TOML type with its article: "an integer", "a string", "a dict"."""
+    name = {bool: "boolean", int: "integer", float: "float", str: "string"}.get(
         type(value), type(value).__name__
     )
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
 
 def _wrong(key: str, value: object, expected: str) -> ConfigError:
-    return ConfigError(f"{key}={value!r} is a {_type_name(value)}, expected {expected}")
+    return ConfigError(f"{key}={value!r} is {_a_type(value)}, expected {expected}")
 
 
 def _float(key: str, value: object) -> float:

@@ -84,10 +84,10 @@ def test_an_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:
         ("min_threshold = 3.0", r"min_threshold=3.0 is a float, expected an integer"),
         ("min_holders = true", r"min_holders=True is a boolean, expected an integer"),
         ('allow_non_private = "false"', r"allow_non_private='false' is a string, expected true"),
-        ("allow_non_private = 0", r"allow_non_private=0 is a integer, expected true or false"),
+        ("allow_non_private = 0", r"allow_non_private=0 is an integer, expected true or false"),
         ('allowed_modes = "local"', r"allowed_modes='local' is a string, expected a list"),
-        ("allowed_fingerprints = [1]", r"allowed_fingerprints\[0\]=1 is a integer"),
-        ("budget_path = 3", r"budget_path=3 is a integer, expected a non-empty string"),
+        ("allowed_fingerprints = [1]", r"allowed_fingerprints\[0\]=1 is an integer"),
+        ("budget_path = 3", r"budget_path=3 is an integer, expected a non-empty string"),
     ],
 )
 def test_a_value_of_the_wrong_type_names_key_value_and_type(
