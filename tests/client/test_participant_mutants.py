@@ -37,7 +37,7 @@ from fedsynth.protocol.errors import (
 from fedsynth.protocol.exact_noise import NOISE_SEED_FIELD, REMOVAL_FIELD
 from fedsynth.protocol.identity import HolderIdentity
 from fedsynth.protocol.manifest import TaskManifest
-from fedsynth.protocol.messages import Envelope, ints_field, pack, vector_to_bytes
+from fedsynth.protocol.messages import Envelope, ints_field, pack
 from fedsynth.protocol.models import LoadedModel
 from fedsynth.server.coordinator import PublicReference
 from fedsynth.server.secure_round import Reply, run_secure_round
@@ -50,6 +50,7 @@ from tests.server.test_secure_round import (
     _wire,
     make_manifest,
     make_nodes,
+    setup_request,
 )
 
 tiny = rounds.tiny  # the round tests' model and public reference fixtures, shared
@@ -58,23 +59,13 @@ reference = rounds.reference
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-def _setup_request(manifest: TaskManifest, reference: PublicReference) -> RecordDict:
-    return pack(
-        Envelope(manifest.task_id, "setup"),
-        {
-            "manifest": manifest.to_json(),
-            "reference": vector_to_bytes(reference.means.reshape(-1)),
-        },
-    )
-
-
 def _after_setup(
     tmp_path: Path, tiny: LoadedModel, reference: PublicReference, **options: Any
 ) -> tuple[Node, TaskManifest]:
     """One holder of a K = 3 task that has answered the setup stage (and nothing else)."""
     manifest = make_manifest(tiny, reference, NODES_3, **options)
     node = make_nodes(tmp_path, tiny, NODES_3)[NODES_3[0]]
-    node.contributor.handle("setup", _wire(_setup_request(manifest, reference)), node.state)
+    node.contributor.handle("setup", _wire(setup_request(manifest, reference)), node.state)
     return node, manifest
 
 
@@ -212,7 +203,7 @@ class _SeedLosingTransport(LocalTransport):
     ) -> dict[int, Reply]:
         if stage == "unmask":
             node = self.nodes[self.forgetful]
-            del node.state.config_records[f"{node.contributor.state_key}.noise"]
+            del node.state.config_records[node.contributor._noise_key]
         return super().exchange(stage, requests, timeout=timeout)
 
 
@@ -239,7 +230,7 @@ def test_a_chain_seed_that_is_not_bytes_or_of_another_task_is_none(tmp_path: Pat
     manifest = vector_manifest("distributed", 4.0)
     contributor = _contributor(tmp_path, ClientPolicy(max_epsilon_per_task=8.0))
     state = RecordDict()
-    key = f"{contributor.state_key}.noise"
+    key = contributor._noise_key
     state.config_records[key] = ConfigRecord({"task_id": manifest.task_id, "seed": b"s" * 32})
     assert contributor.noise_seed(manifest, state) == b"s" * 32
     state.config_records[key] = ConfigRecord({"task_id": manifest.task_id, "seed": "text"})

@@ -29,6 +29,7 @@ from fedsynth.protocol.identity import (
     load_identity,
     write_simulated_consortium,
 )
+from tests.protocol.test_identity import _mode
 
 
 def _key(index: int) -> bytes:
@@ -170,7 +171,7 @@ def test_a_private_key_file_is_never_readable_by_others_even_before_its_chmod(
         HolderIdentity.generate("clinic-a").save(tmp_path / "id.pem")
     finally:
         os.umask(before)
-    assert (tmp_path / "id.pem").stat().st_mode & 0o777 == 0o600
+    assert _mode(tmp_path / "id.pem") == 0o600
 
 
 def test_identity_files_are_refused_with_what_is_wrong(tmp_path: Path) -> None:

@@ -15,11 +15,12 @@ import zlib
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedsynth.protocol import messages
 from fedsynth.protocol.errors import ClockSkewError, ProtocolError, ShapeError
 from fedsynth.protocol.messages import (
+    Envelope,
     blobs_from_fields,
     check_clock,
     field_from_bytes,
@@ -28,12 +29,13 @@ from fedsynth.protocol.messages import (
     ints_from_field,
     ints_to_bytes,
     keys_from_fields,
+    pack,
     vector_from_bytes,
 )
 
 
-def _stamped(**fields: object) -> RecordDict:
-    return RecordDict({"fedsynth": ConfigRecord({"task_id": "t", "stage": "setup", **fields})})
+def _stamped(sent_at: float | None = None, deadline_s: float | None = None) -> RecordDict:
+    return pack(Envelope("t", "setup", sent_at=sent_at, deadline_s=deadline_s), {})
 
 
 def test_a_crafted_integer_upload_is_never_inflated_beyond_its_length() -> None:

@@ -179,6 +179,14 @@ def _wire(content: RecordDict) -> RecordDict:
     return recorddict_from_proto(recorddict_to_proto(content))
 
 
+def setup_request(manifest: TaskManifest, reference: PublicReference) -> RecordDict:
+    """The coordinator's setup request of ``manifest``, as one holder receives it."""
+    return pack(
+        Envelope(manifest.task_id, "setup"),
+        {"manifest": manifest.to_json(), "reference": vector_to_bytes(reference.means.reshape(-1))},
+    )
+
+
 def write_records(
     path: Path, node_index: int, *, n: int = 5, extra_label: str | None = None
 ) -> Path:
@@ -882,10 +890,7 @@ def _replay_forged(
 ) -> None:
     """Set the node up afresh and hand it a forged key set, to see the holder's own error."""
     state = RecordDict()
-    setup = pack(
-        Envelope(manifest.task_id, "setup"),
-        {"manifest": manifest.to_json(), "reference": vector_to_bytes(reference.means.reshape(-1))},
-    )
+    setup = setup_request(manifest, reference)
     reply = node.contributor.handle("setup", _wire(setup), state)
     fields = reply.config_records["fedsynth"]
     own = [
@@ -976,13 +981,7 @@ def test_a_holder_without_identity_or_roster_refuses_every_task(
     for missing in ("identity", "roster"):
         settings = dataclasses.replace(nodes[lone].settings, **{missing: None})
         contributor = Contributor(settings, node_id=lone, model_loader=lambda: tiny)
-        setup = pack(
-            Envelope(manifest.task_id, "setup"),
-            {
-                "manifest": manifest.to_json(),
-                "reference": vector_to_bytes(reference.means.reshape(-1)),
-            },
-        )
+        setup = setup_request(manifest, reference)
         with pytest.raises(IdentityError, match=f"no {missing}.*identity-path and roster-path"):
             contributor.handle("setup", _wire(setup), RecordDict())
     stranger = dataclasses.replace(
@@ -1015,13 +1014,7 @@ def test_holders_refuse_a_threshold_below_the_floor(
             run_secure_round(LocalTransport(nodes), manifest, reference.means)
         assert "share_keys" not in str(info.value)
         node = nodes[NODES_5[0]]
-        setup = pack(
-            Envelope(manifest.task_id, "setup"),
-            {
-                "manifest": manifest.to_json(),
-                "reference": vector_to_bytes(reference.means.reshape(-1)),
-            },
-        )
+        setup = setup_request(manifest, reference)
         with pytest.raises(UnsafeThresholdError, match=f"threshold t={threshold} with K=5"):
             node.contributor.handle("setup", _wire(setup), RecordDict())
     else:
