@@ -35,6 +35,30 @@ DEFAULT_SIZES = (50, 100, 200, 500, 1000, 2000)
 CURVE_COLUMNS = ("condition", "seed", "per_label", "tstr_accuracy", "label_fidelity")
 
 
+_RT_ASPECTS = (
+    "the acting",
+    "the story",
+    "the direction",
+    "the humor",
+    "the characters",
+    "the pacing",
+    "the visuals",
+    "the dialogue",
+    "the ending",
+    "the music",
+    "the script",
+    "the cast",
+)
+CORPUS_VARIANTS: dict[str, tuple[str, ...]] = {
+    "rotten_tomatoes": tuple(
+        f"Here is a {{label}} movie review snippet about {aspect}:\n" for aspect in _RT_ASPECTS
+    ),
+}
+"""``--corpus-variants``: public instruction variants per bundled corpus (what a review of
+this kind talks about), one drawn per prompt; measured against the plain prompt in the README
+("Instruction variants")."""
+
+
 @dataclass(frozen=True)
 class Point:
     """One condition's scores at one size for one seed."""
@@ -236,6 +260,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--select", type=float, default=1.0, help="keep this fraction of the releases' samples"
     )
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (1: all)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="public instruction variant with a {label} slot, one drawn per prompt (repeatable)",
+    )
+    parser.add_argument(
+        "--corpus-variants",
+        action="store_true",
+        help="draw from the corpus's bundled instruction variants",
+    )
     parser.add_argument("--preset", default="default")
     parser.add_argument(
         "--data", type=Path, default=None, help="the demo's --data file the releases were made on"
@@ -323,7 +358,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         if args.batch is not None:
             generation = replace(generation, batch_size=args.batch)
         conditions: dict[str, Callable[..., list[tuple[str, str]]]] = {}
-        common = {"config": generation}
+        variants = list(args.variant)
+        if args.corpus_variants:
+            variants += CORPUS_VARIANTS.get(config.corpus, ())
+        common = {"config": generation, "variants": variants}
         if not args.no_prior:
             # Unsteered, with shots from its own plain-prompt samples as the releases' samples.
             conditions["prior"] = functools.partial(

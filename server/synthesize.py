@@ -154,6 +154,9 @@ SHOT_POOL = 64
 _POOL_SEED_OFFSET = 5_003
 """Seeds of the shot pool's batches: after any chunk index a run of samples reaches."""
 
+_VARIANT_SEED_OFFSET = 7_919
+"""Seed of the per-prompt choice of instruction variant, apart from the shots' draw."""
+
 
 def shot_pool_size(n: int, shots: int, pool_size: int = SHOT_POOL) -> int:
     """Plain samples generated for a label's shot pool of ``n`` samples with ``shots``.
@@ -174,6 +177,39 @@ def check_shots(shots: int, pool_size: int = SHOT_POOL) -> None:
         raise ConfigError(f"shots={shots!r}: must be an integer >= 0")
     if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
         raise ConfigError(f"shot pool={pool_size!r}: must be an integer >= 1")
+
+
+def variant_templates(template: PromptTemplate, variants: Sequence[str]) -> list[PromptTemplate]:
+    r"""``template`` with each of ``variants`` as its instruction (none given: the template).
+
+    Variants are public instructions with the template's ``{label}`` slot (e.g. "Here is a
+    {label} movie review snippet about the acting:\n"); generation draws one per prompt so the
+    samples do not all start from one state. The release's features were read with the
+    template's own instruction; a variant changes only what the model is asked, so it is
+    post-processing like the prompt itself.
+
+    Raises:
+        ConfigError: a variant without the ``{label}`` slot, naming it.
+    """
+    check_variants(variants)
+    return [dataclasses.replace(template, instruction=v) for v in variants] or [template]
+
+
+def check_variants(variants: Sequence[str]) -> None:
+    """Refuse an instruction variant without a ``{label}`` slot or with any other slot.
+
+    Raises:
+        ConfigError: naming the variant.
+    """
+    for variant in variants:
+        if not isinstance(variant, str) or "{label}" not in variant:
+            raise ConfigError(f"variant={variant!r} lacks a {{label}} slot")
+        try:
+            variant.format(label="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"variant={variant!r}: its only slot must be {{label}} ({exc!r})"
+            ) from exc
 
 
 def shot_prompt(template: PromptTemplate, label: str, shots: Sequence[str]) -> str:
@@ -199,6 +235,7 @@ def iter_label_texts(
     pool_size: int = SHOT_POOL,
     progress: Callable[[int], None] | None = None,
     pool_progress: Callable[[int, int], None] | None = None,
+    variants: Sequence[str] = (),
 ) -> Iterator[str]:
     """Yield ``n`` texts of one label, ``config.batch_size`` per batch (batch i uses seed + i).
 
@@ -215,10 +252,18 @@ def iter_label_texts(
             are skipped, and a pool with no text leaves the plain prompt.
         progress: Called with the number of texts yielded so far.
         pool_progress: Called with (pool texts generated, pool size) while a pool is made.
+        variants: Public instruction variants, one drawn per prompt (shot pool included);
+            empty: the template's instruction (:func:`variant_templates`).
     """
     check_shots(shots, pool_size)
-    plain = template.prefix(label)
-    choose: Callable[[], str] = lambda: plain  # noqa: E731
+    templates = variant_templates(template, variants)
+    aspect = random.Random(seed + _VARIANT_SEED_OFFSET)
+
+    def form() -> PromptTemplate:
+        # One variant per prompt; without variants the template itself (and no draw).
+        return templates[0] if len(templates) == 1 else aspect.choice(templates)
+
+    choose: Callable[[], str] = lambda: form().prefix(label)  # noqa: E731
     if shots > 0:
         if pool is None:
             pool = []
@@ -226,7 +271,10 @@ def iter_label_texts(
             for j, start in enumerate(range(0, wanted, config.batch_size)):
                 size = min(config.batch_size, wanted - start)
                 pool += backend.generate(
-                    [plain] * size, config=config, deltas=deltas, seed=seed + _POOL_SEED_OFFSET + j
+                    [form().prefix(label) for _ in range(size)],
+                    config=config,
+                    deltas=deltas,
+                    seed=seed + _POOL_SEED_OFFSET + j,
                 )
                 if pool_progress is not None:
                     pool_progress(len(pool), wanted)
@@ -240,7 +288,7 @@ def iter_label_texts(
                     if len(texts) >= shots
                     else [rng.choice(texts) for _ in range(shots)]
                 )
-                return shot_prompt(template, label, picked)
+                return shot_prompt(form(), label, picked)
 
     done = 0
     chunk_index = 0
@@ -271,6 +319,7 @@ def iter_labelled_texts(
     pool_size: int = SHOT_POOL,
     progress: Callable[[int, int], None] | None = None,
     pool_progress: Callable[[int, int], None] | None = None,
+    variants: Sequence[str] = (),
 ) -> Iterator[tuple[str, str]]:
     """Yield (label, text) for ``n_per_label`` texts of each label, label by label.
 
@@ -306,6 +355,7 @@ def iter_labelled_texts(
             pool_size=pool_size,
             progress=tick,
             pool_progress=pool_tick,
+            variants=variants,
         ):
             yield label, text
 
@@ -320,6 +370,7 @@ def floor_samples(
     seed: int,
     progress: Callable[[int, int], None] | None = None,
     pool_progress: Callable[[int, int], None] | None = None,
+    variants: Sequence[str] = (),
 ) -> list[SyntheticSample]:
     """Samples of the release generator at strength 0, label by label: the prior (ε = 0).
 
@@ -342,6 +393,7 @@ def floor_samples(
             shots=shots,
             progress=progress,
             pool_progress=pool_progress,
+            variants=variants,
         )
     ]
 
@@ -366,6 +418,7 @@ def iter_release_samples(
     select_chunk: int | None = None,
     basis: PublicBasis | None = None,
     min_signal_share: float = DEFAULT_MIN_SIGNAL_SHARE,
+    variants: Sequence[str] = (),
 ) -> Iterator[SyntheticSample]:
     """Yield ``n_per_label`` steered samples per label, label by label, chunk by chunk.
 
@@ -389,6 +442,7 @@ def iter_release_samples(
             (:mod:`fedsynth.server.public_basis`); None keeps the whole directions.
         min_signal_share: the SNR rule switches off a layer whose signal share is below it
             (:func:`fedsynth.server.snr.steering_snr`; 0: the plain shrink rule).
+        variants: public instruction variants, one drawn per prompt (:func:`variant_templates`).
 
     Raises:
         ModelMismatchError: the model is not the release's (or its layers or width differ).
@@ -401,6 +455,7 @@ def iter_release_samples(
     if strength < 0:
         raise ConfigError(f"strength={strength}: must be >= 0")
     check_shots(shots, shot_pool)
+    variant_templates(release.manifest.template, variants)
     chunks = selection_chunks(n_per_label, select, select_chunk)
     per_label = sum(generated for _, generated in chunks)
     if per_label > n_per_label:
@@ -431,6 +486,7 @@ def iter_release_samples(
         pool_size=shot_pool,
         progress=progress,
         pool_progress=pool_progress,
+        variants=variants,
     )
     if scorer is None or per_label == n_per_label:
         for label, text in pairs:
@@ -473,6 +529,7 @@ def generate_from_release(
     scorer: LoadedModel | None = None,
     basis: PublicBasis | None = None,
     min_signal_share: float = DEFAULT_MIN_SIGNAL_SHARE,
+    variants: Sequence[str] = (),
 ) -> list[SyntheticSample]:
     """All samples of :func:`iter_release_samples` as a list."""
     return list(
@@ -493,5 +550,6 @@ def generate_from_release(
             scorer=scorer,
             basis=basis,
             min_signal_share=min_signal_share,
+            variants=variants,
         )
     )

@@ -226,6 +226,7 @@ def demo(
             "(default: rotten_tomatoes and --data 1, bbc_news 0; --quick 0)."
         ),
     ] = None,
+    variant: VariantOption = None,
     select: SelectOption = 1.0,
     top_p: TopPOption = 0.95,
 ) -> None:
@@ -277,6 +278,7 @@ def demo(
             precision=precision,
             vocabulary=vocabulary,
             shots=shots,
+            variants=_variants(variant) or None,
             select=select,
             top_p=top_p,
         )
@@ -363,6 +365,23 @@ def _real_line(scores: dict[str, dict[str, float]], real: dict[str, float]) -> s
         f"TSTR accuracy {real['tstr_accuracy']:.3f} ± {real['tstr_accuracy_sd']:.3f}; of its gap "
         f"to the prior ({prior:.3f}): " + ", ".join(parts)
     )
+
+
+VariantOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="A public instruction variant with the template's {label} slot, e.g. 'Here is a "
+        "{label} movie review snippet about the acting:\\n' (repeatable): each sample's prompt "
+        "uses one drawn at random, so samples do not all start from one prompt. No privacy "
+        "cost.",
+    ),
+]
+"""``--variant`` of the commands that generate (``synthesize.variant_templates``)."""
+
+
+def _variants(values: list[str] | None) -> tuple[str, ...]:
+    r"""The ``--variant`` values with a typed ``\n`` read as a line break, as ``--instruction``."""
+    return tuple(v.replace("\\n", "\n") for v in values or ())
 
 
 def _parse_layers(value: str | None) -> tuple[int, ...] | None:
@@ -675,6 +694,7 @@ def generate(
             "pool generated first from the plain prompt (more varied samples); 0: plain prompt."
         ),
     ] = 1,
+    variant: VariantOption = None,
     select: SelectOption = 1.0,
     top_p: TopPOption = 0.95,
     backend: BackendOption = "transformers",
@@ -724,6 +744,7 @@ def generate(
         iter_release_samples,
         steering_report,
         transformers_model,
+        variant_templates,
     )
     from fedsynth.server.vocabulary import check_vocabulary_choice, release_vocabulary
     from fedsynth.simulations.datasets import json_line
@@ -753,6 +774,8 @@ def generate(
             top_p=top_p,
         )
         rel = load_release(release)
+        variants = _variants(variant)
+        variant_templates(rel.manifest.template, variants)  # a bad slot: refused before loading
         sampled_from, vocabulary_caution = release_vocabulary(vocabulary, rel.prior_vocabulary)
         # Samples as long as the records the release describes, unless told otherwise.
         length = rel.manifest.max_text_tokens if max_new_tokens is None else max_new_tokens
@@ -806,6 +829,7 @@ def generate(
                 "precision": getattr(loaded, "precision", None),
                 "shots": shots,
                 "shot_pool": min(SHOT_POOL, n),
+                "variants": list(variants),
                 "select": select,
             },
         }
@@ -831,6 +855,7 @@ def generate(
                 scorer=scorer,
                 basis=basis,
                 min_signal_share=min_signal_share,
+                variants=variants,
             ):
                 handle.write(json_line(asdict(sample)) + "\n")
                 handle.flush()

@@ -57,8 +57,10 @@ from fedsynth.server.snr import DEFAULT_MIN_SIGNAL_SHARE, check_min_signal_share
 from fedsynth.server.synthesize import (
     SyntheticSample,
     check_shots,
+    check_variants,
     floor_samples,
     generate_from_release,
+    variant_templates,
 )
 from fedsynth.server.task_runner import run_vector_release
 from fedsynth.server.vocabulary import check_vocabulary
@@ -157,6 +159,9 @@ class DemoConfig:
     top_p: float = 0.95
     """Nucleus sampling of every generation (prior and releases): 1 samples the model's whole
     distribution."""
+    variants: tuple[str, ...] = ()
+    """Public instruction variants, one drawn per prompt of every generation (prior and
+    releases alike); empty: the template's instruction."""
     select: float = 1.0
     """Fraction of a release's samples kept: generate n / select per label and keep the n that
     the release says carry their class best (:mod:`fedsynth.server.selection`); 1 keeps all."""
@@ -200,6 +205,7 @@ class DemoConfig:
         if self.drop_clients < 0:
             raise ConfigError(f"drop={self.drop_clients}: must be >= 0")
         check_shots(self.shots)
+        check_variants(self.variants)
         check_select(self.select)
         GenerationConfig(top_p=self.top_p)  # refuses a top_p outside (0, 1]
 
@@ -698,9 +704,9 @@ def simulated_holder_policy(config: DemoConfig) -> ClientPolicy:
 def check_text_length(config: DemoConfig, loaded: LoadedModel) -> None:
     """Refuse a declared record or sample length that the model's context cannot hold.
 
-    The longest sequence is a label's prompt followed by a whole record (features) or a whole
-    sample (generation), after ``config.shots`` shots of a prompt and a sample each; checked
-    before the first round, so nothing is spent.
+    The longest sequence is a label's prompt (or its longest instruction variant) followed by a
+    whole record (features) or a whole sample (generation), after ``config.shots`` shots of a
+    prompt and a sample each; checked before the first round, so nothing is spent.
 
     Raises:
         ConfigError: naming the length, the longest prompt and the model's context.
@@ -708,7 +714,9 @@ def check_text_length(config: DemoConfig, loaded: LoadedModel) -> None:
     context = loaded.context
     if context is None:
         return
-    prompt = longest_prompt_tokens(loaded, config.template)
+    # The features read the template's instruction; generation may ask with a longer variant.
+    asked = [config.template, *variant_templates(config.template, config.variants)]
+    prompt = max(longest_prompt_tokens(loaded, template) for template in asked)
     longest = max(config.text_tokens, config.new_tokens)
     if prompt + longest > context:
         raise ConfigError(
@@ -790,6 +798,7 @@ def generate_conditions(
             select=config.select,
             scorer=loaded,
             basis=basis,
+            variants=config.variants,
         )
     return out
 
@@ -826,6 +835,7 @@ def prior_samples(
         seed=sampling_seed(config.seed),
         progress=progress,
         pool_progress=pool_progress,
+        variants=config.variants,
     )
 
 

@@ -12,6 +12,7 @@ import torch
 from fedsynth.protocol.errors import ConfigError
 from fedsynth.protocol.features import PromptTemplate
 from fedsynth.protocol.models import LoadedModel, tiny_model
+from fedsynth.server.backends import TransformersBackend
 from fedsynth.server.generation import GenerationConfig
 from fedsynth.server.synthesize import (
     REFILL_BATCHES,
@@ -20,7 +21,9 @@ from fedsynth.server.synthesize import (
     generate_from_release,
     iter_label_texts,
     iter_labelled_texts,
+    iter_release_samples,
     shot_prompt,
+    variant_templates,
 )
 from tests.server.releases import make_test_release
 
@@ -124,6 +127,93 @@ def test_shots_come_from_a_steered_pool_that_is_not_yielded() -> None:
     small = RecordingBackend()
     assert len(_texts(small, shots=1, pool_size=64, n=3)) == 3
     assert [len(p) for p, _, _ in small.calls] == [2, 1, 2, 1]
+
+
+VARIANTS = ("A {label} text on topic one:\n", "A {label} text on topic two:\n")
+
+
+def test_each_prompt_draws_one_instruction_variant() -> None:
+    backend = RecordingBackend()
+    _texts(backend, variants=VARIANTS, n=40)
+    prompts = [p for prompts, _, _ in backend.calls for p in prompts]
+    # Every prompt keeps the template's public shot and asks with one of the variants.
+    assert set(prompts) == {
+        "A sad text on topic one:\nfixed public shot\n\nA happy text on topic one:\n",
+        "A sad text on topic two:\nfixed public shot\n\nA happy text on topic two:\n",
+    }
+    assert 10 <= sum(p.endswith("topic one:\n") for p in prompts) <= 30
+    # The draw is the seed's, the batches' seeds are unchanged, and another seed draws others.
+    again = RecordingBackend()
+    _texts(again, variants=VARIANTS, n=40)
+    assert again.calls == backend.calls
+    assert [seed for _, _, seed in backend.calls] == list(range(100, 120))
+    other = RecordingBackend()
+    _texts(other, variants=VARIANTS, n=40, seed=7)
+    assert [p for ps, _, _ in other.calls for p in ps] != prompts
+
+
+def test_variants_reach_the_shot_pool_and_the_shot_prompts() -> None:
+    backend = RecordingBackend()
+    _texts(backend, variants=VARIANTS, shots=1, pool_size=8, n=30)
+    pool_prompts = [p for prompts, _, _ in backend.calls[:4] for p in prompts]
+    assert {p.split("\n\n")[-1] for p in pool_prompts} == {
+        "A happy text on topic one:\n",
+        "A happy text on topic two:\n",
+    }
+    sample_prompts = [p for prompts, _, _ in backend.calls[4:] for p in prompts]
+    for prompt in sample_prompts:
+        shot, asked = prompt.split("\n\n")[-2:]
+        # The shot is shown under the same variant the sample is asked with.
+        assert shot.split("\n")[0] == asked.removesuffix("\n")
+        assert shot.split("\n")[1].startswith("sample ")
+    assert {p.split("\n\n")[-1] for p in sample_prompts} == {
+        "A happy text on topic one:\n",
+        "A happy text on topic two:\n",
+    }
+
+
+def test_no_variants_leave_the_template_and_its_draws() -> None:
+    assert variant_templates(TEMPLATE, ()) == [TEMPLATE]
+    plain, varied = RecordingBackend(), RecordingBackend()
+    _texts(plain, shots=1, pool_size=4, n=12)
+    _texts(varied, shots=1, pool_size=4, n=12, variants=(TEMPLATE.instruction,))
+    assert varied.calls == plain.calls
+
+
+@pytest.mark.parametrize(
+    ("variant", "match"),
+    [
+        ("A text without a slot:\n", "lacks a {label} slot"),
+        ("A {label} text about {topic}:\n", "variant='A {label} text about {topic}:\\\\n'"),
+        ("A {label} text {0}:\n", "its only slot must be {label}"),
+    ],
+)
+def test_a_variant_with_a_bad_slot_is_refused_before_generating(
+    llama: LoadedModel, variant: str, match: str
+) -> None:
+    release = make_test_release(llama)
+    asked: list[Sequence[str]] = []
+
+    class Watched(TransformersBackend):
+        def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[str]:
+            asked.append(prompts)
+            return super().generate(prompts, **kwargs)
+
+    backend = Watched(llama)
+    config = GenerationConfig(max_new_tokens=4, batch_size=4)
+    with pytest.raises(ConfigError, match=match):
+        next(
+            iter_release_samples(
+                backend,
+                release,
+                n_per_label=3,
+                strength=0.1,
+                config=config,
+                seed=0,
+                variants=("A {label} text:\n", variant),
+            )
+        )
+    assert asked == []
 
 
 def test_pool_generation_reports_its_progress_over_all_labels() -> None:

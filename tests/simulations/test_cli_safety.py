@@ -320,6 +320,36 @@ def test_inspect_and_generate_refuse_a_tampered_release(tmp_path: Path, release_
     assert not target.exists()
 
 
+def test_generate_with_variants_writes_and_reports_them(tmp_path: Path, release_file: Path) -> None:
+    target = tmp_path / "out.jsonl"
+    variants = ["A {label} text, short:\\n", "A {label} text, long:\\n"]
+    extra = [arg for v in variants for arg in ("--variant", v)]
+    result = _generate(release_file, target, "--n", "3", *extra)
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    assert len(target.read_text().splitlines()) == 6
+    report = json.loads(target.with_name("out.jsonl.report.json").read_text())
+    # A typed \\n is a line break, as in --instruction.
+    assert report["generation"]["variants"] == [v.replace("\\n", "\n") for v in variants]
+
+
+@pytest.mark.parametrize(
+    ("variant", "said"),
+    [
+        ("A text:\\n", "lacks a {label} slot"),
+        ("A {label} text on {topic}:\\n", "its only slot must be {label}"),
+    ],
+)
+def test_generate_refuses_a_bad_variant_before_loading_the_model(
+    tmp_path: Path, release_file: Path, variant: str, said: str
+) -> None:
+    target = tmp_path / "out.jsonl"
+    # The model named does not exist: the variant is refused before it is looked for.
+    result = _generate(release_file, target, "--n", "1", "--variant", variant, "--model", "nope")
+    assert result.exit_code == 2, result.output  # type: ignore[attr-defined]
+    assert said in _said(result)
+    assert not target.exists()
+
+
 def test_inspect_names_a_directory_or_empty_path(tmp_path: Path) -> None:
     for given in (str(tmp_path), ""):  # typer turns an empty path into "."
         result = runner.invoke(app, ["inspect", given])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -347,3 +349,21 @@ def test_colluders_raise_the_default_threshold_and_the_holders_demand(tmp_path: 
         DemoConfig(out_dir=tmp_path, clients=5, colluders=-1).check_federation()
     with pytest.raises(ConfigError, match="drop=2 leaves 3 holders, below the threshold t=4"):
         DemoConfig(out_dir=tmp_path, clients=5, colluders=1, drop_clients=2).check_federation()
+
+
+def test_variants_are_checked_first_and_count_in_the_context(tmp_path: Path) -> None:
+    from fedsynth.protocol.models import tiny_model
+
+    assert demo_config("default", out_dir=tmp_path).variants == ()
+    with pytest.raises(ConfigError, match=re.escape("variant='A review:' lacks a {label} slot")):
+        DemoConfig(out_dir=tmp_path, variants=("A {label} review:", "A review:"))
+    with pytest.raises(ConfigError, match=re.escape("its only slot must be {label}")):
+        DemoConfig(out_dir=tmp_path, variants=("A {label} review of {film}:",))
+    loaded = tiny_model(seed=0)  # 256 positions
+    plain = DemoConfig(out_dir=tmp_path, max_text_tokens=200, shots=0)
+    check_text_length(plain, loaded)
+    # A variant 40 tokens longer than the template's instruction no longer fits.
+    long_variant = "Here is a {label} movie review snippet" + " about the film" * 40 + ":\n"
+    varied = dataclasses.replace(plain, variants=(long_variant,))
+    with pytest.raises(ConfigError, match=r"max_text_tokens=200.*-token prompt"):
+        check_text_length(varied, loaded)
