@@ -189,7 +189,8 @@ def variant_templates(template: PromptTemplate, variants: Sequence[str]) -> list
     post-processing like the prompt itself.
 
     Raises:
-        ConfigError: a variant without the ``{label}`` slot, naming it.
+        ConfigError: a variant without the ``{label}`` slot or with another slot, naming it
+            (:func:`check_variants`).
     """
     check_variants(variants)
     return [dataclasses.replace(template, instruction=v) for v in variants] or [template]
@@ -241,8 +242,9 @@ def iter_label_texts(
 
     With ``shots`` > 0 every text is conditioned on ``shots`` texts of the same label drawn at
     random (without replacement where the pool allows) from ``pool``: by default
-    ``min(pool_size, n)`` texts first generated from the plain prompt with the same steering,
-    and not yielded (so the pool never costs more than the samples). Varying what each sample
+    ``min(pool_size, n)`` texts first generated from the plain prompt (or the ``variants``)
+    with the same steering, and not yielded (so the pool never costs more than the samples).
+    Varying what each sample
     sees spreads the samples out (the plain prompt makes every sample start from the same
     state) and the steered shots show the class once more; everything comes from the release
     and the model, so this is post-processing too.
