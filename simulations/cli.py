@@ -245,6 +245,19 @@ def demo(
         raise typer.BadParameter(f"mode={mode!r}: expected distributed, central or local")
     if method not in ("vector", "pe"):
         raise typer.BadParameter(f"method={method!r}: expected vector or pe")
+    if method == "pe":
+        # PE builds its own prompts and keeps every candidate: these would silently do nothing.
+        vector_only = {
+            "--shots": shots is not None,
+            "--select": select != 1.0,
+            "--variant": bool(variant),
+        }
+        given = [name for name, is_set in vector_only.items() if is_set]
+        if given:
+            raise typer.BadParameter(
+                f"{', '.join(given)}: settings of the dataset-vector generation; "
+                "--method pe does not use them (leave them out)"
+            )
     eps = _parse_epsilon(epsilon)
     with _errors_at_the_edge():
         config = d.demo_config(

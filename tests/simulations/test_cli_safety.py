@@ -175,6 +175,14 @@ def test_a_failing_run_removes_the_holder_files(tmp_path: Path) -> None:
         (["--max-text-tokens", "250"], {"a": 20, "b": 20}, "max_text_tokens=250"),
         (["--method", "pe", "--max-text-tokens", "250"], {"a": 20, "b": 20}, "max_text_tokens=250"),
         (["--method", "pe", "--output", "0"], {"a": 20, "b": 20}, "output_per_label=0"),
+        # Settings PE would ignore are refused, not dropped.
+        (["--method", "pe", "--shots", "0"], {"a": 20, "b": 20}, "--shots: settings of the"),
+        (["--method", "pe", "--select", "0.5"], {"a": 20, "b": 20}, "--select: settings of"),
+        (
+            ["--method", "pe", "--variant", "A {label} one:", "--shots", "1"],
+            {"a": 20, "b": 20},
+            "--shots, --variant:",
+        ),
     ],
 )
 def test_bad_settings_and_data_are_refused_before_anything_is_spent(
