@@ -127,12 +127,17 @@ def samples_per_s(
     precision: str = "auto",
     vocabulary: str = "full",
     previous: bool = False,
+    shots: int = 0,
+    share_prompts: bool = True,
 ) -> float:
     """Best steered samples/s generated as the demo generates (rows end at a newline or EOS,
     48-token budget; prompts of a label go through :func:`iter_label_texts`, which gives a
     refilling backend several batches per call). ``vocabulary``, ``previous``: as in
-    :func:`measure`."""
+    :func:`measure`. ``shots``: shots per sample from a pool of plain samples generated first
+    (the demo's default is 1; the pool's time counts). ``share_prompts`` False: llama.cpp
+    decodes every prompt, also one a live row already holds."""
     from fedsynth.protocol.features import PromptTemplate
+    from fedsynth.server.llamacpp import _LlamaDecoder
     from fedsynth.server.synthesize import iter_label_texts
 
     engine = open_backend(backend, model or DEFAULT_MODEL, precision=precision)
@@ -143,14 +148,24 @@ def samples_per_s(
     )
     deltas = random_deltas(engine.hidden_size, layers, strength=0.01)
     best = 0.0
-    with previous_decoding() if previous else contextlib.nullcontext():
+    with (
+        previous_decoding() if previous else contextlib.nullcontext(),
+        mock.patch.object(_LlamaDecoder, "share_live_prompts", share_prompts),
+    ):
         engine.generate(["warm-up"] * 4, config=config, deltas=None, seed=0)
         for r in range(repeats):
             t0 = time.perf_counter()
             made = 0
             for label in ("pos", "neg"):
                 for _ in iter_label_texts(
-                    engine, template, label, n=per_label, deltas=deltas, config=config, seed=r
+                    engine,
+                    template,
+                    label,
+                    n=per_label,
+                    deltas=deltas,
+                    config=config,
+                    seed=r,
+                    shots=shots,
                 ):
                     made += 1
             best = max(best, made / (time.perf_counter() - t0))
@@ -203,22 +218,26 @@ def figures(quick: bool) -> list[Figure]:
     low = measure(precision="bf16") if native_bf16() else None
     fastest = measure(precision="bf16", vocabulary="latin") if native_bf16() else None
     before = measure(previous=True)  # fp32, as transformers decoded before 2026-12-06
-    as_demo: dict[str, float] = {}  # samples/s made as the demo makes them, per engine
+    as_demo: dict[tuple[str, int, bool], float] = {}  # samples/s as the demo makes them
 
-    def demo_rate(engine: str) -> float:
-        """``engine``: "backend[ precision[ vocabulary]]", "previous" for the old decoding."""
-        if engine not in as_demo:
+    def demo_rate(engine: str, shots: int = 0, share: bool = True) -> float:
+        """``engine``: "backend[ precision[ vocabulary]]", "previous" for the old decoding;
+        ``shots`` and ``share``: as in :func:`samples_per_s`."""
+        key = (engine, shots, share)
+        if key not in as_demo:
             parts = engine.split(" ")
             backend = parts[0]
             precision = parts[1] if len(parts) > 1 else "auto"
             vocabulary = parts[2] if len(parts) > 2 else "full"
-            as_demo[engine] = samples_per_s(
+            as_demo[key] = samples_per_s(
                 backend=backend,
                 precision="auto" if precision == "previous" else precision,
                 vocabulary=vocabulary,
                 previous=precision == "previous",
+                shots=shots,
+                share_prompts=share,
             )
-        return as_demo[engine]
+        return as_demo[key]
 
     out = []
     for r in [*runs, *([low] if low else [])]:
@@ -322,6 +341,30 @@ def figures(quick: bool) -> list[Figure]:
                 at_least=3.0,
                 note="rows end at a newline or EOS (48-token budget), 256 per label, 2 labels, "
                 "batch 64; llama.cpp refills its batch as rows end",
+            )
+        )
+        one_shot = "one shot per sample from a pool of 64 plain samples (the demo's default; "
+        out.append(
+            compared(
+                "generation",
+                "steered llama.cpp vs transformers, samples as the demo makes them, one shot",
+                demo_rate("llamacpp", shots=1),
+                "samples/s",
+                baseline=demo_rate("transformers previous", shots=1),
+                at_least=3.0,
+                note=one_shot + "the pool's time counts), 256 per label, 2 labels, batch 64; "
+                "against the fp32 transformers path before 2026-12-06",
+            )
+        )
+        out.append(
+            compared(
+                "generation",
+                "steered llama.cpp, one shot: a prompt a live row holds copied vs decoded again",
+                demo_rate("llamacpp", shots=1),
+                "samples/s",
+                baseline=demo_rate("llamacpp", shots=1, share=False),
+                judge=False,
+                note=one_shot + "most refills draw a shot a live row already shows)",
             )
         )
         out.append(

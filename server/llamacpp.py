@@ -449,40 +449,68 @@ class LlamaCppBackend:
 class _LlamaDecoder:
     """A :class:`~fedsynth.server.generation.Decoder` over one llama.cpp batch of sequences."""
 
+    share_live_prompts = True
+    """Start a prompt that a live row already holds from that row's KV (see :meth:`_start`)."""
+
     def __init__(self, backend: LlamaCppBackend) -> None:
         self._b = backend
         self._lib = backend._lib
         self._seqs: list[int] = []
         self._pos: list[int] = []
+        self._prompts: list[tuple[int, ...]] = []
+        # The last prompt token's output (as the head takes it) of each prompt a live row holds.
+        self._first: dict[tuple[int, ...], np.ndarray] = {}
+        self.prefilled_tokens = 0
+        """Prompt tokens decoded so far (the rest were copied from a row holding them)."""
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         lib = self._lib
         lib.llama_memory_clear(lib.llama_get_memory(self._b._ctx), True)
-        self._seqs, self._pos = [], []
+        self._seqs, self._pos, self._prompts, self._first = [], [], [], {}
         logits = self._b._logits_of(self._start(prompts, list(range(len(prompts)))))
         return logits if self._b._head is None else logits.clone()  # the head reuses its buffer
 
     def _start(self, prompts: list[list[int]], seqs: list[int]) -> np.ndarray:
         """Start each prompt as a new row in the (empty) sequence beside it.
 
-        Each distinct prompt is decoded once, into its first sequence, and copied to the others
-        that share it. Returns each prompt's last output as the head takes it (see
-        :meth:`LlamaCppBackend._decode_rows`), one row per prompt.
+        A prompt that a live row (or a row started before it in this call) already holds is
+        not decoded again: that row's KV stream is copied and cut back to the prompt, and the
+        prompt's last output was kept when it was first decoded. Shot-conditioned generation
+        draws each prompt's shot from a pool of 64 texts, so most refills repeat a live
+        prompt; the control vector is the decoder's for its whole life, so the copied KV is
+        what decoding the prompt again would give. Returns each prompt's last output as the
+        head takes it (see :meth:`LlamaCppBackend._decode_rows`), one row per prompt.
         """
         lib = self._lib
         memory = lib.llama_get_memory(self._b._ctx)
-        first: dict[tuple[int, ...], tuple[int, np.ndarray]] = {}
+        holder = dict(zip(self._prompts, self._seqs, strict=True))
         rows = []
         for prompt, seq in zip(prompts, seqs, strict=True):
             key = tuple(prompt)
-            if key in first:
-                lib.llama_memory_seq_cp(memory, first[key][0], seq, -1, -1)
-            else:
-                first[key] = (seq, self._prefill_one(key, seq))
-            rows.append(first[key][1])
+            source = holder.get(key)
+            if source is None or not self._copy_prompt(memory, source, seq, len(key)):
+                self._first[key] = self._prefill_one(key, seq)
+                self.prefilled_tokens += len(key)
+                holder[key] = seq
+            rows.append(self._first[key])
             self._seqs.append(seq)
             self._pos.append(len(prompt))
+            self._prompts.append(key)
         return np.stack(rows)
+
+    def _copy_prompt(self, memory: Any, source: int, seq: int, length: int) -> bool:
+        """Copy ``source``'s KV stream into the empty ``seq``, cut back to ``length`` positions.
+
+        False (``seq`` left empty) where sharing is off or the cache cannot cut a sequence.
+        """
+        lib = self._lib
+        if not self.share_live_prompts:
+            return False
+        lib.llama_memory_seq_cp(memory, source, seq, -1, -1)
+        if lib.llama_memory_seq_rm(memory, seq, length, -1):
+            return True
+        lib.llama_memory_seq_rm(memory, seq, -1, -1)  # a cache that cannot cut a sequence
+        return False
 
     def _prefill_one(self, prompt: Sequence[int], seq: int) -> np.ndarray:
         """Decode one prompt into sequence ``seq``; return its last output (a copy).
@@ -518,6 +546,9 @@ class _LlamaDecoder:
                 lib.llama_memory_seq_rm(memory, seq, -1, -1)
         self._seqs = [self._seqs[i] for i in order]
         self._pos = [self._pos[i] for i in order]
+        self._prompts = [self._prompts[i] for i in order]
+        held = set(self._prompts)
+        self._first = {key: row for key, row in self._first.items() if key in held}
         for target, seq in enumerate(self._seqs):
             if seq != target:  # seq > target, and target is free (ids ascend, each moved once)
                 lib.llama_memory_seq_cp(memory, seq, target, -1, -1)

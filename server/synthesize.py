@@ -259,11 +259,11 @@ def iter_label_texts(
     """
     check_shots(shots, pool_size)
     templates = variant_templates(template, variants)
-    aspect = random.Random(seed + _VARIANT_SEED_OFFSET)
+    # One variant per prompt; without variants the template itself (and no draw).
+    aspect = random.Random(seed + _VARIANT_SEED_OFFSET) if len(templates) > 1 else None
 
     def form() -> PromptTemplate:
-        # One variant per prompt; without variants the template itself (and no draw).
-        return templates[0] if len(templates) == 1 else aspect.choice(templates)
+        return templates[0] if aspect is None else aspect.choice(templates)
 
     choose: Callable[[], str] = lambda: form().prefix(label)  # noqa: E731
     if shots > 0:
@@ -457,7 +457,7 @@ def iter_release_samples(
     if strength < 0:
         raise ConfigError(f"strength={strength}: must be >= 0")
     check_shots(shots, shot_pool)
-    variant_templates(release.manifest.template, variants)
+    check_variants(variants)
     chunks = selection_chunks(n_per_label, select, select_chunk)
     per_label = sum(generated for _, generated in chunks)
     if per_label > n_per_label:

@@ -754,10 +754,10 @@ def generate(
         SHOT_POOL,
         check_release_model,
         check_shots,
+        check_variants,
         iter_release_samples,
         steering_report,
         transformers_model,
-        variant_templates,
     )
     from fedsynth.server.vocabulary import check_vocabulary_choice, release_vocabulary
     from fedsynth.simulations.datasets import json_line
@@ -788,7 +788,7 @@ def generate(
         )
         rel = load_release(release)
         variants = _variants(variant)
-        variant_templates(rel.manifest.template, variants)  # a bad slot: refused before loading
+        check_variants(variants)  # a bad slot: refused before loading
         sampled_from, vocabulary_caution = release_vocabulary(vocabulary, rel.prior_vocabulary)
         # Samples as long as the records the release describes, unless told otherwise.
         length = rel.manifest.max_text_tokens if max_new_tokens is None else max_new_tokens

@@ -715,7 +715,9 @@ def check_text_length(config: DemoConfig, loaded: LoadedModel) -> None:
     if context is None:
         return
     # The features read the template's instruction; generation may ask with a longer variant.
-    asked = [config.template, *variant_templates(config.template, config.variants)]
+    asked = [config.template]
+    if config.variants:
+        asked += variant_templates(config.template, config.variants)
     prompt = max(longest_prompt_tokens(loaded, template) for template in asked)
     longest = max(config.text_tokens, config.new_tokens)
     if prompt + longest > context:

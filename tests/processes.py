@@ -13,6 +13,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from fedsynth.protocol.deployment import die_with_parent
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -153,4 +155,5 @@ def start_coordinator(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(),  # a killed test run leaves nothing running
         )

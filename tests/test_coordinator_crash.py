@@ -34,7 +34,7 @@ from processes import (
 )
 
 from fedsynth.client.node_cli import node_app
-from fedsynth.protocol.deployment import stop_process
+from fedsynth.protocol.deployment import die_with_parent, stop_process
 from fedsynth.server.consortium import CoordinatorPaths
 from fedsynth.server.coordinator_cli import coordinator_app
 from fedsynth.server.superlink import CONNECTION_NAME
@@ -93,6 +93,7 @@ def _start_node(tmp_path: Path, coord: Path, link_port: int) -> subprocess.Popen
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(),  # a killed test run leaves nothing running
         )
 
 

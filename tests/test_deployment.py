@@ -21,6 +21,7 @@ import pytest
 from processes import free_port
 
 from fedsynth.client.budget import ClientBudget
+from fedsynth.protocol.deployment import die_with_parent
 from fedsynth.protocol.identity import (
     ROSTER_FILE,
     simulated_identity_path,
@@ -62,7 +63,13 @@ def flower_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     handle = log.open("wb")
     return subprocess.Popen(
-        cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO
+        cmd,
+        env=env,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=REPO,
+        preexec_fn=die_with_parent(),  # a killed test run leaves nothing running
     )
 
 

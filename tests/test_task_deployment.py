@@ -50,7 +50,7 @@ import pytest
 from processes import add_holder, cli_ok, free_port, start_coordinator, wait_nodes_online
 
 from fedsynth.client.budget import ClientBudget
-from fedsynth.protocol.deployment import stop_process
+from fedsynth.protocol.deployment import die_with_parent, stop_process
 from fedsynth.server.coordinator_cli import coordinator_app
 from fedsynth.server.ledger import file_digest, ledger_rows
 from fedsynth.server.release import load_release
@@ -92,6 +92,7 @@ def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(),  # a killed test run leaves nothing running
         )
 
 

@@ -461,6 +461,44 @@ def test_admitted_rows_start_clean_and_live_rows_carry_on(
     assert not np.allclose(mixed[1], mixed[0], atol=1e-1)
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_a_prompt_a_live_row_holds_starts_from_its_cache_cut_back_to_the_prompt(
+    pair: tuple[LoadedModel, LlamaCppBackend], share: bool
+) -> None:
+    """A refill whose prompt a live row already holds (a shot drawn again from the pool) is not
+    decoded again: the live row's KV stream is copied and cut back to the prompt, so the new
+    row continues exactly as a fresh prefill of the prompt would, not from the live row's
+    generated tokens. Without sharing (the control) the prompt is decoded again, alike."""
+    _, backend = pair
+    ids = backend.tokenizer.encode(PROMPT, add_special_tokens=True)
+    other = backend.tokenizer.encode("Prices rose sharply in", add_special_tokens=True)
+    backend._ensure_context(2, max(len(ids), len(other)) + 8)
+    fresh = _LlamaDecoder(backend)
+    start = fresh.prefill([ids]).numpy()[0].copy()
+    token = int(np.argmax(start))
+    fresh_next = fresh.step(torch.tensor([token])).numpy()[0].copy()
+
+    decoder = _LlamaDecoder(backend)
+    decoder.share_live_prompts = share
+    logits = decoder.prefill([ids, other]).numpy()
+    generated = []
+    for _ in range(3):  # the live row moves past its prompt
+        step = torch.from_numpy(logits.argmax(-1))
+        generated.append(int(step[0]))
+        logits = decoder.step(step).numpy()
+    decoder.keep(torch.tensor([0]))  # the other row ended; its sequence is free
+    live_token = int(np.argmax(logits[0]))
+    before = decoder.prefilled_tokens
+    admitted = decoder.step_admit(torch.tensor([live_token]), [ids]).numpy()
+    assert decoder.prefilled_tokens - before == (0 if share else len(ids))
+    assert decoder._seqs == [0, 1] and decoder._pos == [len(ids) + 4, len(ids)]
+    assert np.allclose(admitted[1], start, atol=1e-2)
+    after = decoder.step(torch.tensor([generated[0], token])).numpy()
+    # The new row saw the prompt only (a cut that kept the live row's tokens would differ).
+    assert np.allclose(after[1], fresh_next, atol=1e-2)
+    assert not np.allclose(after[1], after[0], atol=1e-1)
+
+
 def test_cli_generate_on_llama_cpp_refuses_a_release_it_cannot_steer(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
