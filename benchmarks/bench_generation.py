@@ -370,6 +370,19 @@ def figures(quick: bool) -> list[Figure]:
         out.append(
             compared(
                 "generation",
+                "steered llama.cpp + latin vocabulary vs transformers, one shot",
+                demo_rate("llamacpp auto latin", shots=1),
+                "samples/s",
+                baseline=demo_rate("transformers previous", shots=1),
+                at_least=3.0,
+                note=one_shot + "the pool's time counts); --vocabulary latin: the torch output "
+                "head multiplies only the kept rows; against the fp32 transformers path before "
+                "2026-12-06 with the full vocabulary",
+            )
+        )
+        out.append(
+            compared(
+                "generation",
                 "steered llama.cpp vs steered transformers",
                 runs[1].steered,
                 "tokens/s",

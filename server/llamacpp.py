@@ -418,18 +418,13 @@ class LlamaCppBackend:
         """Decode the batch; its ``rows`` outputs as the output head takes them.
 
         Final-norm hidden states where the head runs in torch, else llama.cpp's own logits
-        (not copied: valid until the next decode). :meth:`_logits_of` turns either into logits,
-        so the rows of several decodes share one head product.
+        (not copied: valid until the next decode). The decoder's ``_logits_of`` turns either
+        into logits, so the rows of several decodes share one head product.
         """
         if self._head is None or self._capture is None:
             self._decode()
             return self._logits_view(rows)
         return self._capture.hidden(self._decode, rows)
-
-    def _logits_of(self, rows: np.ndarray) -> torch.Tensor:
-        """The logits of rows :meth:`_decode_rows` returned (stacked from one or more decodes)."""
-        values = torch.from_numpy(rows)  # logits, or hidden states for the torch head
-        return values if self._head is None else self._head(values)
 
     def _logits(self, rows: int) -> np.ndarray:
         """The (rows, vocab) logits of the last decode's outputs, copied out of llama.cpp."""
@@ -462,13 +457,36 @@ class _LlamaDecoder:
         self._first: dict[tuple[int, ...], np.ndarray] = {}
         self.prefilled_tokens = 0
         """Prompt tokens decoded so far (the rest were copied from a row holding them)."""
+        self._rows: torch.Tensor | None = None
+        self._head = backend._head
+
+    def restrict_vocabulary(self, rows: torch.Tensor) -> None:
+        """Compute only the logits of token ids ``rows`` (sorted), in that order.
+
+        With the output head in torch only those rows of the head are multiplied (gathered
+        once per vocabulary and kept on the backend's head); llama.cpp's own head computes
+        every logit, which are then narrowed to them.
+        """
+        self._rows = rows
+        if self._b._head is not None:
+            self._head = BlockedHead(self._b._head.rows(rows))
+
+    def _logits_of(self, rows: np.ndarray) -> torch.Tensor:
+        """Logits, in this decoder's vocabulary, of rows ``_decode_rows`` returned.
+
+        The rows may be stacked from several decodes: one head product for all of them.
+        """
+        values = torch.from_numpy(rows)  # logits, or hidden states for the torch head
+        if self._head is not None:
+            return self._head(values)
+        return values if self._rows is None else values[:, self._rows]
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         lib = self._lib
         lib.llama_memory_clear(lib.llama_get_memory(self._b._ctx), True)
         self._seqs, self._pos, self._prompts, self._first = [], [], [], {}
-        logits = self._b._logits_of(self._start(prompts, list(range(len(prompts)))))
-        return logits if self._b._head is None else logits.clone()  # the head reuses its buffer
+        logits = self._logits_of(self._start(prompts, list(range(len(prompts)))))
+        return logits if self._head is None else logits.clone()  # the head reuses its buffer
 
     def _start(self, prompts: list[list[int]], seqs: list[int]) -> np.ndarray:
         """Start each prompt as a new row in the (empty) sequence beside it.
@@ -557,7 +575,7 @@ class _LlamaDecoder:
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         # No copy: the sampler samples from these logits before it calls step again.
-        return self._b._logits_of(self._step_rows(next_ids))
+        return self._logits_of(self._step_rows(next_ids))
 
     def _step_rows(self, next_ids: torch.Tensor) -> np.ndarray:
         """Decode the live rows' next tokens; their outputs as the head takes them."""
@@ -590,7 +608,7 @@ class _LlamaDecoder:
         for seq in seqs:
             lib.llama_memory_seq_rm(memory, seq, -1, -1)
         pieces.append(self._start(prompts, seqs))
-        return b._logits_of(np.concatenate(pieces))  # one head product for old and new rows
+        return self._logits_of(np.concatenate(pieces))  # one head product for old and new rows
 
 
 def _offloads_to_gpu(lib: Any) -> bool:

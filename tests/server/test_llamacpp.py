@@ -499,6 +499,37 @@ def test_a_prompt_a_live_row_holds_starts_from_its_cache_cut_back_to_the_prompt(
     assert not np.allclose(after[1], after[0], atol=1e-1)
 
 
+def test_a_restricted_vocabulary_gives_those_columns_of_the_full_logits(
+    pair: tuple[LoadedModel, LlamaCppBackend],
+) -> None:
+    """``restrict_vocabulary`` (``--vocabulary latin``): the decoder returns exactly the kept
+    token ids' logits, in their order, at prefill, step and refill; with the head in torch
+    only those rows of it are multiplied, with llama.cpp's own head its logits are narrowed."""
+    _, backend = pair
+    ids = backend.tokenizer.encode(PROMPT, add_special_tokens=True)
+    other = backend.tokenizer.encode("Prices rose sharply in", add_special_tokens=True)
+    newcomer = backend.tokenizer.encode("The weather", add_special_tokens=True)
+    backend._ensure_context(2, max(len(ids), len(other)) + 8)
+    full = _LlamaDecoder(backend)
+    first = full.prefill([ids, other]).numpy().copy()
+    tokens = torch.from_numpy(first.argmax(-1))
+    stepped = full.step(tokens).numpy().copy()
+    full.keep(torch.tensor([1]))
+    refilled = full.step_admit(tokens[:1], [newcomer]).numpy().copy()
+    kept = torch.unique(torch.cat([torch.arange(5, backend._n_vocab, 7), tokens]))
+    narrow = _LlamaDecoder(backend)
+    narrow.restrict_vocabulary(kept)
+    assert narrow.prefill([ids, other]).shape == (2, len(kept))
+    assert np.allclose(narrow.prefill([ids, other]).numpy(), first[:, kept], rtol=1e-3, atol=1e-2)
+    assert np.allclose(narrow.step(tokens).numpy(), stepped[:, kept], rtol=1e-3, atol=1e-2)
+    narrow.keep(torch.tensor([1]))
+    admitted = narrow.step_admit(tokens[:1], [newcomer]).numpy()
+    assert np.allclose(admitted, refilled[:, kept], rtol=1e-3, atol=1e-2)
+    config = GenerationConfig(max_new_tokens=8, batch_size=2, vocabulary="latin")
+    texts = backend.generate([PROMPT] * 3, config=config, deltas=None, seed=1)
+    assert len(texts) == 3 and all(t.strip() for t in texts)
+
+
 def test_cli_generate_on_llama_cpp_refuses_a_release_it_cannot_steer(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
