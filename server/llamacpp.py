@@ -445,7 +445,8 @@ class _LlamaDecoder:
     """A :class:`~fedsynth.server.generation.Decoder` over one llama.cpp batch of sequences."""
 
     share_live_prompts = True
-    """Start a prompt that a live row already holds from that row's KV (see :meth:`_start`)."""
+    """Start a prompt that a live row already holds from that row's KV (see :meth:`_start`);
+    False: only the rows started in one call share their prompts (as before 2026-12-07)."""
 
     def __init__(self, backend: LlamaCppBackend) -> None:
         self._b = backend
@@ -501,7 +502,8 @@ class _LlamaDecoder:
         """
         lib = self._lib
         memory = lib.llama_get_memory(self._b._ctx)
-        holder = dict(zip(self._prompts, self._seqs, strict=True))
+        live = zip(self._prompts, self._seqs, strict=True)
+        holder = dict(live) if self.share_live_prompts else {}
         rows = []
         for prompt, seq in zip(prompts, seqs, strict=True):
             key = tuple(prompt)
@@ -519,11 +521,9 @@ class _LlamaDecoder:
     def _copy_prompt(self, memory: Any, source: int, seq: int, length: int) -> bool:
         """Copy ``source``'s KV stream into the empty ``seq``, cut back to ``length`` positions.
 
-        False (``seq`` left empty) where sharing is off or the cache cannot cut a sequence.
+        False (``seq`` left empty) where the cache cannot cut a sequence.
         """
         lib = self._lib
-        if not self.share_live_prompts:
-            return False
         lib.llama_memory_seq_cp(memory, source, seq, -1, -1)
         if lib.llama_memory_seq_rm(memory, seq, length, -1):
             return True
