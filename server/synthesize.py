@@ -244,10 +244,9 @@ def iter_label_texts(
     random (without replacement where the pool allows) from ``pool``: by default
     ``min(pool_size, n)`` texts first generated from the plain prompt (or the ``variants``)
     with the same steering, and not yielded (so the pool never costs more than the samples).
-    Varying what each sample
-    sees spreads the samples out (the plain prompt makes every sample start from the same
-    state) and the steered shots show the class once more; everything comes from the release
-    and the model, so this is post-processing too.
+    Varying what each sample sees spreads the samples out (the plain prompt makes every sample
+    start from the same state) and the steered shots show the class once more; everything comes
+    from the release and the model, so this is post-processing too.
 
     Args:
         pool: Texts to draw shots from instead (e.g. the public prior texts); empty strings
