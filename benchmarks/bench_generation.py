@@ -129,13 +129,15 @@ def samples_per_s(
     previous: bool = False,
     shots: int = 0,
     share_prompts: bool = True,
+    park_prompts: bool = True,
 ) -> float:
     """Best steered samples/s generated as the demo generates (rows end at a newline or EOS,
     48-token budget; prompts of a label go through :func:`iter_label_texts`, which gives a
     refilling backend several batches per call). ``vocabulary``, ``previous``: as in
     :func:`measure`. ``shots``: shots per sample from a pool of plain samples generated first
     (the demo's default is 1; the pool's time counts). ``share_prompts`` False: llama.cpp
-    decodes every prompt, also one a live row already holds."""
+    decodes every prompt, also one a live row already holds. ``park_prompts`` False: llama.cpp
+    keeps no finished row's prompt in a spare sequence."""
     from fedsynth.protocol.features import PromptTemplate
     from fedsynth.server.llamacpp import _LlamaDecoder
     from fedsynth.server.synthesize import iter_label_texts
@@ -151,6 +153,7 @@ def samples_per_s(
     with (
         previous_decoding() if previous else contextlib.nullcontext(),
         mock.patch.object(_LlamaDecoder, "share_live_prompts", share_prompts),
+        mock.patch.object(_LlamaDecoder, "park_prompts", park_prompts),
     ):
         engine.generate(["warm-up"] * 4, config=config, deltas=None, seed=0)
         for r in range(repeats):
@@ -218,12 +221,12 @@ def figures(quick: bool) -> list[Figure]:
     low = measure(precision="bf16") if native_bf16() else None
     fastest = measure(precision="bf16", vocabulary="latin") if native_bf16() else None
     before = measure(previous=True)  # fp32, as transformers decoded before 2026-12-06
-    as_demo: dict[tuple[str, int, bool], float] = {}  # samples/s as the demo makes them
+    as_demo: dict[tuple[str, int, bool, bool], float] = {}  # samples/s as the demo makes them
 
-    def demo_rate(engine: str, shots: int = 0, share: bool = True) -> float:
+    def demo_rate(engine: str, shots: int = 0, share: bool = True, park: bool = True) -> float:
         """``engine``: "backend[ precision[ vocabulary]]", "previous" for the old decoding;
-        ``shots`` and ``share``: as in :func:`samples_per_s`."""
-        key = (engine, shots, share)
+        ``shots``, ``share`` and ``park``: as in :func:`samples_per_s`."""
+        key = (engine, shots, share, park)
         if key not in as_demo:
             parts = engine.split(" ")
             backend = parts[0]
@@ -236,6 +239,7 @@ def figures(quick: bool) -> list[Figure]:
                 previous=precision == "previous",
                 shots=shots,
                 share_prompts=share,
+                park_prompts=park,
             )
         return as_demo[key]
 
@@ -360,11 +364,25 @@ def figures(quick: bool) -> list[Figure]:
             compared(
                 "generation",
                 "steered llama.cpp, one shot: a prompt a live row holds copied vs decoded again",
+                demo_rate("llamacpp", shots=1, park=False),
+                "samples/s",
+                baseline=demo_rate("llamacpp", shots=1, share=False, park=False),
+                judge=False,
+                note=one_shot + "most refills draw a shot a live row already shows); neither "
+                "keeps finished rows' prompts",
+            )
+        )
+        out.append(
+            compared(
+                "generation",
+                "steered llama.cpp, one shot: finished rows' prompts kept in spare sequences "
+                "vs not",
                 demo_rate("llamacpp", shots=1),
                 "samples/s",
-                baseline=demo_rate("llamacpp", shots=1, share=False),
+                baseline=demo_rate("llamacpp", shots=1, park=False),
                 judge=False,
-                note=one_shot + "most refills draw a shot a live row already shows)",
+                note=one_shot + "a shot no live row shows is copied from a spare sequence "
+                "instead of decoded again)",
             )
         )
         out.append(

@@ -46,6 +46,13 @@ class PromptTemplate:
     def __post_init__(self) -> None:
         if "{label}" not in self.instruction:
             raise ConfigError(f"template.instruction={self.instruction!r} lacks a {{label}} slot")
+        try:
+            self.instruction.format(label="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"template.instruction={self.instruction!r}: its only slot must be {{label}} "
+                f"({exc!r})"
+            ) from exc
         labels = [label for label, _ in self.label_names]
         if len(labels) < 1 or len(set(labels)) != len(labels):
             raise ConfigError(f"template.label_names={labels!r}: need distinct labels")

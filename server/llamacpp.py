@@ -5,9 +5,10 @@ block's second residual add), which is exactly where the `transformers` path's f
 adds ``deltas[l]``; block 0 cannot carry one. Tokenization, the vocabulary classes and the
 sampling loop are the `transformers` path's own (the tokenizer of the fp32 conversion of the
 same GGUF file), so only the logits come from llama.cpp. Decoding is batched through the
-low-level API: one sequence per sample, identical prompts prefilled once and copied, and a
-finished row's sequence taking the next prompt at once (the batch stays full instead of
-decoding its last few rows at nearly the cost of a full batch).
+low-level API: one sequence per sample, identical prompts prefilled once and copied (also from
+a live row, or from a spare sequence that keeps a finished row's prompt), and a finished row's
+sequence taking the next prompt at once (the batch stays full instead of decoding its last few
+rows at nearly the cost of a full batch).
 
 The release's fingerprint describes the fp32 weights; llama.cpp computes with the quantized
 ones (8-bit activations, f16 KV cache), so its logits differ slightly from the fp32 path's. The
@@ -286,12 +287,13 @@ class LlamaCppBackend:
             return []
         longest = max(len(self.tokenizer.encode(p, add_special_tokens=True)) for p in prompts)
         sequences = min(config.batch_size, len(prompts))
-        self._ensure_context(sequences, longest + config.max_new_tokens + 1)
+        spare = _spare_streams(sequences, len(prompts)) if _LlamaDecoder.park_prompts else 0
+        self._ensure_context(sequences + spare, longest + config.max_new_tokens + 1)
         with self._steered(deltas):
             return sample_continuations(
                 self.tokenizer,
                 prompts,
-                lambda: _LlamaDecoder(self),
+                lambda: _LlamaDecoder(self, rows=sequences),
                 vocab_rows=self._n_vocab,
                 device=torch.device("cpu"),
                 config=config,
@@ -441,21 +443,50 @@ class LlamaCppBackend:
         return np.ctypeslib.as_array(pointer, shape=(rows, self._n_vocab))
 
 
+_MAX_SEQUENCES = 256
+"""The most sequences (KV streams) a llama.cpp context takes (its ``LLAMA_MAX_SEQ``)."""
+
+
+def _spare_streams(rows: int, prompts: int) -> int:
+    """KV streams beyond a batch of ``rows`` that keep finished rows' prompts (at most ``rows``).
+
+    Only a call that refills its batch (more prompts than rows) has finished rows to keep.
+    """
+    return max(0, min(rows, _MAX_SEQUENCES - rows, prompts - rows))
+
+
 class _LlamaDecoder:
-    """A :class:`~fedsynth.server.generation.Decoder` over one llama.cpp batch of sequences."""
+    """A :class:`~fedsynth.server.generation.Decoder` over one llama.cpp batch of sequences.
+
+    The batch's rows use sequences ``0 .. rows - 1``; the context's sequences beyond them (if
+    any) keep the prompts of finished rows for later rows to copy (see :meth:`keep`).
+    """
 
     share_live_prompts = True
     """Start a prompt that a live row already holds from that row's KV (see :meth:`_start`);
     False: only the rows started in one call share their prompts (as before 2026-12-07)."""
 
-    def __init__(self, backend: LlamaCppBackend) -> None:
+    park_prompts = True
+    """Keep a finished row's prompt in a spare sequence for later rows to copy (see
+    :meth:`keep`); False: no spare sequences, a prompt no live row holds is decoded again
+    (as before 2026-12-08)."""
+
+    def __init__(self, backend: LlamaCppBackend, rows: int | None = None) -> None:
         self._b = backend
         self._lib = backend._lib
+        streams = backend._ctx_shape[0]
+        self._rows_max = streams if rows is None else rows
+        if not 0 < self._rows_max <= streams:
+            raise ValueError(f"rows={rows}: the context has {streams} sequences")
         self._seqs: list[int] = []
         self._pos: list[int] = []
         self._prompts: list[tuple[int, ...]] = []
-        # The last prompt token's output (as the head takes it) of each prompt a live row holds.
+        # The last prompt token's output (as the head takes it) of each prompt a live row or a
+        # spare sequence holds.
         self._first: dict[tuple[int, ...], np.ndarray] = {}
+        # Finished rows' prompts -> the spare sequence holding each, least recently used first.
+        self._parked: dict[tuple[int, ...], int] = {}
+        self._spare: list[int] = []
         self.prefilled_tokens = 0
         """Prompt tokens decoded so far (the rest were copied from a row holding them)."""
         self._rows: torch.Tensor | None = None
@@ -486,15 +517,20 @@ class _LlamaDecoder:
         lib = self._lib
         lib.llama_memory_clear(lib.llama_get_memory(self._b._ctx), True)
         self._seqs, self._pos, self._prompts, self._first = [], [], [], {}
+        self._parked = {}
+        self._spare = (
+            list(range(self._rows_max, self._b._ctx_shape[0])) if self.park_prompts else []
+        )
         logits = self._logits_of(self._start(prompts, list(range(len(prompts)))))
         return logits if self._head is None else logits.clone()  # the head reuses its buffer
 
     def _start(self, prompts: list[list[int]], seqs: list[int]) -> np.ndarray:
         """Start each prompt as a new row in the (empty) sequence beside it.
 
-        A prompt that a live row (or a row started before it in this call) already holds is
-        not decoded again: that row's KV stream is copied and cut back to the prompt, and the
-        prompt's last output was kept when it was first decoded. Shot-conditioned generation
+        A prompt that a live row (or a row started before it in this call) or a spare sequence
+        (:meth:`_park`) already holds is not decoded again: that sequence's KV stream is copied
+        and cut back to the prompt, and the prompt's last output was kept when it was first
+        decoded. Shot-conditioned generation
         draws each prompt's shot from a pool of 64 texts, so most refills repeat a live
         prompt; the control vector is the decoder's for its whole life, so the copied KV is
         what decoding the prompt again would give. Returns each prompt's last output as the
@@ -508,6 +544,9 @@ class _LlamaDecoder:
         for prompt, seq in zip(prompts, seqs, strict=True):
             key = tuple(prompt)
             source = holder.get(key)
+            if source is None and key in self._parked:
+                source = self._parked.pop(key)
+                self._parked[key] = source  # now the most recently used
             if source is None or not self._copy_prompt(memory, source, seq, len(key)):
                 self._first[key] = self._prefill_one(key, seq)
                 self.prefilled_tokens += len(key)
@@ -548,6 +587,9 @@ class _LlamaDecoder:
     def keep(self, rows: torch.Tensor) -> None:
         """Drop the other rows, then renumber the kept ones' sequences 0..k-1.
 
+        A dropped row's prompt that no kept row holds is first kept in a spare sequence
+        (:meth:`_park`).
+
         llama.cpp splits a batch whose sequence ids have gaps into one micro-batch per
         sequence (each sequence has its own KV stream), which made a thinned batch cost 3x more
         per step than a full one of the same size; moving each kept stream down keeps one
@@ -559,19 +601,41 @@ class _LlamaDecoder:
         if order != sorted(order):
             raise ValueError("rows must be kept in their order")
         kept = set(order)
+        held = {self._prompts[i] for i in order}
         for index, seq in enumerate(self._seqs):
             if index not in kept:
+                key = self._prompts[index]
+                if key not in held and key not in self._parked:
+                    self._park(memory, seq, key)
                 lib.llama_memory_seq_rm(memory, seq, -1, -1)
         self._seqs = [self._seqs[i] for i in order]
         self._pos = [self._pos[i] for i in order]
         self._prompts = [self._prompts[i] for i in order]
-        held = set(self._prompts)
-        self._first = {key: row for key, row in self._first.items() if key in held}
+        self._first = {
+            key: row for key, row in self._first.items() if key in held or key in self._parked
+        }
         for target, seq in enumerate(self._seqs):
             if seq != target:  # seq > target, and target is free (ids ascend, each moved once)
                 lib.llama_memory_seq_cp(memory, seq, target, -1, -1)
                 lib.llama_memory_seq_rm(memory, seq, -1, -1)
                 self._seqs[target] = target
+
+    def _park(self, memory: Any, seq: int, key: tuple[int, ...]) -> None:
+        """Keep finished ``seq`` (its prompt ``key`` and what followed) in a spare sequence.
+
+        Shots come from a pool, so a prompt no live row holds is often drawn again later;
+        copying it back costs a KV copy instead of a prefill. With every spare sequence in use
+        the least recently used prompt gives up its own (and is decoded again if drawn).
+        """
+        if not self._spare:
+            if not self._parked:
+                return
+            oldest = next(iter(self._parked))
+            self._spare.append(self._parked.pop(oldest))
+            self._lib.llama_memory_seq_rm(memory, self._spare[-1], -1, -1)
+        spare = self._spare.pop()
+        self._lib.llama_memory_seq_cp(memory, seq, spare, -1, -1)  # cut back when copied out
+        self._parked[key] = spare
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         # No copy: the sampler samples from these logits before it calls step again.
@@ -597,7 +661,7 @@ class _LlamaDecoder:
         b, lib = self._b, self._lib
         if not prompts:
             return self.step(next_ids)
-        free = sorted(set(range(b._ctx_shape[0])) - set(self._seqs))
+        free = sorted(set(range(self._rows_max)) - set(self._seqs))
         if len(free) < len(prompts):
             raise RuntimeError(f"{len(prompts)} new rows but {len(free)} free sequences")
         pieces = []

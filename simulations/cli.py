@@ -172,7 +172,10 @@ def demo(
     label_field: Annotated[str, typer.Option(help="Label column of --data.")] = "label",
     instruction: Annotated[
         str | None,
-        typer.Option(help="Template for --data with a {label} slot, e.g. 'A {label} review:\\n'."),
+        typer.Option(
+            help="Instruction with a {label} slot, e.g. 'A {label} review:\\n' (default: the "
+            "corpus's own; with --data 'Here is a text labelled {label}:\\n').",
+        ),
     ] = None,
     method: Annotated[
         str, typer.Option(help="vector (dataset vectors) or pe (federated Private Evolution).")

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,8 @@ class DemoConfig:
             raise ConfigError(f"drop={self.drop_clients}: must be >= 0")
         check_shots(self.shots)
         check_variants(self.variants)
+        if self.instruction is not None:  # refused now, not once the model has loaded
+            PromptTemplate(instruction=self.instruction, label_names=(("label", "label"),))
         check_select(self.select)
         GenerationConfig(top_p=self.top_p)  # refuses a top_p outside (0, 1]
 
@@ -266,9 +268,15 @@ class DemoConfig:
 
     @property
     def template(self) -> PromptTemplate:
-        """The class-conditional template: the bundled corpus's, or one for the user's data."""
+        """The class-conditional template: the bundled corpus's, or one for the user's data.
+
+        ``instruction``, where given, replaces either's instruction.
+        """
         if self.data_path is None:
-            return TEMPLATES[self.corpus]
+            bundled = TEMPLATES[self.corpus]
+            if self.instruction is None:
+                return bundled
+            return replace(bundled, instruction=self.instruction)
         labels = user_labels(self.data_path, self.text_field, self.label_field)
         return PromptTemplate(
             instruction=self.instruction or "Here is a text labelled {label}:\n",

@@ -13,6 +13,7 @@ import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -497,6 +498,98 @@ def test_a_prompt_a_live_row_holds_starts_from_its_cache_cut_back_to_the_prompt(
     # The new row saw the prompt only (a cut that kept the live row's tokens would differ).
     assert np.allclose(after[1], fresh_next, atol=1e-2)
     assert not np.allclose(after[1], after[0], atol=1e-1)
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(logits.numpy().argmax(-1))
+
+
+@pytest.mark.parametrize("park", [True, False])
+def test_a_finished_rows_prompt_is_kept_in_a_spare_sequence_for_a_later_row(
+    pair: tuple[LoadedModel, LlamaCppBackend], park: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row whose prompt no live row holds any more (its row finished) starts from the spare
+    sequence that kept that prompt, cut back to it: no prompt token is decoded, and the row
+    continues exactly as a fresh prefill would. Without spare sequences (the control) the
+    prompt is decoded again, alike; the batch's rows never take a spare sequence."""
+    _, backend = pair
+    monkeypatch.setattr(_LlamaDecoder, "park_prompts", park)
+    ids = backend.tokenizer.encode(PROMPT, add_special_tokens=True)
+    other = backend.tokenizer.encode("Prices rose sharply in", add_special_tokens=True)
+    backend.close_context()
+    backend._ensure_context(3, max(len(ids), len(other)) + 8)  # two rows and one spare
+    fresh = _LlamaDecoder(backend)
+    start = fresh.prefill([ids]).numpy()[0].copy()
+    token = int(np.argmax(start))
+    fresh_next = fresh.step(torch.tensor([token])).numpy()[0].copy()
+
+    decoder = _LlamaDecoder(backend, rows=2)
+    logits = decoder.prefill([ids, other])
+    for _ in range(3):  # the first row moves past its prompt, then finishes
+        logits = decoder.step(_greedy(logits))
+    decoder.keep(torch.tensor([1]))
+    live = _greedy(logits[1:])
+    before = decoder.prefilled_tokens
+    admitted = decoder.step_admit(live, [ids]).numpy()
+    assert decoder.prefilled_tokens - before == (0 if park else len(ids))
+    assert decoder._seqs == [0, 1]
+    assert np.allclose(admitted[1], start, atol=1e-2)
+    after = decoder.step(torch.tensor([int(np.argmax(admitted[0])), token])).numpy()
+    assert np.allclose(after[1], fresh_next, atol=1e-2)
+
+
+def test_the_least_recently_used_kept_prompt_gives_up_its_spare_sequence(
+    pair: tuple[LoadedModel, LlamaCppBackend],
+) -> None:
+    """With two spare sequences a third finished prompt takes the one of the prompt used
+    least recently (a copy counts as a use): that prompt is decoded again when drawn, the
+    others are copied."""
+    _, backend = pair
+    a, b, c = (
+        backend.tokenizer.encode(text, add_special_tokens=True)
+        for text in (PROMPT, "Prices rose sharply in", "The weather")
+    )
+    backend.close_context()
+    backend._ensure_context(3, max(map(len, (a, b, c))) + 8)
+    decoder = _LlamaDecoder(backend, rows=1)
+    none = torch.tensor([], dtype=torch.long)
+    decoder.prefill([a])
+    counts = []
+    for prompt in (b, a, c, a, b):  # each row finishes at once and the next prompt comes in
+        decoder.keep(none)
+        before = decoder.prefilled_tokens
+        decoder.step_admit(none, [prompt])
+        counts.append(decoder.prefilled_tokens - before)
+    # b decoded (new), a copied, c decoded (b is now the least recently used and gives up its
+    # sequence to c), a copied, b decoded again.
+    assert counts == [len(b), 0, len(c), 0, len(b)]
+
+
+def test_kept_prompts_leave_the_samples_as_they_were(
+    pair: tuple[LoadedModel, LlamaCppBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A generation call that refills its batch from a few repeated prompts (shots from a
+    pool) keeps finished rows' prompts and copies them back, and samples exactly what it
+    sampled without spare sequences, steered or not."""
+    _, backend = pair
+    config = GenerationConfig(max_new_tokens=8, batch_size=3)
+    prompts = [PROMPT, "A negative movie review:\n", "The weather"] * 4
+    prompts = prompts[::2] + prompts[1::2]  # rows end and their prompts come back later
+    push = {backend.num_layers // 2: torch.ones(backend.hidden_size) * 2.0}
+    parked = []
+    original = _LlamaDecoder._park
+
+    def counted(self: _LlamaDecoder, memory: Any, seq: int, key: tuple[int, ...]) -> None:
+        parked.append(key)
+        original(self, memory, seq, key)
+
+    monkeypatch.setattr(_LlamaDecoder, "_park", counted)
+    kept = [backend.generate(prompts, config=config, deltas=d, seed=5) for d in (None, push)]
+    assert parked
+    monkeypatch.setattr(_LlamaDecoder, "park_prompts", False)
+    assert [
+        backend.generate(prompts, config=config, deltas=d, seed=5) for d in (None, push)
+    ] == kept
 
 
 def test_a_restricted_vocabulary_gives_those_columns_of_the_full_logits(

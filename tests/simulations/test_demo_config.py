@@ -367,3 +367,22 @@ def test_variants_are_checked_first_and_count_in_the_context(tmp_path: Path) -> 
     varied = dataclasses.replace(plain, variants=(long_variant,))
     with pytest.raises(ConfigError, match=r"max_text_tokens=200.*-token prompt"):
         check_text_length(varied, loaded)
+    # Short variants do not excuse a long instruction: the features read the template's own.
+    long_template = dataclasses.replace(
+        plain, instruction=long_variant, variants=("A {label} review:",)
+    )
+    with pytest.raises(ConfigError, match=r"max_text_tokens=200.*-token prompt"):
+        check_text_length(long_template, loaded)
+
+
+def test_an_instruction_replaces_the_bundled_corpus_instruction(tmp_path: Path) -> None:
+    """``--instruction`` without ``--data`` asks the bundled corpus's labels with it (it was
+    once ignored there); one that the template cannot fill is refused with the config."""
+    bundled = DemoConfig(out_dir=tmp_path).template
+    asked = DemoConfig(out_dir=tmp_path, instruction="A {label} film review:\n").template
+    assert asked.label_names == bundled.label_names
+    assert asked.prefix("positive") == "A positive film review:\n"
+    with pytest.raises(ConfigError, match=re.escape("'A review:\\n' lacks a {label} slot")):
+        DemoConfig(out_dir=tmp_path, instruction="A review:\n")
+    with pytest.raises(ConfigError, match=re.escape("its only slot must be {label}")):
+        DemoConfig(out_dir=tmp_path, instruction="A {label} review of {film}:")
