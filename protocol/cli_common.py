@@ -23,7 +23,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, NoReturn, Protocol
 
 import typer
@@ -374,3 +374,20 @@ def library_log_level() -> int:
     if _verbose is None:
         return logging.WARNING
     return logging.DEBUG if _verbose else _QUIET_LEVEL
+
+
+VariantOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="A public instruction variant with the template's {label} slot, e.g. 'Here is a "
+        "{label} movie review snippet about the acting:\\n' (repeatable): each sample's prompt "
+        "uses one drawn at random, so samples do not all start from one prompt. No privacy "
+        "cost.",
+    ),
+]
+"""``--variant`` of the commands that generate (``synthesize.variant_templates``)."""
+
+
+def typed_variants(values: Sequence[str] | None) -> tuple[str, ...]:
+    r"""``--variant`` values as typed on a command line, a typed ``\n`` read as a line break."""
+    return tuple(v.replace("\\n", "\n") for v in values or ())

@@ -20,7 +20,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Annotated, Any
@@ -42,8 +42,10 @@ from fedsynth.protocol.cli_common import (
     PrecisionOption,
     ReleaseVocabularyOption,
     ThreadsOption,
+    VariantOption,
     console,
     errors_at_the_edge,
+    typed_variants,
 )
 from fedsynth.protocol.cli_common import fail as _fail
 from fedsynth.protocol.errors import ConfigError
@@ -173,13 +175,16 @@ class SynthesisClient:
         strength: float | None = None,
         shots: int | None = None,
         select: float | None = None,
+        variants: Sequence[str] = (),
     ) -> Any:
         """The stream of samples (an iterator that is also a gRPC call: ``.cancel()`` stops it).
 
         ``strength`` and ``shots`` left at None take the server's defaults; ``select`` None
-        keeps every sample.
+        keeps every sample; ``variants``: public instruction variants (none: the template's).
         """
-        request = pb.GenerateRequest(release_id=release_id, n=n, label=label, seed=seed)
+        request = pb.GenerateRequest(
+            release_id=release_id, n=n, label=label, seed=seed, variants=list(variants)
+        )
         if strength is not None:
             request.strength = strength
         if shots is not None:
@@ -322,6 +327,7 @@ def pull_command(
             "says carry their class best (default: keep all; see `fedsynth generate --select`)."
         ),
     ] = None,
+    variant: VariantOption = None,
     insecure: InsecureOption = False,
 ) -> None:
     """Stream synthetic samples from a release; costs no privacy and touches no ledger."""
@@ -330,7 +336,14 @@ def pull_command(
             raise ConfigError(f"n={n}: must be >= 1")
         with _client(server, ca, token_file, insecure) as client:
             stream = client.generate(
-                release, n, label=label, seed=seed, strength=strength, shots=shots, select=select
+                release,
+                n,
+                label=label,
+                seed=seed,
+                strength=strength,
+                shots=shots,
+                select=select,
+                variants=typed_variants(variant),
             )
             rows = ({"text": s.text, "label": s.label, "release_id": s.release_id} for s in stream)
             try:
@@ -431,6 +444,14 @@ def serve_command(
         ),
     ] = 1,
     max_shots: Annotated[int, typer.Option(help="Most shots a request may ask for.", min=0)] = 8,
+    max_variants: Annotated[
+        int,
+        typer.Option(
+            help="Most instruction variants a request may ask with (0: none), each of at most "
+            "200 characters.",
+            min=0,
+        ),
+    ] = 16,
     min_select: Annotated[
         float,
         typer.Option(
@@ -508,6 +529,7 @@ def serve_command(
             default_shots=shots,
             max_shots=max_shots,
             min_select=min_select,
+            max_variants=max_variants,
             max_calls_per_token=max_calls_per_token,
             request_timeout_s=request_timeout,
         )

@@ -57,6 +57,8 @@ from fedsynth.server.snr import check_release_counts, steering_snr
 from fedsynth.server.synthesis_client import read_token_file, token_id
 from fedsynth.server.synthesize import (
     SHOT_POOL,
+    check_variants,
+    check_variants_fit,
     iter_release_samples,
     shot_pool_size,
     transformers_model,
@@ -82,6 +84,8 @@ DEFAULT_MAX_CALLS_PER_TOKEN = 16  # calls one consumer may have open at once
 DEFAULT_REQUEST_TIMEOUT_S = 30.0  # an admitted call sends its request message within this
 DEFAULT_SAMPLE_BURST = 50_000  # samples a token may request at once, refilled over time
 MAX_ID_CHARS = 256  # release ids and labels are short names
+DEFAULT_MAX_VARIANTS = 16  # instruction variants one request may ask with
+DEFAULT_MAX_VARIANT_CHARS = 200  # characters of each: an instruction, not a document
 TRUST_MODES = {
     "distributed": pb.TRUST_MODE_DISTRIBUTED,
     "central": pb.TRUST_MODE_CENTRAL,
@@ -100,6 +104,8 @@ class SynthesisLimits:
     default_shots: int = DEFAULT_SHOTS
     max_shots: int = DEFAULT_MAX_SHOTS
     min_select: float = DEFAULT_MIN_SELECT  # 1: requests cannot ask for selection
+    max_variants: int = DEFAULT_MAX_VARIANTS  # 0: requests cannot ask with variants
+    max_variant_chars: int = DEFAULT_MAX_VARIANT_CHARS
     request_burst: int = 60  # requests a token may make at once ...
     requests_per_second: float = 2.0  # ... and refilled at this rate
     sample_burst: int = DEFAULT_SAMPLE_BURST  # samples a token may request at once ...
@@ -119,9 +125,12 @@ class SynthesisLimits:
             "request_burst",
             "max_concurrent_rpcs",
             "max_calls_per_token",
+            "max_variant_chars",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.max_variants < 0:
+            raise ConfigError(f"max_variants={self.max_variants}: must be >= 0")
         for name in (
             "requests_per_second",
             "samples_per_second",
@@ -180,6 +189,7 @@ class GenerateParams:
     strength: float
     shots: int = DEFAULT_SHOTS
     select: float = 1.0
+    variants: tuple[str, ...] = ()
 
 
 def _shown(value: str) -> str:
@@ -244,6 +254,18 @@ def validate_generate_request(
                 f"select={select}: must be in [min_select={limits.min_select}, 1] "
                 "(1 keeps every sample)"
             )
+    variants = tuple(request.variants)
+    if len(variants) > limits.max_variants:
+        raise ConfigError(
+            f"variants: {len(variants)} given, this server takes at most {limits.max_variants}"
+        )
+    for variant in variants:
+        if len(variant) > limits.max_variant_chars:
+            raise ConfigError(
+                f"variant={_shown(variant)}: {len(variant)} characters, the limit is "
+                f"{limits.max_variant_chars}"
+            )
+    check_variants(variants)
     params = GenerateParams(
         release_id=release_id,
         n=request.n,
@@ -252,6 +274,7 @@ def validate_generate_request(
         strength=strength,
         shots=shots,
         select=select,
+        variants=variants,
     )
     generated = generated_samples(params, batch=batch_size)
     if generated > limits.sample_burst:
@@ -846,6 +869,13 @@ class SynthesisServicer:
                 limits=self.limits,
                 batch_size=self.generation.batch_size,
             )
+            check_variants_fit(
+                self.loaded,
+                offered[params.release_id].release.manifest.template,
+                params.variants,
+                shots=params.shots,
+                new_tokens=self.generation.max_new_tokens,
+            )
             reader = self._sample_reader(params.select)
             self._limiter.take_samples(
                 who, generated_samples(params, batch=self.generation.batch_size)
@@ -853,13 +883,14 @@ class SynthesisServicer:
         except FedSynthError as exc:
             self._refuse(context, exc)
         logger.info(
-            "generate: token %s, release %s, n=%d, labels %s, shots %d, select %g",
+            "generate: token %s, release %s, n=%d, labels %s, shots %d, select %g, variants %d",
             who,
             params.release_id,
             params.n,
             ",".join(params.labels),
             params.shots,
             params.select,
+            len(params.variants),
         )
         stream = _StreamState(params.n)
         self.stats.add(streams_started=1, active_streams=1)
@@ -934,6 +965,7 @@ class SynthesisServicer:
                 select=params.select,
                 scorer=reader,
                 select_chunk=batch,
+                variants=params.variants,
             )
             # Samples generated for each batch streamed (more than the batch with select < 1).
             generated = [made for _, made in selection_chunks(count, params.select, batch)]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fedsynth.protocol.errors import ConfigError
-from fedsynth.protocol.features import PromptTemplate
+from fedsynth.protocol.features import PromptTemplate, longest_prompt_tokens
 from fedsynth.protocol.models import LoadedModel
 from fedsynth.server.backends import GenerationBackend, as_backend, check_release_backend
 from fedsynth.server.generation import GenerationConfig, steering_deltas
@@ -211,6 +211,44 @@ def check_variants(variants: Sequence[str]) -> None:
             raise ConfigError(
                 f"variant={variant!r}: its only slot must be {{label}} ({exc!r})"
             ) from exc
+
+
+def shots_span(prompt_tokens: int, shots: int, new_tokens: int) -> int:
+    """Tokens of the longest input with ``shots`` shots before a sample's own prompt.
+
+    Each shot is a prompt, a sample and a blank line; the sample adds ``new_tokens``.
+    """
+    return prompt_tokens + shots * (prompt_tokens + new_tokens + 2) + new_tokens
+
+
+def check_variants_fit(
+    loaded: LoadedModel | GenerationBackend,
+    template: PromptTemplate,
+    variants: Sequence[str],
+    *,
+    shots: int,
+    new_tokens: int,
+) -> None:
+    """Refuse variants whose prompts, with shots and a whole sample, outrun the context.
+
+    Checked where the model has a fixed context (llama.cpp sizes its context to the prompts).
+
+    Raises:
+        ConfigError: naming the longest variant's tokens and the context.
+    """
+    model = transformers_model(loaded)
+    context = model.context if model is not None else None
+    if not variants or context is None or model is None:
+        return
+    templates = variant_templates(template, variants)
+    prompt = max(longest_prompt_tokens(model, t) for t in templates)
+    longest = shots_span(prompt, shots, new_tokens)
+    if longest > context:
+        raise ConfigError(
+            f"variants: a {prompt}-token prompt with {shots} shots and {new_tokens}-token "
+            f"samples makes {longest} tokens, beyond {model.name}'s context of {context} "
+            "tokens (use shorter variants or fewer shots)"
+        )
 
 
 def shot_prompt(template: PromptTemplate, label: str, shots: Sequence[str]) -> str:

@@ -22,10 +22,12 @@ from fedsynth.protocol.cli_common import (
     SelectOption,
     ThreadsOption,
     TopPOption,
+    VariantOption,
     VocabularyOption,
     configure_library_output,
     console,
     progress_display,
+    typed_variants,
 )
 from fedsynth.protocol.cli_common import errors_at_the_edge as _errors_at_the_edge
 from fedsynth.protocol.errors import FedSynthError
@@ -294,7 +296,7 @@ def demo(
             precision=precision,
             vocabulary=vocabulary,
             shots=shots,
-            variants=_variants(variant) or None,
+            variants=typed_variants(variant) or None,
             select=select,
             top_p=top_p,
         )
@@ -381,23 +383,6 @@ def _real_line(scores: dict[str, dict[str, float]], real: dict[str, float]) -> s
         f"TSTR accuracy {real['tstr_accuracy']:.3f} ± {real['tstr_accuracy_sd']:.3f}; of its gap "
         f"to the prior ({prior:.3f}): " + ", ".join(parts)
     )
-
-
-VariantOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        help="A public instruction variant with the template's {label} slot, e.g. 'Here is a "
-        "{label} movie review snippet about the acting:\\n' (repeatable): each sample's prompt "
-        "uses one drawn at random, so samples do not all start from one prompt. No privacy "
-        "cost.",
-    ),
-]
-"""``--variant`` of the commands that generate (``synthesize.variant_templates``)."""
-
-
-def _variants(values: list[str] | None) -> tuple[str, ...]:
-    r"""The ``--variant`` values with a typed ``\n`` read as a line break, as ``--instruction``."""
-    return tuple(v.replace("\\n", "\n") for v in values or ())
 
 
 def _parse_layers(value: str | None) -> tuple[int, ...] | None:
@@ -790,7 +775,7 @@ def generate(
             top_p=top_p,
         )
         rel = load_release(release)
-        variants = _variants(variant)
+        variants = typed_variants(variant)
         check_variants(variants)  # a bad slot: refused before loading
         sampled_from, vocabulary_caution = release_vocabulary(vocabulary, rel.prior_vocabulary)
         # Samples as long as the records the release describes, unless told otherwise.

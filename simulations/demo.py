@@ -60,6 +60,7 @@ from fedsynth.server.synthesize import (
     check_variants,
     floor_samples,
     generate_from_release,
+    shots_span,
     variant_templates,
 )
 from fedsynth.server.task_runner import run_vector_release
@@ -734,8 +735,7 @@ def check_text_length(config: DemoConfig, loaded: LoadedModel) -> None:
             f"{prompt}-token prompt plus {longest} tokens exceeds {loaded.name}'s context of "
             f"{context} tokens (declare at most {context - prompt} with --max-text-tokens)"
         )
-    # Each shot shows a label's prompt, a sample and a blank line before the sample's own prompt.
-    with_shots = prompt + config.shots * (prompt + config.new_tokens + 2) + config.new_tokens
+    with_shots = shots_span(prompt, config.shots, config.new_tokens)
     if with_shots > context:
         raise ConfigError(
             f"shots={config.shots}: {config.shots} shots of up to {config.new_tokens} tokens "

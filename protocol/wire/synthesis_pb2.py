@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedsynth/synthesis/v1/synthesis.proto\x12\x15\x66\x65\x64synth.synthesis.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x15\n\x13ListReleasesRequest\"\xa2\x02\n\x0bReleaseInfo\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12+\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x06method\x18\x03 \x01(\x0e\x32\x1d.fedsynth.synthesis.v1.Method\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\x12\x34\n\ntrust_mode\x18\x06 \x01(\x0e\x32 .fedsynth.synthesis.v1.TrustMode\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x0e\n\x06\x64igest\x18\x08 \x01(\t\x12\x12\n\nmodel_name\x18\t \x01(\t\x12\x19\n\x11model_fingerprint\x18\n \x01(\t\"L\n\x14ListReleasesResponse\x12\x34\n\x08releases\x18\x01 \x03(\x0b\x32\".fedsynth.synthesis.v1.ReleaseInfo\"-\n\x17GetPrivacyReportRequest\x12\x12\n\nrelease_id\x18\x01 \x01(\t\"p\n\rPrivacyReport\x12\x33\n\x07release\x18\x01 \x01(\x0b\x32\".fedsynth.synthesis.v1.ReleaseInfo\x12\x13\n\x0breport_json\x18\x02 \x01(\t\x12\x15\n\rsteering_json\x18\x03 \x01(\t\"\xaf\x01\n\x0fGenerateRequest\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\x03\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x15\n\x08strength\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05shots\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x06select\x18\x07 \x01(\x01H\x02\x88\x01\x01\x42\x0b\n\t_strengthB\x08\n\x06_shotsB\t\n\x07_select\"H\n\x06Sample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x12\n\nrelease_id\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r*B\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x11\n\rMETHOD_VECTOR\x10\x01\x12\r\n\tMETHOD_PE\x10\x02*q\n\tTrustMode\x12\x1a\n\x16TRUST_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRUST_MODE_DISTRIBUTED\x10\x01\x12\x16\n\x12TRUST_MODE_CENTRAL\x10\x02\x12\x14\n\x10TRUST_MODE_LOCAL\x10\x03\x32\xb3\x02\n\tSynthesis\x12g\n\x0cListReleases\x12*.fedsynth.synthesis.v1.ListReleasesRequest\x1a+.fedsynth.synthesis.v1.ListReleasesResponse\x12h\n\x10GetPrivacyReport\x12..fedsynth.synthesis.v1.GetPrivacyReportRequest\x1a$.fedsynth.synthesis.v1.PrivacyReport\x12S\n\x08Generate\x12&.fedsynth.synthesis.v1.GenerateRequest\x1a\x1d.fedsynth.synthesis.v1.Sample0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedsynth/synthesis/v1/synthesis.proto\x12\x15\x66\x65\x64synth.synthesis.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x15\n\x13ListReleasesRequest\"\xa2\x02\n\x0bReleaseInfo\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12+\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x06method\x18\x03 \x01(\x0e\x32\x1d.fedsynth.synthesis.v1.Method\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\x12\x34\n\ntrust_mode\x18\x06 \x01(\x0e\x32 .fedsynth.synthesis.v1.TrustMode\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x0e\n\x06\x64igest\x18\x08 \x01(\t\x12\x12\n\nmodel_name\x18\t \x01(\t\x12\x19\n\x11model_fingerprint\x18\n \x01(\t\"L\n\x14ListReleasesResponse\x12\x34\n\x08releases\x18\x01 \x03(\x0b\x32\".fedsynth.synthesis.v1.ReleaseInfo\"-\n\x17GetPrivacyReportRequest\x12\x12\n\nrelease_id\x18\x01 \x01(\t\"p\n\rPrivacyReport\x12\x33\n\x07release\x18\x01 \x01(\x0b\x32\".fedsynth.synthesis.v1.ReleaseInfo\x12\x13\n\x0breport_json\x18\x02 \x01(\t\x12\x15\n\rsteering_json\x18\x03 \x01(\t\"\xc1\x01\n\x0fGenerateRequest\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\x03\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x15\n\x08strength\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05shots\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x06select\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x10\n\x08variants\x18\x08 \x03(\tB\x0b\n\t_strengthB\x08\n\x06_shotsB\t\n\x07_select\"H\n\x06Sample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x12\n\nrelease_id\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r*B\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x11\n\rMETHOD_VECTOR\x10\x01\x12\r\n\tMETHOD_PE\x10\x02*q\n\tTrustMode\x12\x1a\n\x16TRUST_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRUST_MODE_DISTRIBUTED\x10\x01\x12\x16\n\x12TRUST_MODE_CENTRAL\x10\x02\x12\x14\n\x10TRUST_MODE_LOCAL\x10\x03\x32\xb3\x02\n\tSynthesis\x12g\n\x0cListReleases\x12*.fedsynth.synthesis.v1.ListReleasesRequest\x1a+.fedsynth.synthesis.v1.ListReleasesResponse\x12h\n\x10GetPrivacyReport\x12..fedsynth.synthesis.v1.GetPrivacyReportRequest\x1a$.fedsynth.synthesis.v1.PrivacyReport\x12S\n\x08Generate\x12&.fedsynth.synthesis.v1.GenerateRequest\x1a\x1d.fedsynth.synthesis.v1.Sample0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedsynth.protocol.wire.synthesis_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METHOD']._serialized_start=904
-  _globals['_METHOD']._serialized_end=970
-  _globals['_TRUSTMODE']._serialized_start=972
-  _globals['_TRUSTMODE']._serialized_end=1085
+  _globals['_METHOD']._serialized_start=922
+  _globals['_METHOD']._serialized_end=988
+  _globals['_TRUSTMODE']._serialized_start=990
+  _globals['_TRUSTMODE']._serialized_end=1103
   _globals['_LISTRELEASESREQUEST']._serialized_start=97
   _globals['_LISTRELEASESREQUEST']._serialized_end=118
   _globals['_RELEASEINFO']._serialized_start=121
@@ -47,9 +47,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRIVACYREPORT']._serialized_start=538
   _globals['_PRIVACYREPORT']._serialized_end=650
   _globals['_GENERATEREQUEST']._serialized_start=653
-  _globals['_GENERATEREQUEST']._serialized_end=828
-  _globals['_SAMPLE']._serialized_start=830
-  _globals['_SAMPLE']._serialized_end=902
-  _globals['_SYNTHESIS']._serialized_start=1088
-  _globals['_SYNTHESIS']._serialized_end=1395
+  _globals['_GENERATEREQUEST']._serialized_end=846
+  _globals['_SAMPLE']._serialized_start=848
+  _globals['_SAMPLE']._serialized_end=920
+  _globals['_SYNTHESIS']._serialized_start=1106
+  _globals['_SYNTHESIS']._serialized_end=1413
 # @@protoc_insertion_point(module_scope)

@@ -81,7 +81,7 @@ class PrivacyReport(_message.Message):
     def __init__(self, release: _Optional[_Union[ReleaseInfo, _Mapping]] = ..., report_json: _Optional[str] = ..., steering_json: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("release_id", "n", "label", "seed", "strength", "shots", "select")
+    __slots__ = ("release_id", "n", "label", "seed", "strength", "shots", "select", "variants")
     RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class GenerateRequest(_message.Message):
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     SELECT_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
     release_id: str
     n: int
     label: str
@@ -96,7 +97,8 @@ class GenerateRequest(_message.Message):
     strength: float
     shots: int
     select: float
-    def __init__(self, release_id: _Optional[str] = ..., n: _Optional[int] = ..., label: _Optional[str] = ..., seed: _Optional[int] = ..., strength: _Optional[float] = ..., shots: _Optional[int] = ..., select: _Optional[float] = ...) -> None: ...
+    variants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, release_id: _Optional[str] = ..., n: _Optional[int] = ..., label: _Optional[str] = ..., seed: _Optional[int] = ..., strength: _Optional[float] = ..., shots: _Optional[int] = ..., select: _Optional[float] = ..., variants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("text", "label", "release_id", "index")

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -382,6 +383,47 @@ def test_generate_streams_the_release_samples(
     assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == files_before
 
 
+def test_a_request_asks_with_its_instruction_variants(
+    client: SynthesisClient, llama: LoadedModel, store: Path
+) -> None:
+    release = load_release(store / "release-1.safetensors")
+    variants = ("A {label} note:\n", "Some {label} words:\n")
+    got = list(client.generate("release-1", 5, seed=7, strength=0.5, variants=variants))
+    for label, count in (("pos", 2), ("neg", 2), ("mix", 1)):
+        expected = _expected(
+            llama, release, label, count, seed=7, shots=LIMITS.default_shots, variants=variants
+        )
+        assert [s.text for s in got if s.label == label] == expected
+    plain = [s.text for s in client.generate("release-1", 5, seed=7, strength=0.5)]
+    assert plain != [s.text for s in got]
+    # The long variant of the status table fits without shots.
+    alone = client.generate("release-1", 1, seed=7, shots=0, variants=["{label}" + " x" * 96])
+    assert len(list(alone)) == 1
+
+
+def test_variants_are_held_to_the_servers_limits() -> None:
+    params = validate_generate_request(
+        request(variants=["A {label} note:"]), release_labels=LABELS, limits=LIMITS
+    )
+    assert params.variants == ("A {label} note:",)
+    assert validate_generate_request(request(), release_labels=LABELS, limits=LIMITS).variants == ()
+    one = dataclasses.replace(LIMITS, max_variants=1)
+    with pytest.raises(ConfigError, match="variants: 2 given, this server takes at most 1"):
+        validate_generate_request(
+            request(variants=["A {label}", "B {label}"]), release_labels=LABELS, limits=one
+        )
+    with pytest.raises(ConfigError, match="201 characters, the limit is 200"):
+        validate_generate_request(
+            request(variants=["{label}" + "x" * 194]), release_labels=LABELS, limits=LIMITS
+        )
+    with pytest.raises(ConfigError, match=re.escape("its only slot must be {label}")):
+        validate_generate_request(
+            request(variants=["A {label} of {film}"]), release_labels=LABELS, limits=LIMITS
+        )
+    with pytest.raises(ConfigError, match="max_variants=-1: must be >= 0"):
+        SynthesisLimits(max_variants=-1)
+
+
 def test_selected_stream_is_the_best_of_each_batch(
     client: SynthesisClient, server: SynthesisServer, llama: LoadedModel, store: Path
 ) -> None:
@@ -662,6 +704,17 @@ def test_tls_is_required_and_checked(server: SynthesisServer, pki: Pki) -> None:
             {"release_id": "release-1", "n": 1, "shots": -1},
             grpc.StatusCode.INVALID_ARGUMENT,
             ["shots=-1"],
+        ),
+        (
+            {"release_id": "release-1", "n": 1, "variants": ["A {label} note:", "A note:"]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["variant='A note:'", "lacks a {label} slot"],
+        ),
+        (
+            # Fits alone, not with two shots before it in the tiny model's 256 positions.
+            {"release_id": "release-1", "n": 1, "shots": 2, "variants": ["{label}" + " x" * 96]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["variants: a ", "with 2 shots", "context of 256 tokens"],
         ),
     ],
 )
@@ -1071,6 +1124,14 @@ def test_pull_writes_json_lines_with_plain_progress(
     assert expected != [s.text for s in client.generate("release-1", 3, seed=3)]
     refused = CliRunner().invoke(synthesis_app, [*pull, "--out", str(plain), "--shots", "9"])
     assert refused.exit_code == 2 and "max_shots=8" in refused.output
+    # --variant too, a typed \n read as a line break.
+    varied = tmp_path / "varied.jsonl"
+    asked = ["--variant", "A {label} note:\\n", "--variant", "Some {label} words:\\n"]
+    result = CliRunner().invoke(synthesis_app, [*pull, "--out", str(varied), *asked])
+    assert result.exit_code == 0, result.output
+    variants = ("A {label} note:\n", "Some {label} words:\n")
+    expected = [s.text for s in client.generate("release-1", 3, seed=3, variants=variants)]
+    assert [json.loads(line)["text"] for line in varied.read_text().splitlines()] == expected
 
     listed = CliRunner().invoke(synthesis_app, ["list", *common])
     assert listed.exit_code == 0, listed.output
