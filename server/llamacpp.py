@@ -469,7 +469,7 @@ class _LlamaDecoder:
     park_prompts = True
     """Keep a finished row's prompt in a spare sequence for later rows to copy (see
     :meth:`keep`); False: no spare sequences, a prompt no live row holds is decoded again
-    (as before 2026-12-08)."""
+    (as before spare sequences)."""
 
     def __init__(self, backend: LlamaCppBackend, rows: int | None = None) -> None:
         self._b = backend
@@ -530,11 +530,11 @@ class _LlamaDecoder:
         A prompt that a live row (or a row started before it in this call) or a spare sequence
         (:meth:`_park`) already holds is not decoded again: that sequence's KV stream is copied
         and cut back to the prompt, and the prompt's last output was kept when it was first
-        decoded. Shot-conditioned generation
-        draws each prompt's shot from a pool of 64 texts, so most refills repeat a live
-        prompt; the control vector is the decoder's for its whole life, so the copied KV is
-        what decoding the prompt again would give. Returns each prompt's last output as the
-        head takes it (see :meth:`LlamaCppBackend._decode_rows`), one row per prompt.
+        decoded. Shot-conditioned generation draws each prompt's shot from a pool of 64 texts,
+        so most refills repeat a prompt seen before; the control vector is the decoder's for
+        its whole life, so the copied KV is what decoding the prompt again would give.
+        Returns each prompt's last output as the head takes it (see
+        :meth:`LlamaCppBackend._decode_rows`), one row per prompt.
         """
         lib = self._lib
         memory = lib.llama_get_memory(self._b._ctx)

@@ -358,6 +358,7 @@ class StudyRunner:
             drop_clients=cell.dropped_clients,
             seed=cell.seed,
             shots=d.shots,
+            variants=d.variants,
             top_p=d.top_p,
             denoise=self.config.steering.denoise,
             min_signal_share=self.config.steering.min_signal_share,

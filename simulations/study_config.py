@@ -201,6 +201,15 @@ class DataSettings:
     canaries: int = 0  # copies of one canary record in the first holder's data (0: none)
     canary_candidates: int = 200  # other secrets the canary is ranked against
     colluders: int = 0  # holders assumed to side with the coordinator (noise and t sized for them)
+    # Public instruction variants, one drawn per prompt, as `fedsynth demo --variant` (the
+    # dataset-vector methods, the prior and the fine-tuned models; PE, RPSG and ICL keep their
+    # own prompts). Empty: the template's instruction.
+    variants: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from fedsynth.server.synthesize import check_variants
+
+        check_variants(self.variants)
 
 
 @dataclass(frozen=True)
@@ -495,6 +504,10 @@ def _parse_table(cls: type[Any], raw: Any, where: str) -> Any:
             if not isinstance(value, bool):
                 raise ConfigError(f"[{where}] {key} must be true or false, got {value!r}")
             values[key] = value
+        elif isinstance(default, tuple):  # a list of strings
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"[{where}] {key} must be a list of strings, got {value!r}")
+            values[key] = tuple(value)
         elif isinstance(default, str):
             if key == "icl_noise" and value not in ("gaussian", "laplace"):
                 raise ConfigError(f"[{where}] icl_noise must be 'gaussian' or 'laplace'")

@@ -198,6 +198,7 @@ def release_samples(
         shots=config.shots,
         basis=basis,
         min_signal_share=config.min_signal_share,
+        variants=config.variants,
     )
     perf.update(generation_perf(ctx, samples, time.monotonic() - start))
     template = release.manifest.template
@@ -218,12 +219,13 @@ def model_samples(
     """Samples of a (fine-tuned) model from the class prompts.
 
     With the study's ``shots``, each sample is conditioned on the model's own plain-prompt
-    samples, as the releases' samples are on theirs (:func:`iter_labelled_texts`).
+    samples, as the releases' samples are on theirs (:func:`iter_labelled_texts`); with its
+    ``variants``, each prompt asks with one of them.
     """
     config = ctx.demo_config(cell)
     template = config.template
     start = time.monotonic()
-    if config.shots:
+    if config.shots or config.variants:
         pairs = list(
             iter_labelled_texts(
                 as_backend(model),
@@ -234,6 +236,7 @@ def model_samples(
                 config=generation_config(config),
                 seed=sampling_seed(cell.seed),
                 shots=config.shots,
+                variants=config.variants,
             )
         )
     else:

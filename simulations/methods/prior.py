@@ -29,6 +29,7 @@ def run(ctx: StudyContext, cell: Cell) -> CellOutput:
         generation=generation_config(config),
         shots=config.shots,
         seed=sampling_seed(cell.seed),
+        variants=config.variants,
     )
     template = config.template
     return CellOutput(

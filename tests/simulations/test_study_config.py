@@ -105,6 +105,8 @@ def test_good_config_expands_to_the_union_of_sweeps(tmp_path: Path) -> None:
         (_raw(data={"strength": -1.0}), "strength must be > 0"),
         (_raw(data={"shots": -1}), "shots must be an integer >= 0"),
         (_raw(data={"shots": 1.5}), "shots must be an integer"),
+        (_raw(data={"variants": "A {label} note:"}), "variants must be a list of strings"),
+        (_raw(data={"variants": ["A {label} note:", "A note:"]}), "'A note:' lacks a {label}"),
         (_raw(pe={"init_fraction": 1.0}), r"\[pe\] init_fraction must be < 1, got 1.0"),
         (_raw(pe={"init_fraction": 0}), r"\[pe\] init_fraction must be > 0"),
         (_raw(pe={"output": 0}), r"\[pe\] output must be an integer >= 1"),
@@ -328,6 +330,15 @@ def test_shots_default_to_the_plain_prompt_and_enter_the_fingerprint() -> None:
     shot = parse_study(_raw(data={"shots": 2}))
     assert shot.data.shots == 2 and shot.fingerprint() != plain.fingerprint()
     assert load_study_config(Path(__file__).parents[2] / "studies" / "compare.toml").data.shots == 1
+
+
+def test_variants_default_to_the_template_and_enter_the_fingerprint() -> None:
+    plain = parse_study(_raw())
+    assert plain.data.variants == ()  # studies run before variants existed open unchanged
+    assert parse_study(_raw(data={"variants": []})).fingerprint() == plain.fingerprint()
+    varied = parse_study(_raw(data={"variants": ["A {label} note:"]}))
+    assert varied.data.variants == ("A {label} note:",)
+    assert varied.fingerprint() != plain.fingerprint()
 
 
 def test_denoising_makes_only_the_release_methods_rows_stale(tmp_path: Path) -> None:

@@ -18,11 +18,18 @@ from tests.server.test_shot_generation import RecordingBackend
 TEXTS = {"positive": [f"pos prior {i}" for i in range(40)], "negative": ["neg prior"] * 40}
 
 
-def _runner(tmp_path: Path, shots: int) -> tuple[StudyRunner, RecordingBackend, Any]:
+def _runner(
+    tmp_path: Path, shots: int, variants: tuple[str, ...] = ()
+) -> tuple[StudyRunner, RecordingBackend, Any]:
     raw: dict[str, Any] = {
         "name": "shots",
         "model": "tiny-llama",
-        "data": {"synthetic_per_label": 3, "generation_batch": 8, "shots": shots},
+        "data": {
+            "synthetic_per_label": 3,
+            "generation_batch": 8,
+            "shots": shots,
+            "variants": list(variants),
+        },
         "sweep": [{"methods": ["prior", "dp-sgd"], "epsilons": [4]}],
     }
     backend = RecordingBackend()
@@ -137,3 +144,22 @@ def test_the_studys_top_p_reaches_every_generation_and_is_in_its_fingerprint(
     default = parse_study({**raw, "data": {}})
     assert default.fingerprint() == parse_study({**raw, "data": {"top_p": 0.95}}).fingerprint()
     assert one.config.fingerprint() != default.fingerprint()
+
+
+VARIANTS = ("A {label} note:\n", "Some {label} words:\n")
+
+
+def test_the_prior_and_a_fine_tuned_model_ask_with_the_studys_variants(tmp_path: Path) -> None:
+    """A study's ``variants`` reach the prompts of the prior and of the fine-tuned models, as
+    they reach the releases' (the demo's ``variants``), drawn per prompt."""
+    runner, backend, cell = _runner(tmp_path, shots=0, variants=VARIANTS)
+    config = runner.demo_config(cell)
+    assert config.variants == VARIANTS
+    asked = {v.format(label=lb) for v in VARIANTS for lb in ("positive", "negative")}
+    prior.run(runner, cell)
+    model = RecordingBackend()
+    model_samples(runner, cell, model, {})  # type: ignore[arg-type]
+    for recorder in (backend, model):
+        prompts = [p for batch, _, _ in recorder.calls for p in batch]
+        assert len(prompts) == 6 and set(prompts) <= asked
+        assert len(set(prompts)) > 2  # more than one variant per label was drawn
