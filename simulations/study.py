@@ -33,7 +33,7 @@ from fedsynth.server.coordinator import PublicReference, build_manifest, compute
 from fedsynth.server.synthesize import SyntheticSample
 from fedsynth.simulations import scoring
 from fedsynth.simulations.datasets import json_line
-from fedsynth.simulations.demo import DemoConfig, task_config
+from fedsynth.simulations.demo import DemoConfig, check_text_length, task_config
 from fedsynth.simulations.folder_lock import exclusive_folder
 from fedsynth.simulations.methods import CellOutput, SeedState, runner_for
 from fedsynth.simulations.noise_check import NoiseCheck
@@ -462,6 +462,8 @@ class StudyRunner:
             for r in read_results(self.out_dir)
             if r["key"] in finished and r.get("cell_seconds")
         ]
+        if todo:  # prompts, shots, variants and lengths are the study's, not a cell's
+            check_text_length(self.demo_config(todo[0]), self.loaded)
         judged = over_budget_ok or self.config.time_budget_minutes is None
         source = source_fingerprint()
         for i, cell in enumerate(todo, start=1):

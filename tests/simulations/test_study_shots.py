@@ -163,3 +163,32 @@ def test_the_prior_and_a_fine_tuned_model_ask_with_the_studys_variants(tmp_path:
         prompts = [p for batch, _, _ in recorder.calls for p in batch]
         assert len(prompts) == 6 and set(prompts) <= asked
         assert len(set(prompts)) > 2  # more than one variant per label was drawn
+
+
+def test_a_study_whose_prompts_outrun_the_context_stops_before_its_first_cell(
+    tmp_path: Path,
+) -> None:
+    """Prompts, shots, variants and lengths are the study's own: checked against the model's
+    context once, before the first cell (without the check the tiny model generated past its
+    256 positions without an error, so the cells' samples were silently out of range)."""
+    from fedsynth.protocol.errors import ConfigError
+    from fedsynth.protocol.models import load_model
+    from fedsynth.simulations.demo import check_text_length
+    from fedsynth.simulations.study import read_results
+
+    raw: dict[str, Any] = {
+        "name": "long",
+        "model": "tiny-llama",
+        "data": {"shots": 5, "max_new_tokens": 40},
+        "sweep": [{"methods": ["prior"], "epsilons": [4]}],
+    }
+    runner = StudyRunner(parse_study(raw), tmp_path, loaded=load_model("tiny-llama"))
+    with pytest.raises(ConfigError, match=r"shots=5: .*context of 256 tokens"):
+        runner.run()
+    assert read_results(tmp_path) == []
+    fits = StudyRunner(
+        parse_study({**raw, "data": {"shots": 1, "max_new_tokens": 40}}),
+        tmp_path / "fits",
+        loaded=runner.loaded,
+    )
+    check_text_length(fits.demo_config(fits.config.cells()[0]), fits.loaded)  # one shot fits
