@@ -514,6 +514,8 @@ class _LlamaDecoder:
         return values if self._rows is None else values[:, self._rows]
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        if len(prompts) > self._rows_max:
+            raise ValueError(f"{len(prompts)} prompts for a batch of {self._rows_max} rows")
         lib = self._lib
         lib.llama_memory_clear(lib.llama_get_memory(self._b._ctx), True)
         self._seqs, self._pos, self._prompts, self._first = [], [], [], {}

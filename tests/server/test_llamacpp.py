@@ -523,6 +523,8 @@ def test_a_finished_rows_prompt_is_kept_in_a_spare_sequence_for_a_later_row(
     token = int(np.argmax(start))
     fresh_next = fresh.step(torch.tensor([token])).numpy()[0].copy()
 
+    with pytest.raises(ValueError, match="3 prompts for a batch of 2 rows"):
+        _LlamaDecoder(backend, rows=2).prefill([ids, other, ids])  # a row may not take a spare
     decoder = _LlamaDecoder(backend, rows=2)
     logits = decoder.prefill([ids, other])
     for _ in range(3):  # the first row moves past its prompt, then finishes
