@@ -29,6 +29,22 @@ if TYPE_CHECKING:  # torch and the model loader only where features are computed
     from fedsynth.protocol.models import LoadedModel
 
 
+def check_instruction(instruction: str, name: str) -> None:
+    """Refuse an instruction without a ``{label}`` slot or with any other slot.
+
+    Raises:
+        ConfigError: naming it as ``name``.
+    """
+    if "{label}" not in instruction:
+        raise ConfigError(f"{name}={instruction!r} lacks a {{label}} slot")
+    try:
+        instruction.format(label="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"{name}={instruction!r}: its only slot must be {{label}} ({exc!r})"
+        ) from exc
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     r"""Class-conditional prompt with optional fixed public shots.
@@ -44,15 +60,7 @@ class PromptTemplate:
     shots: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if "{label}" not in self.instruction:
-            raise ConfigError(f"template.instruction={self.instruction!r} lacks a {{label}} slot")
-        try:
-            self.instruction.format(label="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(
-                f"template.instruction={self.instruction!r}: its only slot must be {{label}} "
-                f"({exc!r})"
-            ) from exc
+        check_instruction(self.instruction, "template.instruction")
         labels = [label for label, _ in self.label_names]
         if len(labels) < 1 or len(set(labels)) != len(labels):
             raise ConfigError(f"template.label_names={labels!r}: need distinct labels")

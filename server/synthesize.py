@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fedsynth.protocol.errors import ConfigError
-from fedsynth.protocol.features import PromptTemplate, longest_prompt_tokens
+from fedsynth.protocol.features import PromptTemplate, check_instruction, longest_prompt_tokens
 from fedsynth.protocol.models import LoadedModel
 from fedsynth.server.backends import GenerationBackend, as_backend, check_release_backend
 from fedsynth.server.generation import GenerationConfig, steering_deltas
@@ -203,14 +203,9 @@ def check_variants(variants: Sequence[str]) -> None:
         ConfigError: naming the variant.
     """
     for variant in variants:
-        if not isinstance(variant, str) or "{label}" not in variant:
+        if not isinstance(variant, str):
             raise ConfigError(f"variant={variant!r} lacks a {{label}} slot")
-        try:
-            variant.format(label="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(
-                f"variant={variant!r}: its only slot must be {{label}} ({exc!r})"
-            ) from exc
+        check_instruction(variant, "variant")
 
 
 def shots_span(prompt_tokens: int, shots: int, new_tokens: int) -> int:
@@ -237,9 +232,9 @@ def check_variants_fit(
         ConfigError: naming the longest variant's tokens and the context.
     """
     model = transformers_model(loaded)
-    context = model.context if model is not None else None
-    if not variants or context is None or model is None:
+    if not variants or model is None or model.context is None:
         return
+    context = model.context
     templates = variant_templates(template, variants)
     prompt = max(longest_prompt_tokens(model, t) for t in templates)
     longest = shots_span(prompt, shots, new_tokens)

@@ -30,7 +30,7 @@ from fedsynth.client.data import MAX_CHARS, Record, load_records
 from fedsynth.client.policy import ClientPolicy
 from fedsynth.protocol.cli_common import library_log_level
 from fedsynth.protocol.errors import ConfigError, DataFileError, TooFewParticipantsError
-from fedsynth.protocol.features import PromptTemplate, longest_prompt_tokens
+from fedsynth.protocol.features import PromptTemplate, check_instruction, longest_prompt_tokens
 from fedsynth.protocol.identity import write_simulated_consortium
 from fedsynth.protocol.models import DEFAULT_MODEL, LoadedModel, cache_root, load_model
 from fedsynth.protocol.secagg import Stage, min_safe_threshold
@@ -208,7 +208,7 @@ class DemoConfig:
         check_shots(self.shots)
         check_variants(self.variants)
         if self.instruction is not None:  # refused now, not once the model has loaded
-            PromptTemplate(instruction=self.instruction, label_names=(("label", "label"),))
+            check_instruction(self.instruction, "template.instruction")
         check_select(self.select)
         GenerationConfig(top_p=self.top_p)  # refuses a top_p outside (0, 1]
 
