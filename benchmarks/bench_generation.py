@@ -130,6 +130,8 @@ def samples_per_s(
     shots: int = 0,
     share_prompts: bool = True,
     park_prompts: bool = True,
+    share_prefixes: bool = True,
+    template_shots: int = 0,
 ) -> float:
     """Best steered samples/s generated as the demo generates (rows end at a newline or EOS,
     48-token budget; prompts of a label go through :func:`iter_label_texts`, which gives a
@@ -137,7 +139,9 @@ def samples_per_s(
     :func:`measure`. ``shots``: shots per sample from a pool of plain samples generated first
     (the demo's default is 1; the pool's time counts). ``share_prompts`` False: llama.cpp
     decodes every prompt, also one a live row already holds. ``park_prompts`` False: llama.cpp
-    keeps no finished row's prompt in a spare sequence."""
+    keeps no finished row's prompt in a spare sequence. ``share_prefixes`` False: llama.cpp
+    decodes a prompt no sequence holds whole from its first token. ``template_shots``: fixed
+    public shots of the template (a task file's), the same before every prompt."""
     from fedsynth.protocol.features import PromptTemplate
     from fedsynth.server.llamacpp import _LlamaDecoder
     from fedsynth.server.synthesize import iter_label_texts
@@ -147,6 +151,7 @@ def samples_per_s(
     template = PromptTemplate(
         instruction="Here is a {label} movie review snippet:\n",
         label_names=(("pos", "positive"), ("neg", "negative")),
+        shots=TEMPLATE_SHOTS[:template_shots],
     )
     deltas = random_deltas(engine.hidden_size, layers, strength=0.01)
     best = 0.0
@@ -154,6 +159,7 @@ def samples_per_s(
         previous_decoding() if previous else contextlib.nullcontext(),
         mock.patch.object(_LlamaDecoder, "share_live_prompts", share_prompts),
         mock.patch.object(_LlamaDecoder, "park_prompts", park_prompts),
+        mock.patch.object(_LlamaDecoder, "share_prefixes", share_prefixes),
     ):
         engine.generate(["warm-up"] * 4, config=config, deltas=None, seed=0)
         for r in range(repeats):
@@ -173,6 +179,14 @@ def samples_per_s(
                     made += 1
             best = max(best, made / (time.perf_counter() - t0))
     return best
+
+
+TEMPLATE_SHOTS = (
+    ("pos", "A warm, funny and beautifully acted film that earns every one of its tears."),
+    ("neg", "The plot goes nowhere, slowly, and the jokes land with a dull thud."),
+    ("pos", "A sharp script and a fearless lead performance make this one to remember."),
+)
+"""Public shots written for the benchmark, for a template that shows fixed shots."""
 
 
 @contextlib.contextmanager
@@ -221,12 +235,15 @@ def figures(quick: bool) -> list[Figure]:
     low = measure(precision="bf16") if native_bf16() else None
     fastest = measure(precision="bf16", vocabulary="latin") if native_bf16() else None
     before = measure(previous=True)  # fp32, as transformers decoded before 2026-12-06
-    as_demo: dict[tuple[str, int, bool, bool], float] = {}  # samples/s as the demo makes them
+    as_demo: dict[tuple[str, int, bool, bool, bool], float] = {}  # samples/s as the demo
 
-    def demo_rate(engine: str, shots: int = 0, share: bool = True, park: bool = True) -> float:
+    def demo_rate(
+        engine: str, shots: int = 0, share: bool = True, park: bool = True, prefixes: bool = True
+    ) -> float:
         """``engine``: "backend[ precision[ vocabulary]]", "previous" for the old decoding;
-        ``shots``, ``share`` and ``park``: as in :func:`samples_per_s`."""
-        key = (engine, shots, share, park)
+        ``shots``, ``share``, ``park`` and ``prefixes`` (``share_prefixes``): as in
+        :func:`samples_per_s`."""
+        key = (engine, shots, share, park, prefixes)
         if key not in as_demo:
             parts = engine.split(" ")
             backend = parts[0]
@@ -240,6 +257,7 @@ def figures(quick: bool) -> list[Figure]:
                 shots=shots,
                 share_prompts=share,
                 park_prompts=park,
+                share_prefixes=prefixes,
             )
         return as_demo[key]
 
@@ -383,6 +401,19 @@ def figures(quick: bool) -> list[Figure]:
                 judge=False,
                 note=one_shot + "a shot no live row shows is copied from a spare sequence "
                 "instead of decoded again)",
+            )
+        )
+        out.append(
+            compared(
+                "generation",
+                "steered llama.cpp, one shot: a new prompt started from the longest prefix "
+                "held vs decoded whole",
+                demo_rate("llamacpp", shots=1),
+                "samples/s",
+                baseline=demo_rate("llamacpp", shots=1, prefixes=False),
+                judge=False,
+                note=one_shot + "each new shot prompt copies the instruction before its shot "
+                "from a sequence holding it)",
             )
         )
         out.append(

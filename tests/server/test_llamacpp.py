@@ -35,7 +35,12 @@ from fedsynth.server.generation import (
     steering,
     steering_deltas,
 )
-from fedsynth.server.llamacpp import LlamaCppBackend, _LlamaDecoder, control_vector
+from fedsynth.server.llamacpp import (
+    LlamaCppBackend,
+    _LlamaDecoder,
+    _longest_prefix,
+    control_vector,
+)
 from fedsynth.server.llamacpp_head import HiddenCapture
 from fedsynth.server.output_head import native_bf16
 from fedsynth.simulations.datasets import load_rotten_tomatoes
@@ -74,6 +79,18 @@ def test_control_vector_refuses_what_llama_cpp_cannot_apply(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         control_vector({layer: torch.ones(width)}, num_layers=7, hidden_size=4)
+
+
+def test_the_longest_shared_prefix_leaves_the_last_token_to_decode() -> None:
+    """The held prompt sharing the most leading tokens wins; a held prompt that the new one
+    is a prefix of (or equals) gives all tokens but the last; none shared gives length 0."""
+    held = [((1, 2, 9), 4), ((1, 2, 3, 4), 5), ((7,), 6)]
+    assert _longest_prefix((1, 2, 3, 8, 8), held) == ((1, 2, 3, 4), 5, 3)
+    assert _longest_prefix((1, 2, 3), held) == ((1, 2, 3, 4), 5, 2)
+    assert _longest_prefix((1, 2), [((1, 2), 3)]) == ((1, 2), 3, 1)
+    assert _longest_prefix((5, 1), held)[2] == 0
+    assert _longest_prefix((1,), held)[2] == 0  # a one-token prompt is always decoded
+    assert _longest_prefix((1, 2, 3), [])[2] == 0
 
 
 def test_unknown_backend_is_named() -> None:
@@ -533,19 +550,103 @@ def test_a_finished_rows_prompt_is_kept_in_a_spare_sequence_for_a_later_row(
     live = _greedy(logits[1:])
     before = decoder.prefilled_tokens
     admitted = decoder.step_admit(live, [ids]).numpy()
-    assert decoder.prefilled_tokens - before == (0 if park else len(ids))
+    # Without spares the prompt is decoded again after the start it shares with the live row.
+    assert decoder.prefilled_tokens - before == (0 if park else len(ids) - _shared(ids, other))
     assert decoder._seqs == [0, 1]
-    assert np.allclose(admitted[1], start, atol=1e-2)
+    # A copied prompt continues exactly; one decoded in two pieces, up to their rounding.
+    alike = _same_next_token if not park else (lambda x, y: np.allclose(x, y, atol=1e-2))
+    assert alike(admitted[1], start)
     after = decoder.step(torch.tensor([int(np.argmax(admitted[0])), token])).numpy()
-    assert np.allclose(after[1], fresh_next, atol=1e-2)
+    assert alike(after[1], fresh_next)
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    """Leading tokens two prompts share (counted here, apart from the code under test)."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def _same_next_token(ours: np.ndarray, theirs: np.ndarray) -> bool:
+    """The same next-token distribution up to the quantized kernels' rounding.
+
+    llama.cpp's matrix products round a token's row differently with the number of tokens
+    in the decode (Gemma's Q4_K_M rows go through 4-row or 1-row kernels): a prompt decoded in
+    two pieces is off by a total-variation distance of 0.034 on Gemma (0 on SmolLM2), the
+    step after it 0.008. Another shot prompt's distribution is 0.44-0.56 away, the rest of the
+    prompt decoded without its start 0.83.
+    """
+    p, q = (torch.softmax(torch.from_numpy(x).double(), -1) for x in (ours, theirs))
+    return 0.5 * float((p - q).abs().sum()) < 0.1 and ours.argmax() == theirs.argmax()
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_a_prompt_starts_from_the_longest_prefix_another_sequence_holds(
+    pair: tuple[LoadedModel, LlamaCppBackend], share: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two shot prompts of one label share the instruction before their shots: the second is
+    started from the first one's KV stream cut back to the shared tokens, and only its own
+    tokens are decoded (all of them without prefix sharing, the control). Its output, and the
+    step after it, are a fresh prefill's (a stream cut in the wrong place, or the rest decoded
+    at the wrong positions, would not be)."""
+    _, backend = pair
+    monkeypatch.setattr(_LlamaDecoder, "share_prefixes", share)
+    first, second = (
+        backend.tokenizer.encode(f"{PROMPT}{shot}\n\n{PROMPT}", add_special_tokens=True)
+        for shot in ("A warm and funny film.", "Dull, long and loud.")
+    )
+    common = _shared(first, second)
+    assert 5 < common < len(second) - 5
+    backend.close_context()
+    backend._ensure_context(2, max(len(first), len(second)) + 4)
+    fresh = _LlamaDecoder(backend)
+    alone = fresh.prefill([second]).numpy()[0].copy()
+    token = int(np.argmax(alone))
+    alone_next = fresh.step(torch.tensor([token])).numpy()[0].copy()
+
+    decoder = _LlamaDecoder(backend)
+    both = decoder.prefill([first, second]).numpy()
+    assert decoder.prefilled_tokens == len(first) + len(second) - (common if share else 0)
+    assert _same_next_token(both[1], alone)
+    after = decoder.step(torch.tensor([int(np.argmax(both[0])), token])).numpy()
+    assert _same_next_token(after[1], alone_next)
+
+
+def test_a_kept_prompt_lends_its_prefix_and_counts_as_used(
+    pair: tuple[LoadedModel, LlamaCppBackend],
+) -> None:
+    """A finished row's prompt kept in a spare sequence is also a prefix source: a new prompt
+    sharing its start decodes only its own tokens, and that use makes the kept prompt the most
+    recently used (the other kept prompt gives up its sequence first)."""
+    _, backend = pair
+    a, b, c = (
+        backend.tokenizer.encode(f"{PROMPT}{shot}", add_special_tokens=True)
+        for shot in ("A warm film.", "Prices rose", "A warm film. Really")
+    )
+    backend.close_context()
+    backend._ensure_context(3, max(map(len, (a, b, c))) + 8)  # one row, two spares
+    decoder = _LlamaDecoder(backend, rows=1)
+    none = torch.tensor([], dtype=torch.long)
+    decoder.prefill([a])
+    counts = []
+    for prompt in (b, c):  # a kept, then b kept; c shares a's start (its shot is a's, longer)
+        decoder.keep(none)
+        before = decoder.prefilled_tokens
+        decoder.step_admit(none, [prompt])
+        counts.append(decoder.prefilled_tokens - before)
+    assert counts == [len(b) - _shared(a, b), len(c) - _shared(a, c)]
+    assert _shared(a, c) == len(a) > _shared(a, b)
+    # c finishes: with both spares taken, b (used before a lent its prefix) gives up its own.
+    decoder.keep(none)
+    assert list(decoder._parked) == [tuple(a), tuple(c)]
 
 
 def test_the_least_recently_used_kept_prompt_gives_up_its_spare_sequence(
     pair: tuple[LoadedModel, LlamaCppBackend],
 ) -> None:
     """With two spare sequences a third finished prompt takes the one of the prompt used
-    least recently (a copy counts as a use): that prompt is decoded again when drawn, the
-    others are copied."""
+    least recently (a copy counts as a use): that prompt is decoded again when drawn (after
+    the start it shares with the others), the others are copied."""
     _, backend = pair
     a, b, c = (
         backend.tokenizer.encode(text, add_special_tokens=True)
@@ -563,8 +664,8 @@ def test_the_least_recently_used_kept_prompt_gives_up_its_spare_sequence(
         decoder.step_admit(none, [prompt])
         counts.append(decoder.prefilled_tokens - before)
     # b decoded (new), a copied, c decoded (b is now the least recently used and gives up its
-    # sequence to c), a copied, b decoded again.
-    assert counts == [len(b), 0, len(c), 0, len(b)]
+    # sequence to c), a copied, b decoded again; each after the start it shares with a.
+    assert counts == [len(b) - _shared(a, b), 0, len(c) - _shared(a, c), 0, len(b) - _shared(a, b)]
 
 
 def test_kept_prompts_leave_the_samples_as_they_were(
@@ -586,6 +687,9 @@ def test_kept_prompts_leave_the_samples_as_they_were(
         original(self, memory, seq, key)
 
     monkeypatch.setattr(_LlamaDecoder, "_park", counted)
+    # A prompt decoded again after a shared prefix is computed in other pieces, which llama.cpp
+    # rounds differently (see _same_next_token): the exact comparison holds with whole prompts.
+    monkeypatch.setattr(_LlamaDecoder, "share_prefixes", False)
     kept = [backend.generate(prompts, config=config, deltas=d, seed=5) for d in (None, push)]
     assert parked
     monkeypatch.setattr(_LlamaDecoder, "park_prompts", False)
