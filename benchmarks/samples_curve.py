@@ -254,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, action="append", help="demo seed(s) of the split")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument(
+        "--pool", type=int, default=None, help="shot pool per label (default: the demo's, 64)"
+    )
     parser.add_argument("--strength", type=float, default=0.03)
     parser.add_argument("--contrast", type=float, default=1.0, help="class contrast c")
     parser.add_argument(
@@ -362,10 +365,17 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         if args.corpus_variants:
             variants += CORPUS_VARIANTS.get(config.corpus, ())
         common = {"config": generation, "variants": variants}
+        pool = {} if args.pool is None else {"pool_size": args.pool}
         if not args.no_prior:
             # Unsteered, with shots from its own plain-prompt samples as the releases' samples.
             conditions["prior"] = functools.partial(
-                _prior_pairs, engine, config.template, shots=args.shots, report=report, **common
+                _prior_pairs,
+                engine,
+                config.template,
+                shots=args.shots,
+                report=report,
+                **pool,
+                **common,
             )
         for name, release in releases.items():
             conditions[name] = functools.partial(
@@ -379,6 +389,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                 select=args.select,
                 scorer=scorer,
                 report=report,
+                **({} if args.pool is None else {"shot_pool": args.pool}),
                 **common,
             )
         for name, make in conditions.items():
