@@ -393,9 +393,13 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                 **common,
             )
         for name, make in conditions.items():
+
+            def sized(n: int, s: int, make: Callable[..., Any] = make) -> list[tuple[str, str]]:
+                return list(make(n_per_label=n, seed=s))
+
             pairs = _cached(
                 args.out / f"samples-{name}-seed{seed}.jsonl",
-                lambda n, s, make=make: make(n_per_label=n, seed=s),
+                sized,
                 per_label=largest,
                 seed=seed + 101,
             )
