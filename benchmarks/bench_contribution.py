@@ -28,7 +28,9 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from fedsynth.protocol.contribution import encode_contribution, integer_class_su
 from fedsynth.protocol.features import FeatureSpec, encode_example, extract_features
 from fedsynth.protocol.identity import HolderIdentity, Roster
 from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, array_sha256
-from fedsynth.protocol.models import decoder_layers, load_model
+from fedsynth.protocol.models import LoadedModel, decoder_layers, load_model
 from fedsynth.protocol.secagg import SecAggClient
 from fedsynth.simulations.datasets import load_corpus
 from fedsynth.simulations.demo import TEMPLATES
@@ -205,7 +207,14 @@ def flops_per_record(
     return Flops(features=features, dp_epoch=counter.get_total_flops() / len(records))
 
 
-def bare_forward(loaded, texts, labels, spec, *, stop_layer: int | None) -> None:
+def bare_forward(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    spec: FeatureSpec,
+    *,
+    stop_layer: int | None,
+) -> None:
     """Batched forward over the same token ids, no hooks that capture anything."""
     tok = loaded.tokenizer
     enc = [
@@ -218,7 +227,7 @@ def bare_forward(loaded, texts, labels, spec, *, stop_layer: int | None) -> None
     class StopError(Exception):
         pass
 
-    def hook(*_args):
+    def hook(*_args: object) -> None:
         raise StopError
 
     handle = blocks[stop_layer].register_forward_hook(hook) if stop_layer is not None else None
@@ -325,15 +334,16 @@ def measure(
         "client contribution": [],
     }
     bare_forward(loaded, texts[:32], labels[:32], spec, stop_layer=None)  # warm-up
+    runs: tuple[tuple[str, Callable[[], None]], ...] = (
+        ("full forward", partial(bare_forward, loaded, texts, labels, spec, stop_layer=None)),
+        (
+            "truncated forward",
+            partial(bare_forward, loaded, texts, labels, spec, stop_layer=spec.layers[-1]),
+        ),
+        ("client contribution", contribution),
+    )
     for _ in range(repeats):
-        for name, fn in (
-            ("full forward", lambda: bare_forward(loaded, texts, labels, spec, stop_layer=None)),
-            (
-                "truncated forward",
-                lambda: bare_forward(loaded, texts, labels, spec, stop_layer=spec.layers[-1]),
-            ),
-            ("client contribution", contribution),
-        ):
+        for name, fn in runs:
             t0 = time.perf_counter()
             fn()
             timings[name].append(time.perf_counter() - t0)

@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -128,7 +129,7 @@ def run_round(k: int, dim: int, bits: int, drop_fraction: float, seed: int) -> R
 
     outgoing: dict[int, KeyShares] = {}
     for n in u1:
-        outgoing[n] = clock.run("share_keys", n, lambda n=n: clients[n].share_keys(u1))
+        outgoing[n] = clock.run("share_keys", n, partial(clients[n].share_keys, u1))
         upload[n] += _shares_bytes(outgoing[n])
     routed = clock.run("share_keys", "server", lambda: server.route_shares(outgoing))
 
@@ -139,28 +140,26 @@ def run_round(k: int, dim: int, bits: int, drop_fraction: float, seed: int) -> R
         if n in gone:
             continue
         value = rng.integers(0, high, size=dim, dtype=np.uint64, endpoint=True)
-        masked = clock.run(
-            "masked_input", n, lambda n=n, c=cts, v=value: clients[n].masked_input(c, v)
-        )
+        masked = clock.run("masked_input", n, partial(clients[n].masked_input, cts, value))
         sent = field_to_bytes(masked, bits=bits)
         raw_bytes = len(field_to_bytes(value, bits=bits))
         upload[n] += len(sent)
         masked_sent[n] = len(sent)
-        clock.run("masked_input", "server", lambda n=n, m=masked: server.receive_masked_input(n, m))
+        clock.run("masked_input", "server", partial(server.receive_masked_input, n, masked))
         secagg_crypto.add_inplace(expected, value, bits)
         vectors.append(value)
     survivors, dropped = clock.run("masked_input", "server", server.close_masked_inputs)
 
     signatures: dict[int, bytes] = {}
     for n in survivors:
-        signatures[n] = clock.run("consistency", n, lambda n=n: clients[n].consistency(survivors))
+        signatures[n] = clock.run("consistency", n, partial(clients[n].consistency, survivors))
         upload[n] += len(signatures[n])
     valid = clock.run("consistency", "server", lambda: server.receive_signatures(signatures))
 
     responses: dict[int, dict[int, bytes]] = {}
     for n in server.signers:
         responses[n] = clock.run(
-            "unmask", n, lambda n=n: clients[n].unmask(survivors, dropped, signatures=valid)
+            "unmask", n, partial(clients[n].unmask, survivors, dropped, signatures=valid)
         )
         upload[n] += sum(map(len, responses[n].values()))
     total = clock.run("unmask", "server", lambda: server.unmask(responses))

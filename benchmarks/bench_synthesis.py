@@ -145,8 +145,7 @@ def measure(
 
 def figures(quick: bool) -> list[Figure]:
     """Samples/s, first-sample latency, completed streams and resident memory under load."""
-    quick_sizes = {"streams": 4, "n": 2, "batch": 4, "tokens": 8, "repeats": 1}
-    r = measure(QUICK_MODEL, **quick_sizes) if quick else measure()
+    r = measure(QUICK_MODEL, streams=4, n=2, batch=4, tokens=8, repeats=1) if quick else measure()
     best = max(r.runs, key=lambda x: x.samples_per_s)
     where = (
         f"{r.model} on {r.device}, {r.streams} streams x {r.n} samples, batch {r.batch}, "

@@ -55,7 +55,7 @@ def int8_copy(loaded: LoadedModel, *, per_channel: bool) -> LoadedModel:
     model = copy.deepcopy(loaded.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's eager quantization is deprecated for torchao
-        quantize_dynamic(model, {torch.nn.Linear: qconfig}, inplace=True)
+        quantize_dynamic(model, {torch.nn.Linear: qconfig}, inplace=True)  # type: ignore[no-untyped-call]
     return dataclasses.replace(loaded, model=model)
 
 

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "  "
             + ", ".join(
-                f"{m} {float(row[f'{m}_before']):.3f} -> {float(row[f'{m}_after']):.3f}"
+                f"{m} {float(str(row[f'{m}_before'])):.3f} -> {float(str(row[f'{m}_after'])):.3f}"
                 for m in metrics
             ),
             flush=True,
