@@ -153,9 +153,9 @@ def vote_histogram(
     for c in range(n_labels):
         block = cand[c * per_label : (c + 1) * per_label]
         block_sq = (block**2).sum(axis=1)
-        members = private[labels == c].astype(np.float64)
+        members = np.flatnonzero(labels == c)  # row numbers: no copy of the class's embeddings
         for start in range(0, len(members), chunk):
-            part = members[start : start + chunk]
+            part = private[members[start : start + chunk]].astype(np.float64)
             # ||p - q||^2 up to the per-row constant ||p||^2.
             dist = block_sq[None, :] - 2.0 * part @ block.T
             if top_k == 1:

@@ -58,3 +58,16 @@ def test_a_voter_leaves_out_the_labels_its_round_omits(tmp_path: Path) -> None:
     foreign = _write(tmp_path / "f.jsonl", [{"text": "y", "label": "c"}])
     vectors, labels = embed_data_file(foreign, ("a", "b"), embedder, skip_unknown_labels=True)
     assert vectors.shape == (0, embedder.dim) and labels.shape == (0,)
+
+
+def test_the_chunks_are_stacked_in_order_and_released_as_copied() -> None:
+    """The stacked embeddings equal a concatenation; the chunk list is emptied (each chunk is
+    released once copied, so the peak holds the embeddings about once, not twice)."""
+    from fedsynth.client.pe_voter import _stack_releasing
+
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(size=(n, 5)).astype(np.float32) for n in (3, 1, 4)]
+    expected = np.concatenate(parts)
+    stacked = _stack_releasing(parts)
+    np.testing.assert_array_equal(stacked, expected)
+    assert stacked.dtype == np.float32 and parts == []
