@@ -84,6 +84,10 @@ class InconsistentNoiseError(ManifestVerificationError):
     """A manifest's noise multiplier does not match its variance and sensitivity."""
 
 
+class AdjacencyMismatchError(ManifestVerificationError):
+    """A manifest names a neighbouring relation other than the one its sensitivity is for."""
+
+
 class ScaleTooSmallError(ManifestVerificationError, ConfigError):
     """A fixed-point scale so coarse that rounding inflates a record's bound beyond the limit."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,7 @@ class PrivacySpec:
         # The accountant (dp-accounting, scipy) loads on first use, not on import.
         from fedsynth.protocol.accounting import validate_epsilon_delta
 
+        self._check_types()
         validate_epsilon_delta(epsilon=self.epsilon, delta=self.delta)
         try:
             TrustMode(self.mode)
@@ -130,6 +132,29 @@ class PrivacySpec:
                 f"total_variance={self.total_variance:g}: a holder's noise share {share:g} "
                 f"exceeds the Skellam sampler's limit {MAX_SKELLAM_VARIANCE:g}"
             )
+
+    def _check_types(self) -> None:
+        """Refuse a field of the wrong JSON type by name (``"1e-5"`` for a number, ``3.0`` for t).
+
+        Before a comparison deep in the checks fails on it with a TypeError or lets it through.
+        """
+        for name in (
+            "epsilon",
+            "delta",
+            "total_variance",
+            "noise_multiplier",
+            "l2_sensitivity",
+            "l1_sensitivity",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ConfigError(f"privacy.{name}={value!r}: must be a number")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Integral):
+            raise ConfigError(f"privacy.threshold={self.threshold!r}: must be an integer")
+        for name in ("mode", "accountant", "adjacency", "noise_sharing"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ConfigError(f"privacy.{name}={value!r}: must be a string")
 
 
 def noise_share_variance(privacy: PrivacySpec) -> float:

@@ -50,18 +50,20 @@ from fedsynth.protocol.accounting import (
     vector_record_sensitivity,
 )
 from fedsynth.protocol.errors import (
+    AdjacencyMismatchError,
     InconsistentNoiseError,
     NoiseTooLowError,
     ScaleTooSmallError,
     SensitivityUnderstatedError,
 )
-from fedsynth.protocol.manifest import PrivacySpec, TaskManifest
+from fedsynth.protocol.manifest import ADJACENCY, PrivacySpec, TaskManifest
 from fedsynth.protocol.mechanisms import TrustMode
-from fedsynth.protocol.pe_manifest import PERoundManifest
+from fedsynth.protocol.pe_manifest import PE_ADJACENCY, PERoundManifest
 
 __all__ = [
     "REL_TOL",
     "VerifiedTerms",
+    "check_adjacency",
     "check_vector_scale",
     "stated_noise_epsilon",
     "verify_manifest",
@@ -177,6 +179,24 @@ def _required_variance(privacy: PrivacySpec, *, l2: float, l1: float, compositio
     )
 
 
+def check_adjacency(privacy: PrivacySpec, expected: str) -> None:
+    """Refuse a manifest naming another neighbouring relation than the holder accounts for.
+
+    The sensitivity the holder recomputes is for ``expected`` (add/remove one record); the
+    release repeats the manifest's label as its guarantee, so a manifest calibrated for
+    add/remove but labelled, say, replace-one (which needs about twice the sensitivity) would
+    have the holders endorse a guarantee the noise does not give.
+
+    Raises:
+        AdjacencyMismatchError: ``privacy.adjacency`` is not exactly ``expected``.
+    """
+    if privacy.adjacency != expected:
+        raise AdjacencyMismatchError(
+            f"privacy.adjacency={privacy.adjacency!r}: this holder recomputes the sensitivity "
+            f"for {expected!r} and accepts no other relation"
+        )
+
+
 def _check_privacy_terms(
     privacy: PrivacySpec, *, l2: float, l1: float, compositions: int, what: str
 ) -> VerifiedTerms:
@@ -185,6 +205,10 @@ def _check_privacy_terms(
         ("l2_sensitivity", privacy.l2_sensitivity, l2),
         ("l1_sensitivity", privacy.l1_sensitivity, l1),
     ):
+        if not math.isfinite(stated):
+            # More than the bound is conservative, but an infinite one would be stated with a
+            # noise multiplier of 0 and published so.
+            raise InconsistentNoiseError(f"privacy.{name}={stated!r}: must be finite")
         if not stated >= required * (1.0 - REL_TOL):
             raise SensitivityUnderstatedError(
                 f"privacy.{name}={stated!r} is below the bound of one record that this holder "
@@ -238,12 +262,15 @@ def verify_task_manifest(manifest: TaskManifest) -> VerifiedTerms:
 
     Raises:
         ScaleTooSmallError: The scale inflates a record's bound by more than 0.1 %.
+        AdjacencyMismatchError: The manifest names another neighbouring relation.
         SensitivityUnderstatedError: A stated sensitivity is below the recomputed bound.
-        InconsistentNoiseError: The noise multiplier does not match variance and sensitivity.
+        InconsistentNoiseError: The noise multiplier does not match variance and sensitivity,
+            or a stated sensitivity is not finite.
         NoiseTooLowError: The stated variance gives more than the stated epsilon.
     """
     n_layers = len(manifest.layers)
     privacy = manifest.privacy
+    check_adjacency(privacy, ADJACENCY)
     if math.isinf(privacy.epsilon):
         return VerifiedTerms(
             l2_sensitivity=math.nan,
@@ -280,11 +307,14 @@ def verify_pe_manifest(manifest: PERoundManifest) -> VerifiedTerms:
     coordinator adding the noise is trusted).
 
     Raises:
+        AdjacencyMismatchError: The manifest names another neighbouring relation.
         SensitivityUnderstatedError: A stated sensitivity is below the recomputed bound.
-        InconsistentNoiseError: The noise multiplier does not match variance and sensitivity.
+        InconsistentNoiseError: The noise multiplier does not match variance and sensitivity,
+            or a stated sensitivity is not finite.
         NoiseTooLowError: The stated variance gives more than the stated epsilon over T rounds.
     """
     privacy = manifest.privacy
+    check_adjacency(privacy, PE_ADJACENCY)
     if math.isinf(privacy.epsilon):
         return VerifiedTerms(
             l2_sensitivity=math.nan,

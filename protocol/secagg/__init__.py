@@ -21,7 +21,14 @@ substitute keys and collude with up to ``max_colluders`` holders. Every holder p
 consortium :class:`~fedsynth.protocol.identity.Roster` and verifies every round key's Ed25519
 signature under it; every survivor signs the survivor set it is told and reveals shares only for
 a set that t survivors signed; and every holder refuses ``t < min_safe_threshold(K, colluders)``
-(``2t - K > colluders``), so no two different survivor sets can both be unmasked. Share
+(``2t - K > colluders``), so no node's self-mask seed and mask key can both be revealed:
+two survivor lists with and without one node would need more signers than exist. What this does
+not stop: a colluding roster member that signs round keys as a different node id in different
+holders' views can have two disjoint groups of holders each complete a separate sum (each of at
+least t - c honest inputs, each holder's input in one sum only, its noise share sized as for
+any survivor set), which is what running two smaller tasks gives; and with ``K - colluders = 1``
+the sum less the colluders' inputs is the one honest input (hidden then only by that holder's
+own noise share in distributed mode, not at all in the opt-in central mode). Share
 commitments let the coordinator discard corrupt shares, so one faulty survivor cannot abort the
 round. Layout: :mod:`.stages` (stage names, constants, the threshold floor), :mod:`.crypto`
 (encodings and primitives), :mod:`.config` (session config, announced keys), :mod:`.client`,

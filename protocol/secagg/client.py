@@ -496,9 +496,10 @@ class SecAggClient:
 
         Shares are released only if ``survivors`` is the set this client signed at
         :meth:`consistency` and at least t distinct survivors signed that same set (valid
-        signatures under their roster keys). Together with :func:`min_safe_threshold`, no two
-        different survivor sets can both be released, so the coordinator never gets a node's
-        self-mask seed and its mask key.
+        signatures under their roster keys). Together with :func:`min_safe_threshold`, no survivor
+        list with a node and another without it can both be released, so the coordinator never
+        gets a node's self-mask seed and its mask key (see the package docstring for what a
+        colluder signing as different node ids in different views can still do).
 
         Args:
             survivors: U3; must equal the signed set.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from fedsynth.protocol.accounting import (
 )
 from fedsynth.protocol.contribution import record_l2_bound
 from fedsynth.protocol.errors import (
+    AdjacencyMismatchError,
     ConfigError,
     InconsistentNoiseError,
     NoiseTooLowError,
@@ -41,9 +43,14 @@ from fedsynth.protocol.errors import (
     SensitivityUnderstatedError,
 )
 from fedsynth.protocol.features import PromptTemplate
-from fedsynth.protocol.manifest import PrivacySpec, TaskManifest, noise_share_variance
+from fedsynth.protocol.manifest import (
+    ADJACENCY,
+    PrivacySpec,
+    TaskManifest,
+    noise_share_variance,
+)
 from fedsynth.protocol.messages import vector_to_bytes
-from fedsynth.protocol.pe_manifest import PERoundManifest
+from fedsynth.protocol.pe_manifest import PE_ADJACENCY, PERoundManifest
 from fedsynth.protocol.verification import (
     REL_TOL,
     check_vector_scale,
@@ -352,6 +359,50 @@ def test_inconsistent_noise_multiplier_is_refused(mode: str) -> None:
         verify_task_manifest(bad)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("epsilon", [4.0, math.inf])
+def test_another_adjacency_label_is_refused(mode: str, epsilon: float) -> None:
+    """Noise calibrated for add/remove but labelled replace-one (which needs about twice the
+    sensitivity): the holders would sign, and the release would state, a guarantee the noise
+    does not give. The holder accepts only the relation it recomputed the sensitivity for."""
+    manifest = vector_manifest(mode, epsilon)
+    assert manifest.privacy.adjacency == ADJACENCY
+    verify_task_manifest(manifest)
+    relabelled = with_privacy(manifest, adjacency="replace-one (one record's value changes)")
+    with pytest.raises(AdjacencyMismatchError, match="replace-one"):
+        verify_task_manifest(relabelled)
+    with pytest.raises(AdjacencyMismatchError):  # PE's label is not a dataset vector's either
+        verify_task_manifest(with_privacy(manifest, adjacency=PE_ADJACENCY))
+    pe = pe_manifest(mode, epsilon)
+    assert pe.privacy.adjacency == PE_ADJACENCY
+    verify_pe_manifest(pe)
+    with pytest.raises(AdjacencyMismatchError, match="add/remove"):
+        verify_pe_manifest(with_privacy(pe, adjacency=ADJACENCY))
+
+
+@pytest.mark.parametrize("field", ["l2_sensitivity", "l1_sensitivity"])
+def test_an_infinite_stated_sensitivity_is_refused(field: str) -> None:
+    """Stating more than the bound is conservative, but an infinite bound comes with a noise
+    multiplier of 0, which the release would publish."""
+    manifest = vector_manifest("distributed", 4.0)
+    with pytest.raises(InconsistentNoiseError, match=f"{field}=inf"):
+        verify_task_manifest(with_privacy(manifest, **{field: math.inf}))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("delta", "1e-5"), ("total_variance", "5"), ("noise_multiplier", None), ("threshold", 3.0)],
+)
+def test_a_privacy_field_of_the_wrong_json_type_is_refused_by_name(field: str, value: Any) -> None:
+    """Without the type check ``"delta": "1e-5"`` passed verification and only failed later
+    in the policy's comparison with a TypeError; ``3.0`` for t passed until the secure sum."""
+    manifest = vector_manifest("distributed", 4.0)
+    data = json.loads(manifest.to_json())
+    data["privacy"][field] = value
+    with pytest.raises(ConfigError, match=f"privacy.{field}="):
+        TaskManifest.from_json(json.dumps(data))
+
+
 def test_non_private_manifest_has_nothing_to_verify() -> None:
     manifest = vector_manifest("distributed", math.inf, scale=1000.0)
     assert verify_manifest(manifest).epsilon == math.inf
@@ -456,6 +507,22 @@ def test_contributor_refuses_low_noise_before_anything_else(tmp_path: Path) -> N
         contributor.accept(fields, state)
     assert not loads
     assert not list(state.keys())  # nothing kept: no key, no task state
+
+
+def test_contributor_refuses_another_adjacency_before_anything_else(tmp_path: Path) -> None:
+    manifest = vector_manifest("distributed", 4.0)
+    relabelled = with_privacy(manifest, adjacency="replace-one (one record's value changes)")
+
+    def loader() -> Any:
+        raise AssertionError("the model must not be loaded for a refused manifest")
+
+    contributor = Contributor(_settings(tmp_path), node_id=NODES[0], model_loader=loader)
+    reference = np.zeros((2, 2, 32), dtype=np.float32)
+    fields = {"manifest": relabelled.to_json(), "reference": vector_to_bytes(reference.reshape(-1))}
+    state = RecordDict()
+    with pytest.raises(AdjacencyMismatchError, match="replace-one"):
+        contributor.accept(fields, state)
+    assert not list(state.keys())
 
 
 def test_pe_voter_refuses_low_noise_before_anything_else(tmp_path: Path) -> None:
