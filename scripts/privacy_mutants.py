@@ -501,6 +501,23 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=(f"{SECURE_ROUND}::test_min_holders_bounds_the_survivors_not_only_the_key_exchange",),
     ),
     Mutant(
+        name="adjacency-unchecked",
+        summary="a holder accepts a manifest that names another neighbouring relation (the "
+        "release would state a guarantee the noise does not give)",
+        patches=(
+            Patch(
+                "protocol/verification.py",
+                "    if privacy.adjacency != expected:\n",
+                "    if False:  # mutant: any adjacency label accepted\n",
+            ),
+        ),
+        tests=(
+            "tests/protocol/test_verification.py::test_another_adjacency_label_is_refused",
+            "tests/protocol/test_verification.py::"
+            "test_contributor_refuses_another_adjacency_before_anything_else",
+        ),
+    ),
+    Mutant(
         name="charge-before-authentication",
         summary="a holder pays for its input before the peers' shares are authenticated",
         patches=(
