@@ -13,7 +13,6 @@ size, not with the number of its records.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +42,6 @@ from fedsynth.protocol.verification import verify_manifest
 if TYPE_CHECKING:  # torch loads with the model, not when a key-exchange stage starts
     from fedsynth.protocol.models import LoadedModel
 
-log = logging.getLogger(__name__)
 STATE_KEY = "fedsynth.client"
 #: Forward batches per chunk of records read from the data file: the contribution's memory
 #: grows with ``STREAM_BATCHES * batch_size`` records; sorting a chunk by length keeps padding low.
@@ -107,7 +105,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
     def accept(self, fields: dict[str, Any], state: RecordDict) -> tuple[TaskManifest, bytes]:
         """Check the manifest, reference, data, policy, budget and model before any key."""
         manifest = TaskManifest.from_json(str(fields["manifest"]))
-        verify_manifest(manifest)  # noise and sensitivity recomputed by this holder
+        verified = verify_manifest(manifest)  # noise and sensitivity recomputed by this holder
         reference = self._reference(manifest, fields["reference"], name="reference")
         manifest.check_reference(reference)
         if self.node_id not in manifest.node_ids:
@@ -118,7 +116,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         refuse_repeated_task(budget, manifest)
         self.check_policy(manifest, n_records)
         self._checked_model(manifest)
-        log.info("node %s accepted task %s", self.node_id, manifest.task_id)
+        self.log_accepted("task", manifest.task_id, manifest.privacy.epsilon, verified)
         return manifest, vector_to_bytes(reference.reshape(-1))
 
     def setup_reply_fields(self, task: TaskManifest) -> dict[str, Any]:

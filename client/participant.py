@@ -11,6 +11,7 @@ every task.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -57,8 +58,12 @@ from fedsynth.protocol.messages import (
 )
 from fedsynth.protocol.secagg import ROUND_STAGES, SecAggClient, SecureSumTask, Stage
 from fedsynth.protocol.secagg.stages import check_stage
+from fedsynth.protocol.verification import VerifiedTerms
 
 log = logging.getLogger(__name__)
+
+OVERSTATED_EPSILON_RATIO = 0.5
+"""A task whose noise gives less than this share of its stated epsilon is logged as a warning."""
 _clock = time.monotonic  # replaced in tests
 _sleep = time.sleep
 TaskT = TypeVar("TaskT", bound=SecureSumTask)
@@ -94,6 +99,36 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
         self.file_records = counts.total
         self._log_skipped(counts.total - self._counted)
         return self._counted
+
+    def log_accepted(
+        self, what: str, task_id: str, epsilon: float, verified: VerifiedTerms
+    ) -> None:
+        """Log an accepted task with the epsilon this holder's own accountant gives its noise.
+
+        The budget is charged the stated epsilon (the release states it too). A coordinator
+        stating far more than its noise gives only overcharges this holder, never weakens its
+        guarantee, but the operator should see it: a warning names both figures.
+        """
+        achieved = verified.epsilon
+        if math.isfinite(epsilon) and achieved < OVERSTATED_EPSILON_RATIO * epsilon:
+            log.warning(
+                "node %s: %s %s states epsilon=%g but its noise gives epsilon=%.4g by this "
+                "holder's accountant; the budget is charged the stated %g",
+                self.node_id,
+                what,
+                task_id,
+                epsilon,
+                achieved,
+                epsilon,
+            )
+        log.info(
+            "node %s accepted %s %s (stated epsilon=%g; this holder's accountant: %.6g)",
+            self.node_id,
+            what,
+            task_id,
+            epsilon,
+            achieved,
+        )
 
     def check_file_size(self) -> None:
         """The holder's ``max_records`` against its whole file (after :meth:`record_count`).

@@ -16,7 +16,6 @@ with the terms; both persist, so a restarted node holds the task to the same ter
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,7 +41,6 @@ from fedsynth.protocol.pe import Embedder, vote_histogram
 from fedsynth.protocol.pe_manifest import PERoundManifest, encode_votes
 from fedsynth.protocol.verification import verify_manifest
 
-log = logging.getLogger(__name__)
 PE_STATE_KEY = "fedsynth.pe"
 PE_ROUNDS_KEY = "fedsynth.pe.rounds"
 
@@ -143,7 +141,7 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
     def accept(self, fields: dict[str, Any], state: RecordDict) -> tuple[PERoundManifest, bytes]:
         """Check manifest, candidates, embedder, round order, data and policy; nothing spent."""
         manifest = PERoundManifest.from_json(str(fields["manifest"]))
-        verify_manifest(manifest)  # noise and sensitivity recomputed by this holder
+        verified = verify_manifest(manifest)  # noise and sensitivity recomputed by this holder
         candidates = self._candidates(manifest, fields.get("candidates"))
         manifest.check_candidates(candidates)
         if self.node_id not in manifest.node_ids:
@@ -154,7 +152,7 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
         # A task already charged (earlier rounds) is not counted twice against the cap.
         self.check_policy(manifest, n_records, exclude=manifest.pe_task_id)
         embedder_matches(self._embedder_loader(), manifest)
-        log.info("node %s accepted PE round %s", self.node_id, manifest.task_id)
+        self.log_accepted("PE round", manifest.task_id, manifest.privacy.epsilon, verified)
         return manifest, candidates.tobytes()
 
     def restore(self, manifest_json: str) -> PERoundManifest:

@@ -364,8 +364,16 @@ MUTANTS: tuple[Mutant, ...] = (
         patches=(
             Patch(
                 "client/contributor.py",
-                "        verify_manifest(manifest)  # noise and sensitivity recomputed",
-                "        pass  # mutant: verify_manifest(manifest) skipped; noise and sensitivity",
+                "        verified = verify_manifest(manifest)  # noise and sensitivity recomputed",
+                "        verified = VerifiedTerms(  # mutant: verify_manifest(manifest) skipped\n"
+                "            l2_sensitivity=0.0, l1_sensitivity=0.0, epsilon=0.0,\n"
+                "            trusted_coordinator=False,\n"
+                "        )  # noise and sensitivity",
+            ),
+            Patch(
+                "client/contributor.py",
+                "from fedsynth.protocol.verification import verify_manifest\n",
+                "from fedsynth.protocol.verification import VerifiedTerms, verify_manifest\n",
             ),
         ),
         tests=(
@@ -379,8 +387,16 @@ MUTANTS: tuple[Mutant, ...] = (
         patches=(
             Patch(
                 "client/pe_voter.py",
-                "        verify_manifest(manifest)  # noise and sensitivity recomputed",
-                "        pass  # mutant: verify_manifest(manifest) skipped; noise and sensitivity",
+                "        verified = verify_manifest(manifest)  # noise and sensitivity recomputed",
+                "        verified = VerifiedTerms(  # mutant: verify_manifest(manifest) skipped\n"
+                "            l2_sensitivity=0.0, l1_sensitivity=0.0, epsilon=0.0,\n"
+                "            trusted_coordinator=False,\n"
+                "        )  # noise and sensitivity",
+            ),
+            Patch(
+                "client/pe_voter.py",
+                "from fedsynth.protocol.verification import verify_manifest\n",
+                "from fedsynth.protocol.verification import VerifiedTerms, verify_manifest\n",
             ),
         ),
         tests=(f"{VERIFICATION}::test_pe_voter_refuses_low_noise_before_anything_else",),

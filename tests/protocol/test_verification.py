@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -523,6 +524,28 @@ def test_contributor_refuses_another_adjacency_before_anything_else(tmp_path: Pa
     with pytest.raises(AdjacencyMismatchError, match="replace-one"):
         contributor.accept(fields, state)
     assert not list(state.keys())
+
+
+def test_an_overstated_epsilon_is_accepted_and_logged_with_the_holders_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Noise for epsilon = 1 stated as epsilon = 8 only overcharges the holder (the budget takes
+    the stated figure); it is accepted, and the operator sees both figures in a warning."""
+    inflated = with_privacy(vector_manifest("distributed", 1.0), epsilon=8.0)
+    verified = verify_task_manifest(inflated)
+    assert verified.epsilon == pytest.approx(1.0, rel=1e-6)
+    contributor = Contributor(_settings(tmp_path), node_id=NODES[0])
+    with caplog.at_level(logging.INFO, logger="fedsynth.client.participant"):
+        contributor.log_accepted("task", inflated.task_id, 8.0, verified)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "epsilon=8" in warnings[0].getMessage() and "epsilon=1" in warnings[0].getMessage()
+    caplog.clear()
+    calibrated = vector_manifest("distributed", 4.0)
+    with caplog.at_level(logging.INFO, logger="fedsynth.client.participant"):
+        contributor.log_accepted("task", "t", 4.0, verify_task_manifest(calibrated))
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert "this holder's accountant: 4" in caplog.records[0].getMessage()
 
 
 def test_pe_voter_refuses_low_noise_before_anything_else(tmp_path: Path) -> None:
