@@ -142,7 +142,7 @@ class Contributor(SecureSumParticipant[TaskManifest]):
         spec = type(spec)(
             spec.template, spec.layers, spec.max_text_tokens, self.settings.batch_size
         )
-        rng = self.rng()
+        rng = self.rng(manifest.task_id)
         accumulator = ClassSumAccumulator(manifest=manifest, reference=reference)
         for chunk in self.record_batches(manifest.labels, size=spec.batch_size * STREAM_BATCHES):
             texts, labels = [r.text for r in chunk], [r.label for r in chunk]

@@ -10,6 +10,7 @@ every task.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
@@ -208,19 +209,29 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
     def _noise_key(self) -> str:
         return f"{self.state_key}.noise"
 
-    def _new_noise_seed(self) -> bytes:
-        """A fresh chain seed (exact noise sharing), fixed per node in seeded tests."""
+    def _new_noise_seed(self, task_id: str) -> bytes:
+        """A fresh chain seed (exact noise sharing), fixed per node and task in seeded runs."""
         seed = self.settings.seed
         if seed is None:
             return secrets.token_bytes(SEED_BYTES)
-        return np.random.default_rng([seed, self.node_id % 2**32, 1]).bytes(SEED_BYTES)
+        return np.random.default_rng(self._seed_words(seed, task_id, 1)).bytes(SEED_BYTES)
 
-    def rng(self) -> np.random.Generator:
-        """Secure randomness, or a fixed per-node seed in tests."""
+    def rng(self, task_id: str) -> np.random.Generator:
+        """Secure randomness, or a seed fixed per node and task in seeded runs."""
         seed = self.settings.seed
         if seed is None:
             return np.random.default_rng(secrets.randbits(128))
-        return np.random.default_rng([seed, self.node_id % 2**32])
+        return np.random.default_rng(self._seed_words(seed, task_id))
+
+    def _seed_words(self, seed: int, task_id: str, *extra: int) -> list[int]:
+        """A seeded run's generator words: the seed, the node and the task.
+
+        A PE round's task id names its round, so a seeded holder's noise differs between tasks
+        and rounds (the same noise twice would cancel in the difference of two releases).
+        """
+        digest = hashlib.sha256(task_id.encode("utf-8")).digest()
+        task_words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+        return [seed, self.node_id % 2**32, *task_words, *extra]
 
     def credentials(self) -> tuple[HolderIdentity, Roster]:
         """This holder's signing identity and pinned roster; without them it takes no task.
@@ -351,7 +362,7 @@ class SecureSumParticipant(ABC, Generic[TaskT]):
             )
         if noise_schedule(task.privacy, clients=len(task.node_ids)) is not None:
             state.config_records[self._noise_key] = ConfigRecord(
-                {"task_id": task.task_id, "seed": self._new_noise_seed()}
+                {"task_id": task.task_id, "seed": self._new_noise_seed(task.task_id)}
             )
         self.prepare(task, payload, state)
         # Charged before the data file is read for this task: whatever the computation on the

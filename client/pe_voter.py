@@ -173,7 +173,10 @@ class PEVoter(SecureSumParticipant[PERoundManifest]):
             top_k=task.top_k,
         )
         return encode_votes(
-            votes, manifest=task, rng=self.rng(), noise_seed=self.noise_seed(task, state)
+            votes,
+            manifest=task,
+            rng=self.rng(task.task_id),
+            noise_seed=self.noise_seed(task, state),
         )
 
     def prepare(self, task: PERoundManifest, payload: bytes, state: RecordDict) -> None:

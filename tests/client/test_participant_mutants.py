@@ -245,13 +245,27 @@ def test_an_unseeded_holder_draws_from_the_os(tmp_path: Path) -> None:
     unseeded = Contributor(
         dataclasses.replace(contributor.settings, seed=None), node_id=contributor.node_id
     )
-    draws = [unseeded.rng().integers(0, 2**62, size=4).tolist() for _ in range(2)]
+    draws = [unseeded.rng("t").integers(0, 2**62, size=4).tolist() for _ in range(2)]
     assert draws[0] != draws[1]
-    seeds = [unseeded._new_noise_seed() for _ in range(2)]
+    seeds = [unseeded._new_noise_seed("t") for _ in range(2)]
     assert all(len(seed) == 32 for seed in seeds) and seeds[0] != seeds[1]
-    # A test seed fixes both per node.
-    assert contributor.rng().integers(0, 2**62) == contributor.rng().integers(0, 2**62)
-    assert contributor._new_noise_seed() == contributor._new_noise_seed()
+    # A test seed fixes both per node and task.
+    assert contributor.rng("t").integers(0, 2**62) == contributor.rng("t").integers(0, 2**62)
+    assert contributor._new_noise_seed("t") == contributor._new_noise_seed("t")
+
+
+def test_a_seeded_holder_draws_other_noise_for_every_task_and_round(tmp_path: Path) -> None:
+    """Seeded runs (tests, simulations, benchmarks) reproduce, but never repeat a holder's noise
+    across tasks or PE rounds: the same noise in two releases cancels in their difference.
+    Before, the seed was fixed per node only, so every round of a seeded PE task drew the
+    same noise."""
+    contributor = _contributor(tmp_path, ClientPolicy(max_epsilon_per_task=8.0))
+    rounds = [f"pe-x/round-{r}" for r in (1, 2, 3)]
+    draws = [contributor.rng(t).integers(0, 2**62, size=4).tolist() for t in rounds]
+    assert len({tuple(d) for d in draws}) == 3
+    assert len({contributor._new_noise_seed(t) for t in rounds}) == 3
+    other = Contributor(contributor.settings, node_id=contributor.node_id + 1)
+    assert other.rng(rounds[0]).integers(0, 2**62) != contributor.rng(rounds[0]).integers(0, 2**62)
 
 
 # ---------------------------------------------------------------------------------------------

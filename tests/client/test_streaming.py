@@ -118,7 +118,7 @@ def materialised(path: Path, task: TaskManifest) -> np.ndarray:
     records = load_records(path, labels=task.labels)
     texts, labels = [r.text for r in records], [r.label for r in records]
     features, _ = fake_features(None, texts, labels, task.feature_spec)
-    rng = np.random.default_rng([SEED, NODE])
+    rng = holder(path).rng(task.task_id)  # the seeded holder's own generator
     sums = integer_class_sums(features, labels, manifest=task, reference=reference(), rng=rng)
     return encode_contribution(sums, manifest=task, rng=rng)
 

@@ -298,7 +298,7 @@ def plain_contribution(
     texts, labels = node_records(node, manifest)
     spec = dataclasses.replace(manifest.feature_spec, batch_size=BATCH)
     feats, _ = extract_features(model, texts, labels, spec)
-    rng = np.random.default_rng([SEED, node.node_id % 2**32])
+    rng = node.contributor.rng(manifest.task_id)  # the seeded holder's own generator
     sums = integer_class_sums(feats, labels, manifest=manifest, reference=reference.means, rng=rng)
     return encode_contribution(sums, manifest=manifest, rng=rng)
 
