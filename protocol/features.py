@@ -13,6 +13,7 @@ contribution has L2 norm at most 1 in each layer ("unit domain").
 from __future__ import annotations
 
 import contextlib
+import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,11 +39,25 @@ def check_instruction(instruction: str, name: str) -> None:
     if "{label}" not in instruction:
         raise ConfigError(f"{name}={instruction!r} lacks a {{label}} slot")
     try:
-        instruction.format(label="")
-    except (KeyError, IndexError, ValueError) as exc:
+        fields = list(string.Formatter().parse(instruction))
+    except ValueError as exc:
         raise ConfigError(
             f"{name}={instruction!r}: its only slot must be {{label}} ({exc!r})"
         ) from exc
+    for _text, field, spec, conversion in fields:
+        # A bare {label} only: a format spec such as {label:>30000000} would render a prompt
+        # of any length from a few characters, past every request-size limit.
+        if field is not None and (field != "label" or spec or conversion):
+            shown = (
+                "{"
+                + field
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
+            raise ConfigError(
+                f"{name}={instruction!r}: its only slot must be {{label}}, bare (not {shown})"
+            )
 
 
 @dataclass(frozen=True)

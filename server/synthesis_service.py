@@ -30,10 +30,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from types import TracebackType
 from typing import NoReturn, TypeVar
 
 import grpc
+import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import DecodeError, Message
@@ -45,6 +47,7 @@ from fedsynth.protocol.errors import (
     ConfigError,
     FedSynthError,
     RateLimitError,
+    ReleaseIntegrityError,
     UnknownReleaseError,
 )
 from fedsynth.protocol.models import LoadedModel
@@ -197,6 +200,12 @@ def _shown(value: str) -> str:
     return repr(value if len(value) <= 64 else value[:61] + "...")
 
 
+def _listed(labels: Sequence[str], most: int = 8) -> str:
+    """The first ``most`` labels and how many more (an error's text travels in a header)."""
+    shown = ", ".join(labels[:most])
+    return shown if len(labels) <= most else f"{shown} and {len(labels) - most} more"
+
+
 def validate_generate_request(
     request: pb.GenerateRequest,
     *,
@@ -231,7 +240,7 @@ def validate_generate_request(
         if request.label not in labels:
             raise ConfigError(
                 f"label={_shown(request.label)}: not a label of release {_shown(release_id)} "
-                f"(labels: {', '.join(labels)})"
+                f"(labels: {_listed(labels)})"
             )
         labels = (request.label,)
     strength = limits.default_strength
@@ -544,6 +553,7 @@ class ReleaseStore:
         self.accepts = accepts
         self._lock = threading.Lock()
         self._cache: dict[Path, tuple[tuple[int, int, int], StoredRelease | None]] = {}
+        self._irregular: set[Path] = set()  # logged once each
 
     def _load(self, path: Path) -> StoredRelease | None:
         try:
@@ -565,15 +575,19 @@ class ReleaseStore:
             )
             return None
         try:
-            # A count <= 0 (a file not decoded by fedsynth, or altered) would fail only once a
-            # consumer's stream had started and been charged.
+            # A count <= 0 or a vector that is not finite (a file not decoded by fedsynth, or
+            # altered) would fail only once a consumer's stream had started and been charged.
             check_release_counts(release)
+            if not np.isfinite(release.vectors).all():
+                raise ReleaseIntegrityError(f"release {release.release_id}: a vector is not finite")
             if self.accepts is not None:
                 self.accepts(release)
-        except FedSynthError as exc:
+            stored = StoredRelease(release, path, digest, before.st_mtime_ns)
+            stored.info().SerializeToString()  # text protobuf cannot carry fails here, not per call
+        except (FedSynthError, ValueError) as exc:
             logger.warning("release store: not offering %s: %s", path.name, exc)
             return None
-        return StoredRelease(release, path, digest, before.st_mtime_ns)
+        return stored
 
     def scan(self) -> dict[str, StoredRelease]:
         """Release id -> verified release, for every valid file in the directory now."""
@@ -585,6 +599,15 @@ class ReleaseStore:
                     stat = path.stat()
                 except OSError:
                     continue  # removed while listing
+                if not S_ISREG(stat.st_mode):
+                    # A FIFO (or a link to one, or a device) would block the open, and with
+                    # it every call: only regular files are read.
+                    if path not in self._irregular:
+                        self._irregular.add(path)
+                        logger.warning(
+                            "release store: not offering %s: not a regular file", path.name
+                        )
+                    continue
                 key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
                 current.add(path)
                 cached = self._cache.get(path)

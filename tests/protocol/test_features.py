@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from fedsynth.protocol.errors import ConfigError, ShapeError
 from fedsynth.protocol.features import (
     FeatureSpec,
     PromptTemplate,
+    check_instruction,
     class_unit_sums,
     clip_to_unit,
     encode_example,
@@ -354,3 +356,25 @@ def test_a_non_finite_row_clips_to_no_direction() -> None:
     assert np.all(unit[1, 0] == 0) and np.all(unit[2, 1] == 0)
     assert np.allclose(np.linalg.norm(unit[0], axis=-1), 1.0)
     assert np.allclose(np.linalg.norm(unit[1, 1]), 1.0)
+
+
+@pytest.mark.parametrize(
+    "instruction",
+    [
+        "{label}{label:>30000000}",  # a few characters that render 30 million
+        "A {label} {label!r} text:\n",
+        "A {label} {label.__class__} text:\n",
+        "A {label} {label[0]} text:\n",
+        "A {label:{label}} text:\n",
+        "A {label} text {}:\n",
+    ],
+)
+def test_an_instruction_slot_must_be_a_bare_label(instruction: str) -> None:
+    """Format specs, conversions, attributes and indexes are refused: a width in a consumer's
+    variant rendered a prompt of any length past every request-size limit."""
+    with pytest.raises(ConfigError, match=re.escape("its only slot must be {label}")):
+        check_instruction(instruction, "instruction")
+
+
+def test_an_instruction_may_repeat_its_bare_label_and_escape_braces() -> None:
+    check_instruction("A {label} text about {{braces}}, {label} again:\n", "instruction")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from safetensors import safe_open
 from synthesis_harness import (
@@ -253,6 +254,49 @@ def test_a_release_with_a_class_count_of_zero_is_not_offered(
         with SynthesisClient(running.address, token=TOKEN, ca_cert=pki.ca, timeout=30) as c:
             code, _ = status_of(lambda: c.generate("zero", 2))
             assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_release_whose_vectors_or_text_cannot_be_served_is_not_offered(
+    tmp_path: Path, llama: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A vector that is not finite failed every stream after its charge; a label protobuf
+    cannot carry (a lone surrogate) made ListReleases fail for every consumer."""
+    good = make_test_release(llama, release_id="good")
+    nan = make_test_release(llama, release_id="nan")
+    vectors = nan.vectors.copy()
+    vectors[0, 0, 0] = np.nan
+    save_release(good, tmp_path / "good.safetensors")
+    save_release(dataclasses.replace(nan, vectors=vectors), tmp_path / "nan.safetensors")
+    odd = make_test_release(llama, release_id="odd")
+    manifest = dataclasses.replace(odd.manifest, model_name="\ud800")
+    save_release(dataclasses.replace(odd, manifest=manifest), tmp_path / "odd.safetensors")
+    store = ReleaseStore(tmp_path, model_fingerprint=good.manifest.model_fingerprint)
+    with caplog.at_level("WARNING"):
+        assert list(store.scan()) == ["good"]
+    assert "not offering nan.safetensors" in caplog.text and "not finite" in caplog.text
+    assert "not offering odd.safetensors" in caplog.text
+
+
+def test_a_fifo_in_the_release_directory_is_skipped_not_opened(
+    tmp_path: Path, llama: LoadedModel
+) -> None:
+    """Opening a FIFO without a writer blocks (holding the GIL inside safetensors), which froze
+    every call of the service. Run in a child process, so a regression fails, not hangs."""
+    save_release(make_test_release(llama, release_id="good"), tmp_path / "good.safetensors")
+    os.mkfifo(tmp_path / "stuck.safetensors")
+    fingerprint = load_release(tmp_path / "good.safetensors").manifest.model_fingerprint
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from fedsynth.server.synthesis_service import ReleaseStore\n"
+        f"store = ReleaseStore(Path({str(tmp_path)!r}), model_fingerprint={fingerprint!r})\n"
+        "print(sorted(store.scan())); print(sorted(store.scan()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["['good']", "['good']"]
+    assert done.stderr.count("stuck.safetensors: not a regular file") == 1  # logged once
 
 
 def _with_prior_vocabulary(release: Any, vocabulary: str) -> Any:
@@ -1322,3 +1366,15 @@ def test_serve_defaults_are_the_services() -> None:
     assert (
         synthesis_service.SynthesisLimits().max_calls_per_token == defaults["max_calls_per_token"]
     )
+
+
+def test_an_unknown_label_error_lists_a_few_labels_and_counts_the_rest() -> None:
+    """A release of thousands of labels made the error longer than gRPC's header limit, so the
+    consumer saw RESOURCE_EXHAUSTED instead of the reason."""
+    from fedsynth.server.synthesis_service import _listed
+
+    labels = [f"label-{i}" for i in range(3000)]
+    shown = _listed(labels)
+    assert shown.startswith("label-0, label-1,") and shown.endswith("and 2992 more")
+    assert len(shown) < 200
+    assert _listed(["pos", "neg"]) == "pos, neg"
