@@ -125,6 +125,26 @@ NOISE_CHECK = "tests/simulations/test_noise_check.py"
 FLOWER_APP = "tests/client/test_flower_app.py"
 SKELLAM_GDP = "tests/protocol/test_skellam_gdp.py"
 
+
+def _verification_skipped(path: str) -> tuple[Patch, ...]:
+    """A holder's accept without its manifest check: fake verified terms stand in for it."""
+    return (
+        Patch(
+            path,
+            "        verified = verify_manifest(manifest)  # noise and sensitivity recomputed",
+            "        verified = VerifiedTerms(  # mutant: verify_manifest(manifest) skipped\n"
+            "            l2_sensitivity=0.0, l1_sensitivity=0.0, epsilon=0.0,\n"
+            "            trusted_coordinator=False,\n"
+            "        )  # noise and sensitivity",
+        ),
+        Patch(
+            path,
+            "from fedsynth.protocol.verification import verify_manifest\n",
+            "from fedsynth.protocol.verification import VerifiedTerms, verify_manifest\n",
+        ),
+    )
+
+
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="masks-removed",
@@ -361,21 +381,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="holder-skips-verification",
         summary="a dataset-vector holder accepts a manifest without recomputing its noise",
-        patches=(
-            Patch(
-                "client/contributor.py",
-                "        verified = verify_manifest(manifest)  # noise and sensitivity recomputed",
-                "        verified = VerifiedTerms(  # mutant: verify_manifest(manifest) skipped\n"
-                "            l2_sensitivity=0.0, l1_sensitivity=0.0, epsilon=0.0,\n"
-                "            trusted_coordinator=False,\n"
-                "        )  # noise and sensitivity",
-            ),
-            Patch(
-                "client/contributor.py",
-                "from fedsynth.protocol.verification import verify_manifest\n",
-                "from fedsynth.protocol.verification import VerifiedTerms, verify_manifest\n",
-            ),
-        ),
+        patches=_verification_skipped("client/contributor.py"),
         tests=(
             f"{VERIFICATION}::test_contributor_refuses_low_noise_before_anything_else",
             f"{ROUND_NOISE}::test_holders_refuse_a_round_with_a_quarter_of_the_noise",
@@ -384,21 +390,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="pe-holder-skips-verification",
         summary="a PE holder accepts a round manifest without recomputing its noise",
-        patches=(
-            Patch(
-                "client/pe_voter.py",
-                "        verified = verify_manifest(manifest)  # noise and sensitivity recomputed",
-                "        verified = VerifiedTerms(  # mutant: verify_manifest(manifest) skipped\n"
-                "            l2_sensitivity=0.0, l1_sensitivity=0.0, epsilon=0.0,\n"
-                "            trusted_coordinator=False,\n"
-                "        )  # noise and sensitivity",
-            ),
-            Patch(
-                "client/pe_voter.py",
-                "from fedsynth.protocol.verification import verify_manifest\n",
-                "from fedsynth.protocol.verification import VerifiedTerms, verify_manifest\n",
-            ),
-        ),
+        patches=_verification_skipped("client/pe_voter.py"),
         tests=(f"{VERIFICATION}::test_pe_voter_refuses_low_noise_before_anything_else",),
     ),
     Mutant(

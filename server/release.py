@@ -285,14 +285,18 @@ def load_release(path: Path) -> Release:
     """Read and verify a release file written by :func:`save_release`.
 
     Raises:
-        ConfigError: the file is missing, unreadable, of another format or incomplete.
-        ReleaseIntegrityError: the digest does not match the content, or the report's privacy
-            terms differ from the manifest's (the file was altered after it was written).
+        ConfigError: the file is missing, not a regular file, unreadable, of another format or
+            incomplete.
+        ReleaseIntegrityError: the digest does not match the content, a vector is not finite,
+            or the report's privacy terms differ from the manifest's (the file was altered
+            after it was written).
     """
     if not path.exists():
         raise ConfigError(f"release file {path} does not exist")
     if path.is_dir():  # an empty path argument arrives as "." too
         raise ConfigError(f"{path} is a directory, not a release file (give the .safetensors file)")
+    if not path.is_file():  # a FIFO (or a link to one, or a device) would block the open
+        raise ConfigError(f"{path}: not a regular file, not read")
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
@@ -332,6 +336,8 @@ def load_release(path: Path) -> Release:
     expected = (len(manifest.labels), len(manifest.layers), manifest.hidden_size)
     if vectors.shape != expected:
         raise ConfigError(f"{path}: vectors shape {vectors.shape} != {expected}")
+    if not np.isfinite(vectors).all():  # would fail every use only once it had started
+        raise ReleaseIntegrityError(f"{path}: a class vector is not finite")
     if not isinstance(report, dict):
         raise ReleaseIntegrityError(f"{path}: the report is not a JSON object")
     check_report_matches_manifest(release_id, manifest, report, where=str(path))

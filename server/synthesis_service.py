@@ -30,12 +30,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISREG
 from types import TracebackType
 from typing import NoReturn, TypeVar
 
 import grpc
-import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import DecodeError, Message
@@ -47,7 +45,6 @@ from fedsynth.protocol.errors import (
     ConfigError,
     FedSynthError,
     RateLimitError,
-    ReleaseIntegrityError,
     UnknownReleaseError,
 )
 from fedsynth.protocol.models import LoadedModel
@@ -553,7 +550,6 @@ class ReleaseStore:
         self.accepts = accepts
         self._lock = threading.Lock()
         self._cache: dict[Path, tuple[tuple[int, int, int], StoredRelease | None]] = {}
-        self._irregular: set[Path] = set()  # logged once each
 
     def _load(self, path: Path) -> StoredRelease | None:
         try:
@@ -575,11 +571,9 @@ class ReleaseStore:
             )
             return None
         try:
-            # A count <= 0 or a vector that is not finite (a file not decoded by fedsynth, or
-            # altered) would fail only once a consumer's stream had started and been charged.
+            # A count <= 0 (a file not decoded by fedsynth, or altered) would fail only once a
+            # consumer's stream had started and been charged.
             check_release_counts(release)
-            if not np.isfinite(release.vectors).all():
-                raise ReleaseIntegrityError(f"release {release.release_id}: a vector is not finite")
             if self.accepts is not None:
                 self.accepts(release)
             stored = StoredRelease(release, path, digest, before.st_mtime_ns)
@@ -599,15 +593,6 @@ class ReleaseStore:
                     stat = path.stat()
                 except OSError:
                     continue  # removed while listing
-                if not S_ISREG(stat.st_mode):
-                    # A FIFO (or a link to one, or a device) would block the open, and with
-                    # it every call: only regular files are read.
-                    if path not in self._irregular:
-                        self._irregular.add(path)
-                        logger.warning(
-                            "release store: not offering %s: not a regular file", path.name
-                        )
-                    continue
                 key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
                 current.add(path)
                 cached = self._cache.get(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -426,3 +427,19 @@ def test_the_report_states_how_the_classes_compose() -> None:
     assert "per-layer composition" in composition
     assert "parallel composition across classes" in composition
     assert "whole release" in composition
+
+
+def test_a_release_with_a_non_finite_vector_or_a_fifo_is_refused_before_use(
+    tmp_path: Path,
+) -> None:
+    """Every reader (generate, inspect, the service's store) refuses them at load: a NaN
+    vector would fail each use only once it had started, a FIFO would block the open."""
+    vectors = np.arange(2 * len(LAYERS) * HIDDEN, dtype=np.float32).reshape(2, 2, HIDDEN)
+    vectors[0, 0, 0] = np.inf
+    inf = save_release(_release(vectors=vectors), tmp_path / "inf.safetensors")
+    with pytest.raises(ReleaseIntegrityError, match="not finite"):
+        load_release(inf)
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_release(fifo)  # returns at once: the FIFO is never opened
